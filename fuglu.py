@@ -1,0 +1,3409 @@
+#!/usr/bin/env python3
+"""fuglu - a mail content filter between Postfix and your scanners, in one file.
+
+fuglu re-implements the behaviour and the configuration of the FuGlu mail content
+scanner (1.7.0) with the Python standard library alone. It is meant to be copied onto a
+host as one ``fuglu.pyz`` and wired into Postfix as an after-queue ``content_filter``
+(the ``smtp`` connector), a before-queue ``smtpd_proxy_filter`` (``esmtp``), a milter
+(``milter``) or driven by scripts (``netcat``). Scanners (ClamAV, SpamAssassin, the
+attachment blocker, the archiver ...) are plugins; a plugin written against FuGlu's
+``fuglu.shared`` API loads unchanged.
+
+How the parts fit
+-----------------
+
+A message travels like this::
+
+    Postfix --SMTP/milter--> Listener (one accept thread per incomingport entry)
+                                 |  hands the accepted socket to
+                                 v
+                             Backend (thread pool; a process pool slots in the same way)
+                                 |  runs
+                                 v
+                             Connector session (smtp / esmtp / netcat / milter):
+                             speaks the protocol, builds a Suspect from the bytes
+                                 |
+                                 v
+                             ScanSession: prependers -> scanners -> appenders
+                                 |  verdict (DUNNO, ACCEPT, DELETE, REJECT, DEFER)
+                                 v
+                             Connector: re-inject downstream (Reinjector) and only then
+                             answer the MTA; every failure becomes a temporary failure
+
+The sections of this file follow that path, in dependency order: constants and
+actions, small helpers, configuration, templates, the Suspect, rule files
+(SuspectFilter), plugin bases and loader, the scan session, the SMTP machinery shared by
+the connectors (line reader, server session, re-injection client), the connectors, the
+backends, the control server, the daemon (MainController), lint, and the command line.
+
+Principles
+----------
+
+* Bytes stay bytes. The message source is kept exactly as received; headers fuglu adds
+  are prepended as bytes. A parsed ``email`` message is only re-serialised when a plugin
+  replaced it.
+* No mail is lost. The feeding MTA gets a 2xx only after the downstream accepted the
+  message; downstream down, scanner trouble, timeouts and crashes become 4xx replies.
+* Errors are values at protocol boundaries: a connector turns every failure into the
+  right reply plus a log line carrying the message id. Inside, exceptions carry meaning.
+* Heavy modules (``email``, ``html.parser``, archive modules) are imported when first
+  needed, so start-up stays fast and small.
+"""
+
+import base64
+import configparser
+import errno
+import fnmatch
+import glob
+import importlib
+import ipaddress
+import logging
+import logging.config
+import os
+import queue
+import re
+import select
+import signal
+import socket
+import string
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+# `python3 fuglu.py` and `python3 -m fuglu` run this file as __main__; a plugin that does
+# `import fuglu` (or the FuGlu way, `from fuglu.shared import ...`) must get this very
+# module, not a second copy with its own classes.
+if __name__ == '__main__':
+    sys.modules.setdefault('fuglu', sys.modules[__name__])
+sys.modules.setdefault('fuglu.shared', sys.modules[__name__])
+sys.modules.setdefault('fuglu.stringencode', sys.modules[__name__])
+
+__version__ = '1.7.0.post1'
+__author__ = 'the fuglu developers'
+__license__ = 'Apache-2.0'
+
+__all__ = [
+    'DUNNO', 'ACCEPT', 'DELETE', 'REJECT', 'DEFER', 'ALLCODES',
+    'string_to_actioncode', 'actioncode_to_string', 'apply_template',
+    'force_uString', 'force_bString', 'FuConfigParser', 'Suspect', 'SuspectFilter',
+    'BasicPlugin', 'ScannerPlugin', 'PrependerPlugin', 'AppenderPlugin',
+    'ScanSession', 'MainController', 'CONNECTORS', 'BACKENDS', 'main',
+]
+
+
+###############################################################################
+# Constants and actions
+###############################################################################
+
+DUNNO = 0   # no decision, the next plugin runs
+ACCEPT = 1  # deliver, skip the remaining scanners
+DELETE = 2  # accept and drop (blackhole)
+REJECT = 3  # permanent refusal
+DEFER = 4   # temporary refusal, the MTA retries
+
+ALLCODES = {'DUNNO': DUNNO, 'ACCEPT': ACCEPT, 'DELETE': DELETE, 'REJECT': REJECT,
+            'DEFER': DEFER}
+ACTION_NAMES = {code: name for name, code in ALLCODES.items()}
+
+# pseudo action names that resolve through the [spam] / [virus] sections
+PSEUDO_ACTIONS = {
+    'DEFAULTLOWSPAMACTION': ('spam', 'defaultlowspamaction'),
+    'DEFAULTHIGHSPAMACTION': ('spam', 'defaulthighspamaction'),
+    'DEFAULTVIRUSACTION': ('virus', 'defaultvirusaction'),
+}
+
+DEFAULT_CONFIG_PATH = '/etc/fuglu/fuglu.conf'
+DEFAULT_CONFDIR = '/etc/fuglu'
+
+# exit codes (spec 1.3)
+EXIT_PLUGIN_LOAD_FAILED = 66
+EXIT_UNHANDLED = 254
+
+
+def string_to_actioncode(actionstring, config=None):
+    """Action name -> code. Case and surrounding blanks do not matter, DISCARD is DELETE,
+    the DEFAULT*ACTION pseudo names resolve through ``config``. Unknown -> None."""
+    if actionstring is None:
+        return None
+    name = str(actionstring).strip().upper()
+    if name == 'DISCARD':
+        name = 'DELETE'
+    if name in PSEUDO_ACTIONS:
+        if config is None:
+            return None
+        section, option = PSEUDO_ACTIONS[name]
+        try:
+            name = config.get(section, option).strip().upper()
+        except (configparser.Error, ValueError):
+            return None
+        if name == 'DISCARD':
+            name = 'DELETE'
+    return ALLCODES.get(name)
+
+
+def actioncode_to_string(code):
+    if code is None:
+        return 'NULL ACTION CODE'
+    return ACTION_NAMES.get(code, 'INVALID ACTION CODE %s' % code)
+
+
+###############################################################################
+# Small helpers
+###############################################################################
+
+def force_uString(value, encoding='utf-8', errors='replace'):
+    """Anything -> str (bytes are decoded, lists converted item by item)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode(encoding, errors)
+    if isinstance(value, (list, tuple)):
+        return type(value)(force_uString(v, encoding, errors) for v in value)
+    return str(value)
+
+
+def force_bString(value, encoding='utf-8', errors='strict'):
+    """Anything -> bytes (str is encoded)."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, bytearray):
+        return bytes(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(force_bString(v, encoding, errors) for v in value)
+    return str(value).encode(encoding, errors)
+
+
+def split_address(address):
+    """'local@domain' -> ('local', 'domain'), split at the last '@'."""
+    if not address:
+        return '', ''
+    local, sep, domain = address.rpartition('@')
+    if not sep:
+        return address, ''
+    return local, domain
+
+
+def parse_list(value, lower=False):
+    """'a, b,,c' -> ['a', 'b', 'c']"""
+    items = [item.strip() for item in (value or '').split(',')]
+    items = [item for item in items if item]
+    return [item.lower() for item in items] if lower else items
+
+
+def one_line(text, limit=512):
+    """Reply texts: no CR/LF (they would start a new reply line), bounded length."""
+    text = force_uString(text) or ''
+    text = text.replace('\r', ' ').replace('\n', ' ')
+    return text[:limit]
+
+
+def encode_header(name, value):
+    """One header as bytes with CRLF. Plain short ASCII is written as is; anything with
+    non-ASCII characters, CR/LF (header injection) or very long values is RFC 2047
+    encoded and folded by the email package."""
+    value = force_uString(value)
+    if value.isascii() if hasattr(value, 'isascii') else all(ord(c) < 128 for c in value):
+        if '\r' not in value and '\n' not in value and len(name) + len(value) < 900:
+            return ('%s: %s\r\n' % (name, value)).encode('ascii')
+    from email.header import Header
+    encoded = Header(value, header_name=name, charset='utf-8').encode(linesep='\r\n')
+    return ('%s: %s\r\n' % (name, encoded)).encode('ascii')
+
+
+def ip_in_networks(ip, networks):
+    """True if ``ip`` (str) lies in one of ``networks`` (ip_network objects)."""
+    try:
+        address = ipaddress.ip_address(ip.split('%')[0])
+    except ValueError:
+        return False
+    if getattr(address, 'ipv4_mapped', None):
+        address = address.ipv4_mapped
+    return any(address.version == net.version and address in net for net in networks)
+
+
+def parse_networks(value):
+    """Comma list of IPs/CIDRs -> list of ip_network. Raises ValueError on garbage."""
+    return [ipaddress.ip_network(item, strict=False) for item in parse_list(value)]
+
+
+###############################################################################
+# Configuration
+###############################################################################
+# The semantics are FuGlu's (spec section 2): RawConfigParser, last value wins, no
+# interpolation, option names case-insensitive. Every component declares its options
+# once in a `requiredvars`-style table (option -> default + description); those tables
+# are the fallback for lookups, the source of --dump-defaults / fuglu.conf.dist and of
+# the lint checks.
+
+def _opt(default, description, section=None, validator=None, confidential=False):
+    spec = {'default': default, 'description': description}
+    if section:
+        spec['section'] = section
+    if validator:
+        spec['validator'] = validator
+    if confidential:
+        spec['confidential'] = True
+    return spec
+
+
+def _is_int(value):
+    try:
+        int(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_bool(value):
+    return str(value).strip().lower() in FuConfigParser.BOOLEAN_STATES
+
+
+def _is_action(value):
+    return string_to_actioncode(value) is not None or \
+        str(value).strip().upper() in PSEUDO_ACTIONS
+
+
+def _is_networks(value):
+    try:
+        parse_networks(value)
+        return True
+    except ValueError:
+        return False
+
+
+# section -> option -> spec. Order is the order of fuglu.conf.dist.
+CORE_DEFAULTS = {
+    'main': {
+        'identifier': _opt('dist', 'free label, logged at start and on reload'),
+        'daemonize': _opt('1', 'fork into the background (ignored with --foreground and --lint)',
+                          validator=_is_bool),
+        'scantimelogger': _opt('0', 'log per-plugin scan times to the logger fuglu.Timings',
+                               validator=_is_bool),
+        'user': _opt('nobody', 'user to drop privileges to after binding the ports (when started as root)'),
+        'group': _opt('nobody, nogroup', 'groups to drop to: the first one that exists is used'),
+        'plugindir': _opt('', 'comma separated directories searched for plugin modules, before the bundled ones'),
+        'plugins': _opt('archive,attachment,clamav,spamassassin',
+                        'scanner plugins, in the order they run: alias, dotted module.Class, each optionally with (configsection)'),
+        'prependers': _opt('debug,skip', 'prepender plugins: run before the scanners and may change the plugin lists'),
+        'appenders': _opt('', 'appender plugins: run after the message was delivered or refused'),
+        'bindaddress': _opt('127.0.0.1', 'address the incoming ports listen on, unless an entry names its own'),
+        'incomingport': _opt('10025,10099,10888',
+                             'listeners, comma separated: port (smtp), protocol:port or protocol:address:port; '
+                             'protocols smtp (after-queue), esmtp (before-queue proxy), milter, netcat'),
+        'smtp_command_line_limit': _opt('2048', 'longest SMTP command line accepted, in bytes', validator=_is_int),
+        'smtp_data_line_limit': _opt('1048576', 'longest line accepted in a message, in bytes', validator=_is_int),
+        'smtp_max_message_size': _opt('268435456', 'largest message accepted, in bytes (announced as SIZE); 0 = no limit',
+                                      validator=_is_int),
+        'smtptimeout': _opt('300', 'seconds to wait for the next command or data from a client or downstream',
+                            validator=_is_int),
+        'trusted_xforward_peers': _opt('', 'IPs/networks allowed to send client information (XFORWARD, '
+                                           'milter connect data, netcat envelope). Empty: every peer is trusted',
+                                       validator=_is_networks),
+        'outgoinghost': _opt('127.0.0.1', 're-injection target host; ${injecthost} = the host that sent the message, '
+                                          '$NAME = environment variable'),
+        'outgoingport': _opt('10026', 're-injection target port', validator=_is_int),
+        'outgoinghelo': _opt('', 'EHLO name used when re-injecting; empty: this host\'s FQDN'),
+        'outgoingretry': _opt('1', 'extra attempts when the downstream connection fails', validator=_is_int),
+        'bouncehost': _opt('', 'where bounces are sent; empty: outgoinghost'),
+        'bounceport': _opt('', 'port for bounces; empty: outgoingport'),
+        'tempdir': _opt('/tmp', 'directory for temporary files'),
+        'prependaddedheaders': _opt('X-Fuglu-', 'prefix of the headers fuglu adds'),
+        'trashdir': _opt('', 'if set, a copy of every message a scanner DELETEs is kept here'),
+        'trashlog': _opt('0', 'also log each trashed message to 00-fuglutrash.log in trashdir', validator=_is_bool),
+        'disablebounces': _opt('0', 'never send a bounce', validator=_is_bool),
+        'nobouncefile': _opt('${confdir}/rules/nobounce.txt', 'domains (one per line) that never get bounces'),
+        'debuginfoheader': _opt('0', 'add a <prefix>Debuginfo header', validator=_is_bool),
+        'spamstatusheader': _opt('1', 'add a <prefix>Spamstatus: YES|NO header', validator=_is_bool),
+        'suspectidheader': _opt('1', 'add a <prefix>Suspect: <id> header', validator=_is_bool),
+        'suspectidreturn': _opt('1', 'append (<id>) to DELETE, REJECT and DEFER replies', validator=_is_bool),
+        'mrtgdir': _opt('', 'directory for MRTG counter files; empty: none'),
+        'controlport': _opt('/tmp/fuglu_control.sock', 'control socket: a path (unix socket, mode 0600) or a TCP port; '
+                                                       'empty: no control socket'),
+        'controladdress': _opt('127.0.0.1', 'bind address when controlport is a TCP port'),
+        'controltoken': _opt('', 'shared secret required on a TCP control port', confidential=True),
+        'logtemplate': _opt('Suspect ${id} from=${from_address} to=${to_address} size=${size} spam=${spam} '
+                            'virus=${virus} modified=${modified} decision=${decision}',
+                            'line logged for every message after scanning; empty: none'),
+        'versioncheck': _opt('0', 'accepted for compatibility; fuglu never looks up versions on the network',
+                             validator=_is_bool),
+        'address_compliance_checker': _opt('Default', 'envelope address check: Default, LazyLocalPart, AsciiOnly, '
+                                                      'PrintableAsciiOnly, NoCheck'),
+        'address_compliance_checker_maxsize': _opt('64', 'longest local part accepted', validator=_is_int),
+        'address_compliance_fail_action': _opt('defer', 'answer to invalid envelope addresses: defer, reject, discard'),
+        'address_compliance_fail_message': _opt('invalid sender or recipient address', 'reply text for the above'),
+        'remove_tmpfiles_on_error': _opt('1', 'remove temporary files when receiving fails', validator=_is_bool),
+        'disabledarchivetypes': _opt('pdf', 'archive types never opened'),
+    },
+    'performance': {
+        'backend': _opt('thread', 'worker backend: thread'),
+        'minthreads': _opt('2', 'thread backend: workers kept running', validator=_is_int),
+        'maxthreads': _opt('40', 'thread backend: most workers (connections handled at once)', validator=_is_int),
+        'minfreethreads': _opt('0', 'thread backend: idle workers kept ready', validator=_is_int),
+        'initialprocs': _opt('0', 'process backend: worker processes (0: 2 x CPUs)'),
+        'listen_backlog': _opt('0', 'listen() backlog; 0: the system maximum', validator=_is_int),
+        'slow_enqueue_warn_ms': _opt('100', 'warn when handing a connection to the workers blocks this long',
+                                     validator=_is_int),
+    },
+    'spam': {
+        'defaultlowspamaction': _opt('DUNNO', 'what DEFAULTLOWSPAMACTION means', validator=_is_action),
+        'defaulthighspamaction': _opt('DUNNO', 'what DEFAULTHIGHSPAMACTION means', validator=_is_action),
+    },
+    'virus': {
+        'defaultvirusaction': _opt('DELETE', 'what DEFAULTVIRUSACTION means', validator=_is_action),
+    },
+    'smtpconnector': {
+        'requeuetemplate': _opt('FUGLU REQUEUE(${id}): ${injectanswer}',
+                                'text of the 250 reply after re-injection; ${injectanswer} = the downstream reply'),
+    },
+    'esmtpconnector': {
+        'queuetemplate': _opt('${injectanswer}', 'text of the 250 reply after the downstream accepted the message'),
+        'ignore_multiple_recipients': _opt('0', 'forward only the first recipient (spam traps)', validator=_is_bool),
+    },
+    'milter': {
+        'milter_mode': _opt('readonly', 'what the milter writes back: readonly, tags, manual, auto, autoheaders, '
+                                        'replace_demo'),
+        'milter_mode_options': _opt('', 'manual mode: all, body, headers, from, to; autoheaders: prepend'),
+        'milter_max_packet_size': _opt('1048576', 'largest milter packet accepted, in bytes', validator=_is_int),
+        'milter_debug': _opt('0', 'log every milter packet', validator=_is_bool),
+    },
+    'PluginAlias': {},
+    'databaseconfig': {
+        'dbconnectstring': _opt('', 'SQLAlchemy URL for per-recipient settings (needs sqlalchemy)',
+                                confidential=True),
+    },
+}
+
+
+class ConfigProblem(Exception):
+    """A config value fuglu cannot use. The message names file, section and option."""
+
+
+class FuConfigParser(configparser.RawConfigParser):
+    """FuGlu's configuration: RawConfigParser plus a table of defaults per
+    (section, option) that lookups fall back to, and the ``${confdir}`` marker.
+
+    Methods for callers: get/getint/getfloat/getboolean/getlist(section, option),
+    set_defaults(section, table), has_default(section, option).
+    Attributes: confdir (directory of the main config file), files (files read).
+    """
+
+    BOOLEAN_STATES = {'1': True, 'yes': True, 'true': True, 'on': True,
+                      '0': False, 'no': False, 'false': False, 'off': False}
+
+    def __init__(self, confdir=DEFAULT_CONFDIR):
+        super().__init__(strict=False, interpolation=None)
+        self.confdir = confdir
+        self.files = []
+        self.option_sources = {}  # (section, option) -> file it was read from
+        self._defaults_table = {}  # (section, option) -> default string
+
+    # -- reading --------------------------------------------------------------
+    def read_config_file(self, path):
+        with open(path, encoding='utf-8', errors='surrogateescape') as handle:
+            text = handle.read()
+        self.read_config_text(text, path)
+
+    def read_config_text(self, text, source='<string>'):
+        """Read one file's text on top of what was read before (last value wins) and
+        remember where each option came from, for error messages."""
+        layer = configparser.RawConfigParser(strict=False, interpolation=None)
+        layer.read_string(text, source)
+        for option, value in layer.defaults().items():
+            self.defaults()[option] = value
+        for section in layer.sections():
+            if not self.has_section(section):
+                self.add_section(section)
+            for option in layer.options(section):
+                self.set(section, option, layer.get(section, option, raw=True))
+                self.option_sources[(section, option)] = source
+        self.files.append(source)
+
+    # -- defaults -------------------------------------------------------------
+    def set_defaults(self, section, table):
+        """Register option defaults of one component (``requiredvars`` shape)."""
+        for option, spec in table.items():
+            target = spec.get('section', section)
+            if 'default' in spec:
+                self._defaults_table[(target, option.lower())] = spec['default']
+
+    def has_default(self, section, option):
+        return (section, option.lower()) in self._defaults_table
+
+    def has_option(self, section, option):
+        return super().has_option(section, option) or self.has_default(section, option)
+
+    # -- lookups --------------------------------------------------------------
+    def _raw(self, section, option):
+        if super().has_option(section, option):
+            return super().get(section, option, raw=True)
+        key = (section, option.lower())
+        if key in self._defaults_table:
+            return self._defaults_table[key]
+        if not self.has_section(section):
+            raise configparser.NoSectionError(section)
+        raise configparser.NoOptionError(option, section)
+
+    def expand(self, value):
+        if value is not None and '${confdir}' in value:
+            value = value.replace('${confdir}', self.confdir)
+        return value
+
+    def get(self, section, option, raw=False, vars=None, fallback=configparser._UNSET, **kwargs):
+        try:
+            value = self._raw(section, option)
+        except (configparser.NoSectionError, configparser.NoOptionError):
+            if fallback is not configparser._UNSET:
+                return fallback
+            raise
+        return value if raw else self.expand(value)
+
+    def getint(self, section, option, fallback=configparser._UNSET, **kwargs):
+        try:
+            return int(self._raw(section, option).strip())
+        except (configparser.NoSectionError, configparser.NoOptionError):
+            if fallback is not configparser._UNSET:
+                return fallback
+            raise
+
+    def getfloat(self, section, option, fallback=configparser._UNSET, **kwargs):
+        try:
+            return float(self._raw(section, option).strip())
+        except (configparser.NoSectionError, configparser.NoOptionError):
+            if fallback is not configparser._UNSET:
+                return fallback
+            raise
+
+    def getboolean(self, section, option, fallback=configparser._UNSET, **kwargs):
+        try:
+            value = self._raw(section, option).strip().lower()
+        except (configparser.NoSectionError, configparser.NoOptionError):
+            if fallback is not configparser._UNSET:
+                return fallback
+            raise
+        if value not in self.BOOLEAN_STATES:
+            raise ValueError('Not a boolean: %s' % value)
+        return self.BOOLEAN_STATES[value]
+
+    def getlist(self, section, option, separators=',', strip=True, lower=False, fallback=None,
+                resolve_env=False):
+        try:
+            value = self.get(section, option)
+        except (configparser.NoSectionError, configparser.NoOptionError):
+            return fallback if fallback is not None else []
+        items = re.split('[%s]' % re.escape(separators), value)
+        if strip:
+            items = [item.strip() for item in items]
+        items = [item for item in items if item]
+        if lower:
+            items = [item.lower() for item in items]
+        return items
+
+    def where(self, section, option):
+        """'file [section] option' for error messages."""
+        source = self.option_sources.get((section, option.lower()), 'defaults')
+        return '%s [%s] %s' % (source, section, option)
+
+
+def resolve_env_marker(value):
+    """'$NAME' -> os.environ['NAME'] when that variable exists (FuGlu's marker)."""
+    if value and value.startswith('$') and len(value) > 1 and not value.startswith('${'):
+        return os.environ.get(value[1:], value)
+    return value
+
+
+def check_options(config, section, table, label=None, printer=None):
+    """Lint one component's options: present (or defaulted), valid per validator, and
+    no unknown options in its section. Returns a list of error strings."""
+    errors = []
+    declared = {option.lower() for option, spec in table.items()
+                if spec.get('section', section) == section}
+    for option, spec in table.items():
+        target = spec.get('section', section)
+        try:
+            value = config.get(target, option)
+        except (configparser.NoSectionError, configparser.NoOptionError):
+            errors.append('Missing configuration value without default %s' % config.where(target, option))
+            continue
+        validator = spec.get('validator')
+        if validator is not None and not validator(value):
+            errors.append('Invalid value %r for %s' % (value, config.where(target, option)))
+    if config.has_section(section):
+        for option, _value in configparser.RawConfigParser.items(config, section, raw=True):
+            if option not in declared and option not in config.defaults():
+                errors.append('Unknown option %s' % config.where(section, option))
+    return errors
+
+
+def load_config(path=None, configdir=None, embedded=None):
+    """Read the main config file and conf.d/*.conf (sorted). ``embedded`` is config text
+    used instead of a file (the built-in default)."""
+    if path is not None:
+        confdir = os.path.dirname(os.path.abspath(path))
+    else:
+        confdir = DEFAULT_CONFDIR
+    config = FuConfigParser(confdir=confdir)
+    if embedded is not None:
+        config.read_config_text(embedded, '<embedded default>')
+    else:
+        config.read_config_file(path)
+        if configdir is None and config.has_option('main', 'configdir'):
+            configdir = config.get('main', 'configdir')
+        if configdir and os.path.isdir(configdir):
+            for extra in sorted(glob.glob(os.path.join(configdir, '*.conf'))):
+                config.read_config_file(extra)
+    for section, table in CORE_DEFAULTS.items():
+        config.set_defaults(section, table)
+    return config
+
+
+EMBEDDED_CONFIG = """\
+# fuglu's embedded default: used when no config file exists.
+# After-queue filter on 127.0.0.1:10025, re-injection to 127.0.0.1:10026,
+# no plugin that needs a peer.
+[main]
+daemonize = 0
+incomingport = smtp:127.0.0.1:10025
+outgoinghost = 127.0.0.1
+outgoingport = 10026
+plugins =
+prependers =
+appenders =
+controlport =
+"""
+
+
+def dump_defaults(plugin_classes=()):
+    """The complete default configuration with descriptions: the text of
+    fuglu.conf.dist."""
+    out = ['# fuglu %s default configuration.' % __version__,
+           '# Generated by `fuglu --dump-defaults`; every option with its default.',
+           '# Options are described in the comment above them.', '']
+    sections = {}
+    for section, table in CORE_DEFAULTS.items():
+        sections.setdefault(section, []).extend(table.items())
+    for cls in plugin_classes:
+        section = getattr(cls, 'default_section', None) or cls.__name__
+        for option, spec in cls.requiredvars.items():
+            sections.setdefault(spec.get('section', section), []).append((option, spec))
+    sections['PluginAlias'] = [(alias, _opt(target, 'bundled plugin alias'))
+                               for alias, target in sorted(PLUGIN_ALIASES.items())]
+    for section, options in sections.items():
+        out.append('[%s]' % section)
+        seen = set()
+        for option, spec in options:
+            if option in seen or 'default' not in spec:
+                continue
+            seen.add(option)
+            for line in spec.get('description', '').splitlines() or ['']:
+                out.append(('# ' + line).rstrip())
+            out.append(('%s = %s' % (option, spec['default'])).rstrip())
+            out.append('')
+        out.append('')
+    return '\n'.join(out).rstrip('\n') + '\n'
+
+
+###############################################################################
+# Templates
+###############################################################################
+# FuGlu's template syntax (spec 5.7): $name or ${name}; names may start with @ (a tag)
+# and contain . and : (${header:subject}); $$ is a literal $. Substitution is safe:
+# malformed placeholders stay as they are, unknown names become ''.
+
+TEMPLATE_RE = re.compile(r'\$(?:(\$)|\{(@?[a-z][_a-z0-9.:]*)\}|(@?[a-z][_a-z0-9.:]*))', re.IGNORECASE)
+
+
+def template_defaults(suspect):
+    """The variables every template knows about a message."""
+    now = time.localtime()
+    return {
+        'id': suspect.id,
+        'timestamp': suspect.timestamp,
+        'from_address': suspect.from_address,
+        'from_domain': suspect.from_domain,
+        'from_localpart': suspect.from_localpart,
+        'to_address': suspect.to_address or '',
+        'to_domain': suspect.to_domain,
+        'to_localpart': suspect.to_localpart,
+        'subject': suspect.get_header('subject', ''),
+        'date': time.strftime('%Y-%m-%d', now),
+        'time': time.strftime('%X', now),
+    }
+
+
+def apply_template(template, suspect=None, values=None, valuesfunction=None):
+    """Fill ``template`` with ``values``, then the message defaults, then any header or
+    @tag of the message (the SuspectFilter fields)."""
+    if template is None:
+        return ''
+    template = force_uString(template)
+    if '$' not in template:
+        return template
+    values = dict(values or {})
+    defaults = {}
+    if suspect is not None:
+        defaults = template_defaults(suspect)
+    if valuesfunction is not None:
+        values = valuesfunction(values)
+
+    def lookup(match):
+        if match.group(1):
+            return '$'
+        name = match.group(2) or match.group(3)
+        for table in (values, defaults):
+            if name in table:
+                value = table[name]
+                return '' if value is None else force_uString(value)
+            if name.lower() in table:
+                value = table[name.lower()]
+                return '' if value is None else force_uString(value)
+        if suspect is not None:
+            found = SuspectFilter.field_values(suspect, name)
+            if found:
+                return force_uString(found[0])
+        return ''
+    return TEMPLATE_RE.sub(lookup, template)
+
+
+###############################################################################
+# Suspect: the message under scan
+###############################################################################
+
+HEADER_END_RE = re.compile(rb'\r?\n\r?\n')
+
+
+class Suspect(object):
+    """One message with its envelope, as the plugins see it (FuGlu's Suspect).
+
+    The source is kept as the bytes received. Headers added with add_header() are
+    prepended at delivery; set_source()/set_message_rep() replace the source.
+
+    Instance attributes: id, from_address, recipients, to_address (first recipient),
+    from_domain/from_localpart/to_domain/to_localpart, size, timestamp, tags (dict),
+    addheaders (dict name -> value), queue_id, clientinfo ((helo, ip, rdns) or None),
+    smtp_options (set of MAIL parameters like 'SMTPUTF8', 'BODY=8BITMIME'),
+    milter_macros (dict).
+    """
+
+    def __init__(self, from_address, recipients, tempfile=None, inbuffer=None, id=None,
+                 queue_id=None, smtp_options=None, clientinfo=None, milter_macros=None,
+                 size=None, **kwargs):
+        if isinstance(tempfile, (bytes, bytearray)) and inbuffer is None:
+            inbuffer, tempfile = bytes(tempfile), None
+        if inbuffer is None:
+            if tempfile is None:
+                raise ValueError('a Suspect needs a tempfile or an inbuffer')
+            with open(tempfile, 'rb') as handle:
+                inbuffer = handle.read()
+        self.tempfile = tempfile
+        self.id = id or os.urandom(16).hex()
+        self.from_address = (force_uString(from_address) or '').strip()
+        if isinstance(recipients, (str, bytes)):
+            recipients = [recipients]
+        self.recipients = [force_uString(r).strip() for r in (recipients or [])]
+        self.original_from_address = self.from_address
+        self.original_recipients = list(self.recipients)
+        self._source = bytes(inbuffer)
+        self._original_source = self._source
+        self._modified = False
+        self._message_rep = None
+        self._header_cache = None
+        self.timestamp = time.time()
+        self.queue_id = queue_id
+        self.smtp_options = set(smtp_options or ())
+        self.clientinfo = clientinfo
+        self.milter_macros = dict(milter_macros or {})
+        self.announced_size = size
+        self.addheaders = {}
+        self.added_headers = {}
+        self.modified_headers = {}
+        self.removed_headers = {}
+        self.tags = {
+            'virus': {}, 'spam': {}, 'highspam': {}, 'blocked': {},
+            'welcomelisted': {}, 'blocklisted': {},
+            'decisions': [], 'scantimes': [], 'processingerrors': [],
+        }
+        self.tags.update(kwargs.get('tags') or {})
+
+    # -- envelope -------------------------------------------------------------
+    @property
+    def to_address(self):
+        return self.recipients[0] if self.recipients else None
+
+    @to_address.setter
+    def to_address(self, value):
+        self.recipients = [value]
+
+    from_localpart = property(lambda self: split_address(self.from_address)[0])
+    from_domain = property(lambda self: split_address(self.from_address)[1].lower())
+    to_localpart = property(lambda self: split_address(self.to_address)[0])
+    to_domain = property(lambda self: split_address(self.to_address)[1].lower())
+
+    def orig_from_address_changed(self):
+        return self.from_address != self.original_from_address
+
+    def orig_recipients_changed(self):
+        return self.recipients != self.original_recipients
+
+    # -- source ---------------------------------------------------------------
+    @property
+    def size(self):
+        return len(self._source)
+
+    def get_source(self, maxbytes=None):
+        if maxbytes is not None:
+            return self._source[:maxbytes]
+        return self._source
+
+    def get_original_source(self, maxbytes=None):
+        if maxbytes is not None:
+            return self._original_source[:maxbytes]
+        return self._original_source
+
+    def set_source(self, source, encoding='utf-8'):
+        self._source = force_bString(source, encoding)
+        self._modified = True
+        self._message_rep = None
+        self._header_cache = None
+
+    def is_modified(self):
+        return self._modified
+
+    def get_message_rep(self):
+        """The message parsed by the email package (compat32), cached."""
+        if self._message_rep is None:
+            import email
+            from email import policy
+            self._message_rep = email.message_from_bytes(self._source, policy=policy.compat32)
+        return self._message_rep
+
+    def set_message_rep(self, msgrep):
+        from email import policy
+        from email.generator import BytesGenerator
+        import io
+        buffer = io.BytesIO()
+        BytesGenerator(buffer, mangle_from_=False,
+                       policy=policy.compat32.clone(linesep='\r\n')).flatten(msgrep)
+        self.set_source(buffer.getvalue())
+        self._message_rep = msgrep
+
+    # -- headers --------------------------------------------------------------
+    def _header_block(self):
+        """The raw header block (bytes, without the empty line), first 1 MiB at most."""
+        head = self._source[:1048576]
+        match = HEADER_END_RE.search(head)
+        if match:
+            return head[:match.start() + 1], match.end()
+        if head.startswith(b'\r\n') or head.startswith(b'\n'):
+            return b'', len(head[:2].rstrip(b'\r\n')) or 1
+        return head, len(head)
+
+    def _parsed_headers(self):
+        if self._header_cache is None:
+            from email.parser import BytesHeaderParser
+            from email import policy
+            block, _ = self._header_block()
+            self._header_cache = BytesHeaderParser(policy=policy.compat32).parsebytes(block)
+        return self._header_cache
+
+    def get_headers(self):
+        return force_uString(self._header_block()[0])
+
+    def get_header(self, headername, fallback=None):
+        value = self._parsed_headers().get(headername)
+        if value is None:
+            return fallback
+        value = force_uString(value) if not isinstance(value, str) else value
+        return value.strip() if isinstance(value, str) else str(value)
+
+    def get_all_headers(self, headername):
+        return [force_uString(v) if isinstance(v, (str, bytes)) else str(v)
+                for v in self._parsed_headers().get_all(headername, [])]
+
+    def add_header(self, key, value, immediate=False, raw=False):
+        """immediate=False: added at delivery (one value per name); True: prepended to
+        the source now, so later plugins see it."""
+        if immediate:
+            header = ('%s: %s\r\n' % (key, value)).encode('utf-8') if raw else encode_header(key, value)
+            self._source = header + self._source
+            self._modified = True
+            self._message_rep = None
+            self._header_cache = None
+            self.added_headers[key] = value
+        else:
+            self.addheaders[key] = value
+
+    addheader = add_header  # FuGlu's deprecated spelling
+
+    def _header_regex(self, name):
+        return re.compile(rb'^' + re.escape(force_bString(name)) + rb'[ \t]*:.*(?:\r?\n[ \t].*)*\r?\n',
+                          re.IGNORECASE | re.MULTILINE)
+
+    def remove_headers(self, headername):
+        """Delete every instance of a header from the source."""
+        block, body_start = self._header_block()
+        new_block, count = self._header_regex(headername).subn(b'', block)
+        if count:
+            self.removed_headers[headername] = count
+            self.set_source(new_block + self._source[len(block):])
+        return count
+
+    remove_headers_from_source = remove_headers
+
+    def set_header(self, key, value):
+        """Replace all instances of a header by one new value, or add it immediately."""
+        if self.remove_headers(key):
+            self.modified_headers[key] = value
+            self.removed_headers.pop(key, None)
+            self._source = encode_header(key, value) + self._source
+            self._header_cache = None
+            self._message_rep = None
+        else:
+            self.add_header(key, value, immediate=True)
+
+    def build_headers(self, prefix_only=False):
+        """The addheaders as bytes, in insertion order, ready to prepend."""
+        return b''.join(encode_header(name, value) for name, value in self.addheaders.items())
+
+    def get_output_source(self):
+        """What is delivered: added headers + the current source (or the original if
+        the tag reinjectoriginal is set)."""
+        if self.tags.get('reinjectoriginal'):
+            return self._original_source
+        return self.build_headers() + self._source
+
+    def update_subject(self, subject_cb, **cb_params):
+        old = self.get_header('subject', '')
+        new = subject_cb(old, **cb_params)
+        if new != old:
+            self.tags.setdefault('origsubj', old)
+            self.set_header('Subject', new)
+            return True
+        return False
+
+    # -- SpamAssassin temporary headers ---------------------------------------------
+    def write_sa_temp_header(self, header, value):
+        value = re.sub(r'[\x00-\x1f\x7f]', ' ', force_uString(value))
+        self.tags.setdefault('SAPlugin.tempheader', {})
+        if isinstance(self.tags['SAPlugin.tempheader'], dict):
+            self.tags['SAPlugin.tempheader'][header] = value
+
+    def get_sa_temp_headers(self):
+        headers = self.tags.get('SAPlugin.tempheader') or {}
+        if isinstance(headers, dict):
+            return b''.join(encode_header(k, v) for k, v in headers.items())
+        if isinstance(headers, (list, tuple)):
+            headers = '\r\n'.join(headers)
+        text = force_uString(headers).strip()
+        return (text + '\r\n').encode('utf-8') if text else b''
+
+    def source_stripped_attachments(self, content=None, maxsize=None, with_mime_headers=False):
+        """The message with only its text parts (other parts become empty stubs),
+        truncated to maxsize bytes."""
+        import email
+        from email import policy
+        source = content if content is not None else self._source
+        message = email.message_from_bytes(source, policy=policy.compat32)
+        if message.is_multipart():
+            for part in message.walk():
+                if part.is_multipart():
+                    continue
+                if part.get_content_maintype() != 'text':
+                    part.set_payload('')
+        from email.generator import BytesGenerator
+        import io
+        buffer = io.BytesIO()
+        BytesGenerator(buffer, mangle_from_=False,
+                       policy=policy.compat32.clone(linesep='\r\n')).flatten(message)
+        stripped = buffer.getvalue()
+        return stripped[:maxsize] if maxsize else stripped
+
+    # -- tags and status -------------------------------------------------------
+    def get_tag(self, key, defaultvalue=None):
+        return self.tags.get(key, defaultvalue)
+
+    def set_tag(self, key, value):
+        self.tags[key] = value
+
+    def _any(self, tagname):
+        return any(bool(v) for v in (self.tags.get(tagname) or {}).values())
+
+    def is_spam(self):
+        return self._any('spam')
+
+    def is_highspam(self):
+        return self._any('highspam')
+
+    def is_virus(self):
+        return self._any('virus')
+
+    def is_blocked(self):
+        return self._any('blocked')
+
+    def is_welcomelisted(self):
+        return self._any('welcomelisted')
+
+    def is_blocklisted(self):
+        return self._any('blocklisted')
+
+    is_whitelisted = is_welcomelisted
+    is_blacklisted = is_blocklisted
+
+    def is_ham(self):
+        return not (self.is_spam() or self.is_virus() or self.is_blocked() or
+                    self.is_highspam() or self.is_blocklisted())
+
+    def get_status(self):
+        return {name: getattr(self, name)() for name in
+                ('is_spam', 'is_highspam', 'is_virus', 'is_blocked', 'is_welcomelisted',
+                 'is_blocklisted', 'is_ham')}
+
+    def debug(self, message):
+        if self.tags.get('debug'):
+            handle = self.tags.get('debugfile')
+            if handle is not None:
+                handle.write('%s %s\n' % (time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), message))
+                handle.flush()
+
+    def get_client_info(self, config=None):
+        """(helo, ip, rdns) from the connector, else from the first Received header."""
+        if self.clientinfo:
+            return self.clientinfo
+        for received in self.get_all_headers('Received'):
+            match = re.search(r'from\s+(\S+)\s+\(([^)\[]*)\[([0-9a-fA-F.:]+)\]', received)
+            if match:
+                helo, rdns, ip = match.group(1), match.group(2).strip() or 'unknown', match.group(3)
+                return helo, ip, rdns
+        return None
+
+    def log_format(self, template):
+        return apply_template(template, self, self.log_values())
+
+    def log_values(self):
+        decisions = self.tags.get('decisions') or []
+        yesno = lambda flag: 'yes' if flag else 'no'
+        return {
+            'size': self.size,
+            'spam': yesno(self.is_spam()), 'highspam': yesno(self.is_highspam()),
+            'blocked': yesno(self.is_blocked()), 'virus': yesno(self.is_virus()),
+            'modified': yesno(self.is_modified()),
+            'decision': actioncode_to_string(decisions[-1][1]) if decisions else 'DUNNO',
+            'tags': self.short_tags(), 'fulltags': str(self.tags),
+        }
+
+    def short_tags(self):
+        shown = {}
+        for key, value in self.tags.items():
+            if key in ('decisions', 'scantimes', 'debugfile'):
+                continue
+            if key.endswith('.spamscore') and isinstance(value, (int, float)):
+                value = '%.2f' % value
+            shown[key] = str(value)[:100]
+        return shown
+
+    def __str__(self):
+        return 'Suspect %s: from=%s to=%s size=%s spam=%s blocked=%s virus=%s modified=%s ' \
+               'decision=%s tags=%s' % (
+                   self.id, self.from_address, self.to_address, self.size, self.is_spam(),
+                   self.is_blocked(), self.is_virus(), self.is_modified(),
+                   self.log_values()['decision'], self.short_tags())
+
+
+###############################################################################
+# SuspectFilter: FuGlu rule files
+###############################################################################
+
+class FilterRule(object):
+    __slots__ = ('field', 'regex', 'compare', 'number', 'args', 'lineno', 'text')
+
+    def __init__(self, field, regex=None, compare=None, number=None, args=None, lineno=0, text=''):
+        self.field, self.regex, self.compare, self.number = field, regex, compare, number
+        self.args, self.lineno, self.text = args, lineno, text
+
+    def test(self, value):
+        if self.regex is not None:
+            return self.regex.search(force_uString(value)) is not None
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return False
+        return COMPARATORS[self.compare](number, self.number)
+
+
+COMPARATORS = {
+    '<': lambda a, b: a < b, '<=': lambda a, b: a <= b, '=': lambda a, b: a == b,
+    '==': lambda a, b: a == b, '!=': lambda a, b: a != b, '<>': lambda a, b: a != b,
+    '>': lambda a, b: a > b, '>=': lambda a, b: a >= b,
+}
+NUMERIC_RULE_RE = re.compile(r'^(<=|>=|==|!=|<>|<|>|=)(-?\d+(?:\.\d+)?)$')
+SLASH_RULE_RE = re.compile(r'^(\S+?):?\s+/((?:[^/\\]|\\.)*)/([im]*)(?:\s+(.*))?$')
+
+
+class SuspectFilter(object):
+    """A rule file of lines `field regex [args]` (spec 6.1), matched against messages.
+    One parser for every plugin that reads rules.
+
+    Methods: matches(suspect) -> (True, args of the first matching rule) or (False,
+    None); get_args(suspect) -> args of all matching rules; lint() -> bool.
+    The file is re-read when it changes (checked at most every 5 seconds).
+    """
+
+    RELOAD_CHECK_INTERVAL = 5
+
+    def __init__(self, filename):
+        self.filename = filename
+        self.logger = logging.getLogger('fuglu.SuspectFilter')
+        self.rules = []
+        self.errors = []
+        self._stamp = None
+        self._last_check = 0
+        self._lock = threading.Lock()
+        self._load()
+
+    # -- parsing --------------------------------------------------------------
+    @classmethod
+    def parse_line(cls, line, lineno=0):
+        """One rule line -> FilterRule; ValueError when it fits no format."""
+        text = line.strip()
+        if text.startswith('{'):
+            import json
+            data = json.loads(text)
+            field = data['field']
+            if 'regex' in data:
+                flags = cls._flags(data.get('flags', ''))
+                return FilterRule(field, regex=re.compile(data['regex'], flags),
+                                  args=data.get('args'), lineno=lineno, text=text)
+            return FilterRule(field, compare=data['cmp'], number=float(data['num']),
+                              args=data.get('args'), lineno=lineno, text=text)
+        match = SLASH_RULE_RE.match(text)
+        if match:
+            field, pattern, flags, args = match.groups()
+            pattern = pattern.replace('\\/', '/')
+            return FilterRule(field.rstrip(':'), regex=re.compile(pattern, cls._flags(flags)),
+                              args=args.strip() if args else None, lineno=lineno, text=text)
+        parts = text.split(None, 2)
+        if len(parts) < 2:
+            raise ValueError('not a rule: %r' % text)
+        field = parts[0].rstrip(':')
+        args = parts[2].strip() if len(parts) > 2 else None
+        numeric = NUMERIC_RULE_RE.match(parts[1])
+        if numeric:
+            return FilterRule(field, compare=numeric.group(1), number=float(numeric.group(2)),
+                              args=args, lineno=lineno, text=text)
+        return FilterRule(field, regex=re.compile(parts[1], re.IGNORECASE | re.DOTALL),
+                          args=args, lineno=lineno, text=text)
+
+    @staticmethod
+    def _flags(flagstring):
+        flags = 0
+        if 'i' in (flagstring or ''):
+            flags |= re.IGNORECASE
+        if 'm' in (flagstring or ''):
+            flags |= re.MULTILINE
+        return flags
+
+    def _load(self):
+        rules, errors = [], []
+        try:
+            stamp = os.stat(self.filename).st_ctime
+            with open(self.filename, encoding='utf-8', errors='replace') as handle:
+                lines = handle.read().splitlines()
+        except OSError as error:
+            self.logger.error('cannot read rule file %s: %s', self.filename, error)
+            self.rules, self.errors, self._stamp = [], ['cannot read %s: %s' % (self.filename, error)], None
+            return
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip() or line.lstrip().startswith('#'):
+                continue
+            try:
+                rules.append(self.parse_line(line, lineno))
+            except (ValueError, KeyError, re.error) as error:
+                message = '%s line %d: %s' % (self.filename, lineno, error)
+                self.logger.error('skipping rule: %s', message)
+                errors.append(message)
+        self.rules, self.errors, self._stamp = rules, errors, stamp
+
+    def _reload_if_changed(self):
+        now = time.time()
+        if now - self._last_check < self.RELOAD_CHECK_INTERVAL:
+            return
+        with self._lock:
+            self._last_check = now
+            try:
+                stamp = os.stat(self.filename).st_ctime
+            except OSError:
+                stamp = None
+            if stamp != self._stamp:
+                self._load()
+
+    def file_changed(self):
+        try:
+            return os.stat(self.filename).st_ctime != self._stamp
+        except OSError:
+            return self._stamp is not None
+
+    # -- fields ---------------------------------------------------------------
+    @staticmethod
+    def field_values(suspect, field):
+        """All values of a rule field for a message (spec 6.1)."""
+        name = field.lower()
+        if name in ('envelope_from', 'from_address'):
+            return [suspect.from_address]
+        if name in ('envelope_to', 'to_address'):
+            return list(suspect.recipients)
+        if name == 'from_domain':
+            return [suspect.from_domain]
+        if name == 'to_domain':
+            return [suspect.to_domain]
+        if name in ('clientip', 'clienthostname', 'clienthelo'):
+            info = suspect.get_client_info()
+            if not info:
+                return []
+            helo, ip, rdns = info
+            return [{'clientip': ip, 'clienthostname': rdns, 'clienthelo': helo}[name]]
+        if name.startswith('@'):
+            return SuspectFilter._tag_values(suspect, field[1:])
+        if name == 'body:full':
+            return [force_uString(suspect.get_original_source())]
+        if name in ('body', 'body:stripped', 'body:raw'):
+            return SuspectFilter._body_values(suspect, stripped=(name != 'body:raw'))
+        if name.startswith('mime:'):
+            header = field[5:]
+            values = []
+            for part in suspect.get_message_rep().walk():
+                values.extend(str(v) for v in part.get_all(header, []))
+            return values
+        if name.startswith('header:'):
+            field = field[7:]
+        if '*' in field:
+            return [str(value) for key, value in suspect._parsed_headers().items()
+                    if fnmatch.fnmatch(key.lower(), field.lower())]
+        return suspect.get_all_headers(field)
+
+    @staticmethod
+    def _tag_values(suspect, tagname):
+        if tagname.startswith('is_'):
+            status = suspect.get_status()
+            if tagname in status:
+                return [str(status[tagname])]
+        if tagname in suspect.tags:
+            value = suspect.tags[tagname]
+        else:
+            value = suspect.tags
+            for part in tagname.split('.'):
+                if isinstance(value, dict) and part in value:
+                    value = value[part]
+                else:
+                    return []
+        if isinstance(value, (list, tuple, set)):
+            return [str(v) for v in value]
+        if isinstance(value, dict):
+            return [str(v) for v in value.values()]
+        return [str(value)]
+
+    @staticmethod
+    def _body_values(suspect, stripped):
+        values = []
+        for part in suspect.get_message_rep().walk():
+            if part.get_content_maintype() != 'text':
+                continue
+            payload = part.get_payload(decode=True) or b''
+            text = payload.decode(part.get_content_charset() or 'utf-8', 'replace')
+            if stripped:
+                if part.get_content_subtype() == 'html':
+                    text = strip_html(text)
+                text = text.replace('\r', ' ').replace('\n', ' ')
+            values.append(text)
+        return values
+
+    # -- matching -------------------------------------------------------------
+    def _matching(self, suspect, first_only):
+        self._reload_if_changed()
+        found = []
+        for rule in self.rules:
+            try:
+                values = self.field_values(suspect, rule.field)
+            except Exception as error:
+                self.logger.warning('%s: rule %s line %d: %s', suspect.id, rule.field, rule.lineno, error)
+                continue
+            for value in values:
+                if value is not None and rule.test(value):
+                    suspect.debug('rule %s line %d matched %r (%s)' % (self.filename, rule.lineno,
+                                                                        str(value)[:100], rule.text))
+                    found.append(rule)
+                    break
+            if found and first_only:
+                break
+        return found
+
+    def matches(self, suspect, extended=False):
+        found = self._matching(suspect, first_only=True)
+        if not found:
+            return (False, None)
+        if extended:
+            return True, found[0]
+        return True, found[0].args
+
+    def get_args(self, suspect, extended=False):
+        return [rule if extended else rule.args for rule in self._matching(suspect, first_only=False)]
+
+    def lint(self):
+        if not os.path.exists(self.filename):
+            print('rule file not found: %s' % self.filename)
+            return False
+        self._load()
+        for error in self.errors:
+            print('unparsable rule: %s' % error)
+        return not self.errors
+
+
+def strip_html(text):
+    """Text content of an HTML document (tags, scripts and styles removed)."""
+    from html.parser import HTMLParser
+
+    class TextCollector(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.parts, self.skip = [], 0
+
+        def handle_starttag(self, tag, attrs):
+            if tag in ('script', 'style'):
+                self.skip += 1
+
+        def handle_endtag(self, tag):
+            if tag in ('script', 'style') and self.skip:
+                self.skip -= 1
+
+        def handle_data(self, data):
+            if not self.skip:
+                self.parts.append(data)
+    collector = TextCollector()
+    collector.feed(text)
+    collector.close()
+    return ' '.join(collector.parts)
+
+
+###############################################################################
+# Plugins: base classes and loader
+###############################################################################
+
+class BasicPlugin(object):
+    """Base of every plugin.
+
+    Contract for the daemon: ``__init__(config, section=None)``; ``lint()`` -> bool,
+    printing human-readable diagnostics; ``shutdown()`` when the daemon stops.
+    May be overridden: ``requiredvars`` (class attribute, option -> {'default':
+    str, 'description': str, optional 'section', 'validator'}); ``lint()``;
+    ``__str__`` (the friendly name used in lint and logs).
+    Instance attributes: ``config`` (FuConfigParser), ``section`` (config section,
+    default: the class name), ``logger`` (``fuglu.plugin.<Class>``).
+    Plugin instances are shared by all worker threads: keep per-message state in the
+    Suspect (tags), not in the plugin.
+    """
+
+    requiredvars = {}
+    friendly_name = None
+
+    def __init__(self, config, section=None):
+        self.config = config
+        self.section = section or getattr(self, 'default_section', None) or self.__class__.__name__
+        self.logger = logging.getLogger('fuglu.plugin.%s' % self.__class__.__name__)
+        self._custom_section = section is not None
+        if config is not None and hasattr(config, 'set_defaults'):
+            config.set_defaults(self.section, self.requiredvars)
+
+    def __str__(self):
+        name = self.friendly_name or self.__class__.__name__
+        if self._custom_section and self.section != self.__class__.__name__:
+            return '%s(%s)' % (name, self.section)
+        return name
+
+    def _problemaction(self):
+        if not self.config.has_option(self.section, 'problemaction'):
+            return DEFER
+        code = string_to_actioncode(self.config.get(self.section, 'problemaction'), self.config)
+        return DEFER if code is None else code
+
+    def check_config(self):
+        """Every declared option readable and valid; unknown options are errors."""
+        table = dict(self.requiredvars)
+        table.setdefault('overrideaction', {'description': ''})
+        table.setdefault('overridemessage', {'description': ''})
+        errors = [e for e in check_options(self.config, self.section, table)
+                  if not (e.startswith('Missing') and ('overrideaction' in e or 'overridemessage' in e))]
+        for error in errors:
+            print(error)
+        return not errors
+
+    def lint(self):
+        return self.check_config()
+
+    def shutdown(self):
+        pass
+
+
+class ScannerPlugin(BasicPlugin):
+    """A scanner looks at a message and may decide about it.
+
+    Override ``examine(suspect)``: return DUNNO/ACCEPT/DELETE/REJECT/DEFER, a tuple
+    (action, message), or None (= DUNNO). Options ``overrideaction`` and
+    ``overridemessage`` in the plugin's section replace its decision (dry runs).
+    """
+
+    def examine(self, suspect):
+        return DUNNO
+
+    def _blockreport(self, suspect, blockinfo, enginename=None):
+        engine = enginename or str(self)
+        suspect.tags['blocked'][engine] = True
+        suspect.tags['%s.blocked' % engine] = blockinfo
+
+    def _spamreport(self, suspect, is_spam, is_highspam, report, score, enginename=None):
+        engine = enginename or str(self)
+        suspect.tags['spam'][engine] = is_spam
+        suspect.tags['highspam'][engine] = is_highspam
+        suspect.tags['%s.report' % engine] = report
+        suspect.tags['%s.score' % engine] = score
+
+
+class PrependerPlugin(BasicPlugin):
+    """Runs before the scanners. Override ``pluginlist(suspect, pluginlist)`` and/or
+    ``appenderlist(suspect, appenderlist)``: return a new list to replace the scanners
+    or appenders for this message, or None to keep them."""
+
+    def pluginlist(self, suspect, pluginlist):
+        return None
+
+    def appenderlist(self, suspect, appenderlist):
+        return None
+
+
+class AppenderPlugin(BasicPlugin):
+    """Runs after the message was delivered or refused (not when it was deferred).
+    Override ``process(suspect, decision)``; the return value is ignored."""
+
+    def process(self, suspect, decision):
+        pass
+
+
+# alias -> module.Class of the bundled plugins ([PluginAlias] in the config adds more)
+PLUGIN_ALIASES = {
+    'archive': 'fuglu_plugins.archive.ArchivePlugin',
+    'attachment': 'fuglu_plugins.attachment.FiletypePlugin',
+    'clamav': 'fuglu_plugins.clamav.ClamavPlugin',
+    'spamassassin': 'fuglu_plugins.spamassassin.SAPlugin',
+    'debug': 'fuglu_plugins.debug.MessageDebugger',
+    'skip': 'fuglu_plugins.skip.PluginSkipper',
+}
+
+# FuGlu's own dotted names of the plugins we bundle, so an existing fuglu.conf that
+# names them loads unchanged.
+UPSTREAM_PLUGIN_NAMES = {
+    'fuglu.plugins.archive.ArchivePlugin': PLUGIN_ALIASES['archive'],
+    'fuglu.plugins.attachment.FiletypePlugin': PLUGIN_ALIASES['attachment'],
+    'fuglu.plugins.clamav.ClamavPlugin': PLUGIN_ALIASES['clamav'],
+    'fuglu.plugins.sa.SAPlugin': PLUGIN_ALIASES['spamassassin'],
+    'fuglu.plugins.p_debug.MessageDebugger': PLUGIN_ALIASES['debug'],
+    'fuglu.plugins.p_skipper.PluginSkipper': PLUGIN_ALIASES['skip'],
+}
+
+PLUGIN_ENTRY_RE = re.compile(r'^([A-Za-z0-9._-]+)(?:\(([A-Za-z0-9._-]+)\))?$')
+
+
+class PluginLoadError(Exception):
+    pass
+
+
+def split_plugin_list(value):
+    """'a, b(sec), c' -> [('a', None), ('b', 'sec'), ('c', None)]"""
+    entries = []
+    for item in parse_list(value):
+        match = PLUGIN_ENTRY_RE.match(item)
+        if not match:
+            raise PluginLoadError('Invalid Plugin Syntax: %r' % item)
+        entries.append((match.group(1), match.group(2)))
+    return entries
+
+
+def add_plugin_dirs(config):
+    """Put the configured plugindir entries in front of the module search path."""
+    for directory in config.getlist('main', 'plugindir'):
+        if os.path.isdir(directory):
+            if directory not in sys.path:
+                sys.path.insert(0, directory)
+        else:
+            logging.getLogger('fuglu.main').warning('plugindir %s does not exist', directory)
+
+
+def resolve_plugin_class(name, config):
+    """Alias or dotted name -> class."""
+    target = None
+    if config.has_section('PluginAlias'):
+        for alias, value in configparser.RawConfigParser.items(config, 'PluginAlias', raw=True):
+            if alias.lower() == name.lower():
+                target = value.strip()
+    if target is None:
+        target = PLUGIN_ALIASES.get(name.lower(), name)
+    target = UPSTREAM_PLUGIN_NAMES.get(target, target)
+    module_name, _, class_name = target.rpartition('.')
+    if not module_name:
+        raise PluginLoadError('%s is neither an alias nor a dotted module.Class name' % name)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:
+        raise PluginLoadError('cannot import %s for plugin %s: %s: %s'
+                              % (module_name, name, error.__class__.__name__, error))
+    try:
+        return getattr(module, class_name)
+    except AttributeError:
+        raise PluginLoadError('module %s has no class %s' % (module_name, class_name))
+
+
+def load_plugins(config, option):
+    """Instantiate the plugins listed in [main] ``option``; raises PluginLoadError."""
+    plugins = []
+    for name, section in split_plugin_list(config.get('main', option)):
+        cls = resolve_plugin_class(name, config)
+        try:
+            plugin = cls(config, section=section) if section else cls(config)
+        except TypeError as error:
+            raise PluginLoadError('cannot create plugin %s: %s' % (name, error))
+        except Exception as error:
+            raise PluginLoadError('plugin %s failed to start: %s: %s'
+                                  % (name, error.__class__.__name__, error))
+        plugins.append(plugin)
+    return plugins
+
+
+def bundled_plugin_classes():
+    """Classes of the bundled plugins that import (for --dump-defaults)."""
+    classes = []
+    for alias in ('debug', 'skip', 'archive', 'attachment', 'clamav', 'spamassassin'):
+        module_name, _, class_name = PLUGIN_ALIASES[alias].rpartition('.')
+        try:
+            classes.append(getattr(importlib.import_module(module_name), class_name))
+        except Exception:
+            continue
+    return classes
+
+
+###############################################################################
+# Scan session
+###############################################################################
+
+class Statistics(object):
+    """Process-wide counters (control command `stats`)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.starttime = time.time()
+        self.incount = self.outcount = 0
+        self.spamcount = self.viruscount = self.blockedcount = self.hamcount = 0
+        self.scantimes = []
+
+    def received(self):
+        with self.lock:
+            self.incount += 1
+
+    def finished(self, suspect, delivered, scantime):
+        with self.lock:
+            if delivered:
+                self.outcount += 1
+            if suspect.is_spam():
+                self.spamcount += 1
+            if suspect.is_virus():
+                self.viruscount += 1
+            if suspect.is_blocked():
+                self.blockedcount += 1
+            if not suspect.is_spam() and not suspect.is_virus():
+                self.hamcount += 1
+            self.scantimes = (self.scantimes + [(time.time(), scantime)])[-100:]
+
+    def report(self):
+        with self.lock:
+            recent = [t for stamp, t in self.scantimes if stamp > time.time() - 300]
+            average = sum(recent) / len(recent) if recent else 0
+            return '\n'.join([
+                'Fuglu statistics', '---------------',
+                'Uptime:\t\t%s' % format_duration(time.time() - self.starttime),
+                'Avg scan time:\t%.4f' % average,
+                'Total msgs:\t%d in:%d out:%d' % (self.incount, self.incount, self.outcount),
+                'Ham:\t\t%d' % self.hamcount, 'Spam:\t\t%d' % self.spamcount,
+                'Virus:\t\t%d' % self.viruscount, 'Block:\t\t%d' % self.blockedcount, ''])
+
+
+def format_duration(seconds):
+    seconds = int(seconds)
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    return '%d days, %d hours, %d minutes, %d seconds' % (days, hours, minutes, seconds)
+
+
+class ScanSession(object):
+    """Runs one message through the plugins (spec 5.1) and finishes it afterwards.
+
+    For connectors: ``scan(suspect)`` -> (action, message) runs prependers, scanners,
+    adds fuglu's headers and logs; ``reply_text(suspect, action, message)`` the text
+    for a refusal; ``finish(suspect, action, delivered)`` updates counters, writes the
+    trash copy and runs the appenders once the MTA has its answer.
+    """
+
+    def __init__(self, controller):
+        self.controller = controller
+        self.config = controller.config
+        self.logger = logging.getLogger('fuglu.SessionHandler')
+
+    def scan(self, suspect):
+        controller = self.controller
+        config = self.config
+        controller.stats.received()
+        if len(suspect.recipients) != 1:
+            self.logger.debug('%s has %d recipients', suspect.id, len(suspect.recipients))
+        scanners = list(controller.plugins)
+        appenders = list(controller.appenders)
+        suspect.tags['appenders'] = appenders
+        for prepender in controller.prependers:
+            if suspect.tags.get('skip_prependers'):
+                break
+            try:
+                result = prepender.pluginlist(suspect, scanners)
+                if result is not None:
+                    self._log_list_change(suspect, prepender, 'scanners', scanners, result)
+                    scanners = list(result)
+                result = prepender.appenderlist(suspect, appenders)
+                if result is not None:
+                    self._log_list_change(suspect, prepender, 'appenders', appenders, result)
+                    appenders = list(result)
+                    suspect.tags['appenders'] = appenders
+            except Exception as error:
+                self._plugin_error(suspect, prepender, error)
+
+        action, message = DUNNO, None
+        scan_start = time.time()
+        for plugin in scanners:
+            started = time.time()
+            try:
+                result = plugin.examine(suspect)
+            except Exception as error:
+                self._plugin_error(suspect, plugin, error)
+                continue
+            code, text = result if isinstance(result, tuple) else (result, None)
+            if code is None:
+                code = DUNNO
+            code, text = self._override(plugin, code, text, suspect)
+            elapsed = time.time() - started
+            suspect.tags['scantimes'].append((plugin.section, elapsed))
+            suspect.tags['decisions'].append((plugin.section, code))
+            suspect.debug('plugin %s: %s %s' % (plugin, actioncode_to_string(code), text or ''))
+            if code == DUNNO:
+                continue
+            if code in (ACCEPT, DELETE, REJECT, DEFER):
+                action, message = code, text
+                if code == DELETE:
+                    self.trash(suspect, plugin)
+                break
+            self.logger.error('%s: plugin %s returned an invalid action %r, treated as DUNNO',
+                              suspect.id, plugin, code)
+        suspect.tags['fuglu.scantime'] = '%.4f' % (time.time() - scan_start)
+        self.add_headers(suspect)
+        template = config.get('main', 'logtemplate')
+        if template:
+            self.logger.info(suspect.log_format(template))
+        return action, message
+
+    def _log_list_change(self, suspect, prepender, what, before, after):
+        removed = [str(p) for p in before if p not in after]
+        added = [str(p) for p in after if p not in before]
+        if removed or added:
+            self.logger.debug('%s: %s changed %s: removed %s added %s',
+                              suspect.id, prepender, what, removed, added)
+
+    def _override(self, plugin, code, text, suspect):
+        section = plugin.section
+        config = self.config
+        if not (config.has_section(section) and
+                configparser.RawConfigParser.has_option(config, section, 'overrideaction')):
+            return code, text
+        override = string_to_actioncode(config.get(section, 'overrideaction'), config)
+        if override is None or override == code:
+            return code, text
+        new_text = config.get(section, 'overridemessage', fallback='').strip() or text
+        self.logger.warning('%s: plugin %s said %s, overridden to %s', suspect.id, plugin,
+                            actioncode_to_string(code), actioncode_to_string(override))
+        return override, new_text
+
+    def _plugin_error(self, suspect, plugin, error):
+        trace = traceback.format_exc()
+        self.logger.error('%s: plugin %s failed: %s: %s', suspect.id, plugin,
+                          error.__class__.__name__, error)
+        self.logger.debug(trace)
+        suspect.tags['processingerrors'].append('plugin %s: %s: %s' % (plugin, error.__class__.__name__, error))
+        self.controller.record_exception(trace)
+
+    def add_headers(self, suspect):
+        config = self.config
+        prefix = config.get('main', 'prependaddedheaders')
+        if config.getboolean('main', 'spamstatusheader'):
+            suspect.add_header(prefix + 'Spamstatus', 'YES' if suspect.is_spam() else 'NO')
+        if config.getboolean('main', 'debuginfoheader'):
+            suspect.add_header(prefix + 'Debuginfo', str(suspect))
+        if config.getboolean('main', 'suspectidheader'):
+            suspect.add_header(prefix + 'Suspect', suspect.id)
+
+    def trash(self, suspect, plugin):
+        trashdir = self.config.get('main', 'trashdir').strip()
+        if not trashdir:
+            return
+        try:
+            os.makedirs(trashdir, exist_ok=True)
+            handle, path = tempfile.mkstemp(prefix=suspect.id, dir=trashdir)
+            with os.fdopen(handle, 'wb') as out:
+                out.write(suspect.get_source())
+            if self.config.getboolean('main', 'trashlog'):
+                with open(os.path.join(trashdir, '00-fuglutrash.log'), 'a') as log:
+                    log.write('%s %s %s %s %s\n' % (
+                        time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), suspect.from_address or '<>',
+                        suspect.to_address, plugin, path))
+        except OSError as error:
+            self.logger.error('%s: could not write trash copy: %s', suspect.id, error)
+
+    def reply_text(self, suspect, action, message):
+        """Text of a DELETE/REJECT/DEFER reply: the plugin's message (a template) or
+        the default, with the id appended when suspectidreturn is on."""
+        defaults = {DELETE: 'OK', REJECT: 'Rejected by content scanner', DEFER: 'Try again later'}
+        text = apply_template(message, suspect) if message else defaults.get(action, '')
+        if self.config.getboolean('main', 'suspectidreturn') and suspect.id not in text:
+            text = '%s (%s)' % (text, suspect.id)
+        return one_line(text)
+
+    def finish(self, suspect, action, delivered):
+        """After the MTA has its answer: counters, appenders (not for deferred mail)."""
+        if action == DEFER or (action in (DUNNO, ACCEPT) and not delivered):
+            self.logger.info('DEFERRED %s', suspect.id)
+            return
+        if action == DELETE:
+            self.logger.info('MESSAGE DELETED: %s', suspect.id)
+        scantime = float(suspect.tags.get('fuglu.scantime', 0))
+        self.controller.stats.finished(suspect, delivered, scantime)
+        if suspect.tags.get('noappenders'):
+            return
+        for appender in suspect.tags.get('appenders', self.controller.appenders):
+            try:
+                appender.process(suspect, action)
+            except Exception as error:
+                self._plugin_error(suspect, appender, error)
+
+
+###############################################################################
+# SMTP machinery shared by the connectors
+###############################################################################
+# One buffered reader (command lines and DATA), one server session base that the smtp
+# and esmtp connectors specialise, and one SMTP client (re-injection, proxying,
+# bounces).
+
+CRLF = b'\r\n'
+DATA_END = b'\r\n.\r\n'
+READ_SIZE = 65536
+
+
+class ConnectionClosed(Exception):
+    """The peer went away (EOF, reset, timeout)."""
+
+
+class LineTooLong(Exception):
+    pass
+
+
+class SocketReader(object):
+    """Buffered reading from a socket: lines (CRLF or LF), and SMTP DATA up to
+    CRLF.CRLF with dot-unstuffing per line (RFC 5321 4.5.2)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = bytearray()
+
+    def has_line(self):
+        return b'\n' in self.buffer
+
+    def _fill(self):
+        try:
+            chunk = self.sock.recv(READ_SIZE)
+        except socket.timeout:
+            raise ConnectionClosed('timeout')
+        except OSError as error:
+            raise ConnectionClosed(str(error))
+        if not chunk:
+            raise ConnectionClosed('EOF')
+        self.buffer += chunk
+
+    def readline(self, limit):
+        """The next line including its line end. A line longer than ``limit`` is read
+        to its end and raises LineTooLong."""
+        start = 0
+        while True:
+            end = self.buffer.find(b'\n', start)
+            if end >= 0:
+                line = bytes(self.buffer[:end + 1])
+                del self.buffer[:end + 1]
+                if len(line) > limit:
+                    raise LineTooLong(len(line))
+                return line
+            start = len(self.buffer)
+            if start > limit:
+                self._discard_line()
+                raise LineTooLong(start)
+            self._fill()
+
+    def _discard_line(self):
+        while True:
+            end = self.buffer.find(b'\n')
+            if end >= 0:
+                del self.buffer[:end + 1]
+                return
+            self.buffer.clear()
+            self._fill()
+
+    def read_data(self, max_size, line_limit):
+        """Message bytes after DATA, unstuffed, terminator removed.
+        Returns (data, None) or (None, problem) where problem is 'size' or 'line' after
+        the rest of the data was read and thrown away. Raises ConnectionClosed when
+        the peer leaves before CRLF.CRLF. Only CRLF.CRLF ends the data: LF.LF,
+        CR.CR and friends are message content (no SMTP smuggling)."""
+        buffer = self.buffer
+        problem = None
+        # The terminator is CRLF.CRLF where the CRLF ends the previous line, or
+        # ".\r\n" right at the start (empty message).
+        if buffer.startswith(b'.\r\n'):
+            del buffer[:3]
+            return b'', None
+        search_from = 0
+        line_start = 0
+        discarded = 0
+        while True:
+            end = buffer.find(DATA_END, search_from)
+            if end >= 0:
+                raw = bytes(buffer[:end + 2])
+                del buffer[:end + 5]
+                break
+            if problem is None:
+                last = buffer.rfind(CRLF, max(search_from - 1, 0))
+                if last >= 0:
+                    line_start = last + 2
+                if line_limit and len(buffer) - line_start > line_limit:
+                    problem = 'line'
+                elif max_size and len(buffer) > max_size + max_size // 100 + 1024:
+                    problem = 'size'
+            if problem is not None and len(buffer) > 8:
+                # keep reading to the terminator, but not storing
+                discarded += len(buffer) - 4
+                del buffer[:-4]
+                line_start = 0
+            search_from = max(len(buffer) - 4, 0)
+            self._fill()
+        if problem is not None:
+            return None, problem
+        if raw.startswith(b'.') or b'\r\n.' in raw:
+            raw = (CRLF + raw).replace(b'\r\n.', CRLF)[2:]
+        if max_size and len(raw) > max_size:
+            return None, 'size'
+        return raw, None
+
+
+def dot_stuff(message):
+    """Message bytes -> DATA payload including the terminating CRLF.CRLF."""
+    if message.startswith(b'.') or b'\n.' in message:
+        message = (CRLF + message).replace(b'\n.', b'\n..')[2:]
+    if not message.endswith(CRLF):
+        message += CRLF
+    return message + b'.\r\n'
+
+
+class SMTPError(Exception):
+    """A negative SMTP reply (from downstream) or a connection problem, carried as the
+    reply fuglu should give its own client."""
+
+    def __init__(self, code, text, temporary_connection_problem=False):
+        super().__init__('%s %s' % (code, text))
+        self.code = code
+        self.text = text
+        self.connection_problem = temporary_connection_problem
+
+
+def read_reply(reader):
+    """(code, [text lines]) of one possibly multi-line SMTP reply."""
+    lines = []
+    while True:
+        line = reader.readline(65536).rstrip(b'\r\n')
+        if len(line) < 3 or not line[:3].isdigit():
+            raise SMTPError(451, '4.3.0 unparsable reply from downstream: %r' % line[:80], True)
+        lines.append(line[4:].decode('utf-8', 'replace'))
+        if len(line) == 3 or line[3:4] != b'-':
+            return int(line[:3]), lines
+
+
+class SMTPClient(object):
+    """One SMTP connection to a downstream server: re-injection, the esmtp proxy and
+    bounces use it. Every failure is raised as SMTPError with the reply fuglu should
+    pass on (connection trouble -> 451)."""
+
+    def __init__(self, host, port, helo, timeout=300, retries=0):
+        self.host, self.port, self.helo = host, int(port), helo
+        self.timeout = timeout
+        self.retries = retries
+        self.sock = None
+        self.reader = None
+        self.extensions = {}   # EHLO keyword (upper) -> parameter string
+
+    def connect(self):
+        last_error = None
+        for attempt in range(max(self.retries, 0) + 1):
+            if attempt:
+                time.sleep(0.1)
+            try:
+                self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+                break
+            except OSError as error:
+                last_error = error
+        else:
+            raise SMTPError(451, '4.4.1 downstream %s:%s unavailable: %s' % (self.host, self.port, last_error),
+                            True)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = SocketReader(self.sock)
+        code, lines = self._reply()
+        if code != 220:
+            self.close()
+            raise SMTPError(code if code >= 400 else 451, ' '.join(lines))
+        return code, lines
+
+    def _reply(self):
+        try:
+            return read_reply(self.reader)
+        except ConnectionClosed as error:
+            self.close()
+            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s' % (self.host, self.port, error),
+                            True)
+        except LineTooLong:
+            self.close()
+            raise SMTPError(451, '4.4.2 downstream reply line too long', True)
+
+    def _send(self, data):
+        try:
+            self.sock.sendall(data)
+        except OSError as error:
+            self.close()
+            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s' % (self.host, self.port, error),
+                            True)
+
+    def command(self, line):
+        """Send one command line (str or bytes, without CRLF) and read its reply."""
+        self._send(force_bString(line) + CRLF)
+        return self._reply()
+
+    def commands(self, lines):
+        """Pipelined (RFC 2920) when the server offers it: all lines, then all replies."""
+        if 'PIPELINING' not in self.extensions:
+            return [self.command(line) for line in lines]
+        self._send(b''.join(force_bString(line) + CRLF for line in lines))
+        return [self._reply() for _ in lines]
+
+    def ehlo(self):
+        code, lines = self.command('EHLO ' + self.helo)
+        if code != 250:
+            code, lines = self.command('HELO ' + self.helo)
+            if code != 250:
+                raise SMTPError(code, ' '.join(lines))
+            self.extensions = {}
+            return
+        self.extensions = {}
+        for line in lines[1:]:
+            keyword, _, params = line.partition(' ')
+            self.extensions[keyword.upper()] = params
+
+    def xforward(self, attributes):
+        """Send the attributes the server accepts (XFORWARD_README), in lines < 512."""
+        offered = set(self.extensions.get('XFORWARD', '').upper().split())
+        items = ['%s=%s' % (name, value) for name, value in attributes.items() if name in offered]
+        line = 'XFORWARD'
+        lines = []
+        for item in items:
+            if len(line) + len(item) + 1 > 500:
+                lines.append(line)
+                line = 'XFORWARD'
+            line += ' ' + item
+        if line != 'XFORWARD':
+            lines.append(line)
+        for line in lines:
+            code, text = self.command(line)
+            if code != 250:
+                raise SMTPError(code, ' '.join(text))
+
+    def data(self, message):
+        """DATA + message; returns (code, text) of the final reply."""
+        code, lines = self.command('DATA')
+        if code != 354:
+            return code, ' '.join(lines)
+        self._send(dot_stuff(message))
+        code, lines = self._reply()
+        return code, ' '.join(lines)
+
+    def rset(self):
+        try:
+            self.command('RSET')
+        except SMTPError:
+            self.close()
+
+    def quit(self):
+        if self.sock is None:
+            return
+        try:
+            self._send(b'QUIT\r\n')
+            self._reply()
+        except SMTPError:
+            pass
+        self.close()
+
+    def close(self):
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        self.sock = None
+
+    @property
+    def connected(self):
+        return self.sock is not None
+
+
+_helo_name = None
+
+
+def outgoing_helo(config):
+    """EHLO name for re-injection and bounces: outgoinghelo, else this host's name
+    (no DNS lookup)."""
+    configured = resolve_env_marker(config.get('main', 'outgoinghelo').strip())
+    if configured:
+        return configured.lower()
+    global _helo_name
+    if _helo_name is None:
+        _helo_name = socket.gethostname().lower() or 'localhost'
+    return _helo_name
+
+
+def outgoing_target(config, peer_ip=None, bounce=False):
+    host = config.get('main', 'bouncehost').strip() if bounce else ''
+    host = host or config.get('main', 'outgoinghost').strip()
+    if host == '${injecthost}':
+        host = peer_ip or '127.0.0.1'
+    else:
+        host = resolve_env_marker(host)
+    port = config.get('main', 'bounceport').strip() if bounce else ''
+    port = int(port) if port and port != '0' else config.getint('main', 'outgoingport')
+    return host, port
+
+
+QUEUE_ID_RE = re.compile(r'(?:queued as|ok, queued as)\s+([A-Za-z0-9]{6,20})', re.IGNORECASE)
+
+
+def record_inject_result(suspect, code, text):
+    suspect.tags['injectcode'] = code
+    suspect.tags['injectanswer'] = text
+    suspect.tags['injectmessage'] = text
+    match = QUEUE_ID_RE.search(text or '')
+    if match:
+        suspect.tags['injectqueueid'] = match.group(1)
+
+
+def send_bounce(config, suspect, recipient, message_bytes):
+    """Deliver a generated message (a bounce) with the null sender to
+    bouncehost:bounceport. Returns the downstream queue id, or None when bounces are
+    off for this message or recipient. Raises SMTPError on delivery failure."""
+    logger = logging.getLogger('fuglu.bouncer')
+    if suspect is not None and suspect.tags.get('nobounce'):
+        logger.info('%s: no bounce (tag nobounce)', suspect.id)
+        return None
+    if config.getboolean('main', 'disablebounces'):
+        logger.info('%s: no bounce (disablebounces)', suspect.id if suspect else '-')
+        return None
+    domain = split_address(recipient)[1].lower()
+    nobouncefile = config.get('main', 'nobouncefile')
+    try:
+        with open(nobouncefile) as handle:
+            if domain in {line.strip().lower() for line in handle if line.strip() and not line.startswith('#')}:
+                logger.info('no bounce to %s (listed in %s)', recipient, nobouncefile)
+                return None
+    except OSError:
+        pass
+    host, port = outgoing_target(config, bounce=True)
+    client = SMTPClient(host, port, outgoing_helo(config), timeout=config.getint('main', 'smtptimeout'))
+    client.connect()
+    try:
+        client.ehlo()
+        for line, expected in (('MAIL FROM:<>', 250), ('RCPT TO:<%s>' % recipient, 250)):
+            code, text = client.command(line)
+            if code != expected:
+                raise SMTPError(code, ' '.join(text))
+        code, text = client.data(message_bytes)
+        if code != 250:
+            raise SMTPError(code, text)
+    finally:
+        client.quit()
+    match = QUEUE_ID_RE.search(text)
+    logger.info('%s: bounce sent to %s: %s', suspect.id if suspect else '-', recipient, text)
+    return match.group(1) if match else None
+
+
+# Envelope address checks (spec 5.4)
+def address_is_valid(address, checker='Default', maxsize=64):
+    if checker == 'NoCheck':
+        return True
+    if address.lower() == 'postmaster':
+        return True
+    local, sep, domain = address.rpartition('@')
+    if checker in ('AsciiOnly', 'PrintableAsciiOnly'):
+        allowed = (lambda c: 32 < ord(c) < 127) if checker == 'PrintableAsciiOnly' else (lambda c: ord(c) < 128)
+        if not all(allowed(c) for c in address):
+            return False
+        if '@' in local and not (local.startswith('"') and local.endswith('"')):
+            return False
+        return bool(sep and local and domain) and len(local) <= maxsize
+    if not sep or not domain or not local or len(local) > 64:
+        return False
+    if '@' in local:
+        return checker == 'LazyLocalPart' and local.startswith('"') and local.endswith('"')
+    bare = local.strip('"')
+    return not (bare.startswith('.') or bare.endswith('.'))
+
+
+MAIL_PATH_RE = re.compile(r'^\s*<([^<>]*)>\s*(.*)$')
+
+
+def parse_path_argument(argument, keyword):
+    """'FROM:<a@b> SIZE=1' -> ('a@b', ['SIZE=1']); ValueError on bad syntax."""
+    head, sep, rest = argument.partition(':')
+    if not sep or head.strip().upper() != keyword:
+        raise ValueError('syntax: %s:<address>' % keyword)
+    match = MAIL_PATH_RE.match(rest)
+    if match:
+        address, params = match.group(1), match.group(2)
+    else:
+        # be liberal with clients that forget the brackets
+        parts = rest.strip().split()
+        if not parts:
+            raise ValueError('missing address')
+        address, params = parts[0], ' '.join(parts[1:])
+    if ':' in address and address.startswith('@'):
+        address = address.split(':', 1)[1]   # source route (RFC 5321 C.)
+    return address.strip(), params.split()
+
+
+def xtext_decode(value):
+    return re.sub(r'\+([0-9A-Fa-f]{2})', lambda m: chr(int(m.group(1), 16)), value)
+
+
+class SMTPServerSession(object):
+    """The server side of one SMTP connection, shared by the smtp and esmtp
+    connectors.
+
+    Commands dispatch by name to ``smtp_<VERB>(argument)``; a subclass adds or
+    replaces verbs. Replies are collected while more pipelined input is waiting and
+    written in one go (RFC 2920).
+
+    Attributes for subclasses: connector, config, sock, peer (ip, port), reader,
+    helo, xforward (dict of raw attributes), sender, recipients, mail_params,
+    rcpt_params (list per recipient), in_transaction.
+    """
+
+    MAX_ERRORS = 20
+    UNIMPLEMENTED = ('EXPN', 'TURN', 'ETRN', 'STARTTLS', 'AUTH', 'BDAT', 'HELP', 'SEND', 'SOML', 'SAML')
+
+    def __init__(self, connector, sock, peer):
+        self.connector = connector
+        self.controller = connector.controller
+        self.config = connector.controller.config
+        self.logger = connector.logger
+        self.sock = sock
+        self.peer = peer
+        self.reader = SocketReader(sock)
+        self.pending = []
+        self.closing = False
+        self.errors = 0
+        self.helo = None
+        self.esmtp = False
+        self.xforward = {}
+        self.command_limit = self.config.getint('main', 'smtp_command_line_limit')
+        self.max_size = self.config.getint('main', 'smtp_max_message_size')
+        self.data_line_limit = self.config.getint('main', 'smtp_data_line_limit')
+        self.trusted = connector.peer_is_trusted(peer[0])
+        self.reset()
+
+    def reset(self):
+        self.sender = None
+        self.recipients = []
+        self.rcpt_params = []
+        self.mail_params = []
+        self.rcpt_attempts = 0
+        self.in_transaction = False
+
+    # -- output ---------------------------------------------------------------
+    def reply(self, code, text):
+        """Queue a reply; multi-line if text is a list."""
+        lines = text if isinstance(text, list) else [text]
+        out = []
+        for index, line in enumerate(lines):
+            sep = ' ' if index == len(lines) - 1 else '-'
+            out.append(('%d%s%s\r\n' % (code, sep, line)).encode('utf-8', 'replace'))
+        self.pending.append(b''.join(out))
+
+    def flush(self):
+        if self.pending:
+            data = b''.join(self.pending)
+            self.pending = []
+            try:
+                self.sock.sendall(data)
+            except OSError as error:
+                raise ConnectionClosed(str(error))
+
+    # -- main loop ------------------------------------------------------------
+    def run(self):
+        try:
+            self.reply(220, self.banner())
+            while not self.closing:
+                if not self.reader.has_line():
+                    self.flush()
+                try:
+                    line = self.reader.readline(self.command_limit)
+                except LineTooLong:
+                    self.reply(500, '5.5.2 Command line exceeds %d octets (configured limit '
+                                    'smtp_command_line_limit)' % self.command_limit)
+                    self.logger.warning('%s: command line too long, closing', self.peer_label())
+                    self.flush()
+                    return
+                self.dispatch(line)
+            self.flush()
+        except ConnectionClosed as why:
+            self.logger.debug('%s: connection closed: %s', self.peer_label(), why)
+        finally:
+            self.cleanup()
+
+    def dispatch(self, line):
+        text = line.rstrip(b'\r\n')
+        if b'\0' in text:
+            return self.error(500, '5.5.2 Error: NUL character in command')
+        command = text.decode('utf-8', 'surrogateescape')
+        verb, _, argument = command.partition(' ')
+        verb = verb.upper()
+        handler = getattr(self, 'smtp_' + verb, None) if verb.isalpha() else None
+        if handler is not None:
+            return handler(argument.strip())
+        if verb in self.UNIMPLEMENTED:
+            return self.error(502, '5.5.1 Error: command not implemented')
+        self.logger.info('%s: unknown command %r', self.peer_label(), command[:60])
+        return self.error(500, '5.5.2 Error: command not recognized')
+
+    def error(self, code, text):
+        self.errors += 1
+        if self.errors >= self.MAX_ERRORS:
+            self.reply(421, '4.7.0 Error: too many errors')
+            self.closing = True
+            self.logger.warning('%s: too many errors, closing', self.peer_label())
+            return
+        self.reply(code, text)
+
+    def peer_label(self):
+        return '%s:%s' % self.peer[:2] if self.peer else 'unknown'
+
+    def banner(self):
+        return 'fuglu scanner ready '
+
+    def cleanup(self):
+        pass
+
+    # -- commands every SMTP server has ---------------------------------------
+    def extensions(self):
+        items = ['PIPELINING']
+        if self.max_size:
+            items.append('SIZE %d' % self.max_size)
+        else:
+            items.append('SIZE')
+        items += ['8BITMIME', 'SMTPUTF8', 'DSN']
+        if self.trusted:
+            items.append('XFORWARD NAME ADDR PROTO HELO SOURCE PORT IDENT')
+        return items
+
+    def smtp_EHLO(self, argument):
+        if not argument:
+            return self.error(501, '5.5.4 Syntax: EHLO hostname')
+        self.helo, self.esmtp = argument, True
+        self.reset()
+        self.reply(250, [outgoing_helo(self.config)] + self.extensions())
+
+    def smtp_HELO(self, argument):
+        if not argument:
+            return self.error(501, '5.5.4 Syntax: HELO hostname')
+        self.helo, self.esmtp = argument, False
+        self.reset()
+        self.reply(250, outgoing_helo(self.config))
+
+    def smtp_NOOP(self, argument):
+        self.reply(250, '2.0.0 Ok')
+
+    def smtp_RSET(self, argument):
+        self.reset()
+        self.reply(250, '2.0.0 Ok')
+
+    def smtp_QUIT(self, argument):
+        self.reply(221, '2.0.0 Bye')
+        self.closing = True
+
+    def smtp_VRFY(self, argument):
+        self.reply(252, '2.5.2 Cannot VRFY user')
+
+    def smtp_XFORWARD(self, argument):
+        # XFORWARD_README: only from authorised clients, never inside a transaction
+        if not self.trusted:
+            return self.error(550, '5.7.0 Error: insufficient authorization')
+        if self.in_transaction:
+            return self.error(503, '5.5.1 Error: MAIL transaction in progress')
+        attributes = {}
+        for item in argument.split():
+            name, sep, value = item.partition('=')
+            name = name.upper()
+            if not sep or name not in ('NAME', 'ADDR', 'PROTO', 'HELO', 'SOURCE', 'PORT', 'IDENT'):
+                return self.error(501, '5.5.4 Syntax: XFORWARD attribute=value...')
+            if len(xtext_decode(value)) > 255:
+                return self.error(501, '5.5.4 Error: %s value too long' % name)
+            attributes[name] = value
+        if not attributes:
+            return self.error(501, '5.5.4 Syntax: XFORWARD attribute=value...')
+        self.xforward.update(attributes)
+        self.reply(250, '2.0.0 Ok')
+
+    def smtp_HCHK(self, argument):
+        self.logger.info('HEALTHCHECK %s from %s', self.connector.protocol, self.peer_label())
+        self.reply(250, 'healthcheck')
+        self.closing = True
+
+    # -- envelope parsing shared by smtp and esmtp -----------------------------
+    def parse_mail(self, argument):
+        """Checks and parses MAIL; queues an error reply and returns None on failure."""
+        if self.helo is None:
+            return self.error(503, '5.5.1 Error: send HELO/EHLO first')
+        if self.in_transaction:
+            return self.error(503, '5.5.1 Error: nested MAIL command')
+        try:
+            address, params = parse_path_argument(argument, 'FROM')
+        except ValueError as error:
+            return self.error(501, '5.5.4 Syntax error in MAIL: %s' % error)
+        for param in params:
+            name, _, value = param.partition('=')
+            if name.upper() == 'SIZE':
+                if not value.isdigit():
+                    return self.error(501, '5.5.4 Bad SIZE parameter')
+                if self.max_size and int(value) > self.max_size:
+                    return self.error(552, '5.3.4 Message size %s exceeds fixed maximum message size %d '
+                                          '(configured limit smtp_max_message_size)' % (value, self.max_size))
+        return address, params
+
+    def parse_rcpt(self, argument):
+        if not self.in_transaction:
+            return self.error(503, '5.5.1 Error: need MAIL command')
+        try:
+            address, params = parse_path_argument(argument, 'TO')
+        except ValueError as error:
+            return self.error(501, '5.5.4 Syntax error in RCPT: %s' % error)
+        if not address:
+            return self.error(501, '5.1.3 Bad recipient address syntax')
+        return address, params
+
+    def receive_data(self):
+        """After DATA was accepted: read the message. Returns bytes, or None when a
+        limit was exceeded (the reply is queued)."""
+        self.reply(354, 'End data with <CR><LF>.<CR><LF>')
+        self.flush()
+        data, problem = self.reader.read_data(self.max_size, self.data_line_limit)
+        if problem == 'size':
+            self.logger.warning('%s: message over smtp_max_message_size refused', self.peer_label())
+            self.reply(552, '5.3.4 Message size exceeds fixed maximum message size %d (configured limit '
+                            'smtp_max_message_size)' % self.max_size)
+        elif problem == 'line':
+            self.logger.warning('%s: message with a line over smtp_data_line_limit refused', self.peer_label())
+            self.reply(552, '5.3.4 Line in message exceeds %d octets (configured limit smtp_data_line_limit) '
+                            '- fold long headers or reduce message size' % self.data_line_limit)
+        return data
+
+    def clientinfo(self):
+        """(helo, ip, rdns) of the original client from XFORWARD, else None."""
+        if not self.xforward:
+            return None
+        name = xtext_decode(self.xforward.get('NAME', ''))
+        addr = xtext_decode(self.xforward.get('ADDR', ''))
+        helo = xtext_decode(self.xforward.get('HELO', ''))
+        if addr.upper().startswith('IPV6:'):
+            addr = addr[5:]
+        if addr.upper() == '[UNAVAILABLE]':
+            return None
+        if name.upper() == '[UNAVAILABLE]' or not name:
+            name = 'unknown'
+        if helo.upper() == '[UNAVAILABLE]':
+            helo = ''
+        return helo, addr, name
+
+    def smtp_options(self):
+        return {p.upper() for p in self.mail_params if p.upper() in ('SMTPUTF8', 'BODY=8BITMIME')}
+
+    def build_suspect(self, data):
+        """A Suspect from the finished transaction, or None (reply queued) when the
+        envelope fails the address checks."""
+        config = self.config
+        checker = config.get('main', 'address_compliance_checker')
+        maxsize = config.getint('main', 'address_compliance_checker_maxsize')
+        addresses = ([self.sender] if self.sender else []) + list(self.recipients)
+        if not all(address_is_valid(a, checker, maxsize) for a in addresses):
+            action = config.get('main', 'address_compliance_fail_action').strip().lower()
+            text = one_line(config.get('main', 'address_compliance_fail_message'))
+            self.logger.warning('%s: invalid envelope address in %s, action %s', self.peer_label(),
+                                addresses, action)
+            code = {'reject': 550, 'discard': 250}.get(action, 451)
+            self.reply(code, text)
+            return None
+        suspect = Suspect(self.sender, list(self.recipients), inbuffer=data,
+                          queue_id=xtext_decode(self.xforward.get('IDENT', '')) or None,
+                          smtp_options=self.smtp_options(), clientinfo=self.clientinfo())
+        suspect.tags['incomingport'] = self.connector.port
+        self.logger.info('%s from=%s, nrec=%d, size=%d, client=%s, queueid=%s', suspect.id,
+                         suspect.from_address or '<>', len(suspect.recipients), suspect.size,
+                         suspect.clientinfo[1] if suspect.clientinfo else self.peer[0], suspect.queue_id)
+        return suspect
+
+
+###############################################################################
+# Connectors
+###############################################################################
+
+class Connector(object):
+    """Base of the protocol adapters registered in CONNECTORS.
+
+    Contract: the daemon creates one connector per incomingport entry and calls
+    ``handle(sock, peer)`` in a worker for every accepted connection. ``handle`` runs
+    the whole connection, closes the socket and never raises.
+    Class attributes to override: ``protocol`` (the incomingport name).
+    Instance attributes: controller, address, port, logger
+    (``fuglu.incoming.<port>``).
+    """
+
+    protocol = None
+
+    def __init__(self, controller, address, port):
+        self.controller = controller
+        self.address = address
+        self.port = port
+        self.logger = logging.getLogger('fuglu.incoming.%s' % port)
+
+    @property
+    def config(self):
+        return self.controller.config
+
+    def peer_is_trusted(self, ip):
+        networks = self.controller.trusted_networks
+        return networks is None or ip_in_networks(ip, networks)
+
+    def handle(self, sock, peer):
+        try:
+            sock.settimeout(self.config.getint('main', 'smtptimeout'))
+            self.serve(sock, peer)
+        except Exception:
+            self.logger.error('connection from %s:%s failed: %s', peer[0], peer[1], traceback.format_exc())
+            self.controller.record_exception(traceback.format_exc())
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def serve(self, sock, peer):
+        raise NotImplementedError
+
+
+class AfterQueueSession(SMTPServerSession):
+    """The `smtp` connector: Postfix's content_filter talks to us, we scan and
+    re-inject to outgoinghost:outgoingport, and answer Postfix only after the
+    downstream's final reply.
+
+    Recipients are checked downstream at RCPT time: each RCPT is forwarded right
+    away and the downstream's verdict is what Postfix sees for that recipient, so a
+    refused recipient is deferred or bounced by Postfix itself and never silently
+    dropped. (If a plugin changes the envelope, it is sent again at delivery; a
+    refusal then defers the whole message.)
+    """
+
+    def __init__(self, connector, sock, peer):
+        super().__init__(connector, sock, peer)
+        self.downstream = None
+
+    def cleanup(self):
+        if self.downstream is not None:
+            self.downstream.quit()
+            self.downstream = None
+
+    def open_downstream(self):
+        """A connected, greeted downstream client (reused across transactions)."""
+        if self.downstream is not None and self.downstream.connected:
+            return self.downstream
+        config = self.config
+        host, port = outgoing_target(config, self.peer[0])
+        client = SMTPClient(host, port, outgoing_helo(config), timeout=config.getint('main', 'smtptimeout'),
+                            retries=config.getint('main', 'outgoingretry'))
+        client.connect()
+        client.ehlo()
+        self.downstream = client
+        return client
+
+    def downstream_params(self, params, size=None):
+        """MAIL/RCPT parameters the downstream understands (SIZE rewritten)."""
+        offered = self.downstream.extensions
+        kept = []
+        for param in params:
+            name = param.partition('=')[0].upper()
+            if name == 'SIZE':
+                if 'SIZE' in offered:
+                    kept.append('SIZE=%d' % size if size is not None else param)
+            elif name == 'BODY' and '8BITMIME' in offered:
+                kept.append(param)
+            elif name == 'SMTPUTF8' and 'SMTPUTF8' in offered:
+                kept.append(param)
+            elif name in ('RET', 'ENVID', 'NOTIFY', 'ORCPT') and 'DSN' in offered:
+                kept.append(param)
+        return kept
+
+    def start_downstream_transaction(self, sender, params, size=None):
+        client = self.open_downstream()
+        if self.xforward and 'XFORWARD' in client.extensions:
+            client.xforward(self.xforward)
+        line = 'MAIL FROM:<%s>' % sender
+        kept = self.downstream_params(params, size)
+        if kept:
+            line += ' ' + ' '.join(kept)
+        code, text = client.command(line)
+        if code != 250:
+            raise SMTPError(code, ' '.join(text))
+
+    def smtp_MAIL(self, argument):
+        parsed = self.parse_mail(argument)
+        if parsed is None:
+            return
+        sender, params = parsed
+        try:
+            self.start_downstream_transaction(sender, params)
+        except SMTPError as error:
+            self.logger.warning('%s: MAIL FROM:<%s> not accepted downstream: %s', self.peer_label(), sender, error)
+            return self.reply(error.code, error.text)
+        self.sender, self.mail_params, self.in_transaction = sender, params, True
+        self.reply(250, '2.1.0 Ok')
+
+    def smtp_RCPT(self, argument):
+        parsed = self.parse_rcpt(argument)
+        if parsed is None:
+            return
+        address, params = parsed
+        self.rcpt_attempts += 1
+        line = 'RCPT TO:<%s>' % address
+        kept = self.downstream_params(params)
+        if kept:
+            line += ' ' + ' '.join(kept)
+        try:
+            code, text = self.downstream.command(line)
+        except SMTPError as error:
+            code, text = error.code, [error.text]
+        if code not in (250, 251):
+            self.logger.info('%s: recipient <%s> refused downstream: %s %s', self.peer_label(), address, code,
+                             ' '.join(text))
+            return self.reply(code, text)
+        self.recipients.append(address)
+        self.rcpt_params.append(params)
+        self.reply(250, '2.1.5 Ok')
+
+    def smtp_RSET(self, argument):
+        if self.in_transaction and self.downstream is not None:
+            self.downstream.rset()
+        super().smtp_RSET(argument)
+
+    def smtp_DATA(self, argument):
+        if not self.in_transaction:
+            return self.error(503, '5.5.1 Error: need MAIL command')
+        if not self.recipients:
+            if self.rcpt_attempts:
+                return self.error(554, '5.5.1 Error: no valid recipients')
+            return self.error(503, '5.5.1 Error: need RCPT command')
+        data = self.receive_data()
+        if data is not None:
+            self.process_message(data)
+        if self.in_transaction and self.downstream is not None and self.downstream.connected:
+            self.downstream.rset()   # no-op after a completed delivery; aborts otherwise
+        self.reset()
+
+    def process_message(self, data):
+        suspect = self.build_suspect(data)
+        if suspect is None:
+            return
+        session = ScanSession(self.controller)
+        action, delivered = DEFER, False
+        try:
+            action, message = session.scan(suspect)
+            if action in (DUNNO, ACCEPT):
+                code, text, delivered = self.deliver(suspect)
+                self.reply(code, text)
+            else:
+                self.reply(*self.refusal_reply(session, suspect, action, message))
+        except Exception:
+            trace = traceback.format_exc()
+            self.logger.error('%s: processing failed, deferring: %s', suspect.id, trace)
+            self.controller.record_exception(trace)
+            action, delivered = DEFER, False
+            self.reply(451, '4.3.0 internal problem - message deferred (%s)' % suspect.id)
+        self.flush_quietly()
+        session.finish(suspect, action, delivered)
+
+    def flush_quietly(self):
+        try:
+            self.flush()
+        except ConnectionClosed:
+            self.closing = True
+
+    def refusal_reply(self, session, suspect, action, message):
+        text = session.reply_text(suspect, action, message)
+        if action == DELETE:
+            self.in_transaction = bool(self.downstream)   # abort the downstream side
+            return 250, text
+        if action == REJECT:
+            return 550, ensure_enhanced(text, '5.7.1')
+        return 451, ensure_enhanced(text, '4.7.1')
+
+    def deliver(self, suspect):
+        """Re-inject; returns (code, text, delivered) for Postfix."""
+        template = self.config.get('smtpconnector', 'requeuetemplate')
+        if suspect.tags.get('noreinject'):
+            record_inject_result(suspect, 250, 'message not re-injected by plugin request')
+            return 250, one_line(apply_template(template, suspect, {'injectanswer': suspect.tags['injectanswer']})), True
+        message = suspect.get_output_source()
+        try:
+            if suspect.from_address != self.sender or suspect.recipients != self.recipients:
+                self.redo_envelope(suspect, len(message))
+            code, text = self.downstream.data(message)
+        except SMTPError as error:
+            self.logger.warning('%s: re-injection failed: %s', suspect.id, error)
+            if self.downstream is not None:
+                self.downstream.close()
+            code, text = (451 if error.connection_problem else error.code), error.text
+        record_inject_result(suspect, code, text)
+        if code == 250:
+            self.in_transaction = False
+            self.logger.info('%s: re-injected: %s', suspect.id, text)
+            return 250, one_line(apply_template(template, suspect, {'injectanswer': text})), True
+        self.logger.warning('%s: downstream refused the message: %s %s', suspect.id, code, text)
+        if code < 400:
+            code = 451
+        return code, one_line('%s (%s)' % (text, suspect.id) if suspect.id not in text else text), False
+
+    def redo_envelope(self, suspect, size):
+        """A plugin changed sender or recipients: send the envelope again."""
+        self.downstream.rset()
+        if not self.downstream.connected:
+            raise SMTPError(451, '4.4.2 downstream connection lost', True)
+        self.start_downstream_transaction(suspect.from_address, self.mail_params, size)
+        for recipient in suspect.recipients:
+            code, text = self.downstream.command('RCPT TO:<%s>' % recipient)
+            if code not in (250, 251):
+                raise SMTPError(451, '4.7.1 changed recipient <%s> refused downstream: %s %s'
+                                % (recipient, code, ' '.join(text)))
+
+
+def ensure_enhanced(text, enhanced):
+    """Prefix an enhanced status code unless the text already starts with one of
+    the same class."""
+    if re.match(r'^[245]\.\d{1,3}\.\d{1,3}\b', text) and text[0] == enhanced[0]:
+        return text
+    return '%s %s' % (enhanced, text)
+
+
+class SMTPConnector(Connector):
+    """After-queue content filter (Postfix content_filter)."""
+    protocol = 'smtp'
+    session_class = AfterQueueSession
+
+    def serve(self, sock, peer):
+        self.session_class(self, sock, peer).run()
+
+
+CONNECTORS = {
+    'smtp': SMTPConnector,
+}
+
+
+###############################################################################
+# Backends
+###############################################################################
+
+class Backend(object):
+    """Runs connection handlers. Contract: ``start()``, ``submit(function, *args)``
+    (may block when saturated: that is the back-pressure on the accept loop),
+    ``stop()``, ``reconfigure(config)``, ``describe()`` -> str for the control socket.
+    """
+
+    name = None
+
+    def __init__(self, config):
+        self.config = config
+
+    def start(self):
+        pass
+
+    def submit(self, function, *args):
+        raise NotImplementedError
+
+    def stop(self):
+        pass
+
+    def reconfigure(self, config):
+        self.config = config
+
+    def describe(self):
+        return ''
+
+
+class ThreadBackend(Backend):
+    """A pool of worker threads between [performance] minthreads and maxthreads
+    (FuGlu's semantics). A worker is started when a task arrives and nobody is idle;
+    idle workers above minthreads (and minfreethreads) end after a second without
+    work. The task queue holds 10 x maxthreads entries."""
+
+    name = 'thread'
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.lock = threading.Lock()
+        self.workers = {}          # thread -> state string
+        self.idle = 0
+        self.running = False
+        self._read_limits(config)
+        self.tasks = queue.Queue(maxsize=10 * self.maxthreads)
+        self.logger = logging.getLogger('fuglu.threadpool')
+
+    def _read_limits(self, config):
+        self.minthreads = max(1, config.getint('performance', 'minthreads'))
+        self.maxthreads = max(self.minthreads, config.getint('performance', 'maxthreads'))
+        self.minfreethreads = max(0, config.getint('performance', 'minfreethreads'))
+
+    def reconfigure(self, config):
+        super().reconfigure(config)
+        with self.lock:
+            self._read_limits(config)
+
+    def start(self):
+        self.running = True
+        for _ in range(max(self.minthreads, self.minfreethreads)):
+            self._spawn()
+
+    def _spawn(self):
+        # called with self.lock held or before start-up finishes
+        worker = threading.Thread(target=self._work, name='worker-%d' % (len(self.workers) + 1))
+        worker.daemon = True
+        self.workers[worker] = 'created'
+        self.idle += 1
+        worker.start()
+
+    def submit(self, function, *args):
+        with self.lock:
+            if self.idle <= self.tasks.qsize() and len(self.workers) < self.maxthreads:
+                self._spawn()
+        self.tasks.put((function, args))
+
+    def _work(self):
+        me = threading.current_thread()
+        while self.running:
+            self.workers[me] = 'waiting for task'
+            try:
+                task = self.tasks.get(timeout=1)
+            except queue.Empty:
+                with self.lock:
+                    busy = len(self.workers) - self.idle
+                    if len(self.workers) > self.minthreads and self.idle - 1 >= self.minfreethreads \
+                            and busy < len(self.workers):
+                        self.idle -= 1
+                        del self.workers[me]
+                        return
+                continue
+            if task is None:
+                break
+            function, args = task
+            with self.lock:
+                self.idle -= 1
+            self.workers[me] = 'processing'
+            try:
+                function(*args)
+            except Exception:
+                self.logger.error('task failed: %s', traceback.format_exc())
+            finally:
+                with self.lock:
+                    self.idle += 1
+                self.workers[me] = 'task completed'
+        with self.lock:
+            self.idle -= 1
+            self.workers.pop(me, None)
+
+    def stop(self):
+        self.running = False
+        # tasks never started: their connections get a temporary failure
+        while True:
+            try:
+                task = self.tasks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                refuse_queued_connection(*task[1][:1])
+        for _ in list(self.workers):
+            try:
+                self.tasks.put_nowait(None)
+            except queue.Full:
+                break
+
+    def describe(self):
+        states = list(self.workers.items())
+        lines = ['Total %d worker threads' % len(states)]
+        for thread, state in states:
+            lines.append('*******')
+            lines.append('<[%s]>: %s' % (thread.name, state))
+        return '\n'.join(lines)
+
+
+def refuse_queued_connection(sock):
+    try:
+        sock.sendall(b'421 4.3.2 Temporarily unavailable... Please try again later.\r\n')
+        sock.close()
+    except (OSError, AttributeError):
+        pass
+
+
+BACKENDS = {
+    'thread': ThreadBackend,
+}
+
+
+###############################################################################
+# Listeners
+###############################################################################
+
+def parse_incomingport(entry, bindaddress):
+    """'10025' | 'proto:port' | 'proto:addr:port' -> (proto, addr, port)."""
+    parts = entry.strip().split(':')
+    if len(parts) == 1:
+        protocol, address, port = 'smtp', bindaddress, parts[0]
+    elif len(parts) == 2:
+        protocol, address, port = parts[0], bindaddress, parts[1]
+    elif len(parts) == 3:
+        protocol, address, port = parts
+    else:
+        raise ValueError('too many ":" in incomingport entry %r' % entry)
+    protocol = protocol.strip().lower()
+    if not port.strip().isdigit() or not 0 < int(port) < 65536:
+        raise ValueError('invalid port in incomingport entry %r' % entry)
+    return protocol, address.strip() or bindaddress, int(port)
+
+
+class Listener(object):
+    """One listening socket with its accept thread; accepted connections go to the
+    backend, which runs ``connector.handle``."""
+
+    def __init__(self, controller, connector, backlog):
+        self.controller = controller
+        self.connector = connector
+        self.logger = logging.getLogger('fuglu.incoming.%s' % connector.port)
+        family = socket.AF_INET6 if ':' in connector.address else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((connector.address, connector.port))
+        self.sock.listen(backlog if backlog > 0 else socket.SOMAXCONN)
+        self.stay_alive = True
+        self.thread = threading.Thread(target=self.serve, name='listener-%s' % connector.port)
+        self.thread.daemon = True
+
+    def start(self):
+        self.thread.start()
+
+    def serve(self):
+        warn_ms = self.controller.config.getint('performance', 'slow_enqueue_warn_ms')
+        while self.stay_alive:
+            try:
+                sock, peer = self.sock.accept()
+            except OSError:
+                if self.stay_alive:
+                    self.logger.error('accept failed: %s', traceback.format_exc())
+                    time.sleep(0.1)
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            started = time.time()
+            self.controller.backend.submit(self.connector.handle, sock, peer)
+            waited = (time.time() - started) * 1000
+            if warn_ms and waited > warn_ms:
+                self.logger.warning('handing a connection to the workers took %d ms: all busy?', waited)
+
+    def stop(self):
+        self.stay_alive = False
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+###############################################################################
+# Control server
+###############################################################################
+
+class ControlServer(object):
+    """The control socket (spec 7.1): one command per connection, a text reply.
+    Commands: stats, uptime, workerlist, threadlist, exceptionlist. A unix socket is
+    created with mode 0600 from the start; a TCP port needs controltoken unless it is
+    bound to loopback. There is no remote Python console."""
+
+    def __init__(self, controller):
+        self.controller = controller
+        config = controller.config
+        self.logger = logging.getLogger('fuglu.control')
+        self.spec = config.get('main', 'controlport').strip()
+        self.token = config.get('main', 'controltoken').strip()
+        self.unix_path = None
+        if self.spec.isdigit():
+            address = config.get('main', 'controladdress').strip() or '127.0.0.1'
+            is_loopback = address in ('localhost',) or ipaddress.ip_address(address).is_loopback
+            if not is_loopback and not self.token:
+                raise ConfigProblem('controlport %s on %s needs controltoken' % (self.spec, address))
+            family = socket.AF_INET6 if ':' in address else socket.AF_INET
+            self.sock = socket.socket(family, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((address, int(self.spec)))
+        else:
+            self.unix_path = self.spec
+            if os.path.exists(self.unix_path):
+                os.unlink(self.unix_path)
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old_umask = os.umask(0o177)
+            try:
+                self.sock.bind(self.unix_path)
+            finally:
+                os.umask(old_umask)
+        self.sock.listen(16)
+        self.thread = threading.Thread(target=self.serve, name='control')
+        self.thread.daemon = True
+        self.running = True
+
+    def start(self):
+        self.thread.start()
+
+    def serve(self):
+        while self.running:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                if not self.running:
+                    return
+                continue
+            try:
+                conn.settimeout(5)
+                request = conn.recv(4096).decode('utf-8', 'replace').strip()
+                conn.sendall(self.answer(request).encode('utf-8'))
+            except Exception as error:
+                self.logger.warning('control request failed: %s', error)
+            finally:
+                conn.close()
+
+    def answer(self, request):
+        if self.token and not self.unix_path:
+            prefix = 'auth %s ' % self.token
+            import hmac
+            if not hmac.compare_digest(request[:len(prefix)].encode(), prefix.encode()):
+                return 'ERR authentication required\n'
+            request = request[len(prefix):]
+        command, _, args = request.lower().partition(' ')
+        controller = self.controller
+        if command == 'stats':
+            return controller.stats.report()
+        if command == 'uptime':
+            start = controller.stats.starttime
+            return 'Fuglu was started on %s\nuptime: %s\n' % (
+                time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(start)), format_duration(time.time() - start))
+        if command == 'workerlist':
+            return controller.backend.describe() + '\n'
+        if command == 'threadlist':
+            threads = threading.enumerate()
+            return '\n'.join(['Total %d Threads' % len(threads)] + [
+                'name=%s alive=%s daemon=%s' % (t.name, t.is_alive(), t.daemon) for t in threads]) + '\n'
+        if command == 'exceptionlist':
+            return '\n\n'.join('%s %s\n%s' % (time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(stamp)), thread, trace)
+                               for stamp, thread, trace in controller.exceptions) + '\n'
+        return 'ERR no such command: %s\n' % command
+
+    def stop(self):
+        self.running = False
+        try:
+            self.sock.close()
+        finally:
+            if self.unix_path and os.path.exists(self.unix_path):
+                os.unlink(self.unix_path)
+
+
+###############################################################################
+# Daemon
+###############################################################################
+
+class MainController(object):
+    """Owns the configuration, the plugins, the backend, the listeners and the
+    control server. ``startup()`` brings them up, ``run()`` idles until stopped,
+    ``reload()`` applies a changed configuration (SIGHUP), ``shutdown()`` ends it."""
+
+    def __init__(self, config, config_path=None, configdir=None):
+        self.config = config
+        self.config_path = config_path
+        self.configdir = configdir
+        self.logger = logging.getLogger('fuglu.MainController')
+        self.stats = Statistics()
+        self.exceptions = []
+        self.plugins, self.prependers, self.appenders = [], [], []
+        self.backend = None
+        self.listeners = {}
+        self.control = None
+        self.stayalive = True
+        self.trusted_networks = None
+        self._apply_trusted(config)
+
+    def _apply_trusted(self, config):
+        value = config.get('main', 'trusted_xforward_peers').strip()
+        self.trusted_networks = parse_networks(value) if value else None
+
+    def record_exception(self, trace):
+        self.exceptions = (self.exceptions + [(time.time(), threading.current_thread().name, trace)])[-10:]
+
+    # -- plugins ----------------------------------------------------------------
+    def load_plugins(self, config=None):
+        """Instantiate all plugin lists; raises PluginLoadError."""
+        config = config or self.config
+        add_plugin_dirs(config)
+        plugins = load_plugins(config, 'plugins')
+        prependers = load_plugins(config, 'prependers')
+        appenders = load_plugins(config, 'appenders')
+        return plugins, prependers, appenders
+
+    def listen_specs(self, config=None):
+        config = config or self.config
+        bindaddress = config.get('main', 'bindaddress').strip()
+        specs = []
+        for entry in parse_list(config.get('main', 'incomingport')):
+            specs.append(parse_incomingport(entry, bindaddress))
+        return specs
+
+    # -- life cycle -------------------------------------------------------------
+    def startup(self):
+        config = self.config
+        self.plugins, self.prependers, self.appenders = self.load_plugins()
+        self.logger.info('plugins: scanners=%s prependers=%s appenders=%s',
+                         [str(p) for p in self.plugins], [str(p) for p in self.prependers],
+                         [str(p) for p in self.appenders])
+        backend_name = config.get('performance', 'backend').strip().lower()
+        if backend_name not in BACKENDS:
+            raise ConfigProblem('unknown backend %r (available: %s)' % (backend_name, ', '.join(BACKENDS)))
+        self.backend = BACKENDS[backend_name](config)
+        self.backend.start()
+        if backend_name == 'thread':
+            self.logger.info('thread backend: %d to %d worker threads', self.backend.minthreads,
+                             self.backend.maxthreads)
+        if self.trusted_networks is None and any(
+                not is_loopback_address(address) for _, address, _ in self.listen_specs()):
+            self.logger.warning('trusted_xforward_peers is empty: every client may supply client information')
+        for spec in self.listen_specs():
+            self.start_listener(*spec)
+        if config.get('main', 'controlport').strip():
+            self.control = ControlServer(self)
+            self.control.start()
+            self.logger.info('control socket listening on %s', self.control.spec)
+        self.logger.info('Startup complete')
+
+    def start_listener(self, protocol, address, port):
+        if protocol not in CONNECTORS:
+            self.logger.error('incomingport %s:%s:%s: unknown protocol %r (available: %s)', protocol, address,
+                              port, protocol, ', '.join(sorted(CONNECTORS)))
+            return
+        connector = CONNECTORS[protocol](self, address, port)
+        listener = Listener(self, connector, self.config.getint('performance', 'listen_backlog'))
+        listener.start()
+        self.listeners[(protocol, address, port)] = listener
+        self.logger.info('%s connector listening on %s:%d', protocol, address, port)
+
+    def run(self):
+        while self.stayalive:
+            time.sleep(1)
+
+    def reload(self):
+        """Re-read the configuration: new plugins, pool limits and listeners."""
+        self.logger.info('reloading configuration')
+        try:
+            config = load_config(self.config_path, self.configdir,
+                                 embedded=EMBEDDED_CONFIG if self.config_path is None else None)
+            plugins, prependers, appenders = self.load_plugins(config)
+        except Exception as error:
+            self.logger.error('reload failed, keeping the running configuration: %s', error)
+            return False
+        self.config = config
+        self._apply_trusted(config)
+        self.plugins, self.prependers, self.appenders = plugins, prependers, appenders
+        self.backend.reconfigure(config)
+        wanted = set(self.listen_specs(config))
+        for spec in list(self.listeners):
+            if spec not in wanted:
+                self.listeners.pop(spec).stop()
+                self.logger.info('closed listener %s:%s:%s', *spec)
+        for spec in wanted - set(self.listeners):
+            try:
+                self.start_listener(*spec)
+            except OSError as error:
+                self.logger.error('cannot listen on %s:%s:%s: %s', spec[0], spec[1], spec[2], error)
+        self.logger.info('Reload config complete. Current configuration: %s', config.get('main', 'identifier'))
+        return True
+
+    def shutdown(self):
+        self.stayalive = False
+        for listener in self.listeners.values():
+            listener.stop()
+        if self.control is not None:
+            self.control.stop()
+        if self.backend is not None:
+            self.backend.stop()
+        for plugin in self.plugins + self.prependers + self.appenders:
+            try:
+                plugin.shutdown()
+            except Exception:
+                self.logger.error('plugin %s shutdown failed: %s', plugin, traceback.format_exc())
+        self.logger.info('shutdown complete')
+
+
+def is_loopback_address(address):
+    if address in ('localhost',):
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+###############################################################################
+# Lint
+###############################################################################
+
+OPTIONAL_DEPENDENCIES = (
+    ('magic', 'python-magic: file type detection by content (attachment plugin)'),
+    ('sqlalchemy', 'sqlalchemy: per-recipient settings and rules from SQL'),
+    ('rarfile', 'rarfile: rar archive contents (attachment plugin)'),
+    ('py7zr', 'py7zr: 7z archive contents (attachment plugin)'),
+)
+
+
+def module_available(name):
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class Lint(object):
+    """`fuglu --lint`: checks dependencies, listeners, plugins and every option, and
+    prints what it finds. ``run()`` returns the number of errors."""
+
+    def __init__(self, config, out=None):
+        self.config = config
+        self.out = out or sys.stdout
+        self.color = getattr(self.out, 'isatty', lambda: False)()
+
+    def say(self, text, color=None):
+        codes = {'red': '\033[91m', 'green': '\033[92m', 'yellow': '\033[93m'}
+        if self.color and color:
+            text = '%s%s\033[0m' % (codes[color], text)
+        print(text, file=self.out)
+
+    def run(self):
+        errors = 0
+        config = self.config
+        self.say('Fuglu %s' % __version__)
+        self.say('---------- LINT MODE ----------')
+        self.say('Checking dependencies...')
+        for module, description in OPTIONAL_DEPENDENCIES:
+            if module_available(module):
+                self.say('%s: installed' % description, 'green')
+            else:
+                self.say('%s: not installed (optional)' % description, 'yellow')
+
+        backend = config.get('performance', 'backend').strip().lower()
+        if backend not in BACKENDS:
+            self.say('unknown backend %r (available: %s)' % (backend, ', '.join(BACKENDS)), 'red')
+            errors += 1
+        bindaddress = config.get('main', 'bindaddress').strip()
+        for entry in parse_list(config.get('main', 'incomingport')):
+            try:
+                protocol, address, port = parse_incomingport(entry, bindaddress)
+            except ValueError as error:
+                self.say('%s: %s' % (config.where('main', 'incomingport'), error), 'red')
+                errors += 1
+                continue
+            if protocol not in CONNECTORS:
+                self.say('%s: unknown protocol %r in %r (available: %s)' % (
+                    config.where('main', 'incomingport'), protocol, entry, ', '.join(sorted(CONNECTORS))), 'red')
+                errors += 1
+            else:
+                self.say('listener %s on %s:%d' % (protocol, address, port))
+
+        self.say('Loading extensions...')
+        self.say('file type detection: %s' % ('python-magic' if module_available('magic')
+                                               else 'built-in signature table'))
+        self.say('archives: zip, tar, gz, bz2, xz%s%s' % (', rar' if module_available('rarfile') else '',
+                                                         ', 7z' if module_available('py7zr') else ''))
+        self.say('Loading plugins...')
+        plugins = {}
+        try:
+            add_plugin_dirs(config)
+            for option in ('plugins', 'prependers', 'appenders'):
+                plugins[option] = load_plugins(config, option)
+            self.say('Plugin loading complete')
+        except PluginLoadError as error:
+            self.say('At least one plugin failed to load: %s' % error, 'red')
+            errors += 1
+
+        self.say('Linting main configuration')
+        main_errors = []
+        for section, table in CORE_DEFAULTS.items():
+            main_errors += check_options(config, section, table)
+        if config.get('main', 'trashdir').strip() and not os.path.isdir(config.get('main', 'trashdir')):
+            main_errors.append('trashdir %s is not a directory' % config.get('main', 'trashdir'))
+        try:
+            if config.get('main', 'controlport').strip().isdigit():
+                address = config.get('main', 'controladdress').strip()
+                if not is_loopback_address(address) and not config.get('main', 'controltoken').strip():
+                    main_errors.append('%s: a TCP control port on %s needs controltoken'
+                                       % (config.where('main', 'controlport'), address))
+        except ValueError as error:
+            main_errors.append(str(error))
+        for section in CORE_DEFAULTS:
+            if section not in ('PluginAlias', 'databaseconfig') and not config.has_section(section):
+                self.say('section [%s] not in the config file: all values default' % section, 'yellow')
+        for error in main_errors:
+            self.say(error, 'red')
+        self.say('ERROR' if main_errors else 'OK', 'red' if main_errors else 'green')
+        errors += 1 if main_errors else 0
+
+        failed = 0
+        for option in ('plugins', 'prependers', 'appenders'):
+            for plugin in plugins.get(option, []):
+                self.say('Linting Plugin %s Config section: %s' % (plugin, plugin.section))
+                try:
+                    ok = plugin.lint()
+                except Exception as error:
+                    self.say('ERROR: %s: %s' % (error.__class__.__name__, error), 'red')
+                    ok = False
+                self.say('OK' if ok else 'ERROR', 'green' if ok else 'red')
+                failed += 0 if ok else 1
+        self.say('%d plugins reported errors.' % failed, 'red' if failed else None)
+        errors += failed
+
+        self.say('Lint status: %s' % ('OK' if errors == 0 else 'FAIL'), 'green' if errors == 0 else 'red')
+        return errors
+
+
+###############################################################################
+# Command line
+###############################################################################
+
+FOREGROUND_LOG_FORMAT = '[%(process)d] %(asctime)s : %(name)s: %(levelname)s, %(message)s'
+FILE_LOG_FORMAT = '%(asctime)s %(name)-12s: %(levelname)s %(message)s'
+
+
+def setup_logging(logconfig, foreground, baseloglevel):
+    """--logconfig or confdir/logging.conf via fileConfig; else stderr in the
+    foreground, /var/log/fuglu/fuglu.log when daemonized."""
+    level = getattr(logging, baseloglevel.upper(), logging.INFO)
+    if logconfig:
+        logging.config.fileConfig(logconfig, disable_existing_loggers=False)
+        return 'logging configured from %s' % logconfig
+    root = logging.getLogger()
+    root.setLevel(level)
+    if foreground:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(FOREGROUND_LOG_FORMAT))
+        root.addHandler(handler)
+        return 'logging to stderr'
+    path = '/var/log/fuglu/fuglu.log'
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(FILE_LOG_FORMAT))
+    root.addHandler(handler)
+    return 'logging to %s' % path
+
+
+def daemonize(pidfile):
+    """Double fork, new session, stdio on /dev/null, pid file written."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir('/')
+    os.umask(0o077)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    if pidfile:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, 'O_NOFOLLOW', 0)
+        fd = os.open(pidfile, flags, 0o644)
+        os.write(fd, ('%d\n' % os.getpid()).encode())
+        os.close(fd)
+        import atexit
+        atexit.register(lambda: os.path.exists(pidfile) and os.unlink(pidfile))
+
+
+def drop_privileges(config):
+    """When root: become main.user / the first existing group of main.group."""
+    if os.getuid() != 0:
+        return None
+    import grp
+    import pwd
+    user = config.get('main', 'user').strip() or 'nobody'
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return 'user %s does not exist, still running as root' % user
+    for group in parse_list(config.get('main', 'group')):
+        try:
+            gid = grp.getgrnam(group).gr_gid
+            break
+        except KeyError:
+            continue
+    else:
+        gid = entry.pw_gid
+    os.setgroups(os.getgrouplist(user, gid))
+    os.setgid(gid)
+    os.setuid(entry.pw_uid)
+    return 'running as %s' % user
+
+
+def parse_args(argv):
+    import argparse
+    parser = argparse.ArgumentParser(prog='fuglu', description='fuglu mail content filter %s' % __version__)
+    parser.add_argument('--version', action='version', version=__version__)
+    parser.add_argument('--lint', action='store_true', help='check configuration and plugins, then exit')
+    parser.add_argument('-c', '--config', help='main config file (default %s)' % DEFAULT_CONFIG_PATH)
+    parser.add_argument('--configdir', help='conf.d directory (default: conf.d beside the config file, '
+                                            'only for the default config)')
+    parser.add_argument('-f', '--foreground', action='store_true', help='do not daemonize, log to stderr')
+    parser.add_argument('--pidfile', default='/var/run/fuglu.pid', help='pid file when daemonized')
+    parser.add_argument('--logconfig', help='logging configuration file (logging.fileConfig format)')
+    parser.add_argument('--baseloglevel', default='INFO', choices=['DEBUG', 'INFO', 'WARNING', 'ERROR'],
+                        help='log level of the foreground log')
+    parser.add_argument('--dump-defaults', action='store_true',
+                        help='print the complete default configuration with descriptions')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.dump_defaults:
+        sys.stdout.write(dump_defaults(bundled_plugin_classes()))
+        return 0
+
+    config_path = args.config
+    embedded = False
+    if config_path is None:
+        if os.path.exists(DEFAULT_CONFIG_PATH):
+            config_path = DEFAULT_CONFIG_PATH
+        else:
+            embedded = True
+    elif not os.path.exists(config_path):
+        print('config file %s not found; start from fuglu.conf.dist (fuglu --dump-defaults)' % config_path,
+              file=sys.stderr)
+        return 1
+    configdir = args.configdir
+    if configdir is None and config_path == DEFAULT_CONFIG_PATH:
+        configdir = os.path.join(DEFAULT_CONFDIR, 'conf.d')
+    try:
+        config = load_config(None if embedded else config_path, configdir,
+                             embedded=EMBEDDED_CONFIG if embedded else None)
+    except (configparser.Error, OSError, UnicodeError) as error:
+        print('cannot read the configuration: %s' % error, file=sys.stderr)
+        return 1
+
+    if args.lint:
+        logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(name)s: %(message)s')
+        if embedded:
+            print('no config file at %s: checking the embedded default' % DEFAULT_CONFIG_PATH)
+        errors = Lint(config).run()
+        return min(errors, 255)
+
+    foreground = args.foreground or embedded or not config.getboolean('main', 'daemonize')
+    logconfig = args.logconfig
+    if logconfig is None and not embedded:
+        candidate = os.path.join(config.confdir, 'logging.conf')
+        if not foreground and os.path.exists(candidate):
+            logconfig = candidate
+    log_target = setup_logging(logconfig, foreground, args.baseloglevel)
+    logger = logging.getLogger('fuglu.main')
+    if embedded:
+        logger.info('no config file at %s: running on the embedded default (after-queue smtp on '
+                    '127.0.0.1:10025, re-injection to 127.0.0.1:10026, no plugins)', DEFAULT_CONFIG_PATH)
+    logger.info('fuglu %s (python %s) starting, config %s, %s', __version__, sys.version.split()[0],
+                '<embedded default>' if embedded else config_path, log_target)
+
+    if not foreground:
+        daemonize(args.pidfile)
+    controller = MainController(config, None if embedded else config_path, configdir)
+    try:
+        controller.startup()
+    except PluginLoadError as error:
+        logger.error('Some plugins failed to load: %s', error)
+        print('Some plugins failed to load, please check the logs. Aborting.', file=sys.stderr)
+        controller.shutdown()
+        return EXIT_PLUGIN_LOAD_FAILED
+    except (ConfigProblem, OSError, ValueError) as error:
+        logger.error('start-up failed: %s', error)
+        controller.shutdown()
+        return 1
+    if not foreground:
+        message = drop_privileges(config)
+        if message:
+            logger.info(message)
+
+    def on_term(signum, frame):
+        controller.stayalive = False
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    if hasattr(signal, 'SIGHUP'):
+        reload_requested = threading.Event()
+        signal.signal(signal.SIGHUP, lambda signum, frame: reload_requested.set())
+    try:
+        while controller.stayalive:
+            time.sleep(0.2)
+            if reload_requested.is_set():
+                reload_requested.clear()
+                controller.reload()
+    except Exception:
+        logger.error('unhandled error: %s', traceback.format_exc())
+        controller.shutdown()
+        return EXIT_UNHANDLED
+    controller.shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The plugins bundled with fuglu: archive, attachment, clamav, spamassassin, debug, skip."""

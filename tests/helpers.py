@@ -1,0 +1,168 @@
+"""Shared helpers for the unit tests: an in-process fuglu, a recording SMTP sink that
+plays the downstream, and a raw SMTP client that shows exactly what fuglu answers."""
+
+import os
+import socket
+import socketserver
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import fuglu  # noqa: E402
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+class SinkHandler(socketserver.StreamRequestHandler):
+    def send(self, line):
+        self.wfile.write(line.encode() + b'\r\n')
+        self.wfile.flush()
+
+    def handle(self):
+        sink = self.server.sink
+        self.send('220 sink ready')
+        transaction = None
+        while True:
+            line = self.rfile.readline()
+            if not line:
+                return
+            command = line.decode('utf-8', 'replace').rstrip('\r\n')
+            sink.commands.append(command)
+            verb = command.split(' ', 1)[0].upper()
+            if verb == 'EHLO':
+                self.send('250-sink')
+                for extension in sink.extensions[:-1]:
+                    self.send('250-' + extension)
+                self.send('250 ' + sink.extensions[-1])
+            elif verb == 'MAIL':
+                transaction = {'mail': command, 'rcpts': []}
+                self.send(sink.replies.get('MAIL', '250 2.1.0 Ok'))
+            elif verb == 'RCPT':
+                address = command.split(':', 1)[1].split('>')[0].lstrip('<')
+                reply = sink.rcpt_replies.get(address, '250 2.1.5 Ok')
+                if reply.startswith('250'):
+                    transaction['rcpts'].append(address)
+                self.send(reply)
+            elif verb == 'DATA':
+                self.send('354 go ahead')
+                data = bytearray()
+                while True:
+                    chunk = self.rfile.readline()
+                    if not chunk:
+                        return
+                    if chunk == b'.\r\n':
+                        break
+                    data += chunk
+                transaction['data'] = bytes(data).replace(b'\r\n..', b'\r\n.')
+                if transaction['data'].startswith(b'..'):
+                    transaction['data'] = transaction['data'][1:]
+                reply = sink.replies.get('DATA', '250 2.0.0 Ok: queued as ABC123DEF')
+                if reply.startswith('250'):
+                    sink.messages.append(transaction)
+                self.send(reply)
+                transaction = None
+            elif verb == 'QUIT':
+                self.send('221 bye')
+                return
+            else:
+                self.send('250 2.0.0 Ok')
+
+
+class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class Sink(object):
+    """A downstream SMTP server that records what it receives."""
+
+    def __init__(self, extensions=('PIPELINING', 'SIZE 10240000', '8BITMIME', 'SMTPUTF8', 'DSN',
+                                   'XFORWARD NAME ADDR PROTO HELO SOURCE PORT IDENT')):
+        self.extensions = list(extensions)
+        self.messages = []
+        self.commands = []
+        self.replies = {}
+        self.rcpt_replies = {}
+        self.server = ThreadedServer(('127.0.0.1', 0), SinkHandler)
+        self.server.sink = self
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def make_config(text, confdir='/tmp'):
+    config = fuglu.FuConfigParser(confdir=confdir)
+    config.read_config_text(text, '<test>')
+    for section, table in fuglu.CORE_DEFAULTS.items():
+        config.set_defaults(section, table)
+    return config
+
+
+class InProcessFuglu(object):
+    """A MainController running in this process on a free port."""
+
+    def __init__(self, downstream_port, extra_main='', extra='', protocol='smtp', plugins=''):
+        self.port = free_port()
+        text = ('[main]\nincomingport=%s:127.0.0.1:%d\noutgoinghost=127.0.0.1\noutgoingport=%d\n'
+                'plugins=%s\nprependers=\nappenders=\ncontrolport=\n%s\n'
+                '[performance]\nminthreads=2\nmaxthreads=10\n%s\n'
+                % (protocol, self.port, downstream_port, plugins, extra_main, extra))
+        self.config = make_config(text)
+        self.controller = fuglu.MainController(self.config)
+        self.controller.startup()
+
+    def stop(self):
+        self.controller.shutdown()
+
+
+class RawClient(object):
+    """Speaks SMTP byte by byte so tests see fuglu's exact replies."""
+
+    def __init__(self, port, timeout=10):
+        self.sock = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+        self.buffer = b''
+        self.banner = self.reply()
+
+    def send(self, data):
+        self.sock.sendall(data if isinstance(data, bytes) else data.encode())
+
+    def reply(self):
+        """One whole (possibly multi-line) reply as bytes."""
+        lines = []
+        while True:
+            while b'\r\n' not in self.buffer:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return b''.join(lines) + self.buffer
+                self.buffer += chunk
+            line, self.buffer = self.buffer.split(b'\r\n', 1)
+            lines.append(line + b'\r\n')
+            if len(line) < 4 or line[3:4] != b'-':
+                return b''.join(lines)
+
+    def cmd(self, line):
+        self.send(line + '\r\n')
+        return self.reply()
+
+    def close(self):
+        self.sock.close()
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
