@@ -2641,6 +2641,21 @@ class SMTPConnector(Connector):
         self.session_class(self, sock, peer).run()
 
 
+###############################################################################
+# Connector: esmtp (before-queue proxy)
+###############################################################################
+
+
+###############################################################################
+# Connector: netcat
+###############################################################################
+
+
+###############################################################################
+# Connector: milter
+###############################################################################
+
+
 CONNECTORS = {
     'smtp': SMTPConnector,
 }
@@ -3317,8 +3332,15 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+# Extra commands: `fuglu <command> [args]` runs COMMANDS[command](args) -> exit code.
+COMMANDS = {}
+
+
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    args = parse_args(argv)
     if args.dump_defaults:
         sys.stdout.write(dump_defaults(bundled_plugin_classes()))
         return 0
