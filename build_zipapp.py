@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Build dist/fuglu.pyz: fuglu.py, the bundled plugins (fuglu_plugins/, with their
+default rule files) and fuglu.conf.dist in one executable zip.
+
+The build is reproducible: the same sources give the same bytes (sorted entries, a
+fixed timestamp and permissions, no compression variance: entries are stored).
+Run: python3 build_zipapp.py [-o dist/fuglu.pyz]
+"""
+
+import argparse
+import os
+import stat
+import sys
+import zipfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHEBANG = b'#!/usr/bin/env python3\n'
+FIXED_TIME = (1980, 1, 1, 0, 0, 0)
+
+# __main__ only imports the module: every function stays in fuglu.py, so worker
+# processes started by multiprocessing can find them (spawn/forkserver do not re-run
+# __main__.py from a zip).
+MAIN_PY = b'import sys\nimport fuglu\nsys.exit(fuglu.main())\n'
+
+
+def members():
+    """(name in the archive, path on disk) of everything that goes in, sorted."""
+    found = [('fuglu.py', os.path.join(HERE, 'fuglu.py')),
+             ('fuglu.conf.dist', os.path.join(HERE, 'fuglu.conf.dist'))]
+    for folder in ('fuglu_plugins',):
+        for root, dirs, files in os.walk(os.path.join(HERE, folder)):
+            dirs[:] = sorted(d for d in dirs if d != '__pycache__')
+            for name in files:
+                if name.endswith(('.pyc', '.pyo')) or name.startswith('.'):
+                    continue
+                path = os.path.join(root, name)
+                found.append((os.path.relpath(path, HERE).replace(os.sep, '/'), path))
+    return sorted(found)
+
+
+def build(target):
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    temporary = target + '.tmp'
+    with open(temporary, 'wb') as out:
+        out.write(SHEBANG)
+        with zipfile.ZipFile(out, 'w', compression=zipfile.ZIP_STORED) as archive:
+            entries = [('__main__.py', None)] + members()
+            for name, path in sorted(entries):
+                info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
+                info.external_attr = (stat.S_IFREG | 0o644) << 16
+                info.create_system = 3  # unix, whatever machine builds it
+                if path is None:
+                    data = MAIN_PY
+                else:
+                    with open(path, 'rb') as handle:
+                        data = handle.read()
+                archive.writestr(info, data)
+    os.chmod(temporary, 0o755)
+    os.replace(temporary, target)
+    return target
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('-o', '--output', default=os.path.join(HERE, 'dist', 'fuglu.pyz'))
+    args = parser.parse_args(argv)
+    path = build(args.output)
+    print('wrote %s (%d bytes)' % (os.path.relpath(path), os.path.getsize(path)))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
