@@ -1,1 +1,1 @@
-"""The plugins bundled with fuglu: archive, attachment, clamav, spamassassin, debug, skip."""
+"""fuglu's bundled plugins (loaded by alias: archive, attachment, clamav, spamassassin, debug, skip)."""
