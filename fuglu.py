@@ -50,33 +50,35 @@ Principles
   needed, so start-up stays fast and small.
 """
 
-import base64
 import configparser
-import errno
 import fnmatch
-import glob
 import importlib
 import ipaddress
 import logging
-import logging.config
 import os
 import queue
 import re
-import select
 import signal
 import socket
-import string
+import struct
 import sys
-import tempfile
 import threading
 import time
 import traceback
 
-# `python3 fuglu.py` and `python3 -m fuglu` run this file as __main__; a plugin that does
-# `import fuglu` (or the FuGlu way, `from fuglu.shared import ...`) must get this very
-# module, not a second copy with its own classes.
+# `python3 fuglu.py` and `python3 -m fuglu` run this file as __main__. A plugin that does
+# `import fuglu` (or the FuGlu way, `from fuglu.shared import ...`) must get the module
+# that is running, not a second copy with its own classes. So __main__ stops here: it
+# loads this file as the module `fuglu` (from cached bytecode when there is some, which
+# also keeps the script's compile from staying resident) and runs that.
 if __name__ == '__main__':
-    sys.modules.setdefault('fuglu', sys.modules[__name__])
+    import importlib.util
+    _spec = importlib.util.spec_from_file_location('fuglu', os.path.abspath(__file__))
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules['fuglu'] = _module
+    _spec.loader.exec_module(_module)
+    sys.exit(_module.main())
+
 sys.modules.setdefault('fuglu.shared', sys.modules[__name__])
 sys.modules.setdefault('fuglu.stringencode', sys.modules[__name__])
 
@@ -292,6 +294,8 @@ CORE_DEFAULTS = {
                         'scanner plugins, in the order they run: alias, dotted module.Class, each optionally with (configsection)'),
         'prependers': _opt('debug,skip', 'prepender plugins: run before the scanners and may change the plugin lists'),
         'appenders': _opt('', 'appender plugins: run after the message was delivered or refused'),
+        'mplugins': _opt('', 'milter-stage plugins (milter connector only): act at connect, helo, mailfrom, '
+                             'rcpt, header, eoh or eob time, before the scanners'),
         'bindaddress': _opt('127.0.0.1', 'address the incoming ports listen on, unless an entry names its own'),
         'incomingport': _opt('10025,10099,10888',
                              'listeners, comma separated: port (smtp), protocol:port or protocol:address:port; '
@@ -300,6 +304,9 @@ CORE_DEFAULTS = {
         'smtp_data_line_limit': _opt('1048576', 'longest line accepted in a message, in bytes', validator=_is_int),
         'smtp_max_message_size': _opt('268435456', 'largest message accepted, in bytes (announced as SIZE); 0 = no limit',
                                       validator=_is_int),
+        'netcat_max_message_size': _opt('', 'largest message the netcat connector accepts, in bytes; '
+                                            'empty: smtp_max_message_size; 0 = no limit',
+                                        validator=lambda value: not value.strip() or _is_int(value)),
         'smtptimeout': _opt('300', 'seconds to wait for the next command or data from a client or downstream',
                             validator=_is_int),
         'trusted_xforward_peers': _opt('', 'IPs/networks allowed to send client information (XFORWARD, '
@@ -364,12 +371,18 @@ CORE_DEFAULTS = {
     'esmtpconnector': {
         'queuetemplate': _opt('${injectanswer}', 'text of the 250 reply after the downstream accepted the message'),
         'ignore_multiple_recipients': _opt('0', 'forward only the first recipient (spam traps)', validator=_is_bool),
+        'downstream_timeout': _opt('50', 'seconds to wait for each reply of the after-filter server; keep it well '
+                                         'below Postfix\'s smtpd_proxy_timeout (default 100s), so the client gets '
+                                         'fuglu\'s 4xx and the scan still fits', validator=_is_int),
     },
     'milter': {
         'milter_mode': _opt('readonly', 'what the milter writes back: readonly, tags, manual, auto, autoheaders, '
                                         'replace_demo'),
         'milter_mode_options': _opt('', 'manual mode: all, body, headers, from, to; autoheaders: prepend'),
         'milter_max_packet_size': _opt('1048576', 'largest milter packet accepted, in bytes', validator=_is_int),
+        'milter_progress_interval': _opt('10', 'seconds between SMFIR_PROGRESS keep-alives while a message is '
+                                               'scanned (Postfix milter_content_timeout); 0: none',
+                                         validator=_is_int),
         'milter_debug': _opt('0', 'log every milter packet', validator=_is_bool),
     },
     'PluginAlias': {},
@@ -397,6 +410,8 @@ class FuConfigParser(configparser.RawConfigParser):
                       '0': False, 'no': False, 'false': False, 'off': False}
 
     def __init__(self, confdir=DEFAULT_CONFDIR):
+        # lookups are memoised: connectors read the same options for every message
+        self._lookup_cache = {}
         super().__init__(strict=False, interpolation=None)
         self.confdir = confdir
         self.files = []
@@ -424,9 +439,22 @@ class FuConfigParser(configparser.RawConfigParser):
                 self.option_sources[(section, option)] = source
         self.files.append(source)
 
+    def set(self, section, option, value=None):
+        self._lookup_cache.clear()
+        super().set(section, option, value)
+
+    def remove_option(self, section, option):
+        self._lookup_cache.clear()
+        return super().remove_option(section, option)
+
+    def remove_section(self, section):
+        self._lookup_cache.clear()
+        return super().remove_section(section)
+
     # -- defaults -------------------------------------------------------------
     def set_defaults(self, section, table):
         """Register option defaults of one component (``requiredvars`` shape)."""
+        self._lookup_cache.clear()
         for option, spec in table.items():
             target = spec.get('section', section)
             if 'default' in spec:
@@ -454,41 +482,50 @@ class FuConfigParser(configparser.RawConfigParser):
             value = value.replace('${confdir}', self.confdir)
         return value
 
-    def get(self, section, option, raw=False, vars=None, fallback=configparser._UNSET, **kwargs):
+    def _cached(self, kind, section, option, convert):
+        key = (kind, section, option)
         try:
-            value = self._raw(section, option)
-        except (configparser.NoSectionError, configparser.NoOptionError):
-            if fallback is not configparser._UNSET:
-                return fallback
-            raise
+            return self._lookup_cache[key]
+        except KeyError:
+            value = convert()
+            self._lookup_cache[key] = value
+            return value
+
+    def get(self, section, option, raw=False, vars=None, fallback=configparser._UNSET, **kwargs):
+        if vars is None:
+            try:
+                return self._cached('raw' if raw else 'str', section, option,
+                                    lambda: self._get(section, option, raw))
+            except (configparser.NoSectionError, configparser.NoOptionError):
+                if fallback is not configparser._UNSET:
+                    return fallback
+                raise
+        return self._get(section, option, raw)
+
+    def _get(self, section, option, raw=False):
+        value = self._raw(section, option)
         return value if raw else self.expand(value)
 
-    def getint(self, section, option, fallback=configparser._UNSET, **kwargs):
+    def _typed(self, kind, section, option, fallback, convert):
         try:
-            return int(self._raw(section, option).strip())
+            return self._cached(kind, section, option, lambda: convert(self._raw(section, option).strip()))
         except (configparser.NoSectionError, configparser.NoOptionError):
             if fallback is not configparser._UNSET:
                 return fallback
             raise
+
+    def getint(self, section, option, fallback=configparser._UNSET, **kwargs):
+        return self._typed('int', section, option, fallback, int)
 
     def getfloat(self, section, option, fallback=configparser._UNSET, **kwargs):
-        try:
-            return float(self._raw(section, option).strip())
-        except (configparser.NoSectionError, configparser.NoOptionError):
-            if fallback is not configparser._UNSET:
-                return fallback
-            raise
+        return self._typed('float', section, option, fallback, float)
 
     def getboolean(self, section, option, fallback=configparser._UNSET, **kwargs):
-        try:
-            value = self._raw(section, option).strip().lower()
-        except (configparser.NoSectionError, configparser.NoOptionError):
-            if fallback is not configparser._UNSET:
-                return fallback
-            raise
-        if value not in self.BOOLEAN_STATES:
-            raise ValueError('Not a boolean: %s' % value)
-        return self.BOOLEAN_STATES[value]
+        def convert(value):
+            if value.lower() not in self.BOOLEAN_STATES:
+                raise ValueError('Not a boolean: %s' % value)
+            return self.BOOLEAN_STATES[value.lower()]
+        return self._typed('bool', section, option, fallback, convert)
 
     def getlist(self, section, option, separators=',', strip=True, lower=False, fallback=None,
                 resolve_env=False):
@@ -555,6 +592,7 @@ def load_config(path=None, configdir=None, embedded=None):
         if configdir is None and config.has_option('main', 'configdir'):
             configdir = config.get('main', 'configdir')
         if configdir and os.path.isdir(configdir):
+            import glob
             for extra in sorted(glob.glob(os.path.join(configdir, '*.conf'))):
                 config.read_config_file(extra)
     for section, table in CORE_DEFAULTS.items():
@@ -618,22 +656,26 @@ def dump_defaults(plugin_classes=()):
 TEMPLATE_RE = re.compile(r'\$(?:(\$)|\{(@?[a-z][_a-z0-9.:]*)\}|(@?[a-z][_a-z0-9.:]*))', re.IGNORECASE)
 
 
+# name -> function(suspect): the variables every template knows about a message.
+# Evaluated only when a template uses them (the subject needs the headers parsed).
+TEMPLATE_DEFAULTS = {
+    'id': lambda s: s.id,
+    'timestamp': lambda s: s.timestamp,
+    'from_address': lambda s: s.from_address,
+    'from_domain': lambda s: s.from_domain,
+    'from_localpart': lambda s: s.from_localpart,
+    'to_address': lambda s: s.to_address or '',
+    'to_domain': lambda s: s.to_domain,
+    'to_localpart': lambda s: s.to_localpart,
+    'subject': lambda s: s.get_header('subject', ''),
+    'date': lambda s: time.strftime('%Y-%m-%d', time.localtime()),
+    'time': lambda s: time.strftime('%X', time.localtime()),
+}
+
+
 def template_defaults(suspect):
-    """The variables every template knows about a message."""
-    now = time.localtime()
-    return {
-        'id': suspect.id,
-        'timestamp': suspect.timestamp,
-        'from_address': suspect.from_address,
-        'from_domain': suspect.from_domain,
-        'from_localpart': suspect.from_localpart,
-        'to_address': suspect.to_address or '',
-        'to_domain': suspect.to_domain,
-        'to_localpart': suspect.to_localpart,
-        'subject': suspect.get_header('subject', ''),
-        'date': time.strftime('%Y-%m-%d', now),
-        'time': time.strftime('%X', now),
-    }
+    """All default template variables of a message, as a dict."""
+    return {name: compute(suspect) for name, compute in TEMPLATE_DEFAULTS.items()}
 
 
 def apply_template(template, suspect=None, values=None, valuesfunction=None):
@@ -645,9 +687,6 @@ def apply_template(template, suspect=None, values=None, valuesfunction=None):
     if '$' not in template:
         return template
     values = dict(values or {})
-    defaults = {}
-    if suspect is not None:
-        defaults = template_defaults(suspect)
     if valuesfunction is not None:
         values = valuesfunction(values)
 
@@ -655,14 +694,14 @@ def apply_template(template, suspect=None, values=None, valuesfunction=None):
         if match.group(1):
             return '$'
         name = match.group(2) or match.group(3)
-        for table in (values, defaults):
-            if name in table:
-                value = table[name]
-                return '' if value is None else force_uString(value)
-            if name.lower() in table:
-                value = table[name.lower()]
+        for key in (name, name.lower()):
+            if key in values:
+                value = values[key]
                 return '' if value is None else force_uString(value)
         if suspect is not None:
+            compute = TEMPLATE_DEFAULTS.get(name.lower())
+            if compute is not None:
+                return force_uString(compute(suspect))
             found = SuspectFilter.field_values(suspect, name)
             if found:
                 return force_uString(found[0])
@@ -873,9 +912,13 @@ class Suspect(object):
     def get_output_source(self):
         """What is delivered: added headers + the current source (or the original if
         the tag reinjectoriginal is set)."""
+        return b''.join(self.get_output_parts())
+
+    def get_output_parts(self):
+        """get_output_source() as a list of parts, so large messages are not copied."""
         if self.tags.get('reinjectoriginal'):
-            return self._original_source
-        return self.build_headers() + self._source
+            return [self._original_source]
+        return [self.build_headers(), self._source]
 
     def update_subject(self, subject_cb, **cb_params):
         old = self.get_header('subject', '')
@@ -1662,6 +1705,7 @@ class ScanSession(object):
             return
         try:
             os.makedirs(trashdir, exist_ok=True)
+            import tempfile
             handle, path = tempfile.mkstemp(prefix=suspect.id, dir=trashdir)
             with os.fdopen(handle, 'wb') as out:
                 out.write(suspect.get_source())
@@ -1710,10 +1754,45 @@ class ScanSession(object):
 CRLF = b'\r\n'
 DATA_END = b'\r\n.\r\n'
 READ_SIZE = 65536
+DATA_READ_SIZE = 262144
 
 
 class ConnectionClosed(Exception):
     """The peer went away (EOF, reset, timeout)."""
+
+
+def set_socket_timeout(sock, seconds):
+    """Blocking socket with kernel receive/send timeouts. Python's own socket timeouts
+    poll() before every recv and send; these cost nothing until they fire (then the
+    call fails with EAGAIN, an OSError)."""
+    sock.settimeout(None)
+    seconds = max(float(seconds), 0.001)
+    timeval = struct.pack('ll', int(seconds), int((seconds % 1) * 1000000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def connect_tcp(host, port, timeout):
+    """A connected TCP socket with kernel timeouts. IP literals skip getaddrinfo."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        candidates = [(family, (host, port))]
+    except ValueError:
+        candidates = [(info[0], info[4]) for info in
+                      socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)]
+    error = None
+    for family, address in candidates:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            set_socket_timeout(sock, timeout)
+            return sock
+        except OSError as exc:
+            error = exc
+            sock.close()
+    raise error or OSError('no address for %s' % host)
 
 
 class LineTooLong(Exception):
@@ -1731,9 +1810,9 @@ class SocketReader(object):
     def has_line(self):
         return b'\n' in self.buffer
 
-    def _fill(self):
+    def _fill(self, size=READ_SIZE):
         try:
-            chunk = self.sock.recv(READ_SIZE)
+            chunk = self.sock.recv(size)
         except socket.timeout:
             raise ConnectionClosed('timeout')
         except OSError as error:
@@ -1788,7 +1867,8 @@ class SocketReader(object):
         while True:
             end = buffer.find(DATA_END, search_from)
             if end >= 0:
-                raw = bytes(buffer[:end + 2])
+                with memoryview(buffer) as view:   # one copy, not two
+                    raw = bytes(view[:end + 2])
                 del buffer[:end + 5]
                 break
             if problem is None:
@@ -1805,7 +1885,7 @@ class SocketReader(object):
                 del buffer[:-4]
                 line_start = 0
             search_from = max(len(buffer) - 4, 0)
-            self._fill()
+            self._fill(DATA_READ_SIZE)
         if problem is not None:
             return None, problem
         if raw.startswith(b'.') or b'\r\n.' in raw:
@@ -1817,11 +1897,21 @@ class SocketReader(object):
 
 def dot_stuff(message):
     """Message bytes -> DATA payload including the terminating CRLF.CRLF."""
-    if message.startswith(b'.') or b'\n.' in message:
-        message = (CRLF + message).replace(b'\n.', b'\n..')[2:]
-    if not message.endswith(CRLF):
-        message += CRLF
-    return message + b'.\r\n'
+    return b''.join(dot_stuff_parts([message]))
+
+
+def dot_stuff_parts(parts):
+    """Message parts (joined, they are the message) -> the parts to send after DATA,
+    terminator included. Without lines to stuff (the usual case) the parts are sent
+    as they are, without copying the message."""
+    parts = [part for part in parts if part]
+    if any(part.startswith(b'.') or b'\n.' in part for part in parts):
+        message = (CRLF + b''.join(parts)).replace(b'\n.', b'\n..')[2:]
+        parts = [message]
+    if not parts or not parts[-1].endswith(CRLF):
+        parts.append(CRLF)
+    parts.append(b'.\r\n')
+    return parts
 
 
 class SMTPError(Exception):
@@ -1866,22 +1956,36 @@ class SMTPClient(object):
             if attempt:
                 time.sleep(0.1)
             try:
-                self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+                self.sock = connect_tcp(self.host, self.port, self.timeout)
                 break
             except OSError as error:
                 last_error = error
         else:
             raise SMTPError(451, '4.4.1 downstream %s:%s unavailable: %s' % (self.host, self.port, last_error),
                             True)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = SocketReader(self.sock)
+        self.outgoing = []
         code, lines = self._reply()
         if code != 220:
             self.close()
             raise SMTPError(code if code >= 400 else 451, ' '.join(lines))
         return code, lines
 
+    def queue(self, line):
+        """Send a command later, together with the next ones (RFC 2920); its reply is
+        read with read()."""
+        self.outgoing.append(force_bString(line) + CRLF)
+
+    def read(self):
+        """Send what is queued, then read one reply."""
+        if self.outgoing:
+            data, self.outgoing = b''.join(self.outgoing), []
+            self._send(data)
+        return self._reply()
+
     def _reply(self):
+        if self.sock is None:
+            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost' % (self.host, self.port), True)
         try:
             return read_reply(self.reader)
         except ConnectionClosed as error:
@@ -1893,6 +1997,8 @@ class SMTPClient(object):
             raise SMTPError(451, '4.4.2 downstream reply line too long', True)
 
     def _send(self, data):
+        if self.sock is None:   # closed after an earlier failure
+            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost' % (self.host, self.port), True)
         try:
             self.sock.sendall(data)
         except OSError as error:
@@ -1913,20 +2019,28 @@ class SMTPClient(object):
         return [self._reply() for _ in lines]
 
     def ehlo(self):
+        """EHLO (HELO when EHLO is refused); returns the accepted (code, lines)."""
         code, lines = self.command('EHLO ' + self.helo)
         if code != 250:
             code, lines = self.command('HELO ' + self.helo)
             if code != 250:
                 raise SMTPError(code, ' '.join(lines))
             self.extensions = {}
-            return
+            return code, lines
         self.extensions = {}
         for line in lines[1:]:
             keyword, _, params = line.partition(' ')
             self.extensions[keyword.upper()] = params
+        return code, lines
 
     def xforward(self, attributes):
         """Send the attributes the server accepts (XFORWARD_README), in lines < 512."""
+        for line in self.xforward_lines(attributes):
+            code, text = self.command(line)
+            if code != 250:
+                raise SMTPError(code, ' '.join(text))
+
+    def xforward_lines(self, attributes):
         offered = set(self.extensions.get('XFORWARD', '').upper().split())
         items = ['%s=%s' % (name, value) for name, value in attributes.items() if name in offered]
         line = 'XFORWARD'
@@ -1938,19 +2052,34 @@ class SMTPClient(object):
             line += ' ' + item
         if line != 'XFORWARD':
             lines.append(line)
-        for line in lines:
-            code, text = self.command(line)
-            if code != 250:
-                raise SMTPError(code, ' '.join(text))
+        return lines
 
     def data(self, message):
-        """DATA + message; returns (code, text) of the final reply."""
+        """DATA + message (bytes, or a list of parts); returns (code, text) of the
+        final reply."""
         code, lines = self.command('DATA')
         if code != 354:
             return code, ' '.join(lines)
-        self._send(dot_stuff(message))
+        self._send_parts(dot_stuff_parts(message if isinstance(message, list) else [message]))
         code, lines = self._reply()
         return code, ' '.join(lines)
+
+    def _send_parts(self, parts):
+        """sendall for a list of buffers, gathered by sendmsg (no joining copy)."""
+        views = [memoryview(part) for part in parts]
+        try:
+            while views:
+                sent = self.sock.sendmsg(views[:64])
+                while sent:
+                    if sent >= len(views[0]):
+                        sent -= len(views.pop(0))
+                    else:
+                        views[0] = views[0][sent:]
+                        sent = 0
+        except OSError as error:
+            self.close()
+            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s' % (self.host, self.port, error),
+                            True)
 
     def rset(self):
         try:
@@ -2176,6 +2305,7 @@ class SMTPServerSession(object):
             self.reply(220, self.banner())
             while not self.closing:
                 if not self.reader.has_line():
+                    self.before_wait()
                     self.flush()
                 try:
                     line = self.reader.readline(self.command_limit)
@@ -2221,6 +2351,9 @@ class SMTPServerSession(object):
 
     def banner(self):
         return 'fuglu scanner ready '
+
+    def before_wait(self):
+        """Called before waiting for more client input (and flushing the replies)."""
 
     def cleanup(self):
         pass
@@ -2416,7 +2549,7 @@ class Connector(object):
 
     def handle(self, sock, peer):
         try:
-            sock.settimeout(self.config.getint('main', 'smtptimeout'))
+            set_socket_timeout(sock, self.config.getint('main', 'smtptimeout'))
             self.serve(sock, peer)
         except Exception:
             self.logger.error('connection from %s:%s failed: %s', peer[0], peer[1], traceback.format_exc())
@@ -2443,9 +2576,13 @@ class AfterQueueSession(SMTPServerSession):
     refusal then defers the whole message.)
     """
 
+    # (section, option) of the template for the 250 after the downstream accepted
+    accepted_template_option = ('smtpconnector', 'requeuetemplate')
+
     def __init__(self, connector, sock, peer):
         super().__init__(connector, sock, peer)
         self.downstream = None
+        self.awaiting = []   # callbacks for downstream replies still to be read
 
     def cleanup(self):
         if self.downstream is not None:
@@ -2494,18 +2631,72 @@ class AfterQueueSession(SMTPServerSession):
         if code != 250:
             raise SMTPError(code, ' '.join(text))
 
+    # -- pipelining towards the downstream -----------------------------------------
+    # MAIL and RCPT are forwarded as they come and their replies read only when fuglu
+    # must answer (before waiting for the client, or before any other command), so a
+    # pipelined MAIL/RCPT/DATA group costs one round trip downstream, not one each.
+
+    def send_downstream(self, line, on_reply):
+        self.downstream.queue(line)
+        self.awaiting.append(on_reply)
+        if 'PIPELINING' not in self.downstream.extensions:
+            self.settle()
+
+    def settle(self):
+        """Read the downstream replies still outstanding, in order, and act on each."""
+        while self.awaiting:
+            on_reply = self.awaiting.pop(0)
+            try:
+                code, lines = self.downstream.read()
+            except SMTPError as error:
+                code, lines = error.code, [error.text]
+            on_reply(code, lines)
+
+    def before_wait(self):
+        self.settle()
+
+    def dispatch(self, line):
+        if self.awaiting and line[:4].upper() not in (b'MAIL', b'RCPT'):
+            self.settle()
+        return super().dispatch(line)
+
     def smtp_MAIL(self, argument):
         parsed = self.parse_mail(argument)
         if parsed is None:
             return
         sender, params = parsed
         try:
-            self.start_downstream_transaction(sender, params)
+            client = self.open_downstream()
         except SMTPError as error:
-            self.logger.warning('%s: MAIL FROM:<%s> not accepted downstream: %s', self.peer_label(), sender, error)
+            self.logger.warning('%s: MAIL FROM:<%s> deferred, downstream: %s', self.peer_label(), sender, error)
             return self.reply(error.code, error.text)
         self.sender, self.mail_params, self.in_transaction = sender, params, True
-        self.reply(250, '2.1.0 Ok')
+        if self.xforward and 'XFORWARD' in client.extensions:
+            for line in client.xforward_lines(self.xforward):
+                self.send_downstream(line, self.on_xforward_reply)
+        line = 'MAIL FROM:<%s>' % sender
+        kept = self.downstream_params(params)
+        if kept:
+            line += ' ' + ' '.join(kept)
+        self.send_downstream(line, lambda code, lines: self.on_mail_reply(sender, code, lines))
+
+    def on_xforward_reply(self, code, lines):
+        if code != 250:
+            self.logger.warning('%s: downstream refused XFORWARD: %s %s', self.peer_label(), code, ' '.join(lines))
+
+    def accepted_reply(self, code, lines, local_text):
+        """The reply for a MAIL/RCPT the downstream accepted. After-queue: our own
+        text; the esmtp proxy relays the downstream's reply instead."""
+        return 250, local_text
+
+    def on_mail_reply(self, sender, code, lines):
+        if code == 250:
+            return self.reply(*self.accepted_reply(code, lines, '2.1.0 Ok'))
+        self.logger.warning('%s: MAIL FROM:<%s> refused downstream: %s %s', self.peer_label(), sender, code,
+                            ' '.join(lines))
+        # RCPTs already forwarded get the downstream's "need MAIL" in turn
+        self.sender, self.in_transaction = None, False
+        self.reply(code, lines)
 
     def smtp_RCPT(self, argument):
         parsed = self.parse_rcpt(argument)
@@ -2513,21 +2704,22 @@ class AfterQueueSession(SMTPServerSession):
             return
         address, params = parsed
         self.rcpt_attempts += 1
+        if self.downstream is None or not self.downstream.connected:
+            return self.reply(451, '4.4.2 downstream connection lost')
         line = 'RCPT TO:<%s>' % address
         kept = self.downstream_params(params)
         if kept:
             line += ' ' + ' '.join(kept)
-        try:
-            code, text = self.downstream.command(line)
-        except SMTPError as error:
-            code, text = error.code, [error.text]
+        self.send_downstream(line, lambda code, lines: self.on_rcpt_reply(address, params, code, lines))
+
+    def on_rcpt_reply(self, address, params, code, lines):
         if code not in (250, 251):
             self.logger.info('%s: recipient <%s> refused downstream: %s %s', self.peer_label(), address, code,
-                             ' '.join(text))
-            return self.reply(code, text)
+                             ' '.join(lines))
+            return self.reply(code, lines)
         self.recipients.append(address)
         self.rcpt_params.append(params)
-        self.reply(250, '2.1.5 Ok')
+        self.reply(*self.accepted_reply(code, lines, '2.1.5 Ok'))
 
     def smtp_RSET(self, argument):
         if self.in_transaction and self.downstream is not None:
@@ -2587,14 +2779,14 @@ class AfterQueueSession(SMTPServerSession):
 
     def deliver(self, suspect):
         """Re-inject; returns (code, text, delivered) for Postfix."""
-        template = self.config.get('smtpconnector', 'requeuetemplate')
+        template = self.config.get(*self.accepted_template_option)
         if suspect.tags.get('noreinject'):
             record_inject_result(suspect, 250, 'message not re-injected by plugin request')
             return 250, one_line(apply_template(template, suspect, {'injectanswer': suspect.tags['injectanswer']})), True
-        message = suspect.get_output_source()
+        message = suspect.get_output_parts()
         try:
             if suspect.from_address != self.sender or suspect.recipients != self.recipients:
-                self.redo_envelope(suspect, len(message))
+                self.redo_envelope(suspect, sum(len(part) for part in message))
             code, text = self.downstream.data(message)
         except SMTPError as error:
             self.logger.warning('%s: re-injection failed: %s', suspect.id, error)
@@ -2644,20 +2836,1468 @@ class SMTPConnector(Connector):
 ###############################################################################
 # Connector: esmtp (before-queue proxy)
 ###############################################################################
+# Postfix's smtpd_proxy_filter (SMTPD_PROXY_README): the client's greeting, MAIL and
+# RCPT go to the after-filter server one by one and its answers come back, so the
+# client learns at RCPT time which recipients are refused. DATA is received here,
+# scanned, and only then sent on; the client gets 250 only after the after-filter
+# server accepted, and a refusal aborts the downstream transaction (RSET, never the
+# final dot). Everything else (DATA handling, verdict replies, re-injection) is the
+# after-queue session's.
+
+class EsmtpSession(AfterQueueSession):
+    """One before-queue proxy connection. Differences from the smtp connector: the
+    downstream is greeted with the client's own HELO/EHLO name and its answers
+    (greeting, extensions, MAIL, RCPT) are relayed; MAIL/RCPT parameters pass
+    unchanged; only extensions fuglu can proxy are offered."""
+
+    # Extensions whose commands and parameters pass through a proxy that buffers the
+    # message. STARTTLS, AUTH, CHUNKING/BINARYMIME, ETRN, XCLIENT... are not among them.
+    PROXIED_EXTENSIONS = ('PIPELINING', 'SIZE', '8BITMIME', 'SMTPUTF8', 'DSN', 'ENHANCEDSTATUSCODES')
+
+    accepted_template_option = ('esmtpconnector', 'queuetemplate')
+
+    def __init__(self, connector, sock, peer):
+        super().__init__(connector, sock, peer)
+        self.ignore_multiple_recipients = self.config.getboolean('esmtpconnector', 'ignore_multiple_recipients')
+        self.ignored_recipients = []
+
+    def reset(self):
+        super().reset()
+        self.ignored_recipients = []
+
+    # -- the downstream connection ------------------------------------------------
+    def greet_downstream(self, verb, name):
+        """Send the client's HELO/EHLO to the downstream (connecting first when
+        needed); returns the downstream's (code, lines). Raises SMTPError."""
+        client = self.downstream
+        if client is None or not client.connected:
+            host, port = outgoing_target(self.config, self.peer[0])
+            client = SMTPClient(host, port, name, timeout=self.config.getint('esmtpconnector', 'downstream_timeout'),
+                                retries=self.config.getint('main', 'outgoingretry'))
+            self.downstream = client
+            client.connect()
+        client.helo = name
+        if verb == 'EHLO':
+            return client.ehlo()
+        client.extensions = {}
+        return client.command('HELO ' + name)
+
+    def open_downstream(self):
+        """The greeted downstream; a connection lost since the client's greeting is
+        opened again with that greeting."""
+        if self.downstream is None or not self.downstream.connected:
+            code, lines = self.greet_downstream('EHLO' if self.esmtp else 'HELO', self.helo)
+            if code != 250:
+                raise SMTPError(code, ' '.join(lines))
+        return self.downstream
+
+    def downstream_params(self, params, size=None):
+        # SMTPD_PROXY_README: the filter passes MAIL/RCPT parameters unchanged; the
+        # client only saw extensions the downstream offered.
+        return list(params)
+
+    def accepted_reply(self, code, lines, local_text):
+        return code, lines
+
+    def downstream_unavailable(self, error):
+        self.logger.warning('%s: after-filter server unavailable: %s', self.peer_label(), error)
+        self.reply(421, ensure_enhanced(one_line(error.text), '4.4.1'))
+        self.closing = True
+
+    # -- commands -------------------------------------------------------------------
+    def extensions(self):
+        offered = self.downstream.extensions
+        items = []
+        for keyword in self.PROXIED_EXTENSIONS:
+            if keyword not in offered:
+                continue
+            if keyword == 'SIZE':
+                limits = [int(n) for n in (offered['SIZE'].strip() or '0', self.max_size) if int(n) > 0]
+                items.append('SIZE %d' % min(limits) if limits else 'SIZE')
+            else:
+                items.append(('%s %s' % (keyword, offered[keyword])).strip())
+        # XFORWARD is ours to offer (trusted peers only); it is passed on at MAIL
+        items += [item for item in super().extensions() if item.startswith('XFORWARD')]
+        return items
+
+    def smtp_EHLO(self, argument):
+        self.greet('EHLO', argument)
+
+    def smtp_HELO(self, argument):
+        self.greet('HELO', argument)
+
+    def greet(self, verb, argument):
+        if not argument:
+            return self.error(501, '5.5.4 Syntax: %s hostname' % verb)
+        self.reset()
+        try:
+            code, lines = self.greet_downstream(verb, argument)
+        except SMTPError as error:
+            if error.connection_problem:
+                return self.downstream_unavailable(error)
+            code, lines = error.code, [error.text]
+        if code != 250:
+            self.logger.info('%s: %s %s refused downstream: %s %s', self.peer_label(), verb, argument, code,
+                             ' '.join(lines))
+            return self.reply(code, lines)
+        self.helo, self.esmtp = argument, verb == 'EHLO'
+        if verb == 'EHLO':
+            return self.reply(250, [lines[0]] + self.extensions())
+        self.reply(250, lines)
+
+    def smtp_RCPT(self, argument):
+        if self.ignore_multiple_recipients and self.in_transaction:
+            self.settle()   # is the first recipient accepted yet?
+            if self.recipients:
+                parsed = self.parse_rcpt(argument)
+                if parsed is None:
+                    return
+                self.rcpt_attempts += 1
+                self.ignored_recipients.append(parsed[0])
+                # spam trap mode: later recipients are acknowledged, never forwarded
+                return self.reply(250, '2.1.5 OK #%d' % self.rcpt_attempts)
+        super().smtp_RCPT(argument)
+
+
+class EsmtpConnector(SMTPConnector):
+    """Before-queue proxy (Postfix smtpd_proxy_filter)."""
+    protocol = 'esmtp'
+    session_class = EsmtpSession
 
 
 ###############################################################################
 # Connector: netcat
 ###############################################################################
+# For scripts (`fuglu client`): banner line, the raw message until the client
+# half-closes, one reply `STATUS:...`, close. The message may start with an envelope
+# block, honoured from trusted peers only:
+#
+#     X-DATA-PREPEND-START: <token>
+#     X-ENV-SENDER: <address or <>>
+#     X-ENV-RECIPIENT: <address>        (repeatable)
+#     X-HEALTHCHECK: true               (a health probe, nothing is scanned)
+#     <any other name>: <value>         (becomes a message tag)
+#     X-DATA-PREPEND-END: <token>
+
+NETCAT_BANNER = (b'fuglu scanner ready - please pipe your message, (optional) include env sender/recipient '
+                 b'in the beginning, see documentation\r\n')
+NETCAT_DEFAULT_ADDRESS = 'unknown@example.org'
+NETCAT_BLOCK_START = b'X-DATA-PREPEND-START:'
+NETCAT_BLOCK_END = 'X-DATA-PREPEND-END'
+NETCAT_STATUS = {DUNNO: b'DUNNO', ACCEPT: b'DUNNO', DELETE: b'DISCARD', REJECT: b'REJECT', DEFER: b'DEFER'}
+NETCAT_HEALTHY = b'DUNNO: healthcheck'
+
+
+class EnvelopeBlockError(ValueError):
+    """A netcat envelope block that cannot be read."""
+
+
+def split_envelope_block(data):
+    """(token, [(name, value), ...], message) when ``data`` starts with an envelope
+    block, else None. Raises EnvelopeBlockError for a broken block."""
+    if data[:len(NETCAT_BLOCK_START)].upper() != NETCAT_BLOCK_START.upper():
+        return None
+    fields = []
+    token = None
+    position = 0
+    while True:
+        end = data.find(b'\n', position)
+        if end < 0:
+            raise EnvelopeBlockError('envelope block without its %s line' % NETCAT_BLOCK_END)
+        line = data[position:end].rstrip(b'\r')
+        position = end + 1
+        if not line:   # the message's header/body separator: the block never ended
+            raise EnvelopeBlockError('envelope block without its %s line' % NETCAT_BLOCK_END)
+        name, sep, value = line.partition(b':')
+        try:
+            name = name.strip().decode('ascii')
+        except UnicodeDecodeError:
+            name = ''
+        if not sep or not name or re.search(r'[^\x21-\x7e]', name):
+            raise EnvelopeBlockError('envelope block line %r is not "name: value"' % line[:60])
+        value = value.strip().decode('utf-8', 'replace')
+        if token is None:
+            token = value
+        elif name.upper() == NETCAT_BLOCK_END:
+            if value != token:
+                raise EnvelopeBlockError('envelope block end token %r does not match the start token %r'
+                                         % (value[:40], token[:40]))
+            return token, fields, data[position:]
+        else:
+            fields.append((name, value))
+
+
+def uses_bare_lf(message):
+    """True when the message's first line ends in LF alone (a Unix .eml)."""
+    end = message.find(b'\n')
+    return end >= 0 and message[end - 1:end] != b'\r'
+
+
+class NetcatConnector(Connector):
+    """Raw message pipe for scripts; see the section comment for the exchange.
+
+    Replies: ``DUNNO:`` + the full message with fuglu's headers, ``DISCARD:text``,
+    ``REJECT:text``, ``DEFER:text``; ``DUNNO: healthcheck`` to a health probe."""
+
+    protocol = 'netcat'
+
+    def size_limit(self):
+        value = self.config.get('main', 'netcat_max_message_size').strip()
+        return int(value) if value else self.config.getint('main', 'smtp_max_message_size')
+
+    def serve(self, sock, peer):
+        label = '%s:%s' % peer[:2]
+        sock.sendall(NETCAT_BANNER)
+        limit = self.size_limit()
+        try:
+            data, oversized = self.read_message(sock, limit)
+        except ConnectionClosed as why:
+            self.logger.info('%s: netcat client left before sending a whole message: %s', label, why)
+            return
+        if oversized:
+            self.logger.warning('%s: netcat message over %d bytes refused', label, limit)
+            return self.answer(sock, b'REJECT:message exceeds %d octets (configured limit netcat_max_message_size)'
+                               % limit)
+        sender, recipients, tags = NETCAT_DEFAULT_ADDRESS, [NETCAT_DEFAULT_ADDRESS], {}
+        try:
+            block = split_envelope_block(data)
+        except EnvelopeBlockError as error:
+            block = error
+        if block is not None and not self.peer_is_trusted(peer[0]):
+            self.logger.info('%s: envelope block from an untrusted peer kept as message content', label)
+        elif isinstance(block, EnvelopeBlockError):
+            self.logger.warning('%s: broken envelope block: %s', label, block)
+            return self.answer(sock, b'REJECT:' + one_line('broken envelope block: %s' % block).encode('utf-8'))
+        elif block is not None:
+            token, fields, data = block
+            found_sender, found_recipients = None, []
+            for name, value in fields:
+                key = name.upper()
+                if key == 'X-HEALTHCHECK':
+                    self.logger.info('HEALTHCHECK netcat from %s', label)
+                    return self.answer(sock, NETCAT_HEALTHY)
+                if key == 'X-ENV-SENDER':
+                    found_sender = value.strip().strip('<>').strip()
+                elif key == 'X-ENV-RECIPIENT':
+                    found_recipients.append(value.strip().strip('<>').strip())
+                else:
+                    tags[name] = value
+            tags['prepend_identifier'] = token
+            if found_sender is not None:
+                sender = found_sender
+            if found_recipients:
+                recipients = [address for address in found_recipients if address] or recipients
+        if not data:
+            return self.answer(sock, b'REJECT:empty message')
+        self.scan(sock, label, Suspect(sender, recipients, inbuffer=data), tags)
+
+    def read_message(self, sock, limit):
+        """Everything up to the client's half-close: (bytes, False), or (b'', True)
+        when over ``limit`` (the rest is read and dropped, so the reply is not lost
+        to a connection reset)."""
+        chunks, total = [], 0
+        while True:
+            try:
+                chunk = sock.recv(READ_SIZE)
+            except socket.timeout:
+                raise ConnectionClosed('timeout')
+            except OSError as error:
+                raise ConnectionClosed(str(error))
+            if not chunk:
+                break
+            total += len(chunk)
+            if limit and total > limit:
+                chunks = None
+            elif chunks is not None:
+                chunks.append(chunk)
+        if chunks is None:
+            return b'', True
+        return b''.join(chunks), False
+
+    def scan(self, sock, label, suspect, tags):
+        for name, value in tags.items():
+            suspect.tags.setdefault(name, value)   # never replace the core's own tags
+        suspect.tags['incomingport'] = self.port
+        self.logger.info('%s from=%s, nrec=%d, size=%d, client=%s (netcat)', suspect.id,
+                         suspect.from_address or '<>', len(suspect.recipients), suspect.size, label)
+        session = ScanSession(self.controller)
+        action, delivered = DEFER, False
+        try:
+            action, message = session.scan(suspect)
+            if action in (DUNNO, ACCEPT):
+                reply = b'DUNNO:' + self.output_message(suspect)
+            else:
+                reply = NETCAT_STATUS[action] + b':' + session.reply_text(suspect, action, message).encode('utf-8')
+            delivered = self.answer(sock, reply)
+        except Exception:
+            trace = traceback.format_exc()
+            self.logger.error('%s: processing failed, deferring: %s', suspect.id, trace)
+            self.controller.record_exception(trace)
+            action = DEFER
+            self.answer(sock, b'DEFER:internal problem - message deferred (%s)' % suspect.id.encode())
+        session.finish(suspect, action, delivered and action in (DUNNO, ACCEPT))
+
+    @staticmethod
+    def output_message(suspect):
+        """The message with fuglu's headers, in the line-end style of the input: a
+        Unix .eml comes back with LF-only lines, byte for byte after the new headers."""
+        output = suspect.get_output_source()
+        source = suspect.get_source()
+        if uses_bare_lf(source) and output.endswith(source):
+            added = output[:len(output) - len(source)]
+            output = added.replace(b'\r\n', b'\n') + source
+        return output
+
+    def answer(self, sock, reply):
+        try:
+            sock.sendall(reply)
+            sock.shutdown(socket.SHUT_WR)
+            return True
+        except OSError as error:
+            self.logger.warning('netcat reply not delivered: %s', error)
+            return False
 
 
 ###############################################################################
 # Connector: milter
 ###############################################################################
+# The Sendmail/Postfix milter protocol, version 6, written from the protocol notes
+# (shared/spec/protocols.md section 1: Vierling's description, mfdef.h, Postfix's
+# milter8.c). The MTA is the socket client; one milter connection carries any number
+# of messages. Every packet, in both directions, is
+#
+#     uint32 length (network byte order, counts the command byte) | command | data
+#
+# Strings are NUL terminated, integers big-endian. The MTA pipelines every packet
+# that needs no reply, so the reader splits a byte stream, never assumes one recv()
+# per packet, and a reply is sent exactly where the negotiated flags ask for one
+# (an unexpected reply silently desynchronises Postfix).
+
+MILTER_VERSION = 6
+MILTER_CHUNK_SIZE = 65535   # largest body chunk either side sends (libmilter MILTER_CHUNK_SIZE)
+
+# -- commands, MTA -> milter --------------------------------------------------
+SMFIC_ABORT = b'A'      # end of this message; the connection's data stays
+SMFIC_BODY = b'B'       # a body chunk (CRLF line ends)
+SMFIC_CONNECT = b'C'    # hostname, family, port, address
+SMFIC_MACRO = b'D'      # macros belonging to the next command
+SMFIC_BODYEOB = b'E'    # end of message: modifications, then the verdict
+SMFIC_HELO = b'H'
+SMFIC_QUIT_NC = b'K'    # quit, a new connection follows on this socket
+SMFIC_HEADER = b'L'     # name, value
+SMFIC_MAIL = b'M'       # <sender>, ESMTP arguments
+SMFIC_EOH = b'N'
+SMFIC_OPTNEG = b'O'     # version, actions, protocol flags
+SMFIC_QUIT = b'Q'
+SMFIC_RCPT = b'R'       # <recipient>, ESMTP arguments
+SMFIC_DATA = b'T'
+SMFIC_UNKNOWN = b'U'    # an SMTP command the MTA does not know
+
+# -- replies, milter -> MTA ----------------------------------------------------
+SMFIR_ADDRCPT = b'+'
+SMFIR_DELRCPT = b'-'
+SMFIR_ADDRCPT_PAR = b'2'
+SMFIR_SHUTDOWN = b'4'
+SMFIR_ACCEPT = b'a'
+SMFIR_REPLBODY = b'b'
+SMFIR_CONTINUE = b'c'
+SMFIR_DISCARD = b'd'
+SMFIR_CHGFROM = b'e'
+SMFIR_CONN_FAIL = b'f'
+SMFIR_ADDHEADER = b'h'
+SMFIR_INSHEADER = b'i'
+SMFIR_SETSYMLIST = b'l'   # defined, never on the wire: symbol lists ride in the OPTNEG reply
+SMFIR_CHGHEADER = b'm'
+SMFIR_PROGRESS = b'p'
+SMFIR_QUARANTINE = b'q'
+SMFIR_REJECT = b'r'
+SMFIR_SKIP = b's'
+SMFIR_TEMPFAIL = b't'
+SMFIR_REPLYCODE = b'y'
+SMFIR_OPTNEG = b'O'
+
+# -- actions the milter may take (negotiated) ------------------------------------
+SMFIF_ADDHDRS = 0x001       # add and insert headers
+SMFIF_CHGBODY = 0x002
+SMFIF_ADDRCPT = 0x004
+SMFIF_DELRCPT = 0x008
+SMFIF_CHGHDRS = 0x010       # change and delete headers
+SMFIF_QUARANTINE = 0x020
+SMFIF_CHGFROM = 0x040
+SMFIF_ADDRCPT_PAR = 0x080
+SMFIF_SETSYMLIST = 0x100
+
+# -- protocol flags: NO* = "do not send me this", NR_* = "I will not reply to this" --
+SMFIP_NOCONNECT = 0x000001
+SMFIP_NOHELO = 0x000002
+SMFIP_NOMAIL = 0x000004
+SMFIP_NORCPT = 0x000008
+SMFIP_NOBODY = 0x000010
+SMFIP_NOHDRS = 0x000020
+SMFIP_NOEOH = 0x000040
+SMFIP_NR_HDR = 0x000080     # also known as SMFIP_NOHREPL
+SMFIP_NOUNKNOWN = 0x000100
+SMFIP_NODATA = 0x000200
+SMFIP_SKIP = 0x000400       # the MTA understands SMFIR_SKIP
+SMFIP_RCPT_REJ = 0x000800
+SMFIP_NR_CONN = 0x001000
+SMFIP_NR_HELO = 0x002000
+SMFIP_NR_MAIL = 0x004000
+SMFIP_NR_RCPT = 0x008000
+SMFIP_NR_DATA = 0x010000
+SMFIP_NR_UNKN = 0x020000
+SMFIP_NR_EOH = 0x040000
+SMFIP_NR_BODY = 0x080000
+SMFIP_HDR_LEADSPC = 0x100000  # header values keep their leading space, both ways
+
+# -- macro stages (uint32 in the OPTNEG symbol lists; EOM < EOH is historical) ----
+SMFIM_CONNECT = 0
+SMFIM_HELO = 1
+SMFIM_ENVFROM = 2
+SMFIM_ENVRCPT = 3
+SMFIM_DATA = 4
+SMFIM_EOM = 5
+SMFIM_EOH = 6
+
+
+def _milter_names(prefix):
+    """value -> name (without the prefix) of every constant of one family, for logs."""
+    return {value: name[len(prefix):] for name, value in globals().items()
+            if name.startswith(prefix) and not name.endswith('_NAMES')}
+
+
+SMFIC_NAMES = _milter_names('SMFIC_')
+SMFIR_NAMES = _milter_names('SMFIR_')
+SMFIF_NAMES = _milter_names('SMFIF_')
+SMFIP_NAMES = _milter_names('SMFIP_')
+SMFIM_NAMES = _milter_names('SMFIM_')
+
+
+def describe_milter_flags(value, names):
+    """0x41, SMFIF_NAMES -> 'ADDHDRS|CHGFROM' (unknown bits in hex)."""
+    parts = [names[bit] for bit in sorted(names) if value & bit]
+    unknown = value & ~sum(names)
+    if unknown:
+        parts.append('0x%x' % unknown)
+    return '|'.join(parts) or '0'
+
+
+# The reply we give to each event unless the MTA agreed that we stay silent.
+MILTER_NO_REPLY_FLAGS = {
+    SMFIC_CONNECT: SMFIP_NR_CONN, SMFIC_HELO: SMFIP_NR_HELO, SMFIC_MAIL: SMFIP_NR_MAIL,
+    SMFIC_RCPT: SMFIP_NR_RCPT, SMFIC_DATA: SMFIP_NR_DATA, SMFIC_HEADER: SMFIP_NR_HDR,
+    SMFIC_EOH: SMFIP_NR_EOH, SMFIC_BODY: SMFIP_NR_BODY, SMFIC_UNKNOWN: SMFIP_NR_UNKN,
+}
+
+# The modification actions each part of the message needs.
+MILTER_PART_ACTIONS = {
+    'headers': SMFIF_ADDHDRS | SMFIF_CHGHDRS,
+    'body': SMFIF_CHGBODY,
+    'from': SMFIF_CHGFROM,
+    'to': SMFIF_ADDRCPT | SMFIF_DELRCPT,
+}
+
+
+class MilterProtocolError(Exception):
+    """The MTA broke the framing or sent nonsense; the connection is closed."""
+
+
+def milter_packet(command, data=b''):
+    """One packet: length, command byte, data."""
+    return (len(data) + 1).to_bytes(4, 'big') + command + data
+
+
+def milter_strings(*values):
+    """NUL-terminated strings back to back (str is UTF-8 encoded, bytes kept)."""
+    return b''.join(force_bString(value, errors='surrogateescape') + b'\0' for value in values)
+
+
+def split_milter_strings(data):
+    """b'a\\0b\\0' -> [b'a', b'b']. A missing final NUL is tolerated."""
+    if data.endswith(b'\0'):
+        data = data[:-1]
+    return data.split(b'\0') if data else []
+
+
+def encode_optneg(version, actions, protocol, symbol_lists=None):
+    """OPTNEG packet; symbol_lists ({SMFIM stage: 'i {auth_type}'}) is appended as the
+    symbol-list extension (stage uint32 + space separated names)."""
+    data = version.to_bytes(4, 'big') + actions.to_bytes(4, 'big') + protocol.to_bytes(4, 'big')
+    for stage, names in sorted((symbol_lists or {}).items()):
+        data += stage.to_bytes(4, 'big') + milter_strings(names)
+    return milter_packet(SMFIR_OPTNEG, data)
+
+
+def parse_optneg(data):
+    """OPTNEG data -> (version, actions, protocol)."""
+    if len(data) < 12:
+        raise MilterProtocolError('OPTNEG with %d data bytes, 12 needed' % len(data))
+    return (int.from_bytes(data[0:4], 'big'), int.from_bytes(data[4:8], 'big'),
+            int.from_bytes(data[8:12], 'big'))
+
+
+def parse_milter_macros(data):
+    """MACRO data -> (command the macros belong to, {name: value}). Long names come
+    in braces ({client_addr}), one-letter names without; both are stored bare."""
+    if not data:
+        raise MilterProtocolError('MACRO packet without a command code')
+    items = split_milter_strings(data[1:])
+    macros = {}
+    for index in range(0, len(items) - 1, 2):
+        name = items[index].decode('utf-8', 'replace')
+        if name.startswith('{') and name.endswith('}'):
+            name = name[1:-1]
+        macros[name] = items[index + 1].decode('utf-8', 'replace')
+    return data[:1], macros
+
+
+def parse_milter_connect(data):
+    """CONNECT data -> (hostname, family, port, address). Family b'4', b'6', b'L'
+    (unix socket) carry port and address; b'U' (unknown) carries neither."""
+    hostname, separator, rest = data.partition(b'\0')
+    if not separator or not rest:
+        raise MilterProtocolError('CONNECT without a protocol family')
+    family, port, address = rest[:1], 0, ''
+    if family != b'U' and len(rest) >= 3:
+        port = int.from_bytes(rest[1:3], 'big')
+        strings = split_milter_strings(rest[3:])
+        address = strings[0].decode('utf-8', 'replace') if strings else ''
+    return hostname.decode('utf-8', 'replace'), family, port, address
+
+
+def encode_header_packet(command, name, value, index=None):
+    """ADDHEADER (index None), INSHEADER or CHGHEADER; name and value are bytes."""
+    data = name + b'\0' + value + b'\0'
+    if index is not None:
+        data = index.to_bytes(4, 'big') + data
+    return milter_packet(command, data)
+
+
+MILTER_ENHANCED_RE = re.compile(r'^([245])\.\d{1,3}\.\d{1,3}$')
+
+
+def milter_reply_code(code, text, enhanced=None):
+    """SMFIR_REPLYCODE packet Postfix accepts (milter8.c): every line is
+    'ddd x.y.z text' ('ddd-' on all but the last, lines joined by CRLF), the first
+    digit 4 or 5, the enhanced code of the same class, '%' doubled (the MTA runs the
+    text through a printf-style formatter), no NUL inside."""
+    code = int(code)
+    if code // 100 not in (4, 5):
+        raise ValueError('milter reply codes must be 4xx or 5xx, not %d' % code)
+    klass = str(code)[0]
+    lines = re.split(r'\r\n|\r|\n', force_uString(text or '').replace('\0', ' '))
+    lines = [line.strip() for line in lines if line.strip()][:20] or ['']
+    if enhanced is None or not enhanced.startswith(klass + '.'):
+        enhanced = '%s.7.1' % klass
+    first_word = lines[0].split(' ', 1)[0]
+    if MILTER_ENHANCED_RE.match(first_word) and first_word[0] == klass:
+        enhanced = first_word
+    out = []
+    for number, line in enumerate(lines):
+        word, _, rest = line.partition(' ')
+        if MILTER_ENHANCED_RE.match(word) and word[0] == klass:
+            line = rest
+        separator = ' ' if number == len(lines) - 1 else '-'
+        out.append(('%d%s%s %s' % (code, separator, enhanced, line[:400])).rstrip().replace('%', '%%'))
+    return milter_packet(SMFIR_REPLYCODE, milter_strings('\r\n'.join(out)))
+
+
+class MilterPacketDecoder(object):
+    """Splits a byte stream into (command, data) packets: several packets may come in
+    one read and one packet over several reads. ``feed(bytes)`` adds input,
+    ``next_packet()`` returns the next complete packet or None, ``pending()`` the
+    number of bytes of an incomplete packet. A length of 0 or above
+    ``max_packet_size`` raises MilterProtocolError before anything is buffered for it."""
+
+    def __init__(self, max_packet_size):
+        self.max_packet_size = max_packet_size
+        self.buffer = bytearray()
+        self.position = 0
+
+    def feed(self, data):
+        if self.position and self.position == len(self.buffer):
+            self.buffer = bytearray(data)
+            self.position = 0
+        else:
+            self.buffer += data
+
+    def pending(self):
+        return len(self.buffer) - self.position
+
+    def next_packet(self):
+        buffer, start = self.buffer, self.position
+        available = len(buffer) - start
+        if available < 4:
+            self._compact()
+            return None
+        length = int.from_bytes(buffer[start:start + 4], 'big')
+        if length == 0:
+            raise MilterProtocolError('packet of length 0 (the command byte is missing)')
+        if length > self.max_packet_size:
+            raise MilterProtocolError('packet of %d bytes exceeds milter_max_packet_size %d'
+                                      % (length, self.max_packet_size))
+        if available < 4 + length:
+            self._compact()
+            return None
+        command = bytes(buffer[start + 4:start + 5])
+        data = bytes(buffer[start + 5:start + 4 + length])
+        self.position = start + 4 + length
+        return command, data
+
+    def _compact(self):
+        if self.position:
+            del self.buffer[:self.position]
+            self.position = 0
+
+
+class MilterReader(object):
+    """Packets from a socket. ``read_packet()`` -> (command, data); raises
+    ConnectionClosed at EOF between packets (the MTA may leave at any time) and
+    MilterProtocolError for broken framing, including EOF inside a packet."""
+
+    def __init__(self, sock, max_packet_size):
+        self.sock = sock
+        self.decoder = MilterPacketDecoder(max_packet_size)
+
+    def read_packet(self):
+        decoder = self.decoder
+        while True:
+            packet = decoder.next_packet()
+            if packet is not None:
+                return packet
+            try:
+                chunk = self.sock.recv(READ_SIZE)
+            except socket.timeout:
+                raise ConnectionClosed('timeout')
+            except OSError as error:
+                raise ConnectionClosed(str(error))
+            if not chunk:
+                if decoder.pending():
+                    raise MilterProtocolError('connection closed inside a packet (%d bytes of it read)'
+                                              % decoder.pending())
+                raise ConnectionClosed('EOF')
+            decoder.feed(chunk)
+
+    def has_packet(self):
+        """True if a complete packet is already buffered (no read needed)."""
+        decoder = self.decoder
+        if decoder.pending() < 4:
+            return False
+        start = decoder.position
+        return decoder.pending() >= 4 + int.from_bytes(decoder.buffer[start:start + 4], 'big')
+
+
+MILTER_CONTINUE = milter_packet(SMFIR_CONTINUE)
+MILTER_PROGRESS = milter_packet(SMFIR_PROGRESS)
+MILTER_SKIP = milter_packet(SMFIR_SKIP)
+MILTER_HEADER_FIELD_RE = re.compile(rb'^([^:\s][^:\r\n]*):(.*(?:\r?\n[ \t].*)*)', re.MULTILINE)
+
+
+def split_message_source(source):
+    """Message bytes -> (header block, body); the blank line belongs to neither."""
+    if source.startswith(b'\r\n') or source.startswith(b'\n'):
+        return b'', source[2 if source.startswith(b'\r\n') else 1:]
+    match = HEADER_END_RE.search(source)
+    if match is None:
+        return source, b''
+    return source[:match.start()], source[match.end():]
+
+
+def parse_header_block(block):
+    """b'A: 1\\r\\nB: 2\\r\\n\\t3' -> [(b'A', b' 1'), (b'B', b' 2\\r\\n\\t3')]: each value is
+    everything after the colon, continuation lines included, without the line end."""
+    headers = []
+    for match in MILTER_HEADER_FIELD_RE.finditer(block):
+        value = match.group(2)
+        if value.endswith(b'\r'):
+            value = value[:-1]
+        headers.append((match.group(1), value))
+    return headers
+
+
+def clean_milter_address(argument):
+    """'<a@b>' (as MAIL/RCPT arguments arrive) -> 'a@b'."""
+    address = argument.strip()
+    if address.startswith('<') and address.endswith('>'):
+        address = address[1:-1].strip()
+    return address
+
+
+class MilterMode(object):
+    """[milter] milter_mode and milter_mode_options, resolved once per configuration.
+
+    readonly: change nothing, ask for no modification rights.
+    tags: add fuglu's headers; replace what the tag milter_replace names (all, body,
+    headers, from, to). manual: add fuglu's headers; replace the parts listed in
+    milter_mode_options. auto, autoheaders, autofrom, autoto (combinable): add fuglu's
+    headers and write back what the plugins changed (auto = headers, body, sender
+    and recipients). replace_demo: replace the whole message by a notice (tests).
+    Option prepend: added headers go on top (INSHEADER 0) instead of the bottom.
+
+    Attributes: name, readonly, tags, demo, auto_parts, forced_parts (sets of
+    'headers', 'body', 'from', 'to'), prepend, actions (SMFIF_* rights to ask for).
+    """
+
+    AUTO_WORDS = {'auto': ('headers', 'body', 'from', 'to'), 'autoheaders': ('headers',),
+                  'autofrom': ('from',), 'autoto': ('to',)}
+    SINGLE_WORDS = ('readonly', 'tags', 'manual', 'replace_demo')
+
+    def __init__(self, config, logger=None):
+        logger = logger or logging.getLogger('fuglu.milter')
+        words = parse_list(config.get('milter', 'milter_mode'), lower=True)
+        known = [word for word in words if word in self.AUTO_WORDS or word in self.SINGLE_WORDS]
+        if len(known) != len(words):
+            logger.error('milter_mode: ignoring unknown words %s', [w for w in words if w not in known])
+        options = set(parse_list(config.get('milter', 'milter_mode_options'), lower=True))
+        self.prepend = 'prepend' in options
+        parts = set(MILTER_PART_ACTIONS) if 'all' in options else options & set(MILTER_PART_ACTIONS)
+        self.auto_parts, self.forced_parts = set(), set()
+        if len(known) == 1 and known[0] in self.SINGLE_WORDS:
+            self.name = known[0]
+        elif known and all(word in self.AUTO_WORDS for word in known):
+            self.name = ','.join(known)
+            for word in known:
+                self.auto_parts.update(self.AUTO_WORDS[word])
+        else:
+            logger.error('milter_mode %r is not a valid mode or combination, using tags', ','.join(words))
+            self.name = 'tags'
+        self.readonly = self.name == 'readonly'
+        self.tags = self.name == 'tags'
+        self.demo = self.name == 'replace_demo'
+        if self.name == 'manual':
+            self.forced_parts = parts
+        every_part = set(MILTER_PART_ACTIONS)
+        wanted = every_part if (self.tags or self.demo) else self.auto_parts | self.forced_parts
+        self.actions = 0
+        if not self.readonly:
+            self.actions = SMFIF_ADDHDRS   # fuglu's own X-Fuglu-* headers, in every writing mode
+            for part in wanted:
+                self.actions |= MILTER_PART_ACTIONS[part]
+
+
+class MilterPlugin(BasicPlugin):
+    """A plugin that acts while the MTA is still talking, before the message is
+    complete ([main] mplugins; milter connector only; FuGlu's mplugins idea, small).
+
+    Override ``state`` (class attribute): the stages to run at, from 'connect',
+    'helo', 'mailfrom', 'rcpt', 'header', 'eoh', 'eob'; and one method per stage:
+
+        examine_connect(session, hostname, address)
+        examine_helo(session, helo)
+        examine_mailfrom(session, sender)
+        examine_rcpt(session, recipient)
+        examine_header(session, name, value)     str, value without the leading space
+        examine_eoh(session)
+        examine_eob(session, suspect)            the whole message, before the scanners
+
+    Return DUNNO or None to go on, or ACCEPT / DELETE / REJECT / DEFER, optionally as
+    (action, message). The first plugin with a decision ends the stage: REJECT
+    answers ``550 5.7.1 <message>``, DEFER ``450 4.7.1 <message>``, DELETE discards
+    (not allowed at connect/helo: answered with a temporary failure), ACCEPT accepts.
+    A decision at eob replaces the scanners' verdict. A rejected recipient is not
+    recorded. ``session`` is the MilterSession: helo, hostname, client_address,
+    sender, recipients, headers, get_macro(name), queue_id(), tags (per connection;
+    'skipmplugins' = comma separated class names to skip), logger.
+    A stage without plugins is negotiated as no-reply, so the MTA never waits for it.
+    """
+
+    state = []
+    STAGES = ('connect', 'helo', 'mailfrom', 'rcpt', 'header', 'eoh', 'eob')
+
+
+class MilterProgressWatch(object):
+    """One thread per milter connector that keeps the MTA patient: a session whose
+    message has been scanning for ``interval`` seconds gets an SMFIR_PROGRESS packet,
+    and another one every interval after that (Postfix restarts its
+    milter_content_timeout on each). The thread starts with the first watched session."""
+
+    def __init__(self, interval):
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.sessions = {}    # session -> time the next keep-alive is due
+        self.thread = None
+
+    def watch(self, session):
+        if self.interval <= 0:
+            return
+        with self.lock:
+            self.sessions[session] = time.time() + self.interval
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name='milter-progress')
+                self.thread.daemon = True
+                self.thread.start()
+
+    def unwatch(self, session):
+        with self.lock:
+            self.sessions.pop(session, None)
+
+    def _run(self):
+        tick = min(self.interval / 2.0, 1.0)
+        while True:
+            time.sleep(tick)
+            now = time.time()
+            with self.lock:
+                due = [session for session, when in self.sessions.items() if when <= now]
+                for session in due:
+                    self.sessions[session] = now + self.interval
+            for session in due:
+                session.send_progress()
+
+
+class MilterSession(object):
+    """One milter connection from the MTA: option negotiation, then any number of
+    messages (Postfix opens one milter connection per SMTP connection).
+
+    Events dispatch by command name to ``on_<name>(data)`` (on_connect, on_mail,
+    on_bodyeob ...). A handler returns None (= continue) or a reply packet; the
+    reply is sent only if the event was not negotiated as no-reply. OPTNEG and
+    BODYEOB answer themselves. Any internal error becomes a temporary failure (at
+    once where a reply is due, else at the end of the message); EOF at any point ends
+    the session quietly; broken framing closes it with a log line.
+
+    Per connection: version, actions, protocol (negotiated), hostname,
+    client_address, client_port, helo, connection-stage macros, tags.
+    Per message (reset at the end of the message, ABORT and QUIT_NC): sender,
+    recipients, headers (list of (name, value) bytes as received), body, the
+    message-stage macros.
+    """
+
+    CONNECTION_MACRO_STAGES = (SMFIC_CONNECT, SMFIC_HELO)
+    # where get_macro() looks first: the latest stage of the message
+    MACRO_LOOKUP_ORDER = (SMFIC_BODYEOB, SMFIC_EOH, SMFIC_HEADER, SMFIC_DATA, SMFIC_RCPT,
+                          SMFIC_MAIL, SMFIC_HELO, SMFIC_CONNECT, SMFIC_UNKNOWN)
+    STAGE_COMMANDS = {'connect': SMFIC_CONNECT, 'helo': SMFIC_HELO, 'mailfrom': SMFIC_MAIL,
+                      'rcpt': SMFIC_RCPT, 'header': SMFIC_HEADER, 'eoh': SMFIC_EOH}
+    HANDLERS = {}   # command -> method, filled in below the class
+
+    def __init__(self, connector, sock, peer):
+        self.connector = connector
+        self.controller = connector.controller
+        self.config = config = connector.controller.config
+        self.logger = connector.logger
+        self.sock = sock
+        self.peer = peer
+        max_packet = max(config.getint('milter', 'milter_max_packet_size'), MILTER_CHUNK_SIZE + 1)
+        self.reader = MilterReader(sock, max_packet)
+        self.debug = config.getboolean('milter', 'milter_debug')
+        self.max_size = config.getint('main', 'smtp_max_message_size')
+        self.trusted = connector.peer_is_trusted(peer[0])
+        self.mplugins = connector.milter_plugins()
+        self.mode = connector.milter_mode()
+        self.stage_plugins = {}
+        for stage in MilterPlugin.STAGES:
+            self.stage_plugins[stage] = [p for p in self.mplugins if stage in (getattr(p, 'state', None) or ())]
+        self.send_lock = threading.Lock()
+        self.scanning = False
+        self.closing = False
+        self.version = MILTER_VERSION
+        self.actions = 0
+        self.protocol = 0
+        self.leading_space = False
+        self.macros = {}
+        self.reset_connection()
+
+    # -- state ------------------------------------------------------------------
+    def reset_connection(self):
+        self.macros.clear()
+        self.hostname = None
+        self.family = None
+        self.client_address = None
+        self.client_port = None
+        self.helo = None
+        self.connection_failure = None
+        self.tags = {}
+        self.reset_message()
+
+    def reset_message(self, keep_macros=False):
+        if not keep_macros:
+            for command in list(self.macros):
+                if command not in self.CONNECTION_MACRO_STAGES:
+                    del self.macros[command]
+        self.in_message = False
+        self.sender = None
+        self.mail_arguments = []
+        self.recipients = []
+        self.rcpt_arguments = {}    # recipient -> RCPT argument as received (for DELRCPT)
+        self.headers = []
+        self.body = bytearray()
+        self.size = 0
+        self.oversize = False
+        self.message_failure = None
+        self.missing_rights = set()
+
+    def get_macro(self, name, default=None):
+        """A macro of the current message or connection, by bare name ('i',
+        'client_addr'); the latest stage wins."""
+        name = name.strip('{}')
+        for command in self.MACRO_LOOKUP_ORDER:
+            stage = self.macros.get(command)
+            if stage and name in stage:
+                return stage[name]
+        return default
+
+    def all_macros(self):
+        merged = {}
+        for command in reversed(self.MACRO_LOOKUP_ORDER):
+            merged.update(self.macros.get(command) or {})
+        return merged
+
+    def queue_id(self):
+        return self.get_macro('i')
+
+    def label(self):
+        """Log prefix: the MTA peer and Postfix's queue id once it is known."""
+        queue_id = self.get_macro('i')
+        label = 'milter %s:%s' % tuple(self.peer[:2])
+        return '%s queueid=%s' % (label, queue_id) if queue_id else label
+
+    # -- output -----------------------------------------------------------------
+    def send(self, *packets):
+        data = b''.join(packets)
+        if self.debug:
+            self.log_packets('>', data)
+        with self.send_lock:
+            try:
+                self.sock.sendall(data)
+            except OSError as error:
+                raise ConnectionClosed(str(error))
+
+    def send_progress(self):
+        """Called by the progress watch thread while a message is scanned."""
+        with self.send_lock:
+            if not self.scanning:
+                return
+            try:
+                self.sock.sendall(MILTER_PROGRESS)
+            except OSError:
+                return
+        if self.debug:
+            self.logger.debug('%s: > PROGRESS', self.label())
+
+    def log_packets(self, direction, data):
+        decoder = MilterPacketDecoder(len(data) + 1)
+        decoder.feed(data)
+        while True:
+            packet = decoder.next_packet()
+            if packet is None:
+                break
+            command, payload = packet
+            names = SMFIC_NAMES if direction == '<' else SMFIR_NAMES
+            self.logger.debug('%s: %s %s %r', self.label(), direction, names.get(command, command), payload[:200])
+
+    # -- main loop --------------------------------------------------------------
+    def run(self):
+        try:
+            while not self.closing:
+                command, data = self.reader.read_packet()
+                if self.debug:
+                    self.logger.debug('%s: < %s %r', self.label(), SMFIC_NAMES.get(command, command), data[:200])
+                self.dispatch(command, data)
+        except ConnectionClosed as why:
+            self.logger.debug('%s: milter connection closed: %s', self.label(), why)
+        except MilterProtocolError as error:
+            self.logger.warning('%s: milter protocol error, closing the connection: %s', self.label(), error)
+        finally:
+            self.scanning = False
+            self.connector.progress.unwatch(self)
+
+    def dispatch(self, command, data):
+        handler = self.HANDLERS.get(command)
+        if handler is None:
+            raise MilterProtocolError('unknown command %r with %d data bytes' % (command, len(data)))
+        try:
+            reply = handler(self, data)
+        except (ConnectionClosed, MilterProtocolError):
+            raise
+        except Exception:
+            trace = traceback.format_exc()
+            name = SMFIC_NAMES[command]
+            self.logger.error('%s: handling %s failed: %s', self.label(), name, trace)
+            self.controller.record_exception(trace)
+            if self.in_message or command in (SMFIC_MAIL, SMFIC_BODYEOB):
+                self.message_failure = 'internal problem at %s' % name
+            else:
+                self.connection_failure = 'internal problem at %s' % name
+            reply = milter_reply_code(451, '4.3.0 internal problem - try again later')
+            if command == SMFIC_BODYEOB:    # the verdict is due right now
+                self.reset_message()
+                return self.send(reply)
+        no_reply_flag = MILTER_NO_REPLY_FLAGS.get(command)
+        if no_reply_flag is None:
+            return      # OPTNEG and BODYEOB answered already; MACRO, ABORT, QUIT get no reply
+        if self.protocol & no_reply_flag:
+            if reply is not None:
+                # negotiated as no-reply: answering now would desynchronise the MTA
+                self.logger.warning('%s: cannot answer %s (negotiated as no-reply); dropping the answer',
+                                    self.label(), SMFIC_NAMES[command])
+            return
+        self.send(reply or MILTER_CONTINUE)
+
+    # -- events -----------------------------------------------------------------
+    def on_optneg(self, data):
+        version, actions, protocol = parse_optneg(data)
+        if version < 2:
+            raise MilterProtocolError('the MTA offers milter protocol version %d; 2 or later needed' % version)
+        self.version = min(version, MILTER_VERSION)
+        self.actions = self.mode.actions & actions
+        if self.mode.actions & ~actions:
+            self.logger.warning('%s: the MTA does not offer %s, needed by milter_mode %s', self.label(),
+                                describe_milter_flags(self.mode.actions & ~actions, SMFIF_NAMES), self.mode.name)
+        # Ask only for what we use: no reply to stages without milter plugins, no
+        # unknown SMTP commands, header values with their leading space (so the
+        # message is rebuilt byte for byte), SKIP for oversize bodies.
+        wanted = SMFIP_HDR_LEADSPC | SMFIP_NOUNKNOWN | SMFIP_NR_UNKN | SMFIP_NR_DATA | SMFIP_NR_BODY | SMFIP_SKIP
+        for stage, command in self.STAGE_COMMANDS.items():
+            if not self.stage_plugins[stage]:
+                wanted |= MILTER_NO_REPLY_FLAGS[command]
+        self.protocol = wanted & protocol
+        self.leading_space = bool(self.protocol & SMFIP_HDR_LEADSPC)
+        self.logger.debug('%s: negotiated version %d, actions %s, protocol %s (offered %d, %s, %s)', self.label(),
+                          self.version, describe_milter_flags(self.actions, SMFIF_NAMES),
+                          describe_milter_flags(self.protocol, SMFIP_NAMES), version,
+                          describe_milter_flags(actions, SMFIF_NAMES), describe_milter_flags(protocol, SMFIP_NAMES))
+        self.send(encode_optneg(self.version, self.actions, self.protocol))
+
+    def on_macro(self, data):
+        command, macros = parse_milter_macros(data)
+        self.macros[command] = macros
+
+    def on_connect(self, data):
+        hostname, family, port, address = parse_milter_connect(data)
+        if address.lower().startswith('ipv6:'):
+            address = address[5:]
+        self.hostname, self.family, self.client_port = hostname, family, port
+        self.client_address = address if family in (b'4', b'6') else ''
+        return self.run_stage('connect', hostname, self.client_address)
+
+    def on_helo(self, data):
+        strings = split_milter_strings(data)
+        self.helo = strings[0].decode('utf-8', 'replace') if strings else ''
+        return self.run_stage('helo', self.helo)
+
+    def on_mail(self, data):
+        arguments = [item.decode('utf-8', 'replace') for item in split_milter_strings(data)]
+        if not arguments:
+            raise MilterProtocolError('MAIL without a sender')
+        if self.in_message:     # MAIL without ABORT: a new transaction all the same
+            self.reset_message(keep_macros=True)
+        self.in_message = True
+        self.sender = clean_milter_address(arguments[0])
+        self.mail_arguments = arguments[1:]
+        return self.run_stage('mailfrom', self.sender)
+
+    def on_rcpt(self, data):
+        arguments = [item.decode('utf-8', 'replace') for item in split_milter_strings(data)]
+        if not arguments:
+            raise MilterProtocolError('RCPT without a recipient')
+        recipient = clean_milter_address(arguments[0])
+        reply = self.run_stage('rcpt', recipient)
+        if reply is None or reply[4:5] == SMFIR_ACCEPT:
+            self.recipients.append(recipient)
+            self.rcpt_arguments.setdefault(recipient, arguments[0])
+        return reply
+
+    def on_data(self, data):
+        return None
+
+    def on_header(self, data):
+        items = split_milter_strings(data)
+        if not items or not items[0]:
+            raise MilterProtocolError('HEADER without a name')
+        name, value = items[0], (items[1] if len(items) > 1 else b'')
+        self.size += len(name) + len(value) + 4
+        self.headers.append((name, value))
+        if self.stage_plugins['header']:
+            return self.run_stage('header', name.decode('utf-8', 'replace'),
+                                  value.decode('utf-8', 'replace').lstrip(' '))
+        return None
+
+    def on_eoh(self, data):
+        return self.run_stage('eoh')
+
+    def on_body(self, data):
+        self.size += len(data)
+        if self.max_size and self.size > self.max_size:
+            if not self.oversize:
+                self.logger.warning('%s: message over smtp_max_message_size %d, will be refused', self.label(),
+                                    self.max_size)
+                self.oversize = True
+                self.body = bytearray()
+            return MILTER_SKIP if self.protocol & SMFIP_SKIP else None
+        self.body += data
+        return None
+
+    def on_bodyeob(self, data):
+        if data:    # Sendmail may attach the last body chunk; Postfix never does
+            self.on_body(data)
+        try:
+            self.end_of_message()
+        finally:
+            self.reset_message()
+
+    def on_abort(self, data):
+        self.reset_message()
+
+    def on_quit(self, data):
+        self.closing = True
+
+    def on_quit_nc(self, data):
+        self.reset_connection()
+
+    def on_unknown(self, data):
+        return None
+
+    # -- milter-stage plugins ------------------------------------------------------
+    def run_stage(self, stage, *args):
+        """Run the milter plugins of one stage; None to go on, else the reply packet."""
+        plugins = self.stage_plugins.get(stage)
+        if not plugins:
+            return None
+        action, message = self.stage_verdict(stage, plugins, args)
+        if action == DUNNO:
+            return None
+        if action == ACCEPT:
+            return milter_packet(SMFIR_ACCEPT)
+        if action == DELETE:
+            if stage in ('connect', 'helo'):
+                self.logger.error('%s: DELETE (discard) is not allowed at %s; answering with a temporary failure',
+                                  self.label(), stage)
+                return milter_reply_code(451, '4.7.1 Try again later')
+            return milter_packet(SMFIR_DISCARD)
+        if action == REJECT:
+            return milter_reply_code(550, message or 'Rejected by content scanner')
+        return milter_reply_code(450, message or 'Try again later')
+
+    def stage_verdict(self, stage, plugins, args):
+        """(action, message) of the first plugin with a decision, else (DUNNO, None).
+        A plugin that raises is logged and skipped (fail-open, like the scanners)."""
+        skipped = set(parse_list(force_uString(self.tags.get('skipmplugins', ''))))
+        for plugin in plugins:
+            if plugin.__class__.__name__ in skipped:
+                continue
+            try:
+                result = getattr(plugin, 'examine_' + stage)(self, *args)
+            except Exception as error:
+                trace = traceback.format_exc()
+                self.logger.error('%s: milter plugin %s failed at %s: %s: %s', self.label(), plugin, stage,
+                                  error.__class__.__name__, error)
+                self.logger.debug(trace)
+                self.controller.record_exception(trace)
+                continue
+            code, text = result if isinstance(result, tuple) else (result, None)
+            if code is None or code == DUNNO:
+                continue
+            if code not in (ACCEPT, DELETE, REJECT, DEFER):
+                self.logger.error('%s: milter plugin %s returned an invalid action %r at %s, ignored',
+                                  self.label(), plugin, code, stage)
+                continue
+            self.logger.info('%s: milter plugin %s at %s: %s %s', self.label(), plugin, stage,
+                             actioncode_to_string(code), text or '')
+            return code, text
+        return DUNNO, None
+
+    # -- end of message -----------------------------------------------------------
+    def end_of_message(self):
+        failure = self.connection_failure or self.message_failure
+        if failure:
+            self.logger.error('%s: %s earlier in this message; deferring it', self.label(), failure)
+            return self.send(milter_reply_code(451, '4.3.0 internal problem - message deferred'))
+        if self.oversize:
+            return self.send(milter_reply_code(452, '4.3.4 message size exceeds fixed maximum message size %d'
+                                                    % self.max_size))
+        suspect = self.build_suspect()
+        if suspect is None:
+            return
+        session = ScanSession(self.controller)
+        action = DEFER
+        self.scanning = True
+        self.connector.progress.watch(self)
+        try:
+            action, message = self.stage_verdict('eob', self.stage_plugins['eob'], (suspect,))
+            if action == DUNNO:
+                action, message = session.scan(suspect)
+            packets = self.verdict_packets(session, suspect, action, message)
+        except Exception:
+            trace = traceback.format_exc()
+            self.logger.error('%s: processing failed, deferring: %s', suspect.id, trace)
+            self.controller.record_exception(trace)
+            action = DEFER
+            packets = [milter_reply_code(451, '4.3.0 internal problem - message deferred (%s)' % suspect.id)]
+        answered = self.send_verdict(packets)
+        self.logger.info('%s queueid=%s: milter verdict %s%s', suspect.id, suspect.queue_id,
+                         actioncode_to_string(action), '' if answered else ' (the MTA was gone)')
+        session.finish(suspect, action, answered and action in (DUNNO, ACCEPT))
+        if not answered:
+            raise ConnectionClosed('the MTA left before the verdict')
+
+    def send_verdict(self, packets):
+        """Stop the keep-alives and send modifications + verdict in one write.
+        Returns False when the MTA is gone."""
+        data = b''.join(packets)
+        with self.send_lock:
+            self.scanning = False
+            try:
+                self.sock.sendall(data)
+                answered = True
+            except OSError:
+                answered = False
+        self.connector.progress.unwatch(self)
+        if self.debug:
+            self.log_packets('>', data)
+        return answered
+
+    def build_suspect(self):
+        """The Suspect of the finished message, or None after refusing an envelope
+        that fails the address checks."""
+        config = self.config
+        sender = self.sender or ''
+        checker = config.get('main', 'address_compliance_checker')
+        maxsize = config.getint('main', 'address_compliance_checker_maxsize')
+        addresses = ([sender] if sender else []) + self.recipients
+        if not all(address_is_valid(address, checker, maxsize) for address in addresses):
+            action = config.get('main', 'address_compliance_fail_action').strip().lower()
+            text = config.get('main', 'address_compliance_fail_message')
+            self.logger.warning('%s: invalid envelope address in %s, action %s', self.label(), addresses, action)
+            if action == 'discard':
+                self.send(milter_packet(SMFIR_DISCARD))
+            else:
+                self.send(milter_reply_code(550 if action == 'reject' else 451, text))
+            return None
+        suspect = Suspect(sender, list(self.recipients), inbuffer=self.rebuild_message(),
+                          queue_id=self.queue_id(), clientinfo=self.clientinfo(), milter_macros=self.all_macros())
+        suspect.tags['incomingport'] = self.connector.port
+        self.logger.info('%s queueid=%s from=%s, nrec=%d, size=%d, client=%s', suspect.id, suspect.queue_id,
+                         sender or '<>', len(suspect.recipients), suspect.size, self.client_address or self.peer[0])
+        return suspect
+
+    def rebuild_message(self):
+        """The message as the MTA has it: 'name:' + value per header (the value's
+        leading space as received with HDR_LEADSPC, else the one space Postfix
+        strips), CRLF line ends, a blank line, the body bytes as received."""
+        lines = [name + b':' + self.source_value(value) + CRLF for name, value in self.headers]
+        lines.append(CRLF)
+        lines.append(bytes(self.body))
+        return b''.join(lines)
+
+    def source_value(self, value):
+        """Header value as received -> as it stands in the message source."""
+        if b'\n' in value:      # folded: the MTA separates the lines with LF
+            value = re.sub(rb'\r?\n', b'\r\n', value)
+        return value if self.leading_space else b' ' + value
+
+    def mta_value(self, value):
+        """Header value as in the message source -> as the MTA wants it."""
+        value = value.replace(b'\r\n', b'\n')
+        if self.leading_space:
+            return value if value[:1] in (b' ', b'\t') else b' ' + value
+        return value[1:] if value.startswith(b' ') else value
+
+    def clientinfo(self):
+        """(helo, ip, rdns) from CONNECT/HELO when the MTA is trusted to tell."""
+        if not self.trusted or not self.client_address:
+            return None
+        name = self.hostname or ''
+        if not name or name.startswith('['):    # Postfix sends [ip] without a reverse name
+            name = 'unknown'
+        return self.helo or '', self.client_address, name
+
+    # -- verdict and modifications --------------------------------------------------
+    def verdict_packets(self, session, suspect, action, message):
+        if action in (DUNNO, ACCEPT):
+            return self.modification_packets(suspect) + [MILTER_CONTINUE]
+        text = session.reply_text(suspect, action, message)
+        if action == DELETE:
+            return [milter_packet(SMFIR_DISCARD)]
+        if action == REJECT:
+            return [milter_reply_code(550, text)]
+        return [milter_reply_code(450, text)]
+
+    def modification_packets(self, suspect):
+        """What to change in the MTA's copy, per milter_mode (spec 4.4.5), in the
+        order sender, recipients, headers, fuglu's headers, body (body replacement
+        must not be interleaved with other changes)."""
+        mode = self.mode
+        if mode.readonly:
+            return []
+        if mode.demo:
+            return self.demo_packets(suspect)
+        forced = set(mode.forced_parts)
+        if mode.tags:
+            wanted = force_uString(suspect.tags.get('milter_replace') or '').lower()
+            forced = set(MILTER_PART_ACTIONS) if 'all' in wanted else {p for p in MILTER_PART_ACTIONS if p in wanted}
+        auto = mode.auto_parts
+        packets = []
+        if 'from' in forced or ('from' in auto and suspect.orig_from_address_changed()):
+            self.modify(packets, SMFIF_CHGFROM, milter_packet(SMFIR_CHGFROM, milter_strings(
+                '<%s>' % suspect.from_address)), 'change the sender')
+        if 'to' in forced or ('to' in auto and suspect.orig_recipients_changed()):
+            self.recipient_packets(suspect, packets)
+        body_packets = []
+        if suspect.is_modified() or 'headers' in forced or 'body' in forced:
+            original_headers = [(name, self.source_value(value)) for name, value in self.headers]
+            header_block, body = split_message_source(suspect.get_source())
+            current_headers = parse_header_block(header_block)
+            if 'headers' in forced:
+                self.delete_headers(packets, original_headers)
+                self.add_headers(packets, current_headers)
+            elif 'headers' in auto and current_headers != original_headers:
+                self.header_diff_packets(packets, original_headers, current_headers)
+            if 'body' in forced or ('body' in auto and body != bytes(self.body)):
+                body_packets = self.body_packets(body)
+        added = []
+        for name, value in suspect.addheaders.items():
+            encoded = encode_header(name, value)
+            colon = encoded.index(b':')
+            added.append((encoded[:colon], encoded[colon + 1:-2]))
+        self.add_headers(packets, added)
+        for packet in body_packets:
+            self.modify(packets, SMFIF_CHGBODY, packet, 'replace the body')
+        return packets
+
+    def modify(self, packets, right, packet, what):
+        """Queue a change if its right was negotiated; else log (once per kind)."""
+        if self.actions & right:
+            packets.append(packet)
+        elif right not in self.missing_rights:
+            self.missing_rights.add(right)
+            self.logger.error('%s: cannot %s: %s was not negotiated with the MTA', self.label(), what,
+                              describe_milter_flags(right, SMFIF_NAMES))
+
+    def recipient_packets(self, suspect, packets):
+        """Delete the recipients that are gone, add the new ones (the same end result
+        as FuGlu's delete-all-then-add, without touching kept recipients)."""
+        original, current = suspect.original_recipients, suspect.recipients
+        for recipient in original:
+            if recipient not in current:
+                argument = self.rcpt_arguments.get(recipient, '<%s>' % recipient)
+                self.modify(packets, SMFIF_DELRCPT, milter_packet(SMFIR_DELRCPT, milter_strings(argument)),
+                            'delete a recipient')
+        for recipient in current:
+            if recipient not in original:
+                self.modify(packets, SMFIF_ADDRCPT, milter_packet(SMFIR_ADDRCPT, milter_strings(
+                    '<%s>' % recipient)), 'add a recipient')
+
+    def delete_headers(self, packets, headers):
+        """Delete every header listed, highest index first per name, so the indexes
+        of the ones still to delete never shift."""
+        counts, names = {}, {}
+        for name, _value in headers:
+            key = name.lower()
+            counts[key] = counts.get(key, 0) + 1
+            names.setdefault(key, name)
+        for key, count in counts.items():
+            for index in range(count, 0, -1):
+                self.modify(packets, SMFIF_CHGHDRS, encode_header_packet(SMFIR_CHGHEADER, names[key], b'', index),
+                            'delete a header')
+
+    def add_headers(self, packets, headers):
+        """ADDHEADER (bottom of the header block), or with the mode option prepend
+        INSHEADER at index 0 (on top, in the given order)."""
+        if self.mode.prepend:
+            for name, value in reversed(headers):
+                self.modify(packets, SMFIF_ADDHDRS, encode_header_packet(
+                    SMFIR_INSHEADER, name, self.mta_value(value), 0), 'insert a header')
+        else:
+            for name, value in headers:
+                self.modify(packets, SMFIF_ADDHDRS, encode_header_packet(
+                    SMFIR_ADDHEADER, name, self.mta_value(value)), 'add a header')
+
+    def header_diff_packets(self, packets, original, current):
+        """Per header name: change the values that differ (CHGHEADER index n), delete
+        the surplus originals (from the highest index down), add the new ones."""
+        def by_name(headers):
+            table = {}
+            for name, value in headers:
+                table.setdefault(name.lower(), (name, []))[1].append(value)
+            return table
+        before, after = by_name(original), by_name(current)
+        added = []
+        for key, (name, old_values) in before.items():
+            new_values = after.get(key, (name, []))[1]
+            for index in range(len(old_values), len(new_values), -1):
+                self.modify(packets, SMFIF_CHGHDRS, encode_header_packet(SMFIR_CHGHEADER, name, b'', index),
+                            'delete a header')
+            for index in range(min(len(old_values), len(new_values))):
+                if old_values[index] != new_values[index]:
+                    self.modify(packets, SMFIF_CHGHDRS, encode_header_packet(
+                        SMFIR_CHGHEADER, name, self.mta_value(new_values[index]), index + 1), 'change a header')
+            added.extend((name, value) for value in new_values[len(old_values):])
+        for key, (name, new_values) in after.items():
+            if key not in before:
+                added.extend((name, value) for value in new_values)
+        self.add_headers(packets, added)
+
+    def body_packets(self, body):
+        """REPLBODY chunks of at most 65535 bytes, CRLF line ends."""
+        body = re.sub(rb'(?<!\r)\n', b'\r\n', body)
+        chunks = [body[start:start + MILTER_CHUNK_SIZE] for start in range(0, len(body), MILTER_CHUNK_SIZE)]
+        return [milter_packet(SMFIR_REPLBODY, chunk) for chunk in chunks or [b'']]
+
+    def demo_packets(self, suspect):
+        """replace_demo: the whole message becomes a short notice."""
+        packets = []
+        original = [(name, self.source_value(value)) for name, value in self.headers]
+        self.delete_headers(packets, original)
+        notice = [(b'From', b' <%s>' % force_bString(suspect.from_address or 'MAILER-DAEMON')),
+                  (b'To', b' <%s>' % force_bString(suspect.to_address or 'undisclosed-recipients')),
+                  (b'Subject', b' fuglu milter replace_demo')]
+        self.add_headers(packets, notice)
+        body = ('This message was replaced by fuglu (milter_mode replace_demo).\r\nSuspect: %s\r\n'
+                % suspect.id).encode('ascii')
+        for packet in self.body_packets(body):
+            self.modify(packets, SMFIF_CHGBODY, packet, 'replace the body')
+        return packets
+
+
+MilterSession.HANDLERS = {command: getattr(MilterSession, 'on_' + name.lower())
+                          for command, name in SMFIC_NAMES.items()}
+
+
+class MilterConnector(Connector):
+    """Sendmail/Postfix milter (protocol 6): ``smtpd_milters = inet:HOST:PORT`` in
+    Postfix, ``milter:PORT`` in incomingport. One MilterSession per connection."""
+
+    protocol = 'milter'
+
+    def __init__(self, controller, address, port):
+        super().__init__(controller, address, port)
+        self.progress = MilterProgressWatch(controller.config.getint('milter', 'milter_progress_interval'))
+        self._loaded_for = None
+        self._mplugins = []
+        self._mode = None
+        self.milter_plugins(strict=True)   # a broken mplugins entry stops the start like any plugin
+
+    def _refresh(self, strict=False):
+        config = self.controller.config
+        if config is self._loaded_for:
+            return
+        try:
+            self._mplugins = load_plugins(config, 'mplugins')
+        except PluginLoadError as error:
+            if strict:
+                raise
+            self.logger.error('mplugins failed to load, keeping the previous ones: %s', error)
+        self._mode = MilterMode(config, self.logger)
+        self._loaded_for = config
+
+    def milter_plugins(self, strict=False):
+        """The milter-stage plugins of the current configuration (reloaded with it)."""
+        self._refresh(strict)
+        return self._mplugins
+
+    def milter_mode(self):
+        self._refresh()
+        return self._mode
+
+    def serve(self, sock, peer):
+        MilterSession(self, sock, peer).run()
 
 
 CONNECTORS = {
     'smtp': SMTPConnector,
+    'esmtp': EsmtpConnector,
+    'netcat': NetcatConnector,
+    'milter': MilterConnector,
 }
 
 
@@ -3251,7 +4891,8 @@ def setup_logging(logconfig, foreground, baseloglevel):
     foreground, /var/log/fuglu/fuglu.log when daemonized."""
     level = getattr(logging, baseloglevel.upper(), logging.INFO)
     if logconfig:
-        logging.config.fileConfig(logconfig, disable_existing_loggers=False)
+        from logging import config as logging_config
+        logging_config.fileConfig(logconfig, disable_existing_loggers=False)
         return 'logging configured from %s' % logconfig
     root = logging.getLogger()
     root.setLevel(level)
@@ -3266,6 +4907,16 @@ def setup_logging(logconfig, foreground, baseloglevel):
     handler.setFormatter(logging.Formatter(FILE_LOG_FORMAT))
     root.addHandler(handler)
     return 'logging to %s' % path
+
+
+def release_freed_memory():
+    """Return the memory freed after start-up (compiling this file, loading plugins)
+    to the system; glibc would keep it, and it would count as resident size."""
+    try:
+        import ctypes
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError, ImportError):
+        pass
 
 
 def daemonize(pidfile):
@@ -3334,6 +4985,167 @@ def parse_args(argv):
 
 # Extra commands: `fuglu <command> [args]` runs COMMANDS[command](args) -> exit code.
 COMMANDS = {}
+
+# `fuglu client` exit codes per verdict (FuGlu's fuglu_client -e); anything else is 1
+CLIENT_EXIT_CODES = {'DUNNO': 0, 'DISCARD': 2, 'REJECT': 3, 'DEFER': 4}
+
+
+def parse_host_port(text):
+    """'host:port' or '[v6addr]:port' -> (host, port); ValueError on garbage."""
+    host, sep, port = text.rpartition(':')
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError('expected HOST:PORT, got %r' % text)
+    return host.strip('[]') or '127.0.0.1', int(port)
+
+
+def read_until_eof(sock, limit=None):
+    chunks, total = [], 0
+    while True:
+        chunk = sock.recv(READ_SIZE)
+        if not chunk:
+            return b''.join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if limit and total > limit:
+            return b''.join(chunks)
+
+
+def read_banner_line(sock):
+    line = b''
+    while not line.endswith(b'\n'):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        line += chunk
+    return line
+
+
+def envelope_block(fields):
+    """The netcat envelope block for [(name, value), ...] with a random token."""
+    token = os.urandom(8).hex()
+    lines = ['X-DATA-PREPEND-START: %s' % token] + ['%s: %s' % field for field in fields] + \
+            ['%s: %s' % (NETCAT_BLOCK_END, token)]
+    return ('\r\n'.join(lines) + '\r\n').encode('utf-8')
+
+
+def netcat_exchange(host, port, message, timeout):
+    """Send ``message`` (bytes, envelope block included) to a netcat connector and
+    return its whole reply."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        read_banner_line(sock)
+        sock.sendall(message)
+        sock.shutdown(socket.SHUT_WR)
+        return read_until_eof(sock)
+
+
+def command_client(argv):
+    """`fuglu client`: scan a message through a running netcat connector."""
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog='fuglu client', description='Send a message to a netcat connector, print the verdict. Exit code: '
+                                         'DUNNO 0, DISCARD 2, REJECT 3, DEFER 4, any problem 1.')
+    parser.add_argument('--host', default='127.0.0.1', help='connector host (default %(default)s)')
+    parser.add_argument('-p', '--port', type=int, default=20099, help='connector port (default %(default)s)')
+    parser.add_argument('-s', '--sender', help='envelope sender ("<>" for the null sender)')
+    parser.add_argument('-r', '--recipient', action='append', default=[], help='envelope recipient (repeatable)')
+    parser.add_argument('-i', '--input', default='-', help='message file (default: standard input)')
+    parser.add_argument('-o', '--output', action='store_true',
+                        help='write the scanned message to standard output (the verdict goes to standard error)')
+    parser.add_argument('-t', '--timeout', type=float, default=300, help='seconds to wait (default %(default)s)')
+    args = parser.parse_args(argv)
+    try:
+        if args.input == '-':
+            message = sys.stdin.buffer.read()
+        else:
+            with open(args.input, 'rb') as handle:
+                message = handle.read()
+    except OSError as error:
+        print('cannot read the message: %s' % error, file=sys.stderr)
+        return 1
+    fields = []
+    if args.sender is not None:
+        fields.append(('X-ENV-SENDER', args.sender or '<>'))
+    fields += [('X-ENV-RECIPIENT', recipient) for recipient in args.recipient]
+    if fields:
+        message = envelope_block(fields) + message
+    try:
+        reply = netcat_exchange(args.host, args.port, message, args.timeout)
+    except OSError as error:
+        print('netcat connector %s:%s: %s' % (args.host, args.port, error), file=sys.stderr)
+        return 1
+    status, sep, rest = reply.partition(b':')
+    status = status.decode('ascii', 'replace').strip().upper()
+    if not sep or status not in CLIENT_EXIT_CODES:
+        print('unexpected reply: %r' % reply[:200], file=sys.stderr)
+        return 1
+    if status == 'DUNNO':
+        if args.output:
+            print(status, file=sys.stderr)
+            sys.stdout.buffer.write(rest)
+            sys.stdout.buffer.flush()
+        else:
+            print(status)
+    else:
+        print('%s: %s' % (status, rest.decode('utf-8', 'replace')), file=sys.stderr if args.output else sys.stdout)
+    return CLIENT_EXIT_CODES[status]
+
+
+# Health probes (spec 4.5): each returns (healthy, what was seen)
+
+def probe_smtp(host, port, timeout):
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        banner = read_banner_line(sock)
+        if not banner.startswith(b'220'):
+            return False, 'banner %r' % banner[:80]
+        sock.sendall(b'HCHK\r\n')
+        sock.shutdown(socket.SHUT_WR)
+        answer = read_until_eof(sock, 4096).strip()
+    return answer == b'250 healthcheck', 'answer %r' % answer[:80]
+
+
+def probe_netcat(host, port, timeout):
+    answer = netcat_exchange(host, port, envelope_block([('X-HEALTHCHECK', 'true')]), timeout).strip()
+    return answer == NETCAT_HEALTHY, 'answer %r' % answer[:80]
+
+
+def probe_milter(host, port, timeout):
+    import struct
+    # SMFIC_OPTNEG: version 6, all actions (0x1FF), all protocol steps (0x1FFFFF)
+    payload = b'O' + struct.pack('>III', 6, 0x1FF, 0x1FFFFF)
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(struct.pack('>I', len(payload)) + payload)
+        sock.shutdown(socket.SHUT_WR)
+        answer = read_until_eof(sock, 65536)
+    return answer[4:5] == b'O', 'answer %r' % answer[:40]
+
+
+HEALTH_PROBES = {'smtp': probe_smtp, 'esmtp': probe_smtp, 'netcat': probe_netcat, 'milter': probe_milter}
+
+
+def command_healthcheck(argv):
+    """`fuglu healthcheck CONNECTOR HOST:PORT`: exit 0 only when the connector answers
+    its health probe correctly (for systemd, monitoring)."""
+    import argparse
+    parser = argparse.ArgumentParser(prog='fuglu healthcheck',
+                                     description='Probe a running connector; exit 0 when healthy, 1 when not.')
+    parser.add_argument('connector', choices=sorted(HEALTH_PROBES))
+    parser.add_argument('target', metavar='HOST:PORT')
+    parser.add_argument('-t', '--timeout', type=float, default=5, help='seconds (default %(default)s)')
+    args = parser.parse_args(argv)
+    try:
+        host, port = parse_host_port(args.target)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        healthy, seen = HEALTH_PROBES[args.connector](host, port, args.timeout)
+    except OSError as error:
+        healthy, seen = False, str(error) or error.__class__.__name__
+    print('%s %s:%d %s (%s)' % (args.connector, host, port, 'OK' if healthy else 'FAIL', seen))
+    return 0 if healthy else 1
+
+
+COMMANDS['client'] = command_client
+COMMANDS['healthcheck'] = command_healthcheck
 
 
 def main(argv=None):
@@ -3405,6 +5217,7 @@ def main(argv=None):
         message = drop_privileges(config)
         if message:
             logger.info(message)
+    release_freed_memory()
 
     def on_term(signum, frame):
         controller.stayalive = False
