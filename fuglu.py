@@ -386,6 +386,7 @@ CORE_DEFAULTS = {
         'milter_debug': _opt('0', 'log every milter packet', validator=_is_bool),
     },
     'PluginAlias': {},
+    'environment': {},
     'databaseconfig': {
         'dbconnectstring': _opt('', 'SQLAlchemy URL for per-recipient settings (needs sqlalchemy)',
                                 confidential=True),
@@ -554,9 +555,33 @@ def resolve_env_marker(value):
     return value
 
 
-def check_options(config, section, table, label=None, printer=None):
+# Options FuGlu knows that fuglu accepts without acting on them (features outside its
+# scope: async backends, SQL/REST runtime config, Received-header heuristics ...), so an
+# existing fuglu.conf lints clean. Each entry is a regular expression.
+IGNORED_OPTIONS = {
+    'main': ['mplugins', 'configdir', 'address_compliance_delay2rcpt'],
+    'performance': ['queue_put_timeout', 'task_queue_multiplier', 'sync_plugin_offload_executor',
+                    'loop_lag_interval', 'loop_lag_warn', 'loop_slow_callback_duration',
+                    'worker_liveness_interval', 'worker_liveness_slow_read', 'async_coroutines',
+                    'async_threadpool', r'async_\w+_timeout', 'join_timeout', r'att_mgr_\w+',
+                    'disable_aiosmtp'],
+    'milter': ['ignoreclient'],
+    'databaseconfig': ['dbpriority', 'value_cache_ttl', 'sql', 'sqlsection', 'globalscope', 'option_field',
+                       'scope_field', 'value_field', r'restapi_\w+', 'yaml_filepath'],
+    'environment': ['boundarydistance', 'trustedhostsregex', 'trustedreceivedregex', 'skiponerror',
+                    'skipsamedomain'],
+}
+
+
+def is_ignored_option(section, option, extra=()):
+    patterns = list(IGNORED_OPTIONS.get(section, ())) + list(extra)
+    return any(re.fullmatch(pattern, option, re.IGNORECASE) for pattern in patterns)
+
+
+def check_options(config, section, table, ignored=()):
     """Lint one component's options: present (or defaulted), valid per validator, and
-    no unknown options in its section. Returns a list of error strings."""
+    no unknown options in its section (``ignored``: regexes of options accepted without
+    effect). Returns a list of error strings naming file, section and option."""
     errors = []
     declared = {option.lower() for option, spec in table.items()
                 if spec.get('section', section) == section}
@@ -572,7 +597,9 @@ def check_options(config, section, table, label=None, printer=None):
             errors.append('Invalid value %r for %s' % (value, config.where(target, option)))
     if config.has_section(section):
         for option, _value in configparser.RawConfigParser.items(config, section, raw=True):
-            if option not in declared and option not in config.defaults():
+            if option in declared or option in config.defaults():
+                continue
+            if not is_ignored_option(section, option, ignored):
                 errors.append('Unknown option %s' % config.where(section, option))
     return errors
 
@@ -1351,6 +1378,7 @@ class BasicPlugin(object):
 
     requiredvars = {}
     friendly_name = None
+    ignored_options = ()   # regexes: FuGlu options of this plugin accepted without effect
 
     def __init__(self, config, section=None):
         self.config = config
@@ -1377,7 +1405,7 @@ class BasicPlugin(object):
         table = dict(self.requiredvars)
         table.setdefault('overrideaction', {'description': ''})
         table.setdefault('overridemessage', {'description': ''})
-        errors = [e for e in check_options(self.config, self.section, table)
+        errors = [e for e in check_options(self.config, self.section, table, self.ignored_options)
                   if not (e.startswith('Missing') and ('overrideaction' in e or 'overridemessage' in e))]
         for error in errors:
             print(error)
@@ -1473,8 +1501,17 @@ def split_plugin_list(value):
     return entries
 
 
+def ensure_bundled_plugins_importable():
+    """fuglu_plugins lives beside fuglu.py (or inside the pyz). `python3 -I` leaves the
+    script's directory off sys.path, so add it, after everything else."""
+    home = os.path.dirname(os.path.abspath(__file__))   # the .pyz itself when zipped
+    if home not in sys.path:
+        sys.path.append(home)
+
+
 def add_plugin_dirs(config):
     """Put the configured plugindir entries in front of the module search path."""
+    ensure_bundled_plugins_importable()
     for directory in config.getlist('main', 'plugindir'):
         if os.path.isdir(directory):
             if directory not in sys.path:
@@ -1525,6 +1562,7 @@ def load_plugins(config, option):
 
 def bundled_plugin_classes():
     """Classes of the bundled plugins that import (for --dump-defaults)."""
+    ensure_bundled_plugins_importable()
     classes = []
     for alias in ('debug', 'skip', 'archive', 'attachment', 'clamav', 'spamassassin'):
         module_name, _, class_name = PLUGIN_ALIASES[alias].rpartition('.')
@@ -4841,7 +4879,8 @@ class Lint(object):
         self.say('Linting main configuration')
         main_errors = []
         for section, table in CORE_DEFAULTS.items():
-            main_errors += check_options(config, section, table)
+            if section != 'PluginAlias':   # any alias name is fine
+                main_errors += check_options(config, section, table)
         if config.get('main', 'trashdir').strip() and not os.path.isdir(config.get('main', 'trashdir')):
             main_errors.append('trashdir %s is not a directory' % config.get('main', 'trashdir'))
         try:
@@ -4853,7 +4892,7 @@ class Lint(object):
         except ValueError as error:
             main_errors.append(str(error))
         for section in CORE_DEFAULTS:
-            if section not in ('PluginAlias', 'databaseconfig') and not config.has_section(section):
+            if section not in ('PluginAlias', 'databaseconfig', 'environment') and not config.has_section(section):
                 self.say('section [%s] not in the config file: all values default' % section, 'yellow')
         for error in main_errors:
             self.say(error, 'red')
