@@ -4465,6 +4465,13 @@ class ThreadBackend(Backend):
                 self.tasks.put_nowait(None)
             except queue.Full:
                 break
+        # let messages in flight finish (bounded): a session cut off after the
+        # downstream accepted but before Postfix heard 250 would be delivered twice
+        deadline = time.time() + self.SHUTDOWN_GRACE
+        while time.time() < deadline and any(state == 'processing' for state in list(self.workers.values())):
+            time.sleep(0.05)
+
+    SHUTDOWN_GRACE = 10
 
     def describe(self):
         states = list(self.workers.items())
