@@ -2308,6 +2308,8 @@ class SMTPServerSession(object):
         self.max_size = self.config.getint('main', 'smtp_max_message_size')
         self.data_line_limit = self.config.getint('main', 'smtp_data_line_limit')
         self.trusted = connector.peer_is_trusted(peer[0])
+        self.waiting_for_client = False
+        self.controller.smtp_sessions.add(self)
         self.reset()
 
     def reset(self):
@@ -2345,8 +2347,12 @@ class SMTPServerSession(object):
                 if not self.reader.has_line():
                     self.before_wait()
                     self.flush()
+                    if not self.controller.stayalive:
+                        return   # shutting down: between commands is the moment to leave
                 try:
+                    self.waiting_for_client = True
                     line = self.reader.readline(self.command_limit)
+                    self.waiting_for_client = False
                 except LineTooLong:
                     self.reply(500, '5.5.2 Command line exceeds %d octets (configured limit '
                                     'smtp_command_line_limit)' % self.command_limit)
@@ -2358,6 +2364,7 @@ class SMTPServerSession(object):
         except ConnectionClosed as why:
             self.logger.debug('%s: connection closed: %s', self.peer_label(), why)
         finally:
+            self.controller.smtp_sessions.discard(self)
             self.cleanup()
 
     def dispatch(self, line):
@@ -4681,6 +4688,7 @@ class MainController(object):
         self.control = None
         self.stayalive = True
         self.trusted_networks = None
+        self.smtp_sessions = set()   # SMTP sessions, so shutdown can wake those waiting for a command
         self._apply_trusted(config)
 
     def _apply_trusted(self, config):
@@ -4780,6 +4788,12 @@ class MainController(object):
         self.stayalive = False
         for listener in self.listeners.values():
             listener.stop()
+        for session in list(self.smtp_sessions):
+            if session.waiting_for_client:
+                try:
+                    session.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         if self.control is not None:
             self.control.stop()
         if self.backend is not None:
