@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Build dist/fuglu.pyz: fuglu.py, the bundled plugins (fuglu_plugins/, with their
-default rule files) and fuglu.conf.dist in one executable zip.
+"""Build dist/fuglu.pyz: fuglu.py, the bundled plugins (fuglu_plugins/), their default
+rule files and templates (conf/) and fuglu.conf.dist in one executable zip.
 
 The build is reproducible: the same sources give the same bytes (sorted entries, a
 fixed timestamp and permissions, no compression variance: entries are stored).
@@ -27,7 +27,7 @@ def members():
     """(name in the archive, path on disk) of everything that goes in, sorted."""
     found = [('fuglu.py', os.path.join(HERE, 'fuglu.py')),
              ('fuglu.conf.dist', os.path.join(HERE, 'fuglu.conf.dist'))]
-    for folder in ('fuglu_plugins',):
+    for folder in ('fuglu_plugins', 'conf'):
         for root, dirs, files in os.walk(os.path.join(HERE, folder)):
             dirs[:] = sorted(d for d in dirs if d != '__pycache__')
             for name in files:

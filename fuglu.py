@@ -2957,7 +2957,10 @@ class EsmtpSession(AfterQueueSession):
             if keyword not in offered:
                 continue
             if keyword == 'SIZE':
-                limits = [int(n) for n in (offered['SIZE'].strip() or '0', self.max_size) if int(n) > 0]
+                # announce the smaller of the two limits (0 or none = unlimited)
+                downstream_limit = offered['SIZE'].strip()
+                limits = [n for n in (int(downstream_limit) if downstream_limit.isdigit() else 0, self.max_size)
+                          if n > 0]
                 items.append('SIZE %d' % min(limits) if limits else 'SIZE')
             else:
                 items.append(('%s %s' % (keyword, offered[keyword])).strip())
@@ -3002,6 +3005,13 @@ class EsmtpSession(AfterQueueSession):
                 # spam trap mode: later recipients are acknowledged, never forwarded
                 return self.reply(250, '2.1.5 OK #%d' % self.rcpt_attempts)
         super().smtp_RCPT(argument)
+
+    def build_suspect(self, data):
+        suspect = super().build_suspect(data)
+        if suspect is not None and self.ignored_recipients:
+            # plugins of a spam trap still see every address the message was sent to
+            suspect.tags['ignored_recipients'] = list(self.ignored_recipients)
+        return suspect
 
 
 class EsmtpConnector(SMTPConnector):

@@ -53,16 +53,25 @@ class SinkHandler(socketserver.StreamRequestHandler):
             elif verb == 'DATA':
                 self.send('354 go ahead')
                 data = bytearray()
+                raw = bytearray()
                 while True:
                     chunk = self.rfile.readline()
                     if not chunk:
                         return
-                    if chunk == b'.\r\n':
+                    raw += chunk
+                    if chunk == b'.\r\n' or (sink.postfix_like and chunk == b'.\n'):
                         break
                     data += chunk
-                transaction['data'] = bytes(data).replace(b'\r\n..', b'\r\n.')
-                if transaction['data'].startswith(b'..'):
-                    transaction['data'] = transaction['data'][1:]
+                transaction['raw'] = bytes(raw)
+                if sink.postfix_like:
+                    # like Postfix' smtpd: a line ends at LF, each line is unstuffed
+                    transaction['data'] = b''.join(
+                        line[1:] if line.startswith(b'..') else line
+                        for line in bytes(data).splitlines(True))
+                else:
+                    transaction['data'] = bytes(data).replace(b'\r\n..', b'\r\n.')
+                    if transaction['data'].startswith(b'..'):
+                        transaction['data'] = transaction['data'][1:]
                 reply = sink.replies.get('DATA', '250 2.0.0 Ok: queued as ABC123DEF')
                 if reply.startswith('250'):
                     sink.messages.append(transaction)
@@ -84,7 +93,11 @@ class Sink(object):
     """A downstream SMTP server that records what it receives."""
 
     def __init__(self, extensions=('PIPELINING', 'SIZE 10240000', '8BITMIME', 'SMTPUTF8', 'DSN',
-                                   'XFORWARD NAME ADDR PROTO HELO SOURCE PORT IDENT')):
+                                   'XFORWARD NAME ADDR PROTO HELO SOURCE PORT IDENT'),
+                 postfix_like=False):
+        # postfix_like: lines end at LF and '.' LF also ends the data, as in Postfix'
+        # smtpd; shows whether fuglu dot-stuffs lines that follow a bare LF.
+        self.postfix_like = postfix_like
         self.extensions = list(extensions)
         self.messages = []
         self.commands = []
@@ -166,3 +179,20 @@ def wait_for(predicate, timeout=5.0):
             return True
         time.sleep(0.02)
     return predicate()
+
+
+class VerdictFromHeaderPlugin(fuglu.ScannerPlugin):
+    """Test scanner (load it as `helpers.VerdictFromHeaderPlugin`): a message with the
+    header `X-Test-Verdict: ACTION [message template]` gets that verdict. Every
+    message it sees is recorded in `seen` as (sender, recipients, tags, source)."""
+
+    seen = []
+
+    def examine(self, suspect):
+        VerdictFromHeaderPlugin.seen.append((suspect.from_address, list(suspect.recipients), dict(suspect.tags),
+                                             suspect.get_source()))
+        value = suspect.get_header('X-Test-Verdict')
+        if not value:
+            return fuglu.DUNNO
+        action, _, message = value.partition(' ')
+        return fuglu.string_to_actioncode(action), message or None
