@@ -654,7 +654,8 @@ def dump_defaults(plugin_classes=()):
         sections.setdefault(section, []).extend(table.items())
     for cls in plugin_classes:
         section = getattr(cls, 'default_section', None) or cls.__name__
-        for option, spec in cls.requiredvars.items():
+        table = cls.requiredvars if isinstance(cls.requiredvars, dict) else {}
+        for option, spec in table.items():
             sections.setdefault(spec.get('section', section), []).append((option, spec))
     sections['PluginAlias'] = [(alias, _opt(target, 'bundled plugin alias'))
                                for alias, target in sorted(PLUGIN_ALIASES.items())]
@@ -862,11 +863,15 @@ class Suspect(object):
     def _header_block(self):
         """The raw header block (bytes, without the empty line), first 1 MiB at most."""
         head = self._source[:1048576]
+        if head.startswith(b'\r\n'):
+            return b'', 2
+        if head.startswith(b'\n'):
+            return b'', 1
         match = HEADER_END_RE.search(head)
         if match:
-            return head[:match.start() + 1], match.end()
-        if head.startswith(b'\r\n') or head.startswith(b'\n'):
-            return b'', len(head[:2].rstrip(b'\r\n')) or 1
+            # the block keeps the line end of its last header line
+            end_of_last_line = match.start() + (2 if head[match.start():match.start() + 1] == b'\r' else 1)
+            return head[:end_of_last_line], match.end()
         return head, len(head)
 
     def _parsed_headers(self):
@@ -1376,9 +1381,21 @@ class BasicPlugin(object):
     Suspect (tags), not in the plugin.
     """
 
-    requiredvars = {}
     friendly_name = None
     ignored_options = ()   # regexes: FuGlu options of this plugin accepted without effect
+
+    # Plugins declare `requiredvars` as a class attribute (ours) or assign it in their
+    # __init__ after calling the base (FuGlu's habit): the property registers the
+    # defaults with the config either way.
+    def _get_requiredvars(self):
+        return self.__dict__.get('_requiredvars', {})
+
+    def _set_requiredvars(self, table):
+        self.__dict__['_requiredvars'] = table
+        if getattr(self, 'config', None) is not None and hasattr(self.config, 'set_defaults'):
+            self.config.set_defaults(self.section, table)
+
+    requiredvars = property(_get_requiredvars, _set_requiredvars)
 
     def __init__(self, config, section=None):
         self.config = config
@@ -1714,7 +1731,8 @@ class ScanSession(object):
         override = string_to_actioncode(config.get(section, 'overrideaction'), config)
         if override is None or override == code:
             return code, text
-        new_text = config.get(section, 'overridemessage', fallback='').strip() or text
+        new_text = config.get(section, 'overridemessage', fallback='').strip()
+        new_text = apply_template(new_text, suspect) if new_text else text
         self.logger.warning('%s: plugin %s said %s, overridden to %s', suspect.id, plugin,
                             actioncode_to_string(code), actioncode_to_string(override))
         return override, new_text
@@ -1759,6 +1777,7 @@ class ScanSession(object):
         """Text of a DELETE/REJECT/DEFER reply: the plugin's message (a template) or
         the default, with the id appended when suspectidreturn is on."""
         defaults = {DELETE: 'OK', REJECT: 'Rejected by content scanner', DEFER: 'Try again later'}
+        # a plugin may return a template: its ${...} are filled here
         text = apply_template(message, suspect) if message else defaults.get(action, '')
         if self.config.getboolean('main', 'suspectidreturn') and suspect.id not in text:
             text = '%s (%s)' % (text, suspect.id)
@@ -1896,13 +1915,19 @@ class SocketReader(object):
         problem = None
         # The terminator is CRLF.CRLF where the CRLF ends the previous line, or
         # ".\r\n" right at the start (empty message).
-        if buffer.startswith(b'.\r\n'):
-            del buffer[:3]
-            return b'', None
         search_from = 0
         line_start = 0
         discarded = 0
+        at_data_start = True
         while True:
+            if at_data_start:
+                if buffer.startswith(b'.\r\n'):
+                    del buffer[:3]
+                    return b'', None
+                if len(buffer) < 3 and b'.\r\n'.startswith(bytes(buffer)):
+                    self._fill(DATA_READ_SIZE)   # it may still become the terminator
+                    continue
+                at_data_start = False
             end = buffer.find(DATA_END, search_from)
             if end >= 0:
                 with memoryview(buffer) as view:   # one copy, not two
@@ -1924,6 +1949,9 @@ class SocketReader(object):
                 line_start = 0
             search_from = max(len(buffer) - 4, 0)
             self._fill(DATA_READ_SIZE)
+        if problem is None and line_limit and len(raw) > line_limit and \
+                max(map(len, raw.split(CRLF))) > line_limit:
+            problem = 'line'   # the reads above only check the line still open after each
         if problem is not None:
             return None, problem
         if raw.startswith(b'.') or b'\r\n.' in raw:

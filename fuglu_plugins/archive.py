@@ -54,6 +54,8 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
     """Copies selected messages into an archive directory (spec 6.2)."""
 
     friendly_name = 'Archive'
+    # FuGlu's other archive backends: accepted in a config, not available here
+    ignored_options = tuple(r'%s_\w+' % backend for backend in UPSTREAM_ONLY_BACKENDS)
 
     requiredvars = {
         'archiverules': {'default': '${confdir}/archive.regex',

@@ -132,6 +132,10 @@ class SAPlugin(ScannerPlugin):
     friendly_name = 'SpamAssassin'
     enginename = 'SpamAssassin'
 
+    # FuGlu options for features outside fuglu's scope: accepted, no effect
+    ignored_options = ('sql_blocklist_dbconnectstring', 'attach_suspect_tags', 'oversize_attach_suspect_tags',
+                       'block_on_repeated_error')
+
     requiredvars = {
         'host': {'default': 'localhost',
                  'description': 'spamd host (TCP); $NAME reads it from the environment variable NAME'},
