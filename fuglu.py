@@ -1821,8 +1821,9 @@ class ConnectionClosed(Exception):
 def set_socket_timeout(sock, seconds):
     """Blocking socket with kernel receive/send timeouts. Python's own socket timeouts
     poll() before every recv and send; these cost nothing until they fire (then the
-    call fails with EAGAIN, an OSError)."""
-    sock.settimeout(None)
+    call fails with EAGAIN, an OSError). On Linux the send timeout bounds connect() too."""
+    if sock.gettimeout() is not None:
+        sock.settimeout(None)
     seconds = max(float(seconds), 0.001)
     timeval = struct.pack('ll', int(seconds), int((seconds % 1) * 1000000))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
@@ -1841,10 +1842,9 @@ def connect_tcp(host, port, timeout):
     for family, address in candidates:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sock.settimeout(timeout)
+            set_socket_timeout(sock, timeout)
             sock.connect(address)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            set_socket_timeout(sock, timeout)
             return sock
         except OSError as exc:
             error = exc
@@ -4928,7 +4928,7 @@ class Lint(object):
         plugins = {}
         try:
             add_plugin_dirs(config)
-            for option in ('plugins', 'prependers', 'appenders'):
+            for option in ('plugins', 'prependers', 'appenders', 'mplugins'):
                 plugins[option] = load_plugins(config, option)
             self.say('Plugin loading complete')
         except PluginLoadError as error:
@@ -4959,7 +4959,7 @@ class Lint(object):
         errors += 1 if main_errors else 0
 
         failed = 0
-        for option in ('plugins', 'prependers', 'appenders'):
+        for option in ('plugins', 'prependers', 'appenders', 'mplugins'):
             for plugin in plugins.get(option, []):
                 self.say('Linting Plugin %s Config section: %s' % (plugin, plugin.section))
                 try:
@@ -4994,6 +4994,10 @@ def setup_logging(logconfig, foreground, baseloglevel):
         return 'logging configured from %s' % logconfig
     root = logging.getLogger()
     root.setLevel(level)
+    # our formats name no source file, line or function: skip finding the caller's
+    # frame for every record (the costliest part of a log call)
+    logging._srcfile = None
+    logging.logMultiprocessing = False
     if foreground:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(FOREGROUND_LOG_FORMAT))

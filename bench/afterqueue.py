@@ -863,8 +863,9 @@ def parse_args(argv):
                         help='interpreter that runs our fuglu.py (default: the '
                              'python of a bare venv %s made from --upstream-python)'
                              % DEFAULT_OURS_VENV)
-    parser.add_argument('--ours', default=os.path.join(REPO_ROOT, 'fuglu.py'),
-                        help='our fuglu.py or fuglu.pyz (default: %(default)s)')
+    parser.add_argument('--ours', default=None,
+                        help='our fuglu.py or fuglu.pyz (default: dist/fuglu.pyz, built '
+                             'first with build_zipapp.py: what admins run)')
     parser.add_argument('--upstream-venv', default=DEFAULT_UPSTREAM_VENV,
                         help='venv holding fuglu==%s, created if needed '
                              '(default: %%(default)s)' % UPSTREAM_VERSION)
@@ -898,6 +899,10 @@ def main(argv=None):
     if args.only in (None, 'upstream'):
         filters.append(upstream_filter(args.upstream_venv, args.upstream_python))
     if args.only in (None, 'ours'):
+        if args.ours is None:
+            args.ours = os.path.join(REPO_ROOT, 'dist', 'fuglu.pyz')
+            subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'build_zipapp.py'), '-o', args.ours],
+                           check=True, stdout=subprocess.DEVNULL)
         if os.path.exists(args.ours):
             python = args.python or bare_venv_python(DEFAULT_OURS_VENV,
                                                      args.upstream_python)
