@@ -1830,6 +1830,26 @@ def set_socket_timeout(sock, seconds):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
+def connect_service(host, port, timeout, keepalive=False):
+    """A socket to a scanner daemon, as FuGlu's host/port options describe it: ``port``
+    is a TCP port number on ``host`` (which may be a $ENV marker) or else the path of a
+    unix socket. Python socket timeouts apply. Raises OSError."""
+    port = str(port).strip()
+    if port.isdigit():
+        connection = socket.create_connection((resolve_env_marker(host.strip()), int(port)), timeout)
+        if keepalive:
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        return connection
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.settimeout(timeout)
+        connection.connect(port)
+    except OSError:
+        connection.close()
+        raise
+    return connection
+
+
 def connect_tcp(host, port, timeout):
     """A connected TCP socket with kernel timeouts. IP literals skip getaddrinfo."""
     try:

@@ -20,7 +20,7 @@ import socket
 import subprocess
 import time
 
-from fuglu import (DEFER, DUNNO, ScannerPlugin, actioncode_to_string, apply_template,
+from fuglu import (DEFER, DUNNO, ScannerPlugin, actioncode_to_string, apply_template, connect_service,
                    resolve_env_marker, string_to_actioncode)
 
 # clamd reads INSTREAM data in chunks; 20 KiB stays well below its default buffers.
@@ -214,21 +214,7 @@ class ClamavPlugin(ScannerPlugin):
 
     def _connect(self):
         """A connected socket to clamd; raises OSError."""
-        port = self._option('port').strip()
-        timeout = self._timeout()
-        if port.isdigit():
-            host = resolve_env_marker(self._option('host').strip())
-            connection = socket.create_connection((host, int(port)), timeout)
-            connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            return connection
-        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            connection.settimeout(timeout)
-            connection.connect(port)
-        except OSError:
-            connection.close()
-            raise
-        return connection
+        return connect_service(self._option('host'), self._option('port'), self._timeout(), keepalive=True)
 
     def _reply_deadline(self):
         timeout = self._timeout()

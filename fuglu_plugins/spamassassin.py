@@ -25,7 +25,7 @@ import re
 import socket
 import time
 
-from fuglu import (DEFER, DUNNO, ScannerPlugin, actioncode_to_string, apply_template,
+from fuglu import (DEFER, DUNNO, ScannerPlugin, actioncode_to_string, apply_template, connect_service,
                    resolve_env_marker, string_to_actioncode)
 
 # The GTUBE anti-spam test string, in two halves so that this file is no test spam.
@@ -314,19 +314,8 @@ class SAPlugin(ScannerPlugin):
 
     # -- talking to spamd -------------------------------------------------------
     def _connect(self):
-        port = self._option('port').strip()
-        timeout = self.config.getfloat(self.section, 'timeout')
-        if port.isdigit():
-            host = resolve_env_marker(self._option('host').strip())
-            return socket.create_connection((host, int(port)), timeout)
-        connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            connection.settimeout(timeout)
-            connection.connect(port)
-        except OSError:
-            connection.close()
-            raise
-        return connection
+        return connect_service(self._option('host'), self._option('port'),
+                               self.config.getfloat(self.section, 'timeout'))
 
     def _user(self, suspect):
         if suspect is None or not self.config.getboolean(self.section, 'peruserconfig'):
