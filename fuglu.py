@@ -1057,19 +1057,29 @@ class Suspect(object):
         return None
 
     def log_format(self, template):
-        return apply_template(template, self, self.log_values())
+        return apply_template(template, self, self.log_values(template))
 
-    def log_values(self):
-        decisions = self.tags.get('decisions') or []
-        yesno = lambda flag: 'yes' if flag else 'no'
-        return {
-            'size': self.size,
-            'spam': yesno(self.is_spam()), 'highspam': yesno(self.is_highspam()),
-            'blocked': yesno(self.is_blocked()), 'virus': yesno(self.is_virus()),
-            'modified': yesno(self.is_modified()),
-            'decision': actioncode_to_string(decisions[-1][1]) if decisions else 'DUNNO',
-            'tags': self.short_tags(), 'fulltags': str(self.tags),
-        }
+    # the extra variables of logtemplate; each computed only when the template uses it
+    LOG_VALUES = {
+        'size': lambda s: s.size,
+        'spam': lambda s: 'yes' if s.is_spam() else 'no',
+        'highspam': lambda s: 'yes' if s.is_highspam() else 'no',
+        'blocked': lambda s: 'yes' if s.is_blocked() else 'no',
+        'virus': lambda s: 'yes' if s.is_virus() else 'no',
+        'modified': lambda s: 'yes' if s.is_modified() else 'no',
+        'decision': lambda s: actioncode_to_string(s.tags['decisions'][-1][1]) if s.tags.get('decisions')
+        else 'DUNNO',
+        'tags': lambda s: s.short_tags(),
+        'fulltags': lambda s: str(s.tags),
+    }
+
+    def log_values(self, template=None):
+        """The logtemplate variables (only those ``template`` names, if given)."""
+        names = self.LOG_VALUES
+        if template is not None:
+            used = {(m.group(2) or m.group(3) or '').lower() for m in TEMPLATE_RE.finditer(template)}
+            names = [name for name in self.LOG_VALUES if name in used]
+        return {name: self.LOG_VALUES[name](self) for name in names}
 
     def short_tags(self):
         shown = {}
