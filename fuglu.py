@@ -2150,9 +2150,16 @@ class SMTPClient(object):
             lines.append(line)
         return lines
 
-    def data(self, message):
-        """DATA + message (bytes, or a list of parts); returns (code, text) of the
-        final reply."""
+    def data(self, message, chunking=False):
+        """Send the message (bytes, or a list of parts); returns (code, text) of the
+        final reply. With ``chunking`` and a server offering CHUNKING (RFC 3030) it
+        goes as one BDAT LAST chunk: no waiting for 354, no dot-stuffing; else DATA."""
+        parts = message if isinstance(message, list) else [message]
+        if chunking and 'CHUNKING' in self.extensions:
+            size = sum(len(part) for part in parts)
+            self._send_parts([('BDAT %d LAST\r\n' % size).encode('ascii')] + parts)
+            code, lines = self._reply()
+            return code, ' '.join(lines)
         code, lines = self.command('DATA')
         if code != 354:
             return code, ' '.join(lines)
@@ -2204,6 +2211,51 @@ class SMTPClient(object):
     @property
     def connected(self):
         return self.sock is not None
+
+
+class DownstreamPool(object):
+    """Idle, greeted downstream connections kept for the next session (what Postfix's
+    own SMTP connection cache does): a message then costs no connect, greeting, EHLO
+    or QUIT. A connection is used again only while it is fresh (``max_idle`` seconds)
+    and still quiet: a server that closed it, or said anything, makes it unusable."""
+
+    def __init__(self, limit=50, max_idle=5.0):
+        self.limit = limit
+        self.max_idle = max_idle
+        self.lock = threading.Lock()
+        self.idle = []   # (time parked, client), newest last
+
+    def take(self, host, port):
+        import select
+        while True:
+            with self.lock:
+                for index in range(len(self.idle) - 1, -1, -1):
+                    parked, client = self.idle[index]
+                    if (client.host, client.port) == (host, port):
+                        del self.idle[index]
+                        break
+                else:
+                    return None
+            if time.time() - parked <= self.max_idle and client.connected and \
+                    not select.select([client.sock], [], [], 0)[0]:
+                return client
+            client.close()
+
+    def park(self, client):
+        with self.lock:
+            if len(self.idle) < self.limit and client.connected:
+                self.idle.append((time.time(), client))
+                return
+        client.quit()
+
+    def purge(self, everything=False):
+        """QUIT connections idle too long (all of them when shutting down)."""
+        now = time.time()
+        with self.lock:
+            stale = [client for parked, client in self.idle if everything or now - parked > self.max_idle]
+            self.idle = [(parked, client) for parked, client in self.idle if client not in stale]
+        for client in stale:
+            client.quit()
 
 
 _helo_name = None
@@ -2685,19 +2737,33 @@ class AfterQueueSession(SMTPServerSession):
     def __init__(self, connector, sock, peer):
         super().__init__(connector, sock, peer)
         self.downstream = None
+        self.downstream_clean = True
         self.awaiting = []   # callbacks for downstream replies still to be read
+
+    # a finished session's downstream connection may serve the next session, and the
+    # message goes downstream as BDAT when offered (the esmtp proxy keeps DATA, as its
+    # client used it)
+    reuse_downstream = True
 
     def cleanup(self):
         if self.downstream is not None:
-            self.downstream.quit()
+            if self.reuse_downstream and self.downstream_clean and not self.in_transaction and not self.awaiting:
+                self.controller.downstream_pool.park(self.downstream)
+            else:
+                self.downstream.quit()
             self.downstream = None
 
     def open_downstream(self):
-        """A connected, greeted downstream client (reused across transactions)."""
+        """A connected, greeted downstream client (reused across transactions, and
+        across sessions through the controller's pool)."""
         if self.downstream is not None and self.downstream.connected:
             return self.downstream
         config = self.config
         host, port = outgoing_target(config, self.peer[0])
+        pooled = self.controller.downstream_pool.take(host, port)
+        if pooled is not None:
+            self.downstream = pooled
+            return pooled
         client = SMTPClient(host, port, outgoing_helo(config), timeout=config.getint('main', 'smtptimeout'),
                             retries=config.getint('main', 'outgoingretry'))
         client.connect()
@@ -2799,6 +2865,7 @@ class AfterQueueSession(SMTPServerSession):
                             ' '.join(lines))
         # RCPTs already forwarded get the downstream's "need MAIL" in turn
         self.sender, self.in_transaction = None, False
+        self.downstream_clean = False   # it may still hold this session's XFORWARD
         self.reply(code, lines)
 
     def smtp_RCPT(self, argument):
@@ -2890,7 +2957,7 @@ class AfterQueueSession(SMTPServerSession):
         try:
             if suspect.from_address != self.sender or suspect.recipients != self.recipients:
                 self.redo_envelope(suspect, sum(len(part) for part in message))
-            code, text = self.downstream.data(message)
+            code, text = self.downstream.data(message, chunking=self.reuse_downstream)
         except SMTPError as error:
             self.logger.warning('%s: re-injection failed: %s', suspect.id, error)
             if self.downstream is not None:
@@ -2958,6 +3025,7 @@ class EsmtpSession(AfterQueueSession):
     PROXIED_EXTENSIONS = ('PIPELINING', 'SIZE', '8BITMIME', 'SMTPUTF8', 'DSN', 'ENHANCEDSTATUSCODES')
 
     accepted_template_option = ('esmtpconnector', 'queuetemplate')
+    reuse_downstream = False   # greeted with this client's own name
 
     def __init__(self, connector, sock, peer):
         super().__init__(connector, sock, peer)
@@ -4757,6 +4825,7 @@ class MainController(object):
         self.stayalive = True
         self.trusted_networks = None
         self.smtp_sessions = set()   # SMTP sessions, so shutdown can wake those waiting for a command
+        self.downstream_pool = DownstreamPool()
         self._apply_trusted(config)
 
     def _apply_trusted(self, config):
@@ -4866,6 +4935,7 @@ class MainController(object):
             self.control.stop()
         if self.backend is not None:
             self.backend.stop()
+        self.downstream_pool.purge(everything=True)
         for plugin in self.plugins + self.prependers + self.appenders:
             try:
                 plugin.shutdown()
@@ -5361,6 +5431,7 @@ def main(argv=None):
     try:
         while controller.stayalive:
             time.sleep(0.2)
+            controller.downstream_pool.purge()
             if reload_requested.is_set():
                 reload_requested.clear()
                 controller.reload()

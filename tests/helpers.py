@@ -77,6 +77,23 @@ class SinkHandler(socketserver.StreamRequestHandler):
                     sink.messages.append(transaction)
                 self.send(reply)
                 transaction = None
+                if sink.hang_up_after_message:
+                    return
+            elif verb == 'BDAT':
+                # RFC 3030: "BDAT <size> [LAST]", then exactly <size> bytes, no stuffing
+                words = command.split()
+                chunk = self.rfile.read(int(words[1]))
+                transaction.setdefault('chunks', []).append(chunk)
+                if len(words) > 2 and words[2].upper() == 'LAST':
+                    transaction['data'] = transaction['raw'] = b''.join(transaction['chunks'])
+                    reply = sink.replies.get('DATA', '250 2.0.0 Ok: %d bytes queued as ABC123DEF'
+                                             % len(transaction['data']))
+                    if reply.startswith('250'):
+                        sink.messages.append(transaction)
+                    self.send(reply)
+                    transaction = None
+                else:
+                    self.send('250 2.0.0 Ok: %d bytes' % len(chunk))
             elif verb == 'QUIT':
                 self.send('221 bye')
                 return
@@ -103,6 +120,7 @@ class Sink(object):
         self.commands = []
         self.replies = {}
         self.rcpt_replies = {}
+        self.hang_up_after_message = False   # close the connection after each DATA reply
         self.server = ThreadedServer(('127.0.0.1', 0), SinkHandler)
         self.server.sink = self
         self.port = self.server.server_address[1]

@@ -788,3 +788,51 @@ def test_many_parallel_connections(server, sink, clients):
         assert code(client.reply()) == 250
     assert wait_for(lambda: len(sink.messages) == 8)
     assert sorted(m['mail'] for m in sink.messages) == sorted('MAIL FROM:<p%d@example.org>' % i for i in range(8))
+
+
+# -- re-injection with CHUNKING ------------------------------------------------------
+
+def test_downstream_with_chunking_gets_one_bdat_last_with_the_exact_bytes(make_fuglu, clients):
+    downstream = Sink(extensions=('PIPELINING', 'SIZE 10240000', '8BITMIME', 'CHUNKING'))
+    try:
+        instance = make_fuglu(downstream.port)
+        client = clients(instance.port)
+        ehlo(client)
+        message = b'Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\nlast\r\n'
+        # on the wire the client stuffs the dots; downstream BDAT carries them unstuffed
+        stuffed = message.replace(b'\r\n.', b'\r\n..')
+        assert code(transaction(client, payload=stuffed + b'.\r\n')) == 250
+        assert wait_for(lambda: len(downstream.messages) == 1)
+        added, rest = split_added_headers(downstream.messages[0]['data'])
+        assert rest == message
+        assert b'X-Fuglu-Suspect: ' in added
+        verbs = [command.split()[0].upper() for command in downstream.commands]
+        assert 'DATA' not in verbs
+        assert [c for c in downstream.commands if c.upper().startswith('BDAT')] == \
+            ['BDAT %d LAST' % len(downstream.messages[0]['data'])]
+    finally:
+        downstream.stop()
+
+
+# -- downstream connections are reused between sessions --------------------------------
+
+def test_the_next_session_reuses_the_downstream_connection(server, sink, clients):
+    for number in range(3):
+        client = clients(server.port)
+        ehlo(client)
+        assert code(transaction(client)) == 250
+        assert client.cmd('QUIT').startswith(b'221')
+    assert wait_for(lambda: len(sink.messages) == 3)
+    assert sum(1 for command in sink.commands if command.upper().startswith('EHLO')) == 1
+
+
+def test_a_downstream_connection_closed_while_parked_is_not_used(server, sink, clients):
+    sink.hang_up_after_message = True
+    for number in range(2):
+        client = clients(server.port)
+        ehlo(client)
+        assert code(transaction(client)) == 250
+        assert client.cmd('QUIT').startswith(b'221')
+        time.sleep(0.1)
+    assert wait_for(lambda: len(sink.messages) == 2)
+    assert sum(1 for command in sink.commands if command.upper().startswith('EHLO')) == 2
