@@ -2070,7 +2070,7 @@ class SMTPClient(object):
     def queue(self, line):
         """Send a command later, together with the next ones (RFC 2920); its reply is
         read with read()."""
-        self.outgoing.append(force_bString(line) + CRLF)
+        self.outgoing.append(force_bString(line, errors="surrogateescape") + CRLF)
 
     def read(self):
         """Send what is queued, then read one reply."""
@@ -2104,14 +2104,14 @@ class SMTPClient(object):
 
     def command(self, line):
         """Send one command line (str or bytes, without CRLF) and read its reply."""
-        self._send(force_bString(line) + CRLF)
+        self._send(force_bString(line, errors="surrogateescape") + CRLF)
         return self._reply()
 
     def commands(self, lines):
         """Pipelined (RFC 2920) when the server offers it: all lines, then all replies."""
         if 'PIPELINING' not in self.extensions:
             return [self.command(line) for line in lines]
-        self._send(b''.join(force_bString(line) + CRLF for line in lines))
+        self._send(b''.join(force_bString(line, errors="surrogateescape") + CRLF for line in lines))
         return [self._reply() for _ in lines]
 
     def ehlo(self):
