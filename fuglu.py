@@ -66,19 +66,11 @@ import threading
 import time
 import traceback
 
-# `python3 fuglu.py` and `python3 -m fuglu` run this file as __main__. A plugin that does
-# `import fuglu` (or the FuGlu way, `from fuglu.shared import ...`) must get the module
-# that is running, not a second copy with its own classes. So __main__ stops here: it
-# loads this file as the module `fuglu` (from cached bytecode when there is some, which
-# also keeps the script's compile from staying resident) and runs that.
+# `python3 fuglu.py` and `python3 -m fuglu` run this file as __main__; a plugin that does
+# `import fuglu` (or the FuGlu way, `from fuglu.shared import ...`) must get this very
+# module, not a second copy with its own classes.
 if __name__ == '__main__':
-    import importlib.util
-    _spec = importlib.util.spec_from_file_location('fuglu', os.path.abspath(__file__))
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules['fuglu'] = _module
-    _spec.loader.exec_module(_module)
-    sys.exit(_module.main())
-
+    sys.modules.setdefault('fuglu', sys.modules[__name__])
 sys.modules.setdefault('fuglu.shared', sys.modules[__name__])
 sys.modules.setdefault('fuglu.stringencode', sys.modules[__name__])
 
