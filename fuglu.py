@@ -2218,7 +2218,6 @@ class DownstreamPool(object):
         self.idle = []   # (time parked, client), newest last
 
     def take(self, host, port):
-        import select
         while True:
             with self.lock:
                 for index in range(len(self.idle) - 1, -1, -1):
@@ -2228,10 +2227,22 @@ class DownstreamPool(object):
                         break
                 else:
                     return None
-            if time.time() - parked <= self.max_idle and client.connected and \
-                    not select.select([client.sock], [], [], 0)[0]:
+            if time.time() - parked <= self.max_idle and self.quiet(client):
                 return client
             client.close()
+
+    @staticmethod
+    def quiet(client):
+        """Still open, and nothing unread (a server that closed or spoke is not used)."""
+        if not client.connected:
+            return False
+        try:
+            client.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
 
     def park(self, client):
         with self.lock:
