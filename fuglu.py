@@ -5075,6 +5075,11 @@ class Lint(object):
         self.say('%d plugins reported errors.' % failed, 'red' if failed else None)
         errors += failed
 
+        if any(entry.strip().lower().startswith('milter:') for entry in parse_list(config.get('main', 'incomingport'))):
+            self.say('advice: a milter connection holds a worker thread for its whole SMTP session; keep '
+                     '[performance] maxthreads (now %s) at least at Postfix\'s smtpd process limit'
+                     % config.get('performance', 'maxthreads'), 'yellow')
+
         self.say('Lint status: %s' % ('OK' if errors == 0 else 'FAIL'), 'green' if errors == 0 else 'red')
         return errors
 
