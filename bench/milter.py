@@ -39,8 +39,8 @@ REPO_ROOT = os.path.dirname(BENCH_DIR)
 sys.path.insert(0, BENCH_DIR)
 
 # the /proc readings and process handling are shared with the after-queue benchmark
-from afterqueue import (LOGGING_CONF, free_port, port_accepts, stop_process, tail,  # noqa: E402
-                        tree_cpu_seconds, tree_memory_mb, write_section as _unused)  # noqa: F401
+from afterqueue import (BENCH_MAIN_SECTION, free_port, port_accepts, stop_process, tail,  # noqa: E402
+                        tree_cpu_seconds, tree_memory_mb, write_logging_conf)
 import afterqueue  # noqa: E402
 
 SECTION_TITLE = '## milter'
@@ -54,14 +54,7 @@ NO_REPLY_FLAGS = {CONNECT: 0x1000, HELO: 0x2000, MAIL: 0x4000, RCPT: 0x8000, DAT
 FINAL_REPLIES = b'cadrty'     # continue, accept, discard, reject, tempfail, replycode
 LEADING_SPACE = 0x100000
 
-FUGLU_CONF = """\
-[main]
-daemonize=0
-identifier=bench
-plugins=
-prependers=
-appenders=
-bindaddress=127.0.0.1
+FUGLU_CONF = BENCH_MAIN_SECTION + """\
 incomingport=milter:127.0.0.1:{port}
 controlport={run_dir}/control.sock
 versioncheck=0
@@ -233,9 +226,7 @@ def start_filter(name, command, run_dir, port, mode, threads, backend='thread'):
         conf_file.write(FUGLU_CONF.format(port=port, run_dir=run_dir, threads=threads, max_threads=threads + 10,
                                           mode=mode, backend=backend))
     log_path = os.path.join(run_dir, 'fuglu.log')
-    logging_conf = os.path.join(run_dir, 'logging.conf')
-    with open(logging_conf, 'w') as logging_file:
-        logging_file.write(LOGGING_CONF.format(log_path=log_path))
+    logging_conf = write_logging_conf(run_dir)
     output = open(os.path.join(run_dir, 'stdout.log'), 'wb')
     process = subprocess.Popen(command + ['-f', '-c', conf, '--logconfig', logging_conf], cwd=run_dir,
                                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)

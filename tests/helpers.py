@@ -1,15 +1,18 @@
 """Shared helpers for the unit tests: an in-process fuglu, a recording SMTP sink that
-plays the downstream, and a raw SMTP client that shows exactly what fuglu answers."""
+plays the downstream, a raw SMTP client that shows exactly what fuglu answers, the base
+of the fake scanner daemons, and factory-fixture and lint plumbing."""
 
 import os
 import socket
 import socketserver
+import subprocess
 import sys
 import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+FUGLU_SCRIPT = os.path.join(os.path.dirname(HERE), 'fuglu.py')
 
 import fuglu  # noqa: E402
 
@@ -130,6 +133,75 @@ class Sink(object):
     def stop(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class FakeDaemon(object):
+    """Base of the fake scanner daemons (clamd, spamd) the plugin unit tests talk to.
+
+    Listens on a Unix socket at ``unix_path`` or else on a free 127.0.0.1 port
+    (``address`` is the path or the port number), accepts in a background thread and
+    hands every connection to ``_handle(connection)`` in a thread of its own.
+    ``connections`` counts the accepted connections. Subclasses set up their own
+    attributes before calling this __init__, which starts accepting."""
+
+    def __init__(self, unix_path=None):
+        self.connections = 0
+        if unix_path:
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.listener.bind(unix_path)
+            self.address = unix_path
+        else:
+            self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.listener.bind(('127.0.0.1', 0))
+            self.address = self.listener.getsockname()[1]
+        self.listener.listen(8)
+        # a short accept timeout so that close() ends the accept loop soon
+        self.listener.settimeout(0.2)
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while self.running:
+            try:
+                connection, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(connection,), daemon=True).start()
+
+    def _handle(self, connection):
+        raise NotImplementedError
+
+    def close(self):
+        self.running = False
+        self.listener.close()
+        self.thread.join(2)
+
+
+def stopped_at_teardown(create, stop_method='stop'):
+    """Generator body for a factory fixture (``yield from stopped_at_teardown(...)``):
+    yields a function that calls ``create(*args, **options)`` and returns what it made;
+    when the test is over, the ``stop_method`` of everything made is called, in order."""
+    made = []
+
+    def make(*args, **options):
+        thing = create(*args, **options)
+        made.append(thing)
+        return thing
+    yield make
+    for thing in made:
+        getattr(thing, stop_method)()
+
+
+def run_fuglu_lint(conf_path, cwd=None):
+    """``fuglu.py --lint -c conf_path`` in a child process -> (exit code, its output
+    with stderr merged in, as text)."""
+    result = subprocess.run([sys.executable, FUGLU_SCRIPT, '--lint', '-c', str(conf_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60, cwd=cwd)
+    return result.returncode, result.stdout.decode()
 
 
 def make_config(text, confdir='/tmp'):

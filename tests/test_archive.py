@@ -12,6 +12,7 @@ sys.path.insert(0, REPO_DIR)
 
 import fuglu  # noqa: E402
 from fuglu_plugins.archive import ArchivePlugin, safe_component  # noqa: E402
+from helpers import make_config  # noqa: E402
 
 MESSAGE = b'From: a@example.net\r\nTo: b@example.org\r\nSubject: hello\r\n\r\nbody\r\n'
 
@@ -23,10 +24,8 @@ def make_plugin(tmp_path, rules, **options):
     archive_dir.mkdir(exist_ok=True)
     settings = {'archiverules': str(rules_path), 'local_archivedir': str(archive_dir)}
     settings.update(options)
-    config = fuglu.FuConfigParser(confdir=str(tmp_path))
-    config.read_config_text('[ArchivePlugin]\n' + ''.join('%s = %s\n' % item for item in settings.items()))
-    for section, table in fuglu.CORE_DEFAULTS.items():
-        config.set_defaults(section, table)
+    config = make_config('[ArchivePlugin]\n' + ''.join('%s = %s\n' % item for item in settings.items()),
+                         confdir=str(tmp_path))
     return ArchivePlugin(config), archive_dir
 
 
@@ -200,10 +199,7 @@ def test_lint(tmp_path, capsys):
 
 
 def test_loads_by_alias(tmp_path):
-    config = fuglu.FuConfigParser(confdir=str(tmp_path))
-    config.read_config_text('[main]\nappenders = archive\n')
-    for section, table in fuglu.CORE_DEFAULTS.items():
-        config.set_defaults(section, table)
+    config = make_config('[main]\nappenders = archive\n', confdir=str(tmp_path))
     plugin = fuglu.load_plugins(config, 'appenders')[0]
     assert isinstance(plugin, ArchivePlugin) and str(plugin) == 'Archive'
     assert plugin.section == 'ArchivePlugin'

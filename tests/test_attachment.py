@@ -35,6 +35,7 @@ sys.path.insert(0, REPO_DIR)
 import fuglu  # noqa: E402
 from fuglu_plugins import attachment  # noqa: E402
 from fuglu_plugins.attachment import FiletypePlugin, sniff_content_type  # noqa: E402
+from helpers import make_config  # noqa: E402
 
 # --------------------------------------------------------------------------
 # corpus
@@ -171,12 +172,8 @@ def confdir(tmp_path):
 
 
 def make_plugin(confdir, **options):
-    config = fuglu.FuConfigParser(confdir=str(confdir))
     text = '[FiletypePlugin]\n' + ''.join('%s = %s\n' % item for item in options.items())
-    config.read_config_text(text)
-    for section, table in fuglu.CORE_DEFAULTS.items():
-        config.set_defaults(section, table)
-    return FiletypePlugin(config)
+    return FiletypePlugin(make_config(text, confdir=str(confdir)))
 
 
 def suspect_for(source, recipient='rcpt@example.org', sender='sender@example.net'):
@@ -692,10 +689,7 @@ def test_lint_reports_type_detection_and_archive_support(confdir, capsys):
 
 
 def test_plugin_loads_by_alias(confdir):
-    config = fuglu.FuConfigParser(confdir=str(confdir))
-    config.read_config_text('[main]\nplugins = attachment\n')
-    for section, table in fuglu.CORE_DEFAULTS.items():
-        config.set_defaults(section, table)
+    config = make_config('[main]\nplugins = attachment\n', confdir=str(confdir))
     plugin = fuglu.load_plugins(config, 'plugins')[0]
     assert isinstance(plugin, FiletypePlugin)
     assert str(plugin) == 'Attachment Blocker'

@@ -9,7 +9,6 @@ import os
 import socket
 import sys
 import tempfile
-import threading
 import time
 
 import pytest
@@ -18,9 +17,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fuglu  # noqa: E402
 from fuglu_plugins.clamav import ClamavPlugin, parse_clamd_reply, ClamdError, EICAR  # noqa: E402
+from helpers import FakeDaemon, stopped_at_teardown  # noqa: E402
 
 
-class FakeClamd(object):
+class FakeClamd(FakeDaemon):
     """A clamd stand-in. ``answer(conn, command, payload, chunk_sizes)`` runs once per
     connection after the request was read; what it sends is the reply.
 
@@ -32,34 +32,10 @@ class FakeClamd(object):
     def __init__(self, answer, unix_path=None, read_limit=None):
         self.answer = answer
         self.read_limit = read_limit
-        self.connections = 0
         self.commands = []
         self.payloads = []
         self.chunk_sizes = []
-        if unix_path:
-            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.listener.bind(unix_path)
-            self.address = unix_path
-        else:
-            self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self.listener.bind(('127.0.0.1', 0))
-            self.address = self.listener.getsockname()[1]
-        self.listener.listen(8)
-        self.listener.settimeout(0.2)
-        self.running = True
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        while self.running:
-            try:
-                connection, _ = self.listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._handle, args=(connection,), daemon=True).start()
+        FakeDaemon.__init__(self, unix_path)
 
     @staticmethod
     def _read_exactly(connection, count):
@@ -99,11 +75,6 @@ class FakeClamd(object):
         finally:
             connection.close()
 
-    def close(self):
-        self.running = False
-        self.listener.close()
-        self.thread.join(2)
-
 
 def reply_with(*parts, pause=0.0):
     """An answer function sending ``parts`` one after the other, ``pause`` s apart."""
@@ -121,15 +92,7 @@ def never_answer(connection, command, payload, sizes):
 
 @pytest.fixture
 def fake_clamd():
-    servers = []
-
-    def start(answer, **options):
-        server = FakeClamd(answer, **options)
-        servers.append(server)
-        return server
-    yield start
-    for server in servers:
-        server.close()
+    yield from stopped_at_teardown(FakeClamd, stop_method='close')
 
 
 def make_plugin(port, **options):

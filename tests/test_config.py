@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers import fuglu, make_config
+from helpers import fuglu, make_config, run_fuglu_lint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -222,10 +222,8 @@ def test_lint_reports_config_errors_and_exits_nonzero(tmp_path):
     path = tmp_path / 'fuglu.conf'
     path.write_text('[main]\nplugins =\nprependers =\nappenders =\nincomingport = 10025\n'
                     'controlport =\noutgoingport = abc\n')
-    result = subprocess.run([sys.executable, os.path.join(REPO, 'fuglu.py'), '--lint', '-c', str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
-    out = result.stdout.decode()
-    assert result.returncode != 0, out
+    returncode, out = run_fuglu_lint(path)
+    assert returncode != 0, out
     assert '%s [main] outgoingport' % path in out
     assert 'abc' in out
 

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from helpers import InProcessFuglu, RawClient, Sink, VerdictFromHeaderPlugin, free_port, wait_for
+from helpers import (InProcessFuglu, RawClient, Sink, VerdictFromHeaderPlugin, free_port,
+                     stopped_at_teardown, wait_for)
 
 PLUGIN = 'helpers.VerdictFromHeaderPlugin'
 
@@ -29,10 +30,14 @@ def start_proxy(sink_port, extra_main='', extra=''):
 
 
 @pytest.fixture
-def proxy(sink):
-    instance = start_proxy(sink.port)
-    yield instance
-    instance.stop()
+def make_proxy():
+    """start_proxy() for the test; every proxy it starts is stopped at teardown."""
+    yield from stopped_at_teardown(start_proxy)
+
+
+@pytest.fixture
+def proxy(sink, make_proxy):
+    return make_proxy(sink.port)
 
 
 def message(subject='hello', verdict=None, body=b'just a test\r\n'):
@@ -166,39 +171,33 @@ def test_pipelined_client_gets_the_replies_in_order(proxy, sink):
     client.close()
 
 
-def test_ignore_multiple_recipients_forwards_only_the_first(sink):
-    proxy = start_proxy(sink.port, extra='[esmtpconnector]\nignore_multiple_recipients=1\n')
-    try:
-        client = RawClient(proxy.port)
-        client.cmd('EHLO client.example.org')
-        assert client.cmd('MAIL FROM:<a@example.org>').startswith(b'250')
-        assert client.cmd('RCPT TO:<trap1@example.org>').startswith(b'250')
-        assert client.cmd('RCPT TO:<trap2@example.org>') == b'250 2.1.5 OK #2\r\n'
-        assert client.cmd('RCPT TO:<trap3@example.org>') == b'250 2.1.5 OK #3\r\n'
-        assert client.cmd('DATA').startswith(b'354')
-        client.send(message() + b'.\r\n')
-        assert client.reply().startswith(b'250 ')
-        client.close()
-        assert [c for c in sink.commands if c.startswith('RCPT')] == ['RCPT TO:<trap1@example.org>']
-        assert sink.messages[0]['rcpts'] == ['trap1@example.org']
-        sender, recipients, tags, source = VerdictFromHeaderPlugin.seen[-1]
-        assert recipients == ['trap1@example.org']
-        assert tags['ignored_recipients'] == ['trap2@example.org', 'trap3@example.org']
-    finally:
-        proxy.stop()
+def test_ignore_multiple_recipients_forwards_only_the_first(sink, make_proxy):
+    proxy = make_proxy(sink.port, extra='[esmtpconnector]\nignore_multiple_recipients=1\n')
+    client = RawClient(proxy.port)
+    client.cmd('EHLO client.example.org')
+    assert client.cmd('MAIL FROM:<a@example.org>').startswith(b'250')
+    assert client.cmd('RCPT TO:<trap1@example.org>').startswith(b'250')
+    assert client.cmd('RCPT TO:<trap2@example.org>') == b'250 2.1.5 OK #2\r\n'
+    assert client.cmd('RCPT TO:<trap3@example.org>') == b'250 2.1.5 OK #3\r\n'
+    assert client.cmd('DATA').startswith(b'354')
+    client.send(message() + b'.\r\n')
+    assert client.reply().startswith(b'250 ')
+    client.close()
+    assert [c for c in sink.commands if c.startswith('RCPT')] == ['RCPT TO:<trap1@example.org>']
+    assert sink.messages[0]['rcpts'] == ['trap1@example.org']
+    sender, recipients, tags, source = VerdictFromHeaderPlugin.seen[-1]
+    assert recipients == ['trap1@example.org']
+    assert tags['ignored_recipients'] == ['trap2@example.org', 'trap3@example.org']
 
 
-def test_queuetemplate_shapes_the_final_reply(sink):
-    proxy = start_proxy(sink.port, extra='[esmtpconnector]\nqueuetemplate=accepted ${id}: ${injectanswer}\n')
-    try:
-        client = RawClient(proxy.port)
-        client.cmd('EHLO client.example.org')
-        reply = send_transaction(client, message())
-        assert reply.startswith(b'250 accepted ')
-        assert reply.endswith(b': 2.0.0 Ok: queued as ABC123DEF\r\n')
-        client.close()
-    finally:
-        proxy.stop()
+def test_queuetemplate_shapes_the_final_reply(sink, make_proxy):
+    proxy = make_proxy(sink.port, extra='[esmtpconnector]\nqueuetemplate=accepted ${id}: ${injectanswer}\n')
+    client = RawClient(proxy.port)
+    client.cmd('EHLO client.example.org')
+    reply = send_transaction(client, message())
+    assert reply.startswith(b'250 accepted ')
+    assert reply.endswith(b': 2.0.0 Ok: queued as ABC123DEF\r\n')
+    client.close()
 
 
 def test_xforward_from_a_trusted_peer_is_used_and_passed_on(proxy, sink):
@@ -214,30 +213,24 @@ def test_xforward_from_a_trusted_peer_is_used_and_passed_on(proxy, sink):
     assert tags['incomingport'] == proxy.port
 
 
-def test_xforward_from_an_untrusted_peer_is_neither_offered_nor_accepted(sink):
-    proxy = start_proxy(sink.port, extra_main='trusted_xforward_peers=192.0.2.0/24\n')
-    try:
-        client = RawClient(proxy.port)
-        assert b'XFORWARD' not in client.cmd('EHLO client.example.org')
-        assert client.cmd('XFORWARD ADDR=10.9.9.9').startswith(b'550')
-        client.close()
-        assert not [c for c in sink.commands if c.startswith('XFORWARD')]
-    finally:
-        proxy.stop()
+def test_xforward_from_an_untrusted_peer_is_neither_offered_nor_accepted(sink, make_proxy):
+    proxy = make_proxy(sink.port, extra_main='trusted_xforward_peers=192.0.2.0/24\n')
+    client = RawClient(proxy.port)
+    assert b'XFORWARD' not in client.cmd('EHLO client.example.org')
+    assert client.cmd('XFORWARD ADDR=10.9.9.9').startswith(b'550')
+    client.close()
+    assert not [c for c in sink.commands if c.startswith('XFORWARD')]
 
 
-def test_downstream_down_gives_a_temporary_failure():
+def test_downstream_down_gives_a_temporary_failure(make_proxy):
     closed_port = free_port()
-    proxy = start_proxy(closed_port)
-    try:
-        client = RawClient(proxy.port)
-        reply = client.cmd('EHLO client.example.org')
-        assert reply.startswith(b'421 4.4.1 ')
-        assert b'unavailable' in reply
-        assert client.reply() == b''   # and the connection is closed
-        client.close()
-    finally:
-        proxy.stop()
+    proxy = make_proxy(closed_port)
+    client = RawClient(proxy.port)
+    reply = client.cmd('EHLO client.example.org')
+    assert reply.startswith(b'421 4.4.1 ')
+    assert b'unavailable' in reply
+    assert client.reply() == b''   # and the connection is closed
+    client.close()
 
 
 def test_downstream_lost_before_data_gives_a_temporary_failure():
@@ -316,18 +309,15 @@ def test_a_silent_downstream_times_out_within_downstream_timeout():
         listener.close()
 
 
-def test_message_size_limit_and_a_large_message(sink):
-    proxy = start_proxy(sink.port, extra_main='smtp_max_message_size=3000000\n')
-    try:
-        client = RawClient(proxy.port)
-        assert b'250-SIZE 3000000' in client.cmd('EHLO client.example.org')
-        assert client.cmd('MAIL FROM:<a@example.org> SIZE=4000000').startswith(b'552 5.3.4')
-        big = message(body=(b'x' * 998 + b'\r\n') * 2500)   # 2.5 MB
-        assert send_transaction(client, big).startswith(b'250 ')
-        assert sink.messages[0]['data'].endswith(big)
-        client.close()
-    finally:
-        proxy.stop()
+def test_message_size_limit_and_a_large_message(sink, make_proxy):
+    proxy = make_proxy(sink.port, extra_main='smtp_max_message_size=3000000\n')
+    client = RawClient(proxy.port)
+    assert b'250-SIZE 3000000' in client.cmd('EHLO client.example.org')
+    assert client.cmd('MAIL FROM:<a@example.org> SIZE=4000000').startswith(b'552 5.3.4')
+    big = message(body=(b'x' * 998 + b'\r\n') * 2500)   # 2.5 MB
+    assert send_transaction(client, big).startswith(b'250 ')
+    assert sink.messages[0]['data'].endswith(big)
+    client.close()
 
 
 def test_mail_before_greeting_is_refused_locally(proxy, sink):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import InProcessFuglu, fuglu
+from helpers import InProcessFuglu, fuglu, stopped_at_teardown
 
 PORTFIX_ACTIONS = 0x1ff          # what Postfix 3.x offers
 POSTFIX_PROTOCOL = 0x1fffff
@@ -184,20 +184,15 @@ def replycode(packets):
 @pytest.fixture
 def start_fuglu():
     """Call with (milter=..., plugins=..., extra_main=..., sections=...) -> running fuglu."""
-    started = []
     ChangingPlugin.seen = []
     RcptGate.headers_seen = []
 
     def create(mode='auto', options='', plugins='test_milter.ChangingPlugin', extra_main='', sections='',
                milter_extra=''):
-        instance = InProcessFuglu(1, extra_main=extra_main, protocol='milter', plugins=plugins,
-                                  extra='[milter]\nmilter_mode=%s\nmilter_mode_options=%s\n%s\n%s'
-                                        % (mode, options, milter_extra, sections))
-        started.append(instance)
-        return instance
-    yield create
-    for instance in started:
-        instance.stop()
+        return InProcessFuglu(1, extra_main=extra_main, protocol='milter', plugins=plugins,
+                              extra='[milter]\nmilter_mode=%s\nmilter_mode_options=%s\n%s\n%s'
+                                    % (mode, options, milter_extra, sections))
+    yield from stopped_at_teardown(create)
 
 
 # -- codec -------------------------------------------------------------------------------

@@ -4,16 +4,12 @@ bundled debug and skip prependers."""
 
 import os
 import re
-import subprocess
-import sys
 import textwrap
 import uuid
 
 import pytest
 
-from helpers import fuglu, make_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import fuglu, make_config, run_fuglu_lint
 
 MESSAGE = b'From: a@example.org\r\nTo: b@example.com\r\nSubject: plugin test\r\n\r\nbody\r\n'
 
@@ -278,22 +274,18 @@ def test_fuglu_style_plugin_under_lint_when_fuglu_runs_as_main(tmp_path):
     plugindir.mkdir()
     module = write_module(plugindir, FUGLU_STYLE_PLUGIN)
     conf = lint_config(plugindir, module)
-    result = subprocess.run([sys.executable, os.path.join(REPO, 'fuglu.py'), '--lint', '-c', conf],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60, cwd=str(tmp_path))
-    out = result.stdout.decode()
+    returncode, out = run_fuglu_lint(conf, cwd=str(tmp_path))
     assert 'SubjectTrap: one fuglu module' in out, out
     assert 'SubjectTrap: word is LINTWORD' in out
     assert '0 plugins reported errors' in out
-    assert result.returncode == 0, out
+    assert returncode == 0, out
 
 
 def test_lint_fails_on_an_unknown_option_in_a_plugin_section(tmp_path):
     module = write_module(tmp_path, FUGLU_STYLE_PLUGIN)
     conf = lint_config(tmp_path, module, 'wrod = typo\n')
-    result = subprocess.run([sys.executable, os.path.join(REPO, 'fuglu.py'), '--lint', '-c', conf],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60, cwd=str(tmp_path))
-    out = result.stdout.decode()
-    assert result.returncode != 0, out
+    returncode, out = run_fuglu_lint(conf, cwd=str(tmp_path))
+    assert returncode != 0, out
     assert '[SubjectTrap] wrod' in out
     assert '1 plugins reported errors' in out
 
@@ -302,10 +294,8 @@ def test_lint_fails_when_a_plugin_cannot_load(tmp_path):
     path = tmp_path / 'fuglu.conf'
     path.write_text('[main]\nplugins = no_such_module_abc.Plugin\nprependers =\nappenders =\n'
                     'incomingport = 10025\ncontrolport =\n')
-    result = subprocess.run([sys.executable, os.path.join(REPO, 'fuglu.py'), '--lint', '-c', str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
-    out = result.stdout.decode()
-    assert result.returncode != 0, out
+    returncode, out = run_fuglu_lint(path)
+    assert returncode != 0, out
     assert 'no_such_module_abc' in out
 
 

@@ -9,7 +9,6 @@ import os
 import socket
 import sys
 import tempfile
-import threading
 import time
 
 import pytest
@@ -18,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fuglu  # noqa: E402
 from fuglu_plugins.spamassassin import SAPlugin, parse_spamd_reply, SpamdError, GTUBE  # noqa: E402
+from helpers import FakeDaemon, stopped_at_teardown  # noqa: E402
 
 
 class SpamdRequest(object):
@@ -27,7 +27,7 @@ class SpamdRequest(object):
         self.body = body
 
 
-class FakeSpamd(object):
+class FakeSpamd(FakeDaemon):
     """A spamd stand-in. ``answer(request)`` returns the reply bytes, or a list of byte
     strings sent one by one with a short pause (a reply split over packets), or None
     to say nothing. Attributes: connections, requests."""
@@ -35,32 +35,8 @@ class FakeSpamd(object):
     def __init__(self, answer, unix_path=None, hold=0.0):
         self.answer = answer
         self.hold = hold  # seconds to wait before answering
-        self.connections = 0
         self.requests = []
-        if unix_path:
-            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.listener.bind(unix_path)
-            self.address = unix_path
-        else:
-            self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            self.listener.bind(('127.0.0.1', 0))
-            self.address = self.listener.getsockname()[1]
-        self.listener.listen(8)
-        self.listener.settimeout(0.2)
-        self.running = True
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        while self.running:
-            try:
-                connection, _ = self.listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._handle, args=(connection,), daemon=True).start()
+        FakeDaemon.__init__(self, unix_path)
 
     def _handle(self, connection):
         connection.settimeout(10)
@@ -92,11 +68,6 @@ class FakeSpamd(object):
         finally:
             connection.close()
 
-    def close(self):
-        self.running = False
-        self.listener.close()
-        self.thread.join(2)
-
 
 def spamd_reply(body, spam_line=None, status=b'SPAMD/1.1 0 EX_OK', content_length=None):
     lines = [status]
@@ -127,15 +98,7 @@ def reporting_spamd(score, required=5.0):
 
 @pytest.fixture
 def fake_spamd():
-    servers = []
-
-    def start(answer, **options):
-        server = FakeSpamd(answer, **options)
-        servers.append(server)
-        return server
-    yield start
-    for server in servers:
-        server.close()
+    yield from stopped_at_teardown(FakeSpamd, stop_method='close')
 
 
 def make_plugin(port, main='', **options):

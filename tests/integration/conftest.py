@@ -67,25 +67,13 @@ def postfix_factory(peer_packages):
 @pytest.fixture(scope='module')
 def clamd(peer_packages):
     """A started ClamdInstance (EICAR signature only), shared by the tests of one module."""
-    basedir = peers.world_dir('fuglu-clamd-')
-    instance = peers.ClamdInstance(basedir)
-    try:
-        yield instance.start()
-    finally:
-        instance.stop()
-        peers.remove_world_dir(basedir)
+    yield from peers.run_in_world_dir(peers.ClamdInstance, 'fuglu-clamd-')
 
 
 @pytest.fixture(scope='module')
 def spamd(peer_packages):
     """A started SpamdInstance (offline rules), shared by the tests of one module."""
-    basedir = peers.world_dir('fuglu-spamd-')
-    instance = peers.SpamdInstance(basedir)
-    try:
-        yield instance.start()
-    finally:
-        instance.stop()
-        peers.remove_world_dir(basedir)
+    yield from peers.run_in_world_dir(peers.SpamdInstance, 'fuglu-spamd-')
 
 
 @pytest.fixture

@@ -280,6 +280,67 @@ def _tail(text, lines=40):
     return '\n'.join(text.splitlines()[-lines:])
 
 
+def wait_log_match(log_text, pattern, timeout, log_name):
+    """Wait until `log_text()` matches the regular expression `pattern`; return the match.
+
+    On time-out the TimeoutError carries the log's tail, headed `--- <log_name> ---`.
+    """
+    regex = re.compile(pattern)
+    try:
+        return wait_until(lambda: regex.search(log_text()), timeout, interval=0.05,
+                          what='%s to match %r' % (log_name, pattern))
+    except TimeoutError as error:
+        raise TimeoutError('%s\n--- %s ---\n%s' % (error, log_name, _tail(log_text())))
+
+
+class ChildPeer(object):
+    """Base of the peers that run in the foreground as our child process (clamd, spamd,
+    fuglu): start-up into an output file, the exit check while waiting, stop by pid.
+    Subclasses provide log_text()."""
+
+    process = None
+
+    @property
+    def pid(self):
+        return self.process.pid if self.process else None
+
+    def _spawn(self, command, output_path, **popen_options):
+        """Start `command` with stdout and stderr going to `output_path`."""
+        output = open(output_path, 'wb')
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output,
+                                        stderr=subprocess.STDOUT, **popen_options)
+        output.close()
+        _started(self)
+
+    def _fail_if_exited(self, name, when=''):
+        """Raise RuntimeError with the log's tail when the child has already exited."""
+        if self.process.poll() is not None:
+            raise RuntimeError('%s exited with %s%s:\n%s'
+                               % (name, self.process.returncode, when, _tail(self.log_text())))
+
+    def stop(self, timeout=10.0):
+        """SIGTERM, SIGKILL after `timeout`; return the exit code (None if never started)."""
+        returncode = None
+        _stopped(self)
+        if self.process is not None:
+            stop_pid(self.process.pid, timeout, child=self.process)
+            returncode = self.process.returncode
+            self.process = None
+        return returncode
+
+
+def run_in_world_dir(peer_class, folder_prefix):
+    """Generator body of a peer fixture: start `peer_class(basedir)` in a new world dir,
+    yield it, then stop it and remove the folder (also when the start fails)."""
+    basedir = world_dir(folder_prefix)
+    instance = peer_class(basedir)
+    try:
+        yield instance.start()
+    finally:
+        instance.stop()
+        remove_world_dir(basedir)
+
+
 def _chown_tree(path, user):
     account = pwd.getpwnam(user)
     for folder, subfolders, files in os.walk(path):
@@ -669,12 +730,7 @@ class PostfixInstance(object):
 
     def wait_log(self, pattern, timeout=10.0):
         """Wait until the maillog matches the regular expression `pattern`; return the match."""
-        regex = re.compile(pattern)
-        try:
-            return wait_until(lambda: regex.search(self.log_text()), timeout, interval=0.05,
-                              what='maillog to match %r' % pattern)
-        except TimeoutError as error:
-            raise TimeoutError('%s\n--- maillog ---\n%s' % (error, _tail(self.log_text())))
+        return wait_log_match(self.log_text, pattern, timeout, 'maillog')
 
 
 # ---------------------------------------------------------------------------
@@ -710,7 +766,7 @@ def clamd_command(command, payload=b'', port=None, socket_path=None, timeout=10.
     return reply.rstrip(b'\0').decode('utf-8', 'replace')
 
 
-class ClamdInstance(object):
+class ClamdInstance(ChildPeer):
     """A private clamd with one signature (EICAR), on a unix socket and 127.0.0.1:tcp_port.
 
     clamd runs in the foreground as our child, so stop() reaps it at once.
@@ -724,11 +780,6 @@ class ClamdInstance(object):
         self.socket_path = os.path.join(self.basedir, 'clamd.sock')
         self.log_path = os.path.join(self.basedir, 'clamd.log')
         self.tcp_port = tcp_port or free_port()
-        self.process = None
-
-    @property
-    def pid(self):
-        return self.process.pid if self.process else None
 
     def write_config(self):
         for folder in (self.database_dir, self.temp_dir):
@@ -762,16 +813,10 @@ class ClamdInstance(object):
 
     def start(self, timeout=30.0):
         self.write_config()
-        output = open(os.path.join(self.basedir, 'clamd.out'), 'wb')
-        self.process = subprocess.Popen(['clamd', '-c', self.conf_path], stdin=subprocess.DEVNULL,
-                                        stdout=output, stderr=subprocess.STDOUT)
-        output.close()
-        _started(self)
+        self._spawn(['clamd', '-c', self.conf_path], os.path.join(self.basedir, 'clamd.out'))
 
         def ready():
-            if self.process.poll() is not None:
-                raise RuntimeError('clamd exited with %s:\n%s' % (self.process.returncode,
-                                                                   _tail(self.log_text())))
+            self._fail_if_exited('clamd')
             return self.ping()
 
         try:
@@ -780,12 +825,6 @@ class ClamdInstance(object):
             self.stop()
             raise
         return self
-
-    def stop(self, timeout=10.0):
-        _stopped(self)
-        if self.process is not None:
-            stop_pid(self.process.pid, timeout, child=self.process)
-            self.process = None
 
     def scan(self, data, use_socket=False):
         """zINSTREAM `data`; return clamd's reply, e.g. 'stream: OK'."""
@@ -841,7 +880,7 @@ def spamd_request(port, command, message=b'', headers=None, timeout=30.0):
     return head_lines[0], reply_headers, body
 
 
-class SpamdInstance(object):
+class SpamdInstance(ChildPeer):
     """A private spamd on 127.0.0.1:port with an offline site configuration.
 
     As root spamd must drop to a user (debian-spamd), who must reach the site config and
@@ -856,11 +895,6 @@ class SpamdInstance(object):
         self.port = port or free_port()
         self.max_children = max_children
         self.extra_local_cf = local_cf
-        self.process = None
-
-    @property
-    def pid(self):
-        return self.process.pid if self.process else None
 
     def write_config(self):
         for folder in (self.siteconfig_dir, self.home_dir):
@@ -895,16 +929,10 @@ class SpamdInstance(object):
 
     def start(self, timeout=60.0):
         self.write_config()
-        output = open(os.path.join(self.basedir, 'spamd.out'), 'wb')
-        self.process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
-                                        stdout=output, stderr=subprocess.STDOUT)
-        output.close()
-        _started(self)
+        self._spawn(self.command(), os.path.join(self.basedir, 'spamd.out'))
 
         def ready():
-            if self.process.poll() is not None:
-                raise RuntimeError('spamd exited with %s:\n%s' % (self.process.returncode,
-                                                                   _tail(self.log_text())))
+            self._fail_if_exited('spamd')
             # A bare connect only makes spamd log "bad protocol"; ask for a real PONG.
             return self.ping()
 
@@ -914,12 +942,6 @@ class SpamdInstance(object):
             self.stop()
             raise
         return self
-
-    def stop(self, timeout=10.0):
-        _stopped(self)
-        if self.process is not None:
-            stop_pid(self.process.pid, timeout, child=self.process)
-            self.process = None
 
     def check(self, message, command=b'CHECK'):
         """Ask spamd about `message`; return (is_spam, score, body) from its reply."""
@@ -952,7 +974,7 @@ def _first_incoming_port(config_text):
     return None
 
 
-class FugluProcess(object):
+class FugluProcess(ChildPeer):
     """fuglu (python3 <repo>/fuglu.py, or a .pyz, or another script) run as `-f -c CONF`.
 
     config: the config text, or the path of a config file.
@@ -980,11 +1002,6 @@ class FugluProcess(object):
         self.env = env
         self.wait_port = wait_port or _first_incoming_port(config_text)
         self.log_path = os.path.join(self.workdir, 'fuglu.log')
-        self.process = None
-
-    @property
-    def pid(self):
-        return self.process.pid if self.process else None
 
     def command(self):
         return [self.python, self.program, '-f', '-c', self.config_path] + self.extra_args
@@ -992,17 +1009,10 @@ class FugluProcess(object):
     def start(self, timeout=30.0):
         if not os.path.exists(self.program):
             raise RuntimeError('fuglu program not found: %s' % self.program)
-        log = open(self.log_path, 'wb')
-        self.process = subprocess.Popen(self.command(), cwd=self.workdir, env=self.env,
-                                        stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT)
-        log.close()
-        _started(self)
+        self._spawn(self.command(), self.log_path, cwd=self.workdir, env=self.env)
 
         def ready():
-            if self.process.poll() is not None:
-                raise RuntimeError('fuglu exited with %s during start-up:\n%s'
-                                   % (self.process.returncode, _tail(self.log_text())))
+            self._fail_if_exited('fuglu', when=' during start-up')
             if 'Startup complete' in self.log_text():
                 return True
             return self.wait_port is not None and port_accepts(self.wait_port, timeout=0.2)
@@ -1014,16 +1024,6 @@ class FugluProcess(object):
             self.stop()
             raise TimeoutError('%s\n--- fuglu log ---\n%s' % (error, log_tail))
         return self
-
-    def stop(self, timeout=10.0):
-        """SIGTERM, SIGKILL after `timeout`; return the exit code (None if never started)."""
-        returncode = None
-        _stopped(self)
-        if self.process is not None:
-            stop_pid(self.process.pid, timeout, child=self.process)
-            returncode = self.process.returncode
-            self.process = None
-        return returncode
 
     def cleanup(self):
         self.stop()
@@ -1037,9 +1037,4 @@ class FugluProcess(object):
         return read_text(self.log_path)
 
     def wait_log(self, pattern, timeout=10.0):
-        regex = re.compile(pattern)
-        try:
-            return wait_until(lambda: regex.search(self.log_text()), timeout, interval=0.05,
-                              what='fuglu log to match %r' % pattern)
-        except TimeoutError as error:
-            raise TimeoutError('%s\n--- fuglu log ---\n%s' % (error, _tail(self.log_text())))
+        return wait_log_match(self.log_text, pattern, timeout, 'fuglu log')

@@ -149,13 +149,7 @@ class SmallStreamClamd(peers.ClamdInstance):
 
 @pytest.fixture(scope='module')
 def small_stream_clamd(peer_packages):
-    basedir = peers.world_dir('fuglu-clamd-small-')
-    instance = SmallStreamClamd(basedir)
-    try:
-        yield instance.start()
-    finally:
-        instance.stop()
-        peers.remove_world_dir(basedir)
+    yield from peers.run_in_world_dir(SmallStreamClamd, 'fuglu-clamd-small-')
 
 
 @pytest.mark.parametrize('transport', ['tcp', 'unix'])
