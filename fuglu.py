@@ -1852,6 +1852,29 @@ def connect_service(host, port, timeout, keepalive=False):
     return connection
 
 
+def recv_until(connection, deadline, terminator=None, timeout_message='no complete reply in time'):
+    """A scanner daemon's reply: bytes until EOF or, with ``terminator``, until the data
+    ends with it; gives up at the time.monotonic() ``deadline`` (the socket timeout is
+    set to the time left before every recv). Raises socket.timeout(timeout_message)."""
+    data = bytearray()
+    while terminator is None or not data.endswith(terminator):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout(timeout_message)
+        connection.settimeout(remaining)
+        chunk = connection.recv(READ_SIZE)
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def service_address(host, port):
+    """'host:port', or the unix socket path, for messages about a scanner daemon."""
+    port = str(port).strip()
+    return '%s:%s' % (resolve_env_marker(host.strip()), port) if port.isdigit() else port
+
+
 def connect_tcp(host, port, timeout):
     """A connected TCP socket with kernel timeouts. IP literals skip getaddrinfo."""
     try:

@@ -14,14 +14,12 @@ connections are problems: after ``retries`` attempts (and the optional clamscan 
 the message gets ``problemaction``, never a clean verdict.
 """
 
-import os
 import select
-import socket
 import subprocess
 import time
 
 from fuglu import (DEFER, DUNNO, ScannerPlugin, actioncode_to_string, apply_template, connect_service,
-                   resolve_env_marker, string_to_actioncode)
+                   recv_until, service_address, string_to_actioncode)
 
 # clamd reads INSTREAM data in chunks; 20 KiB stays well below its default buffers.
 CHUNK_SIZE = 20480
@@ -223,17 +221,7 @@ class ClamavPlugin(ScannerPlugin):
     @staticmethod
     def _read_reply(connection, deadline):
         """Bytes up to and including clamd's NUL terminator, or up to EOF."""
-        reply = b''
-        while not reply.endswith(b'\0'):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout('no complete reply from clamd in time')
-            connection.settimeout(remaining)
-            data = connection.recv(4096)
-            if not data:
-                break
-            reply += data
-        return reply
+        return recv_until(connection, deadline, b'\0', 'no complete reply from clamd in time')
 
     def command(self, name):
         """One z-command without data (b'PING', b'VERSION') -> reply text."""
@@ -350,7 +338,4 @@ class ClamavPlugin(ScannerPlugin):
         return ok
 
     def _address(self):
-        port = self._option('port').strip()
-        if port.isdigit():
-            return '%s:%s' % (resolve_env_marker(self._option('host').strip()), port)
-        return port
+        return service_address(self._option('host'), self._option('port'))

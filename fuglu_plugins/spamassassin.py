@@ -26,7 +26,7 @@ import socket
 import time
 
 from fuglu import (DEFER, DUNNO, ScannerPlugin, actioncode_to_string, apply_template, connect_service,
-                   resolve_env_marker, string_to_actioncode)
+                   recv_until, service_address, string_to_actioncode)
 
 # The GTUBE anti-spam test string, in two halves so that this file is no test spam.
 GTUBE = b'XJS*C4JDBQADN1.NSBN3*2IDNEN*' + b'GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X'
@@ -339,17 +339,8 @@ class SAPlugin(ScannerPlugin):
         with self._connect() as connection:
             connection.sendall(b'\r\n'.join(lines) + b'\r\n\r\n' + content)
             connection.shutdown(socket.SHUT_WR)
-            chunks = []
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise socket.timeout('spamd did not answer in time')
-                connection.settimeout(remaining)
-                data = connection.recv(65536)
-                if not data:
-                    break
-                chunks.append(data)
-        reply = parse_spamd_reply(b''.join(chunks), expect_body=verb != b'PING')
+            raw = recv_until(connection, deadline, None, 'spamd did not answer in time')
+        reply = parse_spamd_reply(raw, expect_body=verb != b'PING')
         if verb == b'PROCESS' and not reply.body.strip():
             # it would replace the message: never deliver an empty one
             raise SpamdError('spamd returned an empty message')
@@ -400,7 +391,4 @@ class SAPlugin(ScannerPlugin):
         return ok
 
     def _address(self):
-        port = self._option('port').strip()
-        if port.isdigit():
-            return '%s:%s' % (resolve_env_marker(self._option('host').strip()), port)
-        return port
+        return service_address(self._option('host'), self._option('port'))
