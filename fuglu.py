@@ -1869,6 +1869,27 @@ def recv_until(connection, deadline, terminator=None, timeout_message='no comple
     return bytes(data)
 
 
+def read_until_eof(sock, limit=None, drain=False):
+    """Bytes until the peer half-closes: (data, over_limit). Past ``limit`` bytes it
+    stops and returns what came, or with ``drain`` reads on to EOF, dropping it all
+    (so a reply can still be sent), and returns (b'', True). Socket errors propagate."""
+    chunks, total = [], 0
+    while True:
+        chunk = sock.recv(READ_SIZE)
+        if not chunk:
+            break
+        total += len(chunk)
+        if chunks is not None:
+            chunks.append(chunk)
+        if limit and total > limit:
+            if not drain:
+                break
+            chunks = None
+    if chunks is None:
+        return b'', True
+    return b''.join(chunks), bool(limit and total > limit)
+
+
 def service_address(host, port):
     """'host:port', or the unix socket path, for messages about a scanner daemon."""
     port = str(port).strip()
@@ -2814,17 +2835,9 @@ class AfterQueueSession(SMTPServerSession):
                 kept.append(param)
         return kept
 
-    def start_downstream_transaction(self, sender, params, size=None):
-        client = self.open_downstream()
-        if self.xforward and 'XFORWARD' in client.extensions:
-            client.xforward(self.xforward)
-        line = 'MAIL FROM:<%s>' % sender
-        kept = self.downstream_params(params, size)
-        if kept:
-            line += ' ' + ' '.join(kept)
-        code, text = client.command(line)
-        if code != 250:
-            raise SMTPError(code, ' '.join(text))
+    def envelope_command(self, command, address, params, size=None):
+        """'MAIL FROM' or 'RCPT TO' with the parameters the downstream understands."""
+        return ' '.join(['%s:<%s>' % (command, address)] + self.downstream_params(params, size))
 
     # -- pipelining towards the downstream -----------------------------------------
     # MAIL and RCPT are forwarded as they come and their replies read only when fuglu
@@ -2869,11 +2882,8 @@ class AfterQueueSession(SMTPServerSession):
         if self.xforward and 'XFORWARD' in client.extensions:
             for line in client.xforward_lines(self.xforward):
                 self.send_downstream(line, self.on_xforward_reply)
-        line = 'MAIL FROM:<%s>' % sender
-        kept = self.downstream_params(params)
-        if kept:
-            line += ' ' + ' '.join(kept)
-        self.send_downstream(line, lambda code, lines: self.on_mail_reply(sender, code, lines))
+        self.send_downstream(self.envelope_command('MAIL FROM', sender, params),
+                             lambda code, lines: self.on_mail_reply(sender, code, lines))
 
     def on_xforward_reply(self, code, lines):
         if code != 250:
@@ -2902,11 +2912,8 @@ class AfterQueueSession(SMTPServerSession):
         self.rcpt_attempts += 1
         if self.downstream is None or not self.downstream.connected:
             return self.reply(451, '4.4.2 downstream connection lost')
-        line = 'RCPT TO:<%s>' % address
-        kept = self.downstream_params(params)
-        if kept:
-            line += ' ' + ' '.join(kept)
-        self.send_downstream(line, lambda code, lines: self.on_rcpt_reply(address, params, code, lines))
+        self.send_downstream(self.envelope_command('RCPT TO', address, params),
+                             lambda code, lines: self.on_rcpt_reply(address, params, code, lines))
 
     def on_rcpt_reply(self, address, params, code, lines):
         if code not in (250, 251):
@@ -3004,9 +3011,14 @@ class AfterQueueSession(SMTPServerSession):
         self.downstream.rset()
         if not self.downstream.connected:
             raise SMTPError(451, '4.4.2 downstream connection lost', True)
-        self.start_downstream_transaction(suspect.from_address, self.mail_params, size)
+        client = self.downstream
+        if self.xforward and 'XFORWARD' in client.extensions:
+            client.xforward(self.xforward)
+        code, text = client.command(self.envelope_command('MAIL FROM', suspect.from_address, self.mail_params, size))
+        if code != 250:
+            raise SMTPError(code, ' '.join(text))
         for recipient in suspect.recipients:
-            code, text = self.downstream.command('RCPT TO:<%s>' % recipient)
+            code, text = client.command('RCPT TO:<%s>' % recipient)
             if code not in (250, 251):
                 raise SMTPError(451, '4.7.1 changed recipient <%s> refused downstream: %s %s'
                                 % (recipient, code, ' '.join(text)))
@@ -3302,24 +3314,12 @@ class NetcatConnector(Connector):
         """Everything up to the client's half-close: (bytes, False), or (b'', True)
         when over ``limit`` (the rest is read and dropped, so the reply is not lost
         to a connection reset)."""
-        chunks, total = [], 0
-        while True:
-            try:
-                chunk = sock.recv(READ_SIZE)
-            except socket.timeout:
-                raise ConnectionClosed('timeout')
-            except OSError as error:
-                raise ConnectionClosed(str(error))
-            if not chunk:
-                break
-            total += len(chunk)
-            if limit and total > limit:
-                chunks = None
-            elif chunks is not None:
-                chunks.append(chunk)
-        if chunks is None:
-            return b'', True
-        return b''.join(chunks), False
+        try:
+            return read_until_eof(sock, limit, drain=True)
+        except socket.timeout:
+            raise ConnectionClosed('timeout')
+        except OSError as error:
+            raise ConnectionClosed(str(error))
 
     def scan(self, sock, label, suspect, tags):
         for name, value in tags.items():
@@ -5231,18 +5231,6 @@ def parse_host_port(text):
     return host.strip('[]') or '127.0.0.1', int(port)
 
 
-def read_until_eof(sock, limit=None):
-    chunks, total = [], 0
-    while True:
-        chunk = sock.recv(READ_SIZE)
-        if not chunk:
-            return b''.join(chunks)
-        chunks.append(chunk)
-        total += len(chunk)
-        if limit and total > limit:
-            return b''.join(chunks)
-
-
 def read_banner_line(sock):
     line = b''
     while not line.endswith(b'\n'):
@@ -5268,7 +5256,7 @@ def netcat_exchange(host, port, message, timeout):
         read_banner_line(sock)
         sock.sendall(message)
         sock.shutdown(socket.SHUT_WR)
-        return read_until_eof(sock)
+        return read_until_eof(sock)[0]
 
 
 def command_client(argv):
@@ -5332,7 +5320,7 @@ def probe_smtp(host, port, timeout):
             return False, 'banner %r' % banner[:80]
         sock.sendall(b'HCHK\r\n')
         sock.shutdown(socket.SHUT_WR)
-        answer = read_until_eof(sock, 4096).strip()
+        answer = read_until_eof(sock, 4096)[0].strip()
     return answer == b'250 healthcheck', 'answer %r' % answer[:80]
 
 
@@ -5348,7 +5336,7 @@ def probe_milter(host, port, timeout):
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.sendall(struct.pack('>I', len(payload)) + payload)
         sock.shutdown(socket.SHUT_WR)
-        answer = read_until_eof(sock, 65536)
+        answer = read_until_eof(sock, 65536)[0]
     return answer[4:5] == b'O', 'answer %r' % answer[:40]
 
 

@@ -826,3 +826,39 @@ def test_a_downstream_connection_closed_while_parked_is_not_used(server, sink, c
         time.sleep(0.1)
     assert wait_for(lambda: len(sink.messages) == 2)
     assert sum(1 for command in sink.commands if command.upper().startswith('EHLO')) == 2
+
+
+# -- a plugin changes the envelope ------------------------------------------------------
+
+def test_envelope_changed_by_a_plugin_is_sent_again(server, sink, clients):
+    class Redirect(fuglu.ScannerPlugin):
+        def examine(self, suspect):
+            suspect.from_address = 'bounces@example.org'
+            suspect.recipients = ['archive@example.com']
+            return fuglu.DUNNO
+
+    server.controller.plugins = [Redirect(server.config)]
+    client = clients(server.port)
+    ehlo(client)
+    assert code(transaction(client)) == 250
+    assert wait_for(lambda: len(sink.messages) == 1)
+    delivered = sink.messages[0]
+    assert delivered['mail'].startswith('MAIL FROM:<bounces@example.org>')
+    assert delivered['rcpts'] == ['archive@example.com']
+
+
+def test_a_changed_recipient_refused_downstream_defers_the_message(server, sink, clients):
+    class Redirect(fuglu.ScannerPlugin):
+        def examine(self, suspect):
+            suspect.recipients = ['nobody@example.com']
+            return fuglu.DUNNO
+
+    sink.rcpt_replies['nobody@example.com'] = '550 5.1.1 no such user'
+    server.controller.plugins = [Redirect(server.config)]
+    client = clients(server.port)
+    ehlo(client)
+    reply = transaction(client)
+    assert code(reply) == 451, reply
+    assert b'nobody@example.com' in reply
+    time.sleep(0.2)
+    assert sink.messages == []
