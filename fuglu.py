@@ -693,11 +693,6 @@ TEMPLATE_DEFAULTS = {
 }
 
 
-def template_defaults(suspect):
-    """All default template variables of a message, as a dict."""
-    return {name: compute(suspect) for name, compute in TEMPLATE_DEFAULTS.items()}
-
-
 def apply_template(template, suspect=None, values=None, valuesfunction=None):
     """Fill ``template`` with ``values``, then the message defaults, then any header or
     @tag of the message (the SuspectFilter fields)."""
@@ -2025,11 +2020,6 @@ class SocketReader(object):
         if max_size and len(raw) > max_size:
             return None, 'size'
         return raw, None
-
-
-def dot_stuff(message):
-    """Message bytes -> DATA payload including the terminating CRLF.CRLF."""
-    return b''.join(dot_stuff_parts([message]))
 
 
 def dot_stuff_parts(parts):
@@ -3685,13 +3675,6 @@ class MilterReader(object):
                 raise ConnectionClosed('EOF')
             decoder.feed(chunk)
 
-    def has_packet(self):
-        """True if a complete packet is already buffered (no read needed)."""
-        decoder = self.decoder
-        if decoder.pending() < 4:
-            return False
-        start = decoder.position
-        return decoder.pending() >= 4 + int.from_bytes(decoder.buffer[start:start + 4], 'big')
 
 
 MILTER_CONTINUE = milter_packet(SMFIR_CONTINUE)
