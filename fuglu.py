@@ -3014,10 +3014,15 @@ class AfterQueueSession(SMTPServerSession):
                                 % (recipient, code, ' '.join(text)))
 
 
+# an RFC 3463 enhanced status code, e.g. 5.7.1 (a whole word)
+ENHANCED_CODE_RE = re.compile(r'^([245])\.\d{1,3}\.\d{1,3}$')
+
+
 def ensure_enhanced(text, enhanced):
     """Prefix an enhanced status code unless the text already starts with one of
     the same class."""
-    if re.match(r'^[245]\.\d{1,3}\.\d{1,3}\b', text) and text[0] == enhanced[0]:
+    first_word = text.split(' ', 1)[0]
+    if ENHANCED_CODE_RE.match(first_word) and first_word[0] == enhanced[0]:
         return text
     return '%s %s' % (enhanced, text)
 
@@ -3570,7 +3575,6 @@ def encode_header_packet(command, name, value, index=None):
     return milter_packet(command, data)
 
 
-MILTER_ENHANCED_RE = re.compile(r'^([245])\.\d{1,3}\.\d{1,3}$')
 
 
 def milter_reply_code(code, text, enhanced=None):
@@ -3587,12 +3591,12 @@ def milter_reply_code(code, text, enhanced=None):
     if enhanced is None or not enhanced.startswith(klass + '.'):
         enhanced = '%s.7.1' % klass
     first_word = lines[0].split(' ', 1)[0]
-    if MILTER_ENHANCED_RE.match(first_word) and first_word[0] == klass:
+    if ENHANCED_CODE_RE.match(first_word) and first_word[0] == klass:
         enhanced = first_word
     out = []
     for number, line in enumerate(lines):
         word, _, rest = line.partition(' ')
-        if MILTER_ENHANCED_RE.match(word) and word[0] == klass:
+        if ENHANCED_CODE_RE.match(word) and word[0] == klass:
             line = rest
         separator = ' ' if number == len(lines) - 1 else '-'
         out.append(('%d%s%s %s' % (code, separator, enhanced, line[:400])).rstrip().replace('%', '%%'))
