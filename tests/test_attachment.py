@@ -673,7 +673,7 @@ def test_failing_check_takes_problemaction(confdir, monkeypatch):
 
     def explode(*args):
         raise RuntimeError('boom')
-    monkeypatch.setattr(attachment, 'iter_attachments', explode)
+    monkeypatch.setattr(attachment, 'walk_message', explode)
     code, message, _ = examine(plugin, mail(('a.txt', b'x')))
     assert code == fuglu.REJECT
 
