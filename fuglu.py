@@ -1671,6 +1671,9 @@ def format_duration(seconds):
 
 # control characters (a line break would start a new reply line, a NUL ends a milter string)
 REPLY_UNPRINTABLE_RE = re.compile(r'[\x00-\x1f\x7f]+')
+# a reply text at most: with "550 5.7.1 " and CRLF a reply line stays within 512 octets
+# (RFC 5321 4.5.3.1.5)
+REPLY_MAX_CHARS = 500
 
 
 class ScanSession(object):
@@ -1808,13 +1811,13 @@ class ScanSession(object):
         default, with the id appended when suspectidreturn is on. The message is data,
         not a template: plugins fill their configured texts themselves (as in FuGlu),
         and what they put in (a file or virus name, a subject) comes from the sender.
-        One line of printable text, at most 512 characters with the id."""
+        One line of printable text that, with the id, leaves room for the codes."""
         defaults = {DELETE: 'OK', REJECT: 'Rejected by content scanner', DEFER: 'Try again later'}
         text = force_uString(message) if message else defaults.get(action, '')
         text = REPLY_UNPRINTABLE_RE.sub(' ', text).strip()
         if self.config.getboolean('main', 'suspectidreturn') and suspect.id not in text:
-            text = '%s (%s)' % (text[:509 - len(suspect.id)], suspect.id)
-        return one_line(text)
+            text = '%s (%s)' % (text[:REPLY_MAX_CHARS - 3 - len(suspect.id)], suspect.id)
+        return one_line(text, REPLY_MAX_CHARS)
 
     def finish(self, suspect, action, delivered):
         """After the MTA has its answer: counters, appenders (not for deferred mail)."""

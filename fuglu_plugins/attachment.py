@@ -433,17 +433,28 @@ def _base64_email(encoded):
     return joined  # one character too many: the email package keeps the text
 
 
-BASE64_NOISE_RE = re.compile(rb'[^A-Za-z0-9+/]+')
+BASE64_NOISE_RE = re.compile(rb'[^A-Za-z0-9+/=]+')
+BASE64_PADDING_RE = re.compile(rb'=+')
+# padding runs inside one base64 body at most (a real one has one, at its end)
+BASE64_MAX_PADDINGS = 10000
 
 
 def _base64_readings(encoded):
-    """The email package's decoding, then (when it differs) one that reads on past
-    stray padding and stray characters, as more forgiving decoders do."""
+    """The email package's decoding (which stops at the first padding), then, when it
+    differs, one that decodes on after each padding as forgiving decoders do."""
     exact = _base64_email(encoded)
-    cleaned = BASE64_NOISE_RE.sub(b'', encoded)
-    cleaned = cleaned[:len(cleaned) // 4 * 4]
-    lenient = binascii.a2b_base64(cleaned) if cleaned else b''
-    return [exact] if lenient == exact else [exact, lenient]
+    chunks = BASE64_PADDING_RE.split(BASE64_NOISE_RE.sub(b'', encoded))
+    if len(chunks) > BASE64_MAX_PADDINGS:
+        raise MimeLimitExceeded('base64 with more than %d paddings' % BASE64_MAX_PADDINGS)
+    decoded = []
+    for chunk in chunks:
+        whole = len(chunk) // 4 * 4
+        if whole:
+            decoded.append(binascii.a2b_base64(chunk[:whole]))
+        if len(chunk) - whole >= 2:  # a last group of 2 or 3 characters: 1 or 2 bytes
+            decoded.append(binascii.a2b_base64(chunk[whole:] + b'==='[:4 - len(chunk) + whole]))
+    forgiving = b''.join(decoded)
+    return [exact] if forgiving == exact else [exact, forgiving]
 
 
 def _uu_line(line):
@@ -1755,7 +1766,10 @@ class FiletypePlugin(ScannerPlugin):
         context = ScanContext(self, suspect, rulesets, budget, self.enabled_archive_kinds(), levels, parts)
         verbose = self._getbool('verbose')
         for part in attachments_of(parts):
-            verdict = self.check_part(context, part)
+            try:
+                verdict = self.check_part(context, part)
+            except MimeLimitExceeded as error:
+                return self._mime_limit_verdict(suspect, error)
             if verbose:
                 self.logger.info('%s: attachment %r (%s): %s', suspect.id, part.display_name(),
                                  part.content_type, verdict.action if verdict else 'ok')
@@ -1920,6 +1934,10 @@ class FiletypePlugin(ScannerPlugin):
             return None
         if not suspect.from_address or suspect.is_spam() or suspect.is_virus():
             return None
+        if not BOUNCE_ADDRESS_RE.match(suspect.from_address):
+            # a line break or blank would end the RCPT command (wherever the address came from)
+            self.logger.warning('%s: no bounce to %r: not a usable address', suspect.id, suspect.from_address)
+            return None
         rules = self.nobounce_filter()
         if rules is not None:
             matched, argument = rules.matches(suspect)
@@ -1934,9 +1952,9 @@ class FiletypePlugin(ScannerPlugin):
         if template is None:
             self.logger.error('%s: no bounce: template %s not found', suspect.id, self._get('template_blockedfile'))
             return None
-        message = build_bounce_message(self.config, suspect, template, {'blockinfo': blockinfo})
         suspect.tags['Attachment.bounce.sent'] = True
-        try:
+        try:  # the message is blocked either way: a failed bounce never defers it
+            message = build_bounce_message(self.config, suspect, template, {'blockinfo': blockinfo})
             queue_id = send_bounce(self.config, suspect, suspect.from_address, message)
         except Exception as error:
             self.logger.error('%s: bounce to %s failed: %s', suspect.id, suspect.from_address, error)
@@ -2000,32 +2018,77 @@ class FiletypePlugin(ScannerPlugin):
         return ok
 
 
+# An envelope address a bounce can go to: no controls, blanks or angle brackets.
+BOUNCE_ADDRESS_RE = re.compile(r'^[^\x00-\x20\x7f<>]+\Z')
+# a header field name (RFC 5322 2.2: printable ASCII but ':')
+FIELD_NAME_RE = re.compile(r'^[!-9;-~]+$')
+HEADER_VALUE_NOISE_RE = re.compile(r'[\x00-\x1f\x7f]+')
+BOUNCE_HEADER_MAX_CHARS = 900
+
+
+def header_safe(value):
+    """A value for one header field: line breaks and other controls become a blank,
+    text that is not UTF-8 (surrogate escapes) is replaced."""
+    text = fuglu.force_uString(value) if value is not None else ''
+    text = text.encode('utf-8', 'replace').decode('utf-8', 'replace')
+    return HEADER_VALUE_NOISE_RE.sub(' ', text)
+
+
 def build_bounce_message(config, suspect, template, values):
     """Template -> the bounce as bytes (spec 5.8 step 2): headers the template lacks
     are added (To, From MAILER-DAEMON@<helo>, Auto-Submitted, Date, Message-ID), the
-    body is sent as UTF-8."""
+    body is sent as UTF-8 (base64).
+
+    The header block is filled field by field, and every value that goes into a header
+    — a template variable (a recipient, a subject, a file name: sender text) or the
+    sender's address — loses line breaks and controls and is RFC 2047 encoded when it
+    is not ASCII: nothing a value holds can start another header line."""
     from email import policy
-    from email.parser import Parser
+    from email.message import Message
     from email.utils import formatdate, make_msgid
-    text = apply_template(template, suspect, values).replace('\r\n', '\n')
-    header_text, _sep, body = text.partition('\n\n')
+    template = template.replace('\r\n', '\n')
+    header_text, _sep, body = template.partition('\n\n')
     if not re.match(r'^[!-9;-~]+:', header_text):  # a template without headers
-        header_text, body = '', text
-    message = Parser(policy=policy.compat32).parsestr(header_text + '\n\n', headersonly=True)
+        header_text, body = '', template
+    fields = []
+    for line in header_text.split('\n'):
+        if line[:1] in (' ', '\t') and fields:
+            fields[-1][1] += ' ' + line.strip()  # a folded template line
+        elif ':' in line and FIELD_NAME_RE.match(line.partition(':')[0]):
+            name, _colon, value = line.partition(':')
+            fields.append([name, value.strip()])
+
+    def cleaned(found):
+        return {name: header_safe(value) for name, value in found.items()}
+    message = Message(policy=policy.compat32)
+    for name, value in fields:
+        text = apply_template(value, suspect, values, valuesfunction=cleaned, limit=BOUNCE_HEADER_MAX_CHARS)
+        message[name] = _header_value(name, header_safe(text))
     helo_function = getattr(fuglu, 'outgoing_helo', None)
-    helo = helo_function(config) if helo_function else 'localhost'
-    defaults = (('To', suspect.from_address), ('From', 'MAILER-DAEMON@%s' % helo),
+    helo = header_safe(helo_function(config) if helo_function else 'localhost')
+    defaults = (('To', header_safe(suspect.from_address)), ('From', 'MAILER-DAEMON@%s' % helo),
                 ('Auto-Submitted', 'auto-generated'), ('Date', formatdate(localtime=True)),
                 ('Message-ID', make_msgid(domain=helo)))
     for name, value in defaults:
         if name not in message:
-            message[name] = value
+            message[name] = _header_value(name, value)
     if 'MIME-Version' not in message:
         message['MIME-Version'] = '1.0'
     for name in ('Content-Type', 'Content-Transfer-Encoding'):
         del message[name]
+    body = apply_template(body, suspect, values).encode('utf-8', 'replace').decode('utf-8')
     message.set_payload(body, charset='utf-8')
     from email.generator import BytesGenerator
     buffer = io.BytesIO()
     BytesGenerator(buffer, mangle_from_=False, policy=policy.compat32.clone(linesep='\r\n')).flatten(message)
     return buffer.getvalue()
+
+
+def _header_value(name, text):
+    """ASCII as it is (the generator folds it); anything else RFC 2047 encoded."""
+    try:
+        text.encode('ascii')
+        return text
+    except UnicodeEncodeError:
+        from email.header import Header
+        return Header(text, 'utf-8', header_name=name)

@@ -29,8 +29,10 @@ import pytest
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_DIR)
 
+import fuglu  # noqa: E402
 from fuglu_plugins import attachment  # noqa: E402
 from fuglu_plugins.attachment import HEAD_BYTES, MimeLimitExceeded, matchable_name, walk_message  # noqa: E402
+from helpers import make_config  # noqa: E402
 
 COUNT = int(os.environ.get('FUGLU_MIME_FUZZ_COUNT', '2500'))
 SEED = int(os.environ.get('FUGLU_MIME_FUZZ_SEED', '20240611'))
@@ -46,7 +48,17 @@ MULTIPART_TYPES = ('multipart/mixed', 'multipart/alternative', 'multipart/relate
 NAMES = ('evil.exe', 'Rechnung M\u00e4rz.pdf', 'invoice.pdf.exe', 'a b.zip', 'x;y.scr',
          'quote"d.js', 'back\\slash.vbs', '\u202efdp.exe', '=?utf-8?B?UmVjaG51bmcuc2Ny?=',
          '=?iso-8859-1?Q?b=F6se=2Eexe?=', 'long' * 30 + '.exe', '', ' spaced.bat ', 'a=b.cmd')
-PAYLOADS = (b'MZ\x90\x00\x03\x00\x00\x00' + b'\x00' * 60 + b'PE\x00\x00',
+def small_zip():
+    import io
+    import zipfile
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, 'w', zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(zipfile.ZipInfo('inner.exe', (2024, 1, 1, 0, 0, 0)), b'MZ' + b'\x00' * 100)
+        archive.writestr(zipfile.ZipInfo('\u00fcber.txt', (2024, 1, 1, 0, 0, 0)), b'text')
+    return buffer.getvalue()
+
+
+PAYLOADS = (small_zip(), b'MZ\x90\x00\x03\x00\x00\x00' + b'\x00' * 60 + b'PE\x00\x00',
             b'PK\x03\x04\x14\x00\x00\x00' + b'x' * 40, b'%PDF-1.4\n%%EOF\n',
             b'\x89PNG\r\n\x1a\n' + b'\x00' * 20, b'plain text\nsecond line\n', b'',
             b'--not a boundary\n', b'Content-Type: text/plain\n\nnested looking text\n',
@@ -153,7 +165,14 @@ class Generator(object):
             fields.append(b' continuation without a field')
         if self.maybe(0.05):
             fields.append(b'From misplaced')
-        rng.shuffle(fields) if self.maybe(0.1) else None
+        if self.maybe(0.03):
+            fields.append(b' \t ')  # a blank continuation line
+        if self.maybe(0.03):
+            fields.append(b'X-Long: ' + b'x' * rng.randint(100, 3000))
+        if self.maybe(0.1):
+            rng.shuffle(fields)
+        if self.maybe(0.03):
+            fields.append(b'From last-line')  # pushed back into the body
         separator = b'' if self.maybe(0.05) else self.line_end()  # a missing empty line
         return b''.join(field + self.line_end() for field in fields) + separator
 
@@ -257,13 +276,26 @@ class Generator(object):
     def build(self):
         data = self.message(0)
         rng = self.rng
+        if self.maybe(0.1):  # lines dropped, doubled or swapped
+            lines = data.splitlines(True)
+            for _ in range(rng.randint(1, 3)):
+                if len(lines) > 2:
+                    first, second = rng.randrange(len(lines)), rng.randrange(len(lines))
+                    action = rng.random()
+                    if action < 0.4:
+                        del lines[first]
+                    elif action < 0.7:
+                        lines.insert(first, lines[second])
+                    else:
+                        lines[first], lines[second] = lines[second], lines[first]
+            data = b''.join(lines)
         if self.maybe(0.1):
             data = data[:rng.randint(0, len(data))]  # truncated
         if self.maybe(0.1):
             data = bytearray(data)
             for _ in range(rng.randint(1, 4)):
                 if data:
-                    data[rng.randrange(len(data))] = rng.choice(b'\r\n-:;"= \xff')
+                    data[rng.randrange(len(data))] = rng.choice(b'\r\n-:;"= \xff\x00')
             data = bytes(data)
         return data
 
@@ -366,6 +398,28 @@ def test_walking_memory_is_bounded():
         finally:
             tracemalloc.stop()
         assert peak < len(data) * 3 + MAX_EXTRA_MEMORY, 'message %d (seed %d): %d bytes' % (index, seed, peak)
+
+
+def test_the_plugin_never_fails_on_generated_messages(tmp_path):
+    """An exception in the plugin is a 451 on every retry: ordinary mail deferred
+    forever. Neither the check nor building a bounce may raise, whatever the mail."""
+    config = make_config('[FiletypePlugin]\ncheckarchivenames = True\ncheckarchivecontent = True\n'
+                         'archiveextractlevel = 3\narchive_passwords_maxbodywords = 5\n', confdir=str(tmp_path))
+    plugin = attachment.FiletypePlugin(config)
+    template = plugin.bounce_template()
+    rng = random.Random(SEED + 2)
+    verdicts = set()
+    for index in range(max(COUNT // 10, 50)):
+        seed = rng.randrange(2 ** 32)
+        data = Generator(random.Random(seed)).build()
+        suspect = fuglu.Suspect('sender@example.net', ['rcpt\r@example.org'], data)
+        try:
+            verdict = plugin.check_message(suspect)
+            attachment.build_bounce_message(config, suspect, template, {'blockinfo': 'x\r\ny'})
+        except Exception:
+            raise AssertionError('message %d (seed %d) raised\n%r' % (index, seed, data[:3000]))
+        verdicts.add(verdict.action if verdict else None)
+    assert {None, 'deny'} <= verdicts
 
 
 @pytest.mark.parametrize('seed', [1, 2, 3])
