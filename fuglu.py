@@ -703,7 +703,8 @@ TEMPLATE_DEFAULTS = {
 }
 
 
-def apply_template(template, suspect=None, values=None, valuesfunction=None, limit=TEMPLATE_MAX_CHARS):
+def apply_template(template, suspect=None, values=None, valuesfunction=None,
+                   limit=TEMPLATE_MAX_CHARS):
     """Fill ``template`` with ``values``, then the message defaults, then any header or
     @tag of the message (the SuspectFilter fields). ``valuesfunction``, as in FuGlu, is
     called with {name: value} for each variable and returns the dict to use (escaping).

@@ -17,9 +17,12 @@ The parts of the plugin, top to bottom:
 
 * content types: python-magic when installed, else a table of file signatures
   (``sniff_content_type``), so a renamed executable is still an executable;
-* a MIME walker over the raw bytes (``iter_attachments``): the email package's parser
-  costs ~20 ms per MB, this one reads only the headers of each part and decodes only
-  what a check needs (the first 64 KB for typing, whole archives when they are opened);
+* a MIME walker over the raw bytes (``walk_message``): it finds every part the email
+  package finds, by the same rules, and what other readers may show besides; it works
+  on offsets into the source (the email package's parser costs ~20 ms per MB and a
+  copy per level), decodes only what a check needs (the first 64 KB for typing, whole
+  archives when they are opened), and every quantity a sender controls is bounded
+  (``MimeLimitExceeded``: a verdict by ``mime_limit_action``, never a skipped part);
 * bounded archive readers (zip, tar, gz, bz2, xz with the stdlib; rar and 7z through
   the optional rarfile / py7zr): every decompressed byte is charged to a per-message
   budget (``ExtractionBudget``), members are read in chunks with a cap, declared sizes
@@ -263,7 +266,8 @@ MimeLimits = namedtuple('MimeLimits', 'max_parts max_depth')
 DEFAULT_MIME_LIMITS = MimeLimits(max_parts=2000, max_depth=25)
 MIME_MAX_HEADER_LINES = 50000   # header lines of all parts of one message
 MIME_MAX_PARAMETERS = 100       # parameters of one Content-Type / -Disposition field
-MIME_MAX_NAME_CHARS = 1024      # one file name or boundary
+MIME_MAX_NAME_CHARS = 1024      # one file name or boundary (or archive member name)
+MIME_MAX_TYPE_CHARS = 255       # one content type
 MIME_MAX_BOUNDARIES = 8         # different boundaries declared by one part
 # Encoded attached messages are decoded to be walked: in all at most twice the size
 # of the message plus this many bytes.
@@ -290,7 +294,7 @@ _MISSING = object()
 
 
 def _has_8bit(data):
-    return not data.isascii() if hasattr(data, 'isascii') else any(byte > 127 for byte in data)
+    return not data.isascii()
 
 
 def _email_text(raw):
@@ -304,7 +308,10 @@ def _text_forms(raw, exact_bytes=False):
     UTF-8, or byte for byte (surrogate escapes) when ``exact_bytes``."""
     forms = [_email_text(raw)]
     if _has_8bit(raw):
-        forms.append(raw.decode('ascii', 'surrogateescape') if exact_bytes else raw.decode('utf-8', 'replace'))
+        if exact_bytes:
+            forms.append(raw.decode('ascii', 'surrogateescape'))
+        else:
+            forms.append(raw.decode('utf-8', 'replace'))
     return forms
 
 
@@ -322,7 +329,8 @@ def _split_parameters(text):
             pieces.append(text[start:position])
             start, odd = position + 1, False
             if len(pieces) > MIME_MAX_PARAMETERS:
-                raise MimeLimitExceeded('more than %d parameters in one header field' % MIME_MAX_PARAMETERS)
+                raise MimeLimitExceeded('more than %d parameters in one header field'
+                                        % MIME_MAX_PARAMETERS)
     pieces.append(text[start:])
     params = []
     for piece in pieces:
@@ -345,9 +353,10 @@ def parameters(text):
     except (TypeError, ValueError):
         # The email package raises here (continuations numbered and not, mixed): read
         # each parameter on its own, so that no name goes unseen.
-        return [(name.split('*', 1)[0], _plain_rfc2231(name, unquote(value))) for name, value in params]
-    return [(name, (value[0], value[1], unquote(value[2])) if isinstance(value, tuple) else unquote(value))
-            for name, value in decoded]
+        return [(name.split('*', 1)[0], _plain_rfc2231(name, unquote(value)))
+                for name, value in params]
+    return [(name, (value[0], value[1], unquote(value[2])) if isinstance(value, tuple)
+             else unquote(value)) for name, value in decoded]
 
 
 def _plain_rfc2231(name, value):
@@ -464,41 +473,20 @@ def _uu_line(line):
         return binascii.a2b_uu(line[:(((line[0] - 32) & 63) * 4 + 5) // 3])
 
 
-def decode_uu(data):
-    """uuencoded data -> bytes, as email.message decodes it since Python 3.13 (and
-    3.12.3, 3.11.9 ...): lines end at CR or LF, 'begin <octal mode>', lines, 'end'.
-    None where it gives up (and keeps the text)."""
-    lines = iter(data.splitlines())
-    for line in lines:
-        if line.startswith(b'begin '):
-            try:
-                int(line[6:].partition(b' ')[0], 8)
-                break
-            except ValueError:
-                continue
+def decode_uu(data, uu_module=False):
+    """uuencoded data -> bytes as email.message decodes it, or None where it gives up
+    (and keeps the text): since Python 3.13 (and 3.12.3, 3.11.9) lines end at CR or LF,
+    'begin <octal mode>' opens, an empty line gives up, a missing 'end' does not.
+    ``uu_module``: as the uu module did before: lines end at LF only, the begin line
+    needs a name too, a missing 'end' gives up."""
+    if uu_module:
+        pieces = data.split(b'\n')
+        lines = iter([piece + b'\n' for piece in pieces[:-1]] + [pieces[-1]])
     else:
-        return None
-    decoded = []
-    for line in lines:
-        if not line:
-            return None
-        if line.strip(b' \t\r\n\f') == b'end':
-            break
-        try:
-            decoded.append(_uu_line(line))
-        except binascii.Error:
-            return None
-    return b''.join(decoded)
-
-
-def decode_uu_module(data):
-    """The same as the uu module decoded it for older Pythons: lines end at LF only,
-    'begin <mode> <name>' needs all three fields, a missing 'end' gives up."""
-    pieces = data.split(b'\n')
-    lines = iter([piece + b'\n' for piece in pieces[:-1]] + [pieces[-1]])
+        lines = iter(data.splitlines())
     for line in lines:
         fields = line.split(b' ', 2)
-        if len(fields) == 3 and fields[0] == b'begin':
+        if fields[0] == b'begin' and len(fields) >= (3 if uu_module else 2):
             try:
                 int(fields[1], 8)
                 break
@@ -510,12 +498,13 @@ def decode_uu_module(data):
     for line in lines:
         if line.strip(b' \t\r\n\f') == b'end':
             return b''.join(decoded)
-        if line:
-            try:
-                decoded.append(_uu_line(line))
-            except binascii.Error:
-                return None
-    return None
+        if not line:  # an empty line, or (uu_module) the end of the data
+            return None
+        try:
+            decoded.append(_uu_line(line))
+        except binascii.Error:
+            return None
+    return None if uu_module else b''.join(decoded)
 
 
 def decode_body(method, raw):
@@ -527,7 +516,7 @@ def decode_body(method, raw):
         return [binascii.a2b_qp(bytes(raw))]
     if method in UU_ENCODINGS:
         raw = bytes(raw)
-        readings = [decode_uu(raw), decode_uu_module(raw), raw]
+        readings = [decode_uu(raw), decode_uu(raw, uu_module=True), raw]
         return [reading for index, reading in enumerate(readings)
                 if reading is not None and reading not in readings[:index]]
     return [bytes(raw)]
@@ -542,7 +531,7 @@ class PartHeaders(object):
     def __init__(self, fields, default_type='text/plain'):
         self.fields = fields
         self.default_type = default_type
-        self.content_type = self._content_type()
+        self.content_type = _bounded_type(self._content_type())
 
     def values(self, name):
         return [value for field, value in self.fields if field == name]
@@ -580,7 +569,8 @@ class PartHeaders(object):
         found = []
         for value in self.values(header):
             for text in _text_forms(value, exact_bytes):
-                found.extend(collapse_value(param) for key, param in parameters(text) if key.lower() == name)
+                found.extend(collapse_value(param) for key, param in parameters(text)
+                             if key.lower() == name)
         return found
 
     def filename(self):
@@ -603,13 +593,14 @@ class PartHeaders(object):
         """The email package's content type, then those of further Content-Type fields."""
         types = [self.content_type]
         for value in self.values('content-type')[1:]:
-            declared = _email_text(value).partition(';')[0].strip().lower()
+            declared = _bounded_type(_email_text(value).partition(';')[0].strip().lower())
             if declared.count('/') == 1 and declared not in types:
                 types.append(declared)
         return types
 
     def dispositions(self):
-        return [_email_text(value).partition(';')[0].strip().lower() for value in self.values('content-disposition')]
+        return [_email_text(value).partition(';')[0].strip().lower()
+                for value in self.values('content-disposition')]
 
     def transfer_methods(self):
         """Content-Transfer-Encoding as the email package reads it (the first field, not
@@ -628,11 +619,13 @@ class PartHeaders(object):
         email package's get_filename() first."""
         found = []
         exact = self.filename()
-        candidates = ([exact] if exact else []) + [value.strip() for value in (
-            self.all_params('content-disposition', 'filename') + self.all_params('content-type', 'name'))]
+        declared = self.all_params('content-disposition', 'filename') + \
+            self.all_params('content-type', 'name')
+        candidates = ([exact] if exact else []) + [value.strip() for value in declared]
         for name in candidates:
             if len(name) > MIME_MAX_NAME_CHARS:
-                raise MimeLimitExceeded('a file name longer than %d characters' % MIME_MAX_NAME_CHARS)
+                raise MimeLimitExceeded('a file name longer than %d characters'
+                                        % MIME_MAX_NAME_CHARS)
             for reading in (decode_rfc2047(name), name):
                 reading = reading.replace('\r', '').replace('\n', '')
                 if reading and reading not in found:
@@ -647,20 +640,29 @@ class PartHeaders(object):
         for boundary in self.all_params('content-type', 'boundary', exact_bytes=True):
             boundary = boundary.rstrip()
             if len(boundary) > MIME_MAX_NAME_CHARS:
-                raise MimeLimitExceeded('a boundary longer than %d characters' % MIME_MAX_NAME_CHARS)
+                raise MimeLimitExceeded('a boundary longer than %d characters'
+                                        % MIME_MAX_NAME_CHARS)
             separator = b'--' + boundary.encode('utf-8', 'surrogateescape')
             if b'\r' not in separator and b'\n' not in separator and separator not in separators:
                 separators.append(separator)
         if len(separators) > MIME_MAX_BOUNDARIES + 1:
-            raise MimeLimitExceeded('more than %d boundaries declared by one part' % MIME_MAX_BOUNDARIES)
+            raise MimeLimitExceeded('more than %d boundaries declared by one part'
+                                    % MIME_MAX_BOUNDARIES)
         return separators
+
+
+def _bounded_type(content_type):
+    # RFC 6838 4.2: type and subtype names have at most 127 characters each
+    if len(content_type) > MIME_MAX_TYPE_CHARS:
+        raise MimeLimitExceeded('a content type longer than %d characters' % MIME_MAX_TYPE_CHARS)
+    return content_type
 
 
 def _separator(boundary):
     """The line prefix of a boundary, or None when no line can start with it (the
     email package reads lines as ASCII, 8-bit bytes as surrogates; a line never holds
     a line break)."""
-    if not boundary.isascii() if hasattr(boundary, 'isascii') else any(ord(c) > 127 for c in boundary):
+    if any(ord(character) > 127 for character in boundary):
         return None
     if '\r' in boundary or '\n' in boundary:
         return None
@@ -750,7 +752,8 @@ class _WalkState(object):
         if self.entities > self.limits.max_parts:
             raise MimeLimitExceeded('more than %d MIME parts' % self.limits.max_parts)
         if depth > self.limits.max_depth:
-            raise MimeLimitExceeded('MIME parts nested deeper than %d levels' % self.limits.max_depth)
+            raise MimeLimitExceeded('MIME parts nested deeper than %d levels'
+                                    % self.limits.max_depth)
 
     def charge_decoded(self, size):
         self.decode_budget -= size
@@ -904,14 +907,16 @@ class MimeWalker(object):
             started, after_close = self._multipart_body(separators[0], depth, content_type)
             if not started:  # no part opened: a leaf, the text before the end its payload
                 container = False
-                state.parts.append(MimePart(headers, self.data, body_start, self.pos, self._pushed(pushed_back)))
+                state.parts.append(MimePart(headers, self.data, body_start, self.pos,
+                                            self._pushed(pushed_back)))
             self.pos = self._scan(self.pos)  # the epilogue, text to the email package
             if after_close is not None and after_close < self.pos:
                 self._hidden_parts(separators[0], after_close, self.pos, depth)
         else:
             container = False
             self.pos = self._scan(self.pos)
-            state.parts.append(MimePart(headers, self.data, body_start, self.pos, self._pushed(pushed_back),
+            state.parts.append(MimePart(headers, self.data, body_start, self.pos,
+                                        self._pushed(pushed_back),
                                         strip_eol=in_multipart and maintype != 'multipart'))
         if container:
             part = MimePart(headers, self.data, body_start, self.pos, container=True)
@@ -1540,6 +1545,10 @@ Verdict = namedtuple('Verdict', 'action subject description message')
 Verdict.__new__.__defaults__ = (None,)
 
 DEFAULT_PASSWORDS = ('123456', '1234', 'asdf', 'abcd', 'password')
+# passwords tried on encrypted archives at most, and where the subject's words come from
+MAX_PASSWORDS = 50
+PASSWORD_SUBJECT_CHARS = 1000
+PASSWORD_SUBJECT_WORDS = 20
 SIGNATURE_TYPES = ('application/pkcs7-signature', 'application/x-pkcs7-signature',
                    'application/pgp-signature')
 
@@ -1623,13 +1632,14 @@ class FiletypePlugin(ScannerPlugin):
                                                                    '(archive bomb): deny (block like a denied '
                                                                    'attachment), problem (problemaction) or allow'},
         'mime_max_parts': {'default': str(DEFAULT_MIME_LIMITS.max_parts),
-                           'description': 'MIME parts of one message at most (attached messages included)'},
+                           'description': 'MIME parts of one message at most (attached messages '
+                                          'included)'},
         'mime_max_depth': {'default': str(DEFAULT_MIME_LIMITS.max_depth),
                            'description': 'nesting of multiparts and attached messages at most'},
-        'mime_limit_action': {'default': 'deny', 'description': 'when a message exceeds the MIME limits (parts, '
-                                                                'depth, header lines, parameters, name length): '
-                                                                'deny (block like a denied attachment) or problem '
-                                                                '(problemaction)'},
+        'mime_limit_action': {'default': 'deny',
+                              'description': 'when a message exceeds the MIME limits (parts, depth, '
+                                             'header lines, parameters, name length): deny (block '
+                                             'like a denied attachment) or problem (problemaction)'},
         'problemaction': {'default': 'DEFER', 'description': 'action when the check itself fails'},
         'verbose': {'default': 'False', 'description': 'log every attachment checked'},
         'ignore_signature': {'default': 'False', 'description': 'skip the content type check of S/MIME and PGP '
@@ -1685,7 +1695,8 @@ class FiletypePlugin(ScannerPlugin):
         tagged = suspect.get_tag('archive_passwords') or []
         passwords.extend([tagged] if isinstance(tagged, str) else list(tagged))
         minimum = self._getint('archive_passwords_minwordlength')
-        words = (suspect.get_header('subject', '') or '').split()
+        subject = suspect.get_header('subject', '') or ''
+        words = subject[:PASSWORD_SUBJECT_CHARS].split()[:PASSWORD_SUBJECT_WORDS]
         maxbodywords = self._getint('archive_passwords_maxbodywords')
         if maxbodywords > 0:
             if parts is None:
@@ -1693,15 +1704,14 @@ class FiletypePlugin(ScannerPlugin):
             for part in parts:
                 if part.content_type == 'text/plain' and not part.container:
                     limit = self._getint('archive_passwords_maxtextpartlength')
-                    text = part.decodings(limit * 4)[0].decode(safe_codec(part.headers.charset() or 'utf-8'), 'replace')
+                    data = part.decodings(limit * 4)[0]
+                    charset = safe_codec(part.headers.charset() or 'utf-8', len(data))
+                    text = data.decode(charset, 'replace')
                     words.extend(text[:limit].split()[:maxbodywords])
                     break
         passwords.extend(word.strip('.,;:!?"\'()') for word in words if len(word) >= minimum)
-        unique = []
-        for password in passwords:
-            if password and password not in unique:
-                unique.append(password)
-        return unique
+        # each one is tried on every encrypted member: a bounded list
+        return list(dict.fromkeys(password for password in passwords if password))[:MAX_PASSWORDS]
 
     # -- rules -------------------------------------------------------------------
     def rulesets(self, suspect):
@@ -1763,7 +1773,8 @@ class FiletypePlugin(ScannerPlugin):
             parts = walk_message(suspect.get_source(), self.mime_limits())
         except MimeLimitExceeded as error:
             return self._mime_limit_verdict(suspect, error)
-        context = ScanContext(self, suspect, rulesets, budget, self.enabled_archive_kinds(), levels, parts)
+        context = ScanContext(self, suspect, rulesets, budget, self.enabled_archive_kinds(), levels,
+                              parts)
         verbose = self._getbool('verbose')
         for part in attachments_of(parts):
             try:
@@ -1793,7 +1804,8 @@ class FiletypePlugin(ScannerPlugin):
         match_name = matchable_name(part.display_name())
         declared = part.headers.types()
         for content_type in declared:
-            verdict = self._judge(rulesets['filetypes'], content_type, '%s %s' % (match_name, content_type))
+            verdict = self._judge(rulesets['filetypes'], content_type,
+                                  '%s %s' % (match_name, content_type))
             if verdict:
                 return verdict
         if part.container:
@@ -1804,14 +1816,15 @@ class FiletypePlugin(ScannerPlugin):
         for head in part.decodings(HEAD_BYTES):
             detected = content_type_of(head)
             if detected not in declared:
-                verdict = self._judge(rulesets['filetypes'], detected, '%s %s' % (match_name, detected))
+                verdict = self._judge(rulesets['filetypes'], detected,
+                                      '%s %s' % (match_name, detected))
                 if verdict:
                     return verdict
             kind = ARCHIVE_KIND_BY_TYPE.get(detected)
             if kind is not None and kind not in archive_kinds:
                 archive_kinds.append(kind)
-        if not archive_kinds or not (self._getbool('checkarchivenames') or self._getbool('checkarchivecontent')) \
-                or context.levels < 1:
+        wanted = self._getbool('checkarchivenames') or self._getbool('checkarchivecontent')
+        if not archive_kinds or not wanted or context.levels < 1:
             return None
         for kind in archive_kinds:
             if kind not in context.kinds and kind not in available_archive_kinds():
@@ -1835,7 +1848,8 @@ class FiletypePlugin(ScannerPlugin):
 
     def _mime_limit_verdict(self, suspect, error):
         self.logger.warning('%s: the MIME structure exceeds the limits: %s', suspect.id, error)
-        action = 'problem' if self._get('mime_limit_action').strip().lower() == 'problem' else 'deny'
+        problem = self._get('mime_limit_action').strip().lower() == 'problem'
+        action = 'problem' if problem else 'deny'
         return Verdict(action, 'message', 'MIME structure exceeds the limits (%s)' % error)
 
     def _limit_verdict(self, context, name, error):
@@ -1877,6 +1891,9 @@ class FiletypePlugin(ScannerPlugin):
             message = apply_template(self._get('rejectmessage_encrypted'), context.suspect, {'attname': where})
             return Verdict('deny', where, 'encrypted archive', message)
         for member in members:
+            if len(member.name) > MIME_MAX_NAME_CHARS:  # rules would search it in quadratic time
+                raise ArchiveLimitExceeded('a member name longer than %d characters'
+                                           % MIME_MAX_NAME_CHARS)
             member_name = matchable_name(member.name)
             subject = '%s %s%s' % (attachment_name, inner_path, member_name)
             if check_names:
@@ -1936,7 +1953,8 @@ class FiletypePlugin(ScannerPlugin):
             return None
         if not BOUNCE_ADDRESS_RE.match(suspect.from_address):
             # a line break or blank would end the RCPT command (wherever the address came from)
-            self.logger.warning('%s: no bounce to %r: not a usable address', suspect.id, suspect.from_address)
+            self.logger.warning('%s: no bounce to %r: not a usable address', suspect.id,
+                                suspect.from_address)
             return None
         rules = self.nobounce_filter()
         if rules is not None:
@@ -2062,7 +2080,8 @@ def build_bounce_message(config, suspect, template, values):
         return {name: header_safe(value) for name, value in found.items()}
     message = Message(policy=policy.compat32)
     for name, value in fields:
-        text = apply_template(value, suspect, values, valuesfunction=cleaned, limit=BOUNCE_HEADER_MAX_CHARS)
+        text = apply_template(value, suspect, values, valuesfunction=cleaned,
+                              limit=BOUNCE_HEADER_MAX_CHARS)
         message[name] = _header_value(name, header_safe(text))
     helo_function = getattr(fuglu, 'outgoing_helo', None)
     helo = header_safe(helo_function(config) if helo_function else 'localhost')

@@ -938,6 +938,23 @@ def test_many_parameters_and_long_names_are_limits_not_cpu(confdir):
     assert time.process_time() - started < 1.0
 
 
+def test_long_types_member_names_and_subjects_are_bounded(confdir):
+    """Admins' rules may search these in quadratic time, passwords are tried on every
+    encrypted member: each is bounded."""
+    plugin = make_plugin(confdir, sendbounce='False', checkarchivenames='True')
+    long_type = b'Content-Type: application/' + b'x' * 300 + b'\r\n\r\nbody\r\n'
+    code, message, _ = examine(plugin, raw_mail(long_type))
+    assert code == fuglu.DELETE and 'content type longer than 255' in message
+    archive = zip_of(('a' * 2000 + '.txt', b'x'))
+    code, message, _ = examine(plugin, mail(('long.zip', archive, 'application/zip')))
+    assert code == fuglu.DELETE and 'member name longer than 1024' in message
+    subject = ' '.join('word%d' % index for index in range(100000))
+    started = time.process_time()
+    passwords = plugin.candidate_passwords(suspect_for(mail(('a.txt', b'x'), subject=subject)))
+    assert len(passwords) <= attachment.MAX_PASSWORDS and 'word0' in passwords
+    assert time.process_time() - started < 1.0
+
+
 def test_nesting_does_not_copy_the_message(confdir):
     """25 levels around 20 MB used to peak near 1 GB (a copy per level)."""
     plugin = make_plugin(confdir, sendbounce='False')
