@@ -264,7 +264,10 @@ class MimeLimitExceeded(Exception):
 
 MimeLimits = namedtuple('MimeLimits', 'max_parts max_depth')
 DEFAULT_MIME_LIMITS = MimeLimits(max_parts=2000, max_depth=25)
-MIME_MAX_HEADER_LINES = 50000   # header lines of all parts of one message
+# lines read one by one in all parts of a message: header lines, and boundary lines
+# that follow each other (they open no parts)
+MIME_MAX_HEADER_LINES = 50000
+MIME_MAX_FIELD_CHARS = 65536    # one Content-Type, -Disposition or -Transfer-Encoding field
 MIME_MAX_PARAMETERS = 100       # parameters of one Content-Type / -Disposition field
 MIME_MAX_NAME_CHARS = 1024      # one file name or boundary (or archive member name)
 MIME_MAX_TYPE_CHARS = 255       # one content type
@@ -272,6 +275,9 @@ MIME_MAX_BOUNDARIES = 8         # different boundaries declared by one part
 # Encoded attached messages are decoded to be walked: in all at most twice the size
 # of the message plus this many bytes.
 MIME_DECODE_ALLOWANCE = 1048576
+# Text the email package reads as one (epilogues, bodies under another declared
+# boundary) is searched for more parts: at most this many times the message size.
+MIME_SEARCH_FACTOR = 8
 
 LINE_BREAK_RE = re.compile(rb'\r\n|\r|\n')
 # email.feedparser's headerRE: a field, a continuation, or a Unix "From " line
@@ -287,6 +293,7 @@ CANDIDATES_BEFORE_REGEX = 64
 # the tokens email.message._parseparam counts: unescaped quotes and semicolons
 PARAMETER_TOKEN_RE = re.compile(r'(?<!\\)"|;')
 UU_ENCODINGS = ('x-uuencode', 'uuencode', 'uue', 'x-uue')
+MIME_FIELDS = ('content-type', 'content-disposition', 'content-transfer-encoding')
 # codecs whose decoder needs quadratic time: only short texts are decoded with them
 SLOW_CODECS = ('punycode', 'idna')
 SLOW_CODEC_MAX_CHARS = 64
@@ -444,6 +451,7 @@ def _base64_email(encoded):
 
 BASE64_NOISE_RE = re.compile(rb'[^A-Za-z0-9+/=]+')
 BASE64_PADDING_RE = re.compile(rb'=+')
+BASE64_LETTER_RE = re.compile(rb'[A-Za-z0-9+/]')
 # padding runs inside one base64 body at most (a real one has one, at its end)
 BASE64_MAX_PADDINGS = 10000
 
@@ -451,7 +459,19 @@ BASE64_MAX_PADDINGS = 10000
 def _base64_readings(encoded):
     """The email package's decoding (which stops at the first padding), then, when it
     differs, one that decodes on after each padding as forgiving decoders do."""
-    exact = _base64_email(encoded)
+    encoded = bytes(encoded)
+    try:
+        # binascii skips line breaks and stray characters and stops at the padding, as
+        # the email package does; it refuses a last incomplete group, the package pads it
+        exact = binascii.a2b_base64(encoded)
+    except binascii.Error:
+        exact = None
+    if exact is not None:
+        padding = encoded.find(b'=')
+        if padding < 0 or not BASE64_LETTER_RE.search(encoded, padding):
+            return [exact]  # nothing after the padding: every decoder reads the same
+    else:
+        exact = _base64_email(encoded)
     chunks = BASE64_PADDING_RE.split(BASE64_NOISE_RE.sub(b'', encoded))
     if len(chunks) > BASE64_MAX_PADDINGS:
         raise MimeLimitExceeded('base64 with more than %d paddings' % BASE64_MAX_PADDINGS)
@@ -529,6 +549,10 @@ class PartHeaders(object):
     __slots__ = ('fields', 'default_type', 'content_type')
 
     def __init__(self, fields, default_type='text/plain'):
+        for name, value in fields:
+            if name in MIME_FIELDS and len(value) > MIME_MAX_FIELD_CHARS:
+                raise MimeLimitExceeded('a %s field longer than %d characters'
+                                        % (name, MIME_MAX_FIELD_CHARS))
         self.fields = fields
         self.default_type = default_type
         self.content_type = _bounded_type(self._content_type())
@@ -723,6 +747,9 @@ class MimePart(object):
         ``maxbytes``: only the first bytes of each (cheap for big parts)."""
         needed = None if maxbytes is None else maxbytes * 2 + 4096
         raw = self.raw(needed)
+        if needed is not None and self.start + needed < self.end:
+            # whole lines only: no encoded line is cut in two
+            raw = raw[:raw.rfind(b'\n') + 1 or len(raw)]
         readings, kinds = [], []
         for method in self.headers.transfer_methods():
             kind = method if method in ('base64', 'quoted-printable') + UU_ENCODINGS else ''
@@ -745,6 +772,7 @@ class _WalkState(object):
         self.entities = 0
         self.header_lines = 0
         self.decode_budget = 2 * size + MIME_DECODE_ALLOWANCE
+        self.search_budget = MIME_SEARCH_FACTOR * size + MIME_DECODE_ALLOWANCE
         self.patterns = {}
 
     def count_entity(self, depth):
@@ -754,6 +782,16 @@ class _WalkState(object):
         if depth > self.limits.max_depth:
             raise MimeLimitExceeded('MIME parts nested deeper than %d levels'
                                     % self.limits.max_depth)
+
+    def count_lines(self):
+        self.header_lines += 1
+        if self.header_lines > MIME_MAX_HEADER_LINES:
+            raise MimeLimitExceeded('more than %d header or boundary lines' % MIME_MAX_HEADER_LINES)
+
+    def charge_search(self, size):
+        self.search_budget -= size
+        if self.search_budget < 0:
+            raise MimeLimitExceeded('too many other boundaries to search for')
 
     def charge_decoded(self, size):
         self.decode_budget -= size
@@ -772,6 +810,7 @@ class MimeWalker(object):
         self.pos = start
         self.end = len(data) if end is None else end
         self.stack = []
+        self.found = {}  # needle -> (searched from, first position found or -1)
 
     # -- lines -------------------------------------------------------------------
     def _line_end(self, pos):
@@ -812,18 +851,28 @@ class MimeWalker(object):
             return pos
         data = self.data
         if BLANK_LINE not in self.stack:
-            next_lf, next_cr = data.find(b'\n--', pos, end), data.find(b'\r--', pos, end)
+            # every line that ends the region starts with what all separators start with
+            separators = self.stack + ([own] if own is not None else [])
+            prefix = os.path.commonprefix(separators)
             for _ in range(CANDIDATES_BEFORE_REGEX):
+                next_lf = self._find(b'\n' + prefix, pos)
+                next_cr = self._find(b'\r' + prefix, pos)
                 if next_lf < 0 and next_cr < 0:
                     return end
-                if next_cr < 0 or 0 <= next_lf < next_cr:
-                    pos, next_lf = next_lf + 1, data.find(b'\n--', next_lf + 1, end)
-                else:
-                    pos, next_cr = next_cr + 1, data.find(b'\r--', next_cr + 1, end)
+                pos = (next_lf if next_cr < 0 or 0 <= next_lf < next_cr else next_cr) + 1
                 if hit(pos):
                     return pos
         match = self._pattern(own).search(data, pos, end)
         return match.start('line') if match else end
+
+    def _find(self, needle, pos):
+        """data.find(needle, pos, end), remembered: every part of a region asks again
+        from a later position, and in a CRLF message "\\r--" is never there."""
+        searched_from, found = self.found.get(needle, (self.end + 1, -1))
+        if not searched_from <= pos <= (found if found >= 0 else self.end):
+            found = self.data.find(needle, pos, self.end)
+            self.found[needle] = (pos, found)
+        return found
 
     def _pattern(self, own):
         """One expression for the lines that end the region (many near misses)."""
@@ -858,9 +907,7 @@ class MimeWalker(object):
                 break
             lines.append((pos, line_end))
             pos = line_end
-            state.header_lines += 1
-            if state.header_lines > MIME_MAX_HEADER_LINES:
-                raise MimeLimitExceeded('more than %d header lines' % MIME_MAX_HEADER_LINES)
+            state.count_lines()
         self.pos = pos
         fields, current, pushed_back = [], None, None
         last = len(lines) - 1
@@ -949,6 +996,7 @@ class MimeWalker(object):
             # more boundary lines in a row open no parts
             while not self._ends_region(pos) and self._boundary_line(pos, separator) is not None:
                 pos = self._line_end(pos)
+                self.state.count_lines()
             self.stack.append(separator)
             self.pos = pos
             self.parse_entity(depth + 1, default_type, True)
@@ -960,6 +1008,7 @@ class MimeWalker(object):
     def _hidden_parts(self, separator, start, end, depth):
         """Parts that a boundary opens in ``data[start:end]``, a region the email package
         reads as one text (an epilogue, or a body under another boundary)."""
+        self.state.charge_search(end - start)
         if self.data.find(separator, start, end) < 0:
             return
         walker = MimeWalker(self.data, self.state, start, end)
