@@ -2058,6 +2058,12 @@ class FiletypePlugin(ScannerPlugin):
         if self._get('mime_limit_action').strip().lower() not in ('deny', 'problem'):
             print('mime_limit_action must be deny or problem')
             ok = False
+        limits = self.mime_limits()
+        if min(limits) < 1:
+            print('mime_max_parts and mime_max_depth must be at least 1')
+            ok = False
+        print('MIME limits: %d parts, %d levels; beyond them: %s' % (
+            limits.max_parts, limits.max_depth, self._get('mime_limit_action').strip().lower()))
         if self._get('dbconnectstring').strip():
             print('dbconnectstring: SQL rules are not supported by this build (ignored)')
         rulesdir = self._get('rulesdir')

@@ -684,6 +684,7 @@ def test_lint_reports_type_detection_and_archive_support(confdir, capsys):
     out = capsys.readouterr().out
     assert 'file type detection: ' + attachment.type_detection_name() in out
     assert 'archive types: zip, tar, gz, bz2, xz' in out
+    assert 'MIME limits: 2000 parts, 25 levels; beyond them: deny' in out
     (confdir / 'rules' / 'example.org-filenames.conf').write_text('nonsense\n')
     assert plugin.lint() is False
 
