@@ -1766,7 +1766,7 @@ class ScanSession(object):
         if override is None or override == code:
             return code, text
         new_text = config.get(section, 'overridemessage', fallback='').strip()
-        new_text = apply_template(new_text, suspect, limit=512) if new_text else text
+        new_text = apply_template(new_text, suspect, limit=REPLY_MAX_CHARS) if new_text else text
         self.logger.warning('%s: plugin %s said %s, overridden to %s', suspect.id, plugin,
                             actioncode_to_string(code), actioncode_to_string(override))
         return override, new_text

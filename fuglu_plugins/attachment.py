@@ -1046,16 +1046,10 @@ class MimeWalker(object):
 
 def walk_message(source, limits=DEFAULT_MIME_LIMITS):
     """Every leaf part of a message (bytes), attached messages included, and every named
-    container, in the order of the source; raises MimeLimitExceeded."""
+    container, in the order they are found; raises MimeLimitExceeded."""
     state = _WalkState(limits, len(source))
     MimeWalker(source, state).parse_entity(0)
     return state.parts
-
-
-def iter_leaf_parts(source, limits=DEFAULT_MIME_LIMITS):
-    """The leaves of a message: what the email package's walk() yields that has no
-    parts of its own, and the hidden parts the walker finds besides."""
-    return [part for part in walk_message(source, limits) if not part.container]
 
 
 _mimetypes_lock = threading.Lock()
