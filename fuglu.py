@@ -672,8 +672,18 @@ def dump_defaults(plugin_classes=()):
 # FuGlu's template syntax (spec 5.7): $name or ${name}; names may start with @ (a tag)
 # and contain . and : (${header:subject}); $$ is a literal $. Substitution is safe:
 # malformed placeholders stay as they are, unknown names become ''.
+#
+# Only configured texts are templates. What a variable brings in — a subject, an
+# address, a header, a tag set from the message, an attachment or virus name — is
+# inserted as it is and never expanded again, and a text a plugin hands back as its
+# reply is not a template at all (FuGlu's plugins fill their own configured texts, its
+# connectors send the result as it is). Each variable is looked up once per template
+# and the result is cut at ``limit`` characters, so a template naming ${body:full} many
+# times costs one copy of the body, not many.
 
 TEMPLATE_RE = re.compile(r'\$(?:(\$)|\{(@?[a-z][_a-z0-9.:]*)\}|(@?[a-z][_a-z0-9.:]*))', re.IGNORECASE)
+# characters of a filled template at most (log lines, bounce texts, paths, replies)
+TEMPLATE_MAX_CHARS = 1000000
 
 
 # name -> function(suspect): the variables every template knows about a message.
@@ -693,35 +703,55 @@ TEMPLATE_DEFAULTS = {
 }
 
 
-def apply_template(template, suspect=None, values=None, valuesfunction=None):
+def apply_template(template, suspect=None, values=None, valuesfunction=None,
+                   limit=TEMPLATE_MAX_CHARS):
     """Fill ``template`` with ``values``, then the message defaults, then any header or
-    @tag of the message (the SuspectFilter fields)."""
+    @tag of the message (the SuspectFilter fields). ``valuesfunction``, as in FuGlu, is
+    called with {name: value} for each variable and returns the dict to use (escaping).
+    Inserted values are never expanded; the result has at most ``limit`` characters."""
     if template is None:
         return ''
     template = force_uString(template)
     if '$' not in template:
-        return template
+        return template[:limit]
     values = dict(values or {})
-    if valuesfunction is not None:
-        values = valuesfunction(values)
+    resolved = {}
 
-    def lookup(match):
-        if match.group(1):
-            return '$'
-        name = match.group(2) or match.group(3)
+    def lookup(name):
+        value = None
         for key in (name, name.lower()):
             if key in values:
                 value = values[key]
-                return '' if value is None else force_uString(value)
-        if suspect is not None:
-            compute = TEMPLATE_DEFAULTS.get(name.lower())
-            if compute is not None:
-                return force_uString(compute(suspect))
-            found = SuspectFilter.field_values(suspect, name)
-            if found:
-                return force_uString(found[0])
-        return ''
-    return TEMPLATE_RE.sub(lookup, template)
+                break
+        else:
+            if suspect is not None:
+                compute = TEMPLATE_DEFAULTS.get(name.lower())
+                if compute is not None:
+                    value = compute(suspect)
+                else:
+                    found = SuspectFilter.field_values(suspect, name)
+                    value = found[0] if found else None
+        if valuesfunction is not None:
+            value = valuesfunction({name: value}).get(name)
+        return '' if value is None else force_uString(value)
+
+    pieces, room, last = [], limit, 0
+    for match in TEMPLATE_RE.finditer(template):
+        if match.group(1):
+            value = '$'
+        else:
+            name = match.group(2) or match.group(3)
+            if name not in resolved:
+                resolved[name] = lookup(name)
+            value = resolved[name]
+        for piece in (template[last:match.start()], value):
+            pieces.append(piece[:room])
+            room -= len(pieces[-1])
+        last = match.end()
+        if room <= 0:
+            return ''.join(pieces)
+    pieces.append(template[last:last + room])
+    return ''.join(pieces)
 
 
 ###############################################################################
@@ -1640,6 +1670,13 @@ def format_duration(seconds):
     return '%d days, %d hours, %d minutes, %d seconds' % (days, hours, minutes, seconds)
 
 
+# control characters (a line break would start a new reply line, a NUL ends a milter string)
+REPLY_UNPRINTABLE_RE = re.compile(r'[\x00-\x1f\x7f]+')
+# a reply text at most: with "550 5.7.1 " and CRLF a reply line stays within 512 octets
+# (RFC 5321 4.5.3.1.5)
+REPLY_MAX_CHARS = 500
+
+
 class ScanSession(object):
     """Runs one message through the plugins (spec 5.1) and finishes it afterwards.
 
@@ -1729,7 +1766,7 @@ class ScanSession(object):
         if override is None or override == code:
             return code, text
         new_text = config.get(section, 'overridemessage', fallback='').strip()
-        new_text = apply_template(new_text, suspect) if new_text else text
+        new_text = apply_template(new_text, suspect, limit=REPLY_MAX_CHARS) if new_text else text
         self.logger.warning('%s: plugin %s said %s, overridden to %s', suspect.id, plugin,
                             actioncode_to_string(code), actioncode_to_string(override))
         return override, new_text
@@ -1771,14 +1808,17 @@ class ScanSession(object):
             self.logger.error('%s: could not write trash copy: %s', suspect.id, error)
 
     def reply_text(self, suspect, action, message):
-        """Text of a DELETE/REJECT/DEFER reply: the plugin's message (a template) or
-        the default, with the id appended when suspectidreturn is on."""
+        """Text of a DELETE/REJECT/DEFER reply: the plugin's message as it is, or the
+        default, with the id appended when suspectidreturn is on. The message is data,
+        not a template: plugins fill their configured texts themselves (as in FuGlu),
+        and what they put in (a file or virus name, a subject) comes from the sender.
+        One line of printable text that, with the id, leaves room for the codes."""
         defaults = {DELETE: 'OK', REJECT: 'Rejected by content scanner', DEFER: 'Try again later'}
-        # a plugin may return a template: its ${...} are filled here
-        text = apply_template(message, suspect) if message else defaults.get(action, '')
+        text = force_uString(message) if message else defaults.get(action, '')
+        text = REPLY_UNPRINTABLE_RE.sub(' ', text).strip()
         if self.config.getboolean('main', 'suspectidreturn') and suspect.id not in text:
-            text = '%s (%s)' % (text, suspect.id)
-        return one_line(text)
+            text = '%s (%s)' % (text[:REPLY_MAX_CHARS - 3 - len(suspect.id)], suspect.id)
+        return one_line(text, REPLY_MAX_CHARS)
 
     def finish(self, suspect, action, delivered):
         """After the MTA has its answer: counters, appenders (not for deferred mail)."""

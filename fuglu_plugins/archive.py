@@ -29,14 +29,21 @@ FUGLU_ID_RE = re.compile(r'^[0-9a-f]{32}$')
 UNSAFE_COMPONENT_RE = re.compile(r'[/\\\x00-\x1f\x7f]')
 
 
+# bytes of one path component at most (file systems allow 255)
+COMPONENT_MAX_BYTES = 200
+
+
 def safe_component(text):
     """One directory or file name from message data: separators and control
-    characters become '_', and names the file system treats specially ('', '.',
-    '..') become '_' too."""
+    characters become '_', names the file system treats specially ('', '.', '..')
+    become '_' too, and the name is cut to COMPONENT_MAX_BYTES bytes of UTF-8 (text
+    that is not UTF-8, like the escapes of 8-bit header bytes, is replaced)."""
     text = UNSAFE_COMPONENT_RE.sub('_', text or '').strip()
+    encoded = text.encode('utf-8', 'replace')[:COMPONENT_MAX_BYTES]
+    text = encoded.decode('utf-8', 'ignore').strip()  # no character cut in half
     if text in ('', '.', '..'):
         return '_'
-    return text[:200]
+    return text
 
 
 def path_inside(root, path):
