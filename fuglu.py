@@ -66,7 +66,6 @@ import sys
 import threading
 import time
 import traceback
-import weakref
 from collections import namedtuple
 
 # `python3 fuglu.py` and `python3 -m fuglu` run this file as __main__; a plugin that does
@@ -1324,7 +1323,7 @@ class SQLDatabase(object):
     Subclasses implement ``_execute(sql, values)`` -> (column names, list of row tuples),
     which runs on a runner thread, and set ``backend`` and ``driver``.
     Attributes: url, display_url (password hidden), timeout, queries (count run),
-    down_since (monotonic time of the first failure of an outage, or None).
+    down_since (clock time of the first failure of an outage, or None), clock.
     """
 
     backend = driver = '?'
@@ -1343,6 +1342,7 @@ class SQLDatabase(object):
         self._lock = threading.Lock()
         self._fail_fast_until = 0.0
         self._last_error = None
+        self.clock = time.monotonic   # (tests set their own)
 
     def describe(self):
         return '%s: %s via %s, timeout %g s' % (self.display_url, self.backend, self.driver,
@@ -1353,7 +1353,7 @@ class SQLDatabase(object):
 
     # -- queries ----------------------------------------------------------------
     def query(self, sql, values, fallback=False):
-        if time.monotonic() < self._fail_fast_until:
+        if self.clock() < self._fail_fast_until:
             self.failed_queries += 1
             raise RuntimeConfigError('%s: %s' % (self.display_url, self._last_error))
         try:
@@ -1376,7 +1376,7 @@ class SQLDatabase(object):
             return self._answer_or_fallback(sql, values, None, fallback)
         key = (sql, tuple(sorted(values.items())))
         entry = self._cache.get(key)   # (expires, answer)
-        if entry is not None and entry[0] > time.monotonic():
+        if entry is not None and entry[0] > self.clock():
             return entry[1]
         with self._lock:
             flight = self._flights.get(key)
@@ -1413,7 +1413,7 @@ class SQLDatabase(object):
                 self._cache.pop(key, None)
                 if len(self._cache) >= SQL_CACHE_MAX_ENTRIES:
                     del self._cache[next(iter(self._cache))]
-                self._cache[key] = (time.monotonic() + ttl, answer)
+                self._cache[key] = (self.clock() + ttl, answer)
         return answer
 
     def clear_cache(self):
@@ -1426,10 +1426,10 @@ class SQLDatabase(object):
         with self._lock:
             self.failed_queries += 1
             self._last_error = text
-            self._fail_fast_until = time.monotonic() + SQL_RETRY_INTERVAL
+            self._fail_fast_until = self.clock() + SQL_RETRY_INTERVAL
             starting = self.down_since is None
             if starting:
-                self.down_since = time.monotonic()
+                self.down_since = self.clock()
         if starting:
             self.logger.error('database %s cannot answer: %s. Until it does, cached values are '
                               'served and other lookups %s', self.display_url, text,
@@ -1439,7 +1439,7 @@ class SQLDatabase(object):
         with self._lock:
             if self.down_since is None:
                 return
-            seconds = time.monotonic() - self.down_since
+            seconds = self.clock() - self.down_since
             failed, self.failed_queries = self.failed_queries, 0
             self.down_since = None
         self.logger.info('database %s answers again, after %.1f s and %d failed lookups',
@@ -1701,17 +1701,15 @@ class DBConfig(object):
         return getattr(config, name)
 
     def set_suspect(self, suspect):
-        if suspect is None:
-            suspect = self._tempsuspect = Suspect('', 'postmaster', inbuffer=b'')
-        # a weak reference, like FuGlu's: plugins keep runtime configs in the suspect
-        self.suspect = weakref.ref(suspect)
+        # (FuGlu holds a weak reference: a suspect that went away silently meant "no
+        # override", the wrong policy. A plain reference costs nothing here.)
+        self.suspect = suspect if suspect is not None else Suspect('', 'postmaster', inbuffer=b'')
 
     def set_rcpt(self, recipient):
-        self._tempsuspect = Suspect('', recipient, inbuffer=b'')
-        self.set_suspect(self._tempsuspect)
+        self.set_suspect(Suspect('', recipient, inbuffer=b''))
 
     def _the_suspect(self):
-        return self.suspect() if self.suspect is not None else None
+        return self.suspect
 
     # -- sources ----------------------------------------------------------------
     def get_override(self, section, option, **kwargs):

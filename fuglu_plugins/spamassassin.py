@@ -31,9 +31,9 @@ import re
 import socket
 import time
 
-from fuglu import (DEFER, DUNNO, DBConfig, DBFile, ScannerPlugin, actioncode_to_string,
-                   apply_template, connect_service, lint_sql, recv_until, service_address,
-                   string_to_actioncode)
+from fuglu import (DEFER, DUNNO, DBConfig, DBFile, RuntimeConfigError, ScannerPlugin,
+                   actioncode_to_string, apply_template, connect_service, lint_sql, recv_until,
+                   service_address, string_to_actioncode)
 
 # The GTUBE anti-spam test string, in two halves so that this file is no test spam.
 GTUBE = b'XJS*C4JDBQADN1.NSBN3*2IDNEN*' + b'GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X'
@@ -212,7 +212,10 @@ class SAPlugin(ScannerPlugin):
         if value is None:
             value = (config or self.config).get(self.section, name)
         value = str(value).strip()
-        return float(value) if value else None
+        try:
+            return float(value) if value else None
+        except ValueError:
+            raise RuntimeConfigError('%s %r is not a number' % (name, value))
 
     # -- examine --------------------------------------------------------------
     def examine(self, suspect):
@@ -432,8 +435,8 @@ class SAPlugin(ScannerPlugin):
         try:
             for name in ('lowspamlevel', 'highspamlevel'):
                 self._level(None, name)
-        except ValueError as error:
-            print('ERROR: spam level is not a number: %s' % error)
+        except RuntimeConfigError as error:
+            print('ERROR: spam level: %s' % error)
             ok = False
         url = self._option('sql_blocklist_dbconnectstring').strip()
         values = self.blocklist_values('recipient@example.com')
