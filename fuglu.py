@@ -409,7 +409,8 @@ CORE_DEFAULTS = {
                   'instead. 0: ask every time, keep nothing', validator=_is_number),
         'dbconnectstring': _opt(
             '', 'SQLAlchemy URL of the per-recipient settings, e.g.\n'
-                'postgresql://fuglu:secret@dbhost/fuglu (pip install SQLAlchemy psycopg2-binary),\n'
+                'postgresql+psycopg2://fuglu:secret@dbhost/fuglu (pip install SQLAlchemy '
+                'psycopg2-binary),\n'
                 'mysql+pymysql://fuglu:secret@dbhost/fuglu (pip install SQLAlchemy PyMySQL),\n'
                 'sqlite:////var/lib/fuglu/settings.db (works without SQLAlchemy).\n'
                 'Empty: no per-recipient settings, the plugins use this file', confidential=True),
@@ -1182,12 +1183,16 @@ EMPTY_SQL_ANSWER = ((), [])    # (columns, rows) of "nothing found"
 # module reads the same ':name' style natively.
 SQL_PLACEHOLDER_RE = re.compile(r'(?<![:\w\\]):(\w+)(?!:)')
 
-# What to pip install for a URL's backend (the dialect, before any '+driver').
-SQL_DRIVER_HINTS = {
-    'postgresql': 'psycopg2-binary',
-    'mysql': 'PyMySQL, with the URL written mysql+pymysql://...',
-    'mariadb': 'PyMySQL, with the URL written mysql+pymysql://...',
+# What to pip install: for a backend (the URL's dialect) when SQLAlchemy is missing, and
+# for a driver SQLAlchemy cannot import (which driver a bare postgresql:// or mysql:// URL
+# means depends on the SQLAlchemy version, so the README writes the driver out).
+SQL_BACKEND_HINTS = {
+    'postgresql': 'psycopg2-binary, and write the URL postgresql+psycopg2://...',
+    'mysql': 'PyMySQL, and write the URL mysql+pymysql://...',
+    'mariadb': 'PyMySQL, and write the URL mysql+pymysql://...',
 }
+SQL_DRIVER_PACKAGES = {'psycopg2': 'psycopg2-binary', 'psycopg': 'psycopg[binary]', 'pymysql': 'PyMySQL',
+                       'mysqldb': 'mysqlclient', 'mariadbconnector': 'mariadb'}
 
 
 def _whole_seconds(seconds, minimum=1):
@@ -1521,9 +1526,10 @@ class SQLAlchemyDatabase(SQLDatabase):
         try:
             self.engine = sqlalchemy.create_engine(parsed, **options)
         except ImportError as error:
-            hint = SQL_DRIVER_HINTS.get(self.backend)
-            raise RuntimeConfigError('the driver %s for %s is not installed (%s)%s' % (
-                self.driver, self.backend, error, '; pip install %s' % hint if hint else ''))
+            package = SQL_DRIVER_PACKAGES.get(self.driver, 'the module %s' % error.name)
+            raise RuntimeConfigError('the driver %s for %s is not installed: pip install %s, or name '
+                                     'an installed driver in the URL (%s+DRIVER://...)'
+                                     % (self.driver, self.backend, package, self.backend))
         except Exception as error:
             raise RuntimeConfigError('%s: %s' % (self.display_url, sql_error_text(error)))
         if self.backend == 'sqlite':
@@ -1579,7 +1585,7 @@ def open_sql_database(url, timeout):
         if re.match(r'^sqlite(\+pysqlite)?:', url.strip()):
             return SQLiteDatabase(url, timeout)
         backend = re.split(r'[+:]', url.strip(), 1)[0].lower()
-        hint = SQL_DRIVER_HINTS.get(backend, 'the Python driver for %s' % backend)
+        hint = SQL_BACKEND_HINTS.get(backend, 'the Python driver for %s' % backend)
         raise RuntimeConfigError('%s needs SQLAlchemy, which is not installed: pip install '
                                  'SQLAlchemy and %s (without them only sqlite:///path works)'
                                  % (backend or 'this URL', hint))
@@ -1987,6 +1993,9 @@ def lint_runtime_config(config, out):
         if not lint_sql(settings.url, sql, values, label, settings.timeout, out,
                         describe=label.endswith(' sql')):
             errors += 1
+            if '`' in sql and sql_database(settings.url, settings.timeout).backend == 'postgresql':
+                out('%s: PostgreSQL does not take MySQL\'s `backticks`; see the PostgreSQL queries in '
+                    'README.md' % label, 'yellow')
             break
     if settings.ttl <= 0:
         out('runtime config: value_cache_ttl is 0: every lookup queries the database and '
