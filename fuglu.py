@@ -2003,6 +2003,16 @@ def lint_runtime_config(config, out):
     return errors
 
 
+def runtime_config_summary(config):
+    """One line for the start-up log: where per-recipient values come from."""
+    settings = runtime_settings(config)
+    if not settings.url or 'sql' not in settings.priorities:
+        return 'runtime config: none (no [databaseconfig] dbconnectstring)'
+    return ('runtime config: per-recipient values from %s, cached %g s, timeout %g s, '
+            'failed lookups %s' % (redact_uri(settings.url), settings.ttl, settings.timeout,
+               'use the file values' if settings.fallback else 'defer the message'))
+
+
 def _sql_extension_attribute(name):
     """The names of fuglu.extensions.sql that depend on SQLAlchemy, resolved on first use."""
     sqlalchemy = import_sqlalchemy()
@@ -5848,6 +5858,7 @@ class MainController(object):
         self.logger.info('plugins: scanners=%s prependers=%s appenders=%s',
                          [str(p) for p in self.plugins], [str(p) for p in self.prependers],
                          [str(p) for p in self.appenders])
+        self.logger.info(runtime_config_summary(config))
         backend_name = config.get('performance', 'backend').strip().lower()
         if backend_name not in BACKENDS:
             raise ConfigProblem('unknown backend %r (available: %s)' % (backend_name, ', '.join(BACKENDS)))

@@ -353,8 +353,8 @@ def test_database_stopped_mid_run_defers_then_the_right_policy(policy_chain, ser
         for recipient in ('late@reject.example', 'vip@reject.example'):
             send_gtube(postfix, recipient)
         for recipient in ('late@reject\\.example', 'vip@reject\\.example'):
-            postfix.wait_log(r'to=<%s>.*status=deferred .*per-recipient settings unavailable'
-                             % recipient, timeout=60)
+            postfix.wait_log(r'to=<%s>.*status=deferred .*said: 451 4\.7\.1 per-recipient '
+                             r'settings unavailable, try again later' % recipient, timeout=60)
     finally:
         backend.server.start()
     postfix.flush()
