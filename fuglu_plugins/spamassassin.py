@@ -428,6 +428,10 @@ class SAPlugin(ScannerPlugin):
         if not self.check_config():
             return False
         ok = True
+        for option in self.ignored_options:
+            if self.config.get(self.section, option, fallback='').strip():
+                print('WARNING: %s is accepted for compatibility but not implemented: ignored'
+                      % option)
         for option in ('highspamaction', 'lowspamaction', 'problemaction'):
             if self._action(option) is None:
                 print('ERROR: %s=%s is not a valid action' % (option, self._option(option)))
