@@ -31,10 +31,11 @@ A message travels like this::
                              answer the MTA; every failure becomes a temporary failure
 
 The sections of this file follow that path, in dependency order: constants and
-actions, small helpers, configuration, templates, the Suspect, rule files
-(SuspectFilter), plugin bases and loader, the scan session, the SMTP machinery shared by
-the connectors (line reader, server session, re-injection client), the connectors, the
-backends, the control server, the daemon (MainController), lint, and the command line.
+actions, small helpers, configuration, templates, the Suspect, the runtime configuration
+(per-recipient values from SQL), rule files (SuspectFilter), plugin bases and loader, the
+scan session, the SMTP machinery shared by the connectors (line reader, server session,
+re-injection client), the connectors, the backends, the control server, the daemon
+(MainController), lint, and the command line.
 
 Principles
 ----------
@@ -65,6 +66,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import namedtuple
 
 # `python3 fuglu.py` and `python3 -m fuglu` run this file as __main__; a plugin that does
 # `import fuglu` (or the FuGlu way, `from fuglu.shared import ...`) must get this very
@@ -84,6 +86,7 @@ __all__ = [
     'force_uString', 'force_bString', 'FuConfigParser', 'Suspect', 'SuspectFilter',
     'BasicPlugin', 'ScannerPlugin', 'PrependerPlugin', 'AppenderPlugin',
     'ScanSession', 'MainController', 'CONNECTORS', 'BACKENDS', 'main',
+    'DBConfig', 'DBFile', 'RuntimeConfigError',
 ]
 
 
@@ -190,6 +193,15 @@ def parse_list(value, lower=False):
     return [item.lower() for item in items] if lower else items
 
 
+def split_list_value(value, separators=',', strip=True, lower=False):
+    """A config list value -> items: split at any of ``separators``, empty items dropped."""
+    items = re.split('[%s]' % re.escape(separators), value)
+    if strip:
+        items = [item.strip() for item in items]
+    items = [item for item in items if item]
+    return [item.lower() for item in items] if lower else items
+
+
 def one_line(text, limit=512):
     """Reply texts: no CR/LF (they would start a new reply line), bounded length."""
     text = force_uString(text) or ''
@@ -249,6 +261,14 @@ def _opt(default, description, section=None, validator=None, confidential=False)
 def _is_int(value):
     try:
         int(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_number(value):
+    try:
+        float(value)
         return True
     except (TypeError, ValueError):
         return False
@@ -380,8 +400,46 @@ CORE_DEFAULTS = {
     'PluginAlias': {},
     'environment': {},
     'databaseconfig': {
-        'dbconnectstring': _opt('', 'SQLAlchemy URL for per-recipient settings (needs sqlalchemy)',
-                                confidential=True),
+        'dbpriority': _opt(
+            'sql', 'where per-recipient values come from, in order: sql\n(FuGlu\'s rest and yaml '
+                   'sources are not implemented: ignored, lint warns)'),
+        'value_cache_ttl': _opt(
+            '30', 'seconds an answer of the database (a value, or that there is none) is used '
+                  'before asking again;\nwhile the database is away an older answer is used '
+                  'instead. 0: ask every time, keep nothing', validator=_is_number),
+        'dbconnectstring': _opt(
+            '', 'SQLAlchemy URL of the per-recipient settings, e.g.\n'
+                'postgresql+psycopg2://fuglu:secret@dbhost/fuglu (pip install SQLAlchemy '
+                'psycopg2-binary),\n'
+                'mysql+pymysql://fuglu:secret@dbhost/fuglu (pip install SQLAlchemy PyMySQL),\n'
+                'sqlite:////var/lib/fuglu/settings.db (works without SQLAlchemy).\n'
+                'Empty: no per-recipient settings, the plugins use this file', confidential=True),
+        'sql': _opt(
+            "SELECT value FROM fugluconfig WHERE `section`=:section AND `scope` IN "
+            "(:globalscope,CONCAT('%',:to_domain),:to_address) AND `option`=:option "
+            "ORDER BY `scope` DESC LIMIT 1",
+            'query for one value, keyed on the FIRST recipient: the first column of the first row '
+            'is the value.\nPlaceholders: :section, :option, :globalscope and the message\'s '
+            ':to_address, :to_domain, :to_localpart,\n:from_address, :from_domain, '
+            ':from_localpart, :subject, :id, :timestamp, :date, :time.\n'
+            'The default is MySQL/MariaDB/SQLite syntax; for PostgreSQL drop the backticks and '
+            'ORDER BY scope COLLATE "C" DESC'),
+        'sqlsection': _opt(
+            "SELECT `value`, `option`, `scope` FROM fugluconfig WHERE `section`=:section AND "
+            "`scope` IN (:globalscope,CONCAT('%',:to_domain),:to_address) ORDER BY `scope` DESC",
+            'query for every row of one section for the recipient (for plugins that read option '
+            'names as data,\nlike the attachment rules of config_section_*); the columns are named '
+            'by scope_field, option_field,\nvalue_field; placeholders as for sql, without :option'),
+        'globalscope': _opt('$GLOBAL', 'scope of the rows that apply to every recipient'),
+        'option_field': _opt('option', 'name of the option column in the results of sqlsection'),
+        'scope_field': _opt('scope', 'name of the scope column in the results of sqlsection'),
+        'value_field': _opt('value', 'name of the value column in the results of sqlsection'),
+        'timeout': _opt('5', 'seconds a lookup waits for the database (connecting and querying); '
+                             'then it has failed', validator=_is_number),
+        'fallback_to_file_values': _opt(
+            '0', 'when a lookup fails (database down, timeout, bad query or value) and no earlier '
+                 'answer is cached:\n0 = defer the message (4xx, the MTA retries later), '
+                 '1 = use the value of this file', validator=_is_bool),
     },
 }
 
@@ -526,13 +584,7 @@ class FuConfigParser(configparser.RawConfigParser):
             value = self.get(section, option)
         except (configparser.NoSectionError, configparser.NoOptionError):
             return fallback if fallback is not None else []
-        items = re.split('[%s]' % re.escape(separators), value)
-        if strip:
-            items = [item.strip() for item in items]
-        items = [item for item in items if item]
-        if lower:
-            items = [item.lower() for item in items]
-        return items
+        return split_list_value(value, separators, strip, lower)
 
     def where(self, section, option):
         """'file [section] option' for error messages."""
@@ -548,7 +600,7 @@ def resolve_env_marker(value):
 
 
 # Options FuGlu knows that fuglu accepts without acting on them (features outside its
-# scope: async backends, SQL/REST runtime config, Received-header heuristics ...), so an
+# scope: async backends, REST/YAML runtime config, Received-header heuristics ...), so an
 # existing fuglu.conf lints clean. Each entry is a regular expression.
 IGNORED_OPTIONS = {
     'main': ['mplugins', 'configdir', 'address_compliance_delay2rcpt'],
@@ -558,8 +610,7 @@ IGNORED_OPTIONS = {
                     'async_threadpool', r'async_\w+_timeout', 'join_timeout', r'att_mgr_\w+',
                     'disable_aiosmtp'],
     'milter': ['ignoreclient'],
-    'databaseconfig': ['dbpriority', 'value_cache_ttl', 'sql', 'sqlsection', 'globalscope', 'option_field',
-                       'scope_field', 'value_field', r'restapi_\w+', 'yaml_filepath'],
+    'databaseconfig': [r'restapi_\w+', 'yaml_filepath'],
     'environment': ['boundarydistance', 'trustedhostsregex', 'trustedreceivedregex', 'skiponerror',
                     'skipsamedomain'],
 }
@@ -1114,6 +1165,932 @@ class Suspect(object):
                    self.id, self.from_address, self.to_address, self.size, self.is_spam(),
                    self.is_blocked(), self.is_virus(), self.is_modified(),
                    self.log_values()['decision'], self.short_tags())
+
+
+###############################################################################
+# Runtime configuration: per-recipient values and rules from SQL
+###############################################################################
+# FuGlu's [databaseconfig] (spec 3.6). A plugin asks ``DBConfig(config, suspect)``
+# instead of its config for the options an admin may set per recipient; DBConfig answers
+# from rows (scope, section, option, value) of a database table, for the message's FIRST
+# recipient: the address row beats the '%domain' row beats the globalscope ('$GLOBAL')
+# row beats the config file. The database is named by an SQLAlchemy URL: with
+# SQLAlchemy installed any database it has a driver for, without it only
+# sqlite:///path, through the standard library's sqlite3.
+#
+#   DBConfig(config, suspect).get(...)       FuGlu's runtime config, one per message
+#   DBFile(url, query).get_rows(values)      FuGlu's rule rows (attachment SQL rules)
+#     -> sql_database(url, timeout)          one SQLDatabase per URL, shared by all:
+#          .rows(sql, values, ttl, fallback)   answers cached for value_cache_ttl, one
+#                                              query per key at a time, outage state
+#          -> QueryRunner                     a few daemon threads run the queries, so
+#                                              a caller waits at most `timeout` seconds
+#               -> SQLAlchemy engine (pool) or one sqlite3 connection per thread
+#
+# No wrong policy, no lost mail: a lookup the database cannot answer (down, timeout, bad
+# SQL, a value the option cannot take) raises RuntimeConfigError and the scan session
+# defers the message (4xx, the MTA retries), unless [databaseconfig]
+# fallback_to_file_values is on: then the config file's value is used. While the
+# database is away, an expired cached answer is served instead of failing. An outage
+# is logged when it starts and when it ends, not once per message.
+#
+# Databases are opened on the first lookup, not at start-up: a host whose database is
+# down starts, lints and defers; SQLAlchemy is imported only when a URL needs it.
+
+class RuntimeConfigError(Exception):
+    """A per-recipient value or rule could not be looked up: the database is unreachable
+    or too slow, rejected the query, or returned a value the option cannot take. The scan
+    session defers the message. (FuGlu's own plugins catch RESTAPIError for the same
+    situation; ``fuglu.extensions.sql.RESTAPIError`` is this class.)"""
+
+
+SQL_QUERY_THREADS = 4          # queries running at once per database (= its pool size)
+SQL_RETRY_INTERVAL = 1.0       # after a failed query, further ones fail fast this long
+SQL_CACHE_MAX_ENTRIES = 100000  # cached answers per database; the oldest go first
+EMPTY_SQL_ANSWER = ((), [])    # (columns, rows) of "nothing found"
+
+# SQLAlchemy's rule for the ':name' bind parameters of text(); the stdlib sqlite3
+# module reads the same ':name' style natively.
+SQL_PLACEHOLDER_RE = re.compile(r'(?<![:\w\\]):(\w+)(?!:)')
+
+# What to pip install: for a backend (the URL's dialect) when SQLAlchemy is missing, and
+# for a driver SQLAlchemy cannot import (which driver a bare postgresql:// or mysql:// URL
+# means depends on the SQLAlchemy version, so the README writes the driver out).
+SQL_BACKEND_HINTS = {
+    'postgresql': 'psycopg2-binary, and write the URL postgresql+psycopg2://...',
+    'mysql': 'PyMySQL, and write the URL mysql+pymysql://...',
+    'mariadb': 'PyMySQL, and write the URL mysql+pymysql://...',
+}
+SQL_DRIVER_PACKAGES = {'psycopg2': 'psycopg2-binary', 'psycopg': 'psycopg[binary]', 'pymysql': 'PyMySQL',
+                       'mysqldb': 'mysqlclient', 'mariadbconnector': 'mariadb'}
+
+
+def _whole_seconds(seconds, minimum=1):
+    return max(int(-(-seconds // 1)), minimum)
+
+
+# Driver name -> function(timeout seconds) -> connect arguments that bound connecting
+# and each query on the server or socket side. They free a runner thread; the caller is
+# freed by the runner's own timeout in any case.
+SQL_DRIVER_TIMEOUTS = {
+    # libpq treats connect_timeout below 2 as 2
+    'psycopg2': lambda s: {'connect_timeout': _whole_seconds(s, 2),
+                           'options': '-c statement_timeout=%d' % int(s * 1000)},
+    'psycopg': lambda s: {'connect_timeout': _whole_seconds(s, 2),
+                          'options': '-c statement_timeout=%d' % int(s * 1000)},
+    'pymysql': lambda s: {'connect_timeout': _whole_seconds(s), 'read_timeout': _whole_seconds(s),
+                          'write_timeout': _whole_seconds(s)},
+    'mysqldb': lambda s: {'connect_timeout': _whole_seconds(s), 'read_timeout': _whole_seconds(s),
+                          'write_timeout': _whole_seconds(s)},
+    'pysqlite': lambda s: {'timeout': s},
+}
+
+
+def redact_uri(uri, mask='*****'):
+    """The URL with its password replaced by ``mask`` (for logs and lint)."""
+    return re.sub(r'^([\w+.-]+://[^:/@]*:)[^@/]*@', lambda match: match.group(1) + mask + '@',
+                  uri or '')
+
+
+_sqlalchemy_module = None   # the module once imported; False when it is not installed
+
+
+def import_sqlalchemy():
+    """SQLAlchemy (1.4 or newer) or None. Imported on first use only."""
+    global _sqlalchemy_module
+    if _sqlalchemy_module is None:
+        try:
+            import sqlalchemy
+            version = tuple(int(part) for part in re.findall(r'\d+', sqlalchemy.__version__)[:2])
+            _sqlalchemy_module = sqlalchemy if version >= (1, 4) else False
+        except ImportError:
+            _sqlalchemy_module = False
+    return _sqlalchemy_module or None
+
+
+def _sql_concat(*parts):
+    return ''.join('' if part is None else str(part) for part in parts)
+
+
+def add_sqlite_functions(connection):
+    """SQLite learnt CONCAT() in 3.44; FuGlu's default queries use it (MySQL style)."""
+    import sqlite3
+    if sqlite3.sqlite_version_info < (3, 44, 0):
+        connection.create_function('CONCAT', -1, _sql_concat)
+
+
+def _require_sqlite_file(path):
+    # Connecting would create an empty database, and "no rows" means "use the file values":
+    # a typo in the path must be an error instead.
+    if path and path != ':memory:' and not path.startswith('file:') and not os.path.exists(path):
+        raise RuntimeConfigError('database file %s does not exist' % path)
+
+
+def sql_error_text(error):
+    """One line for a driver exception (SQLAlchemy appends the statement and a URL)."""
+    text = str(error).strip().splitlines()
+    return '%s: %s' % (error.__class__.__name__, text[0] if text else '')
+
+
+class _QueryJob(object):
+    __slots__ = ('function', 'done', 'result', 'error', 'abandoned')
+
+    def __init__(self, function):
+        self.function = function
+        self.done = threading.Event()
+        self.result = self.error = None
+        self.abandoned = False
+
+
+class QueryRunner(object):
+    """A few daemon threads that run one database's queries. ``run(function, timeout)``
+    returns ``function()`` or raises its exception, and waits at most ``timeout``
+    seconds: a driver stuck on a dead connection keeps a runner thread, never the
+    caller (a mail worker). Daemon threads, so a stuck one cannot hold up exit."""
+
+    def __init__(self, name, threads=SQL_QUERY_THREADS):
+        self.name = name
+        self.threads = threads
+        self._jobs = queue.Queue()
+        self._started = False
+        self._lock = threading.Lock()
+
+    def _start(self):
+        with self._lock:
+            if self._started:
+                return
+            for number in range(self.threads):
+                thread = threading.Thread(target=self._work, name='%s-%d' % (self.name, number + 1))
+                thread.daemon = True
+                thread.start()
+            self._started = True
+
+    def _work(self):
+        while True:
+            job = self._jobs.get()
+            if job.abandoned:
+                continue
+            try:
+                job.result = job.function()
+            except Exception as error:  # handed to the caller
+                job.error = error
+            job.done.set()
+
+    def run(self, function, timeout):
+        if not self._started:
+            self._start()
+        job = _QueryJob(function)
+        self._jobs.put(job)
+        if not job.done.wait(timeout):
+            job.abandoned = True
+            raise RuntimeConfigError('no answer within %g s' % timeout)
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+
+class SQLDatabase(object):
+    """One database, shared by every lookup that names its URL (see sql_database()).
+
+    For callers: ``rows(sql, values, ttl, fallback)`` -> (columns, rows), cached;
+    ``query(sql, values)`` -> the same, uncached; ``describe()`` one line for lint.
+    Both raise RuntimeConfigError when the database does not answer.
+    Subclasses implement ``_execute(sql, values)`` -> (column names, list of row tuples),
+    which runs on a runner thread, and set ``backend`` and ``driver``.
+    Attributes: url, display_url (password hidden), timeout, queries (count run),
+    down_since (clock time of the first failure of an outage, or None), clock.
+    """
+
+    backend = driver = '?'
+
+    def __init__(self, url, timeout):
+        self.url = url
+        self.display_url = redact_uri(url)
+        self.timeout = timeout
+        self.queries = 0
+        self.failed_queries = 0
+        self.down_since = None
+        self.logger = logging.getLogger('fuglu.sql')
+        self.runner = QueryRunner('fuglu-sql')
+        self._cache = {}
+        self._flights = {}
+        self._lock = threading.Lock()
+        self._fail_fast_until = 0.0
+        self._last_error = None
+        self.clock = time.monotonic   # (tests set their own)
+
+    def describe(self):
+        return '%s: %s via %s, timeout %g s' % (self.display_url, self.backend, self.driver,
+                                                 self.timeout)
+
+    def _execute(self, sql, values):
+        raise NotImplementedError
+
+    # -- queries ----------------------------------------------------------------
+    def query(self, sql, values, fallback=False):
+        if self.clock() < self._fail_fast_until:
+            self.failed_queries += 1
+            raise RuntimeConfigError('%s: %s' % (self.display_url, self._last_error))
+        try:
+            answer = self.runner.run(lambda: self._execute(sql, values), self.timeout)
+        except Exception as error:
+            self._failed(error, fallback)
+            raise RuntimeConfigError('%s: %s' % (self.display_url, self._last_error))
+        self.queries += 1
+        if self.down_since is not None:
+            self._answered()
+        return answer
+
+    def rows(self, sql, values, ttl, fallback=False):
+        """The answer to ``sql`` with ``values``, from the cache when it is younger than
+        ``ttl`` seconds. One caller queries a key at a time; the others wait for its
+        answer. When the database fails, an expired answer is served, else ``fallback``
+        decides: True -> EMPTY_SQL_ANSWER (the caller uses its file values), False ->
+        RuntimeConfigError."""
+        if ttl <= 0:
+            return self._answer_or_fallback(sql, values, None, fallback)
+        key = (sql, tuple(sorted(values.items())))
+        entry = self._cache.get(key)   # (expires, answer)
+        if entry is not None and entry[0] > self.clock():
+            return entry[1]
+        with self._lock:
+            flight = self._flights.get(key)
+            leading = flight is None
+            if leading:
+                flight = self._flights[key] = threading.Event()
+        if not leading:
+            flight.wait(self.timeout)
+            entry = self._cache.get(key) or entry
+            if entry is not None:
+                return entry[1]
+            if fallback:
+                return EMPTY_SQL_ANSWER
+            raise RuntimeConfigError('%s: %s' % (self.display_url, self._last_error or 'no answer'))
+        try:
+            answer = self._answer_or_fallback(sql, values, entry, fallback, key=key, ttl=ttl)
+        finally:
+            with self._lock:
+                del self._flights[key]
+            flight.set()
+        return answer
+
+    def _answer_or_fallback(self, sql, values, stale, fallback, key=None, ttl=0):
+        try:
+            answer = self.query(sql, values, fallback)
+        except RuntimeConfigError:
+            if stale is not None:
+                return stale[1]
+            if fallback:
+                return EMPTY_SQL_ANSWER
+            raise
+        if key is not None:
+            with self._lock:
+                self._cache.pop(key, None)
+                if len(self._cache) >= SQL_CACHE_MAX_ENTRIES:
+                    del self._cache[next(iter(self._cache))]
+                self._cache[key] = (self.clock() + ttl, answer)
+        return answer
+
+    def clear_cache(self):
+        with self._lock:
+            self._cache.clear()
+
+    # -- outage state -----------------------------------------------------------
+    def _failed(self, error, fallback):
+        text = error.args[0] if isinstance(error, RuntimeConfigError) else sql_error_text(error)
+        with self._lock:
+            self.failed_queries += 1
+            self._last_error = text
+            self._fail_fast_until = self.clock() + SQL_RETRY_INTERVAL
+            starting = self.down_since is None
+            if starting:
+                self.down_since = self.clock()
+        if starting:
+            self.logger.error('database %s cannot answer: %s. Until it does, cached values are '
+                              'served and other lookups %s', self.display_url, text,
+                              'use the config file values' if fallback else 'defer their messages')
+
+    def _answered(self):
+        with self._lock:
+            if self.down_since is None:
+                return
+            seconds = self.clock() - self.down_since
+            failed, self.failed_queries = self.failed_queries, 0
+            self.down_since = None
+        self.logger.info('database %s answers again, after %.1f s and %d failed lookups',
+                            self.display_url, seconds, failed)
+
+
+class SQLiteDatabase(SQLDatabase):
+    """sqlite:///path without SQLAlchemy: the standard library's sqlite3, read-only, one
+    connection per runner thread."""
+
+    def __init__(self, url, timeout):
+        super().__init__(url, timeout)
+        import sqlite3
+        self._sqlite3 = sqlite3
+        self.path = sqlite_path_of(url)
+        self.backend = 'SQLite %s' % sqlite3.sqlite_version
+        self.driver = 'the standard library sqlite3 (SQLAlchemy not installed), read-only'
+        self._local = threading.local()
+
+    def _connection(self):
+        connection = getattr(self._local, 'connection', None)
+        if connection is None:
+            _require_sqlite_file(self.path)
+            from urllib.parse import quote
+            uri = 'file:%s?mode=ro' % quote(os.path.abspath(self.path))
+            connection = self._sqlite3.connect(uri, uri=True, timeout=self.timeout)
+            add_sqlite_functions(connection)
+            self._local.connection = connection
+        return connection
+
+    def _execute(self, sql, values):
+        connection = self._connection()
+        try:
+            cursor = connection.execute(sql, values)
+            return tuple(column[0] for column in cursor.description or ()), cursor.fetchall()
+        except self._sqlite3.Error:
+            # the file may have been replaced: the next query opens it afresh
+            self._local.connection = None
+            connection.close()
+            raise
+
+
+def sqlite_path_of(url):
+    """'sqlite:///relative.db' -> 'relative.db', 'sqlite:////var/x.db' -> '/var/x.db'."""
+    match = re.match(r'^sqlite(?:\+pysqlite)?://(/?)(.*)$', url.strip())
+    if not match:
+        raise RuntimeConfigError('%s is not a sqlite:///path URL' % redact_uri(url))
+    if '?' in match.group(2):
+        raise RuntimeConfigError('options in a sqlite URL (?...) need SQLAlchemy '
+                                 '(pip install SQLAlchemy)')
+    if not match.group(1) or not match.group(2) or match.group(2) == ':memory:':
+        raise RuntimeConfigError('%s names no database file (sqlite:///relative/path or '
+                                 'sqlite:////absolute/path)' % url)
+    return match.group(2)
+
+
+class SQLAlchemyDatabase(SQLDatabase):
+    """Any URL SQLAlchemy has a driver for: an engine with a pool of SQL_QUERY_THREADS
+    connections, checked before use (a restarted database costs no failed lookup), and
+    the driver's connect/query timeouts where we know them (SQL_DRIVER_TIMEOUTS)."""
+
+    def __init__(self, url, timeout, sqlalchemy):
+        super().__init__(url, timeout)
+        self._sqlalchemy = sqlalchemy
+        parsed = sqlalchemy.engine.make_url(url)
+        self.backend = parsed.get_backend_name()
+        self.driver = parsed.get_driver_name()
+        self.sqlite_path = parsed.database if self.backend == 'sqlite' else None
+        timeouts = SQL_DRIVER_TIMEOUTS.get(self.driver)
+        connect_args = {}
+        if timeouts is not None:
+            connect_args = {name: value for name, value in timeouts(timeout).items()
+                            if name not in parsed.query}
+        self.driver_timeouts = timeouts is not None
+        options = {'pool_pre_ping': True, 'connect_args': connect_args}
+        if self.backend != 'sqlite':   # (SQLite's pools take none of these)
+            options.update(pool_size=SQL_QUERY_THREADS, max_overflow=0, pool_timeout=timeout,
+                           pool_recycle=3600)
+        try:
+            self.engine = sqlalchemy.create_engine(parsed, **options)
+        except ImportError as error:
+            package = SQL_DRIVER_PACKAGES.get(self.driver, 'the module %s' % error.name)
+            raise RuntimeConfigError('the driver %s for %s is not installed: pip install %s, or name '
+                                     'an installed driver in the URL (%s+DRIVER://...)'
+                                     % (self.driver, self.backend, package, self.backend))
+        except Exception as error:
+            raise RuntimeConfigError('%s: %s' % (self.display_url, sql_error_text(error)))
+        if self.backend == 'sqlite':
+            sqlalchemy.event.listen(self.engine, 'connect',
+                                    lambda connection, record: add_sqlite_functions(connection))
+        self._statements = {}
+
+    def describe(self):
+        dbapi = getattr(self.engine.dialect, 'dbapi', None)
+        version = getattr(dbapi, '__version__', None) or getattr(dbapi, 'sqlite_version', '')
+        pool = 'a pool of %d connections' % SQL_QUERY_THREADS
+        if self.backend == 'sqlite':
+            pool = 'one connection per runner thread'
+        return '%s: %s via %s %s and SQLAlchemy %s, %s, timeout %g s%s' % (
+            self.display_url, self.backend, self.driver, str(version).split()[0] if version else '',
+            self._sqlalchemy.__version__, pool, self.timeout,
+            '' if self.driver_timeouts else
+            ' (no driver timeouts known: a stuck query keeps a runner thread)')
+
+    def _execute(self, sql, values):
+        if self.sqlite_path:
+            _require_sqlite_file(self.sqlite_path)
+        statement = self._statements.get(sql)
+        if statement is None:
+            statement = self._statements[sql] = self._sqlalchemy.text(sql)
+        with self.engine.connect() as connection:
+            result = connection.execute(statement, values)
+            return tuple(result.keys()), [tuple(row) for row in result.fetchall()]
+
+
+class UnusableDatabase(SQLDatabase):
+    """A URL that cannot work here (SQLAlchemy or a driver missing): every query fails
+    with the reason, which says what to install; logged once like an outage."""
+
+    def __init__(self, url, timeout, reason):
+        super().__init__(url, timeout)
+        self.reason = reason
+        self.backend = self.driver = 'unusable'
+
+    def describe(self):
+        return '%s: cannot be used: %s' % (self.display_url, self.reason)
+
+    def _execute(self, sql, values):
+        raise RuntimeConfigError(self.reason)
+
+
+def open_sql_database(url, timeout):
+    """A new SQLDatabase for ``url`` (see sql_database(), which shares them)."""
+    sqlalchemy = import_sqlalchemy()
+    try:
+        if sqlalchemy is not None:
+            return SQLAlchemyDatabase(url, timeout, sqlalchemy)
+        if re.match(r'^sqlite(\+pysqlite)?:', url.strip()):
+            return SQLiteDatabase(url, timeout)
+        backend = re.split(r'[+:]', url.strip(), 1)[0].lower()
+        hint = SQL_BACKEND_HINTS.get(backend, 'the Python driver for %s' % backend)
+        raise RuntimeConfigError('%s needs SQLAlchemy, which is not installed: pip install '
+                                 'SQLAlchemy and %s (without them only sqlite:///path works)'
+                                 % (backend or 'this URL', hint))
+    except RuntimeConfigError as error:
+        return UnusableDatabase(url, timeout, error.args[0])
+
+
+_sql_databases = {}
+_sql_databases_lock = threading.Lock()
+
+
+def sql_database(url, timeout=5.0):
+    """The shared SQLDatabase for ``url`` (opened on first use)."""
+    key = (url, timeout)
+    database = _sql_databases.get(key)
+    if database is None:
+        with _sql_databases_lock:
+            database = _sql_databases.get(key)
+            if database is None:
+                database = _sql_databases[key] = open_sql_database(url, timeout)
+    return database
+
+
+def sql_placeholders(sql):
+    """The ':name' placeholders of a query, in order, each once."""
+    names = []
+    for name in SQL_PLACEHOLDER_RE.findall(sql or ''):
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+# [databaseconfig] read once per config object (and again after config.set()).
+RuntimeSettings = namedtuple('RuntimeSettings',
+                             'url sql sql_names sqlsection sqlsection_names globalscope ttl '
+                             'priorities timeout fallback fields')
+
+
+def runtime_settings(config):
+    compute = getattr(config, '_cached', None)
+    if compute is None:
+        return _read_runtime_settings(config)
+    return compute('runtime', 'databaseconfig', '', lambda: _read_runtime_settings(config))
+
+
+def _read_runtime_settings(config):
+    table = CORE_DEFAULTS['databaseconfig']
+
+    def value(option):
+        return config.get('databaseconfig', option, fallback=table[option]['default']).strip()
+    try:
+        ttl, timeout = float(value('value_cache_ttl')), float(value('timeout'))
+        fallback = FuConfigParser.BOOLEAN_STATES[value('fallback_to_file_values').lower()]
+    except (KeyError, ValueError) as error:
+        raise RuntimeConfigError('invalid [databaseconfig] setting: %s' % error)
+    sql, sqlsection = value('sql'), value('sqlsection')
+    return RuntimeSettings(
+        url=value('dbconnectstring'), sql=sql, sql_names=sql_placeholders(sql),
+        sqlsection=sqlsection, sqlsection_names=sql_placeholders(sqlsection),
+        globalscope=value('globalscope'), ttl=ttl,
+        priorities=tuple(parse_list(value('dbpriority'), lower=True)), timeout=timeout,
+        fallback=fallback,
+        fields=tuple(value(name).lower() for name in ('scope_field', 'option_field',
+                                                      'value_field')))
+
+
+def sql_values(names, suspect, known):
+    """The values of a query's placeholders: ``known`` ones (section, option, ...) and
+    the template variables of the message (to_address, to_domain, from_address, ...)."""
+    values = {}
+    for name in names:
+        if name in known:
+            values[name] = known[name]
+            continue
+        compute = TEMPLATE_DEFAULTS.get(name)
+        if compute is None:
+            choices = ', '.join(':' + choice for choice in list(known) + list(TEMPLATE_DEFAULTS))
+            raise RuntimeConfigError('the query uses :%s, which is none of %s' % (name, choices))
+        values[name] = compute(suspect) if suspect is not None else None
+    return values
+
+
+_UNSET = configparser._UNSET
+
+
+class DBConfig(object):
+    """FuGlu's runtime configuration for one message (``fuglu.extensions.sql.DBConfig``).
+
+    ``DBConfig(config, suspect)`` reads like ``config``, but ``get``, ``getint``,
+    ``getfloat``, ``getboolean`` and ``getlist`` (FuGlu's signatures, with ``fallback``
+    and ``override``) first ask the sources of [databaseconfig] dbpriority (``sql``)
+    for a value for the suspect's FIRST recipient: a row for the address beats one for
+    '%domain', which beats one for globalscope ('$GLOBAL'), which beats the config file.
+    Everything else (has_option, sections, ...) is the config's own.
+
+    Methods for plugins: the getters; ``get_override(section, option)`` -> the database's
+    value or None; ``load_section(section)`` runs the whole-section query ``sqlsection``
+    once, after which the getters answer that section from its rows and
+    ``get_cached_options(section)`` lists its options (option names that are data, like
+    the attachment plugin's rule regexes); ``set_suspect(suspect)``,
+    ``set_rcpt(address)``; ``parentget``... -> the config file's value.
+    Raises RuntimeConfigError when the database cannot answer or gives a value the
+    option cannot take (the message is deferred). Cheap to create: make one per message;
+    the answers are cached per database for value_cache_ttl seconds.
+    """
+
+    def __init__(self, config, suspect):
+        self.config = config
+        self.sectioncache = {}   # section -> [(rank, scope, option, value)]
+        self.logger = logging.getLogger('fuglu.extensions.sql.dbconfig')
+        self.suspect = None
+        self.set_suspect(suspect)
+
+    def __getattr__(self, name):
+        # only reached for names DBConfig does not have: the config's own methods
+        config = self.__dict__.get('config')
+        if config is None:
+            raise AttributeError(name)
+        return getattr(config, name)
+
+    def set_suspect(self, suspect):
+        # (FuGlu holds a weak reference: a suspect that went away silently meant "no
+        # override", the wrong policy. A plain reference costs nothing here.)
+        self.suspect = suspect if suspect is not None else Suspect('', 'postmaster', inbuffer=b'')
+
+    def set_rcpt(self, recipient):
+        self.set_suspect(Suspect('', recipient, inbuffer=b''))
+
+    def _the_suspect(self):
+        return self.suspect
+
+    # -- sources ----------------------------------------------------------------
+    def get_override(self, section, option, **kwargs):
+        settings = runtime_settings(self.config)
+        if not settings.url:
+            return None
+        for source in settings.priorities:
+            if source == 'sql':
+                value = self._get_sql(section, option, settings)
+                if value is not None:
+                    return value
+        return None
+
+    def _rows(self, settings, sql, values):
+        database = sql_database(settings.url, settings.timeout)
+        return database.rows(sql, values, settings.ttl, settings.fallback)
+
+    def _get_sql(self, section, option, settings):
+        if section in self.sectioncache:
+            return self._get_cached(section, option)
+        suspect = self._the_suspect()
+        if not settings.sql or suspect is None:
+            return None
+        known = {'section': section, 'option': option, 'globalscope': settings.globalscope}
+        values = sql_values(settings.sql_names, suspect, known)
+        rows = self._rows(settings, settings.sql, values)[1]
+        if not rows or not rows[0] or rows[0][0] is None:
+            return None
+        return force_uString(rows[0][0])
+
+    def _scope_rank(self, scope, settings):
+        """2 for the recipient's address, 1 for '%domain', 0 for the global scope, -1 else."""
+        suspect = self._the_suspect()
+        scope = force_uString(scope) or ''
+        address = (suspect.to_address or '') if suspect is not None else ''
+        if address and scope.lower() == address.lower():
+            return 2
+        if suspect is not None and suspect.to_domain and scope.lower() == '%' + suspect.to_domain:
+            return 1
+        return 0 if scope == settings.globalscope else -1
+
+    def load_section(self, section):
+        """Fetch every row of ``section`` for this recipient (query ``sqlsection``).
+        Returns True when the section was loaded (SQL configured)."""
+        settings = runtime_settings(self.config)
+        suspect = self._the_suspect()
+        if suspect is None or not (settings.url and settings.sqlsection and
+                                   'sql' in settings.priorities):
+            return False
+        values = sql_values(settings.sqlsection_names, suspect,
+                            {'section': section, 'globalscope': settings.globalscope})
+        columns, rows = self._rows(settings, settings.sqlsection, values)
+        loaded = []
+        if rows:
+            names = [force_uString(column).lower() for column in columns]
+            missing = [field for field in settings.fields if field not in names]
+            if missing:
+                raise RuntimeConfigError('sqlsection returns the columns %s; [databaseconfig] '
+                                         'scope_field, option_field, value_field name %s'
+                                         % (', '.join(names), ', '.join(missing)))
+            positions = [names.index(field) for field in settings.fields]
+            for row in rows:
+                scope, option, value = (row[position] for position in positions)
+                rank = self._scope_rank(scope, settings)
+                if rank >= 0 and option is not None and value is not None:
+                    loaded.append((rank, scope, force_uString(option), force_uString(value)))
+        loaded.sort(key=lambda item: -item[0])   # most specific first (a stable sort)
+        self.sectioncache[section] = loaded
+        return True
+
+    def _get_cached(self, section, option):
+        for _rank, _scope, row_option, value in self.sectioncache.get(section, ()):
+            if row_option == option:
+                return value
+        return None
+
+    def get_cached_options(self, section):
+        options = []
+        for _rank, _scope, option, _value in self.sectioncache.get(section, ()):
+            if option not in options:
+                options.append(option)
+        return options
+
+    # -- getters ----------------------------------------------------------------
+    def _value(self, section, option, override):
+        value = self.get_override(section, option)
+        return override if value is None else value
+
+    def _convert(self, section, option, value, convert, kind):
+        try:
+            return convert(value)
+        except (TypeError, ValueError, KeyError):
+            raise RuntimeConfigError('the database value %r of [%s] %s is not %s'
+                                     % (value, section, option, kind))
+
+    def get(self, section, option, fallback=_UNSET, override=None, resolve_env=False):
+        value = self._value(section, option, override)
+        if value is None:
+            return self.parentget(section, option, fallback=fallback, resolve_env=resolve_env)
+        return resolve_env_marker(value) if resolve_env else value
+
+    def getint(self, section, option, fallback=_UNSET, override=None):
+        value = self._value(section, option, override)
+        if value is None:
+            return self.parentgetint(section, option, fallback=fallback)
+        return self._convert(section, option, value, lambda v: int(str(v).strip()), 'an integer')
+
+    def getfloat(self, section, option, fallback=_UNSET, override=None):
+        value = self._value(section, option, override)
+        if value is None:
+            return self.parentgetfloat(section, option, fallback=fallback)
+        return self._convert(section, option, value, lambda v: float(str(v).strip()), 'a number')
+
+    def getboolean(self, section, option, fallback=_UNSET, override=None):
+        value = self._value(section, option, override)
+        if value is None:
+            return self.parentgetboolean(section, option, fallback=fallback)
+        if isinstance(value, bool):
+            return value
+        states = FuConfigParser.BOOLEAN_STATES
+        return self._convert(section, option, value, lambda v: states[str(v).strip().lower()],
+                             'a boolean')
+
+    def getlist(self, section, option, separators=',', strip=True, lower=False, fallback=_UNSET,
+                override=None, resolve_env=False):
+        value = self._value(section, option, override)
+        if value is None:
+            return self.parentgetlist(section, option, separators, strip, lower, fallback,
+                                      resolve_env=resolve_env)
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        return split_list_value(value, separators, strip, lower)
+
+    # -- the config file's values ---------------------------------------------------
+    def parentget(self, section, option, fallback=_UNSET, override=None, resolve_env=False):
+        if override is not None:
+            return override
+        value = self.config.get(section, option, fallback=fallback)
+        return resolve_env_marker(value) if resolve_env and isinstance(value, str) else value
+
+    def parentgetint(self, section, option, fallback=_UNSET, override=None):
+        if override is not None:
+            return int(override)
+        return self.config.getint(section, option, fallback=fallback)
+
+    def parentgetfloat(self, section, option, fallback=_UNSET, override=None):
+        if override is not None:
+            return float(override)
+        return self.config.getfloat(section, option, fallback=fallback)
+
+    def parentgetboolean(self, section, option, fallback=_UNSET, override=None):
+        if override is not None:
+            return FuConfigParser.BOOLEAN_STATES[str(override).strip().lower()]
+        return self.config.getboolean(section, option, fallback=fallback)
+
+    def parentgetlist(self, section, option, separators=',', strip=True, lower=False,
+                      fallback=_UNSET, override=None, resolve_env=False):
+        if override is not None:
+            return split_list_value(override, separators, strip, lower)
+        return self.config.getlist(section, option, separators, strip, lower,
+                                   fallback=None if fallback is _UNSET else fallback)
+
+
+class DBFile(object):
+    """FuGlu's rule rows from SQL (``fuglu.extensions.sql.DBFile``): ``query`` with
+    ``:name`` placeholders, e.g. the attachment plugin's
+    ``SELECT action,regex,description FROM attachmentrules WHERE scope=:scope ...``.
+
+    ``get_rows(values)`` -> list of row tuples; ``get_content(values)`` -> FuGlu's lines,
+    each row's non-empty columns joined by a space. With ``config``, the [databaseconfig]
+    timeout, cache (value_cache_ttl) and fallback_to_file_values apply; without, every
+    call queries (FuGlu's behaviour). Raises RuntimeConfigError when the database cannot
+    answer.
+    """
+
+    def __init__(self, connectstring, query, config=None):
+        self.connectstring = connectstring
+        self.query = query
+        self.config = config
+
+    def get_rows(self, templatevars=None):
+        values = dict(templatevars or {})
+        if self.config is not None:
+            settings = runtime_settings(self.config)
+            database = sql_database(self.connectstring, settings.timeout)
+            return database.rows(self.query, values, settings.ttl, settings.fallback)[1]
+        return sql_database(self.connectstring).query(self.query, values)[1]
+
+    def get_content(self, templatevars=None):
+        return [' '.join(force_uString(column) for column in row if column)
+                for row in self.get_rows(templatevars)]
+
+
+def get_session(connectstring, **kwargs):
+    """FuGlu's ``get_session``: an SQLAlchemy Session on the shared engine of
+    ``connectstring`` (pool and timeouts as for our own lookups). Needs SQLAlchemy."""
+    database = sql_database(connectstring)
+    if not isinstance(database, SQLAlchemyDatabase):
+        raise RuntimeConfigError('sql extension not enabled: get_session() needs SQLAlchemy '
+                                 '(pip install SQLAlchemy); %s' % database.describe())
+    import sqlalchemy.orm
+    return sqlalchemy.orm.sessionmaker(bind=database.engine, **kwargs)()
+
+
+def _print_line(text, color=None):
+    print(text)
+
+
+def lint_sql(url, sql, values, label, timeout=5.0, out=_print_line, describe=True):
+    """Lint one query: say which database, backend and driver it reaches (``describe``),
+    run it once with ``values`` and say how many rows came back. ``out(text, color)``
+    prints. Returns True when it worked."""
+    database = sql_database(url, timeout)
+    if isinstance(database, UnusableDatabase):
+        out('%s: %s' % (label, database.describe()), 'red')
+        return False
+    if describe:
+        out('%s: %s' % (label, database.describe()))
+    try:
+        rows = database.query(sql, values)[1]
+    except RuntimeConfigError as error:
+        out('%s: query failed: %s' % (label, error), 'red')
+        return False
+    shown = ', '.join('%s=%s' % (name, value) for name, value in values.items()
+                      if name in ('section', 'option', 'to_address', 'scope', 'checktype'))
+    out('%s: query OK, %d row%s for %s' % (label, len(rows), '' if len(rows) == 1 else 's', shown))
+    return True
+
+
+def lint_session(connectstring):
+    """FuGlu's ``lint_session``: can we connect and run SELECT 1?"""
+    if not connectstring:
+        print('INFO: no SQL connection string found, not using SQL database')
+        return True
+    return lint_sql(connectstring, 'SELECT 1', {}, 'SQL')
+
+
+def lint_runtime_config(config, out):
+    """--lint of [databaseconfig]: ``out(text, color)`` for each line; returns the
+    number of errors."""
+    settings = runtime_settings(config)
+    if config.has_section('databaseconfig'):
+        for option in configparser.RawConfigParser.options(config, 'databaseconfig'):
+            if is_ignored_option('databaseconfig', option) and option not in config.defaults():
+                out('[databaseconfig] %s: accepted for compatibility but not implemented by fuglu '
+                    '(REST and YAML sources): ignored' % option, 'yellow')
+    for source in settings.priorities:
+        if source not in ('sql', 'cache'):
+            out('[databaseconfig] dbpriority %s: not implemented by fuglu, ignored (only sql)'
+                % source, 'yellow')
+    if not settings.url:
+        out('runtime config: no [databaseconfig] dbconnectstring: no per-recipient overrides, '
+            'plugins use the config file values')
+        return 0
+    if 'sql' not in settings.priorities:
+        out('runtime config: dbpriority does not list sql: dbconnectstring is not used', 'yellow')
+        return 0
+    sample = Suspect('sender@example.com', 'recipient@example.com',
+                     inbuffer=b'Subject: fuglu lint\r\n\r\n')
+    errors = 0
+    for label, sql, names, known in (
+            ('runtime config sql', settings.sql, settings.sql_names,
+             {'section': 'testsection', 'option': 'testoption',
+              'globalscope': settings.globalscope}),
+            ('runtime config sqlsection', settings.sqlsection, settings.sqlsection_names,
+             {'section': 'testsection', 'globalscope': settings.globalscope})):
+        if not sql:
+            continue
+        try:
+            values = sql_values(names, sample, known)
+        except RuntimeConfigError as error:
+            out('%s: %s' % (label, error), 'red')
+            errors += 1
+            continue
+        if not lint_sql(settings.url, sql, values, label, settings.timeout, out,
+                        describe=label.endswith(' sql')):
+            errors += 1
+            if '`' in sql and sql_database(settings.url, settings.timeout).backend == 'postgresql':
+                out('%s: PostgreSQL does not take MySQL\'s `backticks`; see the PostgreSQL queries in '
+                    'README.md' % label, 'yellow')
+            break
+    if settings.ttl <= 0:
+        out('runtime config: value_cache_ttl is 0: every lookup queries the database and '
+            'nothing is served while it is away', 'yellow')
+    return errors
+
+
+def runtime_config_summary(config):
+    """One line for the start-up log: where per-recipient values come from."""
+    settings = runtime_settings(config)
+    if not settings.url or 'sql' not in settings.priorities:
+        return 'runtime config: none (no [databaseconfig] dbconnectstring)'
+    return ('runtime config: per-recipient values from %s, cached %g s, timeout %g s, '
+            'failed lookups %s' % (redact_uri(settings.url), settings.ttl, settings.timeout,
+               'use the file values' if settings.fallback else 'defer the message'))
+
+
+def _sql_extension_attribute(name):
+    """The names of fuglu.extensions.sql that depend on SQLAlchemy, resolved on first use."""
+    sqlalchemy = import_sqlalchemy()
+    module = sys.modules['fuglu.extensions.sql']
+    if name in ('SQL_EXTENSION_ENABLED', 'ENABLED'):
+        return sqlalchemy is not None
+    if name == 'STATUS':
+        return 'available' if sqlalchemy is not None else 'sqlalchemy not installed'
+    if name == 'text':
+        return sqlalchemy.text if sqlalchemy is not None else (lambda string: string)
+    if name == 'DeclarativeBase':
+        if sqlalchemy is not None:
+            import sqlalchemy.orm
+            base = getattr(sqlalchemy.orm, 'DeclarativeBase', None)
+            if base is not None:
+                declarative = type('DeclarativeBase', (base,), {})
+            else:
+                declarative = sqlalchemy.orm.declarative_base()
+        else:
+            declarative = type('DeclarativeBase', (object,), {'metadata': None})
+        module.DeclarativeBase = declarative   # one class for every importer
+        return declarative
+    raise AttributeError("module 'fuglu.extensions.sql' has no attribute %r" % name)
+
+
+def register_sql_extension():
+    """Make ``from fuglu.extensions.sql import DBConfig, get_session, ...`` work for
+    plugins written against FuGlu (a module of its own, so its names do not clutter
+    ours)."""
+    import types
+    if 'fuglu.extensions.sql' in sys.modules:
+        return
+    package = sys.modules.get('fuglu.extensions')
+    if package is None:
+        package = types.ModuleType('fuglu.extensions', 'FuGlu\'s extension modules, from fuglu.py')
+        package.__path__ = []
+        sys.modules['fuglu.extensions'] = package
+    module = types.ModuleType('fuglu.extensions.sql', 'FuGlu\'s SQL extension, from fuglu.py')
+    module.__dict__.update(
+        DBConfig=DBConfig, DBFile=DBFile, get_session=get_session, lint_session=lint_session,
+        RESTAPIError=RuntimeConfigError, RuntimeConfigError=RuntimeConfigError,
+        __getattr__=_sql_extension_attribute)
+    package.sql = module
+    sys.modules['fuglu.extensions.sql'] = module
+    sys.modules[__name__].extensions = package   # for `import fuglu.extensions.sql`
+
+
+register_sql_extension()
 
 
 ###############################################################################
@@ -1722,6 +2699,14 @@ class ScanSession(object):
             started = time.time()
             try:
                 result = plugin.examine(suspect)
+            except RuntimeConfigError as error:
+                # no wrong policy: without its per-recipient settings the message waits
+                # (the database outage itself is logged once, by the database)
+                self.logger.debug('%s: plugin %s: no runtime config: %s', suspect.id, plugin, error)
+                suspect.tags['processingerrors'].append('plugin %s: runtime config: %s'
+                                                        % (plugin, error))
+                action, message = DEFER, 'per-recipient settings unavailable, try again later'
+                break
             except Exception as error:
                 self._plugin_error(suspect, plugin, error)
                 continue
@@ -4913,6 +5898,7 @@ class MainController(object):
         self.logger.info('plugins: scanners=%s prependers=%s appenders=%s',
                          [str(p) for p in self.plugins], [str(p) for p in self.prependers],
                          [str(p) for p in self.appenders])
+        self.logger.info(runtime_config_summary(config))
         backend_name = config.get('performance', 'backend').strip().lower()
         if backend_name not in BACKENDS:
             raise ConfigProblem('unknown backend %r (available: %s)' % (backend_name, ', '.join(BACKENDS)))
@@ -5012,7 +5998,7 @@ def is_loopback_address(address):
 
 OPTIONAL_DEPENDENCIES = (
     ('magic', 'python-magic: file type detection by content (attachment plugin)'),
-    ('sqlalchemy', 'sqlalchemy: per-recipient settings and rules from SQL'),
+    ('sqlalchemy', 'sqlalchemy: SQL databases besides SQLite for per-recipient settings and rules'),
     ('rarfile', 'rarfile: rar archive contents (attachment plugin)'),
     ('py7zr', 'py7zr: 7z archive contents (attachment plugin)'),
 )
@@ -5077,6 +6063,14 @@ class Lint(object):
                                                else 'built-in signature table'))
         self.say('archives: zip, tar, gz, bz2, xz%s%s' % (', rar' if module_available('rarfile') else '',
                                                          ', 7z' if module_available('py7zr') else ''))
+        sqlalchemy = import_sqlalchemy() if module_available('sqlalchemy') else None
+        if sqlalchemy is not None:
+            drivers = [name for name in ('psycopg2', 'psycopg', 'pymysql', 'MySQLdb')
+                       if module_available(name)]
+            self.say('SQL databases: SQLAlchemy %s; drivers: sqlite3%s' % (
+                sqlalchemy.__version__, ''.join(', ' + name for name in drivers)))
+        else:
+            self.say('SQL databases: sqlite:///path only (standard library sqlite3)')
         self.say('Loading plugins...')
         plugins = {}
         try:
@@ -5110,6 +6104,12 @@ class Lint(object):
             self.say(error, 'red')
         self.say('ERROR' if main_errors else 'OK', 'red' if main_errors else 'green')
         errors += 1 if main_errors else 0
+
+        self.say('Linting runtime configuration [databaseconfig]')
+        runtime_errors = lint_runtime_config(config, self.say)
+        if runtime_errors:
+            self.say('ERROR', 'red')
+        errors += runtime_errors
 
         failed = 0
         for option in ('plugins', 'prependers', 'appenders', 'mplugins'):

@@ -46,7 +46,8 @@ import zlib
 from collections import namedtuple
 
 import fuglu
-from fuglu import DUNNO, DELETE, ScannerPlugin, apply_template, string_to_actioncode
+from fuglu import (DUNNO, DELETE, DBConfig, DBFile, RuntimeConfigError, ScannerPlugin,
+                   apply_template, lint_sql, string_to_actioncode)
 
 try:  # optional: libmagic bindings (python-magic or file-magic)
     import magic as _magic_module
@@ -1474,6 +1475,16 @@ def read_archive(kind, data, name, want_head, want_content, budget, passwords):
 ###############################################################################
 
 RULE_KINDS = ('filenames', 'filetypes', 'archivenames', 'archivenames-crypto', 'archivefiletypes')
+# FuGlu's names of the kinds: :checktype of the SQL rules, option naming the dbconfig section
+SQL_CHECKTYPES = {'filenames': 'filename', 'filetypes': 'contenttype',
+                  'archivenames': 'archive-filename',
+                  'archivenames-crypto': 'archive-crypto-filename',
+                  'archivefiletypes': 'archive-contenttype'}
+CONFIG_SECTION_OPTIONS = {'filenames': 'config_section_filename',
+                          'filetypes': 'config_section_filetype',
+                          'archivenames': 'config_section_archivename',
+                          'archivenames-crypto': 'config_section_archivecryptoname',
+                          'archivefiletypes': 'config_section_archivetype'}
 RULE_ACTIONS = ('allow', 'deny', 'delete')
 # A group holding a quantifier that is itself quantified, like (a+)+ or (\w*)*: such
 # patterns backtrack exponentially on a crafted file name.
@@ -1491,26 +1502,32 @@ def parse_attachment_rules(text, source='<rules>', logger=None):
         if not line or line.startswith('#'):
             continue
         fields = line.split(None, 2)
-        problem = None
         if len(fields) < 3:
-            problem = 'expected "<action> <regex> <description>"'
-        elif fields[0].lower() not in RULE_ACTIONS:
-            problem = 'unknown action %r' % fields[0]
-        elif NESTED_QUANTIFIER_RE.search(fields[1]):
-            problem = 'nested quantifier in %r (catastrophic backtracking)' % fields[1]
+            rule, problem = None, 'expected "<action> <regex> <description>"'
         else:
-            try:
-                regex = re.compile(fields[1], re.IGNORECASE)
-            except re.error as error:
-                problem = 'invalid regex %r: %s' % (fields[1], error)
+            rule, problem = attachment_rule(fields[0], fields[1], fields[2], lineno)
         if problem:
             message = '%s line %d: %s' % (source, lineno, problem)
             logger.error('attachment rule dropped: %s', message)
             errors.append(message)
             continue
-        description = fields[2].strip()
-        rules.append(AttachmentRule(fields[0].lower(), regex, '' if description == '-' else description, lineno))
+        rules.append(rule)
     return rules, errors
+
+
+def attachment_rule(action, pattern, description, lineno=0):
+    """(AttachmentRule, None), or (None, what is wrong with it)."""
+    if (action or '').lower() not in RULE_ACTIONS:
+        return None, 'unknown action %r' % action
+    if NESTED_QUANTIFIER_RE.search(pattern):
+        return None, 'nested quantifier in %r (catastrophic backtracking)' % pattern
+    try:
+        regex = re.compile(pattern, re.IGNORECASE)
+    except re.error as error:
+        return None, 'invalid regex %r: %s' % (pattern, error)
+    description = (description or '').strip()
+    description = '' if description == '-' else description
+    return AttachmentRule(action.lower(), regex, description, lineno), None
 
 
 def _conf_dir_of_source_tree():
@@ -1636,16 +1653,33 @@ class FiletypePlugin(ScannerPlugin):
         'block_encrypted': {'default': 'False', 'description': 'block every password protected archive'},
         'rejectmessage_encrypted': {'default': 'Encrypted archive ${attname} not permitted',
                                     'description': 'reason given for a blocked encrypted archive'},
-        'overrides_source': {'default': '', 'description': 'accepted for compatibility; not supported'},
-        'dbconnectstring': {'default': '', 'description': 'SQL rules: not supported by this stdlib build'},
+        'overrides_source': {'default': '', 'description': (
+            'dbconfig: read sendbounce, checkarchivenames, checkarchivecontent,\n'
+            'enabledarchivetypes, disabledarchivetypes and template_blockedfile per recipient\n'
+            'from [databaseconfig], and rules from its sections named by config_section_*\n'
+            '(FuGlu\'s tag:... source is not supported)')},
+        'dbconnectstring': {'default': '', 'confidential': True, 'description': (
+            'SQLAlchemy URL of per-recipient and per-domain rules (query); sqlite:///path works\n'
+            'without SQLAlchemy. Cached, timed out and failing like [databaseconfig].\n'
+            'Empty: rule files only')},
         'query': {'default': 'SELECT action,regex,description FROM attachmentrules WHERE scope=:scope AND '
                              'checktype=:checktype ORDER BY prio',
-                  'description': 'SQL rules query (not supported)'},
-        'config_section_filename': {'default': '', 'description': 'accepted for compatibility; not supported'},
-        'config_section_filetype': {'default': '', 'description': 'accepted for compatibility; not supported'},
-        'config_section_archivename': {'default': '', 'description': 'accepted for compatibility; not supported'},
-        'config_section_archivecryptoname': {'default': '', 'description': 'accepted for compatibility; not supported'},
-        'config_section_archivetype': {'default': '', 'description': 'accepted for compatibility; not supported'},
+                  'description': (
+                      'the rules of one scope (:scope = recipient address, then its domain) and\n'
+                      'kind (:checktype = filename, contenttype, archive-filename,\n'
+                      'archive-crypto-filename, archive-contenttype); columns action, regex,\n'
+                      'description')},
+        'config_section_filename': {'default': '', 'description': (
+            'overrides_source=dbconfig: section of file name rules (option = regex,\n'
+            'value = "<action> <description>"); empty: config_section_filename')},
+        'config_section_filetype': {'default': '',
+                                    'description': 'the same for content type rules'},
+        'config_section_archivename': {'default': '',
+                                       'description': 'the same for archive member names'},
+        'config_section_archivecryptoname': {
+            'default': '', 'description': 'the same for member names in encrypted archives'},
+        'config_section_archivetype': {'default': '',
+                                       'description': 'the same for archive member types'},
         'rulestag': {'default': '', 'description': 'accepted for compatibility; not supported'},
         'checkarchivenames': {'default': 'False', 'description': 'check the names of files inside archives'},
         'checkarchivecontent': {'default': 'False', 'description': 'check the content types of files inside archives'},
@@ -1693,13 +1727,22 @@ class FiletypePlugin(ScannerPlugin):
         super().__init__(config, section)
         self.rule_cache = RuleFileCache(self.logger)
         self._nobounce_filters = {}
+        self._reported_bad_rules = set()
 
     # -- configuration -----------------------------------------------------------
-    def _get(self, option):
-        return self.config.get(self.section, option)
+    def runtime_config(self, suspect):
+        """The config for the options a recipient may override: with overrides_source =
+        dbconfig and a message, its DBConfig ([databaseconfig]), else the file."""
+        source = self.config.get(self.section, 'overrides_source').strip()
+        if suspect is not None and source == 'dbconfig':
+            return DBConfig(self.config, suspect)
+        return self.config
 
-    def _getbool(self, option):
-        return self.config.getboolean(self.section, option)
+    def _get(self, option, suspect=None):
+        return self.runtime_config(suspect).get(self.section, option)
+
+    def _getbool(self, option, suspect=None):
+        return self.runtime_config(suspect).getboolean(self.section, option)
 
     def _getint(self, option):
         return self.config.getint(self.section, option)
@@ -1713,7 +1756,7 @@ class FiletypePlugin(ScannerPlugin):
     def mime_limits(self):
         return MimeLimits(self._getint('mime_max_parts'), self._getint('mime_max_depth'))
 
-    def enabled_archive_kinds(self):
+    def enabled_archive_kinds(self, suspect=None):
         """Archive kinds opened for this message: computed afresh each time, never by
         editing shared state (upstream's per-message overrides leaked that way)."""
         def kinds_of(value):
@@ -1725,8 +1768,8 @@ class FiletypePlugin(ScannerPlugin):
                 kinds.add(ARCHIVE_KIND_ALIASES.get(item, item))
             return kinds
         available = available_archive_kinds()
-        enabled = kinds_of(self._get('enabledarchivetypes'))
-        disabled = kinds_of(self._get('disabledarchivetypes'))
+        enabled = kinds_of(self._get('enabledarchivetypes', suspect))
+        disabled = kinds_of(self._get('disabledarchivetypes', suspect))
         disabled |= kinds_of(self.config.get('main', 'disabledarchivetypes', fallback=''))
         return [kind for kind in available if (not enabled or kind in enabled) and kind not in disabled]
 
@@ -1758,16 +1801,19 @@ class FiletypePlugin(ScannerPlugin):
 
     # -- rules -------------------------------------------------------------------
     def rulesets(self, suspect):
-        """kind -> [user rules, domain rules, default rules] (missing files skipped)."""
+        """kind -> [user rules, domain rules, default rules] (missing files skipped); the
+        user and domain rules from the database come before their files."""
         rulesdir = self._get('rulesdir')
         scopes = [safe_scope(suspect.to_address), safe_scope(suspect.to_domain)]
         default_files = {kind: os.path.join(rulesdir, 'default-%s.conf' % kind) for kind in RULE_KINDS}
         defaults = {kind: self.rule_cache.get(path) for kind, path in default_files.items()}
         use_bundled = all(rules is None for rules in defaults.values())
+        from_database = self.database_rules(suspect)
         result = {}
         for kind in RULE_KINDS:
             sets = []
-            for scope in scopes:
+            for position, scope in enumerate(scopes):
+                sets.extend(rules for rules in from_database[kind][position] if rules)
                 if scope:
                     rules = self.rule_cache.get(os.path.join(rulesdir, '%s-%s.conf' % (scope, kind)))
                     if rules:
@@ -1777,6 +1823,49 @@ class FiletypePlugin(ScannerPlugin):
                 sets.append(default)
             result[kind] = sets
         return result
+
+    def database_rules(self, suspect):
+        """kind -> (rule sets of the address, rule sets of the domain) from SQL
+        (dbconnectstring + query) and, with overrides_source = dbconfig, the address's
+        sections of the runtime config. Raises RuntimeConfigError (the message waits)."""
+        result = {kind: ([], []) for kind in RULE_KINDS}
+        url = self._get('dbconnectstring').strip()
+        if url:
+            rows_of = DBFile(url, self._get('query'), self.config).get_rows
+            for position, scope in enumerate((suspect.to_address, suspect.to_domain)):
+                for kind in RULE_KINDS:
+                    if scope:
+                        rows = rows_of({'scope': scope, 'checktype': SQL_CHECKTYPES[kind]})
+                        result[kind][position].append(self.rules_from_rows(rows, 'SQL rules'))
+        if self._get('overrides_source').strip() == 'dbconfig':
+            runtimeconfig = DBConfig(self.config, suspect)
+            for kind in RULE_KINDS:
+                option = CONFIG_SECTION_OPTIONS[kind]
+                section = self._get(option).strip() or option
+                if runtimeconfig.load_section(section):
+                    rows = []
+                    for regex in runtimeconfig.get_cached_options(section):
+                        fields = runtimeconfig.get(section, regex).split(None, 1) + ['', '']
+                        rows.append((fields[0], regex, fields[1]))
+                    rules = self.rules_from_rows(rows, 'dbconfig section ' + section)
+                    result[kind][0].append(rules)
+        return result
+
+    def rules_from_rows(self, rows, source):
+        """(action, regex, description) rows -> AttachmentRules; bad rows are logged once
+        and dropped, as bad lines of a rule file are."""
+        rules = []
+        for row in rows:
+            action, pattern, description = (tuple(row) + (None, None, None))[:3]
+            rule, problem = attachment_rule(action or '', pattern or '', description)
+            if rule is not None:
+                rules.append(rule)
+                continue
+            reported = self._reported_bad_rules
+            if (source, problem) not in reported and len(reported) < 1000:
+                reported.add((source, problem))
+                self.logger.error('attachment rule dropped: %s: %s', source, problem)
+        return rules
 
     @staticmethod
     def first_match(rulesets, value):
@@ -1798,6 +1887,8 @@ class FiletypePlugin(ScannerPlugin):
     def examine(self, suspect):
         try:
             verdict = self.check_message(suspect)
+        except RuntimeConfigError:
+            raise   # the session defers: no rules is no policy
         except Exception as error:
             self.logger.exception('%s: attachment check failed: %s', suspect.id, error)
             return self._problemaction(), 'attachment check failed'
@@ -1816,8 +1907,8 @@ class FiletypePlugin(ScannerPlugin):
             parts = walk_message(suspect.get_source(), self.mime_limits())
         except MimeLimitExceeded as error:
             return self._mime_limit_verdict(suspect, error)
-        context = ScanContext(self, suspect, rulesets, budget, self.enabled_archive_kinds(), levels,
-                              parts)
+        context = ScanContext(self, suspect, rulesets, budget, self.enabled_archive_kinds(suspect),
+                              levels, parts)
         verbose = self._getbool('verbose')
         for part in attachments_of(parts):
             try:
@@ -1866,7 +1957,8 @@ class FiletypePlugin(ScannerPlugin):
             kind = ARCHIVE_KIND_BY_TYPE.get(detected)
             if kind is not None and kind not in archive_kinds:
                 archive_kinds.append(kind)
-        wanted = self._getbool('checkarchivenames') or self._getbool('checkarchivecontent')
+        wanted = (self._getbool('checkarchivenames', context.suspect)
+                  or self._getbool('checkarchivecontent', context.suspect))
         if not archive_kinds or not wanted or context.levels < 1:
             return None
         for kind in archive_kinds:
@@ -1912,8 +2004,8 @@ class FiletypePlugin(ScannerPlugin):
         """Names and types of the members of one archive, then its nested archives.
         ``inner_path``: where this archive sits inside the attachment ('' at the top,
         'inner.zip/' one level down)."""
-        check_names = self._getbool('checkarchivenames')
-        check_content = self._getbool('checkarchivecontent')
+        check_names = self._getbool('checkarchivenames', context.suspect)
+        check_content = self._getbool('checkarchivecontent', context.suspect)
         deeper = depth < context.levels
         rulesets = context.rulesets
 
@@ -1975,7 +2067,7 @@ class FiletypePlugin(ScannerPlugin):
         self.logger.info('%s: attachment blocked (%s): %s', suspect.id, verdict.action, message)
         if verdict.action == 'delete':
             return DELETE, None
-        if self._getbool('sendbounce'):
+        if self._getbool('sendbounce', suspect):
             self.bounce(suspect, message)
         return self.block_action(), message
 
@@ -2009,9 +2101,10 @@ class FiletypePlugin(ScannerPlugin):
         if send_bounce is None:
             self.logger.error('%s: cannot bounce, this fuglu has no send_bounce()', suspect.id)
             return None
-        template = self.bounce_template()
+        template = self.bounce_template(suspect)
         if template is None:
-            self.logger.error('%s: no bounce: template %s not found', suspect.id, self._get('template_blockedfile'))
+            self.logger.error('%s: no bounce: template %s not found', suspect.id,
+                              self._get('template_blockedfile', suspect))
             return None
         suspect.tags['Attachment.bounce.sent'] = True
         try:  # the message is blocked either way: a failed bounce never defers it
@@ -2024,8 +2117,8 @@ class FiletypePlugin(ScannerPlugin):
             suspect.tags['Attachment.bounce.queueid'] = queue_id
         return queue_id
 
-    def bounce_template(self):
-        path = self._get('template_blockedfile')
+    def bounce_template(self, suspect=None):
+        path = self._get('template_blockedfile', suspect)
         try:
             with open(path, encoding='utf-8', errors='replace') as handle:
                 return handle.read()
@@ -2034,6 +2127,24 @@ class FiletypePlugin(ScannerPlugin):
             return data.decode('utf-8', 'replace') if data else None
 
     # -- lint --------------------------------------------------------------------
+    def lint_database(self):
+        """The SQL rules query, once, and the options we accept without acting on them."""
+        ok = True
+        source = self._get('overrides_source').strip()
+        if source and source != 'dbconfig':
+            print('WARNING: overrides_source %s is not supported (only dbconfig): ignored' % source)
+        if self._get('rulestag').strip():
+            print('WARNING: rulestag is not supported: ignored')
+        for option in () if source == 'dbconfig' else CONFIG_SECTION_OPTIONS.values():
+            if self._get(option).strip():
+                print('WARNING: %s is only used with overrides_source = dbconfig: ignored' % option)
+        url = self._get('dbconnectstring').strip()
+        if url:
+            timeout = self.config.getfloat('databaseconfig', 'timeout', fallback=5.0)
+            ok = lint_sql(url, self._get('query'), {'scope': 'lint', 'checktype': 'filename'},
+                          'SQL rules', timeout)
+        return ok
+
     def lint(self):
         ok = self.check_config()
         print('file type detection: %s' % type_detection_name())
@@ -2058,8 +2169,7 @@ class FiletypePlugin(ScannerPlugin):
             ok = False
         print('MIME limits: %d parts, %d levels; beyond them: %s' % (
             limits.max_parts, limits.max_depth, self._get('mime_limit_action').strip().lower()))
-        if self._get('dbconnectstring').strip():
-            print('dbconnectstring: SQL rules are not supported by this build (ignored)')
+        ok = self.lint_database() and ok
         rulesdir = self._get('rulesdir')
         if not os.path.isdir(rulesdir):
             print('rulesdir %s does not exist: the bundled default rules apply' % rulesdir)

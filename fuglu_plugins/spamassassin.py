@@ -19,14 +19,21 @@ spamd gets a few pseudo headers in front of the message (X-Fuglu-Suspect, the
 SAPlugin.tempheader tag, X-Fuglu-Incomingport, and Return-Path when the message has
 none) so that local rules can use them. FuGlu lets them leak into the delivered mail;
 we cut them out of what PROCESS returns.
+
+Per recipient (FuGlu's runtime config, [databaseconfig]): lowspamlevel, highspamlevel,
+lowspamaction and highspamaction are read through DBConfig, so a database row for the
+first recipient's address, its %domain or $GLOBAL beats this section. Messages too big
+for spamd (strip_oversize off) are checked against SpamAssassin's SQL sender blocklist
+(sql_blocklist_dbconnectstring); spamd applies the blocklist to the others itself.
 """
 
 import re
 import socket
 import time
 
-from fuglu import (DEFER, DUNNO, ScannerPlugin, actioncode_to_string, apply_template, connect_service,
-                   recv_until, service_address, string_to_actioncode)
+from fuglu import (DEFER, DUNNO, DBConfig, DBFile, RuntimeConfigError, ScannerPlugin,
+                   actioncode_to_string, apply_template, connect_service, lint_sql, recv_until,
+                   service_address, string_to_actioncode)
 
 # The GTUBE anti-spam test string, in two halves so that this file is no test spam.
 GTUBE = b'XJS*C4JDBQADN1.NSBN3*2IDNEN*' + b'GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X'
@@ -38,6 +45,13 @@ SPAM_REPLY_RE = re.compile(r'^\s*(true|false|yes|no)\s*;\s*(-?\d+(?:\.\d+)?)\s*/
                            re.IGNORECASE)
 # "Yes, score=1000.0 required=5.0 tests=..." (X-Spam-Status in the message)
 SCORE_RE = re.compile(r'score=(-?\d+(?:\.\d+)?)', re.IGNORECASE)
+
+# SpamAssassin's SQL user preferences (its userpref table): the blocklist globs of the
+# recipient's address, domain (%domain, and *@domain as Roundcube's sauserprefs writes
+# it) and the global scope (FuGlu's $GLOBAL and SpamAssassin's own @GLOBAL).
+SQL_BLOCKLIST_QUERY = ("SELECT value FROM userpref WHERE preference IN ('blacklist_from', "
+                       "'blocklist_from') AND username IN (:global_fuglu, :global_spamassassin, "
+                       ":domain_scope, :domain_glob, :to_address)")
 
 
 class SpamdError(Exception):
@@ -133,7 +147,7 @@ class SAPlugin(ScannerPlugin):
     enginename = 'SpamAssassin'
 
     # FuGlu options for features outside fuglu's scope: accepted, no effect
-    ignored_options = ('sql_blocklist_dbconnectstring', 'attach_suspect_tags', 'oversize_attach_suspect_tags',
+    ignored_options = ('attach_suspect_tags', 'oversize_attach_suspect_tags',
                        'block_on_repeated_error')
 
     requiredvars = {
@@ -176,23 +190,32 @@ class SAPlugin(ScannerPlugin):
         'original_sender_header': {'default': '',
                                    'description': 'header holding the original sender, for the '
                                                   'Return-Path given to spamd'},
+        'sql_blocklist_dbconnectstring': {
+            'default': '', 'confidential': True,
+            'description': 'SQLAlchemy URL of SpamAssassin\'s SQL user preferences (table '
+                           'userpref): blacklist_from/blocklist_from\nglobs of the recipient, its '
+                           'domain and $GLOBAL/@GLOBAL make a message too big for spamd high '
+                           'spam. Empty: none'},
     }
 
     # -- options --------------------------------------------------------------
     def _option(self, name):
         return self.config.get(self.section, name)
 
-    def _action(self, option):
-        return string_to_actioncode(self._option(option), self.config)
+    def _action(self, option, config=None):
+        return string_to_actioncode((config or self.config).get(self.section, option), self.config)
 
-    def _level(self, suspect, name):
+    def _level(self, suspect, name, config=None):
         """lowspamlevel / highspamlevel as float, None when empty. A per-message value
-        in the tag filtersettings wins."""
+        in the tag filtersettings wins, then ``config`` (the runtime config)."""
         value = (suspect.get_tag('filtersettings') or {}).get(name) if suspect is not None else None
         if value is None:
-            value = self._option(name)
+            value = (config or self.config).get(self.section, name)
         value = str(value).strip()
-        return float(value) if value else None
+        try:
+            return float(value) if value else None
+        except ValueError:
+            raise RuntimeConfigError('%s %r is not a number' % (name, value))
 
     # -- examine --------------------------------------------------------------
     def examine(self, suspect):
@@ -214,7 +237,7 @@ class SAPlugin(ScannerPlugin):
                 suspect.add_header(prefix + 'SA-SKIP', 'Too big for spamchecks. %d > %d'
                                    % (len(source), maxsize))
                 suspect.set_tag('SpamAssassin.skipreason', 'size skip')
-                return DUNNO
+                return self.check_sql_blocklist(suspect)
             original_size = len(source)
             source = suspect.source_stripped_attachments(source, maxsize - 1)
             stripped = True
@@ -284,14 +307,15 @@ class SAPlugin(ScannerPlugin):
         return report.lower().startswith('yes'), float(match.group(1)) if match else None
 
     def _classify(self, suspect, is_spam, score, report):
+        runtimeconfig = DBConfig(self.config, suspect)
         if score is None:
             self.logger.warning('%s spamd gave no score, treating the message as ham', suspect.id)
             is_spam = is_highspam = False
         else:
-            lowspamlevel = self._level(suspect, 'lowspamlevel')
+            lowspamlevel = self._level(suspect, 'lowspamlevel', runtimeconfig)
             if lowspamlevel is not None:
                 is_spam = score >= lowspamlevel
-            highspamlevel = self._level(suspect, 'highspamlevel')
+            highspamlevel = self._level(suspect, 'highspamlevel', runtimeconfig)
             is_highspam = highspamlevel is not None and score >= highspamlevel
             is_spam = bool(is_spam or is_highspam)
         self._spamreport(suspect, is_spam, is_highspam, report, score, enginename=self.enginename)
@@ -299,9 +323,9 @@ class SAPlugin(ScannerPlugin):
 
         action = DUNNO
         if is_highspam:
-            action = self._action('highspamaction')
+            action = self._action('highspamaction', runtimeconfig)
         elif is_spam:
-            action = self._action('lowspamaction')
+            action = self._action('lowspamaction', runtimeconfig)
         if action is None:
             self.logger.error('%s invalid spam action configured, deferring', suspect.id)
             action = DEFER
@@ -311,6 +335,46 @@ class SAPlugin(ScannerPlugin):
             return DUNNO
         message = apply_template(self._option('rejectmessage'), suspect, {'spamscore': score})
         return action, message
+
+    # -- SQL blocklist ------------------------------------------------------------
+    @staticmethod
+    def blocklist_values(address):
+        domain = address.rpartition('@')[2].lower()
+        return {'global_fuglu': '$GLOBAL', 'global_spamassassin': '@GLOBAL',
+                'domain_scope': '%' + domain, 'domain_glob': '*@' + domain, 'to_address': address}
+
+    @staticmethod
+    def glob_matches(glob, address):
+        """SpamAssassin's blocklist globs: * and ?, the whole address, any case."""
+        pattern = re.escape(glob.strip()).replace(r'\*', '.*').replace(r'\?', '.')
+        return re.fullmatch(pattern, address, re.IGNORECASE | re.DOTALL) is not None
+
+    def check_sql_blocklist(self, suspect):
+        """highspamaction when the sender matches a blocklist glob of the recipient,
+        else DUNNO. A database that cannot answer raises RuntimeConfigError."""
+        url = self._option('sql_blocklist_dbconnectstring').strip()
+        if not url or not suspect.from_address:
+            return DUNNO
+        values = self.blocklist_values(suspect.to_address or '')
+        rows = DBFile(url, SQL_BLOCKLIST_QUERY, self.config).get_rows(values)
+        glob = next((row[0] for row in rows
+                     if row[0] and self.glob_matches(row[0], suspect.from_address)), None)
+        if glob is None:
+            return DUNNO
+        self.logger.info('%s sender %s is blocklisted (%s)', suspect.id, suspect.from_address, glob)
+        runtimeconfig = DBConfig(self.config, suspect)
+        highspamlevel = self._level(suspect, 'highspamlevel', runtimeconfig)
+        self._spamreport(suspect, True, True, glob, highspamlevel, enginename=self.enginename)
+        prefix = self.config.get('main', 'prependaddedheaders')
+        suspect.add_header(prefix + 'Blocklisted', glob)
+        suspect.add_header(prefix + 'Blacklisted', glob)   # FuGlu's deprecated name
+        action = self._action('highspamaction', runtimeconfig)
+        if action is None:
+            self.logger.error('%s invalid spam action configured, deferring', suspect.id)
+            return DEFER, 'invalid spam action configured'
+        if action == DUNNO:
+            return DUNNO
+        return action, apply_template(self._option('rejectmessage'), suspect, {'spamscore': 'n/a'})
 
     # -- talking to spamd -------------------------------------------------------
     def _connect(self):
@@ -364,6 +428,10 @@ class SAPlugin(ScannerPlugin):
         if not self.check_config():
             return False
         ok = True
+        for option in self.ignored_options:
+            if self.config.get(self.section, option, fallback='').strip():
+                print('WARNING: %s is accepted for compatibility but not implemented: ignored'
+                      % option)
         for option in ('highspamaction', 'lowspamaction', 'problemaction'):
             if self._action(option) is None:
                 print('ERROR: %s=%s is not a valid action' % (option, self._option(option)))
@@ -371,8 +439,13 @@ class SAPlugin(ScannerPlugin):
         try:
             for name in ('lowspamlevel', 'highspamlevel'):
                 self._level(None, name)
-        except ValueError as error:
-            print('ERROR: spam level is not a number: %s' % error)
+        except RuntimeConfigError as error:
+            print('ERROR: spam level: %s' % error)
+            ok = False
+        url = self._option('sql_blocklist_dbconnectstring').strip()
+        values = self.blocklist_values('recipient@example.com')
+        timeout = self.config.getfloat('databaseconfig', 'timeout', fallback=5.0)
+        if url and not lint_sql(url, SQL_BLOCKLIST_QUERY, values, 'sql_blocklist', timeout):
             ok = False
         try:
             pong = self.request(b'PING')

@@ -1,4 +1,5 @@
-"""Fixtures that start real peers (Postfix, clamd, spamd, fuglu) on 127.0.0.1.
+"""Fixtures that start real peers (Postfix, clamd, spamd, PostgreSQL, MariaDB, fuglu)
+on 127.0.0.1.
 
 All the mechanics live in peers.py; this file only ties their lifetimes to pytest's.
 A fixture whose peer cannot be installed fails the test, or skips it when
@@ -74,6 +75,19 @@ def clamd(peer_packages):
 def spamd(peer_packages):
     """A started SpamdInstance (offline rules), shared by the tests of one module."""
     yield from peers.run_in_world_dir(peers.SpamdInstance, 'fuglu-spamd-')
+
+
+@pytest.fixture(scope='module')
+def postgres(peer_packages):
+    """A started PostgresInstance (database fuglu, pg_stat_statements), shared by the
+    tests of one module."""
+    yield from peers.run_in_world_dir(peers.PostgresInstance, 'fuglu-postgres-')
+
+
+@pytest.fixture(scope='module')
+def mariadb(peer_packages):
+    """A started MariadbInstance (database fuglu), shared by the tests of one module."""
+    yield from peers.run_in_world_dir(peers.MariadbInstance, 'fuglu-mariadb-')
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ test carries its own copy of the traps described in shared/peers.md:
     PostfixInstance                  a private Postfix (plain, afterqueue, beforequeue, milter)
     ClamdInstance                    a private clamd with a one-signature EICAR database
     SpamdInstance                    a private spamd, offline rules only
+    PostgresInstance                 a private PostgreSQL (initdb, pg_ctl), run as postgres
+    MariadbInstance                  a private MariaDB (mariadb-install-db, mariadbd)
     FugluProcess                     fuglu.py (or a .pyz) as a subprocess
 
 Every daemon runs from its own folder under a world-traversable base folder (spamd drops
@@ -48,7 +50,8 @@ GTUBE = b'XJS*C4JDBQADN1.NSBN3*2IDNEN*' + b'GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C
 EICAR_SIGNATURE_NAME = 'Eicar-Test-Signature.UNOFFICIAL'
 
 ALL_PEER_PACKAGES = ('postfix', 'postfix-pcre', 'swaks', 'clamav-daemon', 'clamdscan',
-                     'spamd', 'spamassassin', 'spamc', 'miltertest')
+                     'spamd', 'spamassassin', 'spamc', 'miltertest',
+                     'postgresql', 'mariadb-server', 'mariadb-client')
 
 NO_PEERS_ENV = 'FUGLU_TEST_NO_PEERS'
 
@@ -225,12 +228,13 @@ def pid_is_alive(pid):
     return state not in ('Z', 'X')
 
 
-def stop_pid(pid, timeout=10.0, child=None):
-    """SIGTERM `pid`, SIGKILL it if it still runs after `timeout`; reap it if it is our child."""
+def stop_pid(pid, timeout=10.0, child=None, first_signal=signal.SIGTERM):
+    """SIGTERM (or `first_signal`) `pid`, SIGKILL it if it still runs after `timeout`; reap
+    it if it is our child."""
     if pid is None:
         return
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, first_signal)
     except ProcessLookupError:
         pass
     try:
@@ -953,6 +957,207 @@ class SpamdInstance(ChildPeer):
 
     def log_text(self):
         return read_text(self.log_path) + read_text(os.path.join(self.basedir, 'spamd.out'))
+
+
+# ---------------------------------------------------------------------------
+# SQL databases: PostgreSQL and MariaDB
+# ---------------------------------------------------------------------------
+
+def _run_checked(command, what, timeout=120, **options):
+    """Run `command`; return its output, raise RuntimeError with it when it fails."""
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, timeout=timeout, **options)
+    output = result.stdout.decode('utf-8', 'replace')
+    if result.returncode != 0:
+        raise RuntimeError('%s failed (exit %d): %s\n%s'
+                           % (what, result.returncode, ' '.join(command), _tail(output)))
+    return output
+
+
+def postgres_bin_dir():
+    """/usr/lib/postgresql/<newest version>/bin, where Debian keeps initdb and pg_ctl."""
+    found = []
+    root = '/usr/lib/postgresql'
+    for version in os.listdir(root) if os.path.isdir(root) else ():
+        bin_dir = os.path.join(root, version, 'bin')
+        if version.isdigit() and os.path.exists(os.path.join(bin_dir, 'initdb')):
+            found.append((int(version), bin_dir))
+    if not found:
+        _peer_unavailable('PostgreSQL (initdb) is not installed')
+    return max(found)[1]
+
+
+class PostgresInstance(object):
+    """A private PostgreSQL on 127.0.0.1:port with its own cluster under `basedir`.
+
+    As root, initdb and pg_ctl run as the `postgres` user (PostgreSQL refuses root), so
+    `basedir` must be reachable by it (see world_dir()). Started with pg_ctl (which waits
+    until it accepts connections), stopped by the postmaster's pid with SIGINT (fast
+    shutdown: open connections do not hold it up). No system service is involved.
+
+    The database `fuglu` belongs to the role `fuglu` (password `fuglu-secret`, checked on
+    TCP); pg_stat_statements is loaded, so tests can count the queries the database ran
+    (statement_calls()).
+    """
+
+    USER, PASSWORD, DATABASE = 'fuglu', 'fuglu-secret', 'fuglu'
+
+    def __init__(self, basedir, port=None):
+        self.basedir = os.path.join(basedir, 'postgres')
+        self.data_dir = os.path.join(self.basedir, 'data')
+        self.log_path = os.path.join(self.basedir, 'postgres.log')
+        self.port = port or free_port()
+        self.pid = None
+
+    def _as_postgres(self, command, what, timeout=120):
+        prefix = ['runuser', '-u', 'postgres', '--'] if os.geteuid() == 0 else []
+        return _run_checked(prefix + command, what, timeout, cwd=self.basedir)
+
+    def _initialise(self):
+        os.makedirs(self.basedir, exist_ok=True)
+        os.chmod(self.basedir, 0o755)
+        if os.geteuid() == 0:
+            _chown_tree(self.basedir, 'postgres')
+        self._as_postgres([os.path.join(postgres_bin_dir(), 'initdb'), '-D', self.data_dir,
+                           '-U', 'postgres', '--auth-local=trust', '--auth-host=scram-sha-256',
+                           '-E', 'UTF8', '--locale=C.UTF-8'], 'initdb')
+
+    def start(self, timeout=60.0):
+        first_start = not os.path.exists(os.path.join(self.data_dir, 'PG_VERSION'))
+        if first_start:
+            self._initialise()
+        options = ('-p %d -k %s -c listen_addresses=127.0.0.1 -c fsync=off '
+                   '-c shared_preload_libraries=pg_stat_statements' % (self.port, self.basedir))
+        try:
+            self._as_postgres([os.path.join(postgres_bin_dir(), 'pg_ctl'), '-D', self.data_dir,
+                               '-l', self.log_path, '-w', '-t', str(int(timeout)), '-o', options,
+                               'start'], 'pg_ctl start', timeout=timeout + 10)
+        except RuntimeError as error:
+            raise RuntimeError('%s\n--- postgres log ---\n%s' % (error, _tail(self.log_text())))
+        self.pid = int(read_text(os.path.join(self.data_dir, 'postmaster.pid')).split()[0])
+        _started(self)
+        if first_start:
+            self.psql("CREATE ROLE %s LOGIN PASSWORD '%s'" % (self.USER, self.PASSWORD), 'postgres')
+            self.psql('CREATE DATABASE %s OWNER %s' % (self.DATABASE, self.USER), 'postgres')
+            self.psql('CREATE EXTENSION pg_stat_statements')
+        return self
+
+    def stop(self, timeout=20.0):
+        _stopped(self)
+        if self.pid is not None:
+            stop_pid(self.pid, timeout, first_signal=signal.SIGINT)
+            self.pid = None
+
+    def is_running(self):
+        return self.pid is not None and pid_is_alive(self.pid)
+
+    def psql(self, statement, database=None):
+        """Run SQL as the superuser over the unix socket; return psql's unaligned output."""
+        return self._as_postgres([os.path.join(postgres_bin_dir(), 'psql'), '-h', self.basedir,
+                                  '-p', str(self.port), '-U', 'postgres',
+                                  '-d', database or self.DATABASE, '-v', 'ON_ERROR_STOP=1',
+                                  '-At', '-c', statement], 'psql')
+
+    def url(self, driver='psycopg2'):
+        return 'postgresql+%s://%s:%s@127.0.0.1:%d/%s' % (
+            driver, self.USER, self.PASSWORD, self.port, self.DATABASE)
+
+    def statement_calls(self, fragment):
+        """How often the database ran statements containing `fragment` since the last
+        reset_statement_calls() (pg_stat_statements)."""
+        output = self.psql("SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
+                           "WHERE query LIKE '%%%s%%'" % fragment.replace("'", "''"))
+        return int(output.strip() or 0)
+
+    def reset_statement_calls(self):
+        self.psql('SELECT pg_stat_statements_reset()')
+
+    def log_text(self):
+        return read_text(self.log_path)
+
+
+class MariadbInstance(ChildPeer):
+    """A private MariaDB on 127.0.0.1:port with its own data directory under `basedir`:
+    mariadb-install-db once, then mariadbd in the foreground as our child (as the
+    `mysql` user when we are root), stopped by pid. No system service is involved.
+
+    The database `fuglu` is reachable over TCP as `fuglu` / `fuglu-secret`; sql() runs
+    statements as root over the instance's own unix socket.
+    """
+
+    USER, PASSWORD, DATABASE = 'fuglu', 'fuglu-secret', 'fuglu'
+
+    def __init__(self, basedir, port=None):
+        self.basedir = os.path.join(basedir, 'mariadb')
+        self.data_dir = os.path.join(self.basedir, 'data')
+        self.socket_path = os.path.join(self.basedir, 'mariadbd.sock')
+        self.log_path = os.path.join(self.basedir, 'mariadbd.log')
+        self.port = port or free_port()
+
+    def _user_options(self):
+        return ['--user=mysql'] if os.geteuid() == 0 else []
+
+    def _initialise(self):
+        os.makedirs(self.data_dir, exist_ok=True)
+        os.chmod(self.basedir, 0o755)
+        if os.geteuid() == 0:
+            _chown_tree(self.basedir, 'mysql')
+        _run_checked(['mariadb-install-db', '--no-defaults', '--datadir=' + self.data_dir,
+                      '--auth-root-authentication-method=socket', '--skip-test-db']
+                     + self._user_options(), 'mariadb-install-db')
+
+    def command(self):
+        return (['mariadbd', '--no-defaults', '--datadir=' + self.data_dir,
+                 '--socket=' + self.socket_path, '--port=%d' % self.port,
+                 '--bind-address=127.0.0.1', '--skip-name-resolve', '--log-error=' + self.log_path,
+                 '--pid-file=' + os.path.join(self.basedir, 'mariadbd.pid'),
+                 '--innodb-flush-log-at-trx-commit=0', '--skip-log-bin']
+                + self._user_options())
+
+    def start(self, timeout=60.0):
+        first_start = not os.path.isdir(os.path.join(self.data_dir, 'mysql'))
+        if first_start:
+            self._initialise()
+        mariadbd = shutil.which('mariadbd') or '/usr/sbin/mariadbd'
+        self._spawn([mariadbd] + self.command()[1:], os.path.join(self.basedir, 'mariadbd.out'))
+
+        def ready():
+            self._fail_if_exited('mariadbd')
+            if not (os.path.exists(self.socket_path) and port_accepts(self.port, timeout=0.2)):
+                return False
+            try:
+                self.sql('SELECT 1', database='mysql')
+            except RuntimeError:
+                return False
+            return True
+
+        try:
+            wait_until(ready, timeout, interval=0.1, what='mariadbd accepting queries')
+        except (TimeoutError, RuntimeError):
+            self.stop()
+            raise
+        if first_start:
+            setup = ("CREATE DATABASE {db}; CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY "
+                     "'{password}'; GRANT ALL ON {db}.* TO '{user}'@'127.0.0.1'")
+            self.sql(setup.format(db=self.DATABASE, user=self.USER, password=self.PASSWORD),
+                     database='mysql')
+        return self
+
+    def is_running(self):
+        return self.process is not None and self.process.poll() is None
+
+    def sql(self, statement, database=None):
+        """Run SQL as root over the unix socket; return the tab separated output."""
+        return _run_checked(['mariadb', '--no-defaults', '-S', self.socket_path, '-u', 'root',
+                             '-N', '-B', '-D', database or self.DATABASE, '-e', statement],
+                            'mariadb client', timeout=60)
+
+    def url(self, driver='pymysql'):
+        return 'mysql+%s://%s:%s@127.0.0.1:%d/%s' % (driver, self.USER, self.PASSWORD, self.port,
+                                                     self.DATABASE)
+
+    def log_text(self):
+        return read_text(self.log_path) + read_text(os.path.join(self.basedir, 'mariadbd.out'))
 
 
 # ---------------------------------------------------------------------------
