@@ -812,6 +812,8 @@ def test_the_next_session_reuses_the_downstream_connection(server, sink, clients
         ehlo(client)
         assert code(transaction(client)) == 250
         assert client.cmd('QUIT').startswith(b'221')
+        # the session parks its downstream connection after answering QUIT
+        assert wait_for(lambda: server.controller.downstream_pool.idle)
     assert wait_for(lambda: len(sink.messages) == 3)
     assert sum(1 for command in sink.commands if command.upper().startswith('EHLO')) == 1
 
