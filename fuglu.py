@@ -147,30 +147,252 @@ def actioncode_to_string(code):
 # Small helpers
 ###############################################################################
 
-def force_uString(value, encoding='utf-8', errors='replace'):
-    """Anything -> str (bytes are decoded, lists converted item by item)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode(encoding, errors)
-    if isinstance(value, (list, tuple)):
-        return type(value)(force_uString(v, encoding, errors) for v in value)
-    return str(value)
+class ForceUStringError(TypeError):
+    """force_uString() got an object it cannot turn into text."""
 
 
-def force_bString(value, encoding='utf-8', errors='strict'):
-    """Anything -> bytes (str is encoded)."""
-    if value is None:
+def _encodings_to_try():
+    """Every codec suitable for mail text, UTF-8 and ISO-8859-15 first (FuGlu's order):
+    the candidates when a byte string is not in the encoding it claims."""
+    from encodings.aliases import aliases
+    first = ['utf_8', 'iso8859_15']
+    binary = {'rot_13', 'base64_codec', 'hex_codec', 'quopri_codec', 'bz2_codec', 'zlib_codec',
+              'uu_codec'}
+    return first + sorted(set(aliases.values()) - set(first) - binary)
+
+
+ALL_ENCODINGS = _encodings_to_try()
+
+
+class EncodingTrialError(object):
+    """Find the codecs that decode a byte string and encode it back unchanged."""
+
+    @staticmethod
+    def get_encodings_list():
+        return ALL_ENCODINGS
+
+    @staticmethod
+    def test_all(bytestring, returnimmediately=False):
+        working = []
+        for encoding in ALL_ENCODINGS:
+            try:
+                if bytestring.decode(encoding).encode(encoding) == bytestring:
+                    working.append(encoding)
+                    if returnimmediately:
+                        break
+            except Exception:  # codecs fail in many ways: each one only disqualifies it
+                continue
+        return working
+
+
+def try_encoding(u_inputstring, encoding='utf-8'):
+    """str -> bytes in ``encoding`` (default UTF-8); raises UnicodeEncodeError."""
+    if u_inputstring is None:
         return None
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, bytearray):
-        return bytes(value)
-    if isinstance(value, (list, tuple)):
-        return type(value)(force_bString(v, encoding, errors) for v in value)
-    return str(value).encode(encoding, errors)
+    return u_inputstring.encode(encoding or 'utf-8', 'strict')
+
+
+def try_decoding(b_inputstring, encoding_guess='utf-8', errors='strict'):
+    """bytes -> str. ``errors`` as for bytes.decode, or 'strict+replace' /
+    'strict+ignore' (strict first, the second mode on a broken UTF-8 sequence). When the
+    guess is wrong, chardet (if installed) and then the first codec of
+    EncodingTrialError that round-trips decide; UnicodeDecodeError if none does."""
+    if b_inputstring is None:
+        return None
+    encoding_guess = encoding_guess or 'utf-8'
+    first, _, second = errors.partition('+')
+    try:
+        return b_inputstring.decode(encoding_guess, first)
+    except (UnicodeDecodeError, LookupError) as error:
+        if second and str(error).endswith('invalid continuation byte'):
+            try:
+                return b_inputstring.decode(encoding_guess, second)
+            except (UnicodeDecodeError, LookupError):
+                pass
+    try:
+        import chardet   # optional, as in FuGlu
+        detected = chardet.detect(b_inputstring[:10000])['encoding']
+        if detected:
+            return b_inputstring.decode(detected, first)
+    except Exception:  # not installed, or its guess does not decode either
+        pass
+    for encoding in EncodingTrialError.test_all(b_inputstring, returnimmediately=True):
+        return b_inputstring.decode(encoding, first)
+    raise UnicodeDecodeError(encoding_guess, b_inputstring, 0, len(b_inputstring),
+                             'no codec decodes this')
+
+
+def force_uString(inputstring, encoding_guess='utf-8', errors='strict', convert_none=False):
+    """Anything -> str: bytes are decoded (see try_decoding), numbers and other objects
+    converted with str(), lists item by item. None stays None unless convert_none."""
+    if inputstring is None:
+        return '' if convert_none else None
+    if isinstance(inputstring, str):
+        return inputstring
+    if isinstance(encoding_guess, str) and 'unknown' in encoding_guess.lower():
+        encoding_guess = 'utf-8'
+    if isinstance(inputstring, list):
+        return [force_uString(item, encoding_guess, errors) for item in inputstring]
+    if isinstance(inputstring, (bytes, bytearray)):
+        return try_decoding(bytes(inputstring), encoding_guess, errors)
+    try:
+        return str(inputstring)
+    except Exception as error:
+        raise ForceUStringError('cannot turn a %s into text: %s' % (type(inputstring), error))
+
+
+def force_bString(inputstring, encoding='utf-8', check_encoding=False, errors='strict'):
+    """Anything -> bytes: str is encoded, other objects go through force_uString, lists
+    item by item; None stays None. ``errors`` (fuglu's addition) as for str.encode."""
+    if inputstring is None:
+        return None
+    if isinstance(inputstring, list):
+        return [force_bString(item) for item in inputstring]
+    if isinstance(inputstring, bytes):
+        result = inputstring
+    elif isinstance(inputstring, bytearray):
+        result = bytes(inputstring)
+    else:
+        result = force_uString(inputstring).encode(encoding or 'utf-8', errors)
+    if check_encoding:
+        return try_decoding(result, encoding).encode(encoding)
+    return result
+
+
+def force_bfromc(chars_iteratable):
+    """str -> bytes one character per byte (Python 2's idea of a str)."""
+    if isinstance(chars_iteratable, bytes):
+        return chars_iteratable
+    if isinstance(chars_iteratable, str):
+        return bytes(ord(char) for char in chars_iteratable)
+    raise AttributeError('not str or bytes: %s' % type(chars_iteratable))
+
+
+def force_cfromb(bytes_iteratable):
+    """bytes -> str one byte per character; an int is one character, lists item by item."""
+    if isinstance(bytes_iteratable, str):
+        return bytes_iteratable
+    if isinstance(bytes_iteratable, int):
+        return chr(bytes_iteratable)
+    if isinstance(bytes_iteratable, bytes):
+        return ''.join(chr(byte) for byte in bytes_iteratable)
+    if isinstance(bytes_iteratable, list):
+        return [force_cfromb(item) for item in bytes_iteratable]
+    raise AttributeError('Type: %s is not str and not bytes' % type(bytes_iteratable))
+
+
+def str2bool(val):
+    """'1', 'yes', 'true', 'on' (any case) and True -> True; anything else -> False."""
+    if isinstance(val, bool):
+        return val
+    if hasattr(val, 'lower'):
+        val = val.lower()
+    return configparser.RawConfigParser.BOOLEAN_STATES.get(val, False)
+
+
+def yesno(val):
+    return 'yes' if val else 'no'
+
+
+def code_is_2xx(code):
+    return 200 <= code <= 299
+
+
+def code_is_3xx(code):
+    return 300 <= code <= 399
+
+
+def code_is_4xx(code):
+    return 400 <= code <= 499
+
+
+def code_is_5xx(code):
+    return 500 <= code <= 599
+
+
+def utcnow():
+    """The current time as a timezone-aware UTC datetime."""
+    import datetime
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def strip_address(address):
+    """'Name <a@b>' or 'FROM:<a@b>' -> 'a@b' (what is between < and >, else after ':')."""
+    start = address.find('<') + 1
+    if start < 1:
+        start = address.find(':') + 1
+    if start < 1:
+        return address
+    end = address.find('>')
+    if end < 0:
+        end = len(address)
+    return address[start:end].strip()
+
+
+def extract_domain(address, lowercase=True):
+    """'a@Example.org' -> 'example.org'; None for an empty address, ValueError without @."""
+    if address is None or address == '':
+        return None
+    if '@' not in address:
+        raise ValueError("invalid email address: '%s'" % address)
+    domain = address.rsplit('@', 1)[1]
+    return domain.lower() if lowercase else domain
+
+
+def redact_uri(uri, mask='*****'):
+    """A URI with its password replaced by ``mask`` (for logs)."""
+    import urllib.parse
+    parts = urllib.parse.urlparse(uri)
+    if parts.hostname is None:
+        return uri
+    netloc = parts.hostname + (':%d' % parts.port if parts.port else '')
+    userinfo = (parts.username or '') + (':' + mask if parts.password else '')
+    if userinfo:
+        netloc = userinfo + '@' + netloc
+    return parts._replace(netloc=netloc).geturl()
+
+
+def deprecated(func):
+    """Decorator for FuGlu's old names: logs an error on logger fuglu.deprecated at
+    every call, then calls ``func``."""
+    import functools
+
+    @functools.wraps(func)
+    def deprecated_wrapper(*args, **kwargs):
+        logging.getLogger('fuglu.deprecated').error('called deprecated function %s',
+                                                    func.__qualname__)
+        return func(*args, **kwargs)
+    return deprecated_wrapper
+
+
+def make_header(header, value):
+    """An email.headerregistry header object of the class that fits ``header``."""
+    from email.headerregistry import HeaderRegistry
+    return HeaderRegistry()(header, value)
+
+
+def fold_header(header, value, policy=None, value_only=False):
+    """One header as text folded and RFC 2047 encoded by ``policy`` (default
+    email.policy.SMTP), ending in its linesep; CR and LF inside the value are encoded,
+    never passed on (they would start a new header). value_only: just the value."""
+    if policy is None:
+        from email.policy import SMTP as policy
+    folded = make_header(header, value).fold(policy=policy).strip()
+    folded = re.sub(r'\r\n(?![ \t])', '=?utf-8?q?=0D=0A?=', folded)
+    folded = re.sub(r'(?<!\r)\n', '=?utf-8?q?=0A?=', folded)
+    folded = re.sub(r'\r(?!\n)', '=?utf-8?q?=0D?=', folded)
+    if value_only:
+        return folded.split(':', 1)[-1].strip()
+    return folded + policy.linesep
+
+
+def __getattr__(name):
+    # FuGlu's HOSTNAME is this host's FQDN. Resolving it may wait on DNS, so it is only
+    # looked up when a plugin asks for it, never at start-up.
+    if name == 'HOSTNAME':
+        globals()['HOSTNAME'] = socket.getfqdn()
+        return globals()['HOSTNAME']
+    raise AttributeError("module 'fuglu' has no attribute %r" % name)
 
 
 def split_address(address):
@@ -402,14 +624,24 @@ class FuConfigParser(configparser.RawConfigParser):
     BOOLEAN_STATES = {'1': True, 'yes': True, 'true': True, 'on': True,
                       '0': False, 'no': False, 'false': False, 'off': False}
 
-    def __init__(self, confdir=DEFAULT_CONFDIR):
+    def __init__(self, *args, **kwargs):
+        confdir = kwargs.pop('confdir', DEFAULT_CONFDIR)
         # lookups are memoised: connectors read the same options for every message
         self._lookup_cache = {}
-        super().__init__(strict=False, interpolation=None)
+        kwargs.setdefault('strict', False)
+        kwargs.setdefault('interpolation', None)
+        super().__init__(*args, **kwargs)
         self.confdir = confdir
         self.files = []
         self.option_sources = {}  # (section, option) -> file it was read from
         self._defaults_table = {}  # (section, option) -> default string
+
+    # FuGlu's names for the ${confdir} marker and the config file's directory
+    markers = property(lambda self: {'${confdir}': self.confdir})
+
+    def set_configpath_from_configfile(self, configfile):
+        self._lookup_cache.clear()
+        self.confdir = os.path.dirname(os.path.abspath(configfile))
 
     # -- reading --------------------------------------------------------------
     def read_config_file(self, path):
@@ -432,6 +664,11 @@ class FuConfigParser(configparser.RawConfigParser):
                 self.option_sources[(section, option)] = source
         self.files.append(source)
 
+    def _read(self, fp, fpname):
+        # read()/read_string()/read_file() of RawConfigParser fill the sections directly
+        self._lookup_cache.clear()
+        return super()._read(fp, fpname)
+
     def set(self, section, option, value=None):
         self._lookup_cache.clear()
         super().set(section, option, value)
@@ -453,6 +690,8 @@ class FuConfigParser(configparser.RawConfigParser):
             if 'default' in spec:
                 self._defaults_table[(target, option.lower())] = spec['default']
 
+    update_defaults = set_defaults   # FuGlu's name
+
     def has_default(self, section, option):
         return (section, option.lower()) in self._defaults_table
 
@@ -460,6 +699,9 @@ class FuConfigParser(configparser.RawConfigParser):
         return super().has_option(section, option) or self.has_default(section, option)
 
     # -- lookups --------------------------------------------------------------
+    # FuGlu's signatures: get(section, option, fallback, override, resolve_env). The
+    # fallback is used when neither the files nor a plugin's defaults have the option;
+    # override replaces the configured value (still converted, markers applied).
     def _raw(self, section, option):
         if super().has_option(section, option):
             return super().get(section, option, raw=True)
@@ -471,9 +713,16 @@ class FuConfigParser(configparser.RawConfigParser):
         raise configparser.NoOptionError(option, section)
 
     def expand(self, value):
-        if value is not None and '${confdir}' in value:
+        if isinstance(value, str) and '${confdir}' in value:
             value = value.replace('${confdir}', self.confdir)
         return value
+
+    apply_markers = expand   # FuGlu's name
+
+    @staticmethod
+    def resolve_env(inputstring):
+        """'$NAME' -> the value of environment variable NAME, when it is set."""
+        return resolve_env_marker(inputstring)
 
     def _cached(self, kind, section, option, convert):
         key = (kind, section, option)
@@ -484,54 +733,78 @@ class FuConfigParser(configparser.RawConfigParser):
             self._lookup_cache[key] = value
             return value
 
-    def get(self, section, option, raw=False, vars=None, fallback=configparser._UNSET, **kwargs):
-        if vars is None:
+    def get(self, section, option, fallback=configparser._UNSET, override=None,
+            resolve_env=False, raw=False, vars=None, **kwargs):
+        if override is not None:
+            value = override
+        elif vars is not None:
+            value = self._get(section, option, raw)
+        else:
             try:
-                return self._cached('raw' if raw else 'str', section, option,
-                                    lambda: self._get(section, option, raw))
+                value = self._cached('raw' if raw else 'str', section, option,
+                                     lambda: self._get(section, option, raw))
             except (configparser.NoSectionError, configparser.NoOptionError):
                 if fallback is not configparser._UNSET:
                     return fallback
                 raise
-        return self._get(section, option, raw)
+        if resolve_env:
+            value = resolve_env_marker(value)
+        return value if raw else self.expand(value)
 
     def _get(self, section, option, raw=False):
         value = self._raw(section, option)
         return value if raw else self.expand(value)
 
-    def _typed(self, kind, section, option, fallback, convert):
+    def _typed(self, kind, section, option, fallback, override, convert):
+        if override is not None:
+            return convert(override)
         try:
-            return self._cached(kind, section, option, lambda: convert(self._raw(section, option).strip()))
+            return self._cached(kind, section, option,
+                                lambda: convert(self._raw(section, option)))
         except (configparser.NoSectionError, configparser.NoOptionError):
             if fallback is not configparser._UNSET:
                 return fallback
             raise
 
-    def getint(self, section, option, fallback=configparser._UNSET, **kwargs):
-        return self._typed('int', section, option, fallback, int)
+    @staticmethod
+    def _number(kind, value):
+        # values a plugin set() or declared as numbers are taken as they are
+        return kind(value.strip() if isinstance(value, str) else value)
 
-    def getfloat(self, section, option, fallback=configparser._UNSET, **kwargs):
-        return self._typed('float', section, option, fallback, float)
+    def getint(self, section, option, fallback=configparser._UNSET, override=None, **kwargs):
+        return self._typed('int', section, option, fallback, override,
+                           lambda value: self._number(int, value))
 
-    def getboolean(self, section, option, fallback=configparser._UNSET, **kwargs):
+    def getfloat(self, section, option, fallback=configparser._UNSET, override=None, **kwargs):
+        return self._typed('float', section, option, fallback, override,
+                           lambda value: self._number(float, value))
+
+    def getboolean(self, section, option, fallback=configparser._UNSET, override=None,
+                   **kwargs):
         def convert(value):
-            if value.lower() not in self.BOOLEAN_STATES:
+            if isinstance(value, (bool, int, float)):
+                return bool(value)
+            key = value.strip().lower()
+            if key not in self.BOOLEAN_STATES:
                 raise ValueError('Not a boolean: %s' % value)
-            return self.BOOLEAN_STATES[value.lower()]
-        return self._typed('bool', section, option, fallback, convert)
+            return self.BOOLEAN_STATES[key]
+        return self._typed('bool', section, option, fallback, override, convert)
 
-    def getlist(self, section, option, separators=',', strip=True, lower=False, fallback=None,
-                resolve_env=False):
-        try:
-            value = self.get(section, option)
-        except (configparser.NoSectionError, configparser.NoOptionError):
-            return fallback if fallback is not None else []
-        items = re.split('[%s]' % re.escape(separators), value)
+    def getlist(self, section, option, separators=',', strip=True, lower=False,
+                fallback=configparser._UNSET, override=None, resolve_env=False):
+        value = self.get(section, option, fallback=fallback, override=override)
+        if isinstance(value, list):
+            return value
+        if resolve_env:
+            value = resolve_env_marker(value)
+        items = re.split('[%s]' % re.escape(separators), value) if value else []
         if strip:
             items = [item.strip() for item in items]
-        items = [item for item in items if item]
         if lower:
             items = [item.lower() for item in items]
+        items = [item for item in items if item]
+        if resolve_env:
+            items = [resolve_env_marker(item) for item in items]
         return items
 
     def where(self, section, option):
