@@ -968,32 +968,38 @@ TEMPLATE_DEFAULTS = {
 
 def apply_template(template, suspect=None, values=None, valuesfunction=None):
     """Fill ``template`` with ``values``, then the message defaults, then any header or
-    @tag of the message (the SuspectFilter fields)."""
+    @tag of the message (the SuspectFilter fields). ``valuesfunction`` gets each value
+    as {name: value} and returns the dict to use (FuGlu's hook for escaping)."""
     if template is None:
         return ''
     template = force_uString(template)
     if '$' not in template:
         return template
     values = dict(values or {})
-    if valuesfunction is not None:
-        values = valuesfunction(values)
+
+    def raw_value(name):
+        for key in (name, name.lower()):
+            if key in values:
+                return values[key]
+        if suspect is not None:
+            compute = TEMPLATE_DEFAULTS.get(name.lower())
+            if compute is not None:
+                return compute(suspect)
+            found = SuspectFilter.field_values(suspect, name)
+            if found:
+                return found[0]
+        return None
 
     def lookup(match):
         if match.group(1):
             return '$'
         name = match.group(2) or match.group(3)
-        for key in (name, name.lower()):
-            if key in values:
-                value = values[key]
-                return '' if value is None else force_uString(value)
-        if suspect is not None:
-            compute = TEMPLATE_DEFAULTS.get(name.lower())
-            if compute is not None:
-                return force_uString(compute(suspect))
-            found = SuspectFilter.field_values(suspect, name)
-            if found:
-                return force_uString(found[0])
-        return ''
+        value = raw_value(name)
+        if valuesfunction is not None:
+            # FuGlu: every value (given, built in, header or tag) passes through the
+            # function as {name: value}, so it can escape it (SQL) or drop it (-> '')
+            value = valuesfunction({name: value}).get(name)
+        return '' if value is None else force_uString(value)
     return TEMPLATE_RE.sub(lookup, template)
 
 
@@ -1004,35 +1010,100 @@ def apply_template(template, suspect=None, values=None, valuesfunction=None):
 HEADER_END_RE = re.compile(rb'\r?\n\r?\n')
 
 
-class Suspect(object):
+SUSPECT_TAG_MAXLENGTH = 256   # tag values are shortened to this in debug logs
+
+
+class SimpleTimeoutMixin(object):
+    """Named deadlines an object can check against (FuGlu's mix-in of Suspect):
+    stimeout_set_timer(name, seconds), then stimeout_continue(name) is False once the
+    time is up; stimeout_string/runtime/remaining(name) for logs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._stimedict = {}   # name -> (end, start, duration)
+        self._stimehit = {}    # name -> True once the deadline was found passed
+
+    def stimeout_set_timer(self, name, timeout):
+        if timeout:
+            now = time.time()
+            self._stimedict[name] = (now + timeout, now, timeout)
+
+    def stimeout_continue(self, name):
+        end = self._stimedict.get(name, (0, 0, 0))[0]
+        if end and time.time() > end:
+            self._stimehit[name] = True
+            return False
+        return True
+
+    def stimeout_string(self, name):
+        end, start, duration = self._stimedict.get(name, (0, 0, 0))
+        if duration:
+            return 'timeout(real/limit) = %.1f/%.1f [s]' % (time.time() - start, duration)
+        return 'no timeout'
+
+    def stimeout_runtime(self, name):
+        if name in self._stimedict:
+            return time.time() - self._stimedict[name][1]
+        return -1
+
+    def stimeout_remaining(self, name):
+        if name in self._stimedict:
+            return max(0, self._stimedict[name][0] - time.time())
+        return 0
+
+
+class Suspect(SimpleTimeoutMixin):
     """One message with its envelope, as the plugins see it (FuGlu's Suspect).
 
     The source is kept as the bytes received. Headers added with add_header() are
     prepended at delivery; set_source()/set_message_rep() replace the source.
 
+    Construction (FuGlu's signature): ``Suspect(from_address, recipients, tempfile,
+    inbuffer=None, smtp_options=None, milter_macros=None, queue_id=None, ...,
+    id=None, clientinfo=None, size=None, tags=None)``: the message comes from the file
+    ``tempfile`` or from the bytes ``inbuffer``. Invalid envelope addresses raise
+    ValueError, checked by the process-wide Addrcheck ([main]
+    address_compliance_checker).
+
     Instance attributes: id, from_address, recipients, to_address (first recipient),
     from_domain/from_localpart/to_domain/to_localpart, size, timestamp, tags (dict),
     addheaders (dict name -> value), queue_id, clientinfo ((helo, ip, rdns) or None),
     smtp_options (set of MAIL parameters like 'SMTPUTF8', 'BODY=8BITMIME'),
-    milter_macros (dict).
+    milter_macros (dict), tempfile (a file with the original message: the one given,
+    or one written to ``tempdir`` on first access and removed by cleanup()).
     """
 
-    def __init__(self, from_address, recipients, tempfile=None, inbuffer=None, id=None,
-                 queue_id=None, smtp_options=None, clientinfo=None, milter_macros=None,
-                 size=None, **kwargs):
+    def __init__(self, from_address, recipients, tempfile=None, inbuffer=None,
+                 smtp_options=None, milter_macros=None, queue_id=None, att_fmaxlimit=None,
+                 att_fdefaultlimit=None, att_cachelimit=None, att_defaultlimit=None,
+                 att_maxlimit=None, **kwargs):
+        super().__init__()
         if isinstance(tempfile, (bytes, bytearray)) and inbuffer is None:
             inbuffer, tempfile = bytes(tempfile), None
         if inbuffer is None:
-            if tempfile is None:
+            if not tempfile:
                 raise ValueError('a Suspect needs a tempfile or an inbuffer')
             with open(tempfile, 'rb') as handle:
                 inbuffer = handle.read()
-        self.tempfile = tempfile
-        self.id = id or os.urandom(16).hex()
+        self._tempfile = tempfile or None
+        self._own_tempfile = False
+        self.tempdir = '/tmp'
+        self.id = str(kwargs.get('id') or self.generate_id())
+        self.kwargs = kwargs
+        self.logger = logging.getLogger('fuglu.Suspect')
         self.from_address = (force_uString(from_address) or '').strip()
-        if isinstance(recipients, (str, bytes)):
+        if self.from_address and not Addrcheck().valid(self.from_address):
+            raise ValueError('Invalid sender address: %s' % self.from_address)
+        if recipients is None or isinstance(recipients, (str, bytes)):
             recipients = [recipients]
-        self.recipients = [force_uString(r).strip() for r in (recipients or [])]
+        self.recipients = []
+        for recipient in recipients:
+            if recipient is None:
+                raise ValueError('Recipient address can not be None')
+            recipient = force_uString(recipient).strip()
+            if not Addrcheck().valid(recipient, allow_postmaster=True):
+                raise ValueError('Invalid recipient address: %s' % recipient)
+            self.recipients.append(recipient)
         self.original_from_address = self.from_address
         self.original_recipients = list(self.recipients)
         self._source = bytes(inbuffer)
@@ -1040,12 +1111,14 @@ class Suspect(object):
         self._modified = False
         self._message_rep = None
         self._header_cache = None
-        self.timestamp = time.time()
+        self._from_header_cache = {}
+        self.timestamp = kwargs.get('timestamp', time.time())
+        self.timestamp_utc = kwargs.get('timestamp_utc', self.timestamp)
         self.queue_id = queue_id
         self.smtp_options = set(smtp_options or ())
-        self.clientinfo = clientinfo
+        self.clientinfo = kwargs.get('clientinfo')
         self.milter_macros = dict(milter_macros or {})
-        self.announced_size = size
+        self.announced_size = kwargs.get('size', kwargs.get('mfsize'))
         self.addheaders = {}
         self.added_headers = {}
         self.modified_headers = {}
@@ -1056,6 +1129,78 @@ class Suspect(object):
             'decisions': [], 'scantimes': [], 'processingerrors': [],
         }
         self.tags.update(kwargs.get('tags') or {})
+
+    @staticmethod
+    def generate_id():
+        """A new message id: 32 hex characters."""
+        return os.urandom(16).hex()
+
+    def check_id(self, id=None):
+        """True if ``id`` (default: this message's) looks like a fuglu id."""
+        id = self.id if id is None else id
+        return bool(id) and re.match(r'^[a-f0-9]{32}$', id, re.IGNORECASE) is not None
+
+    # -- the message as a file --------------------------------------------------
+    @property
+    def tempfile(self):
+        """Path of a file holding the original message, for plugins that hand it to an
+        external program. Written to ``tempdir`` on first access when the message came
+        as bytes; that file is removed by cleanup() when the session ends."""
+        if self._tempfile is None:
+            import tempfile as tempfiles
+            handle, path = tempfiles.mkstemp(prefix='fuglu', dir=self.tempdir)
+            try:
+                with os.fdopen(handle, 'wb') as out:
+                    out.write(self._original_source)
+            except OSError:
+                os.unlink(path)
+                raise
+            self._tempfile, self._own_tempfile = path, True
+        return self._tempfile
+
+    @tempfile.setter
+    def tempfile(self, path):
+        self._tempfile = path
+
+    def tempfilename(self):
+        return self._tempfile or '(buffer-only)'
+
+    @property
+    def tmpdir(self):
+        return self.tempdir
+
+    def cleanup(self):
+        """Release what the message holds: the temporary file written for it and file
+        objects kept in tags. The scan session calls this when it is done."""
+        if self._own_tempfile and self._tempfile:
+            try:
+                os.unlink(self._tempfile)
+            except OSError as error:
+                self.logger.warning('%s: cannot remove %s: %s', self.id, self._tempfile, error)
+            self._tempfile, self._own_tempfile = None, False
+        import io
+        for key in [k for k, v in self.tags.items() if isinstance(v, io.IOBase)]:
+            try:
+                self.tags.pop(key).close()
+            except Exception as error:  # a plugin's object: whatever it raises, go on
+                self.logger.warning('%s: could not close tag %r: %s', self.id, key, error)
+        self.tags.pop('debug', None)
+
+    # -- FuGlu's SASL shortcuts (milter macros) ----------------------------------
+    sasl_login = property(lambda self: force_uString(self.milter_macros.get('auth_authen')))
+    sasl_user = sasl_login
+    sasl_sender = property(lambda self: force_uString(self.milter_macros.get('auth_author')))
+    sasl_method = property(lambda self: force_uString(self.milter_macros.get('auth_type')))
+
+    @property
+    def timetracker(self):
+        ref = getattr(self, '_timetracker', None)
+        return ref() if ref is not None else None
+
+    @timetracker.setter
+    def timetracker(self, tracker):
+        import weakref
+        self._timetracker = weakref.ref(tracker) if tracker is not None else None
 
     # -- envelope -------------------------------------------------------------
     @property
@@ -1082,24 +1227,29 @@ class Suspect(object):
     def size(self):
         return len(self._source)
 
-    def get_source(self, maxbytes=None):
-        if maxbytes is not None:
-            return self._source[:maxbytes]
-        return self._source
+    def get_source(self, maxbytes=None, newline=None):
+        source = self._source if maxbytes is None else self._source[:maxbytes]
+        if newline is not None:
+            source = source.replace(b'\r', b'').replace(b'\n', newline)
+        return source
 
     def get_original_source(self, maxbytes=None):
         if maxbytes is not None:
             return self._original_source[:maxbytes]
         return self._original_source
 
-    def set_source(self, source, encoding='utf-8'):
+    def set_source(self, source, encoding='utf-8', att_mgr_reset=True):
         self._source = force_bString(source, encoding)
         self._modified = True
         self._message_rep = None
         self._header_cache = None
+        self._from_header_cache = {}
 
     def is_modified(self):
         return self._modified
+
+    def has_message_rep(self):
+        return self._message_rep is not None
 
     def get_message_rep(self):
         """The message parsed by the email package (compat32), cached."""
@@ -1109,7 +1259,12 @@ class Suspect(object):
             self._message_rep = email.message_from_bytes(self._source, policy=policy.compat32)
         return self._message_rep
 
-    def set_message_rep(self, msgrep):
+    def build_headeronly_message_rep(self):
+        """The header block parsed as a message without body (cheap for big mail)."""
+        import email
+        return email.message_from_string(self.get_headers())
+
+    def set_message_rep(self, msgrep, att_mgr_reset=True):
         from email import policy
         from email.generator import BytesGenerator
         import io
@@ -1118,6 +1273,49 @@ class Suspect(object):
                        policy=policy.compat32.clone(linesep='\r\n')).flatten(msgrep)
         self.set_source(buffer.getvalue())
         self._message_rep = msgrep
+
+    # FuGlu 1.7 still answers to its old camelCase names (and logs that they are old)
+    getMessageRep = deprecated(get_message_rep)
+    setMessageRep = deprecated(set_message_rep)
+    getSource = deprecated(get_source)
+    setSource = deprecated(set_source)
+    getOriginalSource = deprecated(get_original_source)
+
+    def get_as_attachment(self, filename=None):
+        """The original message as a message/rfc822 MIME part named ``filename``
+        (default <id>.eml)."""
+        from email.mime.base import MIMEBase
+        part = MIMEBase('message', 'rfc822')
+        part.set_payload(self.get_original_source())
+        try:
+            part.as_bytes()
+        except UnicodeEncodeError:
+            from email.mime.message import MIMEMessage
+            part = MIMEMessage(self.get_message_rep())
+        part.add_header('Content-Disposition', 'attachment; filename=%s' % (filename or '%s.eml' % self.id))
+        return part
+
+    def wrap(self, sender, recipient, subject, body=None, filename=None, config=None,
+             hdr_autosub='auto-generated', hdr_arsupp='DR, RN, NRN, OOF, AutoReply'):
+        """A new multipart message from ``sender`` to ``recipient`` with the original
+        message attached (for quarantine notices and forwards)."""
+        import email.utils
+        from email.mime.multipart import MIMEMultipart
+        from email.mime.text import MIMEText
+        message = MIMEMultipart()
+        message['From'] = sender
+        message['To'] = recipient
+        message['Subject'] = subject
+        message['Date'] = email.utils.formatdate(localtime=True)
+        message['Message-ID'] = email.utils.make_msgid(domain=get_outgoing_helo(config))
+        if hdr_autosub:
+            message['Auto-Submitted'] = hdr_autosub
+        if hdr_arsupp:
+            message['X-Auto-Response-Suppress'] = hdr_arsupp
+        if body:
+            message.attach(MIMEText(body, 'plain', 'utf-8'))
+        message.attach(self.get_as_attachment(filename))
+        return message
 
     # -- headers --------------------------------------------------------------
     def _header_block(self):
@@ -1145,7 +1343,9 @@ class Suspect(object):
     def get_headers(self):
         return force_uString(self._header_block()[0])
 
-    def get_header(self, headername, fallback=None):
+    def get_header(self, headername, fallback=None, use_cache=True):
+        if not use_cache:
+            self._header_cache = None
         value = self._parsed_headers().get(headername)
         if value is None:
             return fallback
@@ -1158,39 +1358,151 @@ class Suspect(object):
 
     def add_header(self, key, value, immediate=False, raw=False):
         """immediate=False: added at delivery (one value per name); True: prepended to
-        the source now, so later plugins see it."""
+        the source now, so later plugins see it. Names and values may be bytes."""
+        key, value = force_uString(key), force_uString(value)
         if immediate:
             header = ('%s: %s\r\n' % (key, value)).encode('utf-8') if raw else encode_header(key, value)
             self._source = header + self._source
             self._modified = True
             self._message_rep = None
             self._header_cache = None
+            self._from_header_cache = {}
             self.added_headers[key] = value
         else:
             self.addheaders[key] = value
 
-    addheader = add_header  # FuGlu's deprecated spelling
+    addheader = deprecated(add_header)
+
+    @staticmethod
+    def prepend_header_to_source(key, value, source, raw=False):
+        """``source`` (bytes) with the header in front: folded and encoded as FuGlu
+        does (fold_header), or as 'key: value' CRLF when raw."""
+        key, value = force_uString(key).strip(), force_uString(value).strip()
+        header = '%s: %s\r\n' % (key, value) if raw else fold_header(key, value)
+        return force_bString(header) + force_bString(source)
+
+    @staticmethod
+    def decode_msg_header(header, decode_errors='replace', logid='n/a'):
+        """A header value (str, bytes or email.header.Header) with its RFC 2047 encoded
+        words decoded, as one str."""
+        from email.header import Header
+        if isinstance(header, Header):
+            header = str(header)
+        text = force_uString(header) or ''
+        try:
+            from email.parser import HeaderParser
+            from email.policy import SMTP
+            return str(HeaderParser(policy=SMTP).parsestr('header: %s' % text)['header'])
+        except Exception as error:
+            logging.getLogger('fuglu.Suspect').warning(
+                '%s error parsing header value, using legacy fallback: %s', logid, error)
+        from email.header import decode_header
+        try:
+            return ''.join(force_uString(part, charset or 'utf-8', decode_errors)
+                           for part, charset in decode_header(text))
+        except Exception:   # undecodable: the text as it is
+            return text
+
+    @staticmethod
+    def getlist_space_comma_separated(inputstring):
+        """'a b, c' -> ['a', 'b', 'c']; '\\ ' and '\\,' keep a space or comma, '\\\\' a
+        backslash."""
+        if not inputstring or not inputstring.strip():
+            return []
+        marks = {'\\\\': '\x00b', '\\ ': '\x00s', '\\,': '\x00c'}
+        text = inputstring.strip()
+        for escaped, mark in marks.items():
+            text = text.replace(escaped, mark)
+        items = [word for part in text.split(',') for word in part.strip().split(' ') if word.strip()]
+        result = []
+        for item in items:
+            item = item.strip()
+            item = item.replace('\x00s', ' ').replace('\x00c', ',').replace('\x00b', '\\')
+            result.append(item)
+        return result
+
+    def parse_from_type_header(self, header='From', validate_mail=True, recombine=True,
+                               use_cache=True):
+        """[(display name, address), ...] of an address header (all its instances).
+        Display names are decoded; an address the checker refuses becomes part of
+        the display name (and the pair is dropped when validate_mail). recombine
+        joins a display-name-only entry with the address-only entry after it."""
+        key = (header, validate_mail, recombine)
+        if use_cache and key in self._from_header_cache:
+            return self._from_header_cache[key]
+        import email.utils
+        values = [force_uString(v) for v in self.get_message_rep().get_all(header, [])]
+        if not values:
+            return []
+        # CR/LF would end getaddresses' parsing early: hide them while splitting
+        hidden = [v.replace('\r', '{{CR}}').replace('\n', '{{LF}}') for v in values]
+        try:
+            pairs = email.utils.getaddresses(hidden, strict=False)
+        except TypeError:   # before 3.11.10 / 3.12.5 / 3.13
+            pairs = email.utils.getaddresses(hidden)
+        entries = []
+        for display, address in pairs:
+            display = self.decode_msg_header((display or '').replace('{{CR}}', '\r').replace('{{LF}}', '\n'),
+                                             logid=self.id)
+            address = (address or '').replace('{{CR}}', '\r').replace('{{LF}}', '\n')
+            if not (display or address):
+                continue
+            if address and not Addrcheck().valid(address):
+                display = (display + ' ' + address) if display else address
+                address = ''
+            entries.append((display, address))
+        if recombine:
+            joined, pending = [], None
+            for display, address in entries:
+                if pending is not None:
+                    display = ('%s %s' % (pending, display)).strip() if pending else display
+                    pending = None
+                if address:
+                    joined.append((display, address))
+                else:
+                    pending = display
+            if pending is not None:
+                joined.append((pending, ''))
+            entries = joined
+        entries = [(self.decode_msg_header(display, logid=self.id), address.strip())
+                   for display, address in entries]
+        if validate_mail:
+            entries = [(display, address) for display, address in entries
+                       if address and Addrcheck().valid(address)]
+        self._from_header_cache[key] = entries
+        return entries
 
     def _header_regex(self, name):
         return re.compile(rb'^' + re.escape(force_bString(name)) + rb'[ \t]*:.*(?:\r?\n[ \t].*)*\r?\n',
                           re.IGNORECASE | re.MULTILINE)
 
-    def remove_headers(self, headername):
-        """Delete every instance of a header from the source."""
-        block, body_start = self._header_block()
-        new_block, count = self._header_regex(headername).subn(b'', block)
-        if count:
-            self.removed_headers[headername] = count
+    def remove_headers_from_source(self, headernames, track_change=True):
+        """Delete every instance of the named headers (a name or a list of names) from
+        the source, body untouched. True if anything was removed."""
+        if isinstance(headernames, (str, bytes)):
+            headernames = [headernames]
+        block, _ = self._header_block()
+        new_block, removed = block, 0
+        for name in headernames:
+            found = [force_uString(h.split(b':', 1)[1]) for h in self._header_regex(name).findall(new_block)]
+            if found:
+                new_block = self._header_regex(name).sub(b'', new_block)
+                removed += len(found)
+                if track_change:
+                    self.removed_headers.setdefault(force_uString(name), []).extend(found)
+        if removed:
             self.set_source(new_block + self._source[len(block):])
-        return count
+        return bool(removed)
 
-    remove_headers_from_source = remove_headers
+    def remove_headers(self, key):
+        """Delete every instance of header ``key``; True if there was one."""
+        return self.remove_headers_from_source([key])
 
     def set_header(self, key, value):
         """Replace all instances of a header by one new value, or add it immediately."""
-        if self.remove_headers(key):
+        key, value = force_uString(key), force_uString(value)
+        if self.remove_headers_from_source([key], track_change=False):
             self.modified_headers[key] = value
-            self.removed_headers.pop(key, None)
             self._source = encode_header(key, value) + self._source
             self._header_cache = None
             self._message_rep = None
@@ -1213,25 +1525,42 @@ class Suspect(object):
         return [self.build_headers(), self._source]
 
     def update_subject(self, subject_cb, **cb_params):
-        old = self.get_header('subject', '')
+        """Subject := subject_cb(decoded subject, **cb_params); True if it changed. The
+        old subject is kept in tag origsubj."""
+        raw = self.get_header('subject')
+        old = self.decode_msg_header(raw or '', logid=self.id)
         new = subject_cb(old, **cb_params)
         if new != old:
-            self.tags.setdefault('origsubj', old)
+            if self.get_tag('origsubj') is None:
+                self.set_tag('origsubj', raw or '')
             self.set_header('Subject', new)
+            if raw is None:
+                self.added_headers['Subject'] = self.modified_headers.pop('Subject', new)
             return True
         return False
 
     # -- SpamAssassin temporary headers ---------------------------------------------
-    def write_sa_temp_header(self, header, value):
-        value = re.sub(r'[\x00-\x1f\x7f]', ' ', force_uString(value))
-        self.tags.setdefault('SAPlugin.tempheader', {})
-        if isinstance(self.tags['SAPlugin.tempheader'], dict):
-            self.tags['SAPlugin.tempheader'][header] = value
+    def write_sa_temp_header(self, header, value, plugin='SAPlugin'):
+        """A pseudo header passed to ``plugin`` only (SpamAssassin sees it, the
+        delivered message does not). Control characters are removed."""
+        header = re.sub(r'[\x00-\x1f\x7f]', '', force_uString(header, convert_none=True))
+        value = re.sub(r'[\x00-\x1f\x7f]', '', force_uString(value, convert_none=True))
+        line = '%s: %s' % (header, value)
+        tag = self.get_tag('%s.tempheader' % plugin)
+        if isinstance(tag, list):
+            tag.append(line)
+        elif tag is None:
+            tag = [line]
+        else:
+            tag = '%s\r\n%s' % (tag, line)
+        self.set_tag('%s.tempheader' % plugin, tag)
 
-    def get_sa_temp_headers(self):
-        headers = self.tags.get('SAPlugin.tempheader') or {}
+    def get_sa_temp_headers(self, plugin='SAPlugin'):
+        headers = self.get_tag('%s.tempheader' % plugin)
+        if headers is None:
+            return b''
         if isinstance(headers, dict):
-            return b''.join(encode_header(k, v) for k, v in headers.items())
+            headers = ['%s: %s' % item for item in headers.items()]
         if isinstance(headers, (list, tuple)):
             headers = '\r\n'.join(headers)
         text = force_uString(headers).strip()
@@ -1305,15 +1634,72 @@ class Suspect(object):
                 handle.write('%s %s\n' % (time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), message))
                 handle.flush()
 
+    def get_current_decision_code(self):
+        """The action of the last scanner that decided so far (DUNNO if none)."""
+        try:
+            return self.tags['decisions'][-1][1]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return DUNNO
+
     def get_client_info(self, config=None):
-        """(helo, ip, rdns) from the connector, else from the first Received header."""
+        """(helo, ip, rdns) of the client that sent the message: from the connector
+        (XFORWARD, milter), else from the Received headers; with a config, the
+        [environment] options say which Received header is the boundary."""
         if self.clientinfo:
             return self.clientinfo
-        for received in self.get_all_headers('Received'):
-            match = re.search(r'from\s+(\S+)\s+\(([^)\[]*)\[([0-9a-fA-F.:]+)\]', received)
-            if match:
-                helo, rdns, ip = match.group(1), match.group(2).strip() or 'unknown', match.group(3)
-                return helo, ip, rdns
+        if config is None:
+            info = self.client_info_from_rcvd()
+        else:
+            info = self.client_info_from_rcvd(
+                ignoreregex=config.get('environment', 'trustedhostsregex', fallback=''),
+                skip=config.getint('environment', 'boundarydistance', fallback=0),
+                skiponerror=config.getboolean('environment', 'skiponerror', fallback=False),
+                ignorelineregex=config.get('environment', 'trustedreceivedregex', fallback=''),
+                skipsamedomain=config.getboolean('environment', 'skipsamedomain', fallback=False))
+        self.clientinfo = info
+        return info
+
+    RECEIVED_FROM_RE = re.compile(
+        r'^from\s(?P<helo>\S{3,256})\s{1,8}\((?P<revdns>\S{3,256})?\s?\[(?:IPv6:)?'
+        r'(?P<ip>(?:\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3})|(?:[0-9a-f:]{3,40}))\]\)', re.MULTILINE)
+    RECEIVED_BY_RE = re.compile(r'\s{1,8}(by\s{1,8}(?P<by>\S{3,64}))')
+
+    def _parse_rcvd_header(self, rcvdline):
+        """'from HELO (RDNS [IP]) ... by HOST' -> (helo, rdns, ip, 'by HOST'), or None."""
+        match = self.RECEIVED_FROM_RE.search(rcvdline)
+        if match is None:
+            return None
+        by = self.RECEIVED_BY_RE.search(rcvdline)
+        return match.group('helo'), match.group('revdns'), match.group('ip'), by.group(1) if by else ''
+
+    def client_info_from_rcvd(self, ignoreregex=None, skip=0, skiponerror=False,
+                              ignorelineregex=None, skipsamedomain=False):
+        """(helo, ip, rdns) from the first Received header after ``skip`` ones that
+        parses and is not excluded by ``ignoreregex`` (helo, ip or rdns matches) or
+        ``ignorelineregex`` (the line matches); None if there is none. An unparsable
+        header ends the search unless ``skiponerror``. ``skipsamedomain`` (skip
+        headers whose from and by hosts share a domain) compares the last two labels."""
+        ignore = re.compile(ignoreregex) if ignoreregex else None
+        ignoreline = re.compile(ignorelineregex) if ignorelineregex else None
+        headers = [self.decode_msg_header(h, logid=self.id) for h in self.get_all_headers('Received')]
+        for line in headers[skip:]:
+            parsed = self._parse_rcvd_header(line)
+            if parsed is None:
+                if skiponerror:
+                    continue
+                return None
+            helo, rdns, ip, by = parsed
+            if ignore is not None and any(value and ignore.search(value) for value in (ip, rdns, helo)):
+                continue
+            if ignoreline is not None and ignoreline.search(line):
+                continue
+            if skipsamedomain:
+                def domain(name):
+                    return '.'.join((name or '').lower().split('.')[-2:])
+                by_domain = domain(by.split()[-1] if by else '')
+                if by_domain and by_domain in (domain(rdns), domain(helo)):
+                    continue
+            return helo, ip, rdns
         return None
 
     def log_format(self, template):
@@ -1350,6 +1736,9 @@ class Suspect(object):
                 value = '%.2f' % value
             shown[key] = str(value)[:100]
         return shown
+
+    def _short_tag_rep(self):
+        return str(self.short_tags())
 
     def __str__(self):
         return 'Suspect %s: from=%s to=%s size=%s spam=%s blocked=%s virus=%s modified=%s ' \
@@ -2666,6 +3055,36 @@ def address_is_valid(address, checker='Default', maxsize=64):
         return checker == 'LazyLocalPart' and local.startswith('"') and local.endswith('"')
     bare = local.strip('"')
     return not (bare.startswith('.') or bare.endswith('.'))
+
+
+class Addrcheck(object):
+    """The process-wide envelope address check (FuGlu's singleton): ``set(name,
+    maxsize)`` picks Default, LazyLocalPart, AsciiOnly, PrintableAsciiOnly or NoCheck
+    (the daemon sets [main] address_compliance_checker at start-up); ``valid(address,
+    allow_postmaster=False)``. Suspect() refuses addresses it finds invalid."""
+
+    CHECKERS = ('Default', 'LazyLocalPart', 'AsciiOnly', 'PrintableAsciiOnly', 'NoCheck')
+    _instance = None
+
+    def __new__(cls):
+        if Addrcheck._instance is None:
+            Addrcheck._instance = object.__new__(cls)
+            Addrcheck._instance.name, Addrcheck._instance.maxsize = 'Default', 64
+        return Addrcheck._instance
+
+    def set(self, name, maxsize=64):
+        if name not in self.CHECKERS:
+            logging.getLogger('fuglu.Addrcheck').warning(
+                'Mail address check "%s" not valid, using default...', name)
+            name = 'Default'
+        self.name, self.maxsize = name, int(maxsize)
+
+    def valid(self, address, allow_postmaster=False):
+        if not address:
+            return False
+        if address.lower() == 'postmaster':
+            return allow_postmaster or self.name == 'NoCheck'
+        return address_is_valid(address, self.name, self.maxsize)
 
 
 MAIL_PATH_RE = re.compile(r'^\s*<([^<>]*)>\s*(.*)$')
@@ -5117,6 +5536,9 @@ class MainController(object):
     def _apply_trusted(self, config):
         value = config.get('main', 'trusted_xforward_peers').strip()
         self.trusted_networks = parse_networks(value) if value else None
+        # the address check Suspect() applies, as the connectors do
+        Addrcheck().set(config.get('main', 'address_compliance_checker').strip(),
+                        config.getint('main', 'address_compliance_checker_maxsize'))
 
     def record_exception(self, trace):
         self.exceptions = (self.exceptions + [(time.time(), threading.current_thread().name, trace)])[-10:]
