@@ -46,15 +46,17 @@ Principles
   message; downstream down, scanner trouble, timeouts and crashes become 4xx replies.
 * Errors are values at protocol boundaries: a connector turns every failure into the
   right reply plus a log line carrying the message id. Inside, exceptions carry meaning.
-* Heavy modules (``email``, ``html.parser``, archive modules) are imported when first
+* Heavy modules (``email``, archive modules) are imported when first
   needed, so start-up stays fast and small.
 """
 
+import collections
 import configparser
 import fnmatch
 import importlib
 import ipaddress
 import logging
+import operator
 import os
 import queue
 import re
@@ -65,6 +67,7 @@ import sys
 import threading
 import time
 import traceback
+from html.parser import HTMLParser   # small; FuGlu's HTMLStripper subclasses it
 
 # `python3 fuglu.py` and `python3 -m fuglu` run this file as __main__; a plugin that does
 # `import fuglu` (or the FuGlu way, `from fuglu.shared import ...`) must get this very
@@ -1752,139 +1755,249 @@ class Suspect(SimpleTimeoutMixin):
 # SuspectFilter: FuGlu rule files
 ###############################################################################
 
-class FilterRule(object):
-    __slots__ = ('field', 'regex', 'compare', 'number', 'args', 'lineno', 'text')
+class FileList(object):
+    """The lines of a text file as a list (FuGlu's FileList), re-read when the file
+    changes (checked at most every ``minimum_time_between_reloads`` seconds). Each line
+    passes the filters: newline removed, then as asked strip, skip empty lines, skip
+    # comments, lowercase, then ``additional_filters`` (functions line -> line or None
+    to drop it). ``filename`` None (or a missing file) gives an empty list.
 
-    def __init__(self, field, regex=None, compare=None, number=None, args=None, lineno=0, text=''):
-        self.field, self.regex, self.compare, self.number = field, regex, compare, number
-        self.args, self.lineno, self.text = args, lineno, text
+    Methods: get_list(); file_changed(). Subclasses override _parse_lines(lines)."""
+
+    RELOAD_CHECK_INTERVAL = 5
+
+    def __init__(self, filename=None, strip=True, skip_empty=True, skip_comments=True,
+                 lowercase=False, additional_filters=None,
+                 minimum_time_between_reloads=RELOAD_CHECK_INTERVAL):
+        self.minimum_time_between_reloads = minimum_time_between_reloads
+        self.linefilters = [lambda line: line.rstrip('\r\n')]
+        if strip:
+            self.linefilters.append(lambda line: line.strip())
+        if skip_empty:
+            self.linefilters.append(lambda line: line if line != '' else None)
+        if skip_comments:
+            self.linefilters.append(lambda line: None if line.strip().startswith('#') else line)
+        if lowercase:
+            self.linefilters.append(lambda line: line.lower())
+        if additional_filters is not None:
+            if isinstance(additional_filters, list):
+                self.linefilters.extend(additional_filters)
+            else:
+                self.linefilters.append(additional_filters)
+        if not hasattr(self, 'logger'):
+            self.logger = logging.getLogger('fuglu.filelist')
+        self.lock = threading.Lock()
+        self.content = []
+        self._stamp = None       # identity of the file last read, None: not read
+        self._last_check = 0
+        self._filename = filename
+        if filename is not None:
+            self._reload_if_necessary()
+
+    @property
+    def filename(self):
+        return self._filename
+
+    @filename.setter
+    def filename(self, value):
+        if value != self._filename:
+            self._filename, self._stamp, self._last_check = value, None, 0
+            self.content = self._parse_lines([])
+            self._reload_if_necessary()
+
+    def _file_stamp(self):
+        try:
+            info = os.stat(self._filename)
+        except (OSError, TypeError):
+            return None
+        return info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino
+
+    def file_changed(self):
+        return self._filename is not None and self._file_stamp() != self._stamp
+
+    def _reload_if_necessary(self):
+        if self._filename is None:
+            return False
+        now = time.time()
+        if now - self._last_check < self.minimum_time_between_reloads:
+            return False
+        with self.lock:
+            self._last_check = now
+            stamp = self._file_stamp()
+            if stamp == self._stamp and stamp is not None:
+                return False
+            self._stamp = stamp
+            self.content = self._parse_lines(self._reload() if stamp is not None else [])
+            return True
+
+    def _reload(self, retry=1):
+        """The file's lines (errors logged and read as no lines)."""
+        self.logger.debug('Reloading file %s', self._filename)
+        try:
+            with open(self._filename, encoding='utf-8', errors='replace') as handle:
+                return handle.readlines()
+        except OSError as error:
+            self.logger.error('cannot read %s: %s', self._filename, error)
+            return []
+
+    def _apply_linefilters(self, line):
+        for linefilter in self.linefilters:
+            line = linefilter(line)
+            if line is None:
+                break
+        return line
+
+    def _filter_lines(self, lines):
+        filtered = (self._apply_linefilters(line) for line in lines)
+        return [line for line in filtered if line is not None]
+
+    def _parse_lines(self, lines):
+        return self._filter_lines(lines)
+
+    def get_list(self):
+        self._reload_if_necessary()
+        return self.content
+
+    @staticmethod
+    def inline_comments_filter(line):
+        """A line filter that drops everything from '#' on (and the line if nothing
+        is left)."""
+        if line and '#' in line:
+            line = line[:line.index('#')].strip() or None
+        return line
+
+
+class SuspectFilterResult(collections.namedtuple('SuspectFilterResult',
+                                                  'fieldname value arg pattern')):
+    """One match of a rule: field name, the value that matched, the rule's argument,
+    and its regex (or comparison, e.g. '>5'). Unpacks as the 4-tuple of older FuGlu."""
+    __slots__ = ()
+
+
+class SuspectFilterRule(object):
+    """One rule: ``fieldname``, ``args`` (None when empty), and either ``pattern`` (a
+    compiled regex) or ``op``/``num``/``cmp`` (a numeric comparison)."""
+
+    op_map = {
+        '<': operator.lt, '<=': operator.le, '=': operator.eq, '==': operator.eq,
+        '!=': operator.ne, '<>': operator.ne, '>': operator.gt, '>=': operator.ge,
+    }
+
+    def __init__(self, fieldname, args=None):
+        self.fieldname = fieldname[:-1] if fieldname.endswith(':') else fieldname
+        self.args = None if isinstance(args, str) and not args.strip() else args
+        self.pattern = self.op = self.num = self.cmp = None
+        self.lineno, self.text = 0, ''
+
+    def __repr__(self):
+        return '<SuspectFilterRule fieldname=%s args=%s pattern=%s cmp=%s>' % (
+            self.fieldname, self.args, self.pattern, self.cmp)
+
+    def set_rgx(self, pattern, reflags=0):
+        self.pattern = re.compile(pattern, reflags)
+
+    def set_cmp(self, cmp, num):
+        self.op = self.op_map.get(cmp)
+        if self.op is None:
+            raise ValueError('failed to identify operator %s use one of %s' % (cmp, ','.join(self.op_map)))
+        self.num = float(num)
+        self.cmp = '%s%s' % (cmp, num)
 
     def test(self, value):
-        if self.regex is not None:
-            return self.regex.search(force_uString(value)) is not None
+        """The text of this match, or None."""
+        if self.pattern is not None:
+            return self.pattern.pattern if self.pattern.search(value) else None
         try:
-            number = float(value)
+            return self.cmp if self.op(float(value), self.num) else None
         except (TypeError, ValueError):
-            return False
-        return COMPARATORS[self.compare](number, self.number)
+            return None
 
 
-COMPARATORS = {
-    '<': lambda a, b: a < b, '<=': lambda a, b: a <= b, '=': lambda a, b: a == b,
-    '==': lambda a, b: a == b, '!=': lambda a, b: a != b, '<>': lambda a, b: a != b,
-    '>': lambda a, b: a > b, '>=': lambda a, b: a >= b,
-}
 NUMERIC_RULE_RE = re.compile(r'^(<=|>=|==|!=|<>|<|>|=)(-?\d+(?:\.\d+)?)$')
 SLASH_RULE_RE = re.compile(r'^(\S+?):?\s+/((?:[^/\\]|\\.)*)/([im]*)(?:\s+(.*))?$')
 
 
-class SuspectFilter(object):
+class SuspectFilter(FileList):
     """A rule file of lines `field regex [args]` (spec 6.1), matched against messages.
-    One parser for every plugin that reads rules.
+    One parser for every plugin that reads rules; ``SuspectFilter(None)`` has no rules.
 
-    Methods: matches(suspect) -> (True, args of the first matching rule) or (False,
-    None); get_args(suspect) -> args of all matching rules; lint() -> bool.
+    Methods: matches(suspect, extended=False) -> (True, args of the first matching
+    rule) or (False, None); get_args(suspect, extended=False) -> args of every match;
+    extended gives SuspectFilterResult objects instead of args. get_field(suspect,
+    name) -> the values of a field (headers, envelope, @tags, body...). lint() -> bool.
     The file is re-read when it changes (checked at most every 5 seconds).
     """
 
-    RELOAD_CHECK_INTERVAL = 5
-
-    def __init__(self, filename):
-        self.filename = filename
-        self.logger = logging.getLogger('fuglu.SuspectFilter')
-        self.rules = []
+    def __init__(self, *args, **kwargs):
+        self.logger = logging.getLogger('fuglu.suspectfilter')
         self.errors = []
-        self._stamp = None
-        self._last_check = 0
-        self._lock = threading.Lock()
-        self._load()
+        super().__init__(*args, **kwargs)
+
+    rules = property(lambda self: self.content)
 
     # -- parsing --------------------------------------------------------------
     @classmethod
     def parse_line(cls, line, lineno=0):
-        """One rule line -> FilterRule; ValueError when it fits no format."""
+        """One rule line -> SuspectFilterRule; ValueError when it fits no format."""
         text = line.strip()
         if text.startswith('{'):
             import json
             data = json.loads(text)
-            field = data['field']
+            rule = SuspectFilterRule(data['field'], data.get('args'))
             if 'regex' in data:
-                flags = cls._flags(data.get('flags', ''))
-                return FilterRule(field, regex=re.compile(data['regex'], flags),
-                                  args=data.get('args'), lineno=lineno, text=text)
-            return FilterRule(field, compare=data['cmp'], number=float(data['num']),
-                              args=data.get('args'), lineno=lineno, text=text)
-        match = SLASH_RULE_RE.match(text)
-        if match:
-            field, pattern, flags, args = match.groups()
-            pattern = pattern.replace('\\/', '/')
-            return FilterRule(field.rstrip(':'), regex=re.compile(pattern, cls._flags(flags)),
-                              args=args.strip() if args else None, lineno=lineno, text=text)
-        parts = text.split(None, 2)
-        if len(parts) < 2:
-            raise ValueError('not a rule: %r' % text)
-        field = parts[0].rstrip(':')
-        args = parts[2].strip() if len(parts) > 2 else None
-        numeric = NUMERIC_RULE_RE.match(parts[1])
-        if numeric:
-            return FilterRule(field, compare=numeric.group(1), number=float(numeric.group(2)),
-                              args=args, lineno=lineno, text=text)
-        return FilterRule(field, regex=re.compile(parts[1], re.IGNORECASE | re.DOTALL),
-                          args=args, lineno=lineno, text=text)
+                rule.set_rgx(data['regex'], cls._get_regexflags(data.get('flags', '')))
+            else:
+                rule.set_cmp(data['cmp'], data['num'])
+        else:
+            match = SLASH_RULE_RE.match(text)
+            if match:
+                field, pattern, flags, args = match.groups()
+                rule = SuspectFilterRule(field, args.strip() if args else None)
+                rule.set_rgx(pattern.replace('\\/', '/'), cls._get_regexflags(flags))
+            else:
+                parts = text.split(None, 2)
+                if len(parts) < 2:
+                    raise ValueError('not a rule: %r' % text)
+                rule = SuspectFilterRule(parts[0], parts[2].strip() if len(parts) > 2 else None)
+                numeric = NUMERIC_RULE_RE.match(parts[1])
+                if numeric:
+                    rule.set_cmp(numeric.group(1), numeric.group(2))
+                else:
+                    rule.set_rgx(parts[1], re.IGNORECASE | re.DOTALL)
+        rule.lineno, rule.text = lineno, text
+        return rule
 
     @staticmethod
-    def _flags(flagstring):
-        flags = 0
-        if 'i' in (flagstring or ''):
-            flags |= re.IGNORECASE
-        if 'm' in (flagstring or ''):
-            flags |= re.MULTILINE
-        return flags
+    def _get_regexflags(flags):
+        value = 0
+        for flag in (flags or '').lower():
+            value |= {'i': re.IGNORECASE, 'm': re.MULTILINE}.get(flag, 0)
+        return value
 
-    def _load(self):
+    def _parse_lines(self, lines):
         rules, errors = [], []
-        try:
-            stamp = os.stat(self.filename).st_ctime
-            with open(self.filename, encoding='utf-8', errors='replace') as handle:
-                lines = handle.read().splitlines()
-        except OSError as error:
-            self.logger.error('cannot read rule file %s: %s', self.filename, error)
-            self.rules, self.errors, self._stamp = [], ['cannot read %s: %s' % (self.filename, error)], None
-            return
+        if self._filename is not None and self._stamp is None:
+            errors.append('cannot read %s' % self._filename)
         for lineno, line in enumerate(lines, 1):
-            if not line.strip() or line.lstrip().startswith('#'):
+            line = self._apply_linefilters(line)
+            if line is None:
                 continue
             try:
                 rules.append(self.parse_line(line, lineno))
-            except (ValueError, KeyError, re.error) as error:
-                message = '%s line %d: %s' % (self.filename, lineno, error)
+            except (ValueError, KeyError, TypeError, re.error) as error:
+                message = '%s line %d: %s' % (self._filename, lineno, error)
                 self.logger.error('skipping rule: %s', message)
                 errors.append(message)
-        self.rules, self.errors, self._stamp = rules, errors, stamp
-
-    def _reload_if_changed(self):
-        now = time.time()
-        if now - self._last_check < self.RELOAD_CHECK_INTERVAL:
-            return
-        with self._lock:
-            self._last_check = now
-            try:
-                stamp = os.stat(self.filename).st_ctime
-            except OSError:
-                stamp = None
-            if stamp != self._stamp:
-                self._load()
-
-    def file_changed(self):
-        try:
-            return os.stat(self.filename).st_ctime != self._stamp
-        except OSError:
-            return self._stamp is not None
+        self.errors = errors
+        return rules
 
     # -- fields ---------------------------------------------------------------
+    def get_field(self, suspect, headername):
+        """All values (str) of a rule field for a message (spec 6.1)."""
+        return force_uString(list(self.field_values(suspect, force_uString(headername), self)))
+
     @staticmethod
-    def field_values(suspect, field):
-        """All values of a rule field for a message (spec 6.1)."""
+    def field_values(suspect, field, rulefile=None):
         name = field.lower()
         if name in ('envelope_from', 'from_address'):
             return [suspect.from_address]
@@ -1905,7 +2018,9 @@ class SuspectFilter(object):
         if name == 'body:full':
             return [force_uString(suspect.get_original_source())]
         if name in ('body', 'body:stripped', 'body:raw'):
-            return SuspectFilter._body_values(suspect, stripped=(name != 'body:raw'))
+            rulefile = rulefile or SuspectFilter()
+            parts = rulefile.get_decoded_textparts(suspect)
+            return parts if name == 'body:raw' else [rulefile.strip_text(part) for part in parts]
         if name.startswith('mime:'):
             header = field[5:]
             values = []
@@ -1934,92 +2049,129 @@ class SuspectFilter(object):
                     value = value[part]
                 else:
                     return []
+        if value is None:
+            return []
         if isinstance(value, (list, tuple, set)):
-            return [str(v) for v in value]
+            return [force_uString(v) for v in value]
         if isinstance(value, dict):
             return [str(v) for v in value.values()]
-        return [str(value)]
+        return [force_uString(value)]
 
-    @staticmethod
-    def _body_values(suspect, stripped):
-        values = []
+    def get_decoded_textparts(self, suspect, attachment=None, inline=None):
+        """The decoded text of every text/* part (str). attachment / inline: None =
+        all parts, True = only parts with Content-Disposition attachment / inline,
+        False = only parts without it."""
+        texts = []
         for part in suspect.get_message_rep().walk():
-            if part.get_content_maintype() != 'text':
+            if part.get_content_maintype() != 'text' or part.is_multipart():
                 continue
-            payload = part.get_payload(decode=True) or b''
-            text = payload.decode(part.get_content_charset() or 'utf-8', 'replace')
-            if stripped:
-                if part.get_content_subtype() == 'html':
-                    text = strip_html(text)
-                text = text.replace('\r', ' ').replace('\n', ' ')
-            values.append(text)
-        return values
+            disposition = (part.get('Content-Disposition') or '').split(';')[0].strip().lower()
+            if attachment is not None and attachment != (disposition == 'attachment'):
+                continue
+            if inline is not None and inline != (disposition == 'inline'):
+                continue
+            payload = part.get_payload(decode=True)
+            if payload is None:
+                continue
+            texts.append(force_uString(payload, part.get_content_charset() or 'utf-8',
+                                       'strict+replace'))
+        return texts
+
+    def strip_text(self, content, remove_tags=None, replace_nbsp=True, use_bfs=True,
+                   fugluid='<>'):
+        """Text of an HTML document: tags removed (and everything inside
+        ``remove_tags``, default script and style), entities decoded, newlines as
+        spaces (as SpamAssassin sees a body). use_bfs is accepted: BeautifulSoup is
+        not used, the standard library's parser does the work."""
+        from email.header import Header
+        if isinstance(content, Header):
+            content = str(content)
+        content = force_uString(content).replace('\n', ' ')
+        if replace_nbsp:
+            for entity in ('&nbsp;', '&#xa0;', '&#160;'):
+                content = content.replace(entity, ' ')
+        stripper = HTMLStripper(strip_tags=[force_uString(tag) for tag in (remove_tags or ['script', 'style'])])
+        try:
+            stripper.feed(content)
+            stripper.close()
+            text = stripper.get_stripped_data()
+        except Exception:   # the parser gave up: remove what looks like tags
+            text = re.sub(r'<[^>]*?>', '', content)
+        return text.replace('\xa0', ' ') if replace_nbsp else text
 
     # -- matching -------------------------------------------------------------
-    def _matching(self, suspect, first_only):
-        self._reload_if_changed()
+    def _get_matches(self, suspect, verbose=False, firsthit=True):
+        """SuspectFilterResult of each matching value (firsthit: only the first
+        matching rule)."""
         found = []
-        for rule in self.rules:
+        for rule in self.get_list():
             try:
-                values = self.field_values(suspect, rule.field)
+                values = self.field_values(suspect, rule.fieldname, self)
             except Exception as error:
-                self.logger.warning('%s: rule %s line %d: %s', suspect.id, rule.field, rule.lineno, error)
+                self.logger.warning('%s: rule %s line %d: %s', suspect.id, rule.fieldname, rule.lineno, error)
                 continue
             for value in values:
-                if value is not None and rule.test(value):
-                    suspect.debug('rule %s line %d matched %r (%s)' % (self.filename, rule.lineno,
-                                                                        str(value)[:100], rule.text))
-                    found.append(rule)
-                    break
-            if found and first_only:
-                break
+                if value is None:
+                    continue
+                text = value if isinstance(value, str) else str(value)
+                matched = rule.test(text)
+                if matched is None:
+                    continue
+                suspect.debug('rule %s line %d matched %r (%s)' % (self.filename, rule.lineno,
+                                                                    text[:100], rule.text))
+                found.append(SuspectFilterResult(rule.fieldname, text, rule.args, matched))
+                if firsthit:
+                    return found
         return found
 
-    def matches(self, suspect, extended=False):
-        found = self._matching(suspect, first_only=True)
+    def matches(self, suspect, extended=False, verbose=False):
+        found = self._get_matches(suspect, verbose, firsthit=True)
         if not found:
-            return (False, None)
-        if extended:
-            return True, found[0]
-        return True, found[0].args
+            suspect.debug('message does not match any rule in %s' % self.filename)
+            return False, None
+        return True, (found[0] if extended else found[0].arg)
 
-    def get_args(self, suspect, extended=False):
-        return [rule if extended else rule.args for rule in self._matching(suspect, first_only=False)]
+    def get_args(self, suspect, extended=False, verbose=False):
+        found = self._get_matches(suspect, verbose, firsthit=False)
+        return found if extended else [result.arg for result in found]
 
     def lint(self):
+        if self.filename is None:
+            print('ERROR: SuspectFilter file not defined')
+            return False
         if not os.path.exists(self.filename):
             print('rule file not found: %s' % self.filename)
             return False
-        self._load()
+        self._stamp, self._last_check = None, 0
+        self._reload_if_necessary()
         for error in self.errors:
             print('unparsable rule: %s' % error)
         return not self.errors
 
 
-def strip_html(text):
-    """Text content of an HTML document (tags, scripts and styles removed)."""
-    from html.parser import HTMLParser
+class HTMLStripper(HTMLParser):
+    """Collects the text of an HTML document, without the content of ``strip_tags``."""
 
-    class TextCollector(HTMLParser):
-        def __init__(self):
-            super().__init__(convert_charrefs=True)
-            self.parts, self.skip = [], 0
+    def __init__(self, strip_tags=None):
+        super().__init__()
+        self.strip_tags = strip_tags or ['script', 'style']
+        self.collect = True
+        self.stripped_data = []
 
-        def handle_starttag(self, tag, attrs):
-            if tag in ('script', 'style'):
-                self.skip += 1
+    def handle_data(self, data):
+        if data and self.collect:
+            self.stripped_data.append(data)
 
-        def handle_endtag(self, tag):
-            if tag in ('script', 'style') and self.skip:
-                self.skip -= 1
+    def handle_starttag(self, tag, attrs):
+        if tag.lower() in self.strip_tags:
+            self.collect = False
 
-        def handle_data(self, data):
-            if not self.skip:
-                self.parts.append(data)
-    collector = TextCollector()
-    collector.feed(text)
-    collector.close()
-    return ' '.join(collector.parts)
+    def handle_endtag(self, tag):
+        if tag.lower() in self.strip_tags:
+            self.collect = True
+
+    def get_stripped_data(self):
+        return ''.join(self.stripped_data)
 
 
 ###############################################################################
@@ -3995,7 +4147,12 @@ class NetcatConnector(Connector):
                 recipients = [address for address in found_recipients if address] or recipients
         if not data:
             return self.answer(sock, b'REJECT:empty message')
-        self.scan(sock, label, Suspect(sender, recipients, inbuffer=data), tags)
+        try:
+            suspect = Suspect(sender, recipients, inbuffer=data)
+        except ValueError as error:   # an envelope address the address check refuses
+            self.logger.warning('netcat from %s: %s', label, error)
+            return self.answer(sock, b'REJECT:' + one_line(error).encode('utf-8', 'replace'))
+        self.scan(sock, label, suspect, tags)
 
     def read_message(self, sock, limit):
         """Everything up to the client's half-close: (bytes, False), or (b'', True)
