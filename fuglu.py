@@ -2178,16 +2178,78 @@ class HTMLStripper(HTMLParser):
 # Plugins: base classes and loader
 ###############################################################################
 
+def call_plugin(method, *args, **kwargs):
+    """Call a plugin method and return its result; if it is a coroutine (a plugin's
+    ``async def examine``, as FuGlu 1.7's own plugins have), run it to completion on
+    this thread's event loop first. Works from any worker thread."""
+    result = method(*args, **kwargs)
+    if not hasattr(result, '__await__'):
+        return result
+    return run_coroutine(result)
+
+
+_plugin_loops = threading.local()
+
+
+def run_coroutine(awaitable):
+    """Run ``awaitable`` on an event loop owned by this thread (made on first use and
+    kept, so a plugin's connections can be reused by later messages)."""
+    import asyncio
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:   # called from inside a running loop: it cannot be re-entered, use a helper thread
+        outcome = {}
+
+        def run_elsewhere():
+            try:
+                outcome['value'] = run_coroutine(awaitable)
+            except BaseException as error:
+                outcome['error'] = error
+        helper = threading.Thread(target=run_elsewhere, name='fuglu-coroutine')
+        helper.start()
+        helper.join()
+        if 'error' in outcome:
+            raise outcome['error']
+        return outcome['value']
+    loop = getattr(_plugin_loops, 'loop', None)
+    if loop is None or loop.is_closed():
+        loop = _plugin_loops.loop = asyncio.new_event_loop()
+    return loop.run_until_complete(awaitable)
+
+
+class RequiredVars(dict):
+    """A plugin's ``requiredvars`` table. Every change registers the defaults with
+    the config, so FuGlu's ``self.requiredvars.update({...})`` in a plugin's __init__
+    works like an assignment."""
+
+    def __init__(self, plugin, table=()):
+        super().__init__(table)
+        self._plugin = plugin
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._plugin._register_defaults(self)
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self._plugin._register_defaults(self)
+
+
 class BasicPlugin(object):
     """Base of every plugin.
 
     Contract for the daemon: ``__init__(config, section=None)``; ``lint()`` -> bool,
-    printing human-readable diagnostics; ``shutdown()`` when the daemon stops.
-    May be overridden: ``requiredvars`` (class attribute, option -> {'default':
-    str, 'description': str, optional 'section', 'validator'}); ``lint()``;
-    ``__str__`` (the friendly name used in lint and logs).
+    printing human-readable diagnostics; ``shutdown()`` (and ``ashutdown()``) when the
+    daemon stops. Any of these may be ``async def``: the daemon awaits them.
+    May be overridden: ``requiredvars`` (class attribute, or assigned / updated in
+    __init__ as FuGlu plugins do: option -> {'default': str, 'description': str,
+    optional 'section', 'validator'}); ``lint()``; ``__str__`` (the friendly name used
+    in lint and logs).
     Instance attributes: ``config`` (FuConfigParser), ``section`` (config section,
-    default: the class name), ``logger`` (``fuglu.plugin.<Class>``).
+    default: the class name), ``logger`` (``fuglu.plugin.<Class>``, also from
+    ``_logger()``).
     Plugin instances are shared by all worker threads: keep per-message state in the
     Suspect (tags), not in the plugin.
     """
@@ -2195,26 +2257,34 @@ class BasicPlugin(object):
     friendly_name = None
     ignored_options = ()   # regexes: FuGlu options of this plugin accepted without effect
 
-    # Plugins declare `requiredvars` as a class attribute (ours) or assign it in their
-    # __init__ after calling the base (FuGlu's habit): the property registers the
-    # defaults with the config either way.
     def _get_requiredvars(self):
-        return self.__dict__.get('_requiredvars', {})
+        table = self.__dict__.get('_requiredvars')
+        if table is None:
+            table = self.__dict__['_requiredvars'] = RequiredVars(self)
+        return table
 
     def _set_requiredvars(self, table):
+        if isinstance(table, dict):
+            table = RequiredVars(self, table)
         self.__dict__['_requiredvars'] = table
-        if getattr(self, 'config', None) is not None and hasattr(self.config, 'set_defaults'):
-            self.config.set_defaults(self.section, table)
+        self._register_defaults(table)
 
     requiredvars = property(_get_requiredvars, _set_requiredvars)
+
+    def _register_defaults(self, table):
+        if isinstance(table, dict) and hasattr(getattr(self, 'config', None), 'set_defaults'):
+            self.config.set_defaults(self.section, table)
 
     def __init__(self, config, section=None):
         self.config = config
         self.section = section or getattr(self, 'default_section', None) or self.__class__.__name__
-        self.logger = logging.getLogger('fuglu.plugin.%s' % self.__class__.__name__)
+        self.logger = self._logger()
         self._custom_section = section is not None
-        if config is not None and hasattr(config, 'set_defaults'):
-            config.set_defaults(self.section, self.requiredvars)
+        self._register_defaults(self.requiredvars)
+
+    def _logger(self):
+        """The logger of this plugin (FuGlu's name: fuglu.plugin.<Class>)."""
+        return logging.getLogger('fuglu.plugin.%s' % self.__class__.__name__)
 
     def __str__(self):
         name = self.friendly_name or self.__class__.__name__
@@ -2228,9 +2298,20 @@ class BasicPlugin(object):
         code = string_to_actioncode(self.config.get(self.section, 'problemaction'), self.config)
         return DEFER if code is None else code
 
+    def _option_table(self):
+        """requiredvars as a dict; FuGlu's old list (option names) and tuple
+        ((section, option) pairs) forms declare options without defaults."""
+        table = self.requiredvars
+        if isinstance(table, list):
+            return {option: {} for option in table}
+        if isinstance(table, tuple):
+            return {option: {'section': section} for section, option in table}
+        return dict(table)
+
     def check_config(self):
-        """Every declared option readable and valid; unknown options are errors."""
-        table = dict(self.requiredvars)
+        """Every declared option readable and valid; options in the plugin's section
+        that it does not declare are errors (typos; FuGlu itself does not check this)."""
+        table = self._option_table()
         table.setdefault('overrideaction', {'description': ''})
         table.setdefault('overridemessage', {'description': ''})
         errors = [e for e in check_options(self.config, self.section, table, self.ignored_options)
@@ -2239,41 +2320,294 @@ class BasicPlugin(object):
             print(error)
         return not errors
 
+    checkConfig = deprecated(check_config)
+
+    def lint_actioncode(self, option, *, allow_empty=False, allow_extras=()):
+        """True if option ``option`` of this plugin names an action (or one of
+        ``allow_extras``); prints an ERROR line and returns False otherwise."""
+        try:
+            value = self.config.get(self.section, option)
+        except (configparser.NoOptionError, configparser.NoSectionError):
+            if allow_empty:
+                return True
+            print('ERROR: %s.%s is not set' % (self.section, option))
+            return False
+        if not value:
+            if allow_empty:
+                return True
+            print('ERROR: %s.%s is empty' % (self.section, option))
+            return False
+        if value.strip().upper() in {extra.upper() for extra in allow_extras}:
+            return True
+        if string_to_actioncode(value, self.config) is None:
+            extras = ' or one of %s' % list(allow_extras) if allow_extras else ''
+            print('ERROR: %s.%s=%r is not a valid action%s' % (self.section, option, value, extras))
+            return False
+        return True
+
     def lint(self):
         return self.check_config()
 
     def shutdown(self):
         pass
 
+    async def ashutdown(self):
+        pass
 
-class ScannerPlugin(BasicPlugin):
+
+class ReturnOverrideMixin(object):
+    """FuGlu's ``overrideaction`` / ``overridemessage`` options: a dry run replaces the
+    plugin's verdict by the configured one. (The scan session applies them to every
+    scanner; this gives plugins FuGlu's methods for it.)"""
+
+    @property
+    def overrideaction(self):
+        value = self.config.get(self.section, 'overrideaction', fallback=None)
+        return string_to_actioncode(value, self.config) if value else None
+
+    @property
+    def milter_overrideaction(self):
+        action = self.overrideaction
+        return None if action is None else MILTER_RETCODES[action]
+
+    def _check_apply_override(self, out=None, suspectid='<>'):
+        code, message = out if isinstance(out, tuple) else (out, None)
+        override = self.overrideaction
+        if override is not None and code is not None and code != override:
+            self._logger().warning('%s overrideaction: plugin=%s/msg=%s, override=%s', suspectid,
+                                   actioncode_to_string(code), message or '', actioncode_to_string(override))
+            code = override
+            message = self.config.get(self.section, 'overridemessage', fallback='').strip() or None
+        return (code, message) if message is not None and code is not None else code
+
+
+class ScannerPlugin(ReturnOverrideMixin, BasicPlugin):
     """A scanner looks at a message and may decide about it.
 
-    Override ``examine(suspect)``: return DUNNO/ACCEPT/DELETE/REJECT/DEFER, a tuple
-    (action, message), or None (= DUNNO). Options ``overrideaction`` and
-    ``overridemessage`` in the plugin's section replace its decision (dry runs).
+    Override ``examine(suspect)`` (may be ``async def``): return DUNNO/ACCEPT/DELETE/
+    REJECT/DEFER, a tuple (action, message), or None (= DUNNO). Options
+    ``overrideaction`` and ``overridemessage`` in the plugin's section replace its
+    decision (dry runs). ``_problemcode()`` is the action of option problemaction
+    (DEFER when unset or invalid).
     """
 
     def examine(self, suspect):
         return DUNNO
 
+    def run_examine(self, suspect):
+        return self._check_apply_override(call_plugin(self.examine, suspect), suspectid=suspect.id)
+
+    def _problemcode(self, configoption='problemaction'):
+        value = self.config.get(self.section, configoption, fallback=None)
+        code = string_to_actioncode(value, self.config) if value is not None else None
+        return DEFER if code is None else code
+
     def _blockreport(self, suspect, blockinfo, enginename=None):
         engine = enginename or str(self)
+        if blockinfo is None:
+            suspect.tags['blocked'][engine] = False
+            return
         suspect.tags['blocked'][engine] = True
         suspect.tags['%s.blocked' % engine] = blockinfo
+        suspect.debug('block reason found in message : %s' % (blockinfo,))
 
-    def _spamreport(self, suspect, is_spam, is_highspam, report, score, enginename=None):
+    def _spamreport(self, suspect, is_spam, is_highspam, spamreport, spamscore, enginename=None):
         engine = enginename or str(self)
         suspect.tags['spam'][engine] = is_spam
         suspect.tags['highspam'][engine] = is_highspam
-        suspect.tags['%s.report' % engine] = report
-        suspect.tags['%s.score' % engine] = score
+        suspect.tags['%s.report' % engine] = spamreport
+        suspect.tags['%s.score' % engine] = spamscore
+
+
+class AsyncScannerPlugin(ScannerPlugin):
+    """ScannerPlugin whose examine() and lint() are coroutines."""
+
+    async def examine(self, suspect):
+        return DUNNO
+
+    async def run_examine(self, suspect):
+        return self._check_apply_override(await self.examine(suspect), suspectid=suspect.id)
+
+    async def lint(self):
+        return self.check_config()
+
+
+class AVScannerPlugin(ScannerPlugin):
+    """Base of scanners that ask an antivirus daemon (FuGlu's AVScannerPlugin).
+
+    Subclasses implement ``scan_stream(content, suspectid)`` -> None or {name:
+    virus}, and declare the options the helpers read: host, port (number or Unix
+    socket path), timeout, maxsize, retries, virusaction, problemaction,
+    rejectmessage (template with ${virusname} and ${infectedfile}), optional
+    enginename, skip_on_previous_virus, lint_body_eicar. examine() does size check,
+    retries, tagging and the verdict."""
+
+    enginename = 'generic-av'
+    eicar = ('Date: Mon, 08 Sep 2008 17:33:54 +0200\r\n'
+             'To: recipient@unittests.fuglu.org\r\nFrom: sender@unittests.fuglu.org\r\n'
+             'Subject: test eicar attachment\r\nMIME-Version: 1.0\r\n'
+             'Content-Type: multipart/mixed; boundary="----=_MIME_BOUNDARY_000_12140"\r\n\r\n'
+             '------=_MIME_BOUNDARY_000_12140\r\nContent-Type: text/plain\r\n\r\nEicar test\r\n'
+             '------=_MIME_BOUNDARY_000_12140\r\nContent-Type: application/octet-stream\r\n'
+             'Content-Transfer-Encoding: BASE64\r\nContent-Disposition: attachment\r\n\r\n'
+             'UEsDBAoAAAAAAGQ7WyUjS4psRgAAAEYAAAAJAAAAZWljYXIuY29tWDVPIVAlQEFQWzRcUFpYNTQo\r\n'
+             'UF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUhJEgrSCoNClBLAQIU\r\n'
+             'AAoAAAAAAGQ7WyUjS4psRgAAAEYAAAAJAAAAAAAAAAEAIAD/gQAAAABlaWNhci5jb21QSwUGAAAA\r\n'
+             'AAEAAQA3AAAAbQAAAAAA\r\n\r\n------=_MIME_BOUNDARY_000_12140--\r\n')
+    eicar_body = ('Date: Mon, 08 Sep 2008 17:33:54 +0200\r\nTo: recipient@unittests.fuglu.org\r\n'
+                  'From: sender@unittests.fuglu.org\r\nSubject: test eicar in body\r\n'
+                  'MIME-Version: 1.0\r\n\r\n'
+                  'X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*\r\n\r\n')
+
+    def _logger(self):
+        return logging.getLogger('fuglu.plugin.%s(%s)' % (self.__class__.__name__, self._get_enginename()))
+
+    def scan_stream(self, content, suspectid='(N/A)'):
+        self._logger().warning('Unimplemented scan_stream() method')
+        return None
+
+    def _get_enginename(self):
+        configured = self.config.get(self.section, 'enginename', fallback='') \
+            if getattr(self, 'config', None) is not None else ''
+        return configured or self.enginename
+
+    def _check_too_big(self, suspect):
+        maxsize = self.config.getint(self.section, 'maxsize')
+        if suspect.size and suspect.size > maxsize:
+            self._logger().info('%s Not scanning - message too big (message %d bytes > config %d bytes)',
+                                suspect.id, suspect.size, maxsize)
+            return True
+        return False
+
+    def _virusreport(self, suspect, viruses):
+        """Tag the result of a scan; -> (action, message) (DUNNO, None when clean)."""
+        engine = self._get_enginename()
+        if viruses is None:
+            suspect.tags['virus'][engine] = False
+            return DUNNO, None
+        self._logger().info('%s Virus found in message from %s : %s', suspect.id, suspect.from_address, viruses)
+        suspect.tags['virus'][engine] = True
+        suspect.tags['%s.virus' % engine] = viruses
+        suspect.tags['%s.virus' % self.__class__.__name__] = viruses
+        suspect.debug('viruses found in message : %s' % (viruses,))
+        action = string_to_actioncode(self.config.get(self.section, 'virusaction'), self.config)
+        if action is None:
+            action = DEFER
+        infected, virusname = next(iter(viruses.items()))
+        message = apply_template(self.config.get(self.section, 'rejectmessage'), suspect,
+                                 dict(infectedfile=infected, virusname=virusname))
+        return action, message
+
+    def lint_eicar(self, scan_function_name='scan_stream'):
+        """Scan the EICAR test message; True (and a line) if the engine finds it."""
+        body = self.config.getboolean(self.section, 'lint_body_eicar', fallback=False)
+        try:
+            result = call_plugin(getattr(self, scan_function_name),
+                                 force_bString(self.eicar_body if body else self.eicar))
+        except Exception as error:
+            print('ERROR in %s: %s: %s' % (scan_function_name, error.__class__.__name__, error))
+            return False
+        if result is None:
+            print('EICAR Test virus not found!')
+            return False
+        print('%s testing eicar in %s: found virus %s' % (self, 'body' if body else 'zip attachment', result))
+        return True
+
+    def _skip_on_previous_virus(self, suspect):
+        """'' to scan, else why this scan is skipped (option skip_on_previous_virus:
+        none, all, or a list of engine names)."""
+        skiplist = self.config.get(self.section, 'skip_on_previous_virus', fallback='none')
+        if skiplist.strip().lower() == 'none':
+            return ''
+        if skiplist.strip().lower() == 'all':
+            return "Message is virus and skiplist is 'all' -> skip!" if suspect.is_virus() else ''
+        for engine in parse_list(skiplist):
+            if suspect.tags['virus'].get(engine):
+                return 'Scanner %s has already tagged message as virus -> skip' % engine
+        return ''
+
+    def lintinfo_skip(self):
+        skiplist = self.config.get(self.section, 'skip_on_previous_virus', fallback='none')
+        if skiplist.strip().lower() == 'none':
+            print('%s will always scan, even if message is already marked as virus' % self.enginename)
+        elif skiplist.strip().lower() == 'all':
+            print('%s will skip scan if message is already marked as virus' % self.enginename)
+        else:
+            print('%s will skip scan if message is already marked as virus by: %s'
+                  % (self.enginename, ','.join(parse_list(skiplist))))
+        return True
+
+    def examine(self, suspect):
+        if self._check_too_big(suspect):
+            return DUNNO
+        content = suspect.get_source()
+        retries = self.config.getint(self.section, 'retries')
+        for attempt in range(retries):
+            try:
+                return self._virusreport(suspect, call_plugin(self.scan_stream, content, suspect.id))
+            except Exception as error:
+                self._logger().warning('%s Error encountered while contacting %s server (try %d of %d): %s: %s',
+                                       suspect.id, self.enginename, attempt + 1, retries,
+                                       error.__class__.__name__, error)
+        self._logger().error('%s %s scan failed after %d retries', suspect.id, self.enginename, retries)
+        return self._problemcode()
+
+    def __init_socket__(self):
+        """A connected socket to the daemon: option port is a TCP port on host, or the
+        path of a Unix socket."""
+        target = self.config.get(self.section, 'port')
+        timeout = self.config.getfloat(self.section, 'timeout')
+        if not target.strip().isdigit():
+            if not os.path.exists(target):
+                raise Exception('unix socket %s not found' % target)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(target)
+            except OSError as error:
+                sock.close()
+                raise Exception('Could not reach %s server using unix socket %s due to %s'
+                                % (self.enginename, target, error))
+            return sock
+        host = self.config.get(self.section, 'host', resolve_env=True)
+        try:
+            return socket.create_connection((host, int(target)), timeout)
+        except OSError as error:
+            raise Exception('Could not reach %s server using network (%s, %s) due to %s'
+                            % (self.enginename, host, target, error))
+
+    def _close_socket(self, sock):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError as error:
+            self._logger().warning('%s Error terminating connection: %s', self.enginename, error)
+        finally:
+            sock.close()
+
+
+class AsyncAVScannerPlugin(AVScannerPlugin, AsyncScannerPlugin):
+    """AVScannerPlugin whose scan_stream(), examine() and lint() are coroutines."""
+
+    async def scan_stream(self, content, suspectid='(N/A)'):
+        raise NotImplementedError()
+
+    async def examine(self, suspect):
+        return AVScannerPlugin.examine(self, suspect)
+
+    async def run_examine(self, suspect):
+        return self._check_apply_override(await self.examine(suspect), suspectid=suspect.id)
+
+    async def lint(self):
+        return self.check_config()
+
+    async def lint_eicar(self, scan_function_name='scan_stream'):
+        return AVScannerPlugin.lint_eicar(self, scan_function_name)
 
 
 class PrependerPlugin(BasicPlugin):
     """Runs before the scanners. Override ``pluginlist(suspect, pluginlist)`` and/or
-    ``appenderlist(suspect, appenderlist)``: return a new list to replace the scanners
-    or appenders for this message, or None to keep them."""
+    ``appenderlist(suspect, appenderlist)`` (may be ``async def``): return a new list
+    to replace the scanners or appenders for this message, or None to keep them."""
 
     def pluginlist(self, suspect, pluginlist):
         return None
@@ -2282,12 +2616,32 @@ class PrependerPlugin(BasicPlugin):
         return None
 
 
+class AsyncPrependerPlugin(PrependerPlugin):
+    async def pluginlist(self, suspect, pluginlist):
+        return None
+
+    async def appenderlist(self, suspect, appenderlist):
+        return None
+
+    async def lint(self):
+        return self.check_config()
+
+
 class AppenderPlugin(BasicPlugin):
     """Runs after the message was delivered or refused (not when it was deferred).
-    Override ``process(suspect, decision)``; the return value is ignored."""
+    Override ``process(suspect, decision)`` (may be ``async def``); the return value
+    is ignored."""
 
     def process(self, suspect, decision):
         pass
+
+
+class AsyncAppenderPlugin(AppenderPlugin):
+    async def process(self, suspect, decision):
+        pass
+
+    async def lint(self):
+        return self.check_config()
 
 
 # alias -> module.Class of the bundled plugins ([PluginAlias] in the config adds more)
