@@ -2826,6 +2826,7 @@ class ScanSession(object):
         controller = self.controller
         config = self.config
         controller.stats.received()
+        suspect.tempdir = config.get('main', 'tempdir')
         if len(suspect.recipients) != 1:
             self.logger.debug('%s has %d recipients', suspect.id, len(suspect.recipients))
         scanners = list(controller.plugins)
@@ -2835,11 +2836,11 @@ class ScanSession(object):
             if suspect.tags.get('skip_prependers'):
                 break
             try:
-                result = prepender.pluginlist(suspect, scanners)
+                result = call_plugin(prepender.pluginlist, suspect, scanners)
                 if result is not None:
                     self._log_list_change(suspect, prepender, 'scanners', scanners, result)
                     scanners = list(result)
-                result = prepender.appenderlist(suspect, appenders)
+                result = call_plugin(prepender.appenderlist, suspect, appenders)
                 if result is not None:
                     self._log_list_change(suspect, prepender, 'appenders', appenders, result)
                     appenders = list(result)
@@ -2852,7 +2853,7 @@ class ScanSession(object):
         for plugin in scanners:
             started = time.time()
             try:
-                result = plugin.examine(suspect)
+                result = call_plugin(plugin.examine, suspect)
             except Exception as error:
                 self._plugin_error(suspect, plugin, error)
                 continue
@@ -2949,7 +2950,14 @@ class ScanSession(object):
         return one_line(text)
 
     def finish(self, suspect, action, delivered):
-        """After the MTA has its answer: counters, appenders (not for deferred mail)."""
+        """After the MTA has its answer: counters, appenders (not for deferred mail);
+        then the message's temporary file (suspect.tempfile) is removed."""
+        try:
+            self._finish(suspect, action, delivered)
+        finally:
+            suspect.cleanup()
+
+    def _finish(self, suspect, action, delivered):
         if action == DEFER or (action in (DUNNO, ACCEPT) and not delivered):
             self.logger.info('DEFERRED %s', suspect.id)
             return
@@ -2961,7 +2969,7 @@ class ScanSession(object):
             return
         for appender in suspect.tags.get('appenders', self.controller.appenders):
             try:
-                appender.process(suspect, action)
+                call_plugin(appender.process, suspect, action)
             except Exception as error:
                 self._plugin_error(suspect, appender, error)
 
@@ -5373,7 +5381,7 @@ class MilterSession(object):
             if plugin.__class__.__name__ in skipped:
                 continue
             try:
-                result = getattr(plugin, 'examine_' + stage)(self, *args)
+                result = call_plugin(getattr(plugin, 'examine_' + stage), self, *args)
             except Exception as error:
                 trace = traceback.format_exc()
                 self.logger.error('%s: milter plugin %s failed at %s: %s: %s', self.label(), plugin, stage,
@@ -6157,7 +6165,9 @@ class MainController(object):
         self.downstream_pool.purge(everything=True)
         for plugin in self.plugins + self.prependers + self.appenders:
             try:
-                plugin.shutdown()
+                call_plugin(plugin.shutdown)
+                if hasattr(plugin, 'ashutdown'):
+                    call_plugin(plugin.ashutdown)
             except Exception:
                 self.logger.error('plugin %s shutdown failed: %s', plugin, traceback.format_exc())
         self.logger.info('shutdown complete')
@@ -6282,7 +6292,7 @@ class Lint(object):
             for plugin in plugins.get(option, []):
                 self.say('Linting Plugin %s Config section: %s' % (plugin, plugin.section))
                 try:
-                    ok = plugin.lint()
+                    ok = call_plugin(plugin.lint)
                 except Exception as error:
                     self.say('ERROR: %s: %s' % (error.__class__.__name__, error), 'red')
                     ok = False
