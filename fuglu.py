@@ -72,6 +72,7 @@ from html.parser import HTMLParser   # small; FuGlu's HTMLStripper subclasses it
 # `python3 fuglu.py` and `python3 -m fuglu` run this file as __main__; a plugin that does
 # `import fuglu` (or the FuGlu way, `from fuglu.shared import ...`) must get this very
 # module, not a second copy with its own classes.
+# The other FuGlu module names are registered at the end (register_compat_modules).
 if __name__ == '__main__':
     sys.modules.setdefault('fuglu', sys.modules[__name__])
 sys.modules.setdefault('fuglu.shared', sys.modules[__name__])
@@ -2717,12 +2718,16 @@ def resolve_plugin_class(name, config):
         raise PluginLoadError('%s is neither an alias nor a dotted module.Class name' % name)
     try:
         module = importlib.import_module(module_name)
+    except NotInThisBuild as error:
+        raise PluginLoadError(str(error))
     except Exception as error:
         raise PluginLoadError('cannot import %s for plugin %s: %s: %s'
                               % (module_name, name, error.__class__.__name__, error))
     try:
         return getattr(module, class_name)
     except AttributeError:
+        if module_name.startswith('fuglu.plugins.'):
+            raise PluginLoadError('%s is a plugin of FuGlu 1.7 that is not part of this build' % target)
         raise PluginLoadError('module %s has no class %s' % (module_name, class_name))
 
 
@@ -3510,15 +3515,15 @@ def record_inject_result(suspect, code, text):
         suspect.tags['injectqueueid'] = match.group(1)
 
 
-def send_bounce(config, suspect, recipient, message_bytes):
-    """Deliver a generated message (a bounce) with the null sender to
+def send_bounce(config, suspect, recipient, message_bytes, sender=''):
+    """Deliver a generated message (a bounce) with the null sender (or ``sender``) to
     bouncehost:bounceport. Returns the downstream queue id, or None when bounces are
     off for this message or recipient. Raises SMTPError on delivery failure."""
     logger = logging.getLogger('fuglu.bouncer')
     if suspect is not None and suspect.tags.get('nobounce'):
         logger.info('%s: no bounce (tag nobounce)', suspect.id)
         return None
-    if config.getboolean('main', 'disablebounces'):
+    if not sender and config.getboolean('main', 'disablebounces'):
         logger.info('%s: no bounce (disablebounces)', suspect.id if suspect else '-')
         return None
     domain = split_address(recipient)[1].lower()
@@ -3535,7 +3540,7 @@ def send_bounce(config, suspect, recipient, message_bytes):
     client.connect()
     try:
         client.ehlo()
-        for line, expected in (('MAIL FROM:<>', 250), ('RCPT TO:<%s>' % recipient, 250)):
+        for line, expected in (('MAIL FROM:<%s>' % sender, 250), ('RCPT TO:<%s>' % recipient, 250)):
             code, text = client.command(line)
             if code != expected:
                 raise SMTPError(code, ' '.join(text))
@@ -3547,6 +3552,86 @@ def send_bounce(config, suspect, recipient, message_bytes):
     match = QUEUE_ID_RE.search(text)
     logger.info('%s: bounce sent to %s: %s', suspect.id if suspect else '-', recipient, text)
     return match.group(1) if match else None
+
+
+def queueid_from_postfixreply(logline):
+    """The queue id in a Postfix '250 2.0.0 Ok: queued as ...' reply, or None."""
+    match = QUEUE_ID_RE.search(force_uString(logline) or '')
+    return match.group(1) if match else None
+
+
+class Bounce(object):
+    """FuGlu's bouncer for plugins: ``send_template_file(recipient, templatefile,
+    suspect, values)`` / ``send_template_string(...)`` fill a template (apply_template)
+    and send it with the null sender; ``send(fromaddress, toaddress, message)`` sends
+    a complete message. All go through send_bounce (bouncehost, disablebounces,
+    nobouncefile, tag nobounce) and return the downstream queue id or None."""
+
+    def __init__(self, config):
+        self.config = config
+        self.logger = logging.getLogger('fuglu.bouncer')
+        self.nobounce = None
+
+    def _add_required_headers(self, recipient, messagecontent):
+        import email
+        import email.utils
+        message = email.message_from_string(messagecontent)
+        message.set_charset('utf-8')
+        defaults = (('To', recipient), ('From', 'MAILER-DAEMON@%s' % get_outgoing_helo(self.config)),
+                    ('Auto-Submitted', 'auto-generated'), ('Date', email.utils.formatdate(localtime=True)),
+                    ('Message-ID', email.utils.make_msgid()))
+        for name, value in defaults:
+            if name not in message:
+                message[name] = value
+        return message.as_string()
+
+    def send_template_file(self, recipient, templatefile, suspect, values):
+        if not os.path.exists(templatefile):
+            self.logger.error('%s Template file does not exist: %s', suspect.id, templatefile)
+            return None
+        with open(templatefile, encoding='utf-8', errors='replace') as handle:
+            return self.send_template_string(recipient, handle.read(), suspect, values)
+
+    def send_template_string(self, recipient, templatecontent, suspect, values):
+        if suspect.get_tag('nobounce'):
+            self.logger.info('%s Not sending bounce to %s - bounces disabled by plugin', suspect.id, recipient)
+            return None
+        message = apply_template(templatecontent, suspect, values)
+        try:
+            message = self._add_required_headers(recipient, message)
+        except Exception as error:   # a broken template is still sent as written
+            self.logger.warning('%s Bounce message template could not be verified: %s', suspect.id, error)
+        return self.send('<>', recipient, message)
+
+    def _get_targethost(self):
+        return outgoing_target(self.config, bounce=True)[0]
+
+    def _get_targetport(self):
+        return outgoing_target(self.config, bounce=True)[1]
+
+    def send(self, fromaddress, toaddress, message):
+        sender = '' if fromaddress in (None, '', '<>') else strip_address(fromaddress)
+        message = force_bString(message).replace(b'\r\n', b'\n').replace(b'\n', b'\r\n')
+        return send_bounce(self.config, None, toaddress, message, sender=sender)
+
+    _send = deprecated(send)
+
+    def lint(self):
+        try:
+            host, port = outgoing_target(self.config, bounce=True)
+        except Exception as error:
+            print('ERROR: failed to initialise bouncer: %s' % error)
+            return False
+        print('INFO: config checked: targethost=%s port=%s helo=%s' % (host, port, outgoing_helo(self.config)))
+        return True
+
+
+def get_outgoing_helo(config=None):
+    """FuGlu's name: the EHLO name for outgoing mail (this host's FQDN without a
+    config)."""
+    if config is None:
+        return sys.modules[__name__].HOSTNAME.lower()
+    return outgoing_helo(config)
 
 
 # Envelope address checks (spec 5.4)
@@ -5010,6 +5095,168 @@ class MilterPlugin(BasicPlugin):
     STAGES = ('connect', 'helo', 'mailfrom', 'rcpt', 'header', 'eoh', 'eob')
 
 
+# -- FuGlu's milter plugin API (fuglu.mshared) ------------------------------------
+# FuGlu's milter plugins return milter codes (sm.CONTINUE, sm.REJECT ...) and pick
+# their stages with option ``state``; they run here as MilterPlugins.
+MILTER_CONNECT, MILTER_HELO, MILTER_MAILFROM, MILTER_RCPT = 'connect', 'helo', 'mailfrom', 'rcpt'
+MILTER_HEADER, MILTER_EOH, MILTER_EOB, MILTER_EOM = 'header', 'eoh', 'eob', 'eom'
+MILTER_RETCODES = {DUNNO: b'continue', ACCEPT: b'accept', DELETE: b'discard', REJECT: b'reject',
+                   DEFER: b'tempfail'}
+MILTER_STR2RETCODE = {code.decode(): code for code in MILTER_RETCODES.values()}
+MILTER_STR2RETCODE.update(conn_fail=b'conn_fail', shutdown=b'shutdown')
+MILTER_RETCODE_ACTIONS = {code: action for action, code in MILTER_RETCODES.items()}
+
+
+def convert_return2milter(ret):
+    """An action (or (action, message)) -> the milter code (or (code, message))."""
+    if isinstance(ret, tuple):
+        return MILTER_RETCODES[ret[0]], ret[1]
+    if isinstance(ret, int):
+        return MILTER_RETCODES[ret]
+    raise ValueError('ret type should be tuple(int, str) or int -> but is %s' % type(ret))
+
+
+class BMPConnectMixin(object):
+    def examine_connect(self, sess, host, addr):
+        raise NotImplementedError()
+
+
+class BMPHeloMixin(object):
+    def examine_helo(self, sess, helo):
+        raise NotImplementedError()
+
+
+class BMPMailFromMixin(object):
+    def examine_mailfrom(self, sess, sender):
+        raise NotImplementedError()
+
+
+class BMPRCPTMixin(object):
+    def examine_rcpt(self, sess, recipient):
+        raise NotImplementedError()
+
+
+class BMPHeaderMixin(object):
+    def examine_header(self, sess, key, value):
+        raise NotImplementedError()
+
+
+class BMPEOHMixin(object):
+    def examine_eoh(self, sess):
+        raise NotImplementedError()
+
+
+class BMPEOBMixin(ReturnOverrideMixin):
+    def examine_eob(self, sess):
+        raise NotImplementedError()
+
+
+class BMPConnectAsyncMixin(BMPConnectMixin):
+    async def examine_connect(self, sess, host, addr):
+        raise NotImplementedError()
+
+
+class BMPHeloAsyncMixin(BMPHeloMixin):
+    async def examine_helo(self, sess, helo):
+        raise NotImplementedError()
+
+
+class BMPMailFromAsyncMixin(BMPMailFromMixin):
+    async def examine_mailfrom(self, sess, sender):
+        raise NotImplementedError()
+
+
+class BMPRCPTAsyncMixin(BMPRCPTMixin):
+    async def examine_rcpt(self, sess, recipient):
+        raise NotImplementedError()
+
+
+class BMPHeaderAsyncMixin(BMPHeaderMixin):
+    async def examine_header(self, sess, key, value):
+        raise NotImplementedError()
+
+
+class BMPEOHAsyncMixin(BMPEOHMixin):
+    async def examine_eoh(self, sess):
+        raise NotImplementedError()
+
+
+class BMPEOBAsyncMixin(BMPEOBMixin):
+    async def examine_eob(self, sess):
+        raise NotImplementedError()
+
+
+class BasicMilterPlugin(ReturnOverrideMixin, MilterPlugin):
+    """FuGlu's milter plugin base: derive from it and the BMP*Mixin of each stage,
+    list the stages in option ``state``, return milter codes (fuglu.mshared.CONTINUE,
+    REJECT, TEMPFAIL, DISCARD, ACCEPT), optionally with a message. ``examine_eob``
+    gets only the session (the message is ``sess`` 's; fuglu passes the Suspect to
+    MilterPlugins). ``sess`` is fuglu's MilterSession, not FuGlu's."""
+
+    ALL_STATES = {MILTER_CONNECT: BMPConnectMixin, MILTER_HELO: BMPHeloMixin,
+                  MILTER_MAILFROM: BMPMailFromMixin, MILTER_RCPT: BMPRCPTMixin,
+                  MILTER_HEADER: BMPHeaderMixin, MILTER_EOH: BMPEOHMixin, MILTER_EOB: BMPEOBMixin}
+
+    def __init__(self, config, section=None):
+        super().__init__(config, section=section)
+        self.requiredvars.update({
+            'state': {'default': '', 'description': 'comma/space separated list of states this plugin '
+                      'is applied in (%s)' % ','.join(self.ALL_STATES)},
+        })
+        self._state = None
+
+    @property
+    def state(self):
+        if self._state is None:
+            self._state = [name.lower() for name in Suspect.getlist_space_comma_separated(
+                self.config.get(self.section, 'state'))]
+        return self._state
+
+    def lint(self, state=None):
+        if not super().lint():
+            return False
+        states = state or self.state
+        states = [states] if isinstance(states, str) else states
+        for name in states:
+            if name not in self.ALL_STATES:
+                print('Error: Not all states are available/implemented: %s' % name)
+                return False
+            if not isinstance(self, self.ALL_STATES[name]):
+                print('ERROR: %s does not implement %s' % (self.__class__.__name__, self.ALL_STATES[name].__name__))
+                return False
+        return True
+
+    def _logger(self):
+        return logging.getLogger('fuglu.mplugin.%s' % self.__class__.__name__)
+
+    def _problemcode(self, configoption='problemaction'):
+        value = self.config.get(self.section, configoption, fallback='')
+        return MILTER_STR2RETCODE.get(value.strip().lower(), b'continue')
+
+
+class AsyncBasicMilterPlugin(BasicMilterPlugin):
+    async def lint(self, state=None):
+        return BasicMilterPlugin.lint(self, state)
+
+
+class SumAsyncTime(object):
+    """Context manager adding the time spent inside to ``timer.sum_asynctime``
+    (FuGlu's timing helper; fuglu keeps no per-plugin async timings)."""
+
+    def __init__(self, timer, key=None, logid=None):
+        self.timer, self.key, self.logid = timer, key, logid
+        self.asyncstart = self.asyncend = 0
+
+    def __enter__(self):
+        self.asyncstart = time.time()
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        self.asyncend = time.time()
+        add = getattr(self.timer, 'sum_asynctime', None)
+        if add is not None:
+            add(self.asyncend - self.asyncstart, self.key, logid=self.logid)
+
+
 class MilterProgressWatch(object):
     """One thread per milter connector that keeps the MTA patient: a session whose
     message has been scanning for ``interval`` seconds gets an SMFIR_PROGRESS packet,
@@ -5381,7 +5628,10 @@ class MilterSession(object):
             if plugin.__class__.__name__ in skipped:
                 continue
             try:
-                result = call_plugin(getattr(plugin, 'examine_' + stage), self, *args)
+                if stage == 'eob' and isinstance(plugin, BasicMilterPlugin):
+                    result = call_plugin(plugin.examine_eob, self)   # FuGlu's signature
+                else:
+                    result = call_plugin(getattr(plugin, 'examine_' + stage), self, *args)
             except Exception as error:
                 trace = traceback.format_exc()
                 self.logger.error('%s: milter plugin %s failed at %s: %s: %s', self.label(), plugin, stage,
@@ -5390,6 +5640,7 @@ class MilterSession(object):
                 self.controller.record_exception(trace)
                 continue
             code, text = result if isinstance(result, tuple) else (result, None)
+            code = MILTER_RETCODE_ACTIONS.get(code, code)   # FuGlu's milter codes
             if code is None or code == DUNNO:
                 continue
             if code not in (ACCEPT, DELETE, REJECT, DEFER):
@@ -6308,6 +6559,276 @@ class Lint(object):
 
         self.say('Lint status: %s' % ('OK' if errors == 0 else 'FAIL'), 'green' if errors == 0 else 'red')
         return errors
+
+
+###############################################################################
+# FuGlu's module names
+###############################################################################
+# fuglu is one module; plugins written for FuGlu import from its package layout
+# (fuglu.shared, fuglu.extensions.sql, fuglu.plugins.sa ...). Those names are
+# registered in sys.modules: fuglu.shared and fuglu.stringencode are this module,
+# the others small module objects holding the names from here that FuGlu has there.
+# fuglu.plugins.<name> of a bundled plugin is its fuglu_plugins module, imported when
+# first asked for; any other fuglu.* name FuGlu has gets an ImportError that says it
+# is not part of this build.
+
+# upstream FuGlu 1.7 plugin modules (fuglu.plugins.<name>) -> our bundled module
+BUNDLED_UPSTREAM_PLUGIN_MODULES = {
+    'archive': 'fuglu_plugins.archive', 'attachment': 'fuglu_plugins.attachment',
+    'clamav': 'fuglu_plugins.clamav', 'sa': 'fuglu_plugins.spamassassin',
+    'p_debug': 'fuglu_plugins.debug', 'p_skipper': 'fuglu_plugins.skip',
+}
+UPSTREAM_PLUGIN_MODULES = (
+    'a_logging', 'a_statsd', 'antivirus', 'archive', 'attachment', 'bacn', 'btc', 'call_ahead',
+    'clamav', 'dataprovider', 'decision', 'delay', 'dnsdata', 'domainauth', 'fuzor', 'geoip',
+    'knownsubject', 'logheaders', 'mailcopy', 'messagesize', 'originpolicy', 'outpolicy', 'p_blwl',
+    'p_debug', 'p_fraction', 'p_skipper', 'ratelimit', 'restrictions', 'rspamd', 'sa', 'script',
+    'sigenc', 'taction', 'tlspolicy', 'uriextract', 'vacation',
+)
+
+# -- fuglu.extensions.sql ---------------------------------------------------------------
+# PLACEHOLDER until the SQL runtime configuration (issue 13) lands: FuGlu's names with
+# honest behaviour. ENABLED tells whether SQLAlchemy can be imported; get_session()
+# raises SQLUnavailable without it; DBConfig answers from the file configuration only
+# (it looks nothing up in a database). Replace this block with the real DBConfig.
+
+
+class SQLUnavailable(ImportError):
+    """SQL support was asked for but SQLAlchemy is not installed."""
+
+
+def _sqlalchemy_available():
+    import importlib.util
+    return importlib.util.find_spec('sqlalchemy') is not None
+
+
+def get_session(connectstring, **kwargs):
+    """A SQLAlchemy session (scoped, one engine per connect string)."""
+    if not _sqlalchemy_available():
+        raise SQLUnavailable('SQL support needs SQLAlchemy (python3-sqlalchemy), which is not installed')
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import scoped_session, sessionmaker
+    engines = _sql_state.setdefault('engines', {})
+    if connectstring not in engines:
+        engines[connectstring] = create_engine(connectstring, pool_recycle=20)
+    return scoped_session(sessionmaker(bind=engines[connectstring], autocommit=False, autoflush=True))()
+
+
+_sql_state = {}
+
+
+def lint_session(connectstring):
+    """Print whether a connection to ``connectstring`` works; True if it does."""
+    try:
+        from sqlalchemy import text
+        session = get_session(connectstring)
+        session.execute(text('SELECT 1'))
+        session.close()
+    except Exception as error:
+        print('ERROR: failed to connect to database %s: %s' % (redact_uri(connectstring), error))
+        return False
+    return True
+
+
+class DBFile(object):
+    """The rows of a SQL query as lines (FuGlu's DBFile): ``get_content(templatevars)``
+    runs ``query`` (template variables as bind parameters) on ``connectstring``."""
+
+    def __init__(self, connectstring, query):
+        self.connectstring, self.query = connectstring, query
+
+    def get_content(self, templatevars=None):
+        from sqlalchemy import text
+        session = get_session(self.connectstring)
+        try:
+            return [' '.join(str(value) for value in row)
+                    for row in session.execute(text(self.query), templatevars or {})]
+        finally:
+            session.close()
+
+
+class RESTAPIError(Exception):
+    pass
+
+
+class DBConfig(FuConfigParser):
+    """FuGlu's per-message configuration view ``DBConfig(config, suspect)``. In this
+    build it answers from the file configuration only: [databaseconfig] lookups (SQL,
+    REST, YAML) are not performed."""
+
+    def __init__(self, config, suspect=None):
+        super().__init__(confdir=getattr(config, 'confdir', DEFAULT_CONFDIR))
+        self.parentconfig, self.suspect = config, suspect
+        self._clone_from(config)
+
+    def _clone_from(self, config):
+        for section in config.sections():
+            self.add_section(section)
+            for option, value in configparser.RawConfigParser.items(config, section, raw=True):
+                self.set(section, option, value)
+        self._defaults_table.update(getattr(config, '_defaults_table', {}))
+
+    def set_suspect(self, suspect):
+        self.suspect = suspect
+
+    def set_rcpt(self, recipient):
+        pass
+
+    def load_section(self, section):
+        pass
+
+
+def get_domain_setting(domain, dbconnection, sqlquery, cache, cachename, default_value=None,
+                       logger=None):
+    """One value for ``domain`` from SQL (``:domain`` in the query), cached in
+    ``cache`` (a fuglu.shared.Cache) under cachename-domain; default_value when the
+    query finds nothing or fails."""
+    key = '%s-%s' % (cachename, domain)
+    cached = cache.get_cache(key) if cache is not None else None
+    if cached is not None:
+        return cached
+    try:
+        from sqlalchemy import text
+        session = get_session(dbconnection)
+        try:
+            row = session.execute(text(sqlquery), {'domain': domain}).fetchone()
+        finally:
+            session.close()
+    except Exception as error:
+        (logger or logging.getLogger('fuglu.extensions.sql')).error(
+            'get_domain_setting %s failed: %s', domain, error)
+        return default_value
+    value = row[0] if row else default_value
+    if cache is not None:
+        cache.put_cache(key, value)
+    return value
+
+
+def _sql_module_getattr(name):
+    if name in ('ENABLED', 'SQL_EXTENSION_ENABLED'):
+        return _sqlalchemy_available()
+    if name == 'STATUS':
+        return 'available' if _sqlalchemy_available() else 'sqlalchemy not installed'
+    raise AttributeError("module 'fuglu.extensions.sql' has no attribute %r" % name)
+# -- end of the fuglu.extensions.sql placeholder ----------------------------------------
+
+
+def _bounce_module_getattr(name):
+    if name == 'FugluSMTPClient':
+        import smtplib
+
+        class FugluSMTPClient(smtplib.SMTP):
+            """smtplib.SMTP that remembers the last reply and the queue id in it."""
+            queueid = lastserveranswer = lastservercode = None
+
+            def getreply(self):
+                code, response = smtplib.SMTP.getreply(self)
+                self.lastserveranswer, self.lastservercode = response, code
+                self.queueid = queueid_from_postfixreply(response) or self.queueid
+                return code, response
+        return FugluSMTPClient
+    raise AttributeError("module 'fuglu.bounce' has no attribute %r" % name)
+
+
+# module name -> the names it holds (taken from this module), or a module getattr hook
+COMPAT_MODULES = {
+    'fuglu.stringencode': None, 'fuglu.shared': None,   # this very module
+    'fuglu.mixins': ['SimpleTimeoutMixin', 'ReturnOverrideMixin'],
+    'fuglu.addrcheck': ['Addrcheck'],
+    'fuglu.bounce': ['Bounce', 'queueid_from_postfixreply', _bounce_module_getattr],
+    'fuglu.extensions': [],
+    'fuglu.extensions.sql': ['get_session', 'lint_session', 'DBFile', 'DBConfig', 'RESTAPIError',
+                             'get_domain_setting', 'SQLUnavailable', _sql_module_getattr],
+    'fuglu.connectors': [],
+    'fuglu.connectors.milterconnector': [],
+    'fuglu.mshared': [
+        'convert_return2milter', 'SumAsyncTime', 'BasicMilterPlugin', 'AsyncBasicMilterPlugin',
+        'BMPConnectMixin', 'BMPHeloMixin', 'BMPMailFromMixin', 'BMPRCPTMixin', 'BMPHeaderMixin',
+        'BMPEOHMixin', 'BMPEOBMixin', 'BMPConnectAsyncMixin', 'BMPHeloAsyncMixin',
+        'BMPMailFromAsyncMixin', 'BMPRCPTAsyncMixin', 'BMPHeaderAsyncMixin', 'BMPEOHAsyncMixin',
+        'BMPEOBAsyncMixin', 'ReturnOverrideMixin'],
+    'fuglu.plugins': [],
+    'fuglu.mplugins': [],
+}
+# FuGlu's milter constants, in fuglu.connectors.milterconnector and fuglu.mshared
+MILTER_COMPAT_NAMES = {
+    'CONNECT': MILTER_CONNECT, 'HELO': MILTER_HELO, 'MAILFROM': MILTER_MAILFROM, 'RCPT': MILTER_RCPT,
+    'HEADER': MILTER_HEADER, 'EOH': MILTER_EOH, 'EOB': MILTER_EOB,
+    'ACCEPT': MILTER_RETCODES[ACCEPT], 'CONTINUE': MILTER_RETCODES[DUNNO],
+    'REJECT': MILTER_RETCODES[REJECT], 'TEMPFAIL': MILTER_RETCODES[DEFER],
+    'DISCARD': MILTER_RETCODES[DELETE], 'CONN_FAIL': b'conn_fail', 'SHUTDOWN': b'shutdown',
+    'STR2RETCODE': MILTER_STR2RETCODE,
+    'RETCODE2STR': {code: name for name, code in MILTER_STR2RETCODE.items()},
+}
+
+
+class NotInThisBuild(ImportError):
+    """A module of FuGlu that this build does not have."""
+
+
+class FugluModuleFinder(object):
+    """Import hook for fuglu.* names that are not registered: fuglu.plugins.<name> of
+    a bundled plugin loads it; FuGlu's other modules get a clear ImportError."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if not fullname.startswith('fuglu.') or fullname in sys.modules:
+            return None
+        import importlib.machinery
+        _, _, name = fullname.rpartition('.')
+        if fullname.rpartition('.')[0] == 'fuglu.plugins' and name in BUNDLED_UPSTREAM_PLUGIN_MODULES:
+            return importlib.machinery.ModuleSpec(fullname, self)
+        if fullname.startswith('fuglu.plugins.') and name in UPSTREAM_PLUGIN_MODULES:
+            raise NotInThisBuild('%s is a plugin of FuGlu 1.7 that is not part of this build (fuglu '
+                                 'bundles %s)' % (fullname, ', '.join('fuglu.plugins.' + n for n in
+                                                                    sorted(BUNDLED_UPSTREAM_PLUGIN_MODULES))),
+                              name=fullname)
+        raise NotInThisBuild('%s is a module of FuGlu that is not part of this build (see README, '
+                             'FuGlu compatibility)' % fullname, name=fullname)
+
+    def create_module(self, spec):
+        # the bundled plugin module itself, under FuGlu's name
+        ensure_bundled_plugins_importable()
+        module = importlib.import_module(BUNDLED_UPSTREAM_PLUGIN_MODULES[spec.name.rpartition('.')[2]])
+        spec.loader_state = module.__spec__
+        return module
+
+    def exec_module(self, module):
+        # the import system set __spec__ to FuGlu's name: give the module its own back
+        module.__spec__ = module.__spec__.loader_state
+
+
+def register_compat_modules():
+    """Put FuGlu's module names in sys.modules (once; idempotent)."""
+    import types
+    this = sys.modules[__name__]
+    this.__path__ = []   # `import fuglu.x` consults the import hook below
+    sys.modules.setdefault('fuglu', this)
+    for fullname, names in COMPAT_MODULES.items():
+        parent, _, child = fullname.rpartition('.')
+        if fullname in sys.modules:
+            setattr(sys.modules[parent], child, sys.modules[fullname])
+            continue
+        if names is None:
+            module = this
+        else:
+            module = types.ModuleType(fullname, 'FuGlu %s: the names fuglu provides from it.' % fullname)
+            module.__path__ = []
+            for name in names:
+                if callable(name) and not isinstance(name, str):
+                    module.__getattr__ = name
+                else:
+                    setattr(module, name, globals()[name])
+            if fullname in ('fuglu.mshared', 'fuglu.connectors.milterconnector'):
+                module.__dict__.update(MILTER_COMPAT_NAMES)
+            if fullname == 'fuglu.mshared':
+                module.retcode2milter, module.EOM = dict(MILTER_RETCODES), MILTER_EOM
+        sys.modules[fullname] = module
+        setattr(sys.modules[parent], child, module)
+    if not any(isinstance(finder, FugluModuleFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, FugluModuleFinder())
+
+
+register_compat_modules()
 
 
 ###############################################################################
