@@ -141,10 +141,10 @@ def string_to_actioncode(actionstring, config=None):
     return ALLCODES.get(name)
 
 
-def actioncode_to_string(code):
-    if code is None:
+def actioncode_to_string(actioncode):
+    if actioncode is None:
         return 'NULL ACTION CODE'
-    return ACTION_NAMES.get(code, 'INVALID ACTION CODE %s' % code)
+    return ACTION_NAMES.get(actioncode, 'INVALID ACTION CODE %s' % actioncode)
 
 
 ###############################################################################
@@ -390,12 +390,122 @@ def fold_header(header, value, policy=None, value_only=False):
     return folded + policy.linesep
 
 
+class Cache(object):
+    """A small in-memory cache with expiry (FuGlu's Cache): put_cache(key, obj,
+    ttl=None), get_cache(key) -> obj or None once expired. A daemon thread drops
+    expired entries every ``cleanupinterval`` seconds until stop()."""
+
+    def __init__(self, cachetime=30, cleanupinterval=300):
+        self.cache = {}
+        self.cachetime = cachetime
+        self.cleanupinterval = cleanupinterval
+        self.lock = threading.Lock()
+        self.logger = logging.getLogger('fuglu.settingscache')
+        self._stop_event = threading.Event()
+        self._cleanup_thread = threading.Thread(target=self.clear_cache_thread, name='Cache cleanup',
+                                                daemon=True)
+        self._cleanup_thread.start()
+
+    def stop(self):
+        self._stop_event.set()
+
+    def put_cache(self, key, obj, ttl=None):
+        now = time.time()
+        with self.lock:
+            self.cache[key] = (obj, now, now + (self.cachetime if ttl is None else ttl))
+
+    def get_cache(self, key):
+        with self.lock:
+            entry = self.cache.get(key)
+            if entry is None:
+                return None
+            if time.time() > entry[2]:
+                del self.cache[key]
+                return None
+            return entry[0]
+
+    def clear_cache_thread(self):
+        while not self._stop_event.wait(self.cleanupinterval):
+            now = time.time()
+            with self.lock:
+                for key in [k for k, entry in self.cache.items() if now > entry[2]]:
+                    del self.cache[key]
+
+
+class CacheSingleton(object):
+    """One Cache per process (FuGlu's CacheSingleton): attribute access goes to it."""
+
+    instance = None
+    procpid = None
+
+    def __init__(self, *args, **kwargs):
+        if CacheSingleton.instance is None or CacheSingleton.procpid != os.getpid():
+            CacheSingleton.instance = Cache(*args, **kwargs)
+            CacheSingleton.procpid = os.getpid()
+
+    def __getattr__(self, name):
+        return getattr(CacheSingleton.instance, name)
+
+
+def get_default_cache():
+    return CacheSingleton()
+
+
+def hash_bytestr_iter(bytesiter, hasher, ashexstr=False):
+    """Feed the blocks of ``bytesiter`` to ``hasher``; its (hex) digest."""
+    for block in bytesiter:
+        hasher.update(block)
+    return hasher.hexdigest() if ashexstr else hasher.digest()
+
+
+def file_as_blockiter(afile, blocksize=65536):
+    """The contents of an open binary file in blocks; closes it at the end."""
+    with afile:
+        block = afile.read(blocksize)
+        while block:
+            yield block
+            block = afile.read(blocksize)
+
+
+def create_filehash(fnamelst, hashtype, ashexstr=False):
+    """[(file name, its md5 or sha1 digest), ...]; KeyError for another hashtype."""
+    import hashlib
+    hasher = {'md5': hashlib.md5, 'sha1': hashlib.sha1}[hashtype]
+    return [(name, hash_bytestr_iter(file_as_blockiter(open(name, 'rb')), hasher(), ashexstr))
+            for name in fnamelst]
+
+
+async def _in_thread(function, *args):
+    import asyncio
+    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
+async def async_path_exists(path):
+    return await _in_thread(os.path.exists, path)
+
+
+async def async_path_isfile(path):
+    return await _in_thread(os.path.isfile, path)
+
+
+async def async_path_isdir(path):
+    return await _in_thread(os.path.isdir, path)
+
+
+async def async_path_getsize(path):
+    return await _in_thread(os.path.getsize, path)
+
+
 def __getattr__(name):
     # FuGlu's HOSTNAME is this host's FQDN. Resolving it may wait on DNS, so it is only
     # looked up when a plugin asks for it, never at start-up.
     if name == 'HOSTNAME':
         globals()['HOSTNAME'] = socket.getfqdn()
         return globals()['HOSTNAME']
+    if name == 'headerregistry':   # email.headerregistry is big: loaded when asked for
+        from email.headerregistry import HeaderRegistry
+        globals()['headerregistry'] = HeaderRegistry()
+        return globals()['headerregistry']
     raise AttributeError("module 'fuglu' has no attribute %r" % name)
 
 
@@ -694,7 +804,9 @@ class FuConfigParser(configparser.RawConfigParser):
             if 'default' in spec:
                 self._defaults_table[(target, option.lower())] = spec['default']
 
-    update_defaults = set_defaults   # FuGlu's name
+    def update_defaults(self, section, defaults):
+        """FuGlu's name for set_defaults()."""
+        self.set_defaults(section, defaults)
 
     def has_default(self, section, option):
         return (section, option.lower()) in self._defaults_table
@@ -721,10 +833,11 @@ class FuConfigParser(configparser.RawConfigParser):
             value = value.replace('${confdir}', self.confdir)
         return value
 
-    apply_markers = expand   # FuGlu's name
+    def apply_markers(self, inputstring):
+        """FuGlu's name for expand(): ${confdir} replaced."""
+        return self.expand(inputstring)
 
-    @staticmethod
-    def resolve_env(inputstring):
+    def resolve_env(self, inputstring):
         """'$NAME' -> the value of environment variable NAME, when it is set."""
         return resolve_env_marker(inputstring)
 
@@ -970,13 +1083,13 @@ TEMPLATE_DEFAULTS = {
 }
 
 
-def apply_template(template, suspect=None, values=None, valuesfunction=None):
+def apply_template(templatecontent, suspect=None, values=None, valuesfunction=None):
     """Fill ``template`` with ``values``, then the message defaults, then any header or
     @tag of the message (the SuspectFilter fields). ``valuesfunction`` gets each value
     as {name: value} and returns the dict to use (FuGlu's hook for escaping)."""
-    if template is None:
+    if templatecontent is None:
         return ''
-    template = force_uString(template)
+    template = force_uString(templatecontent)
     if '$' not in template:
         return template
     values = dict(values or {})
@@ -1005,6 +1118,15 @@ def apply_template(template, suspect=None, values=None, valuesfunction=None):
             value = valuesfunction({name: value}).get(name)
         return '' if value is None else force_uString(value)
     return TEMPLATE_RE.sub(lookup, template)
+
+
+def default_template_values(suspect, values=None):
+    """The built-in template variables of a message as a dict (filled into
+    ``values`` when given)."""
+    values = {} if values is None else values
+    for name, compute in TEMPLATE_DEFAULTS.items():
+        values[name] = compute(suspect)
+    return values
 
 
 ###############################################################################
@@ -2078,6 +2200,17 @@ class SuspectFilter(FileList):
                                        'strict+replace'))
         return texts
 
+    @deprecated
+    def get_decoded_textparts_deprecated(self, messagerep):
+        """The decoded text parts of an email.message.Message (FuGlu's old API)."""
+        texts = []
+        for part in messagerep.walk():
+            if part.get_content_maintype() == 'text' and not part.is_multipart():
+                payload = part.get_payload(decode=True)
+                if payload is not None:
+                    texts.append(force_uString(payload, part.get_content_charset() or 'utf-8'))
+        return texts
+
     def strip_text(self, content, remove_tags=None, replace_nbsp=True, use_bfs=True,
                    fugluid='<>'):
         """Text of an HTML document: tags removed (and everything inside
@@ -2271,6 +2404,10 @@ class BasicPlugin(object):
         self._register_defaults(table)
 
     requiredvars = property(_get_requiredvars, _set_requiredvars)
+
+    def upd(self, dictupdt):
+        """FuGlu's hook: register changed requiredvars defaults with the config."""
+        self._register_defaults(dictupdt)
 
     def _register_defaults(self, table):
         if isinstance(table, dict) and hasattr(getattr(self, 'config', None), 'set_defaults'):
@@ -3624,6 +3761,14 @@ class Bounce(object):
             return False
         print('INFO: config checked: targethost=%s port=%s helo=%s' % (host, port, outgoing_helo(self.config)))
         return True
+
+
+class HeloSingleton(object):
+    """FuGlu's holder of the outgoing EHLO name: outgoinghelo(config)."""
+
+    @classmethod
+    def outgoinghelo(cls, config):
+        return get_outgoing_helo(config)
 
 
 def get_outgoing_helo(config=None):
@@ -6651,6 +6796,34 @@ class RESTAPIError(Exception):
     pass
 
 
+class RESTAPIConfig(object):
+    """FuGlu's REST API configuration source; not part of this build: every call
+    raises RESTAPIError saying so."""
+
+    def __init__(self, config, suspectid='<unknown>'):
+        self.config, self.suspectid = config, suspectid
+
+    def _unavailable(self, *args, **kwargs):
+        raise RESTAPIError('the REST API configuration source is not part of this build')
+
+    def call(self, reqtype, jsondata, restapi_uri, headers, restapi_verify, timeout):
+        self._unavailable()
+
+    def get_headers(self):
+        self._unavailable()
+
+    def get(self, endpoint, timeout=0):
+        self._unavailable()
+
+    def put(self, endpoint, jsondata, timeout=0):
+        self._unavailable()
+
+
+class SectionCacheRow(object):
+    def __init__(self, config, scope, option, value):
+        self.config, self.scope, self.option, self.value = config, scope, option, value
+
+
 class DBConfig(FuConfigParser):
     """FuGlu's per-message configuration view ``DBConfig(config, suspect)``. In this
     build it answers from the file configuration only: [databaseconfig] lookups (SQL,
@@ -6676,6 +6849,29 @@ class DBConfig(FuConfigParser):
 
     def load_section(self, section):
         pass
+
+    def get_cached_options(self, section):
+        return []
+
+    def get_override(self, section, option, **kwargs):
+        return None
+
+    def parentget(self, section, option, fallback=configparser._UNSET, override=None, resolve_env=False):
+        return FuConfigParser.get(self, section, option, fallback, override, resolve_env)
+
+    def parentgetboolean(self, section, option, fallback=configparser._UNSET, override=None):
+        return FuConfigParser.getboolean(self, section, option, fallback, override)
+
+    def parentgetfloat(self, section, option, fallback=configparser._UNSET, override=None):
+        return FuConfigParser.getfloat(self, section, option, fallback, override)
+
+    def parentgetint(self, section, option, fallback=configparser._UNSET, override=None):
+        return FuConfigParser.getint(self, section, option, fallback, override)
+
+    def parentgetlist(self, section, option, separators=',', strip=True, lower=False,
+                      fallback=configparser._UNSET, override=None, resolve_env=False):
+        return FuConfigParser.getlist(self, section, option, separators, strip, lower, fallback,
+                                      override, resolve_env)
 
 
 def get_domain_setting(domain, dbconnection, sqlquery, cache, cachename, default_value=None,
@@ -6715,6 +6911,8 @@ def _sql_module_getattr(name):
 
 def _bounce_module_getattr(name):
     if name == 'FugluSMTPClient':
+        if 'FugluSMTPClient' in globals():
+            return globals()['FugluSMTPClient']
         import smtplib
 
         class FugluSMTPClient(smtplib.SMTP):
@@ -6726,6 +6924,20 @@ def _bounce_module_getattr(name):
                 self.lastserveranswer, self.lastservercode = response, code
                 self.queueid = queueid_from_postfixreply(response) or self.queueid
                 return code, response
+
+            def xclient(self, xclient_args=None):
+                """Send XCLIENT with the attributes the server offers."""
+                self.ehlo_or_helo_if_needed()
+                if 'xclient' not in self.esmtp_features:
+                    raise smtplib.SMTPNotSupportedError('SMTP XCLIENT extension not supported by server.')
+                offered = self.esmtp_features['xclient'].upper().split()
+                args = dict(xclient_args or {})
+                if ':' in args.get('ADDR', '') and not args['ADDR'].startswith('IPV6:'):
+                    args['ADDR'] = 'IPV6:' + args['ADDR']
+                words = ['%s=%s' % (k.upper(), force_uString(v)) for k, v in args.items()
+                         if v and k.upper() in offered]
+                return self.docmd('XCLIENT', ' '.join(words)) if words else None
+        globals()['FugluSMTPClient'] = FugluSMTPClient   # one class, however often asked
         return FugluSMTPClient
     raise AttributeError("module 'fuglu.bounce' has no attribute %r" % name)
 
@@ -6735,10 +6947,11 @@ COMPAT_MODULES = {
     'fuglu.stringencode': None, 'fuglu.shared': None,   # this very module
     'fuglu.mixins': ['SimpleTimeoutMixin', 'ReturnOverrideMixin'],
     'fuglu.addrcheck': ['Addrcheck'],
-    'fuglu.bounce': ['Bounce', 'queueid_from_postfixreply', _bounce_module_getattr],
+    'fuglu.bounce': ['Bounce', 'queueid_from_postfixreply', 'QUEUE_ID_RE', _bounce_module_getattr],
     'fuglu.extensions': [],
     'fuglu.extensions.sql': ['get_session', 'lint_session', 'DBFile', 'DBConfig', 'RESTAPIError',
-                             'get_domain_setting', 'SQLUnavailable', _sql_module_getattr],
+                             'RESTAPIConfig', 'SectionCacheRow', 'get_domain_setting',
+                             'SQLUnavailable', _sql_module_getattr],
     'fuglu.connectors': [],
     'fuglu.connectors.milterconnector': [],
     'fuglu.mshared': [
@@ -6822,6 +7035,10 @@ def register_compat_modules():
                 module.__dict__.update(MILTER_COMPAT_NAMES)
             if fullname == 'fuglu.mshared':
                 module.retcode2milter, module.EOM = dict(MILTER_RETCODES), MILTER_EOM
+            if fullname == 'fuglu.bounce':
+                module.requeue_rgx = QUEUE_ID_RE
+            if fullname == 'fuglu.extensions.sql':
+                module.modlogger = logging.getLogger('fuglu.extensions.sql')
         sys.modules[fullname] = module
         setattr(sys.modules[parent], child, module)
     if not any(isinstance(finder, FugluModuleFinder) for finder in sys.meta_path):
