@@ -21,11 +21,21 @@ NOT_COVERED = {
     'fuglu.bounce.FugluAioSMTPClient': 'an aiosmtplib client; fuglu sends with its own SMTP client',
     'fuglu.shared.sess2suspect': "builds a Suspect from FuGlu's own milter session object",
     'fuglu.shared.Suspect.att_mgr': "FuGlu's attachment manager (fuglu.mailattach) is not part of this build",
-    'fuglu.shared.HOSTNAME': None,   # provided, resolved on first use (module __getattr__)
 }
 
 
-def entries():
+def not_covered(module, name):
+    return any(key in NOT_COVERED for key in ('%s.%s' % (module, name),
+                                              '%s.%s' % (module, name.split('.')[0])))
+
+
+def entries(covered=True):
+    for entry in all_entries():
+        if not_covered(*entry[:2]) != covered:
+            yield entry
+
+
+def all_entries():
     with open(API_LIST) as handle:
         for line in handle:
             if line.startswith('#') or not line.strip():
@@ -91,9 +101,6 @@ def resolve(module, name):
 @pytest.mark.parametrize('module,name,kind,params', list(entries()),
                          ids=['%s.%s' % entry[:2] for entry in entries()])
 def test_fuglu_name_exists_with_a_compatible_signature(module, name, kind, params):
-    for key in ('%s.%s' % (module, name), '%s.%s' % (module, name.split('.')[0])):
-        if NOT_COVERED.get(key):
-            pytest.skip('not covered: ' + NOT_COVERED[key])
     owner, found = resolve(module, name)
     upstream = upstream_parameters(params)
     if kind == 'class':
@@ -125,7 +132,16 @@ def test_fuglu_name_exists_with_a_compatible_signature(module, name, kind, param
     assert not problems, '%s.%s: %s' % (module, name, '; '.join(problems))
 
 
+def test_what_is_listed_as_not_covered_is_really_absent():
+    # keeps NOT_COVERED (and the README) honest: a name provided later must leave it
+    missing = list(entries(covered=False))
+    assert missing
+    for module, name, _kind, _params in missing:
+        with pytest.raises(AttributeError):
+            resolve(module, name)
+
+
 def test_the_list_is_fuglu_1_7_and_not_empty():
-    listed = list(entries())
+    listed = list(all_entries())
     assert len(listed) > 250
     assert ('fuglu.shared', 'Suspect.get_message_rep', 'method', 'self') in listed
