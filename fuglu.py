@@ -1401,11 +1401,25 @@ class Suspect(SimpleTimeoutMixin):
         self._message_rep = msgrep
 
     # FuGlu 1.7 still answers to its old camelCase names (and logs that they are old)
-    getMessageRep = deprecated(get_message_rep)
-    setMessageRep = deprecated(set_message_rep)
-    getSource = deprecated(get_source)
-    setSource = deprecated(set_source)
-    getOriginalSource = deprecated(get_original_source)
+    @deprecated
+    def getMessageRep(self):
+        return self.get_message_rep()
+
+    @deprecated
+    def setMessageRep(self, msgrep):
+        return self.set_message_rep(msgrep)
+
+    @deprecated
+    def getSource(self, maxbytes=None):
+        return self.get_source(maxbytes)
+
+    @deprecated
+    def setSource(self, source):
+        return self.set_source(source)
+
+    @deprecated
+    def getOriginalSource(self, maxbytes=None):
+        return self.get_original_source(maxbytes)
 
     def get_as_attachment(self, filename=None):
         """The original message as a message/rfc822 MIME part named ``filename``
@@ -1497,7 +1511,9 @@ class Suspect(SimpleTimeoutMixin):
         else:
             self.addheaders[key] = value
 
-    addheader = deprecated(add_header)
+    @deprecated
+    def addheader(self, key, value, immediate=False):
+        return self.add_header(key, value, immediate)
 
     @staticmethod
     def prepend_header_to_source(key, value, source, raw=False):
@@ -2458,7 +2474,9 @@ class BasicPlugin(object):
             print(error)
         return not errors
 
-    checkConfig = deprecated(check_config)
+    @deprecated
+    def checkConfig(self):
+        return self.check_config()
 
     def lint_actioncode(self, option, *, allow_empty=False, allow_extras=()):
         """True if option ``option`` of this plugin names an action (or one of
@@ -3751,7 +3769,9 @@ class Bounce(object):
         message = force_bString(message).replace(b'\r\n', b'\n').replace(b'\n', b'\r\n')
         return send_bounce(self.config, None, toaddress, message, sender=sender)
 
-    _send = deprecated(send)
+    @deprecated
+    def _send(self, fromaddress, toaddress, message):
+        self.send(fromaddress, toaddress, message)
 
     def lint(self):
         try:
