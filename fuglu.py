@@ -34,7 +34,16 @@ The sections of this file follow that path, in dependency order: constants and
 actions, small helpers, configuration, templates, the Suspect, rule files
 (SuspectFilter), plugin bases and loader, the scan session, the SMTP machinery shared by
 the connectors (line reader, server session, re-injection client), the connectors, the
-backends, the control server, the daemon (MainController), lint, and the command line.
+backends, the control server, the daemon (MainController), lint, FuGlu's module names,
+and the command line.
+
+FuGlu's plugins import from its package (``fuglu.shared``, ``fuglu.stringencode``,
+``fuglu.extensions.sql``, ``fuglu.mshared``, ``fuglu.bounce``, ``fuglu.plugins.sa`` ...).
+This one module is registered under those names in ``sys.modules``, or small module
+objects holding the names from here that FuGlu has there; an import hook answers
+FuGlu modules this build lacks with an ImportError that says so. A plugin method may
+be ``async def`` (FuGlu 1.7): ``call_plugin`` runs the coroutine on the worker
+thread's own event loop.
 
 Principles
 ----------
@@ -83,11 +92,21 @@ __author__ = 'the fuglu developers'
 __license__ = 'Apache-2.0'
 
 __all__ = [
-    'DUNNO', 'ACCEPT', 'DELETE', 'REJECT', 'DEFER', 'ALLCODES',
-    'string_to_actioncode', 'actioncode_to_string', 'apply_template',
-    'force_uString', 'force_bString', 'FuConfigParser', 'Suspect', 'SuspectFilter',
-    'BasicPlugin', 'ScannerPlugin', 'PrependerPlugin', 'AppenderPlugin',
-    'ScanSession', 'MainController', 'CONNECTORS', 'BACKENDS', 'main',
+    # FuGlu's plugin API (fuglu.shared, fuglu.stringencode)
+    'DUNNO', 'ACCEPT', 'DELETE', 'REJECT', 'DEFER', 'ALLCODES', 'SUSPECT_TAG_MAXLENGTH',
+    'string_to_actioncode', 'actioncode_to_string', 'apply_template', 'default_template_values',
+    'force_uString', 'force_bString', 'force_bfromc', 'force_cfromb', 'try_encoding',
+    'try_decoding', 'ForceUStringError', 'EncodingTrialError', 'str2bool', 'yesno',
+    'strip_address', 'extract_domain', 'utcnow', 'redact_uri', 'deprecated', 'make_header',
+    'fold_header', 'code_is_2xx', 'code_is_3xx', 'code_is_4xx', 'code_is_5xx',
+    'get_outgoing_helo', 'HeloSingleton', 'Cache', 'CacheSingleton', 'get_default_cache',
+    'hash_bytestr_iter', 'file_as_blockiter', 'create_filehash', 'FuConfigParser', 'Suspect',
+    'FileList', 'SuspectFilter', 'SuspectFilterRule', 'SuspectFilterResult', 'HTMLStripper',
+    'BasicPlugin', 'ScannerPlugin', 'AsyncScannerPlugin', 'AVScannerPlugin',
+    'AsyncAVScannerPlugin', 'PrependerPlugin', 'AsyncPrependerPlugin', 'AppenderPlugin',
+    'AsyncAppenderPlugin', 'MilterPlugin', 'BasicMilterPlugin', 'Bounce', 'Addrcheck',
+    # the daemon
+    'call_plugin', 'ScanSession', 'MainController', 'CONNECTORS', 'BACKENDS', 'main',
 ]
 
 
@@ -402,7 +421,8 @@ class Cache(object):
         self.lock = threading.Lock()
         self.logger = logging.getLogger('fuglu.settingscache')
         self._stop_event = threading.Event()
-        self._cleanup_thread = threading.Thread(target=self.clear_cache_thread, name='Cache cleanup',
+        self._cleanup_thread = threading.Thread(target=self.clear_cache_thread,
+                                                name='Cache cleanup',
                                                 daemon=True)
         self._cleanup_thread.start()
 
@@ -1432,7 +1452,8 @@ class Suspect(SimpleTimeoutMixin):
         except UnicodeEncodeError:
             from email.mime.message import MIMEMessage
             part = MIMEMessage(self.get_message_rep())
-        part.add_header('Content-Disposition', 'attachment; filename=%s' % (filename or '%s.eml' % self.id))
+        part.add_header('Content-Disposition',
+                        'attachment; filename=%s' % (filename or '%s.eml' % self.id))
         return part
 
     def wrap(self, sender, recipient, subject, body=None, filename=None, config=None,
@@ -1555,7 +1576,8 @@ class Suspect(SimpleTimeoutMixin):
         text = inputstring.strip()
         for escaped, mark in marks.items():
             text = text.replace(escaped, mark)
-        items = [word for part in text.split(',') for word in part.strip().split(' ') if word.strip()]
+        items = [word for part in text.split(',') for word in part.strip().split(' ')
+                 if word.strip()]
         result = []
         for item in items:
             item = item.strip()
@@ -1584,7 +1606,8 @@ class Suspect(SimpleTimeoutMixin):
             pairs = email.utils.getaddresses(hidden)
         entries = []
         for display, address in pairs:
-            display = self.decode_msg_header((display or '').replace('{{CR}}', '\r').replace('{{LF}}', '\n'),
+            display = self.decode_msg_header((display or '').replace('{{CR}}',
+                                                                     '\r').replace('{{LF}}', '\n'),
                                              logid=self.id)
             address = (address or '').replace('{{CR}}', '\r').replace('{{LF}}', '\n')
             if not (display or address):
@@ -1626,9 +1649,10 @@ class Suspect(SimpleTimeoutMixin):
         block, _ = self._header_block()
         new_block, removed = block, 0
         for name in headernames:
-            found = [force_uString(h.split(b':', 1)[1]) for h in self._header_regex(name).findall(new_block)]
+            pattern = self._header_regex(name)
+            found = [force_uString(h.split(b':', 1)[1]) for h in pattern.findall(new_block)]
             if found:
-                new_block = self._header_regex(name).sub(b'', new_block)
+                new_block = pattern.sub(b'', new_block)
                 removed += len(found)
                 if track_change:
                     self.removed_headers.setdefault(force_uString(name), []).extend(found)
@@ -1812,7 +1836,8 @@ class Suspect(SimpleTimeoutMixin):
         if match is None:
             return None
         by = self.RECEIVED_BY_RE.search(rcvdline)
-        return match.group('helo'), match.group('revdns'), match.group('ip'), by.group(1) if by else ''
+        return (match.group('helo'), match.group('revdns'), match.group('ip'),
+                by.group(1) if by else '')
 
     def client_info_from_rcvd(self, ignoreregex=None, skip=0, skiponerror=False,
                               ignorelineregex=None, skipsamedomain=False):
@@ -1823,7 +1848,8 @@ class Suspect(SimpleTimeoutMixin):
         headers whose from and by hosts share a domain) compares the last two labels."""
         ignore = re.compile(ignoreregex) if ignoreregex else None
         ignoreline = re.compile(ignorelineregex) if ignorelineregex else None
-        headers = [self.decode_msg_header(h, logid=self.id) for h in self.get_all_headers('Received')]
+        headers = [self.decode_msg_header(header, logid=self.id)
+                   for header in self.get_all_headers('Received')]
         for line in headers[skip:]:
             parsed = self._parse_rcvd_header(line)
             if parsed is None:
@@ -1831,7 +1857,7 @@ class Suspect(SimpleTimeoutMixin):
                     continue
                 return None
             helo, rdns, ip, by = parsed
-            if ignore is not None and any(value and ignore.search(value) for value in (ip, rdns, helo)):
+            if ignore is not None and any(v and ignore.search(v) for v in (ip, rdns, helo)):
                 continue
             if ignoreline is not None and ignoreline.search(line):
                 continue
@@ -2038,7 +2064,8 @@ class SuspectFilterRule(object):
     def set_cmp(self, cmp, num):
         self.op = self.op_map.get(cmp)
         if self.op is None:
-            raise ValueError('failed to identify operator %s use one of %s' % (cmp, ','.join(self.op_map)))
+            raise ValueError('failed to identify operator %s use one of %s'
+                             % (cmp, ','.join(self.op_map)))
         self.num = float(num)
         self.cmp = '%s%s' % (cmp, num)
 
@@ -2240,7 +2267,8 @@ class SuspectFilter(FileList):
         if replace_nbsp:
             for entity in ('&nbsp;', '&#xa0;', '&#160;'):
                 content = content.replace(entity, ' ')
-        stripper = HTMLStripper(strip_tags=[force_uString(tag) for tag in (remove_tags or ['script', 'style'])])
+        remove_tags = [force_uString(tag) for tag in (remove_tags or ['script', 'style'])]
+        stripper = HTMLStripper(strip_tags=remove_tags)
         try:
             stripper.feed(content)
             stripper.close()
@@ -2258,7 +2286,8 @@ class SuspectFilter(FileList):
             try:
                 values = self.field_values(suspect, rule.fieldname, self)
             except Exception as error:
-                self.logger.warning('%s: rule %s line %d: %s', suspect.id, rule.fieldname, rule.lineno, error)
+                self.logger.warning('%s: rule %s line %d: %s', suspect.id, rule.fieldname,
+                                    rule.lineno, error)
                 continue
             for value in values:
                 if value is None:
@@ -2531,7 +2560,8 @@ class ReturnOverrideMixin(object):
         override = self.overrideaction
         if override is not None and code is not None and code != override:
             self._logger().warning('%s overrideaction: plugin=%s/msg=%s, override=%s', suspectid,
-                                   actioncode_to_string(code), message or '', actioncode_to_string(override))
+                                   actioncode_to_string(code), message or '',
+                                   actioncode_to_string(override))
             code = override
             message = self.config.get(self.section, 'overridemessage', fallback='').strip() or None
         return (code, message) if message is not None and code is not None else code
@@ -2616,7 +2646,8 @@ class AVScannerPlugin(ScannerPlugin):
                   'X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*\r\n\r\n')
 
     def _logger(self):
-        return logging.getLogger('fuglu.plugin.%s(%s)' % (self.__class__.__name__, self._get_enginename()))
+        return logging.getLogger('fuglu.plugin.%s(%s)' % (self.__class__.__name__,
+                                                          self._get_enginename()))
 
     def scan_stream(self, content, suspectid='(N/A)'):
         self._logger().warning('Unimplemented scan_stream() method')
@@ -2630,7 +2661,8 @@ class AVScannerPlugin(ScannerPlugin):
     def _check_too_big(self, suspect):
         maxsize = self.config.getint(self.section, 'maxsize')
         if suspect.size and suspect.size > maxsize:
-            self._logger().info('%s Not scanning - message too big (message %d bytes > config %d bytes)',
+            self._logger().info('%s Not scanning - message too big (message %d bytes > config '
+                                '%d bytes)',
                                 suspect.id, suspect.size, maxsize)
             return True
         return False
@@ -2641,7 +2673,8 @@ class AVScannerPlugin(ScannerPlugin):
         if viruses is None:
             suspect.tags['virus'][engine] = False
             return DUNNO, None
-        self._logger().info('%s Virus found in message from %s : %s', suspect.id, suspect.from_address, viruses)
+        self._logger().info('%s Virus found in message from %s : %s', suspect.id,
+                            suspect.from_address, viruses)
         suspect.tags['virus'][engine] = True
         suspect.tags['%s.virus' % engine] = viruses
         suspect.tags['%s.virus' % self.__class__.__name__] = viruses
@@ -2666,7 +2699,8 @@ class AVScannerPlugin(ScannerPlugin):
         if result is None:
             print('EICAR Test virus not found!')
             return False
-        print('%s testing eicar in %s: found virus %s' % (self, 'body' if body else 'zip attachment', result))
+        where = 'body' if body else 'zip attachment'
+        print('%s testing eicar in %s: found virus %s' % (self, where, result))
         return True
 
     def _skip_on_previous_virus(self, suspect):
@@ -2685,7 +2719,8 @@ class AVScannerPlugin(ScannerPlugin):
     def lintinfo_skip(self):
         skiplist = self.config.get(self.section, 'skip_on_previous_virus', fallback='none')
         if skiplist.strip().lower() == 'none':
-            print('%s will always scan, even if message is already marked as virus' % self.enginename)
+            print('%s will always scan, even if message is already marked as virus'
+                  % self.enginename)
         elif skiplist.strip().lower() == 'all':
             print('%s will skip scan if message is already marked as virus' % self.enginename)
         else:
@@ -2700,12 +2735,15 @@ class AVScannerPlugin(ScannerPlugin):
         retries = self.config.getint(self.section, 'retries')
         for attempt in range(retries):
             try:
-                return self._virusreport(suspect, call_plugin(self.scan_stream, content, suspect.id))
+                return self._virusreport(suspect, call_plugin(self.scan_stream, content,
+                                                              suspect.id))
             except Exception as error:
-                self._logger().warning('%s Error encountered while contacting %s server (try %d of %d): %s: %s',
+                self._logger().warning('%s Error encountered while contacting %s server '
+                                       '(try %d of %d): %s: %s',
                                        suspect.id, self.enginename, attempt + 1, retries,
                                        error.__class__.__name__, error)
-        self._logger().error('%s %s scan failed after %d retries', suspect.id, self.enginename, retries)
+        self._logger().error('%s %s scan failed after %d retries', suspect.id, self.enginename,
+                             retries)
         return self._problemcode()
 
     def __init_socket__(self):
@@ -2882,7 +2920,8 @@ def resolve_plugin_class(name, config):
         return getattr(module, class_name)
     except AttributeError:
         if module_name.startswith('fuglu.plugins.'):
-            raise PluginLoadError('%s is a plugin of FuGlu 1.7 that is not part of this build' % target)
+            raise PluginLoadError('%s is a plugin of FuGlu 1.7 that is not part of this build'
+                                  % target)
         raise PluginLoadError('module %s has no class %s' % (module_name, class_name))
 
 
@@ -3732,8 +3771,10 @@ class Bounce(object):
         import email.utils
         message = email.message_from_string(messagecontent)
         message.set_charset('utf-8')
-        defaults = (('To', recipient), ('From', 'MAILER-DAEMON@%s' % get_outgoing_helo(self.config)),
-                    ('Auto-Submitted', 'auto-generated'), ('Date', email.utils.formatdate(localtime=True)),
+        defaults = (('To', recipient),
+                    ('From', 'MAILER-DAEMON@%s' % get_outgoing_helo(self.config)),
+                    ('Auto-Submitted', 'auto-generated'),
+                    ('Date', email.utils.formatdate(localtime=True)),
                     ('Message-ID', email.utils.make_msgid()))
         for name, value in defaults:
             if name not in message:
@@ -3749,13 +3790,15 @@ class Bounce(object):
 
     def send_template_string(self, recipient, templatecontent, suspect, values):
         if suspect.get_tag('nobounce'):
-            self.logger.info('%s Not sending bounce to %s - bounces disabled by plugin', suspect.id, recipient)
+            self.logger.info('%s Not sending bounce to %s - bounces disabled by plugin',
+                             suspect.id, recipient)
             return None
         message = apply_template(templatecontent, suspect, values)
         try:
             message = self._add_required_headers(recipient, message)
         except Exception as error:   # a broken template is still sent as written
-            self.logger.warning('%s Bounce message template could not be verified: %s', suspect.id, error)
+            self.logger.warning('%s Bounce message template could not be verified: %s', suspect.id,
+                                error)
         return self.send('<>', recipient, message)
 
     def _get_targethost(self):
@@ -3779,7 +3822,8 @@ class Bounce(object):
         except Exception as error:
             print('ERROR: failed to initialise bouncer: %s' % error)
             return False
-        print('INFO: config checked: targethost=%s port=%s helo=%s' % (host, port, outgoing_helo(self.config)))
+        print('INFO: config checked: targethost=%s port=%s helo=%s' % (host, port,
+                                                                       outgoing_helo(self.config)))
         return True
 
 
@@ -5365,7 +5409,8 @@ class BasicMilterPlugin(ReturnOverrideMixin, MilterPlugin):
     def __init__(self, config, section=None):
         super().__init__(config, section=section)
         self.requiredvars.update({
-            'state': {'default': '', 'description': 'comma/space separated list of states this plugin '
+            'state': {'default': '',
+                      'description': 'comma/space separated list of states this plugin '
                       'is applied in (%s)' % ','.join(self.ALL_STATES)},
         })
         self._state = None
@@ -5387,7 +5432,8 @@ class BasicMilterPlugin(ReturnOverrideMixin, MilterPlugin):
                 print('Error: Not all states are available/implemented: %s' % name)
                 return False
             if not isinstance(self, self.ALL_STATES[name]):
-                print('ERROR: %s does not implement %s' % (self.__class__.__name__, self.ALL_STATES[name].__name__))
+                print('ERROR: %s does not implement %s' % (self.__class__.__name__,
+                                                           self.ALL_STATES[name].__name__))
                 return False
         return True
 
@@ -6770,13 +6816,15 @@ def _sqlalchemy_available():
 def get_session(connectstring, **kwargs):
     """A SQLAlchemy session (scoped, one engine per connect string)."""
     if not _sqlalchemy_available():
-        raise SQLUnavailable('SQL support needs SQLAlchemy (python3-sqlalchemy), which is not installed')
+        raise SQLUnavailable('SQL support needs SQLAlchemy (python3-sqlalchemy), which is not '
+                             'installed')
     from sqlalchemy import create_engine
     from sqlalchemy.orm import scoped_session, sessionmaker
     engines = _sql_state.setdefault('engines', {})
     if connectstring not in engines:
         engines[connectstring] = create_engine(connectstring, pool_recycle=20)
-    return scoped_session(sessionmaker(bind=engines[connectstring], autocommit=False, autoflush=True))()
+    return scoped_session(sessionmaker(bind=engines[connectstring], autocommit=False,
+                                       autoflush=True))()
 
 
 _sql_state = {}
@@ -6876,7 +6924,8 @@ class DBConfig(FuConfigParser):
     def get_override(self, section, option, **kwargs):
         return None
 
-    def parentget(self, section, option, fallback=configparser._UNSET, override=None, resolve_env=False):
+    def parentget(self, section, option, fallback=configparser._UNSET, override=None,
+                  resolve_env=False):
         return FuConfigParser.get(self, section, option, fallback, override, resolve_env)
 
     def parentgetboolean(self, section, option, fallback=configparser._UNSET, override=None):
@@ -6949,7 +6998,8 @@ def _bounce_module_getattr(name):
                 """Send XCLIENT with the attributes the server offers."""
                 self.ehlo_or_helo_if_needed()
                 if 'xclient' not in self.esmtp_features:
-                    raise smtplib.SMTPNotSupportedError('SMTP XCLIENT extension not supported by server.')
+                    raise smtplib.SMTPNotSupportedError('SMTP XCLIENT extension not supported '
+                                                        'by server.')
                 offered = self.esmtp_features['xclient'].upper().split()
                 args = dict(xclient_args or {})
                 if ':' in args.get('ADDR', '') and not args['ADDR'].startswith('IPV6:'):
@@ -6985,7 +7035,8 @@ COMPAT_MODULES = {
 }
 # FuGlu's milter constants, in fuglu.connectors.milterconnector and fuglu.mshared
 MILTER_COMPAT_NAMES = {
-    'CONNECT': MILTER_CONNECT, 'HELO': MILTER_HELO, 'MAILFROM': MILTER_MAILFROM, 'RCPT': MILTER_RCPT,
+    'CONNECT': MILTER_CONNECT, 'HELO': MILTER_HELO, 'MAILFROM': MILTER_MAILFROM,
+    'RCPT': MILTER_RCPT,
     'HEADER': MILTER_HEADER, 'EOH': MILTER_EOH, 'EOB': MILTER_EOB,
     'ACCEPT': MILTER_RETCODES[ACCEPT], 'CONTINUE': MILTER_RETCODES[DUNNO],
     'REJECT': MILTER_RETCODES[REJECT], 'TEMPFAIL': MILTER_RETCODES[DEFER],
@@ -7008,20 +7059,21 @@ class FugluModuleFinder(object):
             return None
         import importlib.machinery
         _, _, name = fullname.rpartition('.')
-        if fullname.rpartition('.')[0] == 'fuglu.plugins' and name in BUNDLED_UPSTREAM_PLUGIN_MODULES:
+        bundled = BUNDLED_UPSTREAM_PLUGIN_MODULES
+        if fullname.rpartition('.')[0] == 'fuglu.plugins' and name in bundled:
             return importlib.machinery.ModuleSpec(fullname, self)
         if fullname.startswith('fuglu.plugins.') and name in UPSTREAM_PLUGIN_MODULES:
-            raise NotInThisBuild('%s is a plugin of FuGlu 1.7 that is not part of this build (fuglu '
-                                 'bundles %s)' % (fullname, ', '.join('fuglu.plugins.' + n for n in
-                                                                    sorted(BUNDLED_UPSTREAM_PLUGIN_MODULES))),
-                              name=fullname)
+            names = ', '.join('fuglu.plugins.' + n for n in sorted(bundled))
+            raise NotInThisBuild('%s is a plugin of FuGlu 1.7 that is not part of this build '
+                                 '(fuglu bundles %s)' % (fullname, names), name=fullname)
         raise NotInThisBuild('%s is a module of FuGlu that is not part of this build (see README, '
                              'FuGlu compatibility)' % fullname, name=fullname)
 
     def create_module(self, spec):
         # the bundled plugin module itself, under FuGlu's name
         ensure_bundled_plugins_importable()
-        module = importlib.import_module(BUNDLED_UPSTREAM_PLUGIN_MODULES[spec.name.rpartition('.')[2]])
+        name = spec.name.rpartition('.')[2]
+        module = importlib.import_module(BUNDLED_UPSTREAM_PLUGIN_MODULES[name])
         spec.loader_state = module.__spec__
         return module
 
@@ -7044,7 +7096,8 @@ def register_compat_modules():
         if names is None:
             module = this
         else:
-            module = types.ModuleType(fullname, 'FuGlu %s: the names fuglu provides from it.' % fullname)
+            module = types.ModuleType(fullname,
+                                      'FuGlu %s: the names fuglu provides from it.' % fullname)
             module.__path__ = []
             for name in names:
                 if callable(name) and not isinstance(name, str):
