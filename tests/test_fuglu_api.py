@@ -20,7 +20,8 @@ API_LIST = os.path.join(HERE, 'fuglu_api', 'fuglu_1.7.0.txt')
 NOT_COVERED = {
     'fuglu.bounce.FugluAioSMTPClient': 'an aiosmtplib client; fuglu sends with its own SMTP client',
     'fuglu.shared.sess2suspect': "builds a Suspect from FuGlu's own milter session object",
-    'fuglu.shared.Suspect.att_mgr': "FuGlu's attachment manager (fuglu.mailattach) is not part of this build",
+    'fuglu.shared.Suspect.att_mgr': "FuGlu's attachment manager (fuglu.mailattach) is not part "
+                                    'of this build',
 }
 
 
@@ -120,7 +121,8 @@ def test_fuglu_name_exists_with_a_compatible_signature(module, name, kind, param
             assert isinstance(member, staticmethod), '%s is not a staticmethod' % name
             problems = check_signature(member.__func__, upstream, skip_first=False)
         else:
-            function = member.__func__ if isinstance(member, (classmethod, staticmethod)) else member
+            function = member.__func__ if isinstance(member, (classmethod,
+                                                              staticmethod)) else member
             assert callable(function), '%s is not callable' % name
             problems = check_signature(function, upstream, skip_first=True)
     elif kind == 'property':

@@ -13,12 +13,14 @@ import pytest
 from helpers import fuglu, make_config, run_fuglu_lint
 from test_plugins import MESSAGE, controller_with, make_suspect, run_session, write_module
 
-HTML = (b'From: Alice <alice@example.org>\r\nTo: bob@example.com\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n'
+HTML = (b'From: Alice <alice@example.org>\r\nTo: bob@example.com\r\n'
+        b'Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n'
         b'Received: from helo.example (rdns.example [192.0.2.1]) by mx.example.org\r\n'
         b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="B"\r\n\r\n'
         b'--B\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p>Hello <b>there</b></p>'
         b'<script>x()</script>\r\n'
-        b'--B\r\nContent-Type: text/plain; charset=iso-8859-1\r\nContent-Disposition: attachment\r\n\r\n'
+        b'--B\r\nContent-Type: text/plain; charset=iso-8859-1\r\n'
+        b'Content-Disposition: attachment\r\n\r\n'
         b'caf\xe9\r\n--B--\r\n')
 
 
@@ -137,7 +139,8 @@ def test_camelcase_names_still_work_and_log_that_they_are_old(caplog):
         suspect.setSource(suspect.getSource().replace(b'body', b'BODY'))
     assert b'Subject: changed' in suspect.get_source() and b'BODY' in suspect.get_source()
     assert suspect.addheaders == {'X-Old': 'name'}
-    for old in ('getSource', 'getOriginalSource', 'getMessageRep', 'setMessageRep', 'addheader', 'setSource'):
+    for old in ('getSource', 'getOriginalSource', 'getMessageRep', 'setMessageRep', 'addheader',
+                'setSource'):
         assert 'called deprecated function Suspect.%s' % old in caplog.text
 
 
@@ -166,7 +169,8 @@ def test_numbers_set_as_numbers_and_update_defaults(monkeypatch):
     assert config.getint('s', 'count') == 5
     assert config.getfloat('s', 'ratio') == 0.5
     assert config.getboolean('s', 'flag') is True
-    config.update_defaults('s', {'timeout': {'default': 30}, 'name': {'default': 'x', 'section': 'o'}})
+    config.update_defaults('s', {'timeout': {'default': 30},
+                                 'name': {'default': 'x', 'section': 'o'}})
     assert config.getint('s', 'timeout') == 30
     assert config.get('o', 'name') == 'x'
     monkeypatch.setenv('FUGLU_TEST_VALUE', 'from-env')
@@ -199,7 +203,8 @@ def test_strip_text_and_decoded_textparts():
     assert helper.strip_text('a<b>b</b><script>c</script>&nbsp;d<style>e</style>') == 'ab d'
     assert helper.strip_text(b'x<i>y</i>', remove_tags=[b'i']) == 'x'
     suspect = make_suspect(HTML)
-    assert helper.get_decoded_textparts(suspect) == ['<p>Hello <b>there</b></p><script>x()</script>', 'café']
+    html = '<p>Hello <b>there</b></p><script>x()</script>'
+    assert helper.get_decoded_textparts(suspect) == [html, 'café']
     assert helper.get_decoded_textparts(suspect, attachment=True) == ['café']
     assert helper.get_decoded_textparts(suspect, attachment=False) == [
         '<p>Hello <b>there</b></p><script>x()</script>']
@@ -221,7 +226,8 @@ def test_extended_results_carry_field_value_argument_and_pattern(tmp_path):
 def test_filelist_follows_the_file(tmp_path):
     path = tmp_path / 'list'
     path.write_text('# comment\nOne # inline\n\nTwo\n')
-    listed = fuglu.FileList(str(path), lowercase=True, additional_filters=[fuglu.FileList.inline_comments_filter])
+    listed = fuglu.FileList(str(path), lowercase=True,
+                            additional_filters=[fuglu.FileList.inline_comments_filter])
     assert listed.get_list() == ['one', 'two']
     path.write_text('three\n')
     listed._last_check = 0
@@ -232,7 +238,8 @@ def test_filelist_follows_the_file(tmp_path):
 # -- Suspect --------------------------------------------------------------------------
 
 @pytest.mark.parametrize('sender,recipients', [
-    ('sender@example.com', None), ('sender@example.com', 'recipient'), ('sender', 'rcpt@example.com'),
+    ('sender@example.com', None), ('sender@example.com', 'recipient'),
+    ('sender', 'rcpt@example.com'),
     ('a@example.net', 'r@example.com@example.org'), ('.dot@example.org', 'r@example.com'),
 ])
 def test_suspect_refuses_invalid_envelope_addresses(sender, recipients):
@@ -268,7 +275,8 @@ def test_add_header_with_bytes_and_subject_update():
     assert suspect.get_message_rep()['X-Bytes'] == 'value'
     suspect.add_header(b'X-Later', b'v')
     assert suspect.addheaders == {'X-Later': 'v'}
-    assert suspect.update_subject(lambda subject, prefix: prefix + subject, prefix='[SPAM] ') is True
+    assert suspect.update_subject(lambda subject, prefix: prefix + subject,
+                                  prefix='[SPAM] ') is True
     assert suspect.get_header('subject') == '[SPAM] plugin test'
     assert suspect.get_tag('origsubj') == 'plugin test'
     assert suspect.remove_headers_from_source(['X-Bytes', 'Subject']) is True
@@ -294,14 +302,16 @@ def test_valuesfunction_sees_every_value_headers_and_tags_included():
     def escape(values):
         seen.extend(values)
         return {name: str(value).replace("'", "''") for name, value in values.items()}
-    query = fuglu.apply_template("INSERT '${subject}', '${@note}', '${from_address}', '${given}'", suspect,
+    query = fuglu.apply_template("INSERT '${subject}', '${@note}', '${from_address}', '${given}'",
+                                 suspect,
                                  {'given': "o'k"}, valuesfunction=escape)
     assert query == "INSERT 'x''; DROP TABLE mail; --', 'it''s', 'a@example.org', 'o''k'"
     assert sorted(seen) == ['@note', 'from_address', 'given', 'subject']
 
 
 def test_valuesfunction_may_drop_a_value():
-    assert fuglu.apply_template('[${subject}]', make_suspect(), valuesfunction=lambda values: {}) == '[]'
+    assert fuglu.apply_template('[${subject}]', make_suspect(),
+                                valuesfunction=lambda values: {}) == '[]'
 
 
 # -- AV base class --------------------------------------------------------------------
@@ -309,8 +319,9 @@ def test_valuesfunction_may_drop_a_value():
 class FakeAV(fuglu.AVScannerPlugin):
     enginename = 'fakeav'
     requiredvars = {
-        'maxsize': {'default': '1000'}, 'retries': {'default': '2'}, 'virusaction': {'default': 'REJECT'},
-        'problemaction': {'default': 'DEFER'}, 'rejectmessage': {'default': 'found ${virusname} in ${infectedfile}'},
+        'maxsize': {'default': '1000'}, 'retries': {'default': '2'},
+        'virusaction': {'default': 'REJECT'}, 'problemaction': {'default': 'DEFER'},
+        'rejectmessage': {'default': 'found ${virusname} in ${infectedfile}'},
     }
     calls = 0
 
@@ -366,8 +377,9 @@ class AsyncPrepender(fuglu.AsyncPrependerPlugin):
 
 
 def test_sync_and_async_plugins_run_mixed():
-    controller = controller_with(plugins=[(SyncScanner, None), (AsyncScanner, None), (SyncScanner, 'second')],
-                                 prependers=[(AsyncPrepender, None)], appenders=[(AsyncAppender, None)])
+    scanners = [(SyncScanner, None), (AsyncScanner, None), (SyncScanner, 'second')]
+    controller = controller_with(plugins=scanners, prependers=[(AsyncPrepender, None)],
+                                 appenders=[(AsyncAppender, None)])
     suspect, action, _, _ = run_session(controller)
     assert action == fuglu.DUNNO
     assert suspect.tags['trace'] == ['prepender', 'sync', 'async', 'sync', 'appender:0']
@@ -420,14 +432,17 @@ def test_fuglu_module_names_import():
 
 
 @pytest.mark.parametrize('name,expected', [
-    ('fuglu.plugins.domainauth.DKIMVerifyPlugin', 'fuglu.plugins.domainauth is a plugin of FuGlu 1.7 '
+    ('fuglu.plugins.domainauth.DKIMVerifyPlugin',
+     'fuglu.plugins.domainauth is a plugin of FuGlu 1.7 '
                                                   'that is not part of this build'),
-    ('fuglu.plugins.attachment.AttHashAction', 'fuglu.plugins.attachment.AttHashAction is a plugin of '
+    ('fuglu.plugins.attachment.AttHashAction',
+     'fuglu.plugins.attachment.AttHashAction is a plugin of '
                                                'FuGlu 1.7 that is not part of this build'),
 ])
 def test_lint_names_an_upstream_plugin_that_is_not_bundled(tmp_path, name, expected):
     conf = tmp_path / 'fuglu.conf'
-    conf.write_text('[main]\nplugins = %s\nprependers =\nappenders =\nincomingport = 10025\ncontrolport =\n'
+    conf.write_text('[main]\nplugins = %s\nprependers =\nappenders =\nincomingport = 10025\n'
+                    'controlport =\n'
                     % name)
     returncode, out = run_fuglu_lint(str(conf), cwd=str(tmp_path))
     assert returncode != 0
@@ -436,5 +451,6 @@ def test_lint_names_an_upstream_plugin_that_is_not_bundled(tmp_path, name, expec
 
 
 def test_importing_a_missing_fuglu_module_says_so():
-    with pytest.raises(ImportError, match='fuglu.extensions.redisext is a module of FuGlu that is not part'):
+    with pytest.raises(ImportError,
+                       match='fuglu.extensions.redisext is a module of FuGlu that is not part'):
         import fuglu.extensions.redisext  # noqa: F401

@@ -2,8 +2,10 @@
 plugins import from, read from FuGlu's own source with the ast module (nothing of
 FuGlu is imported or copied).
 
-    pip download fuglu==1.7.0 --no-deps -d /tmp/fuglu && tar xzf /tmp/fuglu/fuglu-1.7.0.tar.gz -C /tmp/fuglu
-    python3 tests/fuglu_api/generate.py /tmp/fuglu/fuglu-1.7.0/src/fuglu > tests/fuglu_api/fuglu_1.7.0.txt
+    pip download fuglu==1.7.0 --no-deps -d /tmp/fuglu
+    tar xzf /tmp/fuglu/fuglu-1.7.0.tar.gz -C /tmp/fuglu
+    python3 tests/fuglu_api/generate.py /tmp/fuglu/fuglu-1.7.0/src/fuglu \
+        > tests/fuglu_api/fuglu_1.7.0.txt
 
 One line per name:  module | name | kind | parameters
 kind: function, class (parameters of __init__), method, staticmethod, classmethod,
@@ -30,7 +32,8 @@ def parameters(function):
     args = function.args
     positional = list(getattr(args, 'posonlyargs', [])) + list(args.args)
     first_default = len(positional) - len(args.defaults)
-    out = [arg.arg + ('=' if index >= first_default else '') for index, arg in enumerate(positional)]
+    out = [arg.arg + ('=' if index >= first_default else '') for index,
+           arg in enumerate(positional)]
     if args.vararg:
         out.append('*' + args.vararg.arg)
     for arg, default in zip(args.kwonlyargs, args.kw_defaults):
@@ -49,7 +52,8 @@ def method_kind(function):
     for kind in ('staticmethod', 'classmethod', 'property'):
         if kind in names:
             return kind
-    if any(isinstance(d, ast.Attribute) and d.attr in ('setter', 'deleter') for d in function.decorator_list):
+    if any(isinstance(d, ast.Attribute) and d.attr in ('setter',
+                                                       'deleter') for d in function.decorator_list):
         return None
     return 'method'
 

@@ -109,14 +109,16 @@ class Deployment(object):
         self.fuglu = fuglu_factory(fuglu_config(connector, port, outgoing, self.workdir),
                                    program=pyz, python=python, workdir=self.workdir)
         if connector == 'milter':
-            self.postfix = postfix_factory('milter', milter_port=port, milter_default_action='tempfail')
+            self.postfix = postfix_factory('milter', milter_port=port,
+                                           milter_default_action='tempfail')
 
     def send(self, recipient, data):
         """-> (reply code, reply text, the delivered message or the netcat reply)."""
         if self.connector == 'netcat':
             reply = netcat_pipe(self.port, data)
             status, _, rest = reply.partition(b':')
-            return status.decode(), rest.decode('utf-8', 'replace'), rest if status == b'DUNNO' else None
+            return status.decode(), rest.decode('utf-8',
+                                                'replace'), rest if status == b'DUNNO' else None
         reply = self.postfix.send('sender@example.org', [recipient], data)
         if reply.code != 250:
             return reply.code, reply.text, None
@@ -159,7 +161,8 @@ def test_published_style_plugins_behind_every_connector(version, connector, pyz,
         assert code in (250, 'DUNNO'), (code, text, deployment.fuglu.log_text()[-3000:])
         assert delivered is not None
         assert b'X-Envelope-Tagger: from=sender@example.org rcpts=1 sql=no' in delivered
-        size = int(delivered.split(b'X-External-Size: ', 1)[1].split(b'\r\n', 1)[0].split(b'\n', 1)[0])
+        size = int(delivered.split(b'X-External-Size: ', 1)[1].split(b'\r\n', 1)[0].split(b'\n',
+                                                                                          1)[0])
         assert size > 100
         assert b'X-Footer-Added: yes' in delivered and b'scanned by fuglu' in delivered
 
@@ -173,18 +176,21 @@ def test_published_style_plugins_behind_every_connector(version, connector, pyz,
 
         skipped = unique('skipped')
         code, text, delivered = deployment.send(
-            skipped, message(skipped, 'please reject-me now', b'X-Skip-Plugin: AsyncSubjectCheck\r\n'))
+            skipped, message(skipped, 'please reject-me now',
+                             b'X-Skip-Plugin: AsyncSubjectCheck\r\n'))
         assert code in (250, 'DUNNO') and delivered is not None, (code, text)
 
         records = deployment.tag_records(3)
         by_subject = {record['subject']: record for record in records}
-        assert by_subject['plain']['decision'] == 'DUNNO' and by_subject['plain']['async_seen'] is True
+        plain = by_subject['plain']
+        assert plain['decision'] == 'DUNNO' and plain['async_seen'] is True
         assert by_subject['plain']['sender'] == 'sender@example.org'
         assert by_subject['please reject-me now']['decision'] in ('REJECT', 'DUNNO')
         decisions = sorted(record['decision'] for record in records)
         assert decisions == ['DUNNO', 'DUNNO', 'REJECT'], records
         skipped_record = [r for r in records if r['skipped']][0]
-        assert skipped_record['skipped'] == 'AsyncSubjectCheck' and skipped_record['async_seen'] is None
+        assert skipped_record['skipped'] == 'AsyncSubjectCheck'
+        assert skipped_record['async_seen'] is None
         for record in records:   # suspect.tempfile was written (scanners after a REJECT do
             if record['decision'] == 'REJECT':   # not run), and removed at the end
                 assert record['tempfile'] is None

@@ -9,7 +9,8 @@ class AsyncSubjectCheck(AsyncScannerPlugin):
     requiredvars = {
         'badword': {'default': 'reject-me', 'description': 'subject word that gets rejected'},
         'action': {'default': 'REJECT', 'description': 'what to do then'},
-        'rejectmessage': {'default': 'subject of ${from_address} not welcome', 'description': 'reply'},
+        'rejectmessage': {'default': 'subject of ${from_address} not welcome',
+                          'description': 'reply'},
         'problemaction': {'default': 'DEFER', 'description': 'on trouble'},
     }
 

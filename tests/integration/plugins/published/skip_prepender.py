@@ -4,7 +4,8 @@ from fuglu.shared import PrependerPlugin
 
 
 class SkipPrepender(PrependerPlugin):
-    requiredvars = {'header': {'default': 'X-Skip-Plugin', 'description': 'header naming a plugin to skip'}}
+    requiredvars = {'header': {'default': 'X-Skip-Plugin',
+                               'description': 'header naming a plugin to skip'}}
 
     def pluginlist(self, suspect, pluginlist):
         skip = suspect.get_header(self.config.get(self.section, 'header'))

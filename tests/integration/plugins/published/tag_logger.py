@@ -7,7 +7,8 @@ from fuglu.shared import AppenderPlugin, actioncode_to_string
 class TagLogger(AppenderPlugin):
     def __init__(self, config, section=None):
         AppenderPlugin.__init__(self, config, section)
-        self.requiredvars = {'logfile': {'default': '/tmp/fuglu-tag-logger.log', 'description': 'where to'}}
+        self.requiredvars = {'logfile': {'default': '/tmp/fuglu-tag-logger.log',
+                                         'description': 'where to'}}
 
     def process(self, suspect, decision):
         record = {
