@@ -435,7 +435,8 @@ def test_fuglu_module_names_import():
     ('fuglu.plugins.domainauth.DKIMVerifyPlugin',
      'fuglu.plugins.domainauth is a plugin of FuGlu 1.7 that is not part of this build'),
     ('fuglu.plugins.attachment.AttHashAction',
-     'fuglu.plugins.attachment.AttHashAction is a plugin of FuGlu 1.7 that is not part of this build'),
+     'fuglu.plugins.attachment.AttHashAction is a plugin of FuGlu 1.7 that is not part of this '
+     'build'),
 ])
 def test_lint_names_an_upstream_plugin_that_is_not_bundled(tmp_path, name, expected):
     conf = tmp_path / 'fuglu.conf'

@@ -11,7 +11,6 @@ prepender skipping that scanner, and an appender logging the tags the scanners l
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import uuid
@@ -20,6 +19,9 @@ import pytest
 
 import peers
 from test_afterqueue import installed_pythons
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from test_netcat import pipe  # noqa: E402  (the netcat client of the unit tests)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PLUGIN_DIR = os.path.join(HERE, 'plugins', 'published')
@@ -71,20 +73,9 @@ def unique(label):
 
 
 def netcat_pipe(port, data):
-    with socket.create_connection(('127.0.0.1', port), timeout=30) as sock:
-        banner = b''
-        while not banner.endswith(b'\n'):
-            banner += sock.recv(1)
-        block = (b'X-DATA-PREPEND-START: t1\r\nX-ENV-SENDER: sender@example.org\r\n'
-                 b'X-ENV-RECIPIENT: netcat@example.com\r\nX-DATA-PREPEND-END: t1\r\n')
-        sock.sendall(block + data)
-        sock.shutdown(socket.SHUT_WR)
-        reply = b''
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return reply
-            reply += chunk
+    block = (b'X-DATA-PREPEND-START: t1\r\nX-ENV-SENDER: sender@example.org\r\n'
+             b'X-ENV-RECIPIENT: netcat@example.com\r\nX-DATA-PREPEND-END: t1\r\n')
+    return pipe(port, block + data)
 
 
 class Deployment(object):
