@@ -105,6 +105,7 @@ __all__ = [
     'BasicPlugin', 'ScannerPlugin', 'AsyncScannerPlugin', 'AVScannerPlugin',
     'AsyncAVScannerPlugin', 'PrependerPlugin', 'AsyncPrependerPlugin', 'AppenderPlugin',
     'AsyncAppenderPlugin', 'MilterPlugin', 'BasicMilterPlugin', 'Bounce', 'Addrcheck',
+    'FunkyConsole',
     # the daemon
     'call_plugin', 'ScanSession', 'MainController', 'CONNECTORS', 'BACKENDS', 'main',
 ]
@@ -2463,7 +2464,11 @@ class BasicPlugin(object):
         self.section = section or getattr(self, 'default_section', None) or self.__class__.__name__
         self.logger = self._logger()
         self._custom_section = section is not None
-        self._register_defaults(self.requiredvars)
+        table = self.requiredvars
+        if isinstance(table, dict) and not isinstance(table, RequiredVars):
+            # a class attribute: this instance's copy, so .update() registers too
+            table = self.__dict__['requiredvars'] = RequiredVars(self, table)
+        self._register_defaults(table)
 
     def _logger(self):
         """The logger of this plugin (FuGlu's name: fuglu.plugin.<Class>)."""
@@ -6772,6 +6777,24 @@ class Lint(object):
         return errors
 
 
+class FunkyConsole(object):
+    """FuGlu's ANSI colours for lint output: strcolor(text, 'red') (or a list of
+    codes from FG, BG, MODE)."""
+
+    FG = {'white': '00', 'black': '30', 'red': '31', 'green': '32', 'brown': '33', 'blue': '34',
+          'magenta': '35', 'cyan': '36', 'gray': '37', 'yellow': '33;1'}
+    BG = {'black': '40', 'red': '41', 'green': '42', 'brown': '43', 'blue': '44', 'magenta': '45',
+          'cyan': '46', 'white': '47'}
+    MODE = {'default': '0', 'bold': '1', 'blink': '5', 'noblink': '25'}
+    RESET = '\x1b[0m'
+
+    def strcolor(self, content, commandlist, reset_after=True):
+        if isinstance(commandlist, str):
+            commandlist = (self.FG[commandlist],)
+        text = '\x1b[%sm%s' % (';'.join(c for c in commandlist if c is not None), content)
+        return text + self.RESET if reset_after else text
+
+
 ###############################################################################
 # FuGlu's module names
 ###############################################################################
@@ -6974,6 +6997,11 @@ def _sql_module_getattr(name):
         return _sqlalchemy_available()
     if name == 'STATUS':
         return 'available' if _sqlalchemy_available() else 'sqlalchemy not installed'
+    if name == 'DeclarativeBase':   # FuGlu's model base; a plain class without SQLAlchemy
+        if not _sqlalchemy_available():
+            return type('DeclarativeBase', (object,), {'metadata': None})
+        from sqlalchemy.orm import declarative_base
+        return _sql_state.setdefault('base', declarative_base())
     raise AttributeError("module 'fuglu.extensions.sql' has no attribute %r" % name)
 # -- end of the fuglu.extensions.sql placeholder ----------------------------------------
 
@@ -7030,6 +7058,7 @@ COMPAT_MODULES = {
         'BMPEOHMixin', 'BMPEOBMixin', 'BMPConnectAsyncMixin', 'BMPHeloAsyncMixin',
         'BMPMailFromAsyncMixin', 'BMPRCPTAsyncMixin', 'BMPHeaderAsyncMixin', 'BMPEOHAsyncMixin',
         'BMPEOBAsyncMixin', 'ReturnOverrideMixin'],
+    'fuglu.funkyconsole': ['FunkyConsole'],
     'fuglu.plugins': [],
     'fuglu.mplugins': [],
 }
@@ -7043,6 +7072,38 @@ MILTER_COMPAT_NAMES = {
     'DISCARD': MILTER_RETCODES[DELETE], 'CONN_FAIL': b'conn_fail', 'SHUTDOWN': b'shutdown',
     'STR2RETCODE': MILTER_STR2RETCODE,
     'RETCODE2STR': {code: name for name, code in MILTER_STR2RETCODE.items()},
+}
+
+
+class Unavailable(object):
+    """Stands for a class of a FuGlu extension this build does not have (redis, DNS):
+    a plugin may import it and check the module's ENABLED flag; using it raises."""
+
+    def __init__(self, *args, **kwargs):
+        raise NotInThisBuild('%s is part of a FuGlu extension that is not in this build'
+                             % self.__class__.__name__)
+
+
+def unavailable_extension(fullname, flags, classes):
+    """A FuGlu extension module whose flags say it is not available."""
+    import types
+    module = types.ModuleType(fullname, 'FuGlu %s: not part of this build.' % fullname)
+    module.__path__ = []
+    module.STATUS = 'not part of this build'
+    for flag in flags:
+        setattr(module, flag, False)
+    for name in classes:
+        setattr(module, name, type(name, (Unavailable,), {}))
+    return module
+
+
+# FuGlu extensions plugins guard with a flag: importable, flags False, classes refuse
+UNAVAILABLE_EXTENSIONS = {
+    'fuglu.extensions.redisext': (('ENABLED',), ('RedisPooledConn', 'RedisKeepAlive')),
+    'fuglu.extensions.aioredisext': (('ENABLED',), ('AIORedisMixin', 'AIORedisBaseBackend',
+                                                    'ExpiringCounter')),
+    'fuglu.extensions.dnsquery': (('ENABLED', 'DNSQUERY_EXTENSION_ENABLED', 'HAVE_DNSPYTHON',
+                                   'HAVE_PYDNS'), ()),
 }
 
 
@@ -7114,6 +7175,10 @@ def register_compat_modules():
                 module.modlogger = logging.getLogger('fuglu.extensions.sql')
         sys.modules[fullname] = module
         setattr(sys.modules[parent], child, module)
+    for fullname, (flags, classes) in UNAVAILABLE_EXTENSIONS.items():
+        if fullname not in sys.modules:
+            sys.modules[fullname] = unavailable_extension(fullname, flags, classes)
+        setattr(sys.modules['fuglu.extensions'], fullname.rpartition('.')[2], sys.modules[fullname])
     if not any(isinstance(finder, FugluModuleFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, FugluModuleFinder())
 

@@ -450,6 +450,37 @@ def test_lint_names_an_upstream_plugin_that_is_not_bundled(tmp_path, name, expec
 
 
 def test_importing_a_missing_fuglu_module_says_so():
-    with pytest.raises(ImportError,
-                       match='fuglu.extensions.redisext is a module of FuGlu that is not part'):
-        import fuglu.extensions.redisext  # noqa: F401
+    with pytest.raises(ImportError, match='fuglu.extensions.elastic is a module of FuGlu that is not'):
+        import fuglu.extensions.elastic  # noqa: F401
+    with pytest.raises(ImportError, match='fuglu.mailattach is a module of FuGlu that is not'):
+        from fuglu.mailattach import MailattachmentMgr  # noqa: F401
+
+
+def test_extensions_this_build_lacks_import_with_their_flags_off():
+    from fuglu.extensions.redisext import ENABLED as REDIS_AVAILABLE, RedisPooledConn
+    from fuglu.extensions.dnsquery import DNSQUERY_EXTENSION_ENABLED
+    from fuglu.extensions.sql import DeclarativeBase, SQL_EXTENSION_ENABLED
+    assert REDIS_AVAILABLE is False and DNSQUERY_EXTENSION_ENABLED is False
+    with pytest.raises(ImportError, match='not in this build'):
+        RedisPooledConn('redis://127.0.0.1')
+    if not SQL_EXTENSION_ENABLED:
+        class Model(DeclarativeBase):   # FuGlu plugins define their tables at import time
+            pass
+        assert Model.metadata is None
+
+
+def test_funkyconsole_and_class_level_requiredvars_updated_in_init():
+    from fuglu.funkyconsole import FunkyConsole
+    assert FunkyConsole().strcolor('ERROR', 'red') == '\x1b[31mERROR\x1b[0m'
+
+    class ClassLevel(fuglu.ScannerPlugin):
+        requiredvars = {'a': {'default': '1'}}
+
+        def __init__(self, config, section=None):
+            super().__init__(config, section)
+            self.requiredvars.update({'b': {'default': '2'}})
+
+    config = make_config('[main]\n')
+    ClassLevel(config)
+    assert config.get('ClassLevel', 'a') == '1' and config.get('ClassLevel', 'b') == '2'
+    assert ClassLevel.requiredvars == {'a': {'default': '1'}}   # the class keeps its table
