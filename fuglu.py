@@ -4295,6 +4295,13 @@ class AfterQueueSession(SMTPServerSession):
                 self.downstream.quit()
             self.downstream = None
 
+    def smtp_QUIT(self, argument):
+        # park the downstream connection before the client hears 221: it may start the
+        # next session at once, and that session should find the connection in the pool
+        if self.reuse_downstream:
+            self.cleanup()
+        super().smtp_QUIT(argument)
+
     def open_downstream(self):
         """A connected, greeted downstream client (reused across transactions, and
         across sessions through the controller's pool)."""
@@ -6633,7 +6640,8 @@ class MainController(object):
         for plugin in self.plugins + self.prependers + self.appenders:
             try:
                 call_plugin(plugin.shutdown)
-                if hasattr(plugin, 'ashutdown'):
+                ashutdown = getattr(type(plugin), 'ashutdown', BasicPlugin.ashutdown)
+                if ashutdown is not BasicPlugin.ashutdown:   # no event loop for the no-op
                     call_plugin(plugin.ashutdown)
             except Exception:
                 self.logger.error('plugin %s shutdown failed: %s', plugin, traceback.format_exc())
