@@ -35,7 +35,15 @@ actions, small helpers, configuration, templates, the Suspect, the runtime confi
 (per-recipient values from SQL), rule files (SuspectFilter), plugin bases and loader, the
 scan session, the SMTP machinery shared by the connectors (line reader, server session,
 re-injection client), the connectors, the backends, the control server, the daemon
-(MainController), lint, and the command line.
+(MainController), lint, FuGlu's module names, and the command line.
+
+FuGlu's plugins import from its package (``fuglu.shared``, ``fuglu.stringencode``,
+``fuglu.extensions.sql``, ``fuglu.mshared``, ``fuglu.bounce``, ``fuglu.plugins.sa`` ...).
+This one module is registered under those names in ``sys.modules``, or small module
+objects holding the names from here that FuGlu has there; an import hook answers
+FuGlu modules this build lacks with an ImportError that says so. A plugin method may
+be ``async def`` (FuGlu 1.7): ``call_plugin`` runs the coroutine on the worker
+thread's own event loop.
 
 Principles
 ----------
@@ -47,15 +55,17 @@ Principles
   message; downstream down, scanner trouble, timeouts and crashes become 4xx replies.
 * Errors are values at protocol boundaries: a connector turns every failure into the
   right reply plus a log line carrying the message id. Inside, exceptions carry meaning.
-* Heavy modules (``email``, ``html.parser``, archive modules) are imported when first
+* Heavy modules (``email``, archive modules) are imported when first
   needed, so start-up stays fast and small.
 """
 
+import collections
 import configparser
 import fnmatch
 import importlib
 import ipaddress
 import logging
+import operator
 import os
 import queue
 import re
@@ -67,10 +77,12 @@ import threading
 import time
 import traceback
 from collections import namedtuple
+from html.parser import HTMLParser   # small; FuGlu's HTMLStripper subclasses it
 
 # `python3 fuglu.py` and `python3 -m fuglu` run this file as __main__; a plugin that does
 # `import fuglu` (or the FuGlu way, `from fuglu.shared import ...`) must get this very
 # module, not a second copy with its own classes.
+# The other FuGlu module names are registered at the end (register_compat_modules).
 if __name__ == '__main__':
     sys.modules.setdefault('fuglu', sys.modules[__name__])
 sys.modules.setdefault('fuglu.shared', sys.modules[__name__])
@@ -81,12 +93,22 @@ __author__ = 'the fuglu developers'
 __license__ = 'Apache-2.0'
 
 __all__ = [
-    'DUNNO', 'ACCEPT', 'DELETE', 'REJECT', 'DEFER', 'ALLCODES',
-    'string_to_actioncode', 'actioncode_to_string', 'apply_template',
-    'force_uString', 'force_bString', 'FuConfigParser', 'Suspect', 'SuspectFilter',
-    'BasicPlugin', 'ScannerPlugin', 'PrependerPlugin', 'AppenderPlugin',
-    'ScanSession', 'MainController', 'CONNECTORS', 'BACKENDS', 'main',
-    'DBConfig', 'DBFile', 'RuntimeConfigError',
+    # FuGlu's plugin API (fuglu.shared, fuglu.stringencode)
+    'DUNNO', 'ACCEPT', 'DELETE', 'REJECT', 'DEFER', 'ALLCODES', 'SUSPECT_TAG_MAXLENGTH',
+    'string_to_actioncode', 'actioncode_to_string', 'apply_template', 'default_template_values',
+    'force_uString', 'force_bString', 'force_bfromc', 'force_cfromb', 'try_encoding',
+    'try_decoding', 'ForceUStringError', 'EncodingTrialError', 'str2bool', 'yesno',
+    'strip_address', 'extract_domain', 'utcnow', 'redact_uri', 'deprecated', 'make_header',
+    'fold_header', 'code_is_2xx', 'code_is_3xx', 'code_is_4xx', 'code_is_5xx',
+    'get_outgoing_helo', 'HeloSingleton', 'Cache', 'CacheSingleton', 'get_default_cache',
+    'hash_bytestr_iter', 'file_as_blockiter', 'create_filehash', 'FuConfigParser', 'Suspect',
+    'FileList', 'SuspectFilter', 'SuspectFilterRule', 'SuspectFilterResult', 'HTMLStripper',
+    'BasicPlugin', 'ScannerPlugin', 'AsyncScannerPlugin', 'AVScannerPlugin',
+    'AsyncAVScannerPlugin', 'PrependerPlugin', 'AsyncPrependerPlugin', 'AppenderPlugin',
+    'AsyncAppenderPlugin', 'MilterPlugin', 'BasicMilterPlugin', 'Bounce', 'Addrcheck',
+    'FunkyConsole', 'DBConfig', 'DBFile', 'RuntimeConfigError',
+    # the daemon
+    'call_plugin', 'ScanSession', 'MainController', 'CONNECTORS', 'BACKENDS', 'main',
 ]
 
 
@@ -140,40 +162,373 @@ def string_to_actioncode(actionstring, config=None):
     return ALLCODES.get(name)
 
 
-def actioncode_to_string(code):
-    if code is None:
+def actioncode_to_string(actioncode):
+    if actioncode is None:
         return 'NULL ACTION CODE'
-    return ACTION_NAMES.get(code, 'INVALID ACTION CODE %s' % code)
+    return ACTION_NAMES.get(actioncode, 'INVALID ACTION CODE %s' % actioncode)
 
 
 ###############################################################################
 # Small helpers
 ###############################################################################
 
-def force_uString(value, encoding='utf-8', errors='replace'):
-    """Anything -> str (bytes are decoded, lists converted item by item)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode(encoding, errors)
-    if isinstance(value, (list, tuple)):
-        return type(value)(force_uString(v, encoding, errors) for v in value)
-    return str(value)
+class ForceUStringError(TypeError):
+    """force_uString() got an object it cannot turn into text."""
 
 
-def force_bString(value, encoding='utf-8', errors='strict'):
-    """Anything -> bytes (str is encoded)."""
-    if value is None:
+def _encodings_to_try():
+    """Every codec suitable for mail text, UTF-8 and ISO-8859-15 first (FuGlu's order):
+    the candidates when a byte string is not in the encoding it claims."""
+    from encodings.aliases import aliases
+    first = ['utf_8', 'iso8859_15']
+    binary = {'rot_13', 'base64_codec', 'hex_codec', 'quopri_codec', 'bz2_codec', 'zlib_codec',
+              'uu_codec'}
+    return first + sorted(set(aliases.values()) - set(first) - binary)
+
+
+ALL_ENCODINGS = _encodings_to_try()
+
+
+class EncodingTrialError(object):
+    """Find the codecs that decode a byte string and encode it back unchanged."""
+
+    @staticmethod
+    def get_encodings_list():
+        return ALL_ENCODINGS
+
+    @staticmethod
+    def test_all(bytestring, returnimmediately=False):
+        working = []
+        for encoding in ALL_ENCODINGS:
+            try:
+                if bytestring.decode(encoding).encode(encoding) == bytestring:
+                    working.append(encoding)
+                    if returnimmediately:
+                        break
+            except Exception:  # codecs fail in many ways: each one only disqualifies it
+                continue
+        return working
+
+
+def try_encoding(u_inputstring, encoding='utf-8'):
+    """str -> bytes in ``encoding`` (default UTF-8); raises UnicodeEncodeError."""
+    if u_inputstring is None:
         return None
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, bytearray):
-        return bytes(value)
-    if isinstance(value, (list, tuple)):
-        return type(value)(force_bString(v, encoding, errors) for v in value)
-    return str(value).encode(encoding, errors)
+    return u_inputstring.encode(encoding or 'utf-8', 'strict')
+
+
+def try_decoding(b_inputstring, encoding_guess='utf-8', errors='strict'):
+    """bytes -> str. ``errors`` as for bytes.decode, or 'strict+replace' /
+    'strict+ignore' (strict first, the second mode on a broken UTF-8 sequence). When the
+    guess is wrong, chardet (if installed) and then the first codec of
+    EncodingTrialError that round-trips decide; UnicodeDecodeError if none does."""
+    if b_inputstring is None:
+        return None
+    encoding_guess = encoding_guess or 'utf-8'
+    first, _, second = errors.partition('+')
+    try:
+        return b_inputstring.decode(encoding_guess, first)
+    except (UnicodeDecodeError, LookupError) as error:
+        if second and str(error).endswith('invalid continuation byte'):
+            try:
+                return b_inputstring.decode(encoding_guess, second)
+            except (UnicodeDecodeError, LookupError):
+                pass
+    try:
+        import chardet   # optional, as in FuGlu
+        detected = chardet.detect(b_inputstring[:10000])['encoding']
+        if detected:
+            return b_inputstring.decode(detected, first)
+    except Exception:  # not installed, or its guess does not decode either
+        pass
+    for encoding in EncodingTrialError.test_all(b_inputstring, returnimmediately=True):
+        return b_inputstring.decode(encoding, first)
+    raise UnicodeDecodeError(encoding_guess, b_inputstring, 0, len(b_inputstring),
+                             'no codec decodes this')
+
+
+def force_uString(inputstring, encoding_guess='utf-8', errors='strict', convert_none=False):
+    """Anything -> str: bytes are decoded (see try_decoding), numbers and other objects
+    converted with str(), lists item by item. None stays None unless convert_none."""
+    if inputstring is None:
+        return '' if convert_none else None
+    if isinstance(inputstring, str):
+        return inputstring
+    if isinstance(encoding_guess, str) and 'unknown' in encoding_guess.lower():
+        encoding_guess = 'utf-8'
+    if isinstance(inputstring, list):
+        return [force_uString(item, encoding_guess, errors) for item in inputstring]
+    if isinstance(inputstring, (bytes, bytearray)):
+        return try_decoding(bytes(inputstring), encoding_guess, errors)
+    try:
+        return str(inputstring)
+    except Exception as error:
+        raise ForceUStringError('cannot turn a %s into text: %s' % (type(inputstring), error))
+
+
+def force_bString(inputstring, encoding='utf-8', check_encoding=False, errors='strict'):
+    """Anything -> bytes: str is encoded, other objects go through force_uString, lists
+    item by item; None stays None. ``errors`` (fuglu's addition) as for str.encode."""
+    if inputstring is None:
+        return None
+    if isinstance(inputstring, list):
+        return [force_bString(item) for item in inputstring]
+    if isinstance(inputstring, bytes):
+        result = inputstring
+    elif isinstance(inputstring, bytearray):
+        result = bytes(inputstring)
+    else:
+        result = force_uString(inputstring).encode(encoding or 'utf-8', errors)
+    if check_encoding:
+        return try_decoding(result, encoding).encode(encoding)
+    return result
+
+
+def force_bfromc(chars_iteratable):
+    """str -> bytes one character per byte (Python 2's idea of a str)."""
+    if isinstance(chars_iteratable, bytes):
+        return chars_iteratable
+    if isinstance(chars_iteratable, str):
+        return bytes(ord(char) for char in chars_iteratable)
+    raise AttributeError('not str or bytes: %s' % type(chars_iteratable))
+
+
+def force_cfromb(bytes_iteratable):
+    """bytes -> str one byte per character; an int is one character, lists item by item."""
+    if isinstance(bytes_iteratable, str):
+        return bytes_iteratable
+    if isinstance(bytes_iteratable, int):
+        return chr(bytes_iteratable)
+    if isinstance(bytes_iteratable, bytes):
+        return ''.join(chr(byte) for byte in bytes_iteratable)
+    if isinstance(bytes_iteratable, list):
+        return [force_cfromb(item) for item in bytes_iteratable]
+    raise AttributeError('Type: %s is not str and not bytes' % type(bytes_iteratable))
+
+
+def str2bool(val):
+    """'1', 'yes', 'true', 'on' (any case) and True -> True; anything else -> False."""
+    if isinstance(val, bool):
+        return val
+    if hasattr(val, 'lower'):
+        val = val.lower()
+    return configparser.RawConfigParser.BOOLEAN_STATES.get(val, False)
+
+
+def yesno(val):
+    return 'yes' if val else 'no'
+
+
+def code_is_2xx(code):
+    return 200 <= code <= 299
+
+
+def code_is_3xx(code):
+    return 300 <= code <= 399
+
+
+def code_is_4xx(code):
+    return 400 <= code <= 499
+
+
+def code_is_5xx(code):
+    return 500 <= code <= 599
+
+
+def utcnow():
+    """The current time as a timezone-aware UTC datetime."""
+    import datetime
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def strip_address(address):
+    """'Name <a@b>' or 'FROM:<a@b>' -> 'a@b' (what is between < and >, else after ':')."""
+    start = address.find('<') + 1
+    if start < 1:
+        start = address.find(':') + 1
+    if start < 1:
+        return address
+    end = address.find('>')
+    if end < 0:
+        end = len(address)
+    return address[start:end].strip()
+
+
+def extract_domain(address, lowercase=True):
+    """'a@Example.org' -> 'example.org'; None for an empty address, ValueError without @."""
+    if address is None or address == '':
+        return None
+    if '@' not in address:
+        raise ValueError("invalid email address: '%s'" % address)
+    domain = address.rsplit('@', 1)[1]
+    return domain.lower() if lowercase else domain
+
+
+def redact_uri(uri, mask='*****'):
+    """A URI with its password replaced by ``mask`` (for logs)."""
+    import urllib.parse
+    parts = urllib.parse.urlparse(uri)
+    if parts.hostname is None:
+        return uri
+    netloc = parts.hostname + (':%d' % parts.port if parts.port else '')
+    userinfo = (parts.username or '') + (':' + mask if parts.password else '')
+    if userinfo:
+        netloc = userinfo + '@' + netloc
+    return parts._replace(netloc=netloc).geturl()
+
+
+def deprecated(func):
+    """Decorator for FuGlu's old names: logs an error on logger fuglu.deprecated at
+    every call, then calls ``func``."""
+    import functools
+
+    @functools.wraps(func)
+    def deprecated_wrapper(*args, **kwargs):
+        logging.getLogger('fuglu.deprecated').error('called deprecated function %s',
+                                                    func.__qualname__)
+        return func(*args, **kwargs)
+    return deprecated_wrapper
+
+
+def make_header(header, value):
+    """An email.headerregistry header object of the class that fits ``header``."""
+    from email.headerregistry import HeaderRegistry
+    return HeaderRegistry()(header, value)
+
+
+def fold_header(header, value, policy=None, value_only=False):
+    """One header as text folded and RFC 2047 encoded by ``policy`` (default
+    email.policy.SMTP), ending in its linesep; CR and LF inside the value are encoded,
+    never passed on (they would start a new header). value_only: just the value."""
+    if policy is None:
+        from email.policy import SMTP as policy
+    folded = make_header(header, value).fold(policy=policy).strip()
+    folded = re.sub(r'\r\n(?![ \t])', '=?utf-8?q?=0D=0A?=', folded)
+    folded = re.sub(r'(?<!\r)\n', '=?utf-8?q?=0A?=', folded)
+    folded = re.sub(r'\r(?!\n)', '=?utf-8?q?=0D?=', folded)
+    if value_only:
+        return folded.split(':', 1)[-1].strip()
+    return folded + policy.linesep
+
+
+class Cache(object):
+    """A small in-memory cache with expiry (FuGlu's Cache): put_cache(key, obj,
+    ttl=None), get_cache(key) -> obj or None once expired. A daemon thread drops
+    expired entries every ``cleanupinterval`` seconds until stop()."""
+
+    def __init__(self, cachetime=30, cleanupinterval=300):
+        self.cache = {}
+        self.cachetime = cachetime
+        self.cleanupinterval = cleanupinterval
+        self.lock = threading.Lock()
+        self.logger = logging.getLogger('fuglu.settingscache')
+        self._stop_event = threading.Event()
+        self._cleanup_thread = threading.Thread(target=self.clear_cache_thread,
+                                                name='Cache cleanup',
+                                                daemon=True)
+        self._cleanup_thread.start()
+
+    def stop(self):
+        self._stop_event.set()
+
+    def put_cache(self, key, obj, ttl=None):
+        now = time.time()
+        with self.lock:
+            self.cache[key] = (obj, now, now + (self.cachetime if ttl is None else ttl))
+
+    def get_cache(self, key):
+        with self.lock:
+            entry = self.cache.get(key)
+            if entry is None:
+                return None
+            if time.time() > entry[2]:
+                del self.cache[key]
+                return None
+            return entry[0]
+
+    def clear_cache_thread(self):
+        while not self._stop_event.wait(self.cleanupinterval):
+            now = time.time()
+            with self.lock:
+                for key in [k for k, entry in self.cache.items() if now > entry[2]]:
+                    del self.cache[key]
+
+
+class CacheSingleton(object):
+    """One Cache per process (FuGlu's CacheSingleton): attribute access goes to it."""
+
+    instance = None
+    procpid = None
+
+    def __init__(self, *args, **kwargs):
+        if CacheSingleton.instance is None or CacheSingleton.procpid != os.getpid():
+            CacheSingleton.instance = Cache(*args, **kwargs)
+            CacheSingleton.procpid = os.getpid()
+
+    def __getattr__(self, name):
+        return getattr(CacheSingleton.instance, name)
+
+
+def get_default_cache():
+    return CacheSingleton()
+
+
+def hash_bytestr_iter(bytesiter, hasher, ashexstr=False):
+    """Feed the blocks of ``bytesiter`` to ``hasher``; its (hex) digest."""
+    for block in bytesiter:
+        hasher.update(block)
+    return hasher.hexdigest() if ashexstr else hasher.digest()
+
+
+def file_as_blockiter(afile, blocksize=65536):
+    """The contents of an open binary file in blocks; closes it at the end."""
+    with afile:
+        block = afile.read(blocksize)
+        while block:
+            yield block
+            block = afile.read(blocksize)
+
+
+def create_filehash(fnamelst, hashtype, ashexstr=False):
+    """[(file name, its md5 or sha1 digest), ...]; KeyError for another hashtype."""
+    import hashlib
+    hasher = {'md5': hashlib.md5, 'sha1': hashlib.sha1}[hashtype]
+    return [(name, hash_bytestr_iter(file_as_blockiter(open(name, 'rb')), hasher(), ashexstr))
+            for name in fnamelst]
+
+
+async def _in_thread(function, *args):
+    import asyncio
+    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+
+
+async def async_path_exists(path):
+    return await _in_thread(os.path.exists, path)
+
+
+async def async_path_isfile(path):
+    return await _in_thread(os.path.isfile, path)
+
+
+async def async_path_isdir(path):
+    return await _in_thread(os.path.isdir, path)
+
+
+async def async_path_getsize(path):
+    return await _in_thread(os.path.getsize, path)
+
+
+def __getattr__(name):
+    # FuGlu's HOSTNAME is this host's FQDN. Resolving it may wait on DNS, so it is only
+    # looked up when a plugin asks for it, never at start-up.
+    if name == 'HOSTNAME':
+        globals()['HOSTNAME'] = socket.getfqdn()
+        return globals()['HOSTNAME']
+    if name == 'headerregistry':   # email.headerregistry is big: loaded when asked for
+        from email.headerregistry import HeaderRegistry
+        globals()['headerregistry'] = HeaderRegistry()
+        return globals()['headerregistry']
+    raise AttributeError("module 'fuglu' has no attribute %r" % name)
 
 
 def split_address(address):
@@ -460,14 +815,24 @@ class FuConfigParser(configparser.RawConfigParser):
     BOOLEAN_STATES = {'1': True, 'yes': True, 'true': True, 'on': True,
                       '0': False, 'no': False, 'false': False, 'off': False}
 
-    def __init__(self, confdir=DEFAULT_CONFDIR):
+    def __init__(self, *args, **kwargs):
+        confdir = kwargs.pop('confdir', DEFAULT_CONFDIR)
         # lookups are memoised: connectors read the same options for every message
         self._lookup_cache = {}
-        super().__init__(strict=False, interpolation=None)
+        kwargs.setdefault('strict', False)
+        kwargs.setdefault('interpolation', None)
+        super().__init__(*args, **kwargs)
         self.confdir = confdir
         self.files = []
         self.option_sources = {}  # (section, option) -> file it was read from
         self._defaults_table = {}  # (section, option) -> default string
+
+    # FuGlu's names for the ${confdir} marker and the config file's directory
+    markers = property(lambda self: {'${confdir}': self.confdir})
+
+    def set_configpath_from_configfile(self, configfile):
+        self._lookup_cache.clear()
+        self.confdir = os.path.dirname(os.path.abspath(configfile))
 
     # -- reading --------------------------------------------------------------
     def read_config_file(self, path):
@@ -490,6 +855,11 @@ class FuConfigParser(configparser.RawConfigParser):
                 self.option_sources[(section, option)] = source
         self.files.append(source)
 
+    def _read(self, fp, fpname):
+        # read()/read_string()/read_file() of RawConfigParser fill the sections directly
+        self._lookup_cache.clear()
+        return super()._read(fp, fpname)
+
     def set(self, section, option, value=None):
         self._lookup_cache.clear()
         super().set(section, option, value)
@@ -511,6 +881,10 @@ class FuConfigParser(configparser.RawConfigParser):
             if 'default' in spec:
                 self._defaults_table[(target, option.lower())] = spec['default']
 
+    def update_defaults(self, section, defaults):
+        """FuGlu's name for set_defaults()."""
+        self.set_defaults(section, defaults)
+
     def has_default(self, section, option):
         return (section, option.lower()) in self._defaults_table
 
@@ -518,6 +892,9 @@ class FuConfigParser(configparser.RawConfigParser):
         return super().has_option(section, option) or self.has_default(section, option)
 
     # -- lookups --------------------------------------------------------------
+    # FuGlu's signatures: get(section, option, fallback, override, resolve_env). The
+    # fallback is used when neither the files nor a plugin's defaults have the option;
+    # override replaces the configured value (still converted, markers applied).
     def _raw(self, section, option):
         if super().has_option(section, option):
             return super().get(section, option, raw=True)
@@ -529,9 +906,17 @@ class FuConfigParser(configparser.RawConfigParser):
         raise configparser.NoOptionError(option, section)
 
     def expand(self, value):
-        if value is not None and '${confdir}' in value:
+        if isinstance(value, str) and '${confdir}' in value:
             value = value.replace('${confdir}', self.confdir)
         return value
+
+    def apply_markers(self, inputstring):
+        """FuGlu's name for expand(): ${confdir} replaced."""
+        return self.expand(inputstring)
+
+    def resolve_env(self, inputstring):
+        """'$NAME' -> the value of environment variable NAME, when it is set."""
+        return resolve_env_marker(inputstring)
 
     def _cached(self, kind, section, option, convert):
         key = (kind, section, option)
@@ -542,49 +927,79 @@ class FuConfigParser(configparser.RawConfigParser):
             self._lookup_cache[key] = value
             return value
 
-    def get(self, section, option, raw=False, vars=None, fallback=configparser._UNSET, **kwargs):
-        if vars is None:
+    def get(self, section, option, fallback=configparser._UNSET, override=None,
+            resolve_env=False, raw=False, vars=None, **kwargs):
+        if override is not None:
+            value = override
+        elif vars is not None:
+            value = self._get(section, option, raw)
+        else:
             try:
-                return self._cached('raw' if raw else 'str', section, option,
-                                    lambda: self._get(section, option, raw))
+                value = self._cached('raw' if raw else 'str', section, option,
+                                     lambda: self._get(section, option, raw))
             except (configparser.NoSectionError, configparser.NoOptionError):
                 if fallback is not configparser._UNSET:
                     return fallback
                 raise
-        return self._get(section, option, raw)
+        if resolve_env:
+            value = resolve_env_marker(value)
+        return value if raw else self.expand(value)
 
     def _get(self, section, option, raw=False):
         value = self._raw(section, option)
         return value if raw else self.expand(value)
 
-    def _typed(self, kind, section, option, fallback, convert):
+    def _typed(self, kind, section, option, fallback, override, convert):
+        if override is not None:
+            return convert(override)
         try:
-            return self._cached(kind, section, option, lambda: convert(self._raw(section, option).strip()))
+            return self._cached(kind, section, option,
+                                lambda: convert(self._raw(section, option)))
         except (configparser.NoSectionError, configparser.NoOptionError):
             if fallback is not configparser._UNSET:
                 return fallback
             raise
 
-    def getint(self, section, option, fallback=configparser._UNSET, **kwargs):
-        return self._typed('int', section, option, fallback, int)
+    @staticmethod
+    def _number(kind, value):
+        # values a plugin set() or declared as numbers are taken as they are
+        return kind(value.strip() if isinstance(value, str) else value)
 
-    def getfloat(self, section, option, fallback=configparser._UNSET, **kwargs):
-        return self._typed('float', section, option, fallback, float)
+    def getint(self, section, option, fallback=configparser._UNSET, override=None, **kwargs):
+        return self._typed('int', section, option, fallback, override,
+                           lambda value: self._number(int, value))
 
-    def getboolean(self, section, option, fallback=configparser._UNSET, **kwargs):
+    def getfloat(self, section, option, fallback=configparser._UNSET, override=None, **kwargs):
+        return self._typed('float', section, option, fallback, override,
+                           lambda value: self._number(float, value))
+
+    def getboolean(self, section, option, fallback=configparser._UNSET, override=None,
+                   **kwargs):
         def convert(value):
-            if value.lower() not in self.BOOLEAN_STATES:
+            if isinstance(value, (bool, int, float)):
+                return bool(value)
+            key = value.strip().lower()
+            if key not in self.BOOLEAN_STATES:
                 raise ValueError('Not a boolean: %s' % value)
-            return self.BOOLEAN_STATES[value.lower()]
-        return self._typed('bool', section, option, fallback, convert)
+            return self.BOOLEAN_STATES[key]
+        return self._typed('bool', section, option, fallback, override, convert)
 
-    def getlist(self, section, option, separators=',', strip=True, lower=False, fallback=None,
-                resolve_env=False):
-        try:
-            value = self.get(section, option)
-        except (configparser.NoSectionError, configparser.NoOptionError):
-            return fallback if fallback is not None else []
-        return split_list_value(value, separators, strip, lower)
+    def getlist(self, section, option, separators=',', strip=True, lower=False,
+                fallback=configparser._UNSET, override=None, resolve_env=False):
+        value = self.get(section, option, fallback=fallback, override=override)
+        if isinstance(value, list):
+            return value
+        if resolve_env:
+            value = resolve_env_marker(value)
+        items = re.split('[%s]' % re.escape(separators), value) if value else []
+        if strip:
+            items = [item.strip() for item in items]
+        if lower:
+            items = [item.lower() for item in items]
+        items = [item for item in items if item]
+        if resolve_env:
+            items = [resolve_env_marker(item) for item in items]
+        return items
 
     def where(self, section, option):
         """'file [section] option' for error messages."""
@@ -754,15 +1169,15 @@ TEMPLATE_DEFAULTS = {
 }
 
 
-def apply_template(template, suspect=None, values=None, valuesfunction=None,
+def apply_template(templatecontent, suspect=None, values=None, valuesfunction=None,
                    limit=TEMPLATE_MAX_CHARS):
     """Fill ``template`` with ``values``, then the message defaults, then any header or
     @tag of the message (the SuspectFilter fields). ``valuesfunction``, as in FuGlu, is
     called with {name: value} for each variable and returns the dict to use (escaping).
     Inserted values are never expanded; the result has at most ``limit`` characters."""
-    if template is None:
+    if templatecontent is None:
         return ''
-    template = force_uString(template)
+    template = force_uString(templatecontent)
     if '$' not in template:
         return template[:limit]
     values = dict(values or {})
@@ -805,6 +1220,15 @@ def apply_template(template, suspect=None, values=None, valuesfunction=None,
     return ''.join(pieces)
 
 
+def default_template_values(suspect, values=None):
+    """The built-in template variables of a message as a dict (filled into
+    ``values`` when given)."""
+    values = {} if values is None else values
+    for name, compute in TEMPLATE_DEFAULTS.items():
+        values[name] = compute(suspect)
+    return values
+
+
 ###############################################################################
 # Suspect: the message under scan
 ###############################################################################
@@ -812,35 +1236,100 @@ def apply_template(template, suspect=None, values=None, valuesfunction=None,
 HEADER_END_RE = re.compile(rb'\r?\n\r?\n')
 
 
-class Suspect(object):
+SUSPECT_TAG_MAXLENGTH = 256   # tag values are shortened to this in debug logs
+
+
+class SimpleTimeoutMixin(object):
+    """Named deadlines an object can check against (FuGlu's mix-in of Suspect):
+    stimeout_set_timer(name, seconds), then stimeout_continue(name) is False once the
+    time is up; stimeout_string/runtime/remaining(name) for logs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._stimedict = {}   # name -> (end, start, duration)
+        self._stimehit = {}    # name -> True once the deadline was found passed
+
+    def stimeout_set_timer(self, name, timeout):
+        if timeout:
+            now = time.time()
+            self._stimedict[name] = (now + timeout, now, timeout)
+
+    def stimeout_continue(self, name):
+        end = self._stimedict.get(name, (0, 0, 0))[0]
+        if end and time.time() > end:
+            self._stimehit[name] = True
+            return False
+        return True
+
+    def stimeout_string(self, name):
+        end, start, duration = self._stimedict.get(name, (0, 0, 0))
+        if duration:
+            return 'timeout(real/limit) = %.1f/%.1f [s]' % (time.time() - start, duration)
+        return 'no timeout'
+
+    def stimeout_runtime(self, name):
+        if name in self._stimedict:
+            return time.time() - self._stimedict[name][1]
+        return -1
+
+    def stimeout_remaining(self, name):
+        if name in self._stimedict:
+            return max(0, self._stimedict[name][0] - time.time())
+        return 0
+
+
+class Suspect(SimpleTimeoutMixin):
     """One message with its envelope, as the plugins see it (FuGlu's Suspect).
 
     The source is kept as the bytes received. Headers added with add_header() are
     prepended at delivery; set_source()/set_message_rep() replace the source.
 
+    Construction (FuGlu's signature): ``Suspect(from_address, recipients, tempfile,
+    inbuffer=None, smtp_options=None, milter_macros=None, queue_id=None, ...,
+    id=None, clientinfo=None, size=None, tags=None)``: the message comes from the file
+    ``tempfile`` or from the bytes ``inbuffer``. Invalid envelope addresses raise
+    ValueError, checked by the process-wide Addrcheck ([main]
+    address_compliance_checker).
+
     Instance attributes: id, from_address, recipients, to_address (first recipient),
     from_domain/from_localpart/to_domain/to_localpart, size, timestamp, tags (dict),
     addheaders (dict name -> value), queue_id, clientinfo ((helo, ip, rdns) or None),
     smtp_options (set of MAIL parameters like 'SMTPUTF8', 'BODY=8BITMIME'),
-    milter_macros (dict).
+    milter_macros (dict), tempfile (a file with the original message: the one given,
+    or one written to ``tempdir`` on first access and removed by cleanup()).
     """
 
-    def __init__(self, from_address, recipients, tempfile=None, inbuffer=None, id=None,
-                 queue_id=None, smtp_options=None, clientinfo=None, milter_macros=None,
-                 size=None, **kwargs):
+    def __init__(self, from_address, recipients, tempfile=None, inbuffer=None,
+                 smtp_options=None, milter_macros=None, queue_id=None, att_fmaxlimit=None,
+                 att_fdefaultlimit=None, att_cachelimit=None, att_defaultlimit=None,
+                 att_maxlimit=None, **kwargs):
+        super().__init__()
         if isinstance(tempfile, (bytes, bytearray)) and inbuffer is None:
             inbuffer, tempfile = bytes(tempfile), None
         if inbuffer is None:
-            if tempfile is None:
+            if not tempfile:
                 raise ValueError('a Suspect needs a tempfile or an inbuffer')
             with open(tempfile, 'rb') as handle:
                 inbuffer = handle.read()
-        self.tempfile = tempfile
-        self.id = id or os.urandom(16).hex()
+        self._tempfile = tempfile or None
+        self._own_tempfile = False
+        self.tempdir = '/tmp'
+        self.id = str(kwargs.get('id') or self.generate_id())
+        self.kwargs = kwargs
+        self.logger = logging.getLogger('fuglu.Suspect')
         self.from_address = (force_uString(from_address) or '').strip()
-        if isinstance(recipients, (str, bytes)):
+        if self.from_address and not Addrcheck().valid(self.from_address):
+            raise ValueError('Invalid sender address: %s' % self.from_address)
+        if recipients is None or isinstance(recipients, (str, bytes)):
             recipients = [recipients]
-        self.recipients = [force_uString(r).strip() for r in (recipients or [])]
+        self.recipients = []
+        for recipient in recipients:
+            if recipient is None:
+                raise ValueError('Recipient address can not be None')
+            recipient = force_uString(recipient).strip()
+            if not Addrcheck().valid(recipient, allow_postmaster=True):
+                raise ValueError('Invalid recipient address: %s' % recipient)
+            self.recipients.append(recipient)
         self.original_from_address = self.from_address
         self.original_recipients = list(self.recipients)
         self._source = bytes(inbuffer)
@@ -848,12 +1337,14 @@ class Suspect(object):
         self._modified = False
         self._message_rep = None
         self._header_cache = None
-        self.timestamp = time.time()
+        self._from_header_cache = {}
+        self.timestamp = kwargs.get('timestamp', time.time())
+        self.timestamp_utc = kwargs.get('timestamp_utc', self.timestamp)
         self.queue_id = queue_id
         self.smtp_options = set(smtp_options or ())
-        self.clientinfo = clientinfo
+        self.clientinfo = kwargs.get('clientinfo')
         self.milter_macros = dict(milter_macros or {})
-        self.announced_size = size
+        self.announced_size = kwargs.get('size', kwargs.get('mfsize'))
         self.addheaders = {}
         self.added_headers = {}
         self.modified_headers = {}
@@ -864,6 +1355,78 @@ class Suspect(object):
             'decisions': [], 'scantimes': [], 'processingerrors': [],
         }
         self.tags.update(kwargs.get('tags') or {})
+
+    @staticmethod
+    def generate_id():
+        """A new message id: 32 hex characters."""
+        return os.urandom(16).hex()
+
+    def check_id(self, id=None):
+        """True if ``id`` (default: this message's) looks like a fuglu id."""
+        id = self.id if id is None else id
+        return bool(id) and re.match(r'^[a-f0-9]{32}$', id, re.IGNORECASE) is not None
+
+    # -- the message as a file --------------------------------------------------
+    @property
+    def tempfile(self):
+        """Path of a file holding the original message, for plugins that hand it to an
+        external program. Written to ``tempdir`` on first access when the message came
+        as bytes; that file is removed by cleanup() when the session ends."""
+        if self._tempfile is None:
+            import tempfile as tempfiles
+            handle, path = tempfiles.mkstemp(prefix='fuglu', dir=self.tempdir)
+            try:
+                with os.fdopen(handle, 'wb') as out:
+                    out.write(self._original_source)
+            except OSError:
+                os.unlink(path)
+                raise
+            self._tempfile, self._own_tempfile = path, True
+        return self._tempfile
+
+    @tempfile.setter
+    def tempfile(self, path):
+        self._tempfile = path
+
+    def tempfilename(self):
+        return self._tempfile or '(buffer-only)'
+
+    @property
+    def tmpdir(self):
+        return self.tempdir
+
+    def cleanup(self):
+        """Release what the message holds: the temporary file written for it and file
+        objects kept in tags. The scan session calls this when it is done."""
+        if self._own_tempfile and self._tempfile:
+            try:
+                os.unlink(self._tempfile)
+            except OSError as error:
+                self.logger.warning('%s: cannot remove %s: %s', self.id, self._tempfile, error)
+            self._tempfile, self._own_tempfile = None, False
+        import io
+        for key in [k for k, v in self.tags.items() if isinstance(v, io.IOBase)]:
+            try:
+                self.tags.pop(key).close()
+            except Exception as error:  # a plugin's object: whatever it raises, go on
+                self.logger.warning('%s: could not close tag %r: %s', self.id, key, error)
+        self.tags.pop('debug', None)
+
+    # -- FuGlu's SASL shortcuts (milter macros) ----------------------------------
+    sasl_login = property(lambda self: force_uString(self.milter_macros.get('auth_authen')))
+    sasl_user = sasl_login
+    sasl_sender = property(lambda self: force_uString(self.milter_macros.get('auth_author')))
+    sasl_method = property(lambda self: force_uString(self.milter_macros.get('auth_type')))
+
+    @property
+    def timetracker(self):
+        ref = getattr(self, '_timetracker', None)
+        return ref() if ref is not None else None
+
+    @timetracker.setter
+    def timetracker(self, tracker):
+        import weakref
+        self._timetracker = weakref.ref(tracker) if tracker is not None else None
 
     # -- envelope -------------------------------------------------------------
     @property
@@ -890,24 +1453,29 @@ class Suspect(object):
     def size(self):
         return len(self._source)
 
-    def get_source(self, maxbytes=None):
-        if maxbytes is not None:
-            return self._source[:maxbytes]
-        return self._source
+    def get_source(self, maxbytes=None, newline=None):
+        source = self._source if maxbytes is None else self._source[:maxbytes]
+        if newline is not None:
+            source = source.replace(b'\r', b'').replace(b'\n', newline)
+        return source
 
     def get_original_source(self, maxbytes=None):
         if maxbytes is not None:
             return self._original_source[:maxbytes]
         return self._original_source
 
-    def set_source(self, source, encoding='utf-8'):
+    def set_source(self, source, encoding='utf-8', att_mgr_reset=True):
         self._source = force_bString(source, encoding)
         self._modified = True
         self._message_rep = None
         self._header_cache = None
+        self._from_header_cache = {}
 
     def is_modified(self):
         return self._modified
+
+    def has_message_rep(self):
+        return self._message_rep is not None
 
     def get_message_rep(self):
         """The message parsed by the email package (compat32), cached."""
@@ -917,7 +1485,12 @@ class Suspect(object):
             self._message_rep = email.message_from_bytes(self._source, policy=policy.compat32)
         return self._message_rep
 
-    def set_message_rep(self, msgrep):
+    def build_headeronly_message_rep(self):
+        """The header block parsed as a message without body (cheap for big mail)."""
+        import email
+        return email.message_from_string(self.get_headers())
+
+    def set_message_rep(self, msgrep, att_mgr_reset=True):
         from email import policy
         from email.generator import BytesGenerator
         import io
@@ -926,6 +1499,64 @@ class Suspect(object):
                        policy=policy.compat32.clone(linesep='\r\n')).flatten(msgrep)
         self.set_source(buffer.getvalue())
         self._message_rep = msgrep
+
+    # FuGlu 1.7 still answers to its old camelCase names (and logs that they are old)
+    @deprecated
+    def getMessageRep(self):
+        return self.get_message_rep()
+
+    @deprecated
+    def setMessageRep(self, msgrep):
+        return self.set_message_rep(msgrep)
+
+    @deprecated
+    def getSource(self, maxbytes=None):
+        return self.get_source(maxbytes)
+
+    @deprecated
+    def setSource(self, source):
+        return self.set_source(source)
+
+    @deprecated
+    def getOriginalSource(self, maxbytes=None):
+        return self.get_original_source(maxbytes)
+
+    def get_as_attachment(self, filename=None):
+        """The original message as a message/rfc822 MIME part named ``filename``
+        (default <id>.eml)."""
+        from email.mime.base import MIMEBase
+        part = MIMEBase('message', 'rfc822')
+        part.set_payload(self.get_original_source())
+        try:
+            part.as_bytes()
+        except UnicodeEncodeError:
+            from email.mime.message import MIMEMessage
+            part = MIMEMessage(self.get_message_rep())
+        part.add_header('Content-Disposition',
+                        'attachment; filename=%s' % (filename or '%s.eml' % self.id))
+        return part
+
+    def wrap(self, sender, recipient, subject, body=None, filename=None, config=None,
+             hdr_autosub='auto-generated', hdr_arsupp='DR, RN, NRN, OOF, AutoReply'):
+        """A new multipart message from ``sender`` to ``recipient`` with the original
+        message attached (for quarantine notices and forwards)."""
+        import email.utils
+        from email.mime.multipart import MIMEMultipart
+        from email.mime.text import MIMEText
+        message = MIMEMultipart()
+        message['From'] = sender
+        message['To'] = recipient
+        message['Subject'] = subject
+        message['Date'] = email.utils.formatdate(localtime=True)
+        message['Message-ID'] = email.utils.make_msgid(domain=get_outgoing_helo(config))
+        if hdr_autosub:
+            message['Auto-Submitted'] = hdr_autosub
+        if hdr_arsupp:
+            message['X-Auto-Response-Suppress'] = hdr_arsupp
+        if body:
+            message.attach(MIMEText(body, 'plain', 'utf-8'))
+        message.attach(self.get_as_attachment(filename))
+        return message
 
     # -- headers --------------------------------------------------------------
     def _header_block(self):
@@ -953,7 +1584,9 @@ class Suspect(object):
     def get_headers(self):
         return force_uString(self._header_block()[0])
 
-    def get_header(self, headername, fallback=None):
+    def get_header(self, headername, fallback=None, use_cache=True):
+        if not use_cache:
+            self._header_cache = None
         value = self._parsed_headers().get(headername)
         if value is None:
             return fallback
@@ -966,39 +1599,156 @@ class Suspect(object):
 
     def add_header(self, key, value, immediate=False, raw=False):
         """immediate=False: added at delivery (one value per name); True: prepended to
-        the source now, so later plugins see it."""
+        the source now, so later plugins see it. Names and values may be bytes."""
+        key, value = force_uString(key), force_uString(value)
         if immediate:
             header = ('%s: %s\r\n' % (key, value)).encode('utf-8') if raw else encode_header(key, value)
             self._source = header + self._source
             self._modified = True
             self._message_rep = None
             self._header_cache = None
+            self._from_header_cache = {}
             self.added_headers[key] = value
         else:
             self.addheaders[key] = value
 
-    addheader = add_header  # FuGlu's deprecated spelling
+    @deprecated
+    def addheader(self, key, value, immediate=False):
+        return self.add_header(key, value, immediate)
+
+    @staticmethod
+    def prepend_header_to_source(key, value, source, raw=False):
+        """``source`` (bytes) with the header in front: folded and encoded as FuGlu
+        does (fold_header), or as 'key: value' CRLF when raw."""
+        key, value = force_uString(key).strip(), force_uString(value).strip()
+        header = '%s: %s\r\n' % (key, value) if raw else fold_header(key, value)
+        return force_bString(header) + force_bString(source)
+
+    @staticmethod
+    def decode_msg_header(header, decode_errors='replace', logid='n/a'):
+        """A header value (str, bytes or email.header.Header) with its RFC 2047 encoded
+        words decoded, as one str."""
+        from email.header import Header
+        if isinstance(header, Header):
+            header = str(header)
+        text = force_uString(header) or ''
+        try:
+            from email.parser import HeaderParser
+            from email.policy import SMTP
+            return str(HeaderParser(policy=SMTP).parsestr('header: %s' % text)['header'])
+        except Exception as error:
+            logging.getLogger('fuglu.Suspect').warning(
+                '%s error parsing header value, using legacy fallback: %s', logid, error)
+        from email.header import decode_header
+        try:
+            return ''.join(force_uString(part, charset or 'utf-8', decode_errors)
+                           for part, charset in decode_header(text))
+        except Exception:   # undecodable: the text as it is
+            return text
+
+    @staticmethod
+    def getlist_space_comma_separated(inputstring):
+        """'a b, c' -> ['a', 'b', 'c']; '\\ ' and '\\,' keep a space or comma, '\\\\' a
+        backslash."""
+        if not inputstring or not inputstring.strip():
+            return []
+        marks = {'\\\\': '\x00b', '\\ ': '\x00s', '\\,': '\x00c'}
+        text = inputstring.strip()
+        for escaped, mark in marks.items():
+            text = text.replace(escaped, mark)
+        items = [word for part in text.split(',') for word in part.strip().split(' ')
+                 if word.strip()]
+        result = []
+        for item in items:
+            item = item.strip()
+            item = item.replace('\x00s', ' ').replace('\x00c', ',').replace('\x00b', '\\')
+            result.append(item)
+        return result
+
+    def parse_from_type_header(self, header='From', validate_mail=True, recombine=True,
+                               use_cache=True):
+        """[(display name, address), ...] of an address header (all its instances).
+        Display names are decoded; an address the checker refuses becomes part of
+        the display name (and the pair is dropped when validate_mail). recombine
+        joins a display-name-only entry with the address-only entry after it."""
+        key = (header, validate_mail, recombine)
+        if use_cache and key in self._from_header_cache:
+            return self._from_header_cache[key]
+        import email.utils
+        values = [force_uString(v) for v in self.get_message_rep().get_all(header, [])]
+        if not values:
+            return []
+        # CR/LF would end getaddresses' parsing early: hide them while splitting
+        hidden = [v.replace('\r', '{{CR}}').replace('\n', '{{LF}}') for v in values]
+        try:
+            pairs = email.utils.getaddresses(hidden, strict=False)
+        except TypeError:   # before 3.11.10 / 3.12.5 / 3.13
+            pairs = email.utils.getaddresses(hidden)
+        entries = []
+        for display, address in pairs:
+            display = self.decode_msg_header((display or '').replace('{{CR}}',
+                                                                     '\r').replace('{{LF}}', '\n'),
+                                             logid=self.id)
+            address = (address or '').replace('{{CR}}', '\r').replace('{{LF}}', '\n')
+            if not (display or address):
+                continue
+            if address and not Addrcheck().valid(address):
+                display = (display + ' ' + address) if display else address
+                address = ''
+            entries.append((display, address))
+        if recombine:
+            joined, pending = [], None
+            for display, address in entries:
+                if pending is not None:
+                    display = ('%s %s' % (pending, display)).strip() if pending else display
+                    pending = None
+                if address:
+                    joined.append((display, address))
+                else:
+                    pending = display
+            if pending is not None:
+                joined.append((pending, ''))
+            entries = joined
+        entries = [(self.decode_msg_header(display, logid=self.id), address.strip())
+                   for display, address in entries]
+        if validate_mail:
+            entries = [(display, address) for display, address in entries
+                       if address and Addrcheck().valid(address)]
+        self._from_header_cache[key] = entries
+        return entries
 
     def _header_regex(self, name):
         return re.compile(rb'^' + re.escape(force_bString(name)) + rb'[ \t]*:.*(?:\r?\n[ \t].*)*\r?\n',
                           re.IGNORECASE | re.MULTILINE)
 
-    def remove_headers(self, headername):
-        """Delete every instance of a header from the source."""
-        block, body_start = self._header_block()
-        new_block, count = self._header_regex(headername).subn(b'', block)
-        if count:
-            self.removed_headers[headername] = count
+    def remove_headers_from_source(self, headernames, track_change=True):
+        """Delete every instance of the named headers (a name or a list of names) from
+        the source, body untouched. True if anything was removed."""
+        if isinstance(headernames, (str, bytes)):
+            headernames = [headernames]
+        block, _ = self._header_block()
+        new_block, removed = block, 0
+        for name in headernames:
+            pattern = self._header_regex(name)
+            found = [force_uString(h.split(b':', 1)[1]) for h in pattern.findall(new_block)]
+            if found:
+                new_block = pattern.sub(b'', new_block)
+                removed += len(found)
+                if track_change:
+                    self.removed_headers.setdefault(force_uString(name), []).extend(found)
+        if removed:
             self.set_source(new_block + self._source[len(block):])
-        return count
+        return bool(removed)
 
-    remove_headers_from_source = remove_headers
+    def remove_headers(self, key):
+        """Delete every instance of header ``key``; True if there was one."""
+        return self.remove_headers_from_source([key])
 
     def set_header(self, key, value):
         """Replace all instances of a header by one new value, or add it immediately."""
-        if self.remove_headers(key):
+        key, value = force_uString(key), force_uString(value)
+        if self.remove_headers_from_source([key], track_change=False):
             self.modified_headers[key] = value
-            self.removed_headers.pop(key, None)
             self._source = encode_header(key, value) + self._source
             self._header_cache = None
             self._message_rep = None
@@ -1021,25 +1771,42 @@ class Suspect(object):
         return [self.build_headers(), self._source]
 
     def update_subject(self, subject_cb, **cb_params):
-        old = self.get_header('subject', '')
+        """Subject := subject_cb(decoded subject, **cb_params); True if it changed. The
+        old subject is kept in tag origsubj."""
+        raw = self.get_header('subject')
+        old = self.decode_msg_header(raw or '', logid=self.id)
         new = subject_cb(old, **cb_params)
         if new != old:
-            self.tags.setdefault('origsubj', old)
+            if self.get_tag('origsubj') is None:
+                self.set_tag('origsubj', raw or '')
             self.set_header('Subject', new)
+            if raw is None:
+                self.added_headers['Subject'] = self.modified_headers.pop('Subject', new)
             return True
         return False
 
     # -- SpamAssassin temporary headers ---------------------------------------------
-    def write_sa_temp_header(self, header, value):
-        value = re.sub(r'[\x00-\x1f\x7f]', ' ', force_uString(value))
-        self.tags.setdefault('SAPlugin.tempheader', {})
-        if isinstance(self.tags['SAPlugin.tempheader'], dict):
-            self.tags['SAPlugin.tempheader'][header] = value
+    def write_sa_temp_header(self, header, value, plugin='SAPlugin'):
+        """A pseudo header passed to ``plugin`` only (SpamAssassin sees it, the
+        delivered message does not). Control characters are removed."""
+        header = re.sub(r'[\x00-\x1f\x7f]', '', force_uString(header, convert_none=True))
+        value = re.sub(r'[\x00-\x1f\x7f]', '', force_uString(value, convert_none=True))
+        line = '%s: %s' % (header, value)
+        tag = self.get_tag('%s.tempheader' % plugin)
+        if isinstance(tag, list):
+            tag.append(line)
+        elif tag is None:
+            tag = [line]
+        else:
+            tag = '%s\r\n%s' % (tag, line)
+        self.set_tag('%s.tempheader' % plugin, tag)
 
-    def get_sa_temp_headers(self):
-        headers = self.tags.get('SAPlugin.tempheader') or {}
+    def get_sa_temp_headers(self, plugin='SAPlugin'):
+        headers = self.get_tag('%s.tempheader' % plugin)
+        if headers is None:
+            return b''
         if isinstance(headers, dict):
-            return b''.join(encode_header(k, v) for k, v in headers.items())
+            headers = ['%s: %s' % item for item in headers.items()]
         if isinstance(headers, (list, tuple)):
             headers = '\r\n'.join(headers)
         text = force_uString(headers).strip()
@@ -1113,15 +1880,74 @@ class Suspect(object):
                 handle.write('%s %s\n' % (time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), message))
                 handle.flush()
 
+    def get_current_decision_code(self):
+        """The action of the last scanner that decided so far (DUNNO if none)."""
+        try:
+            return self.tags['decisions'][-1][1]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return DUNNO
+
     def get_client_info(self, config=None):
-        """(helo, ip, rdns) from the connector, else from the first Received header."""
+        """(helo, ip, rdns) of the client that sent the message: from the connector
+        (XFORWARD, milter), else from the Received headers; with a config, the
+        [environment] options say which Received header is the boundary."""
         if self.clientinfo:
             return self.clientinfo
-        for received in self.get_all_headers('Received'):
-            match = re.search(r'from\s+(\S+)\s+\(([^)\[]*)\[([0-9a-fA-F.:]+)\]', received)
-            if match:
-                helo, rdns, ip = match.group(1), match.group(2).strip() or 'unknown', match.group(3)
-                return helo, ip, rdns
+        if config is None:
+            info = self.client_info_from_rcvd()
+        else:
+            info = self.client_info_from_rcvd(
+                ignoreregex=config.get('environment', 'trustedhostsregex', fallback=''),
+                skip=config.getint('environment', 'boundarydistance', fallback=0),
+                skiponerror=config.getboolean('environment', 'skiponerror', fallback=False),
+                ignorelineregex=config.get('environment', 'trustedreceivedregex', fallback=''),
+                skipsamedomain=config.getboolean('environment', 'skipsamedomain', fallback=False))
+        self.clientinfo = info
+        return info
+
+    RECEIVED_FROM_RE = re.compile(
+        r'^from\s(?P<helo>\S{3,256})\s{1,8}\((?P<revdns>\S{3,256})?\s?\[(?:IPv6:)?'
+        r'(?P<ip>(?:\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3})|(?:[0-9a-f:]{3,40}))\]\)', re.MULTILINE)
+    RECEIVED_BY_RE = re.compile(r'\s{1,8}(by\s{1,8}(?P<by>\S{3,64}))')
+
+    def _parse_rcvd_header(self, rcvdline):
+        """'from HELO (RDNS [IP]) ... by HOST' -> (helo, rdns, ip, 'by HOST'), or None."""
+        match = self.RECEIVED_FROM_RE.search(rcvdline)
+        if match is None:
+            return None
+        by = self.RECEIVED_BY_RE.search(rcvdline)
+        return (match.group('helo'), match.group('revdns'), match.group('ip'),
+                by.group(1) if by else '')
+
+    def client_info_from_rcvd(self, ignoreregex=None, skip=0, skiponerror=False,
+                              ignorelineregex=None, skipsamedomain=False):
+        """(helo, ip, rdns) from the first Received header after ``skip`` ones that
+        parses and is not excluded by ``ignoreregex`` (helo, ip or rdns matches) or
+        ``ignorelineregex`` (the line matches); None if there is none. An unparsable
+        header ends the search unless ``skiponerror``. ``skipsamedomain`` (skip
+        headers whose from and by hosts share a domain) compares the last two labels."""
+        ignore = re.compile(ignoreregex) if ignoreregex else None
+        ignoreline = re.compile(ignorelineregex) if ignorelineregex else None
+        headers = [self.decode_msg_header(header, logid=self.id)
+                   for header in self.get_all_headers('Received')]
+        for line in headers[skip:]:
+            parsed = self._parse_rcvd_header(line)
+            if parsed is None:
+                if skiponerror:
+                    continue
+                return None
+            helo, rdns, ip, by = parsed
+            if ignore is not None and any(v and ignore.search(v) for v in (ip, rdns, helo)):
+                continue
+            if ignoreline is not None and ignoreline.search(line):
+                continue
+            if skipsamedomain:
+                def domain(name):
+                    return '.'.join((name or '').lower().split('.')[-2:])
+                by_domain = domain(by.split()[-1] if by else '')
+                if by_domain and by_domain in (domain(rdns), domain(helo)):
+                    continue
+            return helo, ip, rdns
         return None
 
     def log_format(self, template):
@@ -1158,6 +1984,9 @@ class Suspect(object):
                 value = '%.2f' % value
             shown[key] = str(value)[:100]
         return shown
+
+    def _short_tag_rep(self):
+        return str(self.short_tags())
 
     def __str__(self):
         return 'Suspect %s: from=%s to=%s size=%s spam=%s blocked=%s virus=%s modified=%s ' \
@@ -1244,12 +2073,6 @@ SQL_DRIVER_TIMEOUTS = {
                           'write_timeout': _whole_seconds(s)},
     'pysqlite': lambda s: {'timeout': s},
 }
-
-
-def redact_uri(uri, mask='*****'):
-    """The URL with its password replaced by ``mask`` (for logs and lint)."""
-    return re.sub(r'^([\w+.-]+://[^:/@]*:)[^@/]*@', lambda match: match.group(1) + mask + '@',
-                  uri or '')
 
 
 _sqlalchemy_module = None   # the module once imported; False when it is not installed
@@ -2068,6 +2891,63 @@ def _sql_extension_attribute(name):
     raise AttributeError("module 'fuglu.extensions.sql' has no attribute %r" % name)
 
 
+RESTAPIError = RuntimeConfigError   # FuGlu's name for a failed runtime-config source
+
+
+class RESTAPIConfig(object):
+    """FuGlu's REST API configuration source; not part of this build: every call
+    raises RESTAPIError saying so."""
+
+    def __init__(self, config, suspectid='<unknown>'):
+        self.config, self.suspectid = config, suspectid
+
+    def _unavailable(self, *args, **kwargs):
+        raise RESTAPIError('the REST API configuration source is not part of this build')
+
+    def call(self, reqtype, jsondata, restapi_uri, headers, restapi_verify, timeout):
+        self._unavailable()
+
+    def get_headers(self):
+        self._unavailable()
+
+    def get(self, endpoint, timeout=0):
+        self._unavailable()
+
+    def put(self, endpoint, jsondata, timeout=0):
+        self._unavailable()
+
+
+class SectionCacheRow(object):
+    def __init__(self, config, scope, option, value):
+        self.config, self.scope, self.option, self.value = config, scope, option, value
+
+
+def get_domain_setting(domain, dbconnection, sqlquery, cache, cachename, default_value=None,
+                       logger=None):
+    """One value for ``domain`` from SQL (``:domain`` in the query), cached in
+    ``cache`` (a fuglu.shared.Cache) under cachename-domain; default_value when the
+    query finds nothing or fails."""
+    key = '%s-%s' % (cachename, domain)
+    cached = cache.get_cache(key) if cache is not None else None
+    if cached is not None:
+        return cached
+    try:
+        from sqlalchemy import text
+        session = get_session(dbconnection)
+        try:
+            row = session.execute(text(sqlquery), {'domain': domain}).fetchone()
+        finally:
+            session.close()
+    except Exception as error:
+        (logger or logging.getLogger('fuglu.extensions.sql')).error(
+            'get_domain_setting %s failed: %s', domain, error)
+        return default_value
+    value = row[0] if row else default_value
+    if cache is not None:
+        cache.put_cache(key, value)
+    return value
+
+
 def register_sql_extension():
     """Make ``from fuglu.extensions.sql import DBConfig, get_session, ...`` work for
     plugins written against FuGlu (a module of its own, so its names do not clutter
@@ -2084,6 +2964,8 @@ def register_sql_extension():
     module.__dict__.update(
         DBConfig=DBConfig, DBFile=DBFile, get_session=get_session, lint_session=lint_session,
         RESTAPIError=RuntimeConfigError, RuntimeConfigError=RuntimeConfigError,
+        RESTAPIConfig=RESTAPIConfig, SectionCacheRow=SectionCacheRow,
+        get_domain_setting=get_domain_setting, modlogger=logging.getLogger('fuglu.extensions.sql'),
         __getattr__=_sql_extension_attribute)
     package.sql = module
     sys.modules['fuglu.extensions.sql'] = module
@@ -2097,139 +2979,250 @@ register_sql_extension()
 # SuspectFilter: FuGlu rule files
 ###############################################################################
 
-class FilterRule(object):
-    __slots__ = ('field', 'regex', 'compare', 'number', 'args', 'lineno', 'text')
+class FileList(object):
+    """The lines of a text file as a list (FuGlu's FileList), re-read when the file
+    changes (checked at most every ``minimum_time_between_reloads`` seconds). Each line
+    passes the filters: newline removed, then as asked strip, skip empty lines, skip
+    # comments, lowercase, then ``additional_filters`` (functions line -> line or None
+    to drop it). ``filename`` None (or a missing file) gives an empty list.
 
-    def __init__(self, field, regex=None, compare=None, number=None, args=None, lineno=0, text=''):
-        self.field, self.regex, self.compare, self.number = field, regex, compare, number
-        self.args, self.lineno, self.text = args, lineno, text
+    Methods: get_list(); file_changed(). Subclasses override _parse_lines(lines)."""
+
+    RELOAD_CHECK_INTERVAL = 5
+
+    def __init__(self, filename=None, strip=True, skip_empty=True, skip_comments=True,
+                 lowercase=False, additional_filters=None,
+                 minimum_time_between_reloads=RELOAD_CHECK_INTERVAL):
+        self.minimum_time_between_reloads = minimum_time_between_reloads
+        self.linefilters = [lambda line: line.rstrip('\r\n')]
+        if strip:
+            self.linefilters.append(lambda line: line.strip())
+        if skip_empty:
+            self.linefilters.append(lambda line: line if line != '' else None)
+        if skip_comments:
+            self.linefilters.append(lambda line: None if line.strip().startswith('#') else line)
+        if lowercase:
+            self.linefilters.append(lambda line: line.lower())
+        if additional_filters is not None:
+            if isinstance(additional_filters, list):
+                self.linefilters.extend(additional_filters)
+            else:
+                self.linefilters.append(additional_filters)
+        if not hasattr(self, 'logger'):
+            self.logger = logging.getLogger('fuglu.filelist')
+        self.lock = threading.Lock()
+        self.content = []
+        self._stamp = None       # identity of the file last read, None: not read
+        self._last_check = 0
+        self._filename = filename
+        if filename is not None:
+            self._reload_if_necessary()
+
+    @property
+    def filename(self):
+        return self._filename
+
+    @filename.setter
+    def filename(self, value):
+        if value != self._filename:
+            self._filename, self._stamp, self._last_check = value, None, 0
+            self.content = self._parse_lines([])
+            self._reload_if_necessary()
+
+    def _file_stamp(self):
+        try:
+            info = os.stat(self._filename)
+        except (OSError, TypeError):
+            return None
+        return info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino
+
+    def file_changed(self):
+        return self._filename is not None and self._file_stamp() != self._stamp
+
+    def _reload_if_necessary(self):
+        if self._filename is None:
+            return False
+        now = time.time()
+        if now - self._last_check < self.minimum_time_between_reloads:
+            return False
+        with self.lock:
+            self._last_check = now
+            stamp = self._file_stamp()
+            if stamp == self._stamp and stamp is not None:
+                return False
+            self._stamp = stamp
+            self.content = self._parse_lines(self._reload() if stamp is not None else [])
+            return True
+
+    def _reload(self, retry=1):
+        """The file's lines (errors logged and read as no lines)."""
+        self.logger.debug('Reloading file %s', self._filename)
+        try:
+            with open(self._filename, encoding='utf-8', errors='replace') as handle:
+                return handle.readlines()
+        except OSError as error:
+            self.logger.error('cannot read %s: %s', self._filename, error)
+            return []
+
+    def _apply_linefilters(self, line):
+        for linefilter in self.linefilters:
+            line = linefilter(line)
+            if line is None:
+                break
+        return line
+
+    def _filter_lines(self, lines):
+        filtered = (self._apply_linefilters(line) for line in lines)
+        return [line for line in filtered if line is not None]
+
+    def _parse_lines(self, lines):
+        return self._filter_lines(lines)
+
+    def get_list(self):
+        self._reload_if_necessary()
+        return self.content
+
+    @staticmethod
+    def inline_comments_filter(line):
+        """A line filter that drops everything from '#' on (and the line if nothing
+        is left)."""
+        if line and '#' in line:
+            line = line[:line.index('#')].strip() or None
+        return line
+
+
+class SuspectFilterResult(collections.namedtuple('SuspectFilterResult',
+                                                  'fieldname value arg pattern')):
+    """One match of a rule: field name, the value that matched, the rule's argument,
+    and its regex (or comparison, e.g. '>5'). Unpacks as the 4-tuple of older FuGlu."""
+    __slots__ = ()
+
+
+class SuspectFilterRule(object):
+    """One rule: ``fieldname``, ``args`` (None when empty), and either ``pattern`` (a
+    compiled regex) or ``op``/``num``/``cmp`` (a numeric comparison)."""
+
+    op_map = {
+        '<': operator.lt, '<=': operator.le, '=': operator.eq, '==': operator.eq,
+        '!=': operator.ne, '<>': operator.ne, '>': operator.gt, '>=': operator.ge,
+    }
+
+    def __init__(self, fieldname, args=None):
+        self.fieldname = fieldname[:-1] if fieldname.endswith(':') else fieldname
+        self.args = None if isinstance(args, str) and not args.strip() else args
+        self.pattern = self.op = self.num = self.cmp = None
+        self.lineno, self.text = 0, ''
+
+    def __repr__(self):
+        return '<SuspectFilterRule fieldname=%s args=%s pattern=%s cmp=%s>' % (
+            self.fieldname, self.args, self.pattern, self.cmp)
+
+    def set_rgx(self, pattern, reflags=0):
+        self.pattern = re.compile(pattern, reflags)
+
+    def set_cmp(self, cmp, num):
+        self.op = self.op_map.get(cmp)
+        if self.op is None:
+            raise ValueError('failed to identify operator %s use one of %s'
+                             % (cmp, ','.join(self.op_map)))
+        self.num = float(num)
+        self.cmp = '%s%s' % (cmp, num)
 
     def test(self, value):
-        if self.regex is not None:
-            return self.regex.search(force_uString(value)) is not None
+        """The text of this match, or None."""
+        if self.pattern is not None:
+            return self.pattern.pattern if self.pattern.search(value) else None
         try:
-            number = float(value)
+            return self.cmp if self.op(float(value), self.num) else None
         except (TypeError, ValueError):
-            return False
-        return COMPARATORS[self.compare](number, self.number)
+            return None
 
 
-COMPARATORS = {
-    '<': lambda a, b: a < b, '<=': lambda a, b: a <= b, '=': lambda a, b: a == b,
-    '==': lambda a, b: a == b, '!=': lambda a, b: a != b, '<>': lambda a, b: a != b,
-    '>': lambda a, b: a > b, '>=': lambda a, b: a >= b,
-}
 NUMERIC_RULE_RE = re.compile(r'^(<=|>=|==|!=|<>|<|>|=)(-?\d+(?:\.\d+)?)$')
 SLASH_RULE_RE = re.compile(r'^(\S+?):?\s+/((?:[^/\\]|\\.)*)/([im]*)(?:\s+(.*))?$')
 
 
-class SuspectFilter(object):
+class SuspectFilter(FileList):
     """A rule file of lines `field regex [args]` (spec 6.1), matched against messages.
-    One parser for every plugin that reads rules.
+    One parser for every plugin that reads rules; ``SuspectFilter(None)`` has no rules.
 
-    Methods: matches(suspect) -> (True, args of the first matching rule) or (False,
-    None); get_args(suspect) -> args of all matching rules; lint() -> bool.
+    Methods: matches(suspect, extended=False) -> (True, args of the first matching
+    rule) or (False, None); get_args(suspect, extended=False) -> args of every match;
+    extended gives SuspectFilterResult objects instead of args. get_field(suspect,
+    name) -> the values of a field (headers, envelope, @tags, body...). lint() -> bool.
     The file is re-read when it changes (checked at most every 5 seconds).
     """
 
-    RELOAD_CHECK_INTERVAL = 5
-
-    def __init__(self, filename):
-        self.filename = filename
-        self.logger = logging.getLogger('fuglu.SuspectFilter')
-        self.rules = []
+    def __init__(self, *args, **kwargs):
+        self.logger = logging.getLogger('fuglu.suspectfilter')
         self.errors = []
-        self._stamp = None
-        self._last_check = 0
-        self._lock = threading.Lock()
-        self._load()
+        super().__init__(*args, **kwargs)
+
+    rules = property(lambda self: self.content)
 
     # -- parsing --------------------------------------------------------------
     @classmethod
     def parse_line(cls, line, lineno=0):
-        """One rule line -> FilterRule; ValueError when it fits no format."""
+        """One rule line -> SuspectFilterRule; ValueError when it fits no format."""
         text = line.strip()
         if text.startswith('{'):
             import json
             data = json.loads(text)
-            field = data['field']
+            rule = SuspectFilterRule(data['field'], data.get('args'))
             if 'regex' in data:
-                flags = cls._flags(data.get('flags', ''))
-                return FilterRule(field, regex=re.compile(data['regex'], flags),
-                                  args=data.get('args'), lineno=lineno, text=text)
-            return FilterRule(field, compare=data['cmp'], number=float(data['num']),
-                              args=data.get('args'), lineno=lineno, text=text)
-        match = SLASH_RULE_RE.match(text)
-        if match:
-            field, pattern, flags, args = match.groups()
-            pattern = pattern.replace('\\/', '/')
-            return FilterRule(field.rstrip(':'), regex=re.compile(pattern, cls._flags(flags)),
-                              args=args.strip() if args else None, lineno=lineno, text=text)
-        parts = text.split(None, 2)
-        if len(parts) < 2:
-            raise ValueError('not a rule: %r' % text)
-        field = parts[0].rstrip(':')
-        args = parts[2].strip() if len(parts) > 2 else None
-        numeric = NUMERIC_RULE_RE.match(parts[1])
-        if numeric:
-            return FilterRule(field, compare=numeric.group(1), number=float(numeric.group(2)),
-                              args=args, lineno=lineno, text=text)
-        return FilterRule(field, regex=re.compile(parts[1], re.IGNORECASE | re.DOTALL),
-                          args=args, lineno=lineno, text=text)
+                rule.set_rgx(data['regex'], cls._get_regexflags(data.get('flags', '')))
+            else:
+                rule.set_cmp(data['cmp'], data['num'])
+        else:
+            match = SLASH_RULE_RE.match(text)
+            if match:
+                field, pattern, flags, args = match.groups()
+                rule = SuspectFilterRule(field, args.strip() if args else None)
+                rule.set_rgx(pattern.replace('\\/', '/'), cls._get_regexflags(flags))
+            else:
+                parts = text.split(None, 2)
+                if len(parts) < 2:
+                    raise ValueError('not a rule: %r' % text)
+                rule = SuspectFilterRule(parts[0], parts[2].strip() if len(parts) > 2 else None)
+                numeric = NUMERIC_RULE_RE.match(parts[1])
+                if numeric:
+                    rule.set_cmp(numeric.group(1), numeric.group(2))
+                else:
+                    rule.set_rgx(parts[1], re.IGNORECASE | re.DOTALL)
+        rule.lineno, rule.text = lineno, text
+        return rule
 
     @staticmethod
-    def _flags(flagstring):
-        flags = 0
-        if 'i' in (flagstring or ''):
-            flags |= re.IGNORECASE
-        if 'm' in (flagstring or ''):
-            flags |= re.MULTILINE
-        return flags
+    def _get_regexflags(flags):
+        value = 0
+        for flag in (flags or '').lower():
+            value |= {'i': re.IGNORECASE, 'm': re.MULTILINE}.get(flag, 0)
+        return value
 
-    def _load(self):
+    def _parse_lines(self, lines):
         rules, errors = [], []
-        try:
-            stamp = os.stat(self.filename).st_ctime
-            with open(self.filename, encoding='utf-8', errors='replace') as handle:
-                lines = handle.read().splitlines()
-        except OSError as error:
-            self.logger.error('cannot read rule file %s: %s', self.filename, error)
-            self.rules, self.errors, self._stamp = [], ['cannot read %s: %s' % (self.filename, error)], None
-            return
+        if self._filename is not None and self._stamp is None:
+            errors.append('cannot read %s' % self._filename)
         for lineno, line in enumerate(lines, 1):
-            if not line.strip() or line.lstrip().startswith('#'):
+            line = self._apply_linefilters(line)
+            if line is None:
                 continue
             try:
                 rules.append(self.parse_line(line, lineno))
-            except (ValueError, KeyError, re.error) as error:
-                message = '%s line %d: %s' % (self.filename, lineno, error)
+            except (ValueError, KeyError, TypeError, re.error) as error:
+                message = '%s line %d: %s' % (self._filename, lineno, error)
                 self.logger.error('skipping rule: %s', message)
                 errors.append(message)
-        self.rules, self.errors, self._stamp = rules, errors, stamp
-
-    def _reload_if_changed(self):
-        now = time.time()
-        if now - self._last_check < self.RELOAD_CHECK_INTERVAL:
-            return
-        with self._lock:
-            self._last_check = now
-            try:
-                stamp = os.stat(self.filename).st_ctime
-            except OSError:
-                stamp = None
-            if stamp != self._stamp:
-                self._load()
-
-    def file_changed(self):
-        try:
-            return os.stat(self.filename).st_ctime != self._stamp
-        except OSError:
-            return self._stamp is not None
+        self.errors = errors
+        return rules
 
     # -- fields ---------------------------------------------------------------
+    def get_field(self, suspect, headername):
+        """All values (str) of a rule field for a message (spec 6.1)."""
+        return force_uString(list(self.field_values(suspect, force_uString(headername), self)))
+
     @staticmethod
-    def field_values(suspect, field):
-        """All values of a rule field for a message (spec 6.1)."""
+    def field_values(suspect, field, rulefile=None):
         name = field.lower()
         if name in ('envelope_from', 'from_address'):
             return [suspect.from_address]
@@ -2250,7 +3243,9 @@ class SuspectFilter(object):
         if name == 'body:full':
             return [force_uString(suspect.get_original_source())]
         if name in ('body', 'body:stripped', 'body:raw'):
-            return SuspectFilter._body_values(suspect, stripped=(name != 'body:raw'))
+            rulefile = rulefile or SuspectFilter()
+            parts = rulefile.get_decoded_textparts(suspect)
+            return parts if name == 'body:raw' else [rulefile.strip_text(part) for part in parts]
         if name.startswith('mime:'):
             header = field[5:]
             values = []
@@ -2279,108 +3274,220 @@ class SuspectFilter(object):
                     value = value[part]
                 else:
                     return []
+        if value is None:
+            return []
         if isinstance(value, (list, tuple, set)):
-            return [str(v) for v in value]
+            return [force_uString(v) for v in value]
         if isinstance(value, dict):
             return [str(v) for v in value.values()]
-        return [str(value)]
+        return [force_uString(value)]
 
-    @staticmethod
-    def _body_values(suspect, stripped):
-        values = []
+    def get_decoded_textparts(self, suspect, attachment=None, inline=None):
+        """The decoded text of every text/* part (str). attachment / inline: None =
+        all parts, True = only parts with Content-Disposition attachment / inline,
+        False = only parts without it."""
+        texts = []
         for part in suspect.get_message_rep().walk():
-            if part.get_content_maintype() != 'text':
+            if part.get_content_maintype() != 'text' or part.is_multipart():
                 continue
-            payload = part.get_payload(decode=True) or b''
-            text = payload.decode(part.get_content_charset() or 'utf-8', 'replace')
-            if stripped:
-                if part.get_content_subtype() == 'html':
-                    text = strip_html(text)
-                text = text.replace('\r', ' ').replace('\n', ' ')
-            values.append(text)
-        return values
+            disposition = (part.get('Content-Disposition') or '').split(';')[0].strip().lower()
+            if attachment is not None and attachment != (disposition == 'attachment'):
+                continue
+            if inline is not None and inline != (disposition == 'inline'):
+                continue
+            payload = part.get_payload(decode=True)
+            if payload is None:
+                continue
+            texts.append(force_uString(payload, part.get_content_charset() or 'utf-8',
+                                       'strict+replace'))
+        return texts
+
+    @deprecated
+    def get_decoded_textparts_deprecated(self, messagerep):
+        """The decoded text parts of an email.message.Message (FuGlu's old API)."""
+        texts = []
+        for part in messagerep.walk():
+            if part.get_content_maintype() == 'text' and not part.is_multipart():
+                payload = part.get_payload(decode=True)
+                if payload is not None:
+                    texts.append(force_uString(payload, part.get_content_charset() or 'utf-8'))
+        return texts
+
+    def strip_text(self, content, remove_tags=None, replace_nbsp=True, use_bfs=True,
+                   fugluid='<>'):
+        """Text of an HTML document: tags removed (and everything inside
+        ``remove_tags``, default script and style), entities decoded, newlines as
+        spaces (as SpamAssassin sees a body). use_bfs is accepted: BeautifulSoup is
+        not used, the standard library's parser does the work."""
+        from email.header import Header
+        if isinstance(content, Header):
+            content = str(content)
+        content = force_uString(content).replace('\n', ' ')
+        if replace_nbsp:
+            for entity in ('&nbsp;', '&#xa0;', '&#160;'):
+                content = content.replace(entity, ' ')
+        remove_tags = [force_uString(tag) for tag in (remove_tags or ['script', 'style'])]
+        stripper = HTMLStripper(strip_tags=remove_tags)
+        try:
+            stripper.feed(content)
+            stripper.close()
+            text = stripper.get_stripped_data()
+        except Exception:   # the parser gave up: remove what looks like tags
+            text = re.sub(r'<[^>]*?>', '', content)
+        return text.replace('\xa0', ' ') if replace_nbsp else text
 
     # -- matching -------------------------------------------------------------
-    def _matching(self, suspect, first_only):
-        self._reload_if_changed()
+    def _get_matches(self, suspect, verbose=False, firsthit=True):
+        """SuspectFilterResult of each matching value (firsthit: only the first
+        matching rule)."""
         found = []
-        for rule in self.rules:
+        for rule in self.get_list():
             try:
-                values = self.field_values(suspect, rule.field)
+                values = self.field_values(suspect, rule.fieldname, self)
             except Exception as error:
-                self.logger.warning('%s: rule %s line %d: %s', suspect.id, rule.field, rule.lineno, error)
+                self.logger.warning('%s: rule %s line %d: %s', suspect.id, rule.fieldname,
+                                    rule.lineno, error)
                 continue
             for value in values:
-                if value is not None and rule.test(value):
-                    suspect.debug('rule %s line %d matched %r (%s)' % (self.filename, rule.lineno,
-                                                                        str(value)[:100], rule.text))
-                    found.append(rule)
-                    break
-            if found and first_only:
-                break
+                if value is None:
+                    continue
+                text = value if isinstance(value, str) else str(value)
+                matched = rule.test(text)
+                if matched is None:
+                    continue
+                suspect.debug('rule %s line %d matched %r (%s)' % (self.filename, rule.lineno,
+                                                                    text[:100], rule.text))
+                found.append(SuspectFilterResult(rule.fieldname, text, rule.args, matched))
+                if firsthit:
+                    return found
         return found
 
-    def matches(self, suspect, extended=False):
-        found = self._matching(suspect, first_only=True)
+    def matches(self, suspect, extended=False, verbose=False):
+        found = self._get_matches(suspect, verbose, firsthit=True)
         if not found:
-            return (False, None)
-        if extended:
-            return True, found[0]
-        return True, found[0].args
+            suspect.debug('message does not match any rule in %s' % self.filename)
+            return False, None
+        return True, (found[0] if extended else found[0].arg)
 
-    def get_args(self, suspect, extended=False):
-        return [rule if extended else rule.args for rule in self._matching(suspect, first_only=False)]
+    def get_args(self, suspect, extended=False, verbose=False):
+        found = self._get_matches(suspect, verbose, firsthit=False)
+        return found if extended else [result.arg for result in found]
 
     def lint(self):
+        if self.filename is None:
+            print('ERROR: SuspectFilter file not defined')
+            return False
         if not os.path.exists(self.filename):
             print('rule file not found: %s' % self.filename)
             return False
-        self._load()
+        self._stamp, self._last_check = None, 0
+        self._reload_if_necessary()
         for error in self.errors:
             print('unparsable rule: %s' % error)
         return not self.errors
 
 
-def strip_html(text):
-    """Text content of an HTML document (tags, scripts and styles removed)."""
-    from html.parser import HTMLParser
+class HTMLStripper(HTMLParser):
+    """Collects the text of an HTML document, without the content of ``strip_tags``."""
 
-    class TextCollector(HTMLParser):
-        def __init__(self):
-            super().__init__(convert_charrefs=True)
-            self.parts, self.skip = [], 0
+    def __init__(self, strip_tags=None):
+        super().__init__()
+        self.strip_tags = strip_tags or ['script', 'style']
+        self.collect = True
+        self.stripped_data = []
 
-        def handle_starttag(self, tag, attrs):
-            if tag in ('script', 'style'):
-                self.skip += 1
+    def handle_data(self, data):
+        if data and self.collect:
+            self.stripped_data.append(data)
 
-        def handle_endtag(self, tag):
-            if tag in ('script', 'style') and self.skip:
-                self.skip -= 1
+    def handle_starttag(self, tag, attrs):
+        if tag.lower() in self.strip_tags:
+            self.collect = False
 
-        def handle_data(self, data):
-            if not self.skip:
-                self.parts.append(data)
-    collector = TextCollector()
-    collector.feed(text)
-    collector.close()
-    return ' '.join(collector.parts)
+    def handle_endtag(self, tag):
+        if tag.lower() in self.strip_tags:
+            self.collect = True
+
+    def get_stripped_data(self):
+        return ''.join(self.stripped_data)
 
 
 ###############################################################################
 # Plugins: base classes and loader
 ###############################################################################
 
+def call_plugin(method, *args, **kwargs):
+    """Call a plugin method and return its result; if it is a coroutine (a plugin's
+    ``async def examine``, as FuGlu 1.7's own plugins have), run it to completion on
+    this thread's event loop first. Works from any worker thread."""
+    result = method(*args, **kwargs)
+    if not hasattr(result, '__await__'):
+        return result
+    return run_coroutine(result)
+
+
+_plugin_loops = threading.local()
+
+
+def run_coroutine(awaitable):
+    """Run ``awaitable`` on an event loop owned by this thread (made on first use and
+    kept, so a plugin's connections can be reused by later messages)."""
+    import asyncio
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:   # called from inside a running loop: it cannot be re-entered, use a helper thread
+        outcome = {}
+
+        def run_elsewhere():
+            try:
+                outcome['value'] = run_coroutine(awaitable)
+            except BaseException as error:
+                outcome['error'] = error
+        helper = threading.Thread(target=run_elsewhere, name='fuglu-coroutine')
+        helper.start()
+        helper.join()
+        if 'error' in outcome:
+            raise outcome['error']
+        return outcome['value']
+    loop = getattr(_plugin_loops, 'loop', None)
+    if loop is None or loop.is_closed():
+        loop = _plugin_loops.loop = asyncio.new_event_loop()
+    return loop.run_until_complete(awaitable)
+
+
+class RequiredVars(dict):
+    """A plugin's ``requiredvars`` table. Every change registers the defaults with
+    the config, so FuGlu's ``self.requiredvars.update({...})`` in a plugin's __init__
+    works like an assignment."""
+
+    def __init__(self, plugin, table=()):
+        super().__init__(table)
+        self._plugin = plugin
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self._plugin._register_defaults(self)
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self._plugin._register_defaults(self)
+
+
 class BasicPlugin(object):
     """Base of every plugin.
 
     Contract for the daemon: ``__init__(config, section=None)``; ``lint()`` -> bool,
-    printing human-readable diagnostics; ``shutdown()`` when the daemon stops.
-    May be overridden: ``requiredvars`` (class attribute, option -> {'default':
-    str, 'description': str, optional 'section', 'validator'}); ``lint()``;
-    ``__str__`` (the friendly name used in lint and logs).
+    printing human-readable diagnostics; ``shutdown()`` (and ``ashutdown()``) when the
+    daemon stops. Any of these may be ``async def``: the daemon awaits them.
+    May be overridden: ``requiredvars`` (class attribute, or assigned / updated in
+    __init__ as FuGlu plugins do: option -> {'default': str, 'description': str,
+    optional 'section', 'validator'}); ``lint()``; ``__str__`` (the friendly name used
+    in lint and logs).
     Instance attributes: ``config`` (FuConfigParser), ``section`` (config section,
-    default: the class name), ``logger`` (``fuglu.plugin.<Class>``).
+    default: the class name), ``logger`` (``fuglu.plugin.<Class>``, also from
+    ``_logger()``).
     Plugin instances are shared by all worker threads: keep per-message state in the
     Suspect (tags), not in the plugin.
     """
@@ -2388,26 +3495,42 @@ class BasicPlugin(object):
     friendly_name = None
     ignored_options = ()   # regexes: FuGlu options of this plugin accepted without effect
 
-    # Plugins declare `requiredvars` as a class attribute (ours) or assign it in their
-    # __init__ after calling the base (FuGlu's habit): the property registers the
-    # defaults with the config either way.
     def _get_requiredvars(self):
-        return self.__dict__.get('_requiredvars', {})
+        table = self.__dict__.get('_requiredvars')
+        if table is None:
+            table = self.__dict__['_requiredvars'] = RequiredVars(self)
+        return table
 
     def _set_requiredvars(self, table):
+        if isinstance(table, dict):
+            table = RequiredVars(self, table)
         self.__dict__['_requiredvars'] = table
-        if getattr(self, 'config', None) is not None and hasattr(self.config, 'set_defaults'):
-            self.config.set_defaults(self.section, table)
+        self._register_defaults(table)
 
     requiredvars = property(_get_requiredvars, _set_requiredvars)
+
+    def upd(self, dictupdt):
+        """FuGlu's hook: register changed requiredvars defaults with the config."""
+        self._register_defaults(dictupdt)
+
+    def _register_defaults(self, table):
+        if isinstance(table, dict) and hasattr(getattr(self, 'config', None), 'set_defaults'):
+            self.config.set_defaults(self.section, table)
 
     def __init__(self, config, section=None):
         self.config = config
         self.section = section or getattr(self, 'default_section', None) or self.__class__.__name__
-        self.logger = logging.getLogger('fuglu.plugin.%s' % self.__class__.__name__)
+        self.logger = self._logger()
         self._custom_section = section is not None
-        if config is not None and hasattr(config, 'set_defaults'):
-            config.set_defaults(self.section, self.requiredvars)
+        table = self.requiredvars
+        if isinstance(table, dict) and not isinstance(table, RequiredVars):
+            # a class attribute: this instance's copy, so .update() registers too
+            table = self.__dict__['requiredvars'] = RequiredVars(self, table)
+        self._register_defaults(table)
+
+    def _logger(self):
+        """The logger of this plugin (FuGlu's name: fuglu.plugin.<Class>)."""
+        return logging.getLogger('fuglu.plugin.%s' % self.__class__.__name__)
 
     def __str__(self):
         name = self.friendly_name or self.__class__.__name__
@@ -2421,9 +3544,20 @@ class BasicPlugin(object):
         code = string_to_actioncode(self.config.get(self.section, 'problemaction'), self.config)
         return DEFER if code is None else code
 
+    def _option_table(self):
+        """requiredvars as a dict; FuGlu's old list (option names) and tuple
+        ((section, option) pairs) forms declare options without defaults."""
+        table = self.requiredvars
+        if isinstance(table, list):
+            return {option: {} for option in table}
+        if isinstance(table, tuple):
+            return {option: {'section': section} for section, option in table}
+        return dict(table)
+
     def check_config(self):
-        """Every declared option readable and valid; unknown options are errors."""
-        table = dict(self.requiredvars)
+        """Every declared option readable and valid; options in the plugin's section
+        that it does not declare are errors (typos; FuGlu itself does not check this)."""
+        table = self._option_table()
         table.setdefault('overrideaction', {'description': ''})
         table.setdefault('overridemessage', {'description': ''})
         errors = [e for e in check_options(self.config, self.section, table, self.ignored_options)
@@ -2432,41 +3566,305 @@ class BasicPlugin(object):
             print(error)
         return not errors
 
+    @deprecated
+    def checkConfig(self):
+        return self.check_config()
+
+    def lint_actioncode(self, option, *, allow_empty=False, allow_extras=()):
+        """True if option ``option`` of this plugin names an action (or one of
+        ``allow_extras``); prints an ERROR line and returns False otherwise."""
+        try:
+            value = self.config.get(self.section, option)
+        except (configparser.NoOptionError, configparser.NoSectionError):
+            if allow_empty:
+                return True
+            print('ERROR: %s.%s is not set' % (self.section, option))
+            return False
+        if not value:
+            if allow_empty:
+                return True
+            print('ERROR: %s.%s is empty' % (self.section, option))
+            return False
+        if value.strip().upper() in {extra.upper() for extra in allow_extras}:
+            return True
+        if string_to_actioncode(value, self.config) is None:
+            extras = ' or one of %s' % list(allow_extras) if allow_extras else ''
+            print('ERROR: %s.%s=%r is not a valid action%s' % (self.section, option, value, extras))
+            return False
+        return True
+
     def lint(self):
         return self.check_config()
 
     def shutdown(self):
         pass
 
+    async def ashutdown(self):
+        pass
 
-class ScannerPlugin(BasicPlugin):
+
+class ReturnOverrideMixin(object):
+    """FuGlu's ``overrideaction`` / ``overridemessage`` options: a dry run replaces the
+    plugin's verdict by the configured one. (The scan session applies them to every
+    scanner; this gives plugins FuGlu's methods for it.)"""
+
+    @property
+    def overrideaction(self):
+        value = self.config.get(self.section, 'overrideaction', fallback=None)
+        return string_to_actioncode(value, self.config) if value else None
+
+    @property
+    def milter_overrideaction(self):
+        action = self.overrideaction
+        return None if action is None else MILTER_RETCODES[action]
+
+    def _check_apply_override(self, out=None, suspectid='<>'):
+        code, message = out if isinstance(out, tuple) else (out, None)
+        override = self.overrideaction
+        if override is not None and code is not None and code != override:
+            self._logger().warning('%s overrideaction: plugin=%s/msg=%s, override=%s', suspectid,
+                                   actioncode_to_string(code), message or '',
+                                   actioncode_to_string(override))
+            code = override
+            message = self.config.get(self.section, 'overridemessage', fallback='').strip() or None
+        return (code, message) if message is not None and code is not None else code
+
+
+class ScannerPlugin(ReturnOverrideMixin, BasicPlugin):
     """A scanner looks at a message and may decide about it.
 
-    Override ``examine(suspect)``: return DUNNO/ACCEPT/DELETE/REJECT/DEFER, a tuple
-    (action, message), or None (= DUNNO). Options ``overrideaction`` and
-    ``overridemessage`` in the plugin's section replace its decision (dry runs).
+    Override ``examine(suspect)`` (may be ``async def``): return DUNNO/ACCEPT/DELETE/
+    REJECT/DEFER, a tuple (action, message), or None (= DUNNO). Options
+    ``overrideaction`` and ``overridemessage`` in the plugin's section replace its
+    decision (dry runs). ``_problemcode()`` is the action of option problemaction
+    (DEFER when unset or invalid).
     """
 
     def examine(self, suspect):
         return DUNNO
 
+    def run_examine(self, suspect):
+        return self._check_apply_override(call_plugin(self.examine, suspect), suspectid=suspect.id)
+
+    def _problemcode(self, configoption='problemaction'):
+        value = self.config.get(self.section, configoption, fallback=None)
+        code = string_to_actioncode(value, self.config) if value is not None else None
+        return DEFER if code is None else code
+
     def _blockreport(self, suspect, blockinfo, enginename=None):
         engine = enginename or str(self)
+        if blockinfo is None:
+            suspect.tags['blocked'][engine] = False
+            return
         suspect.tags['blocked'][engine] = True
         suspect.tags['%s.blocked' % engine] = blockinfo
+        suspect.debug('block reason found in message : %s' % (blockinfo,))
 
-    def _spamreport(self, suspect, is_spam, is_highspam, report, score, enginename=None):
+    def _spamreport(self, suspect, is_spam, is_highspam, spamreport, spamscore, enginename=None):
         engine = enginename or str(self)
         suspect.tags['spam'][engine] = is_spam
         suspect.tags['highspam'][engine] = is_highspam
-        suspect.tags['%s.report' % engine] = report
-        suspect.tags['%s.score' % engine] = score
+        suspect.tags['%s.report' % engine] = spamreport
+        suspect.tags['%s.score' % engine] = spamscore
+
+
+class AsyncScannerPlugin(ScannerPlugin):
+    """ScannerPlugin whose examine() and lint() are coroutines."""
+
+    async def examine(self, suspect):
+        return DUNNO
+
+    async def run_examine(self, suspect):
+        return self._check_apply_override(await self.examine(suspect), suspectid=suspect.id)
+
+    async def lint(self):
+        return self.check_config()
+
+
+class AVScannerPlugin(ScannerPlugin):
+    """Base of scanners that ask an antivirus daemon (FuGlu's AVScannerPlugin).
+
+    Subclasses implement ``scan_stream(content, suspectid)`` -> None or {name:
+    virus}, and declare the options the helpers read: host, port (number or Unix
+    socket path), timeout, maxsize, retries, virusaction, problemaction,
+    rejectmessage (template with ${virusname} and ${infectedfile}), optional
+    enginename, skip_on_previous_virus, lint_body_eicar. examine() does size check,
+    retries, tagging and the verdict."""
+
+    enginename = 'generic-av'
+    eicar = ('Date: Mon, 08 Sep 2008 17:33:54 +0200\r\n'
+             'To: recipient@unittests.fuglu.org\r\nFrom: sender@unittests.fuglu.org\r\n'
+             'Subject: test eicar attachment\r\nMIME-Version: 1.0\r\n'
+             'Content-Type: multipart/mixed; boundary="----=_MIME_BOUNDARY_000_12140"\r\n\r\n'
+             '------=_MIME_BOUNDARY_000_12140\r\nContent-Type: text/plain\r\n\r\nEicar test\r\n'
+             '------=_MIME_BOUNDARY_000_12140\r\nContent-Type: application/octet-stream\r\n'
+             'Content-Transfer-Encoding: BASE64\r\nContent-Disposition: attachment\r\n\r\n'
+             'UEsDBAoAAAAAAGQ7WyUjS4psRgAAAEYAAAAJAAAAZWljYXIuY29tWDVPIVAlQEFQWzRcUFpYNTQo\r\n'
+             'UF4pN0NDKTd9JEVJQ0FSLVNUQU5EQVJELUFOVElWSVJVUy1URVNULUZJTEUhJEgrSCoNClBLAQIU\r\n'
+             'AAoAAAAAAGQ7WyUjS4psRgAAAEYAAAAJAAAAAAAAAAEAIAD/gQAAAABlaWNhci5jb21QSwUGAAAA\r\n'
+             'AAEAAQA3AAAAbQAAAAAA\r\n\r\n------=_MIME_BOUNDARY_000_12140--\r\n')
+    eicar_body = ('Date: Mon, 08 Sep 2008 17:33:54 +0200\r\nTo: recipient@unittests.fuglu.org\r\n'
+                  'From: sender@unittests.fuglu.org\r\nSubject: test eicar in body\r\n'
+                  'MIME-Version: 1.0\r\n\r\n'
+                  'X5O!P%@AP[4\\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*\r\n\r\n')
+
+    def _logger(self):
+        return logging.getLogger('fuglu.plugin.%s(%s)' % (self.__class__.__name__,
+                                                          self._get_enginename()))
+
+    def scan_stream(self, content, suspectid='(N/A)'):
+        self._logger().warning('Unimplemented scan_stream() method')
+        return None
+
+    def _get_enginename(self):
+        configured = self.config.get(self.section, 'enginename', fallback='') \
+            if getattr(self, 'config', None) is not None else ''
+        return configured or self.enginename
+
+    def _check_too_big(self, suspect):
+        maxsize = self.config.getint(self.section, 'maxsize')
+        if suspect.size and suspect.size > maxsize:
+            self._logger().info('%s Not scanning - message too big (message %d bytes > config '
+                                '%d bytes)',
+                                suspect.id, suspect.size, maxsize)
+            return True
+        return False
+
+    def _virusreport(self, suspect, viruses):
+        """Tag the result of a scan; -> (action, message) (DUNNO, None when clean)."""
+        engine = self._get_enginename()
+        if viruses is None:
+            suspect.tags['virus'][engine] = False
+            return DUNNO, None
+        self._logger().info('%s Virus found in message from %s : %s', suspect.id,
+                            suspect.from_address, viruses)
+        suspect.tags['virus'][engine] = True
+        suspect.tags['%s.virus' % engine] = viruses
+        suspect.tags['%s.virus' % self.__class__.__name__] = viruses
+        suspect.debug('viruses found in message : %s' % (viruses,))
+        action = string_to_actioncode(self.config.get(self.section, 'virusaction'), self.config)
+        if action is None:
+            action = DEFER
+        infected, virusname = next(iter(viruses.items()))
+        message = apply_template(self.config.get(self.section, 'rejectmessage'), suspect,
+                                 dict(infectedfile=infected, virusname=virusname))
+        return action, message
+
+    def lint_eicar(self, scan_function_name='scan_stream'):
+        """Scan the EICAR test message; True (and a line) if the engine finds it."""
+        body = self.config.getboolean(self.section, 'lint_body_eicar', fallback=False)
+        try:
+            result = call_plugin(getattr(self, scan_function_name),
+                                 force_bString(self.eicar_body if body else self.eicar))
+        except Exception as error:
+            print('ERROR in %s: %s: %s' % (scan_function_name, error.__class__.__name__, error))
+            return False
+        if result is None:
+            print('EICAR Test virus not found!')
+            return False
+        where = 'body' if body else 'zip attachment'
+        print('%s testing eicar in %s: found virus %s' % (self, where, result))
+        return True
+
+    def _skip_on_previous_virus(self, suspect):
+        """'' to scan, else why this scan is skipped (option skip_on_previous_virus:
+        none, all, or a list of engine names)."""
+        skiplist = self.config.get(self.section, 'skip_on_previous_virus', fallback='none')
+        if skiplist.strip().lower() == 'none':
+            return ''
+        if skiplist.strip().lower() == 'all':
+            return "Message is virus and skiplist is 'all' -> skip!" if suspect.is_virus() else ''
+        for engine in parse_list(skiplist):
+            if suspect.tags['virus'].get(engine):
+                return 'Scanner %s has already tagged message as virus -> skip' % engine
+        return ''
+
+    def lintinfo_skip(self):
+        skiplist = self.config.get(self.section, 'skip_on_previous_virus', fallback='none')
+        if skiplist.strip().lower() == 'none':
+            print('%s will always scan, even if message is already marked as virus'
+                  % self.enginename)
+        elif skiplist.strip().lower() == 'all':
+            print('%s will skip scan if message is already marked as virus' % self.enginename)
+        else:
+            print('%s will skip scan if message is already marked as virus by: %s'
+                  % (self.enginename, ','.join(parse_list(skiplist))))
+        return True
+
+    def examine(self, suspect):
+        if self._check_too_big(suspect):
+            return DUNNO
+        content = suspect.get_source()
+        retries = self.config.getint(self.section, 'retries')
+        for attempt in range(retries):
+            try:
+                return self._virusreport(suspect, call_plugin(self.scan_stream, content,
+                                                              suspect.id))
+            except Exception as error:
+                self._logger().warning('%s Error encountered while contacting %s server '
+                                       '(try %d of %d): %s: %s',
+                                       suspect.id, self.enginename, attempt + 1, retries,
+                                       error.__class__.__name__, error)
+        self._logger().error('%s %s scan failed after %d retries', suspect.id, self.enginename,
+                             retries)
+        return self._problemcode()
+
+    def __init_socket__(self):
+        """A connected socket to the daemon: option port is a TCP port on host, or the
+        path of a Unix socket."""
+        target = self.config.get(self.section, 'port')
+        timeout = self.config.getfloat(self.section, 'timeout')
+        if not target.strip().isdigit():
+            if not os.path.exists(target):
+                raise Exception('unix socket %s not found' % target)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(target)
+            except OSError as error:
+                sock.close()
+                raise Exception('Could not reach %s server using unix socket %s due to %s'
+                                % (self.enginename, target, error))
+            return sock
+        host = self.config.get(self.section, 'host', resolve_env=True)
+        try:
+            return socket.create_connection((host, int(target)), timeout)
+        except OSError as error:
+            raise Exception('Could not reach %s server using network (%s, %s) due to %s'
+                            % (self.enginename, host, target, error))
+
+    def _close_socket(self, sock):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError as error:
+            self._logger().warning('%s Error terminating connection: %s', self.enginename, error)
+        finally:
+            sock.close()
+
+
+class AsyncAVScannerPlugin(AVScannerPlugin, AsyncScannerPlugin):
+    """AVScannerPlugin whose scan_stream(), examine() and lint() are coroutines."""
+
+    async def scan_stream(self, content, suspectid='(N/A)'):
+        raise NotImplementedError()
+
+    async def examine(self, suspect):
+        return AVScannerPlugin.examine(self, suspect)
+
+    async def run_examine(self, suspect):
+        return self._check_apply_override(await self.examine(suspect), suspectid=suspect.id)
+
+    async def lint(self):
+        return self.check_config()
+
+    async def lint_eicar(self, scan_function_name='scan_stream'):
+        return AVScannerPlugin.lint_eicar(self, scan_function_name)
 
 
 class PrependerPlugin(BasicPlugin):
     """Runs before the scanners. Override ``pluginlist(suspect, pluginlist)`` and/or
-    ``appenderlist(suspect, appenderlist)``: return a new list to replace the scanners
-    or appenders for this message, or None to keep them."""
+    ``appenderlist(suspect, appenderlist)`` (may be ``async def``): return a new list
+    to replace the scanners or appenders for this message, or None to keep them."""
 
     def pluginlist(self, suspect, pluginlist):
         return None
@@ -2475,12 +3873,32 @@ class PrependerPlugin(BasicPlugin):
         return None
 
 
+class AsyncPrependerPlugin(PrependerPlugin):
+    async def pluginlist(self, suspect, pluginlist):
+        return None
+
+    async def appenderlist(self, suspect, appenderlist):
+        return None
+
+    async def lint(self):
+        return self.check_config()
+
+
 class AppenderPlugin(BasicPlugin):
     """Runs after the message was delivered or refused (not when it was deferred).
-    Override ``process(suspect, decision)``; the return value is ignored."""
+    Override ``process(suspect, decision)`` (may be ``async def``); the return value
+    is ignored."""
 
     def process(self, suspect, decision):
         pass
+
+
+class AsyncAppenderPlugin(AppenderPlugin):
+    async def process(self, suspect, decision):
+        pass
+
+    async def lint(self):
+        return self.check_config()
 
 
 # alias -> module.Class of the bundled plugins ([PluginAlias] in the config adds more)
@@ -2556,12 +3974,17 @@ def resolve_plugin_class(name, config):
         raise PluginLoadError('%s is neither an alias nor a dotted module.Class name' % name)
     try:
         module = importlib.import_module(module_name)
+    except NotInThisBuild as error:
+        raise PluginLoadError(str(error))
     except Exception as error:
         raise PluginLoadError('cannot import %s for plugin %s: %s: %s'
                               % (module_name, name, error.__class__.__name__, error))
     try:
         return getattr(module, class_name)
     except AttributeError:
+        if module_name.startswith('fuglu.plugins.'):
+            raise PluginLoadError('%s is a plugin of FuGlu 1.7 that is not part of this build'
+                                  % target)
         raise PluginLoadError('module %s has no class %s' % (module_name, class_name))
 
 
@@ -2672,6 +4095,7 @@ class ScanSession(object):
         controller = self.controller
         config = self.config
         controller.stats.received()
+        suspect.tempdir = config.get('main', 'tempdir')
         if len(suspect.recipients) != 1:
             self.logger.debug('%s has %d recipients', suspect.id, len(suspect.recipients))
         scanners = list(controller.plugins)
@@ -2681,11 +4105,11 @@ class ScanSession(object):
             if suspect.tags.get('skip_prependers'):
                 break
             try:
-                result = prepender.pluginlist(suspect, scanners)
+                result = call_plugin(prepender.pluginlist, suspect, scanners)
                 if result is not None:
                     self._log_list_change(suspect, prepender, 'scanners', scanners, result)
                     scanners = list(result)
-                result = prepender.appenderlist(suspect, appenders)
+                result = call_plugin(prepender.appenderlist, suspect, appenders)
                 if result is not None:
                     self._log_list_change(suspect, prepender, 'appenders', appenders, result)
                     appenders = list(result)
@@ -2698,7 +4122,7 @@ class ScanSession(object):
         for plugin in scanners:
             started = time.time()
             try:
-                result = plugin.examine(suspect)
+                result = call_plugin(plugin.examine, suspect)
             except RuntimeConfigError as error:
                 # no wrong policy: without its per-recipient settings the message waits
                 # (the database outage itself is logged once, by the database)
@@ -2806,7 +4230,14 @@ class ScanSession(object):
         return one_line(text, REPLY_MAX_CHARS)
 
     def finish(self, suspect, action, delivered):
-        """After the MTA has its answer: counters, appenders (not for deferred mail)."""
+        """After the MTA has its answer: counters, appenders (not for deferred mail);
+        then the message's temporary file (suspect.tempfile) is removed."""
+        try:
+            self._finish(suspect, action, delivered)
+        finally:
+            suspect.cleanup()
+
+    def _finish(self, suspect, action, delivered):
         if action == DEFER or (action in (DUNNO, ACCEPT) and not delivered):
             self.logger.info('DEFERRED %s', suspect.id)
             return
@@ -2818,7 +4249,7 @@ class ScanSession(object):
             return
         for appender in suspect.tags.get('appenders', self.controller.appenders):
             try:
-                appender.process(suspect, action)
+                call_plugin(appender.process, suspect, action)
             except Exception as error:
                 self._plugin_error(suspect, appender, error)
 
@@ -3359,15 +4790,15 @@ def record_inject_result(suspect, code, text):
         suspect.tags['injectqueueid'] = match.group(1)
 
 
-def send_bounce(config, suspect, recipient, message_bytes):
-    """Deliver a generated message (a bounce) with the null sender to
+def send_bounce(config, suspect, recipient, message_bytes, sender=''):
+    """Deliver a generated message (a bounce) with the null sender (or ``sender``) to
     bouncehost:bounceport. Returns the downstream queue id, or None when bounces are
     off for this message or recipient. Raises SMTPError on delivery failure."""
     logger = logging.getLogger('fuglu.bouncer')
     if suspect is not None and suspect.tags.get('nobounce'):
         logger.info('%s: no bounce (tag nobounce)', suspect.id)
         return None
-    if config.getboolean('main', 'disablebounces'):
+    if not sender and config.getboolean('main', 'disablebounces'):
         logger.info('%s: no bounce (disablebounces)', suspect.id if suspect else '-')
         return None
     domain = split_address(recipient)[1].lower()
@@ -3384,7 +4815,7 @@ def send_bounce(config, suspect, recipient, message_bytes):
     client.connect()
     try:
         client.ehlo()
-        for line, expected in (('MAIL FROM:<>', 250), ('RCPT TO:<%s>' % recipient, 250)):
+        for line, expected in (('MAIL FROM:<%s>' % sender, 250), ('RCPT TO:<%s>' % recipient, 250)):
             code, text = client.command(line)
             if code != expected:
                 raise SMTPError(code, ' '.join(text))
@@ -3396,6 +4827,101 @@ def send_bounce(config, suspect, recipient, message_bytes):
     match = QUEUE_ID_RE.search(text)
     logger.info('%s: bounce sent to %s: %s', suspect.id if suspect else '-', recipient, text)
     return match.group(1) if match else None
+
+
+def queueid_from_postfixreply(logline):
+    """The queue id in a Postfix '250 2.0.0 Ok: queued as ...' reply, or None."""
+    match = QUEUE_ID_RE.search(force_uString(logline) or '')
+    return match.group(1) if match else None
+
+
+class Bounce(object):
+    """FuGlu's bouncer for plugins: ``send_template_file(recipient, templatefile,
+    suspect, values)`` / ``send_template_string(...)`` fill a template (apply_template)
+    and send it with the null sender; ``send(fromaddress, toaddress, message)`` sends
+    a complete message. All go through send_bounce (bouncehost, disablebounces,
+    nobouncefile, tag nobounce) and return the downstream queue id or None."""
+
+    def __init__(self, config):
+        self.config = config
+        self.logger = logging.getLogger('fuglu.bouncer')
+        self.nobounce = None
+
+    def _add_required_headers(self, recipient, messagecontent):
+        import email
+        import email.utils
+        message = email.message_from_string(messagecontent)
+        message.set_charset('utf-8')
+        defaults = (('To', recipient),
+                    ('From', 'MAILER-DAEMON@%s' % get_outgoing_helo(self.config)),
+                    ('Auto-Submitted', 'auto-generated'),
+                    ('Date', email.utils.formatdate(localtime=True)),
+                    ('Message-ID', email.utils.make_msgid()))
+        for name, value in defaults:
+            if name not in message:
+                message[name] = value
+        return message.as_string()
+
+    def send_template_file(self, recipient, templatefile, suspect, values):
+        if not os.path.exists(templatefile):
+            self.logger.error('%s Template file does not exist: %s', suspect.id, templatefile)
+            return None
+        with open(templatefile, encoding='utf-8', errors='replace') as handle:
+            return self.send_template_string(recipient, handle.read(), suspect, values)
+
+    def send_template_string(self, recipient, templatecontent, suspect, values):
+        if suspect.get_tag('nobounce'):
+            self.logger.info('%s Not sending bounce to %s - bounces disabled by plugin',
+                             suspect.id, recipient)
+            return None
+        message = apply_template(templatecontent, suspect, values)
+        try:
+            message = self._add_required_headers(recipient, message)
+        except Exception as error:   # a broken template is still sent as written
+            self.logger.warning('%s Bounce message template could not be verified: %s', suspect.id,
+                                error)
+        return self.send('<>', recipient, message)
+
+    def _get_targethost(self):
+        return outgoing_target(self.config, bounce=True)[0]
+
+    def _get_targetport(self):
+        return outgoing_target(self.config, bounce=True)[1]
+
+    def send(self, fromaddress, toaddress, message):
+        sender = '' if fromaddress in (None, '', '<>') else strip_address(fromaddress)
+        message = force_bString(message).replace(b'\r\n', b'\n').replace(b'\n', b'\r\n')
+        return send_bounce(self.config, None, toaddress, message, sender=sender)
+
+    @deprecated
+    def _send(self, fromaddress, toaddress, message):
+        self.send(fromaddress, toaddress, message)
+
+    def lint(self):
+        try:
+            host, port = outgoing_target(self.config, bounce=True)
+        except Exception as error:
+            print('ERROR: failed to initialise bouncer: %s' % error)
+            return False
+        print('INFO: config checked: targethost=%s port=%s helo=%s' % (host, port,
+                                                                       outgoing_helo(self.config)))
+        return True
+
+
+class HeloSingleton(object):
+    """FuGlu's holder of the outgoing EHLO name: outgoinghelo(config)."""
+
+    @classmethod
+    def outgoinghelo(cls, config):
+        return get_outgoing_helo(config)
+
+
+def get_outgoing_helo(config=None):
+    """FuGlu's name: the EHLO name for outgoing mail (this host's FQDN without a
+    config)."""
+    if config is None:
+        return sys.modules[__name__].HOSTNAME.lower()
+    return outgoing_helo(config)
 
 
 # Envelope address checks (spec 5.4)
@@ -3418,6 +4944,36 @@ def address_is_valid(address, checker='Default', maxsize=64):
         return checker == 'LazyLocalPart' and local.startswith('"') and local.endswith('"')
     bare = local.strip('"')
     return not (bare.startswith('.') or bare.endswith('.'))
+
+
+class Addrcheck(object):
+    """The process-wide envelope address check (FuGlu's singleton): ``set(name,
+    maxsize)`` picks Default, LazyLocalPart, AsciiOnly, PrintableAsciiOnly or NoCheck
+    (the daemon sets [main] address_compliance_checker at start-up); ``valid(address,
+    allow_postmaster=False)``. Suspect() refuses addresses it finds invalid."""
+
+    CHECKERS = ('Default', 'LazyLocalPart', 'AsciiOnly', 'PrintableAsciiOnly', 'NoCheck')
+    _instance = None
+
+    def __new__(cls):
+        if Addrcheck._instance is None:
+            Addrcheck._instance = object.__new__(cls)
+            Addrcheck._instance.name, Addrcheck._instance.maxsize = 'Default', 64
+        return Addrcheck._instance
+
+    def set(self, name, maxsize=64):
+        if name not in self.CHECKERS:
+            logging.getLogger('fuglu.Addrcheck').warning(
+                'Mail address check "%s" not valid, using default...', name)
+            name = 'Default'
+        self.name, self.maxsize = name, int(maxsize)
+
+    def valid(self, address, allow_postmaster=False):
+        if not address:
+            return False
+        if address.lower() == 'postmaster':
+            return allow_postmaster or self.name == 'NoCheck'
+        return address_is_valid(address, self.name, self.maxsize)
 
 
 MAIL_PATH_RE = re.compile(r'^\s*<([^<>]*)>\s*(.*)$')
@@ -3814,6 +5370,13 @@ class AfterQueueSession(SMTPServerSession):
             else:
                 self.downstream.quit()
             self.downstream = None
+
+    def smtp_QUIT(self, argument):
+        # park the downstream connection before the client hears 221: it may start the
+        # next session at once, and that session should find the connection in the pool
+        if self.reuse_downstream:
+            self.cleanup()
+        super().smtp_QUIT(argument)
 
     def open_downstream(self):
         """A connected, greeted downstream client (reused across transactions, and
@@ -4328,7 +5891,12 @@ class NetcatConnector(Connector):
                 recipients = [address for address in found_recipients if address] or recipients
         if not data:
             return self.answer(sock, b'REJECT:empty message')
-        self.scan(sock, label, Suspect(sender, recipients, inbuffer=data), tags)
+        try:
+            suspect = Suspect(sender, recipients, inbuffer=data)
+        except ValueError as error:   # an envelope address the address check refuses
+            self.logger.warning('netcat from %s: %s', label, error)
+            return self.answer(sock, b'REJECT:' + one_line(error).encode('utf-8', 'replace'))
+        self.scan(sock, label, suspect, tags)
 
     def read_message(self, sock, limit):
         """Everything up to the client's half-close: (bytes, False), or (b'', True)
@@ -4824,6 +6392,170 @@ class MilterPlugin(BasicPlugin):
     STAGES = ('connect', 'helo', 'mailfrom', 'rcpt', 'header', 'eoh', 'eob')
 
 
+# -- FuGlu's milter plugin API (fuglu.mshared) ------------------------------------
+# FuGlu's milter plugins return milter codes (sm.CONTINUE, sm.REJECT ...) and pick
+# their stages with option ``state``; they run here as MilterPlugins.
+MILTER_CONNECT, MILTER_HELO, MILTER_MAILFROM, MILTER_RCPT = 'connect', 'helo', 'mailfrom', 'rcpt'
+MILTER_HEADER, MILTER_EOH, MILTER_EOB, MILTER_EOM = 'header', 'eoh', 'eob', 'eom'
+MILTER_RETCODES = {DUNNO: b'continue', ACCEPT: b'accept', DELETE: b'discard', REJECT: b'reject',
+                   DEFER: b'tempfail'}
+MILTER_STR2RETCODE = {code.decode(): code for code in MILTER_RETCODES.values()}
+MILTER_STR2RETCODE.update(conn_fail=b'conn_fail', shutdown=b'shutdown')
+MILTER_RETCODE_ACTIONS = {code: action for action, code in MILTER_RETCODES.items()}
+
+
+def convert_return2milter(ret):
+    """An action (or (action, message)) -> the milter code (or (code, message))."""
+    if isinstance(ret, tuple):
+        return MILTER_RETCODES[ret[0]], ret[1]
+    if isinstance(ret, int):
+        return MILTER_RETCODES[ret]
+    raise ValueError('ret type should be tuple(int, str) or int -> but is %s' % type(ret))
+
+
+class BMPConnectMixin(object):
+    def examine_connect(self, sess, host, addr):
+        raise NotImplementedError()
+
+
+class BMPHeloMixin(object):
+    def examine_helo(self, sess, helo):
+        raise NotImplementedError()
+
+
+class BMPMailFromMixin(object):
+    def examine_mailfrom(self, sess, sender):
+        raise NotImplementedError()
+
+
+class BMPRCPTMixin(object):
+    def examine_rcpt(self, sess, recipient):
+        raise NotImplementedError()
+
+
+class BMPHeaderMixin(object):
+    def examine_header(self, sess, key, value):
+        raise NotImplementedError()
+
+
+class BMPEOHMixin(object):
+    def examine_eoh(self, sess):
+        raise NotImplementedError()
+
+
+class BMPEOBMixin(ReturnOverrideMixin):
+    def examine_eob(self, sess):
+        raise NotImplementedError()
+
+
+class BMPConnectAsyncMixin(BMPConnectMixin):
+    async def examine_connect(self, sess, host, addr):
+        raise NotImplementedError()
+
+
+class BMPHeloAsyncMixin(BMPHeloMixin):
+    async def examine_helo(self, sess, helo):
+        raise NotImplementedError()
+
+
+class BMPMailFromAsyncMixin(BMPMailFromMixin):
+    async def examine_mailfrom(self, sess, sender):
+        raise NotImplementedError()
+
+
+class BMPRCPTAsyncMixin(BMPRCPTMixin):
+    async def examine_rcpt(self, sess, recipient):
+        raise NotImplementedError()
+
+
+class BMPHeaderAsyncMixin(BMPHeaderMixin):
+    async def examine_header(self, sess, key, value):
+        raise NotImplementedError()
+
+
+class BMPEOHAsyncMixin(BMPEOHMixin):
+    async def examine_eoh(self, sess):
+        raise NotImplementedError()
+
+
+class BMPEOBAsyncMixin(BMPEOBMixin):
+    async def examine_eob(self, sess):
+        raise NotImplementedError()
+
+
+class BasicMilterPlugin(ReturnOverrideMixin, MilterPlugin):
+    """FuGlu's milter plugin base: derive from it and the BMP*Mixin of each stage,
+    list the stages in option ``state``, return milter codes (fuglu.mshared.CONTINUE,
+    REJECT, TEMPFAIL, DISCARD, ACCEPT), optionally with a message. ``examine_eob``
+    gets only the session (the message is ``sess`` 's; fuglu passes the Suspect to
+    MilterPlugins). ``sess`` is fuglu's MilterSession, not FuGlu's."""
+
+    ALL_STATES = {MILTER_CONNECT: BMPConnectMixin, MILTER_HELO: BMPHeloMixin,
+                  MILTER_MAILFROM: BMPMailFromMixin, MILTER_RCPT: BMPRCPTMixin,
+                  MILTER_HEADER: BMPHeaderMixin, MILTER_EOH: BMPEOHMixin, MILTER_EOB: BMPEOBMixin}
+
+    def __init__(self, config, section=None):
+        super().__init__(config, section=section)
+        self.requiredvars.update({
+            'state': {'default': '',
+                      'description': 'comma/space separated list of states this plugin '
+                      'is applied in (%s)' % ','.join(self.ALL_STATES)},
+        })
+        self._state = None
+
+    @property
+    def state(self):
+        if self._state is None:
+            self._state = [name.lower() for name in Suspect.getlist_space_comma_separated(
+                self.config.get(self.section, 'state'))]
+        return self._state
+
+    def lint(self, state=None):
+        if not super().lint():
+            return False
+        states = state or self.state
+        states = [states] if isinstance(states, str) else states
+        for name in states:
+            if name not in self.ALL_STATES:
+                print('Error: Not all states are available/implemented: %s' % name)
+                return False
+            if not isinstance(self, self.ALL_STATES[name]):
+                print('ERROR: %s does not implement %s' % (self.__class__.__name__,
+                                                           self.ALL_STATES[name].__name__))
+                return False
+        return True
+
+    def _logger(self):
+        return logging.getLogger('fuglu.mplugin.%s' % self.__class__.__name__)
+
+    def _problemcode(self, configoption='problemaction'):
+        value = self.config.get(self.section, configoption, fallback='')
+        return MILTER_STR2RETCODE.get(value.strip().lower(), b'continue')
+
+
+class AsyncBasicMilterPlugin(BasicMilterPlugin):
+    async def lint(self, state=None):
+        return BasicMilterPlugin.lint(self, state)
+
+
+class SumAsyncTime(object):
+    """Context manager adding the time spent inside to ``timer.sum_asynctime``
+    (FuGlu's timing helper; fuglu keeps no per-plugin async timings)."""
+
+    def __init__(self, timer, key=None, logid=None):
+        self.timer, self.key, self.logid = timer, key, logid
+        self.asyncstart = self.asyncend = 0
+
+    def __enter__(self):
+        self.asyncstart = time.time()
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        self.asyncend = time.time()
+        add = getattr(self.timer, 'sum_asynctime', None)
+        if add is not None:
+            add(self.asyncend - self.asyncstart, self.key, logid=self.logid)
+
+
 class MilterProgressWatch(object):
     """One thread per milter connector that keeps the MTA patient: a session whose
     message has been scanning for ``interval`` seconds gets an SMFIR_PROGRESS packet,
@@ -5195,7 +6927,10 @@ class MilterSession(object):
             if plugin.__class__.__name__ in skipped:
                 continue
             try:
-                result = getattr(plugin, 'examine_' + stage)(self, *args)
+                if stage == 'eob' and isinstance(plugin, BasicMilterPlugin):
+                    result = call_plugin(plugin.examine_eob, self)   # FuGlu's signature
+                else:
+                    result = call_plugin(getattr(plugin, 'examine_' + stage), self, *args)
             except Exception as error:
                 trace = traceback.format_exc()
                 self.logger.error('%s: milter plugin %s failed at %s: %s: %s', self.label(), plugin, stage,
@@ -5204,6 +6939,7 @@ class MilterSession(object):
                 self.controller.record_exception(trace)
                 continue
             code, text = result if isinstance(result, tuple) else (result, None)
+            code = MILTER_RETCODE_ACTIONS.get(code, code)   # FuGlu's milter codes
             if code is None or code == DUNNO:
                 continue
             if code not in (ACCEPT, DELETE, REJECT, DEFER):
@@ -5869,6 +7605,9 @@ class MainController(object):
     def _apply_trusted(self, config):
         value = config.get('main', 'trusted_xforward_peers').strip()
         self.trusted_networks = parse_networks(value) if value else None
+        # the address check Suspect() applies, as the connectors do
+        Addrcheck().set(config.get('main', 'address_compliance_checker').strip(),
+                        config.getint('main', 'address_compliance_checker_maxsize'))
 
     def record_exception(self, trace):
         self.exceptions = (self.exceptions + [(time.time(), threading.current_thread().name, trace)])[-10:]
@@ -5977,7 +7716,10 @@ class MainController(object):
         self.downstream_pool.purge(everything=True)
         for plugin in self.plugins + self.prependers + self.appenders:
             try:
-                plugin.shutdown()
+                call_plugin(plugin.shutdown)
+                ashutdown = getattr(type(plugin), 'ashutdown', BasicPlugin.ashutdown)
+                if ashutdown is not BasicPlugin.ashutdown:   # no event loop for the no-op
+                    call_plugin(plugin.ashutdown)
             except Exception:
                 self.logger.error('plugin %s shutdown failed: %s', plugin, traceback.format_exc())
         self.logger.info('shutdown complete')
@@ -6116,7 +7858,7 @@ class Lint(object):
             for plugin in plugins.get(option, []):
                 self.say('Linting Plugin %s Config section: %s' % (plugin, plugin.section))
                 try:
-                    ok = plugin.lint()
+                    ok = call_plugin(plugin.lint)
                 except Exception as error:
                     self.say('ERROR: %s: %s' % (error.__class__.__name__, error), 'red')
                     ok = False
@@ -6132,6 +7874,226 @@ class Lint(object):
 
         self.say('Lint status: %s' % ('OK' if errors == 0 else 'FAIL'), 'green' if errors == 0 else 'red')
         return errors
+
+
+class FunkyConsole(object):
+    """FuGlu's ANSI colours for lint output: strcolor(text, 'red') (or a list of
+    codes from FG, BG, MODE)."""
+
+    FG = {'white': '00', 'black': '30', 'red': '31', 'green': '32', 'brown': '33', 'blue': '34',
+          'magenta': '35', 'cyan': '36', 'gray': '37', 'yellow': '33;1'}
+    BG = {'black': '40', 'red': '41', 'green': '42', 'brown': '43', 'blue': '44', 'magenta': '45',
+          'cyan': '46', 'white': '47'}
+    MODE = {'default': '0', 'bold': '1', 'blink': '5', 'noblink': '25'}
+    RESET = '\x1b[0m'
+
+    def strcolor(self, content, commandlist, reset_after=True):
+        if isinstance(commandlist, str):
+            commandlist = (self.FG[commandlist],)
+        text = '\x1b[%sm%s' % (';'.join(c for c in commandlist if c is not None), content)
+        return text + self.RESET if reset_after else text
+
+
+###############################################################################
+# FuGlu's module names
+###############################################################################
+# fuglu is one module; plugins written for FuGlu import from its package layout
+# (fuglu.shared, fuglu.extensions.sql, fuglu.plugins.sa ...). Those names are
+# registered in sys.modules: fuglu.shared and fuglu.stringencode are this module,
+# the others small module objects holding the names from here that FuGlu has there.
+# fuglu.plugins.<name> of a bundled plugin is its fuglu_plugins module, imported when
+# first asked for; any other fuglu.* name FuGlu has gets an ImportError that says it
+# is not part of this build.
+
+# upstream FuGlu 1.7 plugin modules (fuglu.plugins.<name>) -> our bundled module
+BUNDLED_UPSTREAM_PLUGIN_MODULES = {
+    'archive': 'fuglu_plugins.archive', 'attachment': 'fuglu_plugins.attachment',
+    'clamav': 'fuglu_plugins.clamav', 'sa': 'fuglu_plugins.spamassassin',
+    'p_debug': 'fuglu_plugins.debug', 'p_skipper': 'fuglu_plugins.skip',
+}
+UPSTREAM_PLUGIN_MODULES = (
+    'a_logging', 'a_statsd', 'antivirus', 'archive', 'attachment', 'bacn', 'btc', 'call_ahead',
+    'clamav', 'dataprovider', 'decision', 'delay', 'dnsdata', 'domainauth', 'fuzor', 'geoip',
+    'knownsubject', 'logheaders', 'mailcopy', 'messagesize', 'originpolicy', 'outpolicy', 'p_blwl',
+    'p_debug', 'p_fraction', 'p_skipper', 'ratelimit', 'restrictions', 'rspamd', 'sa', 'script',
+    'sigenc', 'taction', 'tlspolicy', 'uriextract', 'vacation',
+)
+
+
+
+def _bounce_module_getattr(name):
+    if name == 'FugluSMTPClient':
+        if 'FugluSMTPClient' in globals():
+            return globals()['FugluSMTPClient']
+        import smtplib
+
+        class FugluSMTPClient(smtplib.SMTP):
+            """smtplib.SMTP that remembers the last reply and the queue id in it."""
+            queueid = lastserveranswer = lastservercode = None
+
+            def getreply(self):
+                code, response = smtplib.SMTP.getreply(self)
+                self.lastserveranswer, self.lastservercode = response, code
+                self.queueid = queueid_from_postfixreply(response) or self.queueid
+                return code, response
+
+            def xclient(self, xclient_args=None):
+                """Send XCLIENT with the attributes the server offers."""
+                self.ehlo_or_helo_if_needed()
+                if 'xclient' not in self.esmtp_features:
+                    raise smtplib.SMTPNotSupportedError('SMTP XCLIENT extension not supported '
+                                                        'by server.')
+                offered = self.esmtp_features['xclient'].upper().split()
+                args = dict(xclient_args or {})
+                if ':' in args.get('ADDR', '') and not args['ADDR'].startswith('IPV6:'):
+                    args['ADDR'] = 'IPV6:' + args['ADDR']
+                words = ['%s=%s' % (k.upper(), force_uString(v)) for k, v in args.items()
+                         if v and k.upper() in offered]
+                return self.docmd('XCLIENT', ' '.join(words)) if words else None
+        globals()['FugluSMTPClient'] = FugluSMTPClient   # one class, however often asked
+        return FugluSMTPClient
+    raise AttributeError("module 'fuglu.bounce' has no attribute %r" % name)
+
+
+# module name -> the names it holds (taken from this module), or a module getattr hook
+COMPAT_MODULES = {
+    'fuglu.stringencode': None, 'fuglu.shared': None,   # this very module
+    'fuglu.mixins': ['SimpleTimeoutMixin', 'ReturnOverrideMixin'],
+    'fuglu.addrcheck': ['Addrcheck'],
+    'fuglu.bounce': ['Bounce', 'queueid_from_postfixreply', 'QUEUE_ID_RE', _bounce_module_getattr],
+    'fuglu.extensions': [],
+    'fuglu.connectors': [],
+    'fuglu.connectors.milterconnector': [],
+    'fuglu.mshared': [
+        'convert_return2milter', 'SumAsyncTime', 'BasicMilterPlugin', 'AsyncBasicMilterPlugin',
+        'BMPConnectMixin', 'BMPHeloMixin', 'BMPMailFromMixin', 'BMPRCPTMixin', 'BMPHeaderMixin',
+        'BMPEOHMixin', 'BMPEOBMixin', 'BMPConnectAsyncMixin', 'BMPHeloAsyncMixin',
+        'BMPMailFromAsyncMixin', 'BMPRCPTAsyncMixin', 'BMPHeaderAsyncMixin', 'BMPEOHAsyncMixin',
+        'BMPEOBAsyncMixin', 'ReturnOverrideMixin'],
+    'fuglu.funkyconsole': ['FunkyConsole'],
+    'fuglu.plugins': [],
+    'fuglu.mplugins': [],
+}
+# FuGlu's milter constants, in fuglu.connectors.milterconnector and fuglu.mshared
+MILTER_COMPAT_NAMES = {
+    'CONNECT': MILTER_CONNECT, 'HELO': MILTER_HELO, 'MAILFROM': MILTER_MAILFROM,
+    'RCPT': MILTER_RCPT,
+    'HEADER': MILTER_HEADER, 'EOH': MILTER_EOH, 'EOB': MILTER_EOB,
+    'ACCEPT': MILTER_RETCODES[ACCEPT], 'CONTINUE': MILTER_RETCODES[DUNNO],
+    'REJECT': MILTER_RETCODES[REJECT], 'TEMPFAIL': MILTER_RETCODES[DEFER],
+    'DISCARD': MILTER_RETCODES[DELETE], 'CONN_FAIL': b'conn_fail', 'SHUTDOWN': b'shutdown',
+    'STR2RETCODE': MILTER_STR2RETCODE,
+    'RETCODE2STR': {code: name for name, code in MILTER_STR2RETCODE.items()},
+}
+
+
+class Unavailable(object):
+    """Stands for a class of a FuGlu extension this build does not have (redis, DNS):
+    a plugin may import it and check the module's ENABLED flag; using it raises."""
+
+    def __init__(self, *args, **kwargs):
+        raise NotInThisBuild('%s is part of a FuGlu extension that is not in this build'
+                             % self.__class__.__name__)
+
+
+def unavailable_extension(fullname, flags, classes):
+    """A FuGlu extension module whose flags say it is not available."""
+    import types
+    module = types.ModuleType(fullname, 'FuGlu %s: not part of this build.' % fullname)
+    module.__path__ = []
+    module.STATUS = 'not part of this build'
+    for flag in flags:
+        setattr(module, flag, False)
+    for name in classes:
+        setattr(module, name, type(name, (Unavailable,), {}))
+    return module
+
+
+# FuGlu extensions plugins guard with a flag: importable, flags False, classes refuse
+UNAVAILABLE_EXTENSIONS = {
+    'fuglu.extensions.redisext': (('ENABLED',), ('RedisPooledConn', 'RedisKeepAlive')),
+    'fuglu.extensions.aioredisext': (('ENABLED',), ('AIORedisMixin', 'AIORedisBaseBackend',
+                                                    'ExpiringCounter')),
+    'fuglu.extensions.dnsquery': (('ENABLED', 'DNSQUERY_EXTENSION_ENABLED', 'HAVE_DNSPYTHON',
+                                   'HAVE_PYDNS'), ()),
+}
+
+
+class NotInThisBuild(ImportError):
+    """A module of FuGlu that this build does not have."""
+
+
+class FugluModuleFinder(object):
+    """Import hook for fuglu.* names that are not registered: fuglu.plugins.<name> of
+    a bundled plugin loads it; FuGlu's other modules get a clear ImportError."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if not fullname.startswith('fuglu.') or fullname in sys.modules:
+            return None
+        import importlib.machinery
+        _, _, name = fullname.rpartition('.')
+        bundled = BUNDLED_UPSTREAM_PLUGIN_MODULES
+        if fullname.rpartition('.')[0] == 'fuglu.plugins' and name in bundled:
+            return importlib.machinery.ModuleSpec(fullname, self)
+        if fullname.startswith('fuglu.plugins.') and name in UPSTREAM_PLUGIN_MODULES:
+            names = ', '.join('fuglu.plugins.' + n for n in sorted(bundled))
+            raise NotInThisBuild('%s is a plugin of FuGlu 1.7 that is not part of this build '
+                                 '(fuglu bundles %s)' % (fullname, names), name=fullname)
+        raise NotInThisBuild('%s is a module of FuGlu that is not part of this build (see README, '
+                             'FuGlu compatibility)' % fullname, name=fullname)
+
+    def create_module(self, spec):
+        # the bundled plugin module itself, under FuGlu's name
+        ensure_bundled_plugins_importable()
+        name = spec.name.rpartition('.')[2]
+        module = importlib.import_module(BUNDLED_UPSTREAM_PLUGIN_MODULES[name])
+        spec.loader_state = module.__spec__
+        return module
+
+    def exec_module(self, module):
+        # the import system set __spec__ to FuGlu's name: give the module its own back
+        module.__spec__ = module.__spec__.loader_state
+
+
+def register_compat_modules():
+    """Put FuGlu's module names in sys.modules (once; idempotent)."""
+    import types
+    this = sys.modules[__name__]
+    this.__path__ = []   # `import fuglu.x` consults the import hook below
+    sys.modules.setdefault('fuglu', this)
+    for fullname, names in COMPAT_MODULES.items():
+        parent, _, child = fullname.rpartition('.')
+        if fullname in sys.modules:
+            setattr(sys.modules[parent], child, sys.modules[fullname])
+            continue
+        if names is None:
+            module = this
+        else:
+            module = types.ModuleType(fullname,
+                                      'FuGlu %s: the names fuglu provides from it.' % fullname)
+            module.__path__ = []
+            for name in names:
+                if callable(name) and not isinstance(name, str):
+                    module.__getattr__ = name
+                else:
+                    setattr(module, name, globals()[name])
+            if fullname in ('fuglu.mshared', 'fuglu.connectors.milterconnector'):
+                module.__dict__.update(MILTER_COMPAT_NAMES)
+            if fullname == 'fuglu.mshared':
+                module.retcode2milter, module.EOM = dict(MILTER_RETCODES), MILTER_EOM
+            if fullname == 'fuglu.bounce':
+                module.requeue_rgx = QUEUE_ID_RE
+        sys.modules[fullname] = module
+        setattr(sys.modules[parent], child, module)
+    for fullname, (flags, classes) in UNAVAILABLE_EXTENSIONS.items():
+        if fullname not in sys.modules:
+            sys.modules[fullname] = unavailable_extension(fullname, flags, classes)
+        setattr(sys.modules['fuglu.extensions'], fullname.rpartition('.')[2], sys.modules[fullname])
+    if not any(isinstance(finder, FugluModuleFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, FugluModuleFinder())
+
+
+register_compat_modules()
 
 
 ###############################################################################

@@ -31,8 +31,8 @@ class PluginSkipper(fuglu.PrependerPlugin):
             return None
         skip = {}
         for rule in rules:
-            for name in fuglu.parse_list(rule.args or ''):
-                skip[name] = rule.field
+            for name in fuglu.parse_list(rule.arg or ''):
+                skip[name] = rule.fieldname
         kept = []
         for plugin in pluginlist:
             name = plugin.__class__.__name__

@@ -10,11 +10,22 @@ import sys
 import threading
 import time
 
+import pytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 FUGLU_SCRIPT = os.path.join(os.path.dirname(HERE), 'fuglu.py')
 
 import fuglu  # noqa: E402
+
+
+@pytest.fixture
+def no_address_check():
+    """Suspect() accepts any envelope address during the test, as with [main]
+    address_compliance_checker = NoCheck (import the fixture into a test module)."""
+    fuglu.Addrcheck().set('NoCheck')
+    yield
+    fuglu.Addrcheck().set('Default')
 
 
 def free_port():

@@ -75,7 +75,10 @@ def test_getlist_splits_strips_and_drops_empty_items():
     assert config.getlist('s', 'items') == ['a', 'B', 'c']
     assert config.getlist('s', 'items', lower=True) == ['a', 'b', 'c']
     assert config.getlist('s', 'empty') == []
-    assert config.getlist('s', 'missing') == []
+    # as in FuGlu: a missing option without default raises, unless a fallback is given
+    with pytest.raises(configparser.NoOptionError):
+        config.getlist('s', 'missing')
+    assert config.getlist('s', 'missing', fallback=[]) == []
 
 
 def test_confdir_marker_is_expanded_in_string_lookups():

@@ -52,7 +52,11 @@ def test_address_parts():
 
 
 def test_address_split_at_the_last_at_sign_and_whitespace_stripped():
-    suspect = make_suspect(sender=' "odd@local"@example.org ', recipients=[' postmaster '])
+    fuglu.Addrcheck().set('LazyLocalPart')   # a quoted local part may hold an @
+    try:
+        suspect = make_suspect(sender=' "odd@local"@example.org ', recipients=[' postmaster '])
+    finally:
+        fuglu.Addrcheck().set('Default')
     assert suspect.from_address == '"odd@local"@example.org'
     assert suspect.from_localpart == '"odd@local"'
     assert suspect.from_domain == 'example.org'
@@ -196,21 +200,24 @@ def test_set_header_adds_a_missing_header():
 
 def test_remove_the_last_header_of_the_block():
     suspect = make_suspect(b'A: 1\r\nX-Last: 2\r\n\r\nbody\r\n')
-    assert suspect.remove_headers('X-Last') == 1
+    assert suspect.remove_headers('X-Last') is True
     assert suspect.get_source() == b'A: 1\r\n\r\nbody\r\n'
 
 
 def test_remove_headers_with_folded_lines_keeps_the_body():
     suspect = make_suspect()
-    assert suspect.remove_headers('x-folded') == 1
-    assert suspect.remove_headers('X-Old') == 2
-    assert suspect.remove_headers('X-Never') == 0
+    assert suspect.remove_headers('x-folded') is True
+    assert suspect.remove_headers('X-Old') is True
+    assert suspect.remove_headers('X-Never') is False
     source = suspect.get_source()
     assert b'second part' not in source
     assert b'X-Old' not in header_block(source)
     assert source.endswith(b'\r\n\r\nBody line 1\r\nX-Old: not a header, body text\r\n')
     assert suspect.get_header('Subject') == 'Greetings'
-    assert suspect.removed_headers == {'x-folded': 1, 'X-Old': 2}
+    # as in FuGlu: name -> the values removed
+    assert sorted(suspect.removed_headers) == ['X-Old', 'x-folded']
+    assert len(suspect.removed_headers['X-Old']) == 2
+    assert 'second part' in suspect.removed_headers['x-folded'][0]
 
 
 def test_update_subject_keeps_the_original_in_a_tag():
@@ -333,7 +340,7 @@ def test_sa_temp_headers_strip_control_characters():
     suspect = make_suspect()
     suspect.write_sa_temp_header('X-Fuglu-Test', 'a\r\nb\x00c')
     headers = suspect.get_sa_temp_headers()
-    assert headers == b'X-Fuglu-Test: a  b c\r\n'
+    assert headers == b'X-Fuglu-Test: abc\r\n'   # removed, as FuGlu does
 
 
 # -- action codes -------------------------------------------------------------------

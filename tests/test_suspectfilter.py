@@ -182,8 +182,14 @@ def test_matches_returns_the_first_rule_in_file_order_get_args_all(rules):
     flt = rules('Subject world one', 'Subject nomatch two', 'Subject hello three', 'From alice four')
     assert flt.matches(suspect_for()) == (True, 'one')
     assert flt.get_args(suspect_for()) == ['one', 'three', 'four']
-    matched, rule = flt.matches(suspect_for(), extended=True)
-    assert matched and rule.field == 'Subject' and rule.args == 'one'
+    matched, result = flt.matches(suspect_for(), extended=True)
+    # FuGlu's extended result: field name, the value that matched, argument, regex
+    assert matched and result.fieldname == 'Subject' and result.arg == 'one'
+    assert result.value == 'Hello World' and result.pattern == 'world'
+    field, value, arg, regex = result       # older FuGlu's 4-tuple still unpacks
+    assert (field, value, arg, regex) == ('Subject', 'Hello World', 'one', 'world')
+    numeric = rules('@score >5 high').matches(suspect_for(), extended=True)
+    assert numeric == (False, None)
     assert rules('Subject nothing x').get_args(suspect_for()) == []
 
 
