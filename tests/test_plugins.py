@@ -20,6 +20,18 @@ def make_suspect(source=MESSAGE, port=10025):
     return suspect
 
 
+@pytest.fixture
+def readable_tmp():
+    """A temporary folder every user can read: lint started as root checks (and loads
+    plugins) as [main] user, nobody, who cannot enter pytest's tmp_path."""
+    import shutil
+    import tempfile
+    path = tempfile.mkdtemp(prefix='fuglu-unit-')
+    os.chmod(path, 0o755)
+    yield __import__('pathlib').Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def write_module(directory, source):
     """A plugin module with a unique name in `directory`; returns the module name."""
     name = 'plugin_%s' % uuid.uuid4().hex[:12]
@@ -269,7 +281,8 @@ def lint_config(tmp_path, module, extra=''):
     return str(path)
 
 
-def test_fuglu_style_plugin_under_lint_when_fuglu_runs_as_main(tmp_path):
+def test_fuglu_style_plugin_under_lint_when_fuglu_runs_as_main(readable_tmp):
+    tmp_path = readable_tmp
     plugindir = tmp_path / 'plugins'
     plugindir.mkdir()
     module = write_module(plugindir, FUGLU_STYLE_PLUGIN)
@@ -281,7 +294,8 @@ def test_fuglu_style_plugin_under_lint_when_fuglu_runs_as_main(tmp_path):
     assert returncode == 0, out
 
 
-def test_lint_fails_on_an_unknown_option_in_a_plugin_section(tmp_path):
+def test_lint_fails_on_an_unknown_option_in_a_plugin_section(readable_tmp):
+    tmp_path = readable_tmp
     module = write_module(tmp_path, FUGLU_STYLE_PLUGIN)
     conf = lint_config(tmp_path, module, 'wrod = typo\n')
     returncode, out = run_fuglu_lint(conf, cwd=str(tmp_path))
@@ -516,8 +530,12 @@ def test_skip_uses_confdir_and_lints_its_rule_file(tmp_path, capsys):
     config = fuglu.FuConfigParser(confdir=str(tmp_path))
     config.read_config_text('[main]\n', 'x')
     plugin = PluginSkipper(config)
-    assert plugin.lint() is False     # ${confdir}/skipplugins.regex does not exist
-    assert str(tmp_path / 'skipplugins.regex') in capsys.readouterr().out
+    assert plugin.lint() is True      # the default ${confdir}/skipplugins.regex may be missing ...
+    assert '%s does not exist: no plugin is skipped' % (tmp_path / 'skipplugins.regex') in capsys.readouterr().out
+    config.read_config_text('[PluginSkipper]\nfilterfile = %s\n' % (tmp_path / 'skipplugin.regex'), 'y')
+    assert PluginSkipper(config).lint() is False     # ... a configured one may not
+    assert 'skipplugin.regex does not exist' in capsys.readouterr().out
+    config.remove_option('PluginSkipper', 'filterfile')
     (tmp_path / 'skipplugins.regex').write_text('@incomingport ^10099$ SAPlugin\n')
     assert PluginSkipper(config).lint() is True
     (tmp_path / 'skipplugins.regex').write_text('brokenline\n')
