@@ -439,8 +439,9 @@ def append_file_at(dir_fd, name, mode=0o600):
 
 def _opt(default, description, section=None, validator=None, confidential=False, **more):
     """An option spec. ``more``: 'path' ('file' or 'dir' fuglu reads, 'dirs' a comma
-    list of those, 'writefile' or 'writedir' it writes) with 'home' (see SHARED_HOMES) and 'missing' (what happens
-    when a default path does not exist), checked by check_paths(); 'inert' (why the
+    list of those, 'writefile' or 'writedir' it writes) with 'home' (see SHARED_HOMES),
+    'missing' (what happens when a default path does not exist) and 'made_as_root'
+    (created before the privilege drop), checked by check_paths(); 'inert' (why the
     option has no effect: a lint warning when it is set)."""
     spec = {'default': default, 'description': description}
     if section:
@@ -548,13 +549,14 @@ CORE_DEFAULTS = {
         'mrtg_interval': _opt('30', 'seconds between two writes of the MRTG files', validator=_is_int),
         'metrics_listen': _opt('', 'serve the counters in Prometheus text format at http://ADDRESS:PORT/metrics; '
                                    'PORT or ADDRESS:PORT, loopback addresses only; empty: off'),
-        'syslog': _opt('0', 'also log to the local syslog (/dev/log) as fuglu[pid]', validator=_is_bool),
+        'syslog': _opt('0', 'also log to the local syslog as fuglu[pid], in every mode', validator=_is_bool),
         'syslog_facility': _opt('mail', 'syslog facility of those lines'),
+        'syslog_address': _opt('/dev/log', 'unix socket of the local syslog'),
         'controlport': _opt('/tmp/fuglu_control.sock', 'control socket: a path (unix socket, mode 0600) or a TCP port; '
                                                        'empty: no control socket. A path in a directory anybody '
                                                        'may write to (/tmp) is moved to /run/fuglu when fuglu '
                                                        'starts as root, else to a private fuglu-USER directory '
-                                                       'there', path='writefile', home='run'),
+                                                       'there', path='writefile', home='run', made_as_root=True),
         'controladdress': _opt('127.0.0.1', 'bind address when controlport is a TCP port'),
         'controltoken': _opt('', 'shared secret required on a TCP control port', confidential=True),
         'logtemplate': _opt('Suspect ${id} from=${from_address} to=${to_address} size=${size} spam=${spam} '
@@ -5487,10 +5489,12 @@ class MrtgWriter(object):
 
 class ServiceAccount(object):
     """The account a root-started fuglu becomes: main.user and the first existing
-    group of main.group (the user's own group when that option is empty)."""
+    group of main.group (the user's own group when that option is empty or names no
+    existing group: ``group_problem`` says so)."""
 
-    def __init__(self, name, uid, gid, groups):
+    def __init__(self, name, uid, gid, groups, group_problem=None):
         self.name, self.uid, self.gid, self.groups = name, uid, gid, groups
+        self.group_problem = group_problem
 
     @property
     def owner(self):
@@ -5498,8 +5502,8 @@ class ServiceAccount(object):
 
 
 def service_account(config):
-    """ServiceAccount of main.user/main.group; ConfigProblem when the user or every
-    group listed does not exist."""
+    """ServiceAccount of main.user/main.group; ConfigProblem when the user does not
+    exist."""
     import grp
     import pwd
     name = config.get('main', 'user').strip() or 'nobody'
@@ -5508,7 +5512,7 @@ def service_account(config):
     except KeyError:
         raise ConfigProblem('%s: user %s does not exist' % (config.where('main', 'user'), name))
     groups = parse_list(config.get('main', 'group'))
-    gid = entry.pw_gid
+    gid, problem = entry.pw_gid, None
     for group in groups:
         try:
             gid = grp.getgrnam(group).gr_gid
@@ -5517,9 +5521,13 @@ def service_account(config):
             continue
     else:
         if groups:
-            raise ConfigProblem('%s: none of the groups %s exists' % (config.where('main', 'group'),
-                                                                       ', '.join(groups)))
-    return ServiceAccount(name, entry.pw_uid, gid, os.getgrouplist(name, gid))
+            try:
+                own = grp.getgrgid(gid).gr_name
+            except KeyError:
+                own = str(gid)
+            problem = '%s: none of the groups %s exists: user %s\'s own group %s is used' % (
+                config.where('main', 'group'), ', '.join(groups), name, own)
+    return ServiceAccount(name, entry.pw_uid, gid, os.getgrouplist(name, gid), problem)
 
 
 def drop_privileges(account):
@@ -5774,7 +5782,7 @@ def setup_logging(config, logconfig, foreground, baseloglevel):
     """The daemon's logging, set up after privileges were dropped, so that its files
     belong to the daemon user and SIGHUP can reopen them: ``logconfig`` (a
     logging.fileConfig file) if given, else stderr in the foreground and
-    DAEMON_LOG_FILE when daemonized; main.syslog adds the local syslog (/dev/log).
+    DAEMON_LOG_FILE when daemonized; main.syslog adds the local syslog.
     Returns a description for the start-up log line."""
     root = logging.getLogger()
     for handler in list(root.handlers):   # the start-up handler on stderr
@@ -5810,7 +5818,8 @@ def syslog_handler(config):
     facility = config.get('main', 'syslog_facility').strip().lower()
     if facility not in SysLogHandler.facility_names:
         raise ConfigProblem('%s: unknown syslog facility %r' % (config.where('main', 'syslog_facility'), facility))
-    handler = SysLogHandler(address='/dev/log', facility=SysLogHandler.facility_names[facility])
+    handler = SysLogHandler(address=config.get('main', 'syslog_address').strip(),
+                            facility=SysLogHandler.facility_names[facility])
     handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
     return handler
 
@@ -6093,6 +6102,8 @@ def start_daemon(config, config_path, configdir, logconfig, foreground, baselogl
         log_target = setup_logging(config, logconfig, foreground, baseloglevel)
         logger.info('fuglu %s (python %s) starting, config %s, %s', __version__, sys.version.split()[0],
                     config_path or '<embedded default>', log_target)
+        if account is not None and account.group_problem:
+            logger.warning('%s', account.group_problem)
         controller.startup()
     except AlreadyRunning as error:
         raise StartupFailed(str(error))
@@ -6301,7 +6312,10 @@ def check_paths(config, section, table):
             if path_kind(location) == 'missing':
                 continue   # created at start
         problem = check_path(location, 'writedir', user)
-        if problem:
+        if problem and spec.get('made_as_root') and path_kind(location) == 'dir':
+            findings.append(('warning', '%s: %s: it is made before privileges are dropped, but stays behind '
+                                        'when fuglu stops' % (where, problem)))
+        elif problem:
             findings.append(('error', '%s: %s' % (where, problem)))
     return findings
 
@@ -6332,12 +6346,14 @@ def check_service_user(config):
         account = service_account(config)
     except ConfigProblem as error:
         return [('error' if os.geteuid() == 0 else 'warning', str(error))]
+    findings = [('warning', account.group_problem)] if account.group_problem else []
     if account.uid == 0:
-        return [('warning', '%s: fuglu would run as root' % config.where('main', 'user'))]
+        return findings + [('warning', '%s: fuglu would run as root' % config.where('main', 'user'))]
     if os.geteuid() != 0:
-        return [('note', 'not started as root: fuglu runs as %s, %s is not used'
-                 % (current_user_name(), config.where('main', 'user')))]
-    return [('note', 'the daemon runs as user %s (uid %d, gid %d)' % (account.name, account.uid, account.gid))]
+        return findings + [('note', 'not started as root: fuglu runs as %s, %s is not used'
+                            % (current_user_name(), config.where('main', 'user')))]
+    return findings + [('note', 'the daemon runs as user %s (uid %d, gid %d)'
+                        % (account.name, account.uid, account.gid))]
 
 
 def _port_problem(value, allow_empty=False):
