@@ -6447,6 +6447,8 @@ def check_downstream(config):
         host, port = outgoing_target(config)
     except (ValueError, configparser.Error) as error:
         return [('warning', 'downstream not checked: %s' % error)]
+    if _port_problem(port):
+        return []   # reported with the ports
     client = SMTPClient(host, port, 'localhost', timeout=5)
     try:
         client.connect()
@@ -6477,7 +6479,10 @@ def check_logging(config, logconfig):
                     logging.getLogger().removeHandler(handler)
                     handler.close()
     if config.getboolean('main', 'syslog'):
+        address = config.get('main', 'syslog_address').strip()
         try:
+            if not stat.S_ISSOCK(os.stat(address).st_mode):
+                findings.append(('error', 'syslog: %s is not a socket' % address))
             syslog_handler(config).close()
         except (OSError, ConfigProblem) as error:
             findings.append(('error', 'syslog: %s' % error))
