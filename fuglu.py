@@ -31,10 +31,16 @@ A message travels like this::
                              answer the MTA; every failure becomes a temporary failure
 
 The sections of this file follow that path, in dependency order: constants and
-actions, small helpers, configuration, templates, the Suspect, rule files
-(SuspectFilter), plugin bases and loader, the scan session, the SMTP machinery shared by
-the connectors (line reader, server session, re-injection client), the connectors, the
-backends, the control server, the daemon (MainController), lint, and the command line.
+actions, small helpers, files in shared directories, configuration, templates, the
+Suspect, rule files (SuspectFilter), plugin bases and loader, the scan session, the SMTP
+machinery shared by the connectors (line reader, server session, re-injection client),
+the connectors, the backends, the control server, monitoring (metrics, MRTG), the daemon
+(process identity, pid file, start-up report, systemd notification, logs,
+MainController), lint, and the command line.
+
+Started as root, the daemon binds every socket and prepares its directories, then
+becomes ``[main] user`` (in every mode) before it creates plugins or reads mail; see the
+Daemon section for the order.
 
 Principles
 ----------
