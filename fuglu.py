@@ -539,7 +539,8 @@ CORE_DEFAULTS = {
                                 'in memory, no spool files are written',
                         inert='messages are kept in memory, no spool files are written'),
         'prependaddedheaders': _opt('X-Fuglu-', 'prefix of the headers fuglu adds'),
-        'trashdir': _opt('', 'if set, a copy of every message a scanner DELETEs is kept here',
+        'trashdir': _opt('', 'if set, a copy of every message a scanner DELETEs is kept here (a directory anybody '
+                             'may write to is moved like controlport, to /var/lib/fuglu/trash as root)',
                          path='writedir', home='trash'),
         'trashlog': _opt('0', 'also log each trashed message to 00-fuglutrash.log in trashdir', validator=_is_bool),
         'disablebounces': _opt('0', 'never send a bounce', validator=_is_bool),
@@ -550,7 +551,8 @@ CORE_DEFAULTS = {
         'suspectidheader': _opt('1', 'add a <prefix>Suspect: <id> header', validator=_is_bool),
         'suspectidreturn': _opt('1', 'append (<id>) to DELETE, REJECT and DEFER replies', validator=_is_bool),
         'mrtgdir': _opt('', 'directory for MRTG counter files (inout, hamspam, threads, virus, scantime; '
-                            'FuGlu\'s format), rewritten every mrtg_interval seconds; empty: none',
+                            'FuGlu\'s format), rewritten every mrtg_interval seconds; empty: none (a directory '
+                            'anybody may write to is moved like controlport, to /var/lib/fuglu/mrtg as root)',
                         path='writedir', home='mrtg'),
         'mrtg_interval': _opt('30', 'seconds between two writes of the MRTG files', validator=_is_int),
         'metrics_listen': _opt('', 'serve the counters in Prometheus text format at http://ADDRESS:PORT/metrics; '
@@ -6128,10 +6130,12 @@ def start_daemon(config, config_path, configdir, logconfig, foreground, baselogl
     raise failure
 
 
-def serve_until_stopped(controller, pid=None):
+def serve_until_stopped(controller, pid=None, on_ready=None):
     """The main loop: SIGHUP reloads the configuration and reopens the log files,
     SIGTERM/SIGINT end it (mail in flight is finished first). Tells systemd about
-    each (RELOADING/READY, STOPPING). Returns the exit status."""
+    each (RELOADING/READY, STOPPING). ``on_ready()`` is called once the signal handlers
+    are in place (a reload requested right after READY must not kill the daemon).
+    Returns the exit status."""
     logger = logging.getLogger('fuglu.main')
     stop_requested = threading.Event()
     reload_requested = threading.Event()
@@ -6142,6 +6146,8 @@ def serve_until_stopped(controller, pid=None):
     signal.signal(signal.SIGINT, on_term)
     if hasattr(signal, 'SIGHUP'):
         signal.signal(signal.SIGHUP, lambda signum, frame: reload_requested.set())
+    if on_ready is not None:
+        on_ready()
     status = 0
     try:
         while controller.stayalive and not stop_requested.is_set():
@@ -7285,9 +7291,8 @@ def main(argv=None):
         report.failed(failure.message, failure.status)
         return failure.status
     release_freed_memory()
-    report.ready('%d listeners, configuration %s' % (len(controller.listeners),
-                                                     config.get('main', 'identifier')))
-    return serve_until_stopped(controller, pid)
+    status_text = '%d listeners, configuration %s' % (len(controller.listeners), config.get('main', 'identifier'))
+    return serve_until_stopped(controller, pid, on_ready=lambda: report.ready(status_text))
 
 
 if __name__ == '__main__':
