@@ -495,16 +495,19 @@ def _is_networks(value):
 # section -> option -> spec. Order is the order of fuglu.conf.dist.
 CORE_DEFAULTS = {
     'main': {
-        'identifier': _opt('dist', 'free label, logged at start and on reload, shown in the metrics'),
+        'identifier': _opt('dist',
+                           'free label, logged at start and on reload, shown in the metrics'),
         'daemonize': _opt('1', 'fork into the background (ignored with --foreground and --lint)',
                           validator=_is_bool),
-        'scantimelogger': _opt('0', 'log per-plugin times of every message to the logger fuglu.Timings (INFO); '
-                                    'a plugin step of a second or more also as a WARNING', validator=_is_bool),
-        'user': _opt('nobody', 'started as root (daemonized or with -f), fuglu binds its ports, then becomes '
-                               'this user before it reads any mail; the user must exist'),
+        'scantimelogger': _opt('0', 'log per-plugin times of every message to the logger '
+                                    'fuglu.Timings (INFO); a plugin step of a second or more '
+                                    'also as a WARNING', validator=_is_bool),
+        'user': _opt('nobody', 'started as root (daemonized or with -f), fuglu binds its ports, '
+                               'then becomes this user before it reads any mail; the user must '
+                               'exist'),
         'group': _opt('nobody, nogroup', 'groups to drop to: the first one that exists is used'),
-        'plugindir': _opt('', 'comma separated directories searched for plugin modules, before the bundled ones',
-                          path='dirs'),
+        'plugindir': _opt('', 'comma separated directories searched for plugin modules, before '
+                              'the bundled ones', path='dirs'),
         'plugins': _opt('archive,attachment,clamav,spamassassin',
                         'scanner plugins, in the order they run: alias, dotted module.Class, each optionally with (configsection)'),
         'prependers': _opt('debug,skip', 'prepender plugins: run before the scanners and may change the plugin lists'),
@@ -535,51 +538,60 @@ CORE_DEFAULTS = {
         'bouncehost': _opt('', 'where bounces are sent; empty: outgoinghost'),
         'bounceport': _opt('', 'port for bounces; empty: outgoingport',
                            validator=lambda value: _is_port(value, allow_empty=True)),
-        'tempdir': _opt('/tmp', 'no effect in fuglu (accepted for FuGlu configurations): messages are kept '
-                                'in memory, no spool files are written',
+        'tempdir': _opt('/tmp', 'no effect in fuglu (accepted for FuGlu configurations): '
+                                'messages are kept in memory, no spool files are written',
                         inert='messages are kept in memory, no spool files are written'),
         'prependaddedheaders': _opt('X-Fuglu-', 'prefix of the headers fuglu adds'),
-        'trashdir': _opt('', 'if set, a copy of every message a scanner DELETEs is kept here (a directory anybody '
-                             'may write to is moved like controlport, to /var/lib/fuglu/trash as root)',
+        'trashdir': _opt('', 'if set, a copy of every message a scanner DELETEs is kept here (a '
+                             'directory anybody may write to is moved like controlport, to '
+                             '/var/lib/fuglu/trash as root)',
                          path='writedir', home='trash'),
         'trashlog': _opt('0', 'also log each trashed message to 00-fuglutrash.log in trashdir', validator=_is_bool),
         'disablebounces': _opt('0', 'never send a bounce', validator=_is_bool),
-        'nobouncefile': _opt('${confdir}/rules/nobounce.txt', 'domains (one per line) that never get bounces',
+        'nobouncefile': _opt('${confdir}/rules/nobounce.txt',
+                             'domains (one per line) that never get bounces',
                              path='file', missing='bounces may go to every domain'),
         'debuginfoheader': _opt('0', 'add a <prefix>Debuginfo header', validator=_is_bool),
         'spamstatusheader': _opt('1', 'add a <prefix>Spamstatus: YES|NO header', validator=_is_bool),
         'suspectidheader': _opt('1', 'add a <prefix>Suspect: <id> header', validator=_is_bool),
         'suspectidreturn': _opt('1', 'append (<id>) to DELETE, REJECT and DEFER replies', validator=_is_bool),
-        'mrtgdir': _opt('', 'directory for MRTG counter files (inout, hamspam, threads, virus, scantime; '
-                            'FuGlu\'s format), rewritten every mrtg_interval seconds; empty: none (a directory '
-                            'anybody may write to is moved like controlport, to /var/lib/fuglu/mrtg as root)',
+        'mrtgdir': _opt('', 'directory for MRTG counter files (inout, hamspam, threads, virus, '
+                            'scantime; FuGlu\'s format), rewritten every mrtg_interval seconds; '
+                            'empty: none (a directory anybody may write to is moved like '
+                            'controlport, to /var/lib/fuglu/mrtg as root)',
                         path='writedir', home='mrtg'),
-        'mrtg_interval': _opt('30', 'seconds between two writes of the MRTG files', validator=_is_int),
-        'metrics_listen': _opt('', 'serve the counters in Prometheus text format at http://ADDRESS:PORT/metrics; '
-                                   'PORT or ADDRESS:PORT, loopback addresses only; empty: off'),
-        'syslog': _opt('0', 'also log to the local syslog as fuglu[pid], in every mode', validator=_is_bool),
+        'mrtg_interval': _opt('30', 'seconds between two writes of the MRTG files',
+                              validator=_is_int),
+        'metrics_listen': _opt('', 'serve the counters in Prometheus text format at '
+                                   'http://ADDRESS:PORT/metrics; PORT or ADDRESS:PORT, loopback '
+                                   'addresses only; empty: off'),
+        'syslog': _opt('0', 'also log to the local syslog as fuglu[pid], in every mode',
+                       validator=_is_bool),
         'syslog_facility': _opt('mail', 'syslog facility of those lines'),
         'syslog_address': _opt('/dev/log', 'unix socket of the local syslog'),
-        'controlport': _opt('/tmp/fuglu_control.sock', 'control socket: a path (unix socket, mode 0600) or a TCP port; '
-                                                       'empty: no control socket. A path in a directory anybody '
-                                                       'may write to (/tmp) is moved to /run/fuglu when fuglu '
-                                                       'starts as root, else to a private fuglu-USER directory '
-                                                       'there', path='writefile', home='run', made_as_root=True),
+        'controlport': _opt('/tmp/fuglu_control.sock',
+                            'control socket: a path (unix socket, mode 0600) or a TCP port; empty: '
+                            'no control socket. A path in a directory anybody may write to (/tmp) '
+                            'is moved to /run/fuglu when fuglu starts as root, else to a private '
+                            'fuglu-USER directory there',
+                            path='writefile', home='run', made_as_root=True),
         'controladdress': _opt('127.0.0.1', 'bind address when controlport is a TCP port'),
         'controltoken': _opt('', 'shared secret required on a TCP control port', confidential=True),
         'logtemplate': _opt('Suspect ${id} from=${from_address} to=${to_address} size=${size} spam=${spam} '
                             'virus=${virus} modified=${modified} decision=${decision}',
                             'line logged for every message after scanning; empty: none'),
-        'versioncheck': _opt('0', 'no effect in fuglu (accepted for FuGlu configurations): fuglu never looks '
-                                  'up versions on the network', validator=_is_bool,
+        'versioncheck': _opt('0', 'no effect in fuglu (accepted for FuGlu configurations): '
+                                  'fuglu never looks up versions on the network',
+                             validator=_is_bool,
                              inert='fuglu never looks up versions on the network'),
         'address_compliance_checker': _opt('Default', 'envelope address check: Default, LazyLocalPart, AsciiOnly, '
                                                       'PrintableAsciiOnly, NoCheck'),
         'address_compliance_checker_maxsize': _opt('64', 'longest local part accepted', validator=_is_int),
         'address_compliance_fail_action': _opt('defer', 'answer to invalid envelope addresses: defer, reject, discard'),
         'address_compliance_fail_message': _opt('invalid sender or recipient address', 'reply text for the above'),
-        'remove_tmpfiles_on_error': _opt('1', 'no effect in fuglu (accepted for FuGlu configurations): no '
-                                              'temporary files are written', validator=_is_bool,
+        'remove_tmpfiles_on_error': _opt('1', 'no effect in fuglu (accepted for FuGlu '
+                                              'configurations): no temporary files are written',
+                                         validator=_is_bool,
                                          inert='no temporary files are written'),
         'disabledarchivetypes': _opt('pdf', 'archive types never opened'),
     },
@@ -588,8 +600,9 @@ CORE_DEFAULTS = {
         'minthreads': _opt('2', 'thread backend: workers kept running', validator=_is_int),
         'maxthreads': _opt('40', 'thread backend: most workers (connections handled at once)', validator=_is_int),
         'minfreethreads': _opt('0', 'thread backend: idle workers kept ready', validator=_is_int),
-        'initialprocs': _opt('0', 'process backend: worker processes (0: 2 x CPUs); no effect with the thread '
-                                  'backend', inert='this build has no process backend'),
+        'initialprocs': _opt('0', 'process backend: worker processes (0: 2 x CPUs); no effect '
+                                  'with the thread backend',
+                             inert='this build has no process backend'),
         'listen_backlog': _opt('0', 'listen() backlog; 0: the system maximum', validator=_is_int),
         'slow_enqueue_warn_ms': _opt('100', 'warn when handing a connection to the workers blocks this long',
                                      validator=_is_int),
@@ -2026,11 +2039,13 @@ class ScanSession(object):
             if suspect.tags.get('skip_prependers'):
                 break
             try:
-                result = self._timed('prepender', prepender, prepender.pluginlist, suspect, scanners)
+                result = self._timed('prepender', prepender, prepender.pluginlist, suspect,
+                                     scanners)
                 if result is not None:
                     self._log_list_change(suspect, prepender, 'scanners', scanners, result)
                     scanners = list(result)
-                result = self._timed('prepender', prepender, prepender.appenderlist, suspect, appenders)
+                result = self._timed('prepender', prepender, prepender.appenderlist, suspect,
+                                     appenders)
                 if result is not None:
                     self._log_list_change(suspect, prepender, 'appenders', appenders, result)
                     appenders = list(result)
@@ -2123,8 +2138,11 @@ class ScanSession(object):
                 if self.config.getboolean('main', 'trashlog'):
                     with append_file_at(dir_fd, '00-fuglutrash.log') as log:
                         log.write(('%s %s %s %s %s\n' % (
-                            time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), suspect.from_address or '<>',
-                            suspect.to_address, plugin, os.path.join(trashdir, name))).encode('utf-8', 'replace'))
+                            time.strftime('%Y-%m-%dT%H:%M:%SZ',
+                                          time.gmtime()), suspect.from_address or '<>',
+                            suspect.to_address, plugin, os.path.join(trashdir,
+                                                                     name))).encode('utf-8',
+                                                                                    'replace'))
             finally:
                 os.close(dir_fd)
         except OSError as error:
@@ -2179,9 +2197,11 @@ class ScanSession(object):
         timings_logger.info('%s total: %.6f', prefix, total)
         timings_logger.info('%s overhead: %.3f', prefix, max(total - in_plugins, 0.0))
         for stage, plugin, seconds in self.timings:
-            timings_logger.info('%s (%s) %s: %.3f', prefix, self.TIMING_LABELS[stage], plugin, seconds)
+            timings_logger.info('%s (%s) %s: %.3f', prefix, self.TIMING_LABELS[stage], plugin,
+                                seconds)
             if seconds >= self.SLOW_PLUGIN_SECONDS:
-                timings_logger.warning('%s slow plugin step: %s took %.1fs - this blocks the worker',
+                timings_logger.warning('%s slow plugin step: %s took %.1fs - this blocks the '
+                                       'worker',
                                        prefix, plugin, seconds)
 
 
@@ -5190,10 +5210,12 @@ class ControlServer(object):
             if info is not None:
                 # a socket left by an earlier fuglu is replaced; anything else is not ours to remove
                 if not stat.S_ISSOCK(info.st_mode):
-                    raise ConfigProblem('controlport %s exists and is not a socket: remove it or choose '
+                    raise ConfigProblem('controlport %s exists and is not a socket: remove it or '
+                                        'choose '
                                         'another path' % path)
                 if info.st_uid not in owners:
-                    raise ConfigProblem('controlport %s belongs to uid %d, not to fuglu' % (path, info.st_uid))
+                    raise ConfigProblem('controlport %s belongs to uid %d, not to fuglu'
+                                        % (path, info.st_uid))
                 if unix_socket_answers(path):
                     raise ConfigProblem('controlport %s is in use by a running fuglu' % path)
                 os.unlink(name, dir_fd=dir_fd)
@@ -5265,7 +5287,8 @@ class ControlServer(object):
         """when fuglu started and how long ago"""
         start = self.controller.stats.starttime
         return 'Fuglu was started on %s\nuptime: %s\n' % (
-            time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(start)), format_duration(time.time() - start))
+            time.strftime('%Y-%m-%d %H:%M:%S',
+                          time.localtime(start)), format_duration(time.time() - start))
 
     def command_workerlist(self, args):
         """the workers and what each one does"""
@@ -5275,11 +5298,13 @@ class ControlServer(object):
         """every thread of the process"""
         threads = threading.enumerate()
         return '\n'.join(['Total %d Threads' % len(threads)] + [
-            'name=%s alive=%s daemon=%s' % (t.name, t.is_alive(), t.daemon) for t in threads]) + '\n'
+            'name=%s alive=%s daemon=%s' % (t.name, t.is_alive(),
+                                            t.daemon) for t in threads]) + '\n'
 
     def command_exceptionlist(self, args):
         """the last 10 errors with their tracebacks"""
-        return '\n\n'.join('%s %s\n%s' % (time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(stamp)), thread,
+        return '\n\n'.join('%s %s\n%s' % (time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(stamp)),
+                                          thread,
                                             trace)
                             for stamp, thread, trace in self.controller.exceptions) + '\n'
 
@@ -5302,7 +5327,8 @@ class ControlServer(object):
             except FileNotFoundError:
                 pass
             except OSError as error:
-                self.logger.warning('cannot remove the control socket %s: %s', self.unix_path, error)
+                self.logger.warning('cannot remove the control socket %s: %s', self.unix_path,
+                                    error)
 
 
 ###############################################################################
@@ -5323,7 +5349,8 @@ def metrics_text(controller):
         out.append('# TYPE %s %s' % (name, kind))
         for labels, value in samples:
             label_text = ','.join('%s="%s"' % (key, prometheus_label(val)) for key, val in labels)
-            out.append('%s%s %s' % (name, '{%s}' % label_text if label_text else '', repr(float(value))
+            out.append('%s%s %s' % (name, '{%s}' % label_text if label_text else '',
+                                    repr(float(value))
                                     if isinstance(value, float) else value))
 
     busy, running, most = controller.backend.worker_usage() if controller.backend else (0, 0, 0)
@@ -5331,17 +5358,23 @@ def metrics_text(controller):
         verdicts = sorted(stats.verdicts.items())
         plugin_times = sorted(stats.plugin_times.items())
         plugin_errors = sorted(stats.plugin_errors.items())
-        counters = [('received', stats.incount), ('delivered', stats.outcount), ('ham', stats.hamcount),
-                    ('spam', stats.spamcount), ('virus', stats.viruscount), ('blocked', stats.blockedcount)]
+        counters = [('received', stats.incount), ('delivered', stats.outcount),
+                    ('ham', stats.hamcount),
+                    ('spam', stats.spamcount), ('virus', stats.viruscount),
+                    ('blocked', stats.blockedcount)]
         in_flight = len(stats.in_flight)
         errors = stats.errors
     metric('fuglu_info', 'gauge', 'fuglu version and identifier.',
-           [((('version', __version__), ('identifier', controller.config.get('main', 'identifier'))), 1)])
+           [((('version', __version__),
+              ('identifier', controller.config.get('main', 'identifier'))), 1)])
     metric('fuglu_uptime_seconds', 'gauge', 'Seconds since fuglu started.',
            [((), round(time.time() - stats.starttime, 3))])
-    metric('fuglu_messages_total', 'counter', 'Messages scanned, by verdict (DEFER includes messages '
-           'that could not be delivered).', [((('verdict', name.lower()),), count) for name, count in verdicts])
-    metric('fuglu_messages_counted_total', 'counter', 'Messages as counted by control stats and MRTG.',
+    metric('fuglu_messages_total', 'counter',
+           'Messages scanned, by verdict (DEFER includes messages '
+           'that could not be delivered).',
+           [((('verdict', name.lower()),), count) for name, count in verdicts])
+    metric('fuglu_messages_counted_total', 'counter',
+           'Messages as counted by control stats and MRTG.',
            [((('kind', kind),), count) for kind, count in counters])
     metric('fuglu_messages_in_flight', 'gauge', 'Messages being scanned or delivered right now.',
            [((), in_flight)])
@@ -5353,9 +5386,11 @@ def metrics_text(controller):
             for (stage, plugin), runs_seconds in plugin_times])
     metric('fuglu_plugin_errors_total', 'counter', 'Exceptions raised by each plugin.',
            [((('plugin', plugin),), count) for plugin, count in plugin_errors])
-    metric('fuglu_errors_total', 'counter', 'Errors recorded (control exceptionlist).', [((), errors)])
+    metric('fuglu_errors_total', 'counter', 'Errors recorded (control exceptionlist).',
+           [((), errors)])
     metric('fuglu_workers', 'gauge', 'Workers by state; "limit" is the most the backend starts.',
-           [((('state', 'busy'),), busy), ((('state', 'idle'),), running - busy), ((('state', 'limit'),), most)])
+           [((('state', 'busy'),), busy), ((('state', 'idle'),), running - busy),
+            ((('state', 'limit'),), most)])
     return '\n'.join(out) + '\n'
 
 
@@ -5371,7 +5406,8 @@ def parse_loopback_listen(value):
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError('metrics_listen %r: expected [loopback address:]port' % value)
     if not is_loopback_address(address):
-        raise ValueError('metrics_listen %r: only a loopback address is allowed (no authentication)' % value)
+        raise ValueError('metrics_listen %r: only a loopback address is allowed (no '
+                         'authentication)' % value)
     return address, int(port)
 
 
@@ -5404,7 +5440,8 @@ class MetricsServer(object):
 
         self.server = Server((address, port), Handler)
         self.address = '%s:%d' % (address, port)
-        self.thread = threading.Thread(target=self.server.serve_forever, name='metrics', daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, name='metrics',
+                                       daemon=True)
 
     def start(self):
         self.thread.start()
@@ -5584,9 +5621,11 @@ def readable_by(path, account):
 # /root) cannot import them once fuglu runs as main.user: preload_modules() imports
 # them before the privilege drop in that case.
 PRELOAD_MODULES = (
-    'email.parser', 'email.feedparser', 'email.policy', 'email.utils', 'email.generator', 'email.header',
+    'email.parser', 'email.feedparser', 'email.policy', 'email.utils', 'email.generator',
+    'email.header',
     'email.headerregistry', 'email._header_value_parser', 'email.message', 'email.charset',
-    'email.encoders', 'email.iterators', 'email.contentmanager', 'email.mime.multipart', 'email.mime.text',
+    'email.encoders', 'email.iterators', 'email.contentmanager', 'email.mime.multipart',
+    'email.mime.text',
     'email.mime.application', 'email.mime.base', 'email.mime.nonmultipart', 'quopri', 'base64',
     'html', 'html.parser', 'zipfile', 'tarfile', 'gzip', 'bz2', 'lzma', 'json', 'hmac', 'hashlib',
     'mimetypes', 'http.server', 'logging.handlers', 'logging.config', 'weakref', 'glob', 'fcntl',
@@ -5601,7 +5640,8 @@ def preload_modules(account):
         return 0
     import encodings
     import pkgutil
-    names = list(PRELOAD_MODULES) + ['encodings.' + info.name for info in pkgutil.iter_modules(encodings.__path__)]
+    codecs = ['encodings.' + info.name for info in pkgutil.iter_modules(encodings.__path__)]
+    names = list(PRELOAD_MODULES) + codecs
     loaded = 0
     for name in names:
         try:
@@ -5652,7 +5692,8 @@ class PidFile(object):
             running = os.pread(fd, 32, 0).decode('ascii', 'replace').strip()
             os.close(fd)
             self._close_dir()
-            raise AlreadyRunning('fuglu is already running (pid %s, pid file %s)' % (running or '?', self.path))
+            raise AlreadyRunning('fuglu is already running (pid %s, pid file %s)' % (running or '?',
+                                                                                     self.path))
         os.ftruncate(fd, 0)
         os.pwrite(fd, ('%d\n' % os.getpid()).encode(), 0)
         os.fchmod(fd, 0o644)
@@ -5734,7 +5775,8 @@ class StartupReport(object):
 
     def failed(self, message, status=1):
         self._tell_parent('FAILED %d %s\n' % (status, one_line(message, 2000)))
-        notify_service_manager('STATUS=start-up failed: %s' % one_line(message, 200), 'ERRNO=%d' % status)
+        notify_service_manager('STATUS=start-up failed: %s' % one_line(message, 200),
+                               'ERRNO=%d' % status)
 
 
 def daemonize():
@@ -5825,7 +5867,9 @@ def syslog_handler(config):
     from logging.handlers import SysLogHandler
     facility = config.get('main', 'syslog_facility').strip().lower()
     if facility not in SysLogHandler.facility_names:
-        raise ConfigProblem('%s: unknown syslog facility %r' % (config.where('main', 'syslog_facility'), facility))
+        raise ConfigProblem('%s: unknown syslog facility %r' % (config.where('main',
+                                                                             'syslog_facility'),
+                                                                facility))
     handler = SysLogHandler(address=config.get('main', 'syslog_address').strip(),
                             facility=SysLogHandler.facility_names[facility])
     handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
@@ -5855,7 +5899,8 @@ def reopen_log_files():
             reopened.append(handler.baseFilename)
         except OSError as error:
             handler.stream = None
-            logging.getLogger('fuglu.main').error('cannot reopen log file %s: %s', handler.baseFilename, error)
+            logging.getLogger('fuglu.main').error('cannot reopen log file %s: %s',
+                                                  handler.baseFilename, error)
         finally:
             handler.release()
     return reopened
@@ -5896,7 +5941,8 @@ class MainController(object):
 
     def record_exception(self, trace):
         self.stats.error()
-        self.exceptions = (self.exceptions + [(time.time(), threading.current_thread().name, trace)])[-10:]
+        self.exceptions = (self.exceptions + [(time.time(), threading.current_thread().name,
+                                               trace)])[-10:]
 
     # -- plugins ----------------------------------------------------------------
     def load_plugins(self, config=None):
@@ -5943,9 +5989,11 @@ class MainController(object):
 
     def bind_listener(self, protocol, address, port):
         try:
-            listener = Listener(self, address, port, self.config.getint('performance', 'listen_backlog'))
+            listener = Listener(self, address, port,
+                                self.config.getint('performance', 'listen_backlog'))
         except OSError as error:
-            raise OSError('cannot listen on %s:%s:%d: %s' % (protocol, address, port, error.strerror or error))
+            raise OSError('cannot listen on %s:%s:%d: %s' % (protocol, address, port,
+                                                             error.strerror or error))
         self.listeners[(protocol, address, port)] = listener
         return listener
 
@@ -5953,7 +6001,8 @@ class MainController(object):
         config = self.config
         if not self.bound:
             self.bind()
-        self.logger.info('fuglu %s, configuration %s', __version__, config.get('main', 'identifier'))
+        self.logger.info('fuglu %s, configuration %s', __version__,
+                         config.get('main', 'identifier'))
         self.plugins, self.prependers, self.appenders = self.load_plugins()
         self.logger.info('plugins: scanners=%s prependers=%s appenders=%s',
                          [str(p) for p in self.plugins], [str(p) for p in self.prependers],
@@ -5961,7 +6010,8 @@ class MainController(object):
         self.log_findings(startup_findings(config, self.plugins + self.prependers + self.appenders))
         backend_name = config.get('performance', 'backend').strip().lower()
         if backend_name not in BACKENDS:
-            raise ConfigProblem('unknown backend %r (available: %s)' % (backend_name, ', '.join(BACKENDS)))
+            raise ConfigProblem('unknown backend %r (available: %s)' % (backend_name,
+                                                                        ', '.join(BACKENDS)))
         self.backend = BACKENDS[backend_name](config)
         self.backend.start()
         if backend_name == 'thread':
@@ -5969,12 +6019,14 @@ class MainController(object):
                              self.backend.maxthreads)
         if self.trusted_networks is None and any(
                 not is_loopback_address(address) for _, address, _ in self.listen_specs()):
-            self.logger.warning('trusted_xforward_peers is empty: every client may supply client information')
+            self.logger.warning('trusted_xforward_peers is empty: every client may supply client '
+                                'information')
         for spec, listener in self.listeners.items():
             self.start_listener(spec, listener)
         if self.control is not None:
             self.control.start()
-            self.logger.info('control socket listening on %s', self.control.unix_path or self.control.spec)
+            self.logger.info('control socket listening on %s',
+                             self.control.unix_path or self.control.spec)
         if self.metrics is not None:
             self.metrics.start()
             self.logger.info('Prometheus metrics on http://%s/metrics', self.metrics.address)
@@ -5999,7 +6051,9 @@ class MainController(object):
 
     def log_findings(self, findings):
         for level, text in findings:
-            self.logger.log({'error': logging.ERROR, 'warning': logging.WARNING}.get(level, logging.INFO), text)
+            self.logger.log({'error': logging.ERROR, 'warning': logging.WARNING}.get(level,
+                                                                                     logging.INFO),
+                            text)
 
     def run(self):
         while self.stayalive:
@@ -6032,27 +6086,31 @@ class MainController(object):
                 self.start_listener(spec, self.bind_listener(*spec))
             except OSError as error:
                 self.logger.error('%s', error)
-        self.logger.info('Reload config complete. Current configuration: %s', config.get('main', 'identifier'))
+        self.logger.info('Reload config complete. Current configuration: %s',
+                         config.get('main', 'identifier'))
         return True
 
     def shutdown(self):
         """Stop accepting, let mail in flight finish (the backend's grace period), then
         stop the rest. A step that fails is logged; the next ones still run."""
         self.stayalive = False
-        steps = [('listener %s:%s:%s' % spec, listener.stop) for spec, listener in self.listeners.items()]
+        steps = [('listener %s:%s:%s' % spec, listener.stop) for spec,
+                 listener in self.listeners.items()]
         steps.append(('idle sessions', self._wake_idle_sessions))
         for name, part in (('control socket', self.control), ('metrics listener', self.metrics),
                            ('MRTG writer', self.mrtg), ('backend', self.backend)):
             if part is not None:
                 steps.append((name, part.stop))
-        steps.append(('downstream connections', lambda: self.downstream_pool.purge(everything=True)))
+        steps.append(('downstream connections',
+                      lambda: self.downstream_pool.purge(everything=True)))
         for plugin in self.plugins + self.prependers + self.appenders:
             steps.append(('plugin %s' % plugin, plugin.shutdown))
         for name, step in steps:
             try:
                 step()
             except Exception:
-                self.logger.error('shutdown: stopping the %s failed: %s', name, traceback.format_exc())
+                self.logger.error('shutdown: stopping the %s failed: %s', name,
+                                  traceback.format_exc())
         self.logger.info('shutdown complete')
 
     def _wake_idle_sessions(self):
@@ -6103,12 +6161,15 @@ def start_daemon(config, config_path, configdir, logconfig, foreground, baselogl
             prepare_shared_home(os.path.dirname(DAEMON_LOG_FILE), 'log', owner)
         if account is not None and account.uid != 0:
             if preload_modules(account):
-                logger.info('Python\'s library is not readable by user %s: its modules were loaded before '
+                logger.info('Python\'s library is not readable by user %s: its modules were loaded '
+                            'before '
                             'dropping privileges', account.name)
             drop_privileges(account)
-            logger.info('running as user %s (uid %d, gid %d)', account.name, account.uid, account.gid)
+            logger.info('running as user %s (uid %d, gid %d)', account.name, account.uid,
+                        account.gid)
         log_target = setup_logging(config, logconfig, foreground, baseloglevel)
-        logger.info('fuglu %s (python %s) starting, config %s, %s', __version__, sys.version.split()[0],
+        logger.info('fuglu %s (python %s) starting, config %s, %s', __version__,
+                    sys.version.split()[0],
                     config_path or '<embedded default>', log_target)
         if account is not None and account.group_problem:
             logger.warning('%s', account.group_problem)
@@ -6117,7 +6178,8 @@ def start_daemon(config, config_path, configdir, logconfig, foreground, baselogl
         raise StartupFailed(str(error))
     except PluginLoadError as error:
         logger.error('Some plugins failed to load: %s', error)
-        failure = StartupFailed('Some plugins failed to load, please check the logs. Aborting. (%s)' % error,
+        failure = StartupFailed('Some plugins failed to load, please check the logs. Aborting. '
+                                '(%s)' % error,
                                 EXIT_PLUGIN_LOAD_FAILED)
     except (ConfigProblem, OSError, ValueError, configparser.Error) as error:
         failure = StartupFailed(str(error))
@@ -6214,7 +6276,8 @@ def option_tables(config, plugins=None):
                 continue
             table = getattr(cls, 'requiredvars', None)
             if isinstance(table, dict):
-                tables.append((section or getattr(cls, 'default_section', None) or cls.__name__, table))
+                tables.append((section or getattr(cls, 'default_section', None) or cls.__name__,
+                               table))
     return tables
 
 
@@ -6249,7 +6312,8 @@ def shared_homes_needed(config):
             if not value or (option == 'controlport' and value.isdigit()):
                 continue
             location = written_location(value, spec)
-            configured = value if spec['path'] == 'writedir' else os.path.dirname(os.path.abspath(value))
+            configured = value if spec['path'] == 'writedir' else \
+                os.path.dirname(os.path.abspath(value))
             if location != configured and (location, spec['home']) not in needed:
                 needed.append((location, spec['home']))
     return needed
@@ -6307,25 +6371,30 @@ def check_paths(config, section, table):
         where = config.where(section_name, option)
         if kind == 'dirs':
             findings += [('error', '%s: %s' % (where, problem)) for problem in
-                         (check_path(directory, 'dir', user) for directory in parse_list(value)) if problem]
+                         (check_path(directory, 'dir',
+                                     user) for directory in parse_list(value)) if problem]
             continue
         if kind in ('file', 'dir'):
             problem = check_path(value, kind, user)
-            if problem and path_kind(value) == 'missing' and is_default_value(config, section_name, option, spec):
-                findings.append(('note', '%s: %s: %s' % (where, problem, spec.get('missing', 'not used'))))
+            if problem and path_kind(value) == 'missing' and is_default_value(config, section_name,
+                                                                              option, spec):
+                findings.append(('note',
+                                 '%s: %s: %s' % (where, problem, spec.get('missing', 'not used'))))
             elif problem:
                 findings.append(('error', '%s: %s' % (where, problem)))
             continue
         location = written_location(value, spec)
         configured = value if kind == 'writedir' else os.path.dirname(os.path.abspath(value))
         if location != configured:
-            findings.append(('info', '%s: %s lies in a directory anybody may write to: fuglu uses %s'
+            findings.append(('info',
+                             '%s: %s lies in a directory anybody may write to: fuglu uses %s'
                              % (where, value, location)))
             if path_kind(location) == 'missing':
                 continue   # created at start
         problem = check_path(location, 'writedir', user)
         if problem and spec.get('made_as_root') and path_kind(location) == 'dir':
-            findings.append(('warning', '%s: %s: it is made before privileges are dropped, but stays behind '
+            findings.append(('warning',
+                             '%s: %s: it is made before privileges are dropped, but stays behind '
                                         'when fuglu stops' % (where, problem)))
         elif problem:
             findings.append(('error', '%s: %s' % (where, problem)))
@@ -6344,10 +6413,12 @@ def check_inert_options(config, section, table, ignored=()):
             continue
         spec = table.get(option)
         if spec is not None and spec.get('inert'):
-            findings.append(('warning', '%s has no effect in fuglu: %s' % (config.where(section, option),
+            findings.append(('warning',
+                             '%s has no effect in fuglu: %s' % (config.where(section, option),
                                                                          spec['inert'])))
         elif spec is None and is_ignored_option(section, option, ignored):
-            findings.append(('warning', '%s has no effect in fuglu (a FuGlu feature this build does not have)'
+            findings.append(('warning',
+                             '%s has no effect in fuglu (a FuGlu feature this build does not have)'
                              % config.where(section, option)))
     return findings
 
@@ -6360,7 +6431,8 @@ def check_service_user(config):
         return [('error' if os.geteuid() == 0 else 'warning', str(error))]
     findings = [('warning', account.group_problem)] if account.group_problem else []
     if account.uid == 0:
-        return findings + [('warning', '%s: fuglu would run as root' % config.where('main', 'user'))]
+        return findings + [('warning',
+                            '%s: fuglu would run as root' % config.where('main', 'user'))]
     if os.geteuid() != 0:
         return findings + [('note', 'not started as root: fuglu runs as %s, %s is not used'
                             % (current_user_name(), config.where('main', 'user')))]
@@ -6390,17 +6462,22 @@ def check_ports(config):
             continue
         if protocol not in CONNECTORS:
             findings.append(('error', '%s: unknown protocol %r in %r (available: %s)' % (
-                config.where('main', 'incomingport'), protocol, entry, ', '.join(sorted(CONNECTORS)))))
+                config.where('main',
+                             'incomingport'), protocol, entry, ', '.join(sorted(CONNECTORS)))))
     for option, allow_empty in (('outgoingport', False), ('bounceport', True)):
         problem = _port_problem(config.get('main', option), allow_empty)
         if problem:
-            findings.append(('error', '%s = %r %s' % (config.where('main', option), config.get('main', option),
+            findings.append(('error',
+                             '%s = %r %s' % (config.where('main', option),
+                                             config.get('main', option),
                                                       problem)))
     control = config.get('main', 'controlport').strip()
     if control.isdigit():
         problem = _port_problem(control)
         if problem:
-            findings.append(('error', '%s = %r %s' % (config.where('main', 'controlport'), control, problem)))
+            findings.append(('error',
+                             '%s = %r %s' % (config.where('main', 'controlport'), control,
+                                             problem)))
         address = config.get('main', 'controladdress').strip()
         if not is_loopback_address(address) and not config.get('main', 'controltoken').strip():
             findings.append(('error', '%s: a TCP control port on %s needs controltoken'
@@ -6425,7 +6502,8 @@ def tcp_listen_addresses(config):
         found.append(('incomingport %s' % entry, address, port))
     control = config.get('main', 'controlport').strip()
     if control.isdigit() and not _port_problem(control):
-        found.append(('controlport', config.get('main', 'controladdress').strip() or '127.0.0.1', int(control)))
+        found.append(('controlport', config.get('main', 'controladdress').strip() or '127.0.0.1',
+                      int(control)))
     if config.get('main', 'metrics_listen').strip():
         try:
             address, port = parse_loopback_listen(config.get('main', 'metrics_listen'))
@@ -6454,7 +6532,8 @@ def check_downstream(config):
     """The re-injection target answers with a 220 greeting (a warning otherwise: mail
     is deferred until it does)."""
     if config.get('main', 'outgoinghost').strip() == '${injecthost}':
-        return [('note', 'outgoinghost ${injecthost}: the downstream is each sending host, not checked')]
+        return [('note',
+                 'outgoinghost ${injecthost}: the downstream is each sending host, not checked')]
     try:
         host, port = outgoing_target(config)
     except (ValueError, configparser.Error) as error:
@@ -6482,7 +6561,8 @@ def check_logging(config, logconfig):
             logging_config.fileConfig(logconfig, disable_existing_loggers=False)
             findings.append(('note', 'logging configuration %s loads' % logconfig))
         except Exception as error:
-            findings.append(('error', 'logging configuration %s: %s: %s (are its log directories writable '
+            findings.append(('error',
+                             'logging configuration %s: %s: %s (are its log directories writable '
                                       'by user %s?)' % (logconfig, error.__class__.__name__, error,
                                                         current_user_name())))
         finally:
@@ -6507,9 +6587,10 @@ def check_python_readable():
     library = os.path.dirname(os.__file__)
     if os.access(library, os.R_OK | os.X_OK):
         return []
-    return [('warning', 'Python\'s library %s is not readable by user %s: fuglu loads the modules it uses '
-                        'before dropping privileges, a plugin that imports others later fails; install fuglu\'s '
-                        'Python where the user can read it' % (library, current_user_name()))]
+    return [('warning', 'Python\'s library %s is not readable by user %s: fuglu loads the modules '
+                        'it uses before dropping privileges, a plugin that imports others later '
+                        'fails; install fuglu\'s Python where the user can read it'
+             % (library, current_user_name()))]
 
 
 def check_program_readable():
@@ -6520,19 +6601,21 @@ def check_program_readable():
         program = os.path.dirname(program)
     if os.access(program, os.R_OK):
         return []
-    return [('warning', '%s is not readable by user %s: bundled rule files and templates cannot be read '
-                        'after the privilege drop; put fuglu where the user can read it' % (program,
-                                                                                          current_user_name()))]
+    return [('warning', '%s is not readable by user %s: bundled rule files and templates cannot be '
+                        'read after the privilege drop; put fuglu where the user can read it'
+             % (program, current_user_name()))]
 
 
 def startup_findings(config, plugins):
     """What start-up logs about the configuration (as the daemon user)."""
     findings = []
     components = [(section, table, ()) for section, table in CORE_DEFAULTS.items()]
-    components += [(plugin.section, plugin.requiredvars, plugin.ignored_options) for plugin in plugins]
+    components += [(plugin.section, plugin.requiredvars,
+                    plugin.ignored_options) for plugin in plugins]
     for section, table, ignored in components:
         findings += check_inert_options(config, section, table, ignored)
-        findings += [finding for finding in check_paths(config, section, table) if finding[0] != 'note']
+        findings += [finding for finding in check_paths(config, section,
+                                                        table) if finding[0] != 'note']
     return findings + check_program_readable() + check_python_readable()
 
 
@@ -6570,7 +6653,8 @@ class Lint(object):
         self.say('Fuglu %s' % __version__)
         self.say('---------- LINT MODE ----------')
         self.say('Checking the service account and ports...')
-        errors = self.report(check_service_user(config) + check_ports(config) + check_listen_free(config))
+        errors = self.report(check_service_user(config) + check_ports(config) +
+                             check_listen_free(config))
         account = None
         if os.geteuid() == 0:
             try:
@@ -6597,7 +6681,8 @@ class Lint(object):
             self.out.flush()
             self.out.fileno()
         except (AttributeError, OSError, ValueError):
-            self.say('WARNING: output is not a file: checking as root, not as %s' % account.name, 'yellow')
+            self.say('WARNING: output is not a file: checking as root, not as %s' % account.name,
+                     'yellow')
             return self.run_checks(errors)
         sys.stdout.flush()
         child = os.fork()
@@ -6734,8 +6819,10 @@ def parse_args(argv):
     parser.add_argument('--configdir', help='conf.d directory (default: conf.d beside the config file, '
                                             'only for the default config)')
     parser.add_argument('-f', '--foreground', action='store_true',
-                        help='do not daemonize, log to stderr (privileges are dropped all the same)')
-    parser.add_argument('--pidfile', help='pid file (default when daemonized: %s; in the foreground: none)'
+                        help='do not daemonize, log to stderr (privileges are dropped all the '
+                             'same)')
+    parser.add_argument('--pidfile',
+                        help='pid file (default when daemonized: %s; in the foreground: none)'
                                           % DEFAULT_PIDFILE)
     parser.add_argument('--logconfig', help='logging configuration file (logging.fileConfig format)')
     parser.add_argument('--baseloglevel', default='INFO', choices=['DEBUG', 'INFO', 'WARNING', 'ERROR'],
@@ -6883,7 +6970,8 @@ def deep_health(config, timeout):
     bindaddress = config.get('main', 'bindaddress').strip()
     for entry in parse_list(config.get('main', 'incomingport')):
         protocol, address, port = parse_incomingport(entry, bindaddress)
-        host = '127.0.0.1' if address in ('0.0.0.0', '') else ('::1' if address == '::' else address)
+        host = '127.0.0.1' if address in ('0.0.0.0',
+                                          '') else ('::1' if address == '::' else address)
         probe = HEALTH_PROBES.get(protocol)
         if probe is None:
             continue
@@ -6909,18 +6997,22 @@ def deep_health(config, timeout):
 
 
 def command_healthcheck(argv):
-    """probe a running connector, or with --deep everything fuglu needs (exit codes for monitoring)"""
+    """probe a running connector, or with --deep everything fuglu needs (monitoring)"""
     import argparse
     parser = argparse.ArgumentParser(
         prog='fuglu healthcheck',
-        description='Probe a running connector: exit 0 when healthy, 1 when not. With --deep: probe every '
-                    'connector of the configuration, every plugin\'s peers (clamd, spamd, databases ...) and '
+        description='Probe a running connector: exit 0 when healthy, 1 when not. With --deep: '
+                    'probe every '
+                    'connector of the configuration, every plugin\'s peers (clamd, spamd, '
+                    'databases ...) and '
                     'the downstream; exit 0 (OK), 2 (CRITICAL: something fails) or 3 (UNKNOWN: the '
                     'configuration or a plugin cannot be loaded), as monitoring plugins do.')
     parser.add_argument('connector', nargs='?', choices=sorted(HEALTH_PROBES))
     parser.add_argument('target', nargs='?', metavar='HOST:PORT')
-    parser.add_argument('--deep', action='store_true', help='check everything the configuration uses')
-    parser.add_argument('-c', '--config', help='config file for --deep (default %s)' % DEFAULT_CONFIG_PATH)
+    parser.add_argument('--deep', action='store_true',
+                        help='check everything the configuration uses')
+    parser.add_argument('-c', '--config',
+                        help='config file for --deep (default %s)' % DEFAULT_CONFIG_PATH)
     parser.add_argument('-t', '--timeout', type=float, default=5, help='seconds (default %(default)s)')
     args = parser.parse_args(argv)
     if args.deep:
@@ -6933,7 +7025,8 @@ def command_healthcheck(argv):
         for name, ok, detail in results:
             print('%s %s (%s)' % ('OK      ' if ok else 'CRITICAL', name, detail))
         failed = [name for name, ok, _detail in results if not ok]
-        print('%s: %d checks, %d failed%s' % ('CRITICAL' if failed else 'OK', len(results), len(failed),
+        print('%s: %d checks, %d failed%s' % ('CRITICAL' if failed else 'OK', len(results),
+                                              len(failed),
                                               (': ' + ', '.join(failed)) if failed else ''))
         return HEALTH_CRITICAL if failed else HEALTH_OK
     if not args.connector or not args.target:
@@ -6957,12 +7050,14 @@ def read_config_for(config_path, configdir=None):
     if config_path is None and os.path.exists(DEFAULT_CONFIG_PATH):
         config_path = DEFAULT_CONFIG_PATH
     if config_path is not None and not os.path.exists(config_path):
-        raise ConfigProblem('config file %s not found; start from fuglu.conf.dist (fuglu --dump-defaults)'
+        raise ConfigProblem('config file %s not found; start from fuglu.conf.dist (fuglu '
+                            '--dump-defaults)'
                             % config_path)
     if configdir is None and config_path == DEFAULT_CONFIG_PATH:
         configdir = os.path.join(DEFAULT_CONFDIR, 'conf.d')
     try:
-        config = load_config(config_path, configdir, embedded=None if config_path else EMBEDDED_CONFIG)
+        config = load_config(config_path, configdir,
+                             embedded=None if config_path else EMBEDDED_CONFIG)
     except (configparser.Error, OSError, UnicodeError) as error:
         raise ConfigProblem('cannot read the configuration: %s' % error)
     return config, config_path, configdir
@@ -6972,14 +7067,20 @@ def command_control(argv):
     """send a command to a running fuglu's control socket (help lists them)"""
     import argparse
     parser = argparse.ArgumentParser(
-        prog='fuglu control', description='Send a command to the control socket of a running fuglu and print '
-                                          'the answer (FuGlu\'s fuglu_control). Exit 1 when it cannot be reached '
+        prog='fuglu control', description='Send a command to the control socket of a running fuglu '
+                                          'and print '
+                                          'the answer (FuGlu\'s fuglu_control). Exit 1 when it '
+                                          'cannot be reached '
                                           'or refuses the command.')
-    parser.add_argument('-c', '--config', help='config file naming controlport (default %s)' % DEFAULT_CONFIG_PATH)
-    parser.add_argument('-p', '--port', help='unix socket path or TCP port on 127.0.0.1 (default: controlport)')
-    parser.add_argument('-t', '--token', help='controltoken of a TCP control port (default: $FUGLU_CONTROLTOKEN, '
+    parser.add_argument('-c', '--config',
+                        help='config file naming controlport (default %s)' % DEFAULT_CONFIG_PATH)
+    parser.add_argument('-p', '--port',
+                        help='unix socket path or TCP port on 127.0.0.1 (default: controlport)')
+    parser.add_argument('-t', '--token',
+                        help='controltoken of a TCP control port (default: $FUGLU_CONTROLTOKEN, '
                                               'then the config)')
-    parser.add_argument('command', nargs='+', help='stats, uptime, workerlist, threadlist, exceptionlist, '
+    parser.add_argument('command', nargs='+',
+                        help='stats, uptime, workerlist, threadlist, exceptionlist, '
                                                    'metrics, help')
     args = parser.parse_args(argv)
     target, token = args.port, args.token or os.environ.get('FUGLU_CONTROLTOKEN')
@@ -7012,7 +7113,8 @@ def command_control(argv):
             sock.shutdown(socket.SHUT_WR)
             answer = read_until_eof(sock)[0].decode('utf-8', 'replace')
     except OSError as error:
-        print('Cannot connect to fuglu control daemon (%s) - is fuglu running? %s' % (target, error),
+        print('Cannot connect to fuglu control daemon (%s) - is fuglu running? %s' % (target,
+                                                                                      error),
               file=sys.stderr)
         return 1
     sys.stdout.write(answer if answer.endswith('\n') else answer + '\n')
@@ -7028,14 +7130,16 @@ def message_envelope(message, sender=None, recipients=()):
 
     def first_address(*names):
         for name in names:
-            found = [address for _name, address in getaddresses([str(v) for v in headers.get_all(name, [])])
+            found = [address for _name,
+                     address in getaddresses([str(v) for v in headers.get_all(name, [])])
                      if address]
             if found:
                 return found[0]
         return None
     if sender is None:
         sender = first_address('Return-Path', 'From') or 'sender@example.com'
-    recipients = list(recipients) or [first_address('Delivered-To', 'To') or 'recipient@example.com']
+    recipients = list(recipients) or [first_address('Delivered-To',
+                                                    'To') or 'recipient@example.com']
     return sender, recipients
 
 
@@ -7050,9 +7154,12 @@ def command_suspectfilter(argv):
     """show which rules of a rule file match a message, and why"""
     import argparse
     parser = argparse.ArgumentParser(
-        prog='fuglu suspectfilter', description='Match a SuspectFilter rule file against a message file (FuGlu\'s '
-                                                'fuglu_suspectfilter). Exit 0 when a rule matches, 1 when none '
-                                                'does, 2 when the rule file has errors or a file cannot be read.')
+        prog='fuglu suspectfilter', description='Match a SuspectFilter rule file against a message '
+                                                'file (FuGlu\'s '
+                                                'fuglu_suspectfilter). Exit 0 when a rule matches, '
+                                                '1 when none '
+                                                'does, 2 when the rule file has errors or a file '
+                                                'cannot be read.')
     parser.add_argument('rulefile')
     parser.add_argument('message', help='message file (- for standard input)')
     parser.add_argument('-s', '--sender', help='envelope sender (default: Return-Path or From)')
@@ -7072,7 +7179,8 @@ def command_suspectfilter(argv):
         print('unparsable rule: %s' % error)
     sender, recipients = message_envelope(message, args.sender, args.recipient)
     suspect = Suspect(sender, recipients, inbuffer=message)
-    print('%d rules in %s; envelope from=%s to=%s' % (len(rules.rules), args.rulefile, sender or '<>',
+    print('%d rules in %s; envelope from=%s to=%s' % (len(rules.rules), args.rulefile,
+                                                      sender or '<>',
                                                       ', '.join(recipients)))
     matched = 0
     for rule in rules.rules:
@@ -7094,9 +7202,12 @@ def command_scan(argv):
     """scan a message file with the configured plugins, offline; print verdict, tags, headers"""
     import argparse
     parser = argparse.ArgumentParser(
-        prog='fuglu scan', description='Run the configured prependers and scanners (appenders with -a) on a '
-                                       'message file in this process, print the verdict, tags and the headers '
-                                       'fuglu would add. Nothing is delivered. Exit code: DUNNO 0, DISCARD 2, '
+        prog='fuglu scan', description='Run the configured prependers and scanners (appenders with '
+                                       '-a) on a '
+                                       'message file in this process, print the verdict, tags and '
+                                       'the headers '
+                                       'fuglu would add. Nothing is delivered. Exit code: DUNNO 0, '
+                                       'DISCARD 2, '
                                        'REJECT 3, DEFER 4, any problem 1.')
     parser.add_argument('message', help='message file (- for standard input)')
     parser.add_argument('-c', '--config', help='config file (default %s)' % DEFAULT_CONFIG_PATH)
@@ -7104,7 +7215,8 @@ def command_scan(argv):
     parser.add_argument('-r', '--recipient', action='append', default=[],
                         help='envelope recipient (default: Delivered-To or To)')
     parser.add_argument('-a', '--appenders', action='store_true', help='run the appenders too')
-    parser.add_argument('-o', '--output', action='store_true', help='print the message with fuglu\'s headers')
+    parser.add_argument('-o', '--output', action='store_true',
+                        help='print the message with fuglu\'s headers')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     try:
@@ -7128,7 +7240,8 @@ def command_scan(argv):
     if args.appenders:
         session.finish(suspect, action, action in (DUNNO, ACCEPT))
     name = actioncode_to_string(action)
-    print('verdict: %s%s' % (name, ': ' + session.reply_text(suspect, action, text) if action not in (
+    print('verdict: %s%s' % (name,
+                             ': ' + session.reply_text(suspect, action, text) if action not in (
         DUNNO, ACCEPT) else ''))
     print('envelope: from=%s to=%s' % (sender or '<>', ', '.join(recipients)))
     for stage, plugin, seconds in session.timings:
@@ -7140,7 +7253,8 @@ def command_scan(argv):
             continue
         print('  %s = %s' % (key, one_line(repr(value), 300)))
     print('headers added:')
-    for header_name, value in list(suspect.added_headers.items()) + list(suspect.addheaders.items()):
+    added = list(suspect.added_headers.items()) + list(suspect.addheaders.items())
+    for header_name, value in added:
         print('  %s: %s' % (header_name, one_line(value, 300)))
     if args.output:
         sys.stdout.flush()
@@ -7163,12 +7277,14 @@ def command_conf(argv):
     """print the active configuration, or with -n the options that differ from the defaults"""
     import argparse
     parser = argparse.ArgumentParser(
-        prog='fuglu conf', description='Print the configuration in effect (FuGlu\'s fuglu_conf): every option of '
+        prog='fuglu conf', description='Print the configuration in effect (FuGlu\'s fuglu_conf): '
+                                       'every option of '
                                        'the core and of the configured plugins with its value.')
     parser.add_argument('-c', '--config', help='config file (default %s)' % DEFAULT_CONFIG_PATH)
     parser.add_argument('--configdir', help='conf.d directory')
     parser.add_argument('-n', '--non-default', action='store_true',
-                        help='only options whose value differs from the default, as opt=value (def: default)')
+                        help='only options whose value differs from the default, as opt=value '
+                             '(def: default)')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(name)s: %(message)s')
     try:
@@ -7192,7 +7308,8 @@ def command_conf(argv):
                 if spec.get('confidential') and value.strip():
                     value = '***REDACTED***'
                 shown = default if default.strip() else 'empty'
-                lines.append('%s=%s (def: %s)' % (option, value, shown if len(shown) <= 15 else shown[:12] + '...'))
+                shown = shown if len(shown) <= 15 else shown[:12] + '...'
+                lines.append('%s=%s (def: %s)' % (option, value, shown))
             else:
                 if spec.get('confidential') and value.strip():
                     value = '***REDACTED***'
@@ -7204,12 +7321,15 @@ def command_conf(argv):
 
 
 def command_samples(argv):
-    """write the bundled sample files (rules, templates, logging.conf, systemd unit ...) into a directory"""
+    """write the bundled samples (rules, templates, logging.conf, systemd unit ...) to a folder"""
     import argparse
     parser = argparse.ArgumentParser(
-        prog='fuglu samples', description='Write the files bundled with fuglu into DIRECTORY, laid out as the '
-                                          'defaults expect them beside fuglu.conf: rules/, templates/, '
-                                          'archive.regex, skipplugins.regex, logging.conf, fuglu.service, '
+        prog='fuglu samples', description='Write the files bundled with fuglu into DIRECTORY, laid '
+                                          'out as the '
+                                          'defaults expect them beside fuglu.conf: rules/, '
+                                          'templates/, '
+                                          'archive.regex, skipplugins.regex, logging.conf, '
+                                          'fuglu.service, '
                                           'fuglu.conf.dist. Existing files are never overwritten.')
     parser.add_argument('directory')
     args = parser.parse_args(argv)
@@ -7281,7 +7401,9 @@ def main(argv=None):
     if embedded:
         logger.info('no config file at %s: running on the embedded default (after-queue smtp on '
                     '127.0.0.1:10025, re-injection to 127.0.0.1:10026, no plugins)', DEFAULT_CONFIG_PATH)
-    pidfile = args.pidfile if args.pidfile is not None else (None if foreground else DEFAULT_PIDFILE)
+    pidfile = args.pidfile
+    if pidfile is None and not foreground:
+        pidfile = DEFAULT_PIDFILE
     report = StartupReport() if foreground else daemonize()
     try:
         controller, pid = start_daemon(config, config_path, configdir, logconfig, foreground,
@@ -7291,7 +7413,8 @@ def main(argv=None):
         report.failed(failure.message, failure.status)
         return failure.status
     release_freed_memory()
-    status_text = '%d listeners, configuration %s' % (len(controller.listeners), config.get('main', 'identifier'))
+    status_text = '%d listeners, configuration %s' % (len(controller.listeners),
+                                                      config.get('main', 'identifier'))
     return serve_until_stopped(controller, pid, on_ready=lambda: report.ready(status_text))
 
 

@@ -69,9 +69,11 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
         'problemaction': {'default': 'DEFER', 'description': 'scanner result when archiving was wanted and '
                                                              'failed'},
         'local_archivedir': {'default': '/tmp',
-                             'description': 'root directory of the archive (must exist). A directory anybody may '
+                             'description': 'root directory of the archive (must exist). A '
+                                            'directory anybody may '
                                             'write to (/tmp) is not used as is: fuglu archives to '
-                                            '/var/lib/fuglu/archive when started as root, else to a private '
+                                            '/var/lib/fuglu/archive when started as root, else to '
+                                            'a private '
                                             'fuglu-USER/archive directory there',
                              'path': 'writedir', 'home': 'archive'},
         'local_subdirtemplate': {'default': '${to_domain}/${to_localpart}/${date}',
@@ -224,7 +226,8 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
                 target = ' (to %s)' % os.readlink(name, dir_fd=dir_fd)
             except OSError:
                 target = ''
-            raise ArchiveError('refusing to write outside the archive: %s is a link or no directory%s'
+            raise ArchiveError('refusing to write outside the archive: %s is a link or no '
+                               'directory%s'
                                % (os.path.join(where, name), target))
 
     def write_localdir(self, suspect, archive_id):
@@ -246,7 +249,8 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
                                 owner=None if (uid, gid) == (-1, -1) else (uid, gid))
         except OSError as error:
             if error.errno in (errno.ELOOP, errno.EISDIR):
-                raise ArchiveError('refusing to replace %s: not a plain file' % os.path.join(where, filename))
+                raise ArchiveError('refusing to replace %s: not a plain file'
+                                   % os.path.join(where, filename))
             raise
         finally:
             os.close(dir_fd)

@@ -531,8 +531,10 @@ def test_skip_uses_confdir_and_lints_its_rule_file(tmp_path, capsys):
     config.read_config_text('[main]\n', 'x')
     plugin = PluginSkipper(config)
     assert plugin.lint() is True      # the default ${confdir}/skipplugins.regex may be missing ...
-    assert '%s does not exist: no plugin is skipped' % (tmp_path / 'skipplugins.regex') in capsys.readouterr().out
-    config.read_config_text('[PluginSkipper]\nfilterfile = %s\n' % (tmp_path / 'skipplugin.regex'), 'y')
+    missing = '%s does not exist: no plugin is skipped' % (tmp_path / 'skipplugins.regex')
+    assert missing in capsys.readouterr().out
+    config.read_config_text('[PluginSkipper]\nfilterfile = %s\n' % (tmp_path / 'skipplugin.regex'),
+                            'y')
     assert PluginSkipper(config).lint() is False     # ... a configured one may not
     assert 'skipplugin.regex does not exist' in capsys.readouterr().out
     config.remove_option('PluginSkipper', 'filterfile')

@@ -32,15 +32,18 @@ def sticky_dir(tmp_path):
 
 def test_a_path_in_a_world_writable_directory_is_moved(sticky_dir, monkeypatch):
     monkeypatch.setattr(fuglu, 'STARTED_AS_ROOT', True)
-    assert fuglu.shared_file_path(str(sticky_dir / 'fuglu_control.sock'), 'run') == '/run/fuglu/fuglu_control.sock'
+    assert fuglu.shared_file_path(str(sticky_dir / 'fuglu_control.sock'),
+                                  'run') == '/run/fuglu/fuglu_control.sock'
     assert fuglu.shared_directory(str(sticky_dir), 'archive') == '/var/lib/fuglu/archive'
     monkeypatch.setattr(fuglu, 'STARTED_AS_ROOT', False)
     private = str(sticky_dir / ('fuglu-%s' % fuglu.current_user_name()))
-    assert fuglu.shared_file_path(str(sticky_dir / 'debug.log'), 'log') == os.path.join(private, 'debug.log')
+    assert fuglu.shared_file_path(str(sticky_dir / 'debug.log'), 'log') == os.path.join(private,
+                                                                                        'debug.log')
     assert fuglu.shared_directory(str(sticky_dir), 'archive') == os.path.join(private, 'archive')
     # a directory only its owner may write to is used as it is
     os.chmod(str(sticky_dir), 0o755)
-    assert fuglu.shared_file_path(str(sticky_dir / 'debug.log'), 'log') == str(sticky_dir / 'debug.log')
+    assert fuglu.shared_file_path(str(sticky_dir / 'debug.log'),
+                                  'log') == str(sticky_dir / 'debug.log')
 
 
 def test_a_squatted_private_directory_is_refused(sticky_dir):
@@ -203,7 +206,8 @@ def test_the_daemon_speaks_the_notify_protocol(tmp_path):
     notify = FakeNotifySocket()   # abstract: reachable after the daemon dropped privileges
     port = free_port()
     conf = tmp_path / 'fuglu.conf'
-    conf.write_text('[main]\nincomingport = smtp:127.0.0.1:%d\noutgoingport = %d\nplugins =\nprependers =\n'
+    conf.write_text('[main]\nincomingport = smtp:127.0.0.1:%d\noutgoingport = %d\nplugins '
+                    '=\nprependers =\n'
                     'appenders =\ncontrolport =\nidentifier = notifytest\n' % (port, free_port()))
     env = dict(os.environ, NOTIFY_SOCKET=notify.address)
     with open(str(tmp_path / 'fuglu.log'), 'wb') as log:
@@ -219,7 +223,8 @@ def test_the_daemon_speaks_the_notify_protocol(tmp_path):
         daemon.send_signal(1)   # SIGHUP
         reloading = notify.receive_until('RELOADING')
         assert reloading['RELOADING'] == '1'
-        assert before <= int(reloading['MONOTONIC_USEC']) <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert before <= int(reloading['MONOTONIC_USEC']) <= after
         assert notify.receive_until('READY')['READY'] == '1'
         daemon.terminate()
         assert notify.receive_until('STOPPING')['STOPPING'] == '1'
@@ -237,7 +242,8 @@ def test_a_failed_start_tells_systemd_and_exits_nonzero(tmp_path):
         taken.bind(('127.0.0.1', 0))
         taken.listen(1)
         conf = tmp_path / 'fuglu.conf'
-        conf.write_text('[main]\nincomingport = smtp:127.0.0.1:%d\nplugins =\nprependers =\nappenders =\n'
+        conf.write_text('[main]\nincomingport = smtp:127.0.0.1:%d\nplugins =\nprependers '
+                        '=\nappenders =\n'
                         'controlport =\n' % taken.getsockname()[1])
         result = subprocess.run([sys.executable, FUGLU_SCRIPT, '-f', '-c', str(conf)], timeout=60,
                                 env=dict(os.environ, NOTIFY_SOCKET=notify.address),
@@ -287,7 +293,9 @@ def test_syslog_lines_carry_facility_mail_and_the_pid(tmp_path):
     line = receiver.recv(4096).decode()
     receiver.close()
     # <PRI> = facility mail (2) * 8 + warning (4)
-    assert re.match(r'^<20>fuglu\[%d\]: fuglu\.test\.syslog: WARNING a line for syslog\x00?$' % os.getpid(), line), line
+    expected = (r'^<20>fuglu\[%d\]: fuglu\.test\.syslog: WARNING a line for syslog\x00?$'
+                % os.getpid())
+    assert re.match(expected, line), line
     with pytest.raises(fuglu.ConfigProblem, match='facility'):
         fuglu.syslog_handler(make_config('[main]\nsyslog_facility = nosuch\n'))
 
@@ -299,8 +307,10 @@ def running(request):
     sink = Sink()
     port = free_port()
     config = make_config('[main]\nincomingport = smtp:127.0.0.1:%d\noutgoingport = %d\nplugins = '
-                         'helpers.VerdictFromHeaderPlugin\nprependers =\nappenders =\ncontrolport =\n'
-                         'scantimelogger = 1\n[performance]\nminthreads = 2\nmaxthreads = 4\n' % (port, sink.port))
+                         'helpers.VerdictFromHeaderPlugin\nprependers =\nappenders =\ncontrolport '
+                         '=\n'
+                         'scantimelogger = 1\n[performance]\nminthreads = 2\nmaxthreads = 4\n'
+                         % (port, sink.port))
     controller = fuglu.MainController(config)
     controller.startup()
     yield controller, port, sink
@@ -322,9 +332,13 @@ def test_metrics_in_the_prometheus_text_format(running):
     parser = pytest.importorskip('prometheus_client.parser')
     controller, port, _sink = running
     assert send(port, MESSAGE) == 250
-    assert send(port, MESSAGE.replace(b'Subject: service', b'X-Test-Verdict: REJECT\r\nSubject: x')) == 550
-    families = {family.name: family for family in parser.text_string_to_metric_families(fuglu.metrics_text(controller))}
-    verdicts = {sample.labels['verdict']: sample.value for sample in families['fuglu_messages'].samples
+    assert send(port,
+                MESSAGE.replace(b'Subject: service',
+                                b'X-Test-Verdict: REJECT\r\nSubject: x')) == 550
+    text = fuglu.metrics_text(controller)
+    families = {family.name: family for family in parser.text_string_to_metric_families(text)}
+    verdicts = {sample.labels['verdict']: sample.value
+                for sample in families['fuglu_messages'].samples
                 if sample.name == 'fuglu_messages_total'}
     assert verdicts == {'dunno': 1, 'accept': 0, 'delete': 0, 'reject': 1, 'defer': 0}
     runs = [sample for sample in families['fuglu_plugin_runs'].samples]
@@ -375,13 +389,15 @@ def test_scantimelogger_writes_fuglus_timing_lines(running, caplog):
     lines = [record.getMessage() for record in caplog.records if record.name == 'fuglu.Timings']
     assert re.match(r'^port: %d, id: [0-9a-f]{32}, total: \d+\.\d{6}$' % port, lines[0]), lines
     assert re.match(r'^port: %d, id: [0-9a-f]{32}, overhead: \d+\.\d{3}$' % port, lines[1])
-    assert re.match(r'^port: %d, id: [0-9a-f]{32}, \(PLG\) VerdictFromHeaderPlugin: \d+\.\d{3}$' % port, lines[2]), lines
+    plugin_line = r'^port: %d, id: [0-9a-f]{32}, \(PLG\) VerdictFromHeaderPlugin: \d+\.\d{3}$'
+    assert re.match(plugin_line % port, lines[2]), lines
 
 
 # -- lint checks ----------------------------------------------------------------------------
 
 def test_check_ports_names_every_bad_port_value():
-    config = make_config('[main]\nincomingport = 10025,smtp:99999\noutgoingport = 340260\nbounceport = x\n'
+    config = make_config('[main]\nincomingport = 10025,smtp:99999\noutgoingport = '
+                         '340260\nbounceport = x\n'
                          'controlport = 70000\nmetrics_listen = 10.0.0.1:9100\n')
     findings = fuglu.check_ports(config)
     text = '\n'.join(message for level, message in findings if level == 'error')
@@ -406,18 +422,22 @@ def test_check_listen_free_reports_an_address_in_use():
 def test_check_downstream_is_a_warning_when_down_and_fine_when_up():
     sink = Sink()
     try:
-        assert fuglu.check_downstream(make_config('[main]\noutgoingport = %d\n' % sink.port))[0][0] == 'note'
+        config = make_config('[main]\noutgoingport = %d\n' % sink.port)
+        assert fuglu.check_downstream(config)[0][0] == 'note'
     finally:
         sink.stop()
-    level, text = fuglu.check_downstream(make_config('[main]\noutgoingport = %d\n' % free_port()))[0]
+    config = make_config('[main]\noutgoingport = %d\n' % free_port())
+    level, text = fuglu.check_downstream(config)[0]
     assert level == 'warning' and 'does not answer' in text
 
 
 def test_a_default_path_may_be_missing_a_configured_one_may_not(tmp_path):
-    table = {'rules': {'default': '${confdir}/rules.regex', 'path': 'file', 'missing': 'nothing happens'}}
+    table = {'rules': {'default': '${confdir}/rules.regex', 'path': 'file',
+                       'missing': 'nothing happens'}}
     config = make_config('[x]\n', confdir=str(tmp_path))
     assert fuglu.check_paths(config, 'x', table) == [
-        ('note', 'defaults [x] rules: %s does not exist: nothing happens' % (tmp_path / 'rules.regex'))]
+        ('note',
+         'defaults [x] rules: %s does not exist: nothing happens' % (tmp_path / 'rules.regex'))]
     config = make_config('[x]\nrules = ${confdir}/rule.regex\n', confdir=str(tmp_path))
     assert fuglu.check_paths(config, 'x', table) == [
         ('error', '<test> [x] rules: %s does not exist' % (tmp_path / 'rule.regex'))]
@@ -432,5 +452,7 @@ def test_options_without_effect_are_warnings_when_set():
     findings += fuglu.check_inert_options(config, 'environment', fuglu.CORE_DEFAULTS['environment'])
     assert [level for level, _text in findings] == ['warning'] * 3
     assert 'tempdir has no effect in fuglu: messages are kept in memory' in findings[0][1]
-    assert 'configdir has no effect' in findings[1][1] and 'trustedhostsregex has no effect' in findings[2][1]
-    assert fuglu.check_inert_options(make_config('[main]\nidentifier = x\n'), 'main', fuglu.CORE_DEFAULTS['main']) == []
+    assert 'configdir has no effect' in findings[1][1]
+    assert 'trustedhostsregex has no effect' in findings[2][1]
+    assert fuglu.check_inert_options(make_config('[main]\nidentifier = x\n'), 'main',
+                                     fuglu.CORE_DEFAULTS['main']) == []

@@ -464,7 +464,8 @@ def test_zipapp_alone_lints_a_fuglu_style_config(zipapp, version, tmp_world_dir)
     os.chmod(str(confdir), 0o755)
     os.chown(str(confdir), peers.pwd.getpwnam('nobody').pw_uid, -1)   # debugfile=${confdir}/...
     ports = [peers.free_port() for _ in range(3)]   # lint checks that they are free
-    conf = write_fuglu_style_conf(str(confdir), ','.join(map(str, ports)), 10026, ports[2], '/tmp/fuglu_control.sock')
+    conf = write_fuglu_style_conf(str(confdir), ','.join(map(str, ports)), 10026, ports[2],
+                                  '/tmp/fuglu_control.sock')
     empty = tmp_path / 'empty'
     empty.mkdir()
     os.chmod(str(empty), 0o755)

@@ -53,7 +53,8 @@ def workdir():
 
 def message(recipient, subject='service test', body=b'hello\r\n'):
     return (b'From: <sender@example.org>\r\nTo: <' + recipient.encode() + b'>\r\nSubject: ' +
-            subject.encode() + b'\r\nMessage-ID: <' + uuid.uuid4().hex.encode() + b'@example.org>\r\n\r\n' + body)
+            subject.encode() + b'\r\nMessage-ID: <' + uuid.uuid4().hex.encode() +
+            b'@example.org>\r\n\r\n' + body)
 
 
 def unique(name):
@@ -64,7 +65,8 @@ def process_ids(pid):
     """(uids, gids, groups) of a running process, from /proc."""
     with open('/proc/%d/status' % pid) as status:
         text = status.read()
-    field = lambda name: re.search(r'^%s:[ \t]*(.*)$' % name, text, re.M).group(1).split()  # noqa: E731
+    field = lambda name: re.search(r'^%s:[ \t]*(.*)$' % name, text,
+                                   re.M).group(1).split()  # noqa: E731
     return set(map(int, field('Uid'))), set(map(int, field('Gid'))), set(map(int, field('Groups')))
 
 
@@ -85,13 +87,16 @@ class Daemonized(object):
             conf.write('[loggers]\nkeys=root\n[handlers]\nkeys=file\n[formatters]\nkeys=plain\n'
                        '[logger_root]\nlevel=INFO\nhandlers=file\n'
                        '[handler_file]\nclass=FileHandler\nformatter=plain\nargs=(%r,)\n'
-                       '[formatter_plain]\nformat=%%(asctime)s %%(name)s: %%(levelname)s %%(message)s\n'
+                       '[formatter_plain]\nformat=%%(asctime)s %%(name)s: %%(levelname)s '
+                       '%%(message)s\n'
                        % self.log_path)
         self.pid = None
 
     def start(self, *extra):
-        result = subprocess.run([self.python, self.program, '-c', self.config_path, '--pidfile', self.pidfile,
-                                 '--logconfig', self.logconfig] + list(extra), stdin=subprocess.DEVNULL,
+        result = subprocess.run([self.python, self.program, '-c', self.config_path, '--pidfile',
+                                 self.pidfile,
+                                 '--logconfig', self.logconfig] + list(extra),
+                                stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
         if result.returncode == 0:
             with open(self.pidfile) as handle:
@@ -126,29 +131,34 @@ def daemons():
 def gate_config(incoming, outgoing, gatedir, controlport, extra=''):
     return ('[main]\nuser = nobody\ngroup = nogroup\nincomingport = %s\noutgoinghost = 127.0.0.1\n'
             'outgoingport = %d\nplugindir = %s\nplugins = gate.Gate\nprependers =\nappenders =\n'
-            'controlport = %s\n[performance]\nminthreads = 2\nmaxthreads = 10\n[Gate]\ngatedir = %s\n%s'
+            'controlport = %s\n[performance]\nminthreads = 2\nmaxthreads = 10\n[Gate]\ngatedir = '
+            '%s\n%s'
             % (incoming, outgoing, PLUGIN_DIR, controlport, gatedir, extra))
 
 
 # -- life cycle: TERM with mail in flight ----------------------------------------------------
 
 @pytest.mark.parametrize('mode', ['daemonized', 'foreground', 'milter'])
-def test_term_finishes_the_mail_in_flight_and_cleans_up(mode, postfix_factory, fuglu_factory, daemons, workdir):
+def test_term_finishes_the_mail_in_flight_and_cleans_up(mode, postfix_factory, fuglu_factory,
+                                                        daemons, workdir):
     """Three messages held inside fuglu (after-queue smtp daemonized and with -f, and
     milter) when SIGTERM arrives: each is delivered exactly once, fuglu exits 0 and
     removes its pid file and control socket."""
     gatedir = nobody_dir('fuglu-gate-')
-    rundir = nobody_dir('fuglu-run-')   # like /run/fuglu: the daemon user may remove its files there
+    rundir = nobody_dir('fuglu-run-')   # like /run/fuglu: the daemon user removes its files
     control = os.path.join(rundir, 'control.sock')
     pidfile = os.path.join(rundir, 'fuglu.pid')
     if mode == 'milter':
         milter_port = peers.free_port()
-        postfix = postfix_factory('milter', milter_port=milter_port, milter_default_action='tempfail')
-        config = gate_config('milter:127.0.0.1:%d' % milter_port, peers.free_port(), gatedir, control)
+        postfix = postfix_factory('milter', milter_port=milter_port,
+                                  milter_default_action='tempfail')
+        config = gate_config('milter:127.0.0.1:%d' % milter_port, peers.free_port(), gatedir,
+                             control)
         listen_port = milter_port
     else:
         postfix = postfix_factory('afterqueue')
-        config = gate_config('smtp:127.0.0.1:%d' % postfix.filter_port, postfix.reinject_port, gatedir, control)
+        config = gate_config('smtp:127.0.0.1:%d' % postfix.filter_port, postfix.reinject_port,
+                             gatedir, control)
         listen_port = postfix.filter_port
     senders = []
     try:
@@ -173,7 +183,8 @@ def test_term_finishes_the_mail_in_flight_and_cleans_up(mode, postfix_factory, f
             senders.append(sender)
             if mode != 'milter':
                 sender.join()
-        peers.wait_until(lambda: len([n for n in os.listdir(gatedir) if n.startswith('waiting-')]) == 3, 60,
+        held = lambda: len([n for n in os.listdir(gatedir) if n.startswith('waiting')])  # noqa
+        peers.wait_until(lambda: held() == 3, 60,
                          what='three messages held in fuglu')
         os.kill(pid, signal.SIGTERM)
         wait_log(r'stopping: finishing the messages in flight')
@@ -206,8 +217,10 @@ def test_term_finishes_the_mail_in_flight_and_cleans_up(mode, postfix_factory, f
 # -- a daemonized start reports through its exit code ----------------------------------------
 
 def plain_config(port, extra_main=''):
-    return ('[main]\nuser = nobody\ngroup = nogroup\nincomingport = smtp:127.0.0.1:%d\noutgoingport = %d\n'
-            'plugins =\nprependers =\nappenders =\ncontrolport =\n%s' % (port, peers.free_port(), extra_main))
+    return ('[main]\nuser = nobody\ngroup = nogroup\nincomingport = '
+            'smtp:127.0.0.1:%d\noutgoingport = %d\n'
+            'plugins =\nprependers =\nappenders =\ncontrolport =\n%s' % (port, peers.free_port(),
+                                                                         extra_main))
 
 
 def test_a_daemonized_start_reports_success_and_failure_by_exit_code(daemons, workdir):
@@ -236,16 +249,23 @@ def test_a_daemonized_start_reports_success_and_failure_by_exit_code(daemons, wo
         result = daemons(second_dir, plain_config(port)).start()
         assert result.returncode == 1 and b'Address already in use' in result.stdout, result.stdout
         # an unknown backend
-        result = daemons(second_dir, plain_config(peers.free_port(), '[performance]\nbackend = nosuch\n')).start()
-        assert result.returncode == 1 and b"unknown backend 'nosuch'" in result.stdout, result.stdout
+        result = daemons(second_dir,
+                         plain_config(peers.free_port(),
+                                      '[performance]\nbackend = nosuch\n')).start()
+        assert result.returncode == 1, result.stdout
+        assert b"unknown backend 'nosuch'" in result.stdout, result.stdout
         # a plugin that cannot load
-        result = daemons(second_dir, plain_config(peers.free_port()).replace('plugins =\n',
-                                                                             'plugins = nosuchmodule.Plugin\n')).start()
+        broken = plain_config(peers.free_port()).replace('plugins =\n',
+                                                         'plugins = nosuchmodule.Plugin\n')
+        result = daemons(second_dir, broken).start()
         assert result.returncode == 66 and b'nosuchmodule' in result.stdout, result.stdout
         # a user that does not exist: no start as root
-        result = daemons(second_dir, plain_config(peers.free_port()).replace('user = nobody', 'user = nosuchuser')
+        result = daemons(second_dir,
+                         plain_config(peers.free_port()).replace('user = nobody',
+                                                                 'user = nosuchuser')
                          ).start()
-        assert result.returncode == 1 and b'user nosuchuser does not exist' in result.stdout, result.stdout
+        assert result.returncode == 1, result.stdout
+        assert b'user nosuchuser does not exist' in result.stdout, result.stdout
     finally:
         peers.remove_world_dir(second_dir)
 
@@ -289,7 +309,8 @@ def as_user(user, function, *args):
     assert os.waitpid(child, 0)[1] == 0
 
 
-def test_planted_links_and_squatters_in_a_shared_directory_do_not_work(postfix_factory, fuglu_factory, workdir,
+def test_planted_links_and_squatters_in_a_shared_directory_do_not_work(postfix_factory,
+                                                                       fuglu_factory, workdir,
                                                                        sticky_dir, tmp_world_dir):
     postfix = postfix_factory('afterqueue')
     tag = uuid.uuid4().hex[:8]
@@ -303,25 +324,32 @@ def test_planted_links_and_squatters_in_a_shared_directory_do_not_work(postfix_f
     control = os.path.join(sticky_dir, 'control-%s.sock' % tag)
 
     def plant():
-        os.symlink(victim, debugfile)                      # the debug log would be written through it
+        os.symlink(victim,
+                   debugfile)                      # the debug log would be written through it
         os.mkdir(control)                                  # a directory squatting the socket path
-        os.symlink(victim_dir, os.path.join(sticky_dir, 'example.net'))   # the archive would go there
+        os.symlink(victim_dir,
+                   os.path.join(sticky_dir, 'example.net'))   # the archive would go there
     as_user('daemon', plant)
 
     rules = os.path.join(tmp_world_dir, 'archive.regex')
     with open(rules, 'w') as handle:
         handle.write('envelope_to . yes\n')
     debugport = peers.free_port()
-    config = ('[main]\nuser = nobody\ngroup = nogroup\nincomingport = smtp:127.0.0.1:%d,smtp:127.0.0.1:%d\n'
-              'outgoinghost = 127.0.0.1\noutgoingport = %d\nplugins = archive\nprependers = debug\nappenders =\n'
-              'controlport = %s\n[debug]\ndebugport = %d\ndebugfile = %s\n[ArchivePlugin]\narchiverules = %s\n'
+    config = ('[main]\nuser = nobody\ngroup = nogroup\nincomingport = '
+              'smtp:127.0.0.1:%d,smtp:127.0.0.1:%d\n'
+              'outgoinghost = 127.0.0.1\noutgoingport = %d\nplugins = archive\nprependers = '
+              'debug\nappenders =\n'
+              'controlport = %s\n[debug]\ndebugport = %d\ndebugfile = '
+              '%s\n[ArchivePlugin]\narchiverules = %s\n'
               'local_archivedir = %s\nlocal_subdirtemplate = ${to_domain}\n'
-              % (postfix.filter_port, debugport, postfix.reinject_port, control, debugport, debugfile, rules,
+              % (postfix.filter_port, debugport, postfix.reinject_port, control, debugport,
+                 debugfile, rules,
                  sticky_dir))
     moved_debug = '/var/log/fuglu/debug-%s.log' % tag
     moved_control = '/run/fuglu/control-%s.sock' % tag
     try:
-        process = fuglu_factory(config, workdir=workdir)   # starts although the socket path is squatted
+        process = fuglu_factory(config,
+                                workdir=workdir)   # starts although the socket path is squatted
         process.wait_log(r'control socket listening on %s' % re.escape(moved_control))
         assert stat_owner(moved_control) == NOBODY.pw_uid
 
@@ -331,15 +359,16 @@ def test_planted_links_and_squatters_in_a_shared_directory_do_not_work(postfix_f
         process.wait_log(r'archived to /var/lib/fuglu/archive/example\.net/')
         with socket.create_connection(('127.0.0.1', debugport), timeout=30) as client:
             smtp_dialogue(client, unique('debugged'))
-        peers.wait_until(lambda: os.path.exists(moved_debug) and 'debugging' in peers.read_text(moved_debug), 30,
+        peers.wait_until(lambda: 'debugging' in peers.read_text(moved_debug), 30,
                          what='the debug file in /var/log/fuglu')
 
         with open(victim) as handle:
             assert handle.read() == 'precious\n'
         assert os.listdir(victim_dir) == []
-        assert os.path.islink(debugfile) and os.path.isdir(control)   # the planted things, untouched
+        assert os.path.islink(debugfile) and os.path.isdir(control)   # planted, untouched
 
-        result = subprocess.run([sys.executable, FUGLU, 'control', '-c', process.config_path, 'stats'],
+        result = subprocess.run([sys.executable, FUGLU, 'control', '-c', process.config_path,
+                                 'stats'],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
         assert result.returncode == 0 and b'Total msgs' in result.stdout, result.stdout
     finally:
@@ -356,7 +385,8 @@ def stat_owner(path):
 def smtp_dialogue(client, recipient):
     reader = client.makefile('rb')
     assert reader.readline().startswith(b'220')
-    for line in (b'EHLO test', b'MAIL FROM:<sender@example.org>', b'RCPT TO:<%s>' % recipient.encode(), b'DATA'):
+    for line in (b'EHLO test', b'MAIL FROM:<sender@example.org>',
+                 b'RCPT TO:<%s>' % recipient.encode(), b'DATA'):
         client.sendall(line + b'\r\n')
         reply = reader.readline()
         while reply[3:4] == b'-':
@@ -366,26 +396,31 @@ def smtp_dialogue(client, recipient):
         pass
 
 
-def test_an_unprivileged_fuglu_uses_a_private_directory_and_refuses_a_squatted_one(sticky_dir, tmp_world_dir):
+def test_an_unprivileged_fuglu_uses_a_private_directory_and_refuses_a_squatted_one(sticky_dir,
+                                                                                   tmp_world_dir):
     """Started as an ordinary user (nobody here), a path in /tmp goes into the private
     folder fuglu-nobody (mode 0700); another user's folder of that name is refused."""
     python = '/usr/bin/python3'   # readable by nobody, unlike a Python below /root
     program_dir = nobody_dir('fuglu-prog-')
     try:
         shutil.copy(FUGLU, program_dir)
-        shutil.copytree(os.path.join(peers.REPO_DIR, 'fuglu_plugins'), os.path.join(program_dir, 'fuglu_plugins'))
+        shutil.copytree(os.path.join(peers.REPO_DIR, 'fuglu_plugins'),
+                        os.path.join(program_dir, 'fuglu_plugins'))
         script = ('import sys; sys.path.insert(0, %r)\nimport fuglu, os\n'
-                  'path = fuglu.shared_file_path(%r, "log")\nfuglu.prepare_shared_home(os.path.dirname(path), "log")\n'
+                  'path = fuglu.shared_file_path(%r, '
+                  '"log")\nfuglu.prepare_shared_home(os.path.dirname(path), "log")\n'
                   'fd = fuglu.open_directory(os.path.dirname(path))\n'
                   'fuglu.create_file_at(fd, os.path.basename(path)).write(b"x")\nprint(path)\n'
                   % (program_dir, os.path.join(sticky_dir, 'debug.log')))
-        run = lambda: subprocess.run(['runuser', '-u', 'nobody', '--', python, '-c', script],  # noqa: E731
+        run = lambda: subprocess.run(['runuser', '-u', 'nobody', '--', python, '-c',
+                                      script],  # noqa: E731
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
         # a squatter was first: refused, nothing written into its folder
         squatted = os.path.join(sticky_dir, 'fuglu-nobody')
         as_user('daemon', os.mkdir, squatted, 0o777)
         result = run()
-        assert result.returncode != 0 and b'belongs to uid %d' % pwd.getpwnam('daemon').pw_uid in result.stdout
+        assert result.returncode != 0
+        assert b'belongs to uid %d' % pwd.getpwnam('daemon').pw_uid in result.stdout
         assert os.listdir(squatted) == []
         shutil.rmtree(squatted)
         result = run()
@@ -400,7 +435,8 @@ def test_an_unprivileged_fuglu_uses_a_private_directory_and_refuses_a_squatted_o
 # -- lint as the daemon user -----------------------------------------------------------------
 
 def run_lint(config_path, program=FUGLU, python=None, cwd=None):
-    result = subprocess.run([python or sys.executable, program, '--lint', '-c', config_path], cwd=cwd,
+    result = subprocess.run([python or sys.executable, program, '--lint', '-c', config_path],
+                            cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
     return result.returncode, result.stdout.decode('utf-8', 'replace')
 
@@ -408,7 +444,8 @@ def run_lint(config_path, program=FUGLU, python=None, cwd=None):
 def lint_config(workdir, extra_main='', extra=''):
     path = os.path.join(workdir, 'lint.conf')
     with open(path, 'w') as conf:
-        conf.write('[main]\nuser = nobody\ngroup = nogroup\nincomingport = smtp:127.0.0.1:%d\noutgoingport = %d\n'
+        conf.write('[main]\nuser = nobody\ngroup = nogroup\nincomingport = '
+                   'smtp:127.0.0.1:%d\noutgoingport = %d\n'
                    'plugins =\nprependers =\nappenders =\ncontrolport =\n%s\n%s'
                    % (peers.free_port(), peers.free_port(), extra_main, extra))
     return path
@@ -418,13 +455,15 @@ def test_lint_checks_as_the_daemon_user(workdir, tmp_world_dir):
     rootonly = os.path.join(tmp_world_dir, 'archive')   # root's, 0755: nobody cannot write
     os.mkdir(rootonly)
     os.chmod(rootonly, 0o755)
-    code, out = run_lint(lint_config(workdir, 'appenders = archive', '[ArchivePlugin]\nlocal_archivedir = %s\n'
+    code, out = run_lint(lint_config(workdir, 'appenders = archive',
+                                     '[ArchivePlugin]\nlocal_archivedir = %s\n'
                                      % rootonly))
     assert 'Checking as user nobody' in out
     assert 'local_archivedir: directory %s is not writable by user nobody' % rootonly in out, out
     assert code == 1, out
     os.chown(rootonly, NOBODY.pw_uid, -1)
-    code, out = run_lint(lint_config(workdir, 'appenders = archive', '[ArchivePlugin]\nlocal_archivedir = %s\n'
+    code, out = run_lint(lint_config(workdir, 'appenders = archive',
+                                     '[ArchivePlugin]\nlocal_archivedir = %s\n'
                                      % rootonly))
     assert code == 0, out
 
@@ -446,7 +485,8 @@ def test_lint_finds_a_listen_address_in_use_and_warns_about_the_downstream(workd
         taken.listen(1)
         path = lint_config(workdir)
         with open(path) as conf:
-            text = re.sub(r'incomingport = .*', 'incomingport = smtp:127.0.0.1:%d' % taken.getsockname()[1],
+            text = re.sub(r'incomingport = .*',
+                          'incomingport = smtp:127.0.0.1:%d' % taken.getsockname()[1],
                           conf.read())
         with open(path, 'w') as conf:
             conf.write(text)
@@ -464,7 +504,8 @@ def test_lint_finds_a_listen_address_in_use_and_warns_about_the_downstream(workd
 def pyz():
     folder = peers.world_dir('fuglu-pyz-')
     target = os.path.join(folder, 'fuglu.pyz')
-    subprocess.run([sys.executable, os.path.join(peers.REPO_DIR, 'build_zipapp.py'), '-o', target], check=True,
+    subprocess.run([sys.executable, os.path.join(peers.REPO_DIR, 'build_zipapp.py'), '-o', target],
+                   check=True,
                    stdout=subprocess.PIPE, timeout=120)
     os.chmod(target, 0o755)
     yield target
@@ -479,14 +520,16 @@ def test_first_run_only_the_missing_peers_are_errors(pyz, workdir):
     code, out = run_lint(conf, program=pyz, cwd=workdir)
     errors = [line for line in out.splitlines() if line.startswith('ERROR:')]
     assert len(errors) == 2, out
-    assert errors[0].startswith('ERROR: clamd at localhost:3310') and errors[1].startswith('ERROR: spamd at localhost:783')
+    assert errors[0].startswith('ERROR: clamd at localhost:3310')
+    assert errors[1].startswith('ERROR: spamd at localhost:783')
     assert '2 plugins reported errors' in out and code == 2
     assert 'skipplugins.regex does not exist: no plugin is skipped' in out   # a note, not an error
 
     # the bundled samples, written without overwriting
     with open(os.path.join(workdir, 'archive.regex'), 'w') as mine:
         mine.write('# my own rules\n')
-    result = subprocess.run([sys.executable, '-I', pyz, 'samples', workdir], stdout=subprocess.PIPE, timeout=60)
+    result = subprocess.run([sys.executable, '-I', pyz, 'samples', workdir], stdout=subprocess.PIPE,
+                            timeout=60)
     assert result.returncode == 0
     text = result.stdout.decode()
     assert 'kept      %s/archive.regex (exists)' % workdir in text
@@ -498,8 +541,10 @@ def test_first_run_only_the_missing_peers_are_errors(pyz, workdir):
     with open(os.path.join(workdir, 'fuglu.service')) as unit:
         service = unit.read()
     assert 'Type=notify' in service and 'ExecReload=/bin/kill -HUP $MAINPID' in service
-    assert 'NoNewPrivileges=yes' in service and 'PrivateTmp=yes' in service and 'ProtectSystem=' in service
-    result = subprocess.run([sys.executable, '-I', pyz, 'samples', workdir], stdout=subprocess.PIPE, timeout=60)
+    for hardening in ('NoNewPrivileges=yes', 'PrivateTmp=yes', 'ProtectSystem='):
+        assert hardening in service
+    result = subprocess.run([sys.executable, '-I', pyz, 'samples', workdir], stdout=subprocess.PIPE,
+                            timeout=60)
     assert result.stdout.decode().rstrip().endswith('0 files written, %d existing files kept' % (
         text.count('wrote') + 1))
 
@@ -511,7 +556,8 @@ def test_first_run_only_the_missing_peers_are_errors(pyz, workdir):
     with open(conf, 'a') as extra:
         extra.write('\n[FiletypePlugin]\nrulesdir = ${confdir}/rulez\n')
     code, out = run_lint(conf, program=pyz, cwd=workdir)
-    assert 'ERROR: %s [FiletypePlugin] rulesdir: %s/rulez does not exist' % (conf, workdir) in out, out
+    assert 'ERROR: %s [FiletypePlugin] rulesdir: %s/rulez does not exist' % (conf,
+                                                                             workdir) in out, out
 
 
 # -- logging ---------------------------------------------------------------------------------
@@ -534,7 +580,8 @@ def test_syslog_lines_through_the_daemon(fuglu_factory, workdir):
     os.chmod(path, 0o666)
     log_socket.settimeout(30)
     try:
-        process = fuglu_factory(plain_config(peers.free_port(), 'syslog = 1\nsyslog_address = %s\n' % path),
+        process = fuglu_factory(plain_config(peers.free_port(),
+                                             'syslog = 1\nsyslog_address = %s\n' % path),
                                 workdir=workdir)
         lines = []
         while not any('Startup complete' in line for line in lines):
@@ -556,46 +603,57 @@ def test_admin_commands_and_monitoring(pyz, postfix_factory, clamd, workdir, tmp
               'plugins = clamav\nprependers =\nappenders =\ncontrolport = %s\nmetrics_listen = %d\n'
               'mrtgdir = %s\nmrtg_interval = 0.2\nscantimelogger = 1\ntrashdir = %s\n'
               '[ClamavPlugin]\nport = %s\n[virus]\ndefaultvirusaction = DELETE\n'
-              % (postfix.filter_port, postfix.reinject_port, control, metrics_port, mrtgdir, workdir,
+              % (postfix.filter_port, postfix.reinject_port, control, metrics_port, mrtgdir,
+                 workdir,
                  clamd.socket_path))
     try:
         process = peers.FugluProcess(config, program=pyz, workdir=workdir).start()
         try:
             clean, infected = unique('clean'), unique('infected')
             assert postfix.send('sender@example.org', [clean], message(clean)).code == 250
-            assert postfix.send('sender@example.org', [infected], message(infected, body=peers.EICAR)).code == 250
+            assert postfix.send('sender@example.org', [infected],
+                                message(infected, body=peers.EICAR)).code == 250
             postfix.wait_delivered(clean, timeout=30)
             process.wait_log(r'MESSAGE DELETED')
-            process.wait_log(r'fuglu\.Timings: INFO, port: %d, id: [0-9a-f]{32}, \(PLG\) Clam AV: ' % postfix.filter_port)
+            process.wait_log(r'fuglu\.Timings: INFO, port: %d, id: [0-9a-f]{32}, \(PLG\) Clam AV: '
+                             % postfix.filter_port)
 
-            run = lambda *args: subprocess.run([sys.executable, '-I', pyz] + list(args),  # noqa: E731
-                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+            run = lambda *args: subprocess.run([sys.executable, '-I',
+                                                pyz] + list(args),  # noqa: E731
+                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                               timeout=60)
             result = run('control', '-c', process.config_path, 'help')
-            assert result.returncode == 0 and b'exceptionlist' in result.stdout and b'workerlist' in result.stdout
+            assert result.returncode == 0
+            assert b'exceptionlist' in result.stdout and b'workerlist' in result.stdout
             result = run('control', '-p', control, 'stats')
-            assert b'Total msgs:\t2 in:2 out:1' in result.stdout and b'Virus:\t\t1' in result.stdout, result.stdout
+            assert b'Total msgs:\t2 in:2 out:1' in result.stdout, result.stdout
+            assert b'Virus:\t\t1' in result.stdout, result.stdout
             assert run('control', '-p', control, 'nosuchcommand').returncode == 1
 
-            with urllib.request.urlopen('http://127.0.0.1:%d/metrics' % metrics_port, timeout=30) as answer:
+            with urllib.request.urlopen('http://127.0.0.1:%d/metrics' % metrics_port,
+                                        timeout=30) as answer:
                 metrics = answer.read().decode()
             assert 'fuglu_messages_total{verdict="dunno"} 1' in metrics
             assert 'fuglu_messages_total{verdict="delete"} 1' in metrics
             assert 'fuglu_plugin_runs_total{stage="scanner",plugin="Clam AV"} 2' in metrics
             assert 'fuglu_info{version=' in metrics and 'identifier="monitored"' in metrics
 
-            peers.wait_until(lambda: peers.read_text(os.path.join(mrtgdir, 'virus')).startswith('1.0\n'), 30,
+            peers.wait_until(lambda: peers.read_text(os.path.join(mrtgdir,
+                                                                  'virus')).startswith('1.0\n'), 30,
                              what='the MRTG virus file')
             assert peers.read_text(os.path.join(mrtgdir, 'inout')).split('\n')[:2] == ['2.0', '1.0']
 
             result = run('healthcheck', '--deep', '-c', process.config_path)
             assert result.returncode == 0, result.stdout
             assert re.search(rb'OK +plugin Clam AV: clamd .*PONG', result.stdout)
-            assert re.search(rb'OK +connector smtp 127\.0\.0\.1:%d' % postfix.filter_port, result.stdout)
+            assert re.search(rb'OK +connector smtp 127\.0\.0\.1:%d' % postfix.filter_port,
+                             result.stdout)
             assert re.search(rb'OK +downstream', result.stdout)
 
             result = run('conf', '-n', '-c', process.config_path)
             assert b'identifier=monitored (def: dist)' in result.stdout, result.stdout
-            assert b'[ClamavPlugin]\nport=%s (def: 3310)' % clamd.socket_path.encode() in result.stdout
+            expected = b'[ClamavPlugin]\nport=%s (def: 3310)' % clamd.socket_path.encode()
+            assert expected in result.stdout
 
             eml = os.path.join(tmp_world_dir, 'virus.eml')
             with open(eml, 'wb') as out:
@@ -610,12 +668,14 @@ def test_admin_commands_and_monitoring(pyz, postfix_factory, clamd, workdir, tmp
                 out.write('to_domain example\\.com first\nSubject service second\n')
             result = run('suspectfilter', rules, eml)
             assert result.returncode == 0
-            assert b'line 2: Subject service second' in result.stdout and b'line 1:' not in result.stdout
+            assert b'line 2: Subject service second' in result.stdout
+            assert b'line 1:' not in result.stdout
         finally:
             process.cleanup()
         # clamd down: the deep health check says CRITICAL
         clamd.stop()
-        result = subprocess.run([sys.executable, '-I', pyz, 'healthcheck', '--deep', '-c', process.config_path],
+        result = subprocess.run([sys.executable, '-I', pyz, 'healthcheck', '--deep', '-c',
+                                 process.config_path],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
         assert result.returncode == 2, result.stdout
         assert re.search(rb'CRITICAL plugin Clam AV: clamd', result.stdout)
