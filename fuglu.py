@@ -500,14 +500,14 @@ CORE_DEFAULTS = {
         'daemonize': _opt('1', 'fork into the background (ignored with --foreground and --lint)',
                           validator=_is_bool),
         'scantimelogger': _opt('0', 'log per-plugin times of every message to the logger '
-                                    'fuglu.Timings (INFO); a plugin step of a second or more '
-                                    'also as a WARNING', validator=_is_bool),
+                                    'fuglu.Timings (INFO); a plugin step of a second or more also '
+                                    'as a WARNING', validator=_is_bool),
         'user': _opt('nobody', 'started as root (daemonized or with -f), fuglu binds its ports, '
                                'then becomes this user before it reads any mail; the user must '
                                'exist'),
         'group': _opt('nobody, nogroup', 'groups to drop to: the first one that exists is used'),
-        'plugindir': _opt('', 'comma separated directories searched for plugin modules, before '
-                              'the bundled ones', path='dirs'),
+        'plugindir': _opt('', 'comma separated directories searched for plugin modules, before the '
+                              'bundled ones', path='dirs'),
         'plugins': _opt('archive,attachment,clamav,spamassassin',
                         'scanner plugins, in the order they run: alias, dotted module.Class, each optionally with (configsection)'),
         'prependers': _opt('debug,skip', 'prepender plugins: run before the scanners and may change the plugin lists'),
@@ -538,8 +538,8 @@ CORE_DEFAULTS = {
         'bouncehost': _opt('', 'where bounces are sent; empty: outgoinghost'),
         'bounceport': _opt('', 'port for bounces; empty: outgoingport',
                            validator=lambda value: _is_port(value, allow_empty=True)),
-        'tempdir': _opt('/tmp', 'no effect in fuglu (accepted for FuGlu configurations): '
-                                'messages are kept in memory, no spool files are written',
+        'tempdir': _opt('/tmp', 'no effect in fuglu (accepted for FuGlu configurations): messages '
+                                'are kept in memory, no spool files are written',
                         inert='messages are kept in memory, no spool files are written'),
         'prependaddedheaders': _opt('X-Fuglu-', 'prefix of the headers fuglu adds'),
         'trashdir': _opt('', 'if set, a copy of every message a scanner DELETEs is kept here (a '
@@ -580,8 +580,8 @@ CORE_DEFAULTS = {
         'logtemplate': _opt('Suspect ${id} from=${from_address} to=${to_address} size=${size} spam=${spam} '
                             'virus=${virus} modified=${modified} decision=${decision}',
                             'line logged for every message after scanning; empty: none'),
-        'versioncheck': _opt('0', 'no effect in fuglu (accepted for FuGlu configurations): '
-                                  'fuglu never looks up versions on the network',
+        'versioncheck': _opt('0', 'no effect in fuglu (accepted for FuGlu configurations): fuglu '
+                                  'never looks up versions on the network',
                              validator=_is_bool,
                              inert='fuglu never looks up versions on the network'),
         'address_compliance_checker': _opt('Default', 'envelope address check: Default, LazyLocalPart, AsciiOnly, '
@@ -600,8 +600,8 @@ CORE_DEFAULTS = {
         'minthreads': _opt('2', 'thread backend: workers kept running', validator=_is_int),
         'maxthreads': _opt('40', 'thread backend: most workers (connections handled at once)', validator=_is_int),
         'minfreethreads': _opt('0', 'thread backend: idle workers kept ready', validator=_is_int),
-        'initialprocs': _opt('0', 'process backend: worker processes (0: 2 x CPUs); no effect '
-                                  'with the thread backend',
+        'initialprocs': _opt('0', 'process backend: worker processes (0: 2 x CPUs); no effect with '
+                                  'the thread backend',
                              inert='this build has no process backend'),
         'listen_backlog': _opt('0', 'listen() backlog; 0: the system maximum', validator=_is_int),
         'slow_enqueue_warn_ms': _opt('100', 'warn when handing a connection to the workers blocks this long',
@@ -930,8 +930,18 @@ def dump_defaults(plugin_classes=()):
 # FuGlu's template syntax (spec 5.7): $name or ${name}; names may start with @ (a tag)
 # and contain . and : (${header:subject}); $$ is a literal $. Substitution is safe:
 # malformed placeholders stay as they are, unknown names become ''.
+#
+# Only configured texts are templates. What a variable brings in — a subject, an
+# address, a header, a tag set from the message, an attachment or virus name — is
+# inserted as it is and never expanded again, and a text a plugin hands back as its
+# reply is not a template at all (FuGlu's plugins fill their own configured texts, its
+# connectors send the result as it is). Each variable is looked up once per template
+# and the result is cut at ``limit`` characters, so a template naming ${body:full} many
+# times costs one copy of the body, not many.
 
 TEMPLATE_RE = re.compile(r'\$(?:(\$)|\{(@?[a-z][_a-z0-9.:]*)\}|(@?[a-z][_a-z0-9.:]*))', re.IGNORECASE)
+# characters of a filled template at most (log lines, bounce texts, paths, replies)
+TEMPLATE_MAX_CHARS = 1000000
 
 
 # name -> function(suspect): the variables every template knows about a message.
@@ -951,35 +961,55 @@ TEMPLATE_DEFAULTS = {
 }
 
 
-def apply_template(template, suspect=None, values=None, valuesfunction=None):
+def apply_template(template, suspect=None, values=None, valuesfunction=None,
+                   limit=TEMPLATE_MAX_CHARS):
     """Fill ``template`` with ``values``, then the message defaults, then any header or
-    @tag of the message (the SuspectFilter fields)."""
+    @tag of the message (the SuspectFilter fields). ``valuesfunction``, as in FuGlu, is
+    called with {name: value} for each variable and returns the dict to use (escaping).
+    Inserted values are never expanded; the result has at most ``limit`` characters."""
     if template is None:
         return ''
     template = force_uString(template)
     if '$' not in template:
-        return template
+        return template[:limit]
     values = dict(values or {})
-    if valuesfunction is not None:
-        values = valuesfunction(values)
+    resolved = {}
 
-    def lookup(match):
-        if match.group(1):
-            return '$'
-        name = match.group(2) or match.group(3)
+    def lookup(name):
+        value = None
         for key in (name, name.lower()):
             if key in values:
                 value = values[key]
-                return '' if value is None else force_uString(value)
-        if suspect is not None:
-            compute = TEMPLATE_DEFAULTS.get(name.lower())
-            if compute is not None:
-                return force_uString(compute(suspect))
-            found = SuspectFilter.field_values(suspect, name)
-            if found:
-                return force_uString(found[0])
-        return ''
-    return TEMPLATE_RE.sub(lookup, template)
+                break
+        else:
+            if suspect is not None:
+                compute = TEMPLATE_DEFAULTS.get(name.lower())
+                if compute is not None:
+                    value = compute(suspect)
+                else:
+                    found = SuspectFilter.field_values(suspect, name)
+                    value = found[0] if found else None
+        if valuesfunction is not None:
+            value = valuesfunction({name: value}).get(name)
+        return '' if value is None else force_uString(value)
+
+    pieces, room, last = [], limit, 0
+    for match in TEMPLATE_RE.finditer(template):
+        if match.group(1):
+            value = '$'
+        else:
+            name = match.group(2) or match.group(3)
+            if name not in resolved:
+                resolved[name] = lookup(name)
+            value = resolved[name]
+        for piece in (template[last:match.start()], value):
+            pieces.append(piece[:room])
+            room -= len(pieces[-1])
+        last = match.end()
+        if room <= 0:
+            return ''.join(pieces)
+    pieces.append(template[last:last + room])
+    return ''.join(pieces)
 
 
 ###############################################################################
@@ -1998,6 +2028,13 @@ def format_duration(seconds):
     return '%d days, %d hours, %d minutes, %d seconds' % (days, hours, minutes, seconds)
 
 
+# control characters (a line break would start a new reply line, a NUL ends a milter string)
+REPLY_UNPRINTABLE_RE = re.compile(r'[\x00-\x1f\x7f]+')
+# a reply text at most: with "550 5.7.1 " and CRLF a reply line stays within 512 octets
+# (RFC 5321 4.5.3.1.5)
+REPLY_MAX_CHARS = 500
+
+
 class ScanSession(object):
     """Runs one message through the plugins (spec 5.1) and finishes it afterwards.
 
@@ -2101,7 +2138,7 @@ class ScanSession(object):
         if override is None or override == code:
             return code, text
         new_text = config.get(section, 'overridemessage', fallback='').strip()
-        new_text = apply_template(new_text, suspect) if new_text else text
+        new_text = apply_template(new_text, suspect, limit=REPLY_MAX_CHARS) if new_text else text
         self.logger.warning('%s: plugin %s said %s, overridden to %s', suspect.id, plugin,
                             actioncode_to_string(code), actioncode_to_string(override))
         return override, new_text
@@ -2149,14 +2186,17 @@ class ScanSession(object):
             self.logger.error('%s: could not write trash copy: %s', suspect.id, error)
 
     def reply_text(self, suspect, action, message):
-        """Text of a DELETE/REJECT/DEFER reply: the plugin's message (a template) or
-        the default, with the id appended when suspectidreturn is on."""
+        """Text of a DELETE/REJECT/DEFER reply: the plugin's message as it is, or the
+        default, with the id appended when suspectidreturn is on. The message is data,
+        not a template: plugins fill their configured texts themselves (as in FuGlu),
+        and what they put in (a file or virus name, a subject) comes from the sender.
+        One line of printable text that, with the id, leaves room for the codes."""
         defaults = {DELETE: 'OK', REJECT: 'Rejected by content scanner', DEFER: 'Try again later'}
-        # a plugin may return a template: its ${...} are filled here
-        text = apply_template(message, suspect) if message else defaults.get(action, '')
+        text = force_uString(message) if message else defaults.get(action, '')
+        text = REPLY_UNPRINTABLE_RE.sub(' ', text).strip()
         if self.config.getboolean('main', 'suspectidreturn') and suspect.id not in text:
-            text = '%s (%s)' % (text, suspect.id)
-        return one_line(text)
+            text = '%s (%s)' % (text[:REPLY_MAX_CHARS - 3 - len(suspect.id)], suspect.id)
+        return one_line(text, REPLY_MAX_CHARS)
 
     def finish(self, suspect, action, delivered):
         """After the MTA has its answer: counters, appenders (not for deferred mail)."""
@@ -5211,8 +5251,7 @@ class ControlServer(object):
                 # a socket left by an earlier fuglu is replaced; anything else is not ours to remove
                 if not stat.S_ISSOCK(info.st_mode):
                     raise ConfigProblem('controlport %s exists and is not a socket: remove it or '
-                                        'choose '
-                                        'another path' % path)
+                                        'choose another path' % path)
                 if info.st_uid not in owners:
                     raise ConfigProblem('controlport %s belongs to uid %d, not to fuglu'
                                         % (path, info.st_uid))
@@ -5370,8 +5409,7 @@ def metrics_text(controller):
     metric('fuglu_uptime_seconds', 'gauge', 'Seconds since fuglu started.',
            [((), round(time.time() - stats.starttime, 3))])
     metric('fuglu_messages_total', 'counter',
-           'Messages scanned, by verdict (DEFER includes messages '
-           'that could not be delivered).',
+           'Messages scanned, by verdict (DEFER includes messages that could not be delivered).',
            [((('verdict', name.lower()),), count) for name, count in verdicts])
     metric('fuglu_messages_counted_total', 'counter',
            'Messages as counted by control stats and MRTG.',
@@ -6162,8 +6200,7 @@ def start_daemon(config, config_path, configdir, logconfig, foreground, baselogl
         if account is not None and account.uid != 0:
             if preload_modules(account):
                 logger.info('Python\'s library is not readable by user %s: its modules were loaded '
-                            'before '
-                            'dropping privileges', account.name)
+                            'before dropping privileges', account.name)
             drop_privileges(account)
             logger.info('running as user %s (uid %d, gid %d)', account.name, account.uid,
                         account.gid)
@@ -7002,11 +7039,10 @@ def command_healthcheck(argv):
     parser = argparse.ArgumentParser(
         prog='fuglu healthcheck',
         description='Probe a running connector: exit 0 when healthy, 1 when not. With --deep: '
-                    'probe every '
-                    'connector of the configuration, every plugin\'s peers (clamd, spamd, '
-                    'databases ...) and '
-                    'the downstream; exit 0 (OK), 2 (CRITICAL: something fails) or 3 (UNKNOWN: the '
-                    'configuration or a plugin cannot be loaded), as monitoring plugins do.')
+                    'probe every connector of the configuration, every plugin\'s peers (clamd, '
+                    'spamd, databases ...) and the downstream; exit 0 (OK), 2 (CRITICAL: something '
+                    'fails) or 3 (UNKNOWN: the configuration or a plugin cannot be loaded), as '
+                    'monitoring plugins do.')
     parser.add_argument('connector', nargs='?', choices=sorted(HEALTH_PROBES))
     parser.add_argument('target', nargs='?', metavar='HOST:PORT')
     parser.add_argument('--deep', action='store_true',
@@ -7068,10 +7104,8 @@ def command_control(argv):
     import argparse
     parser = argparse.ArgumentParser(
         prog='fuglu control', description='Send a command to the control socket of a running fuglu '
-                                          'and print '
-                                          'the answer (FuGlu\'s fuglu_control). Exit 1 when it '
-                                          'cannot be reached '
-                                          'or refuses the command.')
+                                          'and print the answer (FuGlu\'s fuglu_control). Exit 1 '
+                                          'when it cannot be reached or refuses the command.')
     parser.add_argument('-c', '--config',
                         help='config file naming controlport (default %s)' % DEFAULT_CONFIG_PATH)
     parser.add_argument('-p', '--port',
@@ -7155,11 +7189,9 @@ def command_suspectfilter(argv):
     import argparse
     parser = argparse.ArgumentParser(
         prog='fuglu suspectfilter', description='Match a SuspectFilter rule file against a message '
-                                                'file (FuGlu\'s '
-                                                'fuglu_suspectfilter). Exit 0 when a rule matches, '
-                                                '1 when none '
-                                                'does, 2 when the rule file has errors or a file '
-                                                'cannot be read.')
+                                                'file (FuGlu\'s fuglu_suspectfilter). Exit 0 when '
+                                                'a rule matches, 1 when none does, 2 when the rule '
+                                                'file has errors or a file cannot be read.')
     parser.add_argument('rulefile')
     parser.add_argument('message', help='message file (- for standard input)')
     parser.add_argument('-s', '--sender', help='envelope sender (default: Return-Path or From)')
@@ -7203,12 +7235,10 @@ def command_scan(argv):
     import argparse
     parser = argparse.ArgumentParser(
         prog='fuglu scan', description='Run the configured prependers and scanners (appenders with '
-                                       '-a) on a '
-                                       'message file in this process, print the verdict, tags and '
-                                       'the headers '
-                                       'fuglu would add. Nothing is delivered. Exit code: DUNNO 0, '
-                                       'DISCARD 2, '
-                                       'REJECT 3, DEFER 4, any problem 1.')
+                                       '-a) on a message file in this process, print the verdict, '
+                                       'tags and the headers fuglu would add. Nothing is '
+                                       'delivered. Exit code: DUNNO 0, DISCARD 2, REJECT 3, DEFER '
+                                       '4, any problem 1.')
     parser.add_argument('message', help='message file (- for standard input)')
     parser.add_argument('-c', '--config', help='config file (default %s)' % DEFAULT_CONFIG_PATH)
     parser.add_argument('-s', '--sender', help='envelope sender (default: Return-Path or From)')
@@ -7278,8 +7308,8 @@ def command_conf(argv):
     import argparse
     parser = argparse.ArgumentParser(
         prog='fuglu conf', description='Print the configuration in effect (FuGlu\'s fuglu_conf): '
-                                       'every option of '
-                                       'the core and of the configured plugins with its value.')
+                                       'every option of the core and of the configured plugins '
+                                       'with its value.')
     parser.add_argument('-c', '--config', help='config file (default %s)' % DEFAULT_CONFIG_PATH)
     parser.add_argument('--configdir', help='conf.d directory')
     parser.add_argument('-n', '--non-default', action='store_true',
@@ -7325,12 +7355,10 @@ def command_samples(argv):
     import argparse
     parser = argparse.ArgumentParser(
         prog='fuglu samples', description='Write the files bundled with fuglu into DIRECTORY, laid '
-                                          'out as the '
-                                          'defaults expect them beside fuglu.conf: rules/, '
-                                          'templates/, '
-                                          'archive.regex, skipplugins.regex, logging.conf, '
-                                          'fuglu.service, '
-                                          'fuglu.conf.dist. Existing files are never overwritten.')
+                                          'out as the defaults expect them beside fuglu.conf: '
+                                          'rules/, templates/, archive.regex, skipplugins.regex, '
+                                          'logging.conf, fuglu.service, fuglu.conf.dist. Existing '
+                                          'files are never overwritten.')
     parser.add_argument('directory')
     args = parser.parse_args(argv)
     written = kept = 0

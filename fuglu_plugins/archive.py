@@ -33,14 +33,21 @@ FUGLU_ID_RE = re.compile(r'^[0-9a-f]{32}$')
 UNSAFE_COMPONENT_RE = re.compile(r'[/\\\x00-\x1f\x7f]')
 
 
+# bytes of one path component at most (file systems allow 255)
+COMPONENT_MAX_BYTES = 200
+
+
 def safe_component(text):
     """One directory or file name from message data: separators and control
-    characters become '_', and names the file system treats specially ('', '.',
-    '..') become '_' too."""
+    characters become '_', names the file system treats specially ('', '.', '..')
+    become '_' too, and the name is cut to COMPONENT_MAX_BYTES bytes of UTF-8 (text
+    that is not UTF-8, like the escapes of 8-bit header bytes, is replaced)."""
     text = UNSAFE_COMPONENT_RE.sub('_', text or '').strip()
+    encoded = text.encode('utf-8', 'replace')[:COMPONENT_MAX_BYTES]
+    text = encoded.decode('utf-8', 'ignore').strip()  # no character cut in half
     if text in ('', '.', '..'):
         return '_'
-    return text[:200]
+    return text
 
 
 class ArchiveError(Exception):
@@ -70,11 +77,10 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
                                                              'failed'},
         'local_archivedir': {'default': '/tmp',
                              'description': 'root directory of the archive (must exist). A '
-                                            'directory anybody may '
-                                            'write to (/tmp) is not used as is: fuglu archives to '
-                                            '/var/lib/fuglu/archive when started as root, else to '
-                                            'a private '
-                                            'fuglu-USER/archive directory there',
+                                            'directory anybody may write to (/tmp) is not used as '
+                                            'is: fuglu archives to /var/lib/fuglu/archive when '
+                                            'started as root, else to a private fuglu-USER/archive '
+                                            'directory there',
                              'path': 'writedir', 'home': 'archive'},
         'local_subdirtemplate': {'default': '${to_domain}/${to_localpart}/${date}',
                                  'description': 'directory below local_archivedir (template; each /-separated '

@@ -17,9 +17,12 @@ The parts of the plugin, top to bottom:
 
 * content types: python-magic when installed, else a table of file signatures
   (``sniff_content_type``), so a renamed executable is still an executable;
-* a MIME walker over the raw bytes (``iter_attachments``): the email package's parser
-  costs ~20 ms per MB, this one reads only the headers of each part and decodes only
-  what a check needs (the first 64 KB for typing, whole archives when they are opened);
+* a MIME walker over the raw bytes (``walk_message``): it finds every part the email
+  package finds, by the same rules, and what other readers may show besides; it works
+  on offsets into the source (the email package's parser costs ~20 ms per MB and a
+  copy per level), decodes only what a check needs (the first 64 KB for typing, whole
+  archives when they are opened), and every quantity a sender controls is bounded
+  (``MimeLimitExceeded``: a verdict by ``mime_limit_action``, never a skipped part);
 * bounded archive readers (zip, tar, gz, bz2, xz with the stdlib; rar and 7z through
   the optional rarfile / py7zr): every decompressed byte is charged to a per-message
   budget (``ExtractionBudget``), members are read in chunks with a cap, declared sizes
@@ -231,163 +234,822 @@ def type_detection_name():
 ###############################################################################
 # MIME walking on bytes
 ###############################################################################
+# What a mail client sees decides what is checked. The walker reads a message the way
+# the email package's parser (email.feedparser with policy compat32) does: a line ends
+# at CRLF, CR or LF; a header block ends at the first line that is neither a field nor
+# a continuation (an empty one is consumed); a boundary line is "--" boundary, an
+# optional "--", optional blanks and the end of the line (RFC 2046 5.1.1), and the
+# boundary of every enclosing multipart ends an inner part too (5.1.2); parameters are
+# split, unquoted and RFC 2231 decoded by the same rules. So every part, name and type
+# that `email.message_from_bytes(...).walk()` yields is found here as well
+# (tests/test_mime_differential.py holds the two side by side on generated messages).
+#
+# Where other readers may see more, the walker looks too: every Content-Type and
+# Content-Disposition field names and types a part, not only the first; a boundary
+# declared anywhere in a part's fields (a second Content-Type, the raw 8-bit form) is
+# tried on its body; the text after a closing boundary is searched for more parts; an
+# attached message sent as base64 or quoted-printable is walked decoded as well as raw;
+# 8-bit names are also read as UTF-8 and RFC 2047 names decoded; base64 is also decoded
+# past stray padding.
+#
+# Walking copies nothing: a part is a pair of offsets into the source (or into the
+# decoded copy of an encoded attached message, charged to a budget). Every quantity the
+# sender controls is bounded — parts, nesting, header lines, parameters per field,
+# name length, decoded bytes — and reaching a bound raises MimeLimitExceeded, which the
+# plugin turns into a verdict (mime_limit_action), never into a part left unchecked.
 
-MIME_MAX_DEPTH = 25        # nested multiparts / attached messages
-MIME_MAX_PARTS = 2000      # leaves looked at per message
-LINE_END_RE = re.compile(rb'\r?\n\r?\n')
+class MimeLimitExceeded(Exception):
+    """A message's MIME structure goes beyond the walker's limits."""
 
 
-def _split_headers(data):
-    """Raw part -> (header bytes, body bytes)."""
-    if data.startswith(b'\n'):
-        return b'', data[1:]
-    if data.startswith(b'\r\n'):
-        return b'', data[2:]
-    match = LINE_END_RE.search(data)
-    if not match:
-        return data, b''
-    return data[:match.start() + 1], data[match.end():]
+MimeLimits = namedtuple('MimeLimits', 'max_parts max_depth')
+DEFAULT_MIME_LIMITS = MimeLimits(max_parts=2000, max_depth=25)
+# lines read one by one in all parts of a message: header lines, and boundary lines
+# that follow each other (they open no parts)
+MIME_MAX_HEADER_LINES = 50000
+MIME_MAX_FIELD_CHARS = 65536    # one Content-Type, -Disposition or -Transfer-Encoding field
+MIME_MAX_PARAMETERS = 100       # parameters of one Content-Type / -Disposition field
+MIME_MAX_NAME_CHARS = 1024      # one file name or boundary (or archive member name)
+MIME_MAX_TYPE_CHARS = 255       # one content type
+MIME_MAX_BOUNDARIES = 8         # different boundaries declared by one part
+# Encoded attached messages are decoded to be walked: in all at most twice the size
+# of the message plus this many bytes.
+MIME_DECODE_ALLOWANCE = 1048576
+# Text the email package reads as one (epilogues, bodies under another declared
+# boundary) is searched for more parts: at most this many times the message size.
+MIME_SEARCH_FACTOR = 8
+
+LINE_BREAK_RE = re.compile(rb'\r\n|\r|\n')
+# email.feedparser's headerRE: a field, a continuation, or a Unix "From " line
+HEADER_LINE_RE = re.compile(rb'From |[\x21-\x39\x3b-\x7e]*:|[\t ]')
+# what may follow "--boundary" on a boundary line; group 1: the closing "--"
+BOUNDARY_TAIL_RE = re.compile(rb'(--)?[ \t]*(?:\r\n|\r|\n|\Z)')
+# In a region's stack of line matchers (the separators of the enclosing multiparts)
+# this one stands for "an empty line" (the blocks of message/delivery-status).
+BLANK_LINE = 'blank line'
+# After this many lines starting with "--" that end nothing, a region is searched with
+# one compiled expression instead of line by line.
+CANDIDATES_BEFORE_REGEX = 64
+# the tokens email.message._parseparam counts: unescaped quotes and semicolons
+PARAMETER_TOKEN_RE = re.compile(r'(?<!\\)"|;')
+UU_ENCODINGS = ('x-uuencode', 'uuencode', 'uue', 'x-uue')
+MIME_FIELDS = ('content-type', 'content-disposition', 'content-transfer-encoding')
+# codecs whose decoder needs quadratic time: only short texts are decoded with them
+SLOW_CODECS = ('punycode', 'idna')
+SLOW_CODEC_MAX_CHARS = 64
+_MISSING = object()
 
 
-def _parse_headers(header_bytes):
-    from email.parser import BytesHeaderParser
-    from email import policy
-    return BytesHeaderParser(policy=policy.compat32).parsebytes(header_bytes)
+def _has_8bit(data):
+    return not data.isascii()
 
 
-def _split_multipart(body, boundary):
-    """Body of a multipart -> list of raw subparts (RFC 2046 5.1.1: a delimiter is
-    CRLF--boundary at the start of a line; the CRLF before it belongs to it)."""
-    delimiter = b'--' + boundary
-    starts = []
-    position = 0
-    while True:
-        found = body.find(delimiter, position)
-        if found < 0:
-            break
-        position = found + len(delimiter)
-        if found == 0 or body[found - 1:found] == b'\n':
-            closing = body.startswith(b'--', position)
-            starts.append((found, position + (2 if closing else 0), closing))
-            if closing:
-                break
-    parts = []
-    for index, (found, after, closing) in enumerate(starts):
-        if closing:
-            break
-        line_end = body.find(b'\n', after)
-        content_start = len(body) if line_end < 0 else line_end + 1
-        if index + 1 < len(starts):
-            content_end = starts[index + 1][0]
-            if body[content_end - 2:content_end] == b'\r\n':
-                content_end -= 2
-            elif body[content_end - 1:content_end] == b'\n':
-                content_end -= 1
+def _email_text(raw):
+    """A field value as str the way compat32 hands it to parsing code: 8-bit bytes
+    become U+FFFD (what str() of its unknown-8bit Header gives)."""
+    return raw.decode('ascii', 'replace')
+
+
+def _text_forms(raw, exact_bytes=False):
+    """The readings of a field value: the email package's, then (for 8-bit values) as
+    UTF-8, or byte for byte (surrogate escapes) when ``exact_bytes``."""
+    forms = [_email_text(raw)]
+    if _has_8bit(raw):
+        if exact_bytes:
+            forms.append(raw.decode('ascii', 'surrogateescape'))
         else:
-            content_end = len(body)  # no closing delimiter: the rest belongs to the last part
-        parts.append(body[content_start:max(content_start, content_end)])
-    return parts
+            forms.append(raw.decode('utf-8', 'replace'))
+    return forms
+
+
+def _split_parameters(text):
+    """email.message._parseparam in linear time: the same pieces. A ';' ends a piece
+    unless an odd number of unescaped quotes precedes it in the piece."""
+    pieces = []
+    start, odd = 0, False
+    for match in PARAMETER_TOKEN_RE.finditer(text):
+        if match.group() == '"':
+            odd = not odd
+            continue
+        position = match.start()
+        if position == start or not odd:
+            pieces.append(text[start:position])
+            start, odd = position + 1, False
+            if len(pieces) > MIME_MAX_PARAMETERS:
+                raise MimeLimitExceeded('more than %d parameters in one header field'
+                                        % MIME_MAX_PARAMETERS)
+    pieces.append(text[start:])
+    params = []
+    for piece in pieces:
+        if '=' in piece:
+            index = piece.index('=')
+            piece = piece[:index].strip().lower() + '=' + piece[index + 1:].strip()
+        name, separator, value = piece.strip().partition('=')
+        params.append((name.strip(), value.strip()) if separator else (name.strip(), ''))
+    return params
+
+
+def parameters(text):
+    """(name, value) pairs of a field value as email.message.Message.get_params()
+    gives them: RFC 2231 continuations joined, values unquoted, an RFC 2231 value as
+    a (charset, language, text) tuple."""
+    from email.utils import decode_params, unquote
+    params = _split_parameters(text)
+    try:
+        decoded = decode_params(params)
+    except (TypeError, ValueError):
+        # The email package raises here (continuations numbered and not, mixed): read
+        # each parameter on its own, so that no name goes unseen.
+        return [(name.split('*', 1)[0], _plain_rfc2231(name, unquote(value)))
+                for name, value in params]
+    return [(name, (value[0], value[1], unquote(value[2])) if isinstance(value, tuple)
+             else unquote(value)) for name, value in decoded]
+
+
+def _plain_rfc2231(name, value):
+    if not name.endswith('*'):
+        return value
+    from urllib.parse import unquote_to_bytes
+    charset, _language, text = value.split("'", 2) if value.count("'") >= 2 else ('', '', value)
+    return unquote_to_bytes(text).decode(safe_codec(charset), 'replace')
+
+
+def safe_codec(charset, length=0):
+    """A codec to decode sender text declared as ``charset``: that one when Python has
+    it as a text codec (and it is fast enough for ``length`` characters), else utf-8."""
+    import codecs
+    try:
+        name = codecs.lookup(charset).name
+        str(b'', name)  # a text codec (not base64, rot13 ...)
+    except (LookupError, ValueError, TypeError):
+        return 'utf-8'
+    if name in SLOW_CODECS and length > SLOW_CODEC_MAX_CHARS:
+        return 'utf-8'
+    return name
+
+
+def collapse_value(value):
+    """email.utils.collapse_rfc2231_value, with the charset's decoder bounded in time."""
+    from email.utils import collapse_rfc2231_value, unquote
+    if isinstance(value, tuple) and len(value) == 3 and value[0]:
+        if safe_codec(value[0], len(value[2])) == 'utf-8' and safe_codec(value[0]) != 'utf-8':
+            return unquote(value[2])  # a slow codec and a long text: kept as it is
+    try:
+        return collapse_rfc2231_value(value)
+    except (ValueError, TypeError):  # the email package raises too (a NUL in the charset)
+        return unquote(value[2]) if isinstance(value, tuple) else value
+
+
+ENCODED_WORD_RE = re.compile(r'=\?([^?\s]*)\?([bBqQ])\?([^?\s]*)\?=')
 
 
 def decode_rfc2047(text):
-    """'=?utf-8?b?...?=' forms -> text; anything undecodable is kept as it is."""
+    """'=?utf-8?b?...?=' encoded words -> text, in linear time; whitespace between two
+    encoded words goes (RFC 2047 6.2); an undecodable word stays as it is."""
     if '=?' not in text:
         return text
-    from email.header import decode_header, make_header
-    try:
-        return str(make_header(decode_header(text)))
-    except Exception:
-        return text
-
-
-def _b64decode(data):
-    try:
-        return binascii.a2b_base64(data)
-    except binascii.Error:
-        cleaned = re.sub(rb'[^A-Za-z0-9+/]', b'', data)
-        cleaned = cleaned[:len(cleaned) // 4 * 4]
+    out, last, after_word = [], 0, False
+    for match in ENCODED_WORD_RE.finditer(text):
+        between = text[last:match.start()]
+        if not (after_word and not between.strip()):
+            out.append(between)
+        charset, kind, payload = match.groups()
+        data = payload.encode('ascii', 'replace')
         try:
-            return binascii.a2b_base64(cleaned)
+            if kind in 'bB':
+                data = _base64_readings(data)[-1]
+            else:
+                data = binascii.a2b_qp(data.replace(b'_', b' '))
+        except (binascii.Error, ValueError):
+            out.append(match.group())
+            after_word = False
+            last = match.end()
+            continue
+        charset = charset.split('*', 1)[0]  # RFC 2231 section 5: charset*language
+        out.append(data.decode(safe_codec(charset, len(data)), 'replace'))
+        last, after_word = match.end(), True
+    out.append(text[last:])
+    return ''.join(out)
+
+
+def _base64_email(encoded):
+    """A base64 body decoded as email.message.Message.get_payload(decode=True) does."""
+    import base64
+    joined = b''.join(bytes(encoded).splitlines())
+    missing = len(joined) % 4
+    try:
+        return base64.b64decode(joined + b'==='[:4 - missing] if missing else joined, validate=True)
+    except binascii.Error:
+        pass
+    for padding in (b'', b'=='):
+        try:
+            return base64.b64decode(joined + padding, validate=False)
         except binascii.Error:
-            return b''
+            pass
+    return joined  # one character too many: the email package keeps the text
+
+
+BASE64_NOISE_RE = re.compile(rb'[^A-Za-z0-9+/=]+')
+BASE64_PADDING_RE = re.compile(rb'=+')
+BASE64_LETTER_RE = re.compile(rb'[A-Za-z0-9+/]')
+# padding runs inside one base64 body at most (a real one has one, at its end)
+BASE64_MAX_PADDINGS = 10000
+
+
+def _base64_readings(encoded):
+    """The email package's decoding (which stops at the first padding), then, when it
+    differs, one that decodes on after each padding as forgiving decoders do."""
+    encoded = bytes(encoded)
+    try:
+        # binascii skips line breaks and stray characters and stops at the padding, as
+        # the email package does; it refuses a last incomplete group, the package pads it
+        exact = binascii.a2b_base64(encoded)
+    except binascii.Error:
+        exact = None
+    if exact is not None:
+        padding = encoded.find(b'=')
+        if padding < 0 or not BASE64_LETTER_RE.search(encoded, padding):
+            return [exact]  # nothing after the padding: every decoder reads the same
+    else:
+        exact = _base64_email(encoded)
+    chunks = BASE64_PADDING_RE.split(BASE64_NOISE_RE.sub(b'', encoded))
+    if len(chunks) > BASE64_MAX_PADDINGS:
+        raise MimeLimitExceeded('base64 with more than %d paddings' % BASE64_MAX_PADDINGS)
+    decoded = []
+    for chunk in chunks:
+        whole = len(chunk) // 4 * 4
+        if whole:
+            decoded.append(binascii.a2b_base64(chunk[:whole]))
+        if len(chunk) - whole >= 2:  # a last group of 2 or 3 characters: 1 or 2 bytes
+            decoded.append(binascii.a2b_base64(chunk[whole:] + b'==='[:4 - len(chunk) + whole]))
+    forgiving = b''.join(decoded)
+    return [exact] if forgiving == exact else [exact, forgiving]
+
+
+def _uu_line(line):
+    try:
+        return binascii.a2b_uu(line)
+    except binascii.Error:  # broken encoders: decode what the length byte announces
+        return binascii.a2b_uu(line[:(((line[0] - 32) & 63) * 4 + 5) // 3])
+
+
+def decode_uu(data, uu_module=False):
+    """uuencoded data -> bytes as email.message decodes it, or None where it gives up
+    (and keeps the text): since Python 3.13 (and 3.12.3, 3.11.9) lines end at CR or LF,
+    'begin <octal mode>' opens, an empty line gives up, a missing 'end' does not.
+    ``uu_module``: as the uu module did before: lines end at LF only, the begin line
+    needs a name too, a missing 'end' gives up."""
+    if uu_module:
+        pieces = data.split(b'\n')
+        lines = iter([piece + b'\n' for piece in pieces[:-1]] + [pieces[-1]])
+    else:
+        lines = iter(data.splitlines())
+    for line in lines:
+        fields = line.split(b' ', 2)
+        if fields[0] == b'begin' and len(fields) >= (3 if uu_module else 2):
+            try:
+                int(fields[1], 8)
+                break
+            except ValueError:
+                continue
+    else:
+        return None
+    decoded = []
+    for line in lines:
+        if line.strip(b' \t\r\n\f') == b'end':
+            return b''.join(decoded)
+        if not line:  # an empty line, or (uu_module) the end of the data
+            return None
+        try:
+            decoded.append(_uu_line(line))
+        except binascii.Error:
+            return None
+    return None if uu_module else b''.join(decoded)
+
+
+def decode_body(method, raw):
+    """Readings of a body encoded with ``method`` (base64, quoted-printable, uu, or
+    anything else: as it is), the email package's first."""
+    if method == 'base64':
+        return _base64_readings(raw)
+    if method == 'quoted-printable':
+        return [binascii.a2b_qp(bytes(raw))]
+    if method in UU_ENCODINGS:
+        raw = bytes(raw)
+        readings = [decode_uu(raw), decode_uu(raw, uu_module=True), raw]
+        return [reading for index, reading in enumerate(readings)
+                if reading is not None and reading not in readings[:index]]
+    return [bytes(raw)]
+
+
+class PartHeaders(object):
+    """A part's header fields as the email package holds them (compat32): a list of
+    (lower-case name, value bytes), folded lines kept, and its readings of them."""
+
+    __slots__ = ('fields', 'default_type', 'content_type')
+
+    def __init__(self, fields, default_type='text/plain'):
+        for name, value in fields:
+            if name in MIME_FIELDS and len(value) > MIME_MAX_FIELD_CHARS:
+                raise MimeLimitExceeded('a %s field longer than %d characters'
+                                        % (name, MIME_MAX_FIELD_CHARS))
+        self.fields = fields
+        self.default_type = default_type
+        self.content_type = _bounded_type(self._content_type())
+
+    def values(self, name):
+        return [value for field, value in self.fields if field == name]
+
+    def first(self, name):
+        for field, value in self.fields:
+            if field == name:
+                return value
+        return None
+
+    def _content_type(self):
+        """Message.get_content_type()"""
+        value = self.first('content-type')
+        if value is None:
+            return self.default_type
+        content_type = _email_text(value).partition(';')[0].strip().lower()
+        return content_type if content_type.count('/') == 1 else 'text/plain'
+
+    @property
+    def maintype(self):
+        return self.content_type.split('/')[0]
+
+    def param(self, header, name):
+        """Message.get_param(name, header=header): from the first such field."""
+        value = self.first(header)
+        if value is None:
+            return _MISSING
+        for key, found in parameters(_email_text(value)):
+            if key.lower() == name:
+                return found
+        return _MISSING
+
+    def all_params(self, header, name, exact_bytes=False):
+        """The values of parameter ``name`` in every ``header`` field, each reading."""
+        found = []
+        for value in self.values(header):
+            for text in _text_forms(value, exact_bytes):
+                found.extend(collapse_value(param) for key, param in parameters(text)
+                             if key.lower() == name)
+        return found
+
+    def filename(self):
+        """Message.get_filename()"""
+        name = self.param('content-disposition', 'filename')
+        if name is _MISSING:
+            name = self.param('content-type', 'name')
+        return None if name is _MISSING else collapse_value(name).strip()
+
+    def boundary(self):
+        """Message.get_boundary()"""
+        boundary = self.param('content-type', 'boundary')
+        return None if boundary is _MISSING else collapse_value(boundary).rstrip()
+
+    def charset(self):
+        charset = self.param('content-type', 'charset')
+        return None if charset is _MISSING else collapse_value(charset).lower()
+
+    def types(self):
+        """The email package's content type, then those of further Content-Type fields."""
+        types = [self.content_type]
+        for value in self.values('content-type')[1:]:
+            declared = _bounded_type(_email_text(value).partition(';')[0].strip().lower())
+            if declared.count('/') == 1 and declared not in types:
+                types.append(declared)
+        return types
+
+    def dispositions(self):
+        return [_email_text(value).partition(';')[0].strip().lower()
+                for value in self.values('content-disposition')]
+
+    def transfer_methods(self):
+        """Content-Transfer-Encoding as the email package reads it (the first field, not
+        stripped), then as trimmed by other readers, from every such field."""
+        values = self.values('content-transfer-encoding')
+        methods = [_email_text(values[0]).lower() if values else '']
+        for value in values:
+            text = _email_text(value).strip().lower()
+            for method in (text, re.split(r'[\s;(]', text, maxsplit=1)[0]):
+                if method not in methods:
+                    methods.append(method)
+        return methods
+
+    def names(self):
+        """Every file name the fields give, each as read and RFC 2047 decoded; the
+        email package's get_filename() first."""
+        found = []
+        exact = self.filename()
+        declared = self.all_params('content-disposition', 'filename') + \
+            self.all_params('content-type', 'name')
+        candidates = ([exact] if exact else []) + [value.strip() for value in declared]
+        for name in candidates:
+            if len(name) > MIME_MAX_NAME_CHARS:
+                raise MimeLimitExceeded('a file name longer than %d characters'
+                                        % MIME_MAX_NAME_CHARS)
+            for reading in (decode_rfc2047(name), name):
+                reading = reading.replace('\r', '').replace('\n', '')
+                if reading and reading not in found:
+                    found.append(reading)
+        return found
+
+    def boundaries(self):
+        """Separator lines (bytes) of every boundary the Content-Type fields declare,
+        the email package's first (None when it has none or one no line can match)."""
+        exact = self.boundary() if self.maintype == 'multipart' else None
+        separators = [_separator(exact)] if exact is not None else [None]
+        for boundary in self.all_params('content-type', 'boundary', exact_bytes=True):
+            boundary = boundary.rstrip()
+            if len(boundary) > MIME_MAX_NAME_CHARS:
+                raise MimeLimitExceeded('a boundary longer than %d characters'
+                                        % MIME_MAX_NAME_CHARS)
+            separator = b'--' + boundary.encode('utf-8', 'surrogateescape')
+            if b'\r' not in separator and b'\n' not in separator and separator not in separators:
+                separators.append(separator)
+        if len(separators) > MIME_MAX_BOUNDARIES + 1:
+            raise MimeLimitExceeded('more than %d boundaries declared by one part'
+                                    % MIME_MAX_BOUNDARIES)
+        return separators
+
+
+def _bounded_type(content_type):
+    # RFC 6838 4.2: type and subtype names have at most 127 characters each
+    if len(content_type) > MIME_MAX_TYPE_CHARS:
+        raise MimeLimitExceeded('a content type longer than %d characters' % MIME_MAX_TYPE_CHARS)
+    return content_type
+
+
+def _separator(boundary):
+    """The line prefix of a boundary, or None when no line can start with it (the
+    email package reads lines as ASCII, 8-bit bytes as surrogates; a line never holds
+    a line break)."""
+    if any(ord(character) > 127 for character in boundary):
+        return None
+    if '\r' in boundary or '\n' in boundary:
+        return None
+    return b'--' + boundary.encode('ascii')
 
 
 class MimePart(object):
-    """One leaf of a message: its headers (an email Message without payload), its raw
-    body, and helpers to decode it."""
+    """A part the blocker judges: its fields, where its body lies (``data[start:end]``
+    after ``prefix``, a line the parser pushed back), its names and types.
+    ``container``: a named multipart or attached message (checked by name and type)."""
 
-    __slots__ = ('headers', 'body', 'content_type', 'disposition', 'filename', 'generated_name')
+    __slots__ = ('headers', 'data', 'start', 'end', 'prefix', 'strip_eol', 'container',
+                 'names', 'generated_name')
 
-    def __init__(self, headers, body):
+    def __init__(self, headers, data, start, end, prefix=b'', strip_eol=False, container=False):
         self.headers = headers
-        self.body = body
-        self.content_type = headers.get_content_type()
-        self.disposition = (headers.get('content-disposition') or '').split(';')[0].strip().lower()
-        name = None
-        try:
-            name = headers.get_filename()
-        except Exception:
-            name = None
-        if name is not None:
-            name = decode_rfc2047(str(name)).replace('\r', '').replace('\n', '')
-        self.filename = name or None
+        self.data, self.start, self.end = data, start, end
+        self.prefix, self.strip_eol, self.container = prefix, strip_eol, container
+        self.names = headers.names()
         self.generated_name = None
 
     @property
-    def transfer_encoding(self):
-        return (self.headers.get('content-transfer-encoding') or '').strip().lower()
+    def content_type(self):
+        return self.headers.content_type
 
-    def decoded(self, maxbytes=None):
-        """The decoded body, or only its first ``maxbytes`` bytes (cheap for big parts)."""
-        body = self.body
-        encoding = self.transfer_encoding
-        if encoding == 'base64':
-            if maxbytes is not None:
-                # 4 characters per 3 bytes plus line breaks (at least 1 per 76 characters)
-                needed = maxbytes * 4 // 3 + maxbytes // 19 + 64
-                chunk = body[:needed].translate(None, b' \t\r\n')
-                return _b64decode(chunk[:len(chunk) // 4 * 4])[:maxbytes]
-            return _b64decode(body)
-        if encoding == 'quoted-printable':
-            data = body[:maxbytes * 3 + 3] if maxbytes is not None else body
-            decoded = binascii.a2b_qp(data)
-            return decoded[:maxbytes] if maxbytes is not None else decoded
-        return body[:maxbytes] if maxbytes is not None else body
+    @property
+    def filename(self):
+        """The name to show: the first one read without undecodable bytes."""
+        for name in self.names:
+            if '\ufffd' not in name:
+                return name
+        return self.names[0] if self.names else None
 
     def display_name(self):
         return self.filename or self.generated_name
 
+    def has_attachment_disposition(self):
+        return any(kind in ('inline', 'attachment') for kind in self.headers.dispositions())
 
-def _walk(data, depth, leaves):
-    if depth > MIME_MAX_DEPTH or len(leaves) >= MIME_MAX_PARTS:
-        return
-    header_bytes, body = _split_headers(data)
-    headers = _parse_headers(header_bytes)
-    maintype = headers.get_content_maintype()
-    if maintype == 'multipart':
-        boundary = headers.get_param('boundary')
-        if boundary:
-            if isinstance(boundary, tuple):  # RFC 2231 encoded parameter
-                from email.utils import collapse_rfc2231_value
-                boundary = collapse_rfc2231_value(boundary)
-            boundary = str(boundary).encode('utf-8', 'surrogateescape')
-            for subpart in _split_multipart(body, boundary):
-                _walk(subpart, depth + 1, leaves)
+    def raw(self, maxbytes=None):
+        """The body as the email package keeps it (the line break before the next
+        boundary belongs to the boundary), or its first ``maxbytes`` bytes."""
+        end = self.end
+        if maxbytes is not None and self.start + maxbytes < end:
+            return self.prefix + self.data[self.start:self.start + maxbytes]
+        if self.strip_eol:
+            if self.data.endswith(b'\r\n', self.start, end):
+                end -= 2
+            elif end > self.start and self.data[end - 1] in (10, 13):
+                end -= 1
+        if self.prefix:
+            return self.prefix + self.data[self.start:end]
+        return memoryview(self.data)[self.start:end]
+
+    def decodings(self, maxbytes=None):
+        """The body decoded, the email package's reading first, then every other one
+        that differs (another Content-Transfer-Encoding field, forgiving base64).
+        ``maxbytes``: only the first bytes of each (cheap for big parts)."""
+        needed = None if maxbytes is None else maxbytes * 2 + 4096
+        raw = self.raw(needed)
+        if needed is not None and self.start + needed < self.end:
+            # whole lines only: no encoded line is cut in two
+            raw = raw[:raw.rfind(b'\n') + 1 or len(raw)]
+        readings, kinds = [], []
+        for method in self.headers.transfer_methods():
+            kind = method if method in ('base64', 'quoted-printable') + UU_ENCODINGS else ''
+            if kind in kinds:
+                continue
+            kinds.append(kind)
+            for decoded in decode_body(kind, raw):
+                decoded = decoded if maxbytes is None else decoded[:maxbytes]
+                if decoded not in readings:
+                    readings.append(decoded)
+        return readings
+
+
+class _WalkState(object):
+    """What all walkers over one message share: limits, counters, the result."""
+
+    def __init__(self, limits, size):
+        self.limits = limits
+        self.parts = []
+        self.entities = 0
+        self.header_lines = 0
+        self.decode_budget = 2 * size + MIME_DECODE_ALLOWANCE
+        self.search_budget = MIME_SEARCH_FACTOR * size + MIME_DECODE_ALLOWANCE
+        self.patterns = {}
+
+    def count_entity(self, depth):
+        self.entities += 1
+        if self.entities > self.limits.max_parts:
+            raise MimeLimitExceeded('more than %d MIME parts' % self.limits.max_parts)
+        if depth > self.limits.max_depth:
+            raise MimeLimitExceeded('MIME parts nested deeper than %d levels'
+                                    % self.limits.max_depth)
+
+    def count_lines(self):
+        self.header_lines += 1
+        if self.header_lines > MIME_MAX_HEADER_LINES:
+            raise MimeLimitExceeded('more than %d header or boundary lines' % MIME_MAX_HEADER_LINES)
+
+    def charge_search(self, size):
+        self.search_budget -= size
+        if self.search_budget < 0:
+            raise MimeLimitExceeded('too many other boundaries to search for')
+
+    def charge_decoded(self, size):
+        self.decode_budget -= size
+        if self.decode_budget < 0:
+            raise MimeLimitExceeded('encoded attached messages decode to too many bytes')
+
+
+class MimeWalker(object):
+    """One pass over ``data[start:end]`` in the order and by the rules of
+    email.feedparser.FeedParser._parsegen (see the section comment). The cursor ``pos``
+    is always at the start of a line; ``stack`` holds the separators that end the
+    current region, as the parser's stack of end-of-file matchers does."""
+
+    def __init__(self, data, state, start=0, end=None):
+        self.data, self.state = data, state
+        self.pos = start
+        self.end = len(data) if end is None else end
+        self.stack = []
+        self.found = {}  # needle -> (searched from, first position found or -1)
+
+    # -- lines -------------------------------------------------------------------
+    def _line_end(self, pos):
+        match = LINE_BREAK_RE.search(self.data, pos, self.end)
+        return match.end() if match else self.end
+
+    def _boundary_line(self, pos, separator):
+        """None, or whether the line at ``pos`` closes (True) or separates (False)."""
+        if separator is None or not self.data.startswith(separator, pos):
+            return None
+        match = BOUNDARY_TAIL_RE.match(self.data, pos + len(separator), self.end)
+        return None if match is None else bool(match.group(1))
+
+    def _stack_matches(self, pos):
+        for matcher in self.stack:
+            if matcher is BLANK_LINE:
+                if self.data[pos:pos + 1] in (b'\r', b'\n'):
+                    return True
+            elif self._boundary_line(pos, matcher) is not None:
+                return True
+        return False
+
+    def _ends_region(self, pos):
+        return pos >= self.end or self._stack_matches(pos)
+
+    def _scan(self, pos, own=None):
+        """The first line at or after ``pos`` that ends the region, or is a boundary
+        line of ``own``; ``end`` when there is none."""
+        end = self.end
+        if pos >= end:
+            return end
+        if not self.stack and own is None:
+            return end
+
+        def hit(line):
+            return self._stack_matches(line) or self._boundary_line(line, own) is not None
+        if hit(pos):
+            return pos
+        data = self.data
+        if BLANK_LINE not in self.stack:
+            # every line that ends the region starts with what all separators start with
+            separators = self.stack + ([own] if own is not None else [])
+            prefix = os.path.commonprefix(separators)
+            for _ in range(CANDIDATES_BEFORE_REGEX):
+                next_lf = self._find(b'\n' + prefix, pos)
+                next_cr = self._find(b'\r' + prefix, pos)
+                if next_lf < 0 and next_cr < 0:
+                    return end
+                pos = (next_lf if next_cr < 0 or 0 <= next_lf < next_cr else next_cr) + 1
+                if hit(pos):
+                    return pos
+        match = self._pattern(own).search(data, pos, end)
+        return match.start('line') if match else end
+
+    def _find(self, needle, pos):
+        """data.find(needle, pos, end), remembered: every part of a region asks again
+        from a later position, and in a CRLF message "\\r--" is never there."""
+        searched_from, found = self.found.get(needle, (self.end + 1, -1))
+        if not searched_from <= pos <= (found if found >= 0 else self.end):
+            found = self.data.find(needle, pos, self.end)
+            self.found[needle] = (pos, found)
+        return found
+
+    def _pattern(self, own):
+        """One expression for the lines that end the region (many near misses)."""
+        key = (tuple(self.stack), own)
+        pattern = self.state.patterns.get(key)
+        if pattern is None:
+            separators = [matcher for matcher in self.stack if matcher is not BLANK_LINE]
+            if own is not None:
+                separators.append(own)
+            choices = []
+            if separators:
+                choices.append(b'(?:' + b'|'.join(re.escape(s) for s in separators) +
+                               rb')(?:--)?[ \t]*(?:\r\n|\r|\n|\Z)')
+            if BLANK_LINE in self.stack:
+                choices.append(rb'[\r\n]')
+            pattern = re.compile(rb'(?:\r\n|\r(?!\n)|\n)(?P<line>' + b'|'.join(choices) + b')')
+            self.state.patterns[key] = pattern
+        return pattern
+
+    # -- header blocks -----------------------------------------------------------
+    def _read_headers(self, pending=None):
+        """The header block at the cursor -> (PartHeaders fields, pushed back line).
+        ``pending``: a line an outer header parser pushed back (it comes first)."""
+        data, state = self.data, self.state
+        lines = [pending] if pending else []
+        pos = self.pos
+        while not self._ends_region(pos):
+            line_end = self._line_end(pos)
+            if not HEADER_LINE_RE.match(data, pos, line_end):
+                if data[pos] in (10, 13):
+                    pos = line_end  # the empty line between header and body
+                break
+            lines.append((pos, line_end))
+            pos = line_end
+            state.count_lines()
+        self.pos = pos
+        fields, current, pushed_back = [], None, None
+        last = len(lines) - 1
+        for index, (start, end) in enumerate(lines):
+            if data[start] in (9, 32):  # continuation: ignored when no field is open
+                if current is not None:
+                    current[2] = end
+                continue
+            if current is not None:
+                fields.append(self._field(*current))
+                current = None
+            if data.startswith(b'From ', start):
+                if index == last and index > 0:
+                    pushed_back = (start, end)  # probably the first line of the body
+                continue  # a Unix From_ line, or one out of place
+            colon = data.find(b':', start, end)
+            if colon > start:
+                current = [data[start:colon].decode('ascii').lower(), colon + 1, end]
+        if current is not None:
+            fields.append(self._field(*current))
+        return fields, pushed_back
+
+    def _field(self, name, start, end):
+        # compat32: leading blanks of the first line off, the final line break off
+        return name, self.data[start:end].lstrip(b' \t').rstrip(b'\r\n')
+
+    # -- entities ------------------------------------------------------------------
+    def parse_entity(self, depth, default_type='text/plain', in_multipart=False, pending=None):
+        """Headers and body of one entity at the cursor, to the end of the region."""
+        state = self.state
+        state.count_entity(depth)
+        fields, pushed_back = self._read_headers(pending)
+        headers = PartHeaders(fields, default_type)
+        body_start = self.pos
+        content_type, maintype = headers.content_type, headers.maintype
+        separators = headers.boundaries()
+        container = True
+        if content_type == 'message/delivery-status':
+            self._delivery_status(depth, pushed_back)
+        elif maintype == 'message':
+            self.parse_entity(depth + 1, 'text/plain', in_multipart, pushed_back)
+            self._walk_decoded_message(headers, body_start, depth, in_multipart)
+        elif maintype == 'multipart' and headers.boundary() is not None:
+            started, after_close = self._multipart_body(separators[0], depth, content_type)
+            if not started:  # no part opened: a leaf, the text before the end its payload
+                container = False
+                state.parts.append(MimePart(headers, self.data, body_start, self.pos,
+                                            self._pushed(pushed_back)))
+            self.pos = self._scan(self.pos)  # the epilogue, text to the email package
+            if after_close is not None and after_close < self.pos:
+                self._hidden_parts(separators[0], after_close, self.pos, depth)
+        else:
+            container = False
+            self.pos = self._scan(self.pos)
+            state.parts.append(MimePart(headers, self.data, body_start, self.pos,
+                                        self._pushed(pushed_back),
+                                        strip_eol=in_multipart and maintype != 'multipart'))
+        if container:
+            part = MimePart(headers, self.data, body_start, self.pos, container=True)
+            if part.names:
+                state.parts.append(part)
+        for separator in separators[1:]:
+            self._hidden_parts(separator, body_start, self.pos, depth)
+
+    def _pushed(self, line):
+        return b'' if line is None else self.data[line[0]:line[1]]
+
+    def _multipart_body(self, separator, depth, content_type):
+        """The multipart loop of the email package's parser, from the cursor.
+        -> (whether a boundary line opened a part, where the text after the closing
+        boundary starts or None). The cursor ends at the end of the region, or (no
+        part opened) at the closing line or the end."""
+        default_type = 'message/rfc822' if content_type == 'multipart/digest' else 'text/plain'
+        started = False
+        pos = self.pos
+        while True:
+            pos = self._scan(pos, separator)
+            if self._ends_region(pos):
+                break
+            line_end = self._line_end(pos)
+            if self._boundary_line(pos, separator):  # the closing boundary
+                self.pos = pos if not started else line_end
+                return started, line_end
+            started = True
+            pos = line_end
+            # more boundary lines in a row open no parts
+            while not self._ends_region(pos) and self._boundary_line(pos, separator) is not None:
+                pos = self._line_end(pos)
+                self.state.count_lines()
+            self.stack.append(separator)
+            self.pos = pos
+            self.parse_entity(depth + 1, default_type, True)
+            self.stack.pop()
+            pos = self.pos
+        self.pos = pos
+        return started, None
+
+    def _hidden_parts(self, separator, start, end, depth):
+        """Parts that a boundary opens in ``data[start:end]``, a region the email package
+        reads as one text (an epilogue, or a body under another boundary)."""
+        self.state.charge_search(end - start)
+        if self.data.find(separator, start, end) < 0:
             return
-    if headers.get_content_type() == 'message/rfc822':
-        part = MimePart(headers, body)
-        if part.transfer_encoding in ('base64', 'quoted-printable'):
-            body = part.decoded()
-        _walk(body, depth + 1, leaves)
-        return
-    leaves.append(MimePart(headers, body))
+        walker = MimeWalker(self.data, self.state, start, end)
+        _started, epilogue_start = walker._multipart_body(separator, depth + 1, 'multipart/mixed')
+        if epilogue_start is not None and epilogue_start < end:
+            walker._hidden_parts(separator, epilogue_start, end, depth + 1)
+
+    def _delivery_status(self, depth, pending):
+        """message/delivery-status: blocks of fields separated by empty lines, each
+        read as an entity of its own (as the email package does)."""
+        while True:
+            self.stack.append(BLANK_LINE)
+            self.parse_entity(depth + 1, 'text/plain', False, pending)
+            self.stack.pop()
+            pending = None
+            if self._ends_region(self.pos):
+                return
+            self.pos = self._line_end(self.pos)  # the empty line
+            if self._ends_region(self.pos):
+                return
+
+    def _walk_decoded_message(self, headers, start, depth, in_multipart):
+        """An attached message in base64, quoted-printable or uuencode: also walk what a
+        reader that decodes it sees."""
+        methods = [method for method in headers.transfer_methods()
+                   if method in ('base64', 'quoted-printable') + UU_ENCODINGS]
+        if not methods or start >= self.pos:
+            return
+        raw = memoryview(self.data)[start:self.pos]
+        for method in methods:
+            for decoded in decode_body(method, raw)[:1]:
+                self.state.charge_decoded(len(decoded))
+                MimeWalker(decoded, self.state).parse_entity(depth + 1, 'text/plain', in_multipart)
 
 
-def iter_leaf_parts(source):
-    """Every leaf part of a message (bytes), attached messages included."""
-    leaves = []
-    _walk(source, 0, leaves)
-    return leaves
+def walk_message(source, limits=DEFAULT_MIME_LIMITS):
+    """Every leaf part of a message (bytes), attached messages included, and every named
+    container, in the order they are found; raises MimeLimitExceeded."""
+    state = _WalkState(limits, len(source))
+    MimeWalker(source, state).parse_entity(0)
+    return state.parts
 
 
 _mimetypes_lock = threading.Lock()
@@ -401,14 +1063,18 @@ def extension_for(content_type):
     return (extension or '.bin').lstrip('.')
 
 
-def iter_attachments(source):
-    """The parts the blocker examines: leaves with a disposition inline/attachment or
-    with a file name. Parts without a name get 'unnamed.<ext>'."""
+def iter_attachments(source, limits=DEFAULT_MIME_LIMITS):
+    """The parts the blocker examines: parts with a file name or with a disposition
+    inline/attachment. Parts without a name get 'unnamed.<ext>'."""
+    return attachments_of(walk_message(source, limits))
+
+
+def attachments_of(parts):
     attachments = []
-    for part in iter_leaf_parts(source):
-        if part.filename is None and part.disposition not in ('inline', 'attachment'):
+    for part in parts:
+        if not part.names and (part.container or not part.has_attachment_disposition()):
             continue
-        if part.filename is None:
+        if not part.names:
             part.generated_name = 'unnamed.%s' % extension_for(part.content_type)
         attachments.append(part)
     return attachments
@@ -907,6 +1573,10 @@ Verdict = namedtuple('Verdict', 'action subject description message')
 Verdict.__new__.__defaults__ = (None,)
 
 DEFAULT_PASSWORDS = ('123456', '1234', 'asdf', 'abcd', 'password')
+# passwords tried on encrypted archives at most, and where the subject's words come from
+MAX_PASSWORDS = 50
+PASSWORD_SUBJECT_CHARS = 1000
+PASSWORD_SUBJECT_WORDS = 20
 SIGNATURE_TYPES = ('application/pkcs7-signature', 'application/x-pkcs7-signature',
                    'application/pgp-signature')
 
@@ -915,15 +1585,17 @@ class ScanContext(object):
     """What one examine() call needs besides the plugin: rule sets, limits, the
     extraction budget and the candidate archive passwords (collected lazily)."""
 
-    def __init__(self, plugin, suspect, rulesets, budget, kinds, levels):
+    def __init__(self, plugin, suspect, rulesets, budget, kinds, levels, parts=None):
         self.plugin, self.suspect, self.rulesets = plugin, suspect, rulesets
         self.budget, self.kinds, self.levels = budget, kinds, levels
+        self.parts = parts
         self._passwords = None
         self.unreadable = []
 
     def passwords(self):
         if self._passwords is None:
-            self._passwords = [p.encode('utf-8') for p in self.plugin.candidate_passwords(self.suspect)]
+            candidates = self.plugin.candidate_passwords(self.suspect, self.parts)
+            self._passwords = [p.encode('utf-8') for p in candidates]
         return self._passwords
 
 
@@ -997,6 +1669,15 @@ class FiletypePlugin(ScannerPlugin):
         'archive_limit_action': {'default': 'deny', 'description': 'when an archive exceeds the limits above '
                                                                    '(archive bomb): deny (block like a denied '
                                                                    'attachment), problem (problemaction) or allow'},
+        'mime_max_parts': {'default': str(DEFAULT_MIME_LIMITS.max_parts),
+                           'description': 'MIME parts of one message at most (attached messages '
+                                          'included)'},
+        'mime_max_depth': {'default': str(DEFAULT_MIME_LIMITS.max_depth),
+                           'description': 'nesting of multiparts and attached messages at most'},
+        'mime_limit_action': {'default': 'deny',
+                              'description': 'when a message exceeds the MIME limits (parts, depth, '
+                                             'header lines, parameters, name length): deny (block '
+                                             'like a denied attachment) or problem (problemaction)'},
         'problemaction': {'default': 'DEFER', 'description': 'action when the check itself fails'},
         'verbose': {'default': 'False', 'description': 'log every attachment checked'},
         'ignore_signature': {'default': 'False', 'description': 'skip the content type check of S/MIME and PGP '
@@ -1024,6 +1705,9 @@ class FiletypePlugin(ScannerPlugin):
         code = string_to_actioncode(self._get('blockaction'), self.config)
         return DELETE if code is None else code
 
+    def mime_limits(self):
+        return MimeLimits(self._getint('mime_max_parts'), self._getint('mime_max_depth'))
+
     def enabled_archive_kinds(self):
         """Archive kinds opened for this message: computed afresh each time, never by
         editing shared state (upstream's per-message overrides leaked that way)."""
@@ -1041,27 +1725,31 @@ class FiletypePlugin(ScannerPlugin):
         disabled |= kinds_of(self.config.get('main', 'disabledarchivetypes', fallback=''))
         return [kind for kind in available if (not enabled or kind in enabled) and kind not in disabled]
 
-    def candidate_passwords(self, suspect):
+    def candidate_passwords(self, suspect, parts=None):
+        """Passwords to try on encrypted archives. ``parts``: the message's parts when
+        already walked."""
         passwords = list(DEFAULT_PASSWORDS)
         passwords.extend(fuglu.parse_list(self._get('archive_passwords')))
         tagged = suspect.get_tag('archive_passwords') or []
         passwords.extend([tagged] if isinstance(tagged, str) else list(tagged))
         minimum = self._getint('archive_passwords_minwordlength')
-        words = (suspect.get_header('subject', '') or '').split()
+        subject = suspect.get_header('subject', '') or ''
+        words = subject[:PASSWORD_SUBJECT_CHARS].split()[:PASSWORD_SUBJECT_WORDS]
         maxbodywords = self._getint('archive_passwords_maxbodywords')
         if maxbodywords > 0:
-            for part in iter_leaf_parts(suspect.get_source()):
-                if part.content_type == 'text/plain':
+            if parts is None:
+                parts = walk_message(suspect.get_source(), self.mime_limits())
+            for part in parts:
+                if part.content_type == 'text/plain' and not part.container:
                     limit = self._getint('archive_passwords_maxtextpartlength')
-                    text = part.decoded(limit * 4).decode(part.headers.get_content_charset() or 'utf-8', 'replace')
+                    data = part.decodings(limit * 4)[0]
+                    charset = safe_codec(part.headers.charset() or 'utf-8', len(data))
+                    text = data.decode(charset, 'replace')
                     words.extend(text[:limit].split()[:maxbodywords])
                     break
         passwords.extend(word.strip('.,;:!?"\'()') for word in words if len(word) >= minimum)
-        unique = []
-        for password in passwords:
-            if password and password not in unique:
-                unique.append(password)
-        return unique
+        # each one is tried on every encrypted member: a bounded list
+        return list(dict.fromkeys(password for password in passwords if password))[:MAX_PASSWORDS]
 
     # -- rules -------------------------------------------------------------------
     def rulesets(self, suspect):
@@ -1119,10 +1807,18 @@ class FiletypePlugin(ScannerPlugin):
         levels = UNLIMITED_NESTING if levels < 0 else levels
         budget = ExtractionBudget(self._getint('archive_max_extracted'), self._getint('archive_max_members'),
                                   self._getint('archive_max_ratio'), self._getint('archivecontentmaxsize'))
-        context = ScanContext(self, suspect, rulesets, budget, self.enabled_archive_kinds(), levels)
+        try:
+            parts = walk_message(suspect.get_source(), self.mime_limits())
+        except MimeLimitExceeded as error:
+            return self._mime_limit_verdict(suspect, error)
+        context = ScanContext(self, suspect, rulesets, budget, self.enabled_archive_kinds(), levels,
+                              parts)
         verbose = self._getbool('verbose')
-        for part in iter_attachments(suspect.get_source()):
-            verdict = self.check_part(context, part)
+        for part in attachments_of(parts):
+            try:
+                verdict = self.check_part(context, part)
+            except MimeLimitExceeded as error:
+                return self._mime_limit_verdict(suspect, error)
             if verbose:
                 self.logger.info('%s: attachment %r (%s): %s', suspect.id, part.display_name(),
                                  part.content_type, verdict.action if verdict else 'ok')
@@ -1131,42 +1827,68 @@ class FiletypePlugin(ScannerPlugin):
         return None
 
     def check_part(self, context, part):
-        name = part.display_name()
-        match_name = matchable_name(name)
+        """Every name of the part, every declared type, then the type of every reading
+        of its content (and the archive it may be): the first deny/delete decides."""
         rulesets = context.rulesets
-        verdict = self._judge(rulesets['filenames'], match_name, match_name)
-        if verdict:
-            return verdict
-        verdict = self._judge(rulesets['filetypes'], part.content_type, '%s %s' % (match_name, part.content_type))
-        if verdict:
-            return verdict
-        if self._getbool('ignore_signature') and part.content_type in SIGNATURE_TYPES:
-            return None
-        head = part.decoded(HEAD_BYTES)
-        detected = content_type_of(head)
-        if detected != part.content_type:
-            verdict = self._judge(rulesets['filetypes'], detected, '%s %s' % (match_name, detected))
+        names = []
+        for name in part.names or [part.generated_name]:
+            name = matchable_name(name)
+            if name not in names:
+                names.append(name)
+        for name in names:
+            verdict = self._judge(rulesets['filenames'], name, name)
             if verdict:
                 return verdict
-        kind = ARCHIVE_KIND_BY_TYPE.get(detected)
-        check_names = self._getbool('checkarchivenames')
-        check_content = self._getbool('checkarchivecontent')
-        if kind is None or not (check_names or check_content) or context.levels < 1:
+        match_name = matchable_name(part.display_name())
+        declared = part.headers.types()
+        for content_type in declared:
+            verdict = self._judge(rulesets['filetypes'], content_type,
+                                  '%s %s' % (match_name, content_type))
+            if verdict:
+                return verdict
+        if part.container:
             return None
-        if kind not in context.kinds:
-            if kind not in available_archive_kinds():
+        if self._getbool('ignore_signature') and part.content_type in SIGNATURE_TYPES:
+            return None
+        archive_kinds = []
+        for head in part.decodings(HEAD_BYTES):
+            detected = content_type_of(head)
+            if detected not in declared:
+                verdict = self._judge(rulesets['filetypes'], detected,
+                                      '%s %s' % (match_name, detected))
+                if verdict:
+                    return verdict
+            kind = ARCHIVE_KIND_BY_TYPE.get(detected)
+            if kind is not None and kind not in archive_kinds:
+                archive_kinds.append(kind)
+        wanted = self._getbool('checkarchivenames') or self._getbool('checkarchivecontent')
+        if not archive_kinds or not wanted or context.levels < 1:
+            return None
+        for kind in archive_kinds:
+            if kind not in context.kinds and kind not in available_archive_kinds():
                 self._unreadable(context, match_name, '%s archives need an optional module that is not '
                                                       'installed' % kind)
-            return None
         try:
-            return self.check_archive(context, part.decoded(), kind, match_name, '', 1)
+            for data in part.decodings():
+                kind = ARCHIVE_KIND_BY_TYPE.get(content_type_of(data[:HEAD_BYTES]))
+                if kind in context.kinds:
+                    verdict = self.check_archive(context, data, kind, match_name, '', 1)
+                    if verdict:
+                        return verdict
         except ArchiveLimitExceeded as error:
             return self._limit_verdict(context, match_name, error)
+        return None
 
     def _unreadable(self, context, name, reason):
         self.logger.info('%s: contents of %s not checked: %s', context.suspect.id, name, reason)
         context.unreadable.append('%s: %s' % (name, reason))
         context.suspect.tags.setdefault('FiletypePlugin.unchecked', []).append('%s: %s' % (name, reason))
+
+    def _mime_limit_verdict(self, suspect, error):
+        self.logger.warning('%s: the MIME structure exceeds the limits: %s', suspect.id, error)
+        problem = self._get('mime_limit_action').strip().lower() == 'problem'
+        action = 'problem' if problem else 'deny'
+        return Verdict(action, 'message', 'MIME structure exceeds the limits (%s)' % error)
 
     def _limit_verdict(self, context, name, error):
         choice = self._get('archive_limit_action').strip().lower()
@@ -1207,6 +1929,9 @@ class FiletypePlugin(ScannerPlugin):
             message = apply_template(self._get('rejectmessage_encrypted'), context.suspect, {'attname': where})
             return Verdict('deny', where, 'encrypted archive', message)
         for member in members:
+            if len(member.name) > MIME_MAX_NAME_CHARS:  # rules would search it in quadratic time
+                raise ArchiveLimitExceeded('a member name longer than %d characters'
+                                           % MIME_MAX_NAME_CHARS)
             member_name = matchable_name(member.name)
             subject = '%s %s%s' % (attachment_name, inner_path, member_name)
             if check_names:
@@ -1264,6 +1989,11 @@ class FiletypePlugin(ScannerPlugin):
             return None
         if not suspect.from_address or suspect.is_spam() or suspect.is_virus():
             return None
+        if not BOUNCE_ADDRESS_RE.match(suspect.from_address):
+            # a line break or blank would end the RCPT command (wherever the address came from)
+            self.logger.warning('%s: no bounce to %r: not a usable address', suspect.id,
+                                suspect.from_address)
+            return None
         rules = self.nobounce_filter()
         if rules is not None:
             matched, argument = rules.matches(suspect)
@@ -1278,9 +2008,9 @@ class FiletypePlugin(ScannerPlugin):
         if template is None:
             self.logger.error('%s: no bounce: template %s not found', suspect.id, self._get('template_blockedfile'))
             return None
-        message = build_bounce_message(self.config, suspect, template, {'blockinfo': blockinfo})
         suspect.tags['Attachment.bounce.sent'] = True
-        try:
+        try:  # the message is blocked either way: a failed bounce never defers it
+            message = build_bounce_message(self.config, suspect, template, {'blockinfo': blockinfo})
             queue_id = send_bounce(self.config, suspect, suspect.from_address, message)
         except Exception as error:
             self.logger.error('%s: bounce to %s failed: %s', suspect.id, suspect.from_address, error)
@@ -1314,6 +2044,15 @@ class FiletypePlugin(ScannerPlugin):
         if self._get('archive_limit_action').strip().lower() not in ('deny', 'problem', 'allow'):
             print('archive_limit_action must be deny, problem or allow')
             ok = False
+        if self._get('mime_limit_action').strip().lower() not in ('deny', 'problem'):
+            print('mime_limit_action must be deny or problem')
+            ok = False
+        limits = self.mime_limits()
+        if min(limits) < 1:
+            print('mime_max_parts and mime_max_depth must be at least 1')
+            ok = False
+        print('MIME limits: %d parts, %d levels; beyond them: %s' % (
+            limits.max_parts, limits.max_depth, self._get('mime_limit_action').strip().lower()))
         if self._get('dbconnectstring').strip():
             print('dbconnectstring: SQL rules are not supported by this build (ignored)')
         rulesdir = self._get('rulesdir')
@@ -1339,32 +2078,78 @@ class FiletypePlugin(ScannerPlugin):
         return ok
 
 
+# An envelope address a bounce can go to: no controls, blanks or angle brackets.
+BOUNCE_ADDRESS_RE = re.compile(r'^[^\x00-\x20\x7f<>]+\Z')
+# a header field name (RFC 5322 2.2: printable ASCII but ':')
+FIELD_NAME_RE = re.compile(r'^[!-9;-~]+$')
+HEADER_VALUE_NOISE_RE = re.compile(r'[\x00-\x1f\x7f]+')
+BOUNCE_HEADER_MAX_CHARS = 900
+
+
+def header_safe(value):
+    """A value for one header field: line breaks and other controls become a blank,
+    text that is not UTF-8 (surrogate escapes) is replaced."""
+    text = fuglu.force_uString(value) if value is not None else ''
+    text = text.encode('utf-8', 'replace').decode('utf-8', 'replace')
+    return HEADER_VALUE_NOISE_RE.sub(' ', text)
+
+
 def build_bounce_message(config, suspect, template, values):
     """Template -> the bounce as bytes (spec 5.8 step 2): headers the template lacks
     are added (To, From MAILER-DAEMON@<helo>, Auto-Submitted, Date, Message-ID), the
-    body is sent as UTF-8."""
+    body is sent as UTF-8 (base64).
+
+    The header block is filled field by field, and every value that goes into a header
+    — a template variable (a recipient, a subject, a file name: sender text) or the
+    sender's address — loses line breaks and controls and is RFC 2047 encoded when it
+    is not ASCII: nothing a value holds can start another header line."""
     from email import policy
-    from email.parser import Parser
+    from email.message import Message
     from email.utils import formatdate, make_msgid
-    text = apply_template(template, suspect, values).replace('\r\n', '\n')
-    header_text, _sep, body = text.partition('\n\n')
+    template = template.replace('\r\n', '\n')
+    header_text, _sep, body = template.partition('\n\n')
     if not re.match(r'^[!-9;-~]+:', header_text):  # a template without headers
-        header_text, body = '', text
-    message = Parser(policy=policy.compat32).parsestr(header_text + '\n\n', headersonly=True)
+        header_text, body = '', template
+    fields = []
+    for line in header_text.split('\n'):
+        if line[:1] in (' ', '\t') and fields:
+            fields[-1][1] += ' ' + line.strip()  # a folded template line
+        elif ':' in line and FIELD_NAME_RE.match(line.partition(':')[0]):
+            name, _colon, value = line.partition(':')
+            fields.append([name, value.strip()])
+
+    def cleaned(found):
+        return {name: header_safe(value) for name, value in found.items()}
+    message = Message(policy=policy.compat32)
+    for name, value in fields:
+        text = apply_template(value, suspect, values, valuesfunction=cleaned,
+                              limit=BOUNCE_HEADER_MAX_CHARS)
+        message[name] = _header_value(name, header_safe(text))
     helo_function = getattr(fuglu, 'outgoing_helo', None)
-    helo = helo_function(config) if helo_function else 'localhost'
-    defaults = (('To', suspect.from_address), ('From', 'MAILER-DAEMON@%s' % helo),
+    helo = header_safe(helo_function(config) if helo_function else 'localhost')
+    defaults = (('To', header_safe(suspect.from_address)), ('From', 'MAILER-DAEMON@%s' % helo),
                 ('Auto-Submitted', 'auto-generated'), ('Date', formatdate(localtime=True)),
                 ('Message-ID', make_msgid(domain=helo)))
     for name, value in defaults:
         if name not in message:
-            message[name] = value
+            message[name] = _header_value(name, value)
     if 'MIME-Version' not in message:
         message['MIME-Version'] = '1.0'
     for name in ('Content-Type', 'Content-Transfer-Encoding'):
         del message[name]
+    body = apply_template(body, suspect, values).encode('utf-8', 'replace').decode('utf-8')
     message.set_payload(body, charset='utf-8')
     from email.generator import BytesGenerator
     buffer = io.BytesIO()
     BytesGenerator(buffer, mangle_from_=False, policy=policy.compat32.clone(linesep='\r\n')).flatten(message)
     return buffer.getvalue()
+
+
+def _header_value(name, text):
+    """ASCII as it is (the generator folds it); anything else RFC 2047 encoded."""
+    try:
+        text.encode('ascii')
+        return text
+    except UnicodeEncodeError:
+        from email.header import Header
+        return Header(text, 'utf-8', header_name=name)

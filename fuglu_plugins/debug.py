@@ -21,10 +21,9 @@ class MessageDebugger(fuglu.PrependerPlugin):
     requiredvars = {
         'debugport': {'default': '10888', 'description': 'messages arriving on this port are debugged'},
         'debugfile': {'default': '/tmp/fuglu_debug.log',
-                      'description': 'file the debug lines are written to; in a directory '
-                                     'anybody may write to (/tmp) it is moved to '
-                                     '/var/log/fuglu when fuglu starts as root, else to a '
-                                     'private fuglu-USER directory there',
+                      'description': 'file the debug lines are written to; in a directory anybody '
+                                     'may write to (/tmp) it is moved to /var/log/fuglu when fuglu '
+                                     'starts as root, else to a private fuglu-USER directory there',
                       'path': 'writefile', 'home': 'log'},
         'nobounce': {'default': 'True', 'description': 'send no bounces for debugged messages'},
         'noreinject': {'default': 'True', 'description': 'do not re-inject debugged messages'},

@@ -210,3 +210,30 @@ def test_shipped_rules_file_archives_nothing(tmp_path):
     assert fuglu.SuspectFilter(os.path.join(REPO_DIR, 'conf', 'archive.regex')).lint()
     plugin.examine(suspect())
     assert files_under(archive_dir) == []
+
+
+def test_sender_text_in_paths_is_data_and_fits_the_file_system(tmp_path):
+    """Subjects and addresses are senders' text: never expanded as a template, never a
+    component longer than the file system allows (which would defer the message on
+    every retry), 8-bit or not."""
+    plugin, archive_dir = make_plugin(tmp_path, 'envelope_to . yes\n',
+                                      local_subdirtemplate='${subject}/${to_localpart}',
+                                      problemaction='DEFER')
+    subjects = [b'${local_archivedir} ${id} $$', '\u00e4'.encode('utf-8') * 300, b'\xff\xfe' * 300,
+                b'=?utf-8?b?' + b'w6Q=' * 100 + b'?=', b'a' * 5000]
+    for subject in subjects:
+        source = b'From: a@example.net\r\nSubject: ' + subject + b'\r\n\r\nbody\r\n'
+        message = suspect(recipient='\u00fc' * 60 + '@example.org', source=source)
+        assert plugin.examine(message) == fuglu.DUNNO, subject[:40]
+        path = message.tags['archived.result']['localdir']
+        for component in os.path.relpath(path, str(archive_dir)).split(os.sep):
+            assert 0 < len(os.fsencode(component)) <= 200
+    assert os.path.isdir(str(archive_dir / '${local_archivedir} ${id} $$'))
+
+
+@pytest.mark.parametrize('text', ['\u00e4' * 150, 'a\udcff' * 150, '\U0001f600' * 80],
+                         ids=['umlauts', 'escaped-8-bit', 'emoji'])
+def test_safe_component_cuts_bytes_not_characters(text):
+    component = safe_component(text)
+    assert 0 < len(component.encode('utf-8')) <= 200
+    assert component.encode('utf-8').decode('utf-8') == component

@@ -35,7 +35,7 @@ sys.path.insert(0, REPO_DIR)
 import fuglu  # noqa: E402
 from fuglu_plugins import attachment  # noqa: E402
 from fuglu_plugins.attachment import FiletypePlugin, sniff_content_type  # noqa: E402
-from helpers import make_config  # noqa: E402
+from helpers import InProcessFuglu, RawClient, Sink, make_config, wait_for  # noqa: E402
 
 # --------------------------------------------------------------------------
 # corpus
@@ -673,7 +673,7 @@ def test_failing_check_takes_problemaction(confdir, monkeypatch):
 
     def explode(*args):
         raise RuntimeError('boom')
-    monkeypatch.setattr(attachment, 'iter_attachments', explode)
+    monkeypatch.setattr(attachment, 'walk_message', explode)
     code, message, _ = examine(plugin, mail(('a.txt', b'x')))
     assert code == fuglu.REJECT
 
@@ -684,6 +684,7 @@ def test_lint_reports_type_detection_and_archive_support(confdir, capsys):
     out = capsys.readouterr().out
     assert 'file type detection: ' + attachment.type_detection_name() in out
     assert 'archive types: zip, tar, gz, bz2, xz' in out
+    assert 'MIME limits: 2000 parts, 25 levels; beyond them: deny' in out
     (confdir / 'rules' / 'example.org-filenames.conf').write_text('nonsense\n')
     assert plugin.lint() is False
 
@@ -729,3 +730,368 @@ def test_ten_megabytes_twenty_attachments_is_cheap(confdir):
     elapsed = time.process_time() - started
     assert code == fuglu.DUNNO
     assert elapsed < 0.25  # generous for slow CI; the target (50 ms) is measured by the bench
+
+
+# --------------------------------------------------------------------------
+# hostile and unusual mail (issue 9): each example found by the review
+# --------------------------------------------------------------------------
+
+def raw_mail(*parts, boundary=b'b', preamble=b'', epilogue=b'', close=True):
+    """A multipart/mixed message from raw parts (header bytes + body bytes each)."""
+    chunks = [b'From: sender@example.net\r\nTo: rcpt@example.org\r\nSubject: raw\r\n'
+              b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="' + boundary + b'"\r\n\r\n' + preamble]
+    for part in parts:
+        chunks.append(b'--' + boundary + b'\r\n' + part + b'\r\n')
+    if close:
+        chunks.append(b'--' + boundary + b'--\r\n')
+    return b''.join(chunks) + epilogue
+
+
+def exe_part(name=b'evil.exe', headers=b''):
+    return (b'Content-Type: application/octet-stream; name="' + name + b'"\r\n' + headers +
+            b'Content-Transfer-Encoding: base64\r\n\r\n' + base64_lines(PE_PROGRAM))
+
+
+def base64_lines(data):
+    import base64
+    return base64.encodebytes(data).replace(b'\n', b'\r\n')
+
+
+TEXT_PART = b'Content-Type: text/plain\r\n\r\nhello\r\n'
+
+
+def test_raw_utf8_file_names_are_ordinary_mail(confdir):
+    """Current mail clients write 8-bit names unencoded; they used to raise (451 on
+    every retry). Now they are read as UTF-8 and judged like any name."""
+    plugin = make_plugin(confdir, sendbounce='False')
+    pdf = ('Content-Type: application/pdf; name="Rechnung M\u00e4rz.pdf"\r\n'
+           'Content-Disposition: attachment; filename="Rechnung M\u00e4rz.pdf"\r\n'
+           'Content-Transfer-Encoding: base64\r\n\r\n').encode('utf-8') + base64_lines(PDF_DOCUMENT)
+    code, message, suspect = examine(plugin, raw_mail(TEXT_PART, pdf))
+    assert (code, message) == (fuglu.DUNNO, None)
+    part = [p for p in attachment.iter_attachments(raw_mail(pdf)) if p.names][0]
+    assert part.display_name() == 'Rechnung M\u00e4rz.pdf'
+    exe = exe_part('b\u00f6se.exe'.encode('utf-8'), 'Content-Disposition: attachment; filename="b\u00f6se.exe"\r\n'
+                   .encode('utf-8'))
+    code, message, _ = examine(plugin, raw_mail(TEXT_PART, exe))
+    assert (code, message) == (fuglu.DELETE, 'bse.exe: Dangerous attachment type (exe)')
+
+
+@pytest.mark.parametrize('header', [
+    b'Content-Type: multipart/mixed; boundary="\xff\xfe"',
+    b'Content-Type: text/pl\xe4in; charset="\xe4"',
+    b'Content-Type: application/octet-stream; name*=\xff\'\'x%E4.exe',
+    b'Content-Disposition: \xe4ttachment; filename="\xc3"',
+    b'Content-Transfer-Encoding: b\xe4se64',
+    b'Content-Type: text/plain; charset=punycode; name*=punycode\'\'' + b'a' * 900,
+    b'Content-Disposition: attachment; filename*0*=utf-8\'\'a; filename*=b; filename*1=c',
+    b'Content-Type: text/plain; name="=?unknown-charset?q?x?=" ; name="=?utf-16?b?AA?="',
+])
+def test_odd_and_8bit_header_fields_never_raise(confdir, header):
+    plugin = make_plugin(confdir, sendbounce='False', checkarchivenames='True', archive_passwords_maxbodywords='5')
+    for source in (raw_mail(header + b'\r\n\r\nbody \xff\r\n'), header + b'\r\n\r\nbody\r\n'):
+        plugin.check_message(suspect_for(source))  # examine() would turn an exception into DEFER
+        code, _, _ = examine(plugin, source)
+        assert code in (fuglu.DUNNO, fuglu.DELETE)
+
+
+def test_an_attachment_named_like_a_template_stays_text(confdir):
+    """The name reaches the reply as it is: nothing server-side leaks into it, and
+    ${body:full} in a name does not multiply the message."""
+    plugin = make_plugin(confdir, sendbounce='False', blockaction='REJECT')
+    name = b'${id}${@decisions}' + b'${body:full}' * 40 + b'.exe'
+    code, message, suspect = examine(plugin, raw_mail(exe_part(name)))
+    assert code == fuglu.REJECT
+    assert message == name.decode() + ': Dangerous attachment type (exe)'
+    session = fuglu.ScanSession(type('Controller', (), {'config': plugin.config})())
+    text = session.reply_text(suspect, code, message)
+    assert text.startswith(name.decode()[:100]) and len(text) <= 500
+    assert suspect.id in text
+
+
+def test_a_line_starting_with_the_closing_boundary_does_not_close(confdir):
+    plugin = make_plugin(confdir, sendbounce='False')
+    source = raw_mail(TEXT_PART + b'--b--not really the end\r\n', exe_part())
+    assert examine(plugin, source)[:2] == (fuglu.DELETE, 'evil.exe: Dangerous attachment type (exe)')
+
+
+def test_a_boundary_that_merely_starts_like_the_boundary_does_not_split(confdir):
+    plugin = make_plugin(confdir, sendbounce='False')
+    # "--bx" is not a boundary line of "b": the exe is part of the text part for every reader,
+    # and the real parts after it are found
+    source = raw_mail(TEXT_PART + b'--bx\r\n' + exe_part(b'inner.txt'), exe_part(b'real.exe'))
+    assert examine(plugin, source)[:2] == (fuglu.DELETE, 'real.exe: Dangerous attachment type (exe)')
+
+
+def test_transport_padding_after_a_boundary(confdir):
+    plugin = make_plugin(confdir, sendbounce='False')
+    source = raw_mail(TEXT_PART, exe_part()).replace(b'--b\r\nContent-Type: application', b'--b \t \r\nContent-Type: application')
+    assert examine(plugin, source)[0] == fuglu.DELETE
+
+
+def test_a_nested_multipart_reusing_its_parents_boundary_hides_no_zip(confdir):
+    """To the email package the inner multipart ends at once and the zip lies after the
+    outer closing boundary; a reader that nests sees it. Both readings are checked."""
+    plugin = make_plugin(confdir, sendbounce='False', checkarchivenames='True')
+    archive = b'Content-Type: application/zip; name="invoice.zip"\r\nContent-Transfer-Encoding: base64\r\n\r\n' + \
+        base64_lines(zip_of(('invoice.exe', PE_PROGRAM)))
+    source = raw_mail(b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n' + TEXT_PART + b'--b--',
+                      archive)
+    code, message, _ = examine(plugin, source)
+    assert code == fuglu.DELETE
+    assert 'invoice.exe' in message
+
+
+def test_parts_in_the_epilogue_are_checked(confdir):
+    plugin = make_plugin(confdir, sendbounce='False')
+    source = raw_mail(TEXT_PART, epilogue=b'--b\r\n' + exe_part() + b'\r\n--b--\r\n')
+    assert examine(plugin, source)[0] == fuglu.DELETE
+
+
+@pytest.mark.parametrize('fields', [
+    # every Content-Type / Content-Disposition field names the part
+    b'Content-Type: application/pdf; name="a.pdf"\r\nContent-Type: application/x-msdownload; name="a.exe"\r\n',
+    b'Content-Disposition: attachment; filename="a.pdf"\r\nContent-Disposition: attachment; filename="a.exe"\r\n',
+    # the email package takes the first filename, RFC 2231 readers the extended one
+    b'Content-Disposition: attachment; filename="a.pdf"; filename*=utf-8\'\'a.exe\r\n',
+    b'Content-Disposition: attachment; filename="a.pdf"\r\nContent-Type: application/pdf; name="a.exe"\r\n',
+    # RFC 2231 continuations, RFC 2047 in a quoted name
+    b'Content-Disposition: attachment; filename*0="a."; filename*1="exe"\r\n',
+    b'Content-Disposition: attachment; filename="=?utf-8?q?a=2Eexe?="\r\n',
+    # folded, upper-case parameter names, odd spacing
+    b'Content-Disposition: attachment;\r\n\tFILENAME = "a.exe"\r\n',
+])
+def test_every_name_a_reader_may_show_is_checked(confdir, fields):
+    plugin = make_plugin(confdir, sendbounce='False')
+    part = fields + b'Content-Transfer-Encoding: base64\r\n\r\n' + base64_lines(PDF_DOCUMENT)
+    code, message, _ = examine(plugin, raw_mail(TEXT_PART, part))
+    assert code == fuglu.DELETE, fields
+    assert message.startswith('a.exe') or 'a.exe' in message
+
+
+def test_a_second_boundary_declaration_is_tried_too(confdir):
+    """The email package uses the first Content-Type; a reader using the last one sees
+    an exe in what the first calls text."""
+    plugin = make_plugin(confdir, sendbounce='False')
+    inner = (b'Content-Type: text/plain\r\nContent-Type: multipart/mixed; boundary="in"\r\n\r\n'
+             b'--in\r\n' + exe_part() + b'\r\n--in--\r\n')
+    assert examine(plugin, raw_mail(TEXT_PART, inner))[0] == fuglu.DELETE
+
+
+def test_an_attached_message_in_base64_is_walked_decoded(confdir):
+    plugin = make_plugin(confdir, sendbounce='False')
+    inner = raw_mail(exe_part())
+    part = b'Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n' + base64_lines(inner)
+    assert examine(plugin, raw_mail(TEXT_PART, part))[:2] == (fuglu.DELETE, 'evil.exe: Dangerous attachment type (exe)')
+
+
+def test_base64_with_stray_padding_is_read_both_ways():
+    """The email package stops decoding at the first padding; forgiving decoders read
+    on. Both readings are typed (and opened, when archives)."""
+    body = base64_lines(b'hi') + base64_lines(zip_of(('a.exe', PE_PROGRAM)))
+    part = b'Content-Type: application/zip; name="a.zip"\r\nContent-Transfer-Encoding: base64\r\n\r\n' + body
+    found = attachment.iter_attachments(raw_mail(part))[0]
+    readings = found.decodings()
+    assert readings[0] == b'hi'
+    assert len(readings) == 2 and readings[1].startswith(b'hiPK\x03\x04')
+
+
+def nested(levels, leaf):
+    source = leaf
+    for level in range(levels):
+        boundary = b'level%d' % level
+        source = (b'Content-Type: multipart/mixed; boundary="' + boundary + b'"\r\n\r\n--' + boundary + b'\r\n' +
+                  source + b'\r\n--' + boundary + b'--\r\n')
+    return b'From: a@example.net\r\nSubject: deep\r\n' + source
+
+
+def test_parts_beyond_the_limits_block_the_message(confdir):
+    """Parts past a limit were skipped silently (an exe as part 2001 passed)."""
+    plugin = make_plugin(confdir, sendbounce='False', mime_max_parts='50', mime_max_depth='10')
+    many = raw_mail(*([TEXT_PART] * 60 + [exe_part()]))
+    code, message, suspect = examine(plugin, many)
+    assert code == fuglu.DELETE and message.startswith('message: MIME structure exceeds the limits')
+    assert suspect.tags['blocked']['FiletypePlugin'] is True
+    deep = nested(12, exe_part(b'deep.pdf'))
+    code, message, _ = examine(plugin, deep)
+    assert code == fuglu.DELETE and 'nested deeper than 10 levels' in message
+    deeper_allowed = make_plugin(confdir, sendbounce='False', mime_max_depth='20')
+    assert examine(deeper_allowed, deep)[:2] == (fuglu.DELETE, 'deep.pdf application/x-dosexec: No programs allowed')
+    problem = make_plugin(confdir, sendbounce='False', mime_max_parts='50', mime_limit_action='problem',
+                          problemaction='DEFER')
+    code, message, _ = examine(problem, many)
+    assert code == fuglu.DEFER and 'more than 50 MIME parts' in message
+
+
+def test_many_parameters_and_long_names_are_limits_not_cpu(confdir):
+    plugin = make_plugin(confdir, sendbounce='False')
+    quoted = b'Content-Type: text/plain; x="' + b'a;' * 30000 + b'"\r\n\r\nbody\r\n'
+    started = time.process_time()
+    # read through (in linear time) to the exe behind it
+    assert examine(plugin, raw_mail(quoted, exe_part()))[:2] == \
+        (fuglu.DELETE, 'evil.exe: Dangerous attachment type (exe)')
+    huge = b'Content-Type: text/plain; x="' + b'a;' * 5000000 + b'"\r\n\r\nbody\r\n'
+    code, message, _ = examine(plugin, raw_mail(huge, exe_part()))
+    assert code == fuglu.DELETE and 'content-type field longer than 65536' in message
+    assert time.process_time() - started < 1.0
+    unquoted = b'Content-Type: text/plain; ' + b'a;' * 5000 + b'\r\n\r\nbody\r\n'
+    code, message, _ = examine(plugin, raw_mail(unquoted))
+    assert code == fuglu.DELETE and 'more than 100 parameters' in message
+    long_name = b'Content-Disposition: attachment; filename="' + b'a;' * 20000 + b'.exe"\r\n\r\nx\r\n'
+    started = time.process_time()
+    code, message, _ = examine(plugin, raw_mail(long_name))
+    assert code == fuglu.DELETE and 'longer than 1024' in message
+    assert time.process_time() - started < 1.0
+
+
+def test_long_types_member_names_and_subjects_are_bounded(confdir):
+    """Admins' rules may search these in quadratic time, passwords are tried on every
+    encrypted member: each is bounded."""
+    plugin = make_plugin(confdir, sendbounce='False', checkarchivenames='True')
+    long_type = b'Content-Type: application/' + b'x' * 300 + b'\r\n\r\nbody\r\n'
+    code, message, _ = examine(plugin, raw_mail(long_type))
+    assert code == fuglu.DELETE and 'content type longer than 255' in message
+    archive = zip_of(('a' * 2000 + '.txt', b'x'))
+    code, message, _ = examine(plugin, mail(('long.zip', archive, 'application/zip')))
+    assert code == fuglu.DELETE and 'member name longer than 1024' in message
+    subject = ' '.join('word%d' % index for index in range(100000))
+    started = time.process_time()
+    passwords = plugin.candidate_passwords(suspect_for(mail(('a.txt', b'x'), subject=subject)))
+    assert len(passwords) <= attachment.MAX_PASSWORDS and 'word0' in passwords
+    assert time.process_time() - started < 1.0
+
+
+def test_nesting_does_not_copy_the_message(confdir):
+    """25 levels around 20 MB used to peak near 1 GB (a copy per level)."""
+    plugin = make_plugin(confdir, sendbounce='False')
+    payload = b'Content-Type: application/pdf; name="big.pdf"\r\nContent-Transfer-Encoding: base64\r\n\r\n' + \
+        base64_lines(PDF_DOCUMENT + b'\x00' * 15000000)
+    source = nested(24, payload)
+    assert len(source) > 20000000
+    suspect = suspect_for(source)
+    tracemalloc.start()
+    try:
+        code = plugin.examine(suspect)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == fuglu.DUNNO
+    assert peak < 8 * 1048576, peak
+
+
+def test_a_bare_cr_in_the_recipient_adds_no_header_to_the_bounce(confdir, bounces):
+    plugin = make_plugin(confdir)
+    code, _, _ = examine(plugin, mail(('evil.exe', PE_PROGRAM), subject='S\u00fcbject'),
+                         recipient='rcpt@example.org\rBcc: victim@example.com')
+    assert code == fuglu.DELETE
+    recipient, data = bounces[0]
+    head = data.split(b'\r\n\r\n', 1)[0]
+    assert not any(line.lower().startswith(b'bcc') for line in head.replace(b'\r\n', b'\n').replace(b'\r', b'\n')
+                   .split(b'\n'))
+    assert b'\r' not in head.replace(b'\r\n', b'')
+    import email
+    parsed = email.message_from_bytes(data)
+    assert parsed['Bcc'] is None
+    assert 'Bcc: victim@example.com' in str(parsed['Subject']).replace('\r\n', '')
+
+
+def test_bounce_headers_are_encoded_whatever_the_values(confdir, monkeypatch):
+    from email.header import decode_header, make_header
+    config = make_plugin(confdir).config
+    template = ('Subject: ${subject} / ${to_address}\nX-Name: ${blockinfo}\nTo: ${from_address}\n\n'
+                'Body ${blockinfo}\r\nsecond line\n')
+    suspect = fuglu.Suspect('sender@example.net\nX-Evil: 1', ['r\r\n@example.org'],
+                            b'Subject: =?utf-8?q?caf=C3=A9?= \xff\r\n\r\nbody\r\n')
+    data = attachment.build_bounce_message(config, suspect, template,
+                                           {'blockinfo': 'b\u00f6se.exe\r\nX-Injected: yes'})
+    head, body = data.split(b'\r\n\r\n', 1)
+    names = [line.split(b':', 1)[0].lower() for line in head.split(b'\r\n') if line[:1] not in (b' ', b'\t')]
+    assert b'x-evil' not in names and b'x-injected' not in names
+    assert names.count(b'to') == 1 and names.count(b'subject') == 1
+    assert head.isascii() if hasattr(head, 'isascii') else True
+    import email
+    parsed = email.message_from_bytes(data)
+    assert str(make_header(decode_header(parsed['X-Name']))) == 'b\u00f6se.exe X-Injected: yes'
+    assert 'b\u00f6se.exe\r\nX-Injected: yes' in parsed.get_payload(decode=True).decode('utf-8')
+
+
+def test_a_sender_with_a_line_break_gets_no_bounce(confdir, bounces):
+    plugin = make_plugin(confdir)
+    assert examine(plugin, mail(('evil.exe', PE_PROGRAM)), sender='a@example.net\r\nRCPT TO:<x@y>')[0] == \
+        fuglu.DELETE
+    assert bounces == []
+
+
+def test_a_bounce_that_cannot_be_built_does_not_defer_the_message(confdir, bounces, monkeypatch):
+    plugin = make_plugin(confdir)
+
+    def broken(*args):
+        raise UnicodeError('odd')
+    monkeypatch.setattr(attachment, 'build_bounce_message', broken)
+    assert examine(plugin, mail(('evil.exe', PE_PROGRAM)))[0] == fuglu.DELETE
+
+
+# --------------------------------------------------------------------------
+# the same examples through a running fuglu (smtp connector, recording sink)
+# --------------------------------------------------------------------------
+
+@pytest.fixture
+def daemon(tmp_path):
+    """fuglu with the attachment plugin (blockaction REJECT, no bounces) before a sink."""
+    sink = Sink()
+    instance = InProcessFuglu(sink.port, plugins='attachment',
+                              extra='[FiletypePlugin]\nrulesdir = %s\nblockaction = REJECT\nsendbounce = False\n'
+                                    % (tmp_path / 'bundled-rules-only'))
+    yield instance, sink
+    instance.stop()
+    sink.stop()
+
+
+def send_through(port, source):
+    """One SMTP transaction; the reply to the end of data."""
+    client = RawClient(port)
+    try:
+        assert client.cmd('EHLO client.example').startswith(b'250')
+        assert client.cmd('MAIL FROM:<sender@example.net>').startswith(b'250')
+        assert client.cmd('RCPT TO:<rcpt@example.org>').startswith(b'250')
+        assert client.cmd('DATA').startswith(b'354')
+        source = source if source.endswith(b'\r\n') else source + b'\r\n'
+        client.send(source.replace(b'\r\n.', b'\r\n..') + b'.\r\n')
+        reply = client.reply()
+        client.cmd('QUIT')
+        return reply
+    finally:
+        client.close()
+
+
+def test_daemon_delivers_a_raw_utf8_file_name(daemon):
+    instance, sink = daemon
+    pdf = ('Content-Type: application/pdf; name="Rechnung M\u00e4rz.pdf"\r\n'
+           'Content-Disposition: attachment; filename="Rechnung M\u00e4rz.pdf"\r\n'
+           'Content-Transfer-Encoding: base64\r\n\r\n').encode('utf-8') + base64_lines(PDF_DOCUMENT)
+    reply = send_through(instance.port, raw_mail(TEXT_PART, pdf))
+    assert reply.startswith(b'250 '), reply  # was 451, on every retry
+    assert wait_for(lambda: len(sink.messages) == 1)
+    assert 'Rechnung M\u00e4rz.pdf'.encode('utf-8') in sink.messages[0]['data']
+
+
+def test_daemon_replies_with_a_template_like_name_as_it_is(daemon):
+    instance, sink = daemon
+    name = b'${id}${@archived.result}' + b'${body:full}' * 50 + b'.exe'
+    reply = send_through(instance.port, raw_mail(exe_part(name)))
+    assert reply.startswith(b'550 5.7.1 ${id}${@archived.result}${body:full}${body:full}'), reply
+    assert len(reply) <= 512 and reply.count(b'\r\n') == 1  # RFC 5321 4.5.3.1.5
+    assert sink.messages == []
+
+
+@pytest.mark.parametrize('source', [
+    raw_mail(TEXT_PART + b'--b--not the end\r\n', exe_part()),
+    raw_mail(TEXT_PART, epilogue=b'--b\r\n' + exe_part() + b'\r\n--b--\r\n'),
+    raw_mail(b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n' + TEXT_PART + b'--b--', exe_part()),
+    raw_mail(*([TEXT_PART] * 2001 + [exe_part()])),
+], ids=['closing-prefix', 'epilogue', 'reused-boundary', 'beyond-part-limit'])
+def test_daemon_blocks_what_used_to_pass(daemon, source):
+    instance, sink = daemon
+    reply = send_through(instance.port, source)
+    assert reply.startswith(b'550 5.7.1 '), reply
+    assert sink.messages == []

@@ -148,7 +148,7 @@ def test_an_untrusted_peers_envelope_block_is_message_content():
 
 
 @pytest.mark.parametrize('verdict, expected', [
-    ('REJECT no thanks, ${from_address}', b'REJECT:no thanks, unknown@example.org ('),
+    ('REJECT no thanks, ${from_address}', b'REJECT:no thanks, ${from_address} ('),  # not a template
     ('DEFER busy', b'DEFER:busy ('),
     ('DELETE', b'DISCARD:OK ('),
     ('ACCEPT', b'DUNNO:X-Fuglu-Spamstatus: NO\n'),

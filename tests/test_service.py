@@ -207,8 +207,8 @@ def test_the_daemon_speaks_the_notify_protocol(tmp_path):
     port = free_port()
     conf = tmp_path / 'fuglu.conf'
     conf.write_text('[main]\nincomingport = smtp:127.0.0.1:%d\noutgoingport = %d\nplugins '
-                    '=\nprependers =\n'
-                    'appenders =\ncontrolport =\nidentifier = notifytest\n' % (port, free_port()))
+                    '=\nprependers =\nappenders =\ncontrolport =\nidentifier = '
+                    'notifytest\n' % (port, free_port()))
     env = dict(os.environ, NOTIFY_SOCKET=notify.address)
     with open(str(tmp_path / 'fuglu.log'), 'wb') as log:
         daemon = subprocess.Popen([sys.executable, FUGLU_SCRIPT, '-f', '-c', str(conf)], env=env,
@@ -243,8 +243,7 @@ def test_a_failed_start_tells_systemd_and_exits_nonzero(tmp_path):
         taken.listen(1)
         conf = tmp_path / 'fuglu.conf'
         conf.write_text('[main]\nincomingport = smtp:127.0.0.1:%d\nplugins =\nprependers '
-                        '=\nappenders =\n'
-                        'controlport =\n' % taken.getsockname()[1])
+                        '=\nappenders =\ncontrolport =\n' % taken.getsockname()[1])
         result = subprocess.run([sys.executable, FUGLU_SCRIPT, '-f', '-c', str(conf)], timeout=60,
                                 env=dict(os.environ, NOTIFY_SOCKET=notify.address),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -308,8 +307,7 @@ def running(request):
     port = free_port()
     config = make_config('[main]\nincomingport = smtp:127.0.0.1:%d\noutgoingport = %d\nplugins = '
                          'helpers.VerdictFromHeaderPlugin\nprependers =\nappenders =\ncontrolport '
-                         '=\n'
-                         'scantimelogger = 1\n[performance]\nminthreads = 2\nmaxthreads = 4\n'
+                         '=\nscantimelogger = 1\n[performance]\nminthreads = 2\nmaxthreads = 4\n'
                          % (port, sink.port))
     controller = fuglu.MainController(config)
     controller.startup()
@@ -397,8 +395,8 @@ def test_scantimelogger_writes_fuglus_timing_lines(running, caplog):
 
 def test_check_ports_names_every_bad_port_value():
     config = make_config('[main]\nincomingport = 10025,smtp:99999\noutgoingport = '
-                         '340260\nbounceport = x\n'
-                         'controlport = 70000\nmetrics_listen = 10.0.0.1:9100\n')
+                         '340260\nbounceport = x\ncontrolport = 70000\nmetrics_listen = '
+                         '10.0.0.1:9100\n')
     findings = fuglu.check_ports(config)
     text = '\n'.join(message for level, message in findings if level == 'error')
     assert "invalid port in incomingport entry 'smtp:99999'" in text
@@ -446,8 +444,8 @@ def test_a_default_path_may_be_missing_a_configured_one_may_not(tmp_path):
 
 
 def test_options_without_effect_are_warnings_when_set():
-    config = make_config('[main]\ntempdir = /var/tmp\nconfigdir = /etc/fuglu/conf.d\n'
-                         '[environment]\ntrustedhostsregex = x\n')
+    config = make_config('[main]\ntempdir = /var/tmp\nconfigdir = '
+                         '/etc/fuglu/conf.d\n[environment]\ntrustedhostsregex = x\n')
     findings = fuglu.check_inert_options(config, 'main', fuglu.CORE_DEFAULTS['main'])
     findings += fuglu.check_inert_options(config, 'environment', fuglu.CORE_DEFAULTS['environment'])
     assert [level for level, _text in findings] == ['warning'] * 3

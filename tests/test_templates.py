@@ -3,6 +3,7 @@
 
 import re
 import time
+import tracemalloc
 
 from helpers import fuglu
 
@@ -114,3 +115,49 @@ def test_log_format_variables():
                               'decision=${decision}')
     assert text == 'size=%d spam=yes virus=no modified=no decision=REJECT' % len(SOURCE)
     assert make_suspect().log_format('${decision}') == 'DUNNO'
+
+
+def test_inserted_values_are_never_expanded_again():
+    """Subjects, headers, tags and caller values are sender text: inserted as they are."""
+    source = b'Subject: ${id} $$ ${body:full}\r\nXname: ${from_address}\r\n\r\nbody\r\n'
+    suspect = fuglu.Suspect('a@example.org', ['b@example.org'], inbuffer=source)
+    suspect.set_tag('name', '${to_address}')
+    text = fuglu.apply_template('${subject}|${header:xname}|${@name}|${value}', suspect,
+                                {'value': '$$ ${date}'})
+    assert text == '${id} $$ ${body:full}|${from_address}|${to_address}|$$ ${date}'
+
+
+def test_output_is_bounded_and_each_variable_looked_up_once(monkeypatch):
+    body = b'x' * 1000000
+    suspect = fuglu.Suspect('a@example.org', ['b@example.org'], inbuffer=b'Subject: s\r\n\r\n' + body)
+    calls = []
+    original = fuglu.SuspectFilter.field_values
+
+    def counting(suspect, field):
+        calls.append(field)
+        return original(suspect, field)
+    monkeypatch.setattr(fuglu.SuspectFilter, 'field_values', staticmethod(counting))
+    tracemalloc.start()
+    try:
+        text = fuglu.apply_template('${body:full}' * 10000, suspect)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert calls == ['body:full']
+    assert len(text) == fuglu.TEMPLATE_MAX_CHARS
+    assert peak < 8 * len(body)
+    assert fuglu.apply_template('${from_address} and more', suspect, limit=5) == 'a@exa'
+    assert fuglu.apply_template('no variables at all', suspect, limit=2) == 'no'
+
+
+def test_valuesfunction_is_called_per_variable_like_fuglu():
+    seen = []
+
+    def escape(values):
+        seen.append(dict(values))
+        return {name: (value or '').replace("'", "''") for name, value in values.items()}
+    suspect = make_suspect()
+    text = fuglu.apply_template("'${subject}' '${quote}' '${missing}'", suspect, {'quote': "it's"},
+                                valuesfunction=escape)
+    assert text == "'Quarterly report' 'it''s' ''"
+    assert seen == [{'subject': 'Quarterly report'}, {'quote': "it's"}, {'missing': None}]

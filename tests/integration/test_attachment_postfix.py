@@ -109,3 +109,48 @@ def test_executable_renamed_to_txt_is_not_delivered(blocking_chain):
                  mail('sender@example.org', 'after@example.net', 'after', 'notes.txt', b'plain words\r\n'))
     postfix.wait_delivered('after@example.net', timeout=30)
     assert postfix.delivered('renamed@example.net') == []
+
+
+def raw_mail(sender, recipient, subject, *parts):
+    """A multipart message from raw parts, written byte by byte (8-bit names, odd MIME)."""
+    head = ('From: <%s>\r\nTo: <%s>\r\nSubject: %s\r\nMessage-ID: <%d.%s>\r\nMIME-Version: 1.0\r\n'
+            'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+            % (sender, recipient, subject, time.time_ns(), recipient)).encode()
+    return head + b''.join(b'--b\r\n' + part + b'\r\n' for part in parts) + b'--b--\r\n'
+
+
+TEXT_PART = b'Content-Type: text/plain\r\n\r\nplease see the attachment\r\n'
+
+
+def base64_part(header, data):
+    import base64
+    return header + b'Content-Transfer-Encoding: base64\r\n\r\n' + base64.encodebytes(data).replace(b'\n', b'\r\n')
+
+
+def test_issue9_examples_through_postfix(blocking_chain):
+    """A raw UTF-8 file name is delivered (it was deferred on every retry); an exe
+    behind a line that only starts like the closing boundary is blocked; a file name
+    shaped like a template reaches the bounce as it is."""
+    postfix, fuglu_process, _archive_dir = blocking_chain
+    pdf = base64_part('Content-Type: application/pdf\r\nContent-Disposition: attachment; '
+                      'filename="Rechnung M\u00e4rz.pdf"\r\n'.encode('utf-8'), b'%PDF-1.4\n%%EOF\n')
+    reply = postfix.send('sender@example.org', ['utf8@example.net'],
+                         raw_mail('sender@example.org', 'utf8@example.net', 'invoice', TEXT_PART, pdf))
+    assert reply.code == 250, reply
+    delivered = postfix.wait_delivered('utf8@example.net', timeout=30)
+    assert 'Rechnung M\u00e4rz.pdf'.encode('utf-8') in delivered
+
+    exe = base64_part(b'Content-Type: application/octet-stream; name="${id}${@archived.result}.exe"\r\n', PE_PROGRAM)
+    reply = postfix.send('sender@example.org', ['hidden@example.net'],
+                         raw_mail('sender@example.org', 'hidden@example.net', 'hidden',
+                                  TEXT_PART + b'--b--not the end\r\n', exe))
+    assert reply.code == 250, reply
+    fuglu_process.wait_log(r'\$\{id\}\$\{@archived\.result\}\.exe: Dangerous attachment type \(exe\)', timeout=30)
+    bounce = postfix.wait_delivered('sender@example.org', timeout=30)
+    import email
+    body = email.message_from_bytes(bounce).get_payload(decode=True).decode('utf-8')
+    assert '${id}${@archived.result}.exe: Dangerous attachment type (exe)' in body
+    postfix.send('sender@example.org', ['after9@example.net'],
+                 mail('sender@example.org', 'after9@example.net', 'after', 'notes.txt', b'plain words\r\n'))
+    postfix.wait_delivered('after9@example.net', timeout=30)
+    assert postfix.delivered('hidden@example.net') == []

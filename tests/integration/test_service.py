@@ -87,8 +87,8 @@ class Daemonized(object):
             conf.write('[loggers]\nkeys=root\n[handlers]\nkeys=file\n[formatters]\nkeys=plain\n'
                        '[logger_root]\nlevel=INFO\nhandlers=file\n'
                        '[handler_file]\nclass=FileHandler\nformatter=plain\nargs=(%r,)\n'
-                       '[formatter_plain]\nformat=%%(asctime)s %%(name)s: %%(levelname)s '
-                       '%%(message)s\n'
+                       '[formatter_plain]\n'
+                       'format=%%(asctime)s %%(name)s: %%(levelname)s %%(message)s\n'
                        % self.log_path)
         self.pid = None
 
@@ -129,10 +129,10 @@ def daemons():
 
 
 def gate_config(incoming, outgoing, gatedir, controlport, extra=''):
-    return ('[main]\nuser = nobody\ngroup = nogroup\nincomingport = %s\noutgoinghost = 127.0.0.1\n'
-            'outgoingport = %d\nplugindir = %s\nplugins = gate.Gate\nprependers =\nappenders =\n'
-            'controlport = %s\n[performance]\nminthreads = 2\nmaxthreads = 10\n[Gate]\ngatedir = '
-            '%s\n%s'
+    return ('[main]\nuser = nobody\ngroup = nogroup\nincomingport = %s\noutgoinghost = '
+            '127.0.0.1\noutgoingport = %d\nplugindir = %s\nplugins = gate.Gate\nprependers '
+            '=\nappenders =\ncontrolport = %s\n[performance]\nminthreads = 2\nmaxthreads = '
+            '10\n[Gate]\ngatedir = %s\n%s'
             % (incoming, outgoing, PLUGIN_DIR, controlport, gatedir, extra))
 
 
@@ -218,8 +218,8 @@ def test_term_finishes_the_mail_in_flight_and_cleans_up(mode, postfix_factory, f
 
 def plain_config(port, extra_main=''):
     return ('[main]\nuser = nobody\ngroup = nogroup\nincomingport = '
-            'smtp:127.0.0.1:%d\noutgoingport = %d\n'
-            'plugins =\nprependers =\nappenders =\ncontrolport =\n%s' % (port, peers.free_port(),
+            'smtp:127.0.0.1:%d\noutgoingport = %d\nplugins =\nprependers =\nappenders '
+            '=\ncontrolport =\n%s' % (port, peers.free_port(),
                                                                          extra_main))
 
 
@@ -336,12 +336,10 @@ def test_planted_links_and_squatters_in_a_shared_directory_do_not_work(postfix_f
         handle.write('envelope_to . yes\n')
     debugport = peers.free_port()
     config = ('[main]\nuser = nobody\ngroup = nogroup\nincomingport = '
-              'smtp:127.0.0.1:%d,smtp:127.0.0.1:%d\n'
-              'outgoinghost = 127.0.0.1\noutgoingport = %d\nplugins = archive\nprependers = '
-              'debug\nappenders =\n'
-              'controlport = %s\n[debug]\ndebugport = %d\ndebugfile = '
-              '%s\n[ArchivePlugin]\narchiverules = %s\n'
-              'local_archivedir = %s\nlocal_subdirtemplate = ${to_domain}\n'
+              'smtp:127.0.0.1:%d,smtp:127.0.0.1:%d\noutgoinghost = 127.0.0.1\noutgoingport = '
+              '%d\nplugins = archive\nprependers = debug\nappenders =\ncontrolport = '
+              '%s\n[debug]\ndebugport = %d\ndebugfile = %s\n[ArchivePlugin]\narchiverules = '
+              '%s\nlocal_archivedir = %s\nlocal_subdirtemplate = ${to_domain}\n'
               % (postfix.filter_port, debugport, postfix.reinject_port, control, debugport,
                  debugfile, rules,
                  sticky_dir))
@@ -406,11 +404,11 @@ def test_an_unprivileged_fuglu_uses_a_private_directory_and_refuses_a_squatted_o
         shutil.copy(FUGLU, program_dir)
         shutil.copytree(os.path.join(peers.REPO_DIR, 'fuglu_plugins'),
                         os.path.join(program_dir, 'fuglu_plugins'))
-        script = ('import sys; sys.path.insert(0, %r)\nimport fuglu, os\n'
-                  'path = fuglu.shared_file_path(%r, '
-                  '"log")\nfuglu.prepare_shared_home(os.path.dirname(path), "log")\n'
-                  'fd = fuglu.open_directory(os.path.dirname(path))\n'
-                  'fuglu.create_file_at(fd, os.path.basename(path)).write(b"x")\nprint(path)\n'
+        script = ('import sys; sys.path.insert(0, %r)\nimport fuglu, os\npath = '
+                  'fuglu.shared_file_path(%r, '
+                  '"log")\nfuglu.prepare_shared_home(os.path.dirname(path), "log")\nfd = '
+                  'fuglu.open_directory(os.path.dirname(path))\nfuglu.create_file_at(fd, '
+                  'os.path.basename(path)).write(b"x")\nprint(path)\n'
                   % (program_dir, os.path.join(sticky_dir, 'debug.log')))
         run = lambda: subprocess.run(['runuser', '-u', 'nobody', '--', python, '-c',
                                       script],  # noqa: E731
@@ -445,8 +443,8 @@ def lint_config(workdir, extra_main='', extra=''):
     path = os.path.join(workdir, 'lint.conf')
     with open(path, 'w') as conf:
         conf.write('[main]\nuser = nobody\ngroup = nogroup\nincomingport = '
-                   'smtp:127.0.0.1:%d\noutgoingport = %d\n'
-                   'plugins =\nprependers =\nappenders =\ncontrolport =\n%s\n%s'
+                   'smtp:127.0.0.1:%d\noutgoingport = %d\nplugins =\nprependers =\nappenders '
+                   '=\ncontrolport =\n%s\n%s'
                    % (peers.free_port(), peers.free_port(), extra_main, extra))
     return path
 
@@ -598,11 +596,11 @@ def test_admin_commands_and_monitoring(pyz, postfix_factory, clamd, workdir, tmp
     metrics_port = peers.free_port()
     mrtgdir = nobody_dir('fuglu-mrtg-')
     control = os.path.join(workdir, 'control.sock')
-    config = ('[main]\nuser = nobody\ngroup = nogroup\nidentifier = monitored\n'
-              'incomingport = smtp:127.0.0.1:%d\noutgoinghost = 127.0.0.1\noutgoingport = %d\n'
-              'plugins = clamav\nprependers =\nappenders =\ncontrolport = %s\nmetrics_listen = %d\n'
-              'mrtgdir = %s\nmrtg_interval = 0.2\nscantimelogger = 1\ntrashdir = %s\n'
-              '[ClamavPlugin]\nport = %s\n[virus]\ndefaultvirusaction = DELETE\n'
+    config = ('[main]\nuser = nobody\ngroup = nogroup\nidentifier = monitored\nincomingport = '
+              'smtp:127.0.0.1:%d\noutgoinghost = 127.0.0.1\noutgoingport = %d\nplugins = '
+              'clamav\nprependers =\nappenders =\ncontrolport = %s\nmetrics_listen = %d\nmrtgdir = '
+              '%s\nmrtg_interval = 0.2\nscantimelogger = 1\ntrashdir = %s\n[ClamavPlugin]\nport = '
+              '%s\n[virus]\ndefaultvirusaction = DELETE\n'
               % (postfix.filter_port, postfix.reinject_port, control, metrics_port, mrtgdir,
                  workdir,
                  clamd.socket_path))

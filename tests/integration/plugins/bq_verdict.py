@@ -2,10 +2,11 @@
 
 A message carrying the header `X-BQ-Verdict: <action>` gets that action; the action
 is resolved like any configured action, so DEFAULTHIGHSPAMACTION follows [spam]. The
-reply text is the template in option `message`.
+reply text is the template in option `message`, filled by the plugin (as FuGlu's plugins
+do: fuglu sends a plugin's reply text as it is).
 """
 
-from fuglu.shared import DUNNO, ScannerPlugin, string_to_actioncode
+from fuglu.shared import DUNNO, ScannerPlugin, apply_template, string_to_actioncode
 
 
 class BeforeQueueVerdict(ScannerPlugin):
@@ -22,4 +23,4 @@ class BeforeQueueVerdict(ScannerPlugin):
         if action is None:
             self.logger.error('%s: unknown action %r', suspect.id, value)
             return DUNNO
-        return action, self.config.get(self.section, 'message')
+        return action, apply_template(self.config.get(self.section, 'message'), suspect)
