@@ -6195,7 +6195,8 @@ def start_daemon(config, config_path, configdir, logconfig, foreground, baselogl
             pid = PidFile(pidfile).acquire(owner)
         controller = MainController(config, config_path, configdir)
         controller.bind(owner)
-        if not foreground and not logconfig and os.geteuid() == 0:
+        if os.geteuid() == 0 and (logconfig or not foreground):
+            # the default log file and the bundled logging.conf write there, as the daemon user
             prepare_shared_home(os.path.dirname(DAEMON_LOG_FILE), 'log', owner)
         if account is not None and account.uid != 0:
             if preload_modules(account):
