@@ -31,11 +31,17 @@ A message travels like this::
                              answer the MTA; every failure becomes a temporary failure
 
 The sections of this file follow that path, in dependency order: constants and
-actions, small helpers, configuration, templates, the Suspect, the runtime configuration
-(per-recipient values from SQL), rule files (SuspectFilter), plugin bases and loader, the
-scan session, the SMTP machinery shared by the connectors (line reader, server session,
-re-injection client), the connectors, the backends, the control server, the daemon
-(MainController), lint, FuGlu's module names, and the command line.
+actions, small helpers, files in shared directories, configuration, templates, the
+Suspect, the runtime configuration (per-recipient values from SQL), rule files
+(SuspectFilter), plugin bases and loader, the scan session, the SMTP machinery shared by
+the connectors (line reader, server session, re-injection client), the connectors, the
+backends, the control server, monitoring (metrics, MRTG), the daemon (process identity,
+pid file, start-up report, systemd notification, logs, MainController), lint, FuGlu's
+module names, and the command line.
+
+Started as root, the daemon binds every socket and prepares its directories, then
+becomes ``[main] user`` (in every mode) before it creates plugins or reads mail; see the
+Daemon section for the order.
 
 FuGlu's plugins import from its package (``fuglu.shared``, ``fuglu.stringencode``,
 ``fuglu.extensions.sql``, ``fuglu.mshared``, ``fuglu.bounce``, ``fuglu.plugins.sa`` ...).
@@ -71,6 +77,7 @@ import queue
 import re
 import signal
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -594,6 +601,207 @@ def parse_networks(value):
 
 
 ###############################################################################
+# Files in shared directories
+###############################################################################
+# Anybody may create entries in a world-writable directory such as /tmp: a symbolic
+# link where fuglu is about to write, a file or a directory where fuglu wants to create
+# one. So fuglu never creates anything directly in such a directory. A path configured
+# there is moved:
+#   - started as root: into the directory FuGlu's packages use for that kind of file
+#     (SHARED_HOMES: /run/fuglu, /var/log/fuglu, /var/lib/fuglu/...), created by root
+#     before privileges are dropped and owned by the daemon user;
+#   - otherwise: into the private directory `fuglu-<user>` (mode 0700) beside it.
+# Every directory fuglu writes to is opened without following a link in its last
+# component and refused when someone other than its owner may write to it; files are
+# created relative to that open directory with O_EXCL and O_NOFOLLOW under a fresh
+# name and renamed into place, so a planted link is replaced, never followed.
+
+# home -> where a path in a world-writable directory goes when fuglu starts as root
+SHARED_HOMES = {
+    'run': '/run/fuglu',                  # control socket, pid file
+    'log': '/var/log/fuglu',              # log files, the debug plugin's file
+    'archive': '/var/lib/fuglu/archive',  # archive plugin
+    'trash': '/var/lib/fuglu/trash',      # trashdir
+    'mrtg': '/var/lib/fuglu/mrtg',        # MRTG counter files
+}
+SHARED_HOME_MODES = {'run': 0o755}        # the others hold mail or mail data: 0750
+
+# Set once by the daemon (and lint) before privileges are dropped; a process that
+# never changed its identity decides by its own user id.
+STARTED_AS_ROOT = os.geteuid() == 0 if hasattr(os, 'geteuid') else False
+
+O_NOFOLLOW = getattr(os, 'O_NOFOLLOW', 0)
+O_CLOEXEC = getattr(os, 'O_CLOEXEC', 0)
+O_DIRECTORY = getattr(os, 'O_DIRECTORY', 0)
+
+
+class UnsafeLocation(OSError):
+    """A directory or file fuglu refuses to use: a link, someone else's, writable by others."""
+
+
+def is_world_writable(path):
+    try:
+        return bool(os.stat(path).st_mode & stat.S_IWOTH)
+    except OSError:
+        return False
+
+
+def current_user_name():
+    import pwd
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def shared_directory(directory, home):
+    """The directory fuglu uses for ``directory`` (see above): itself, unless anybody
+    may write to it."""
+    if not is_world_writable(directory):
+        return directory
+    if STARTED_AS_ROOT:
+        return SHARED_HOMES[home]
+    private = os.path.join(directory, 'fuglu-%s' % current_user_name())
+    return private if home in ('run', 'log') else os.path.join(private, home)
+
+
+def shared_file_path(path, home):
+    """The path fuglu uses for a file configured as ``path`` (see above)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(shared_directory(directory, home), name)
+
+
+def open_directory(path, create_mode=None, owners=None, check_mode=True):
+    """An O_DIRECTORY descriptor of ``path``, refused (UnsafeLocation) when its last
+    component is a link, when it belongs to none of ``owners`` (uids; default: this
+    process and root) or (``check_mode``) when group or others may write to it. A
+    missing directory is created (parents too) when ``create_mode`` is given."""
+    flags = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        if create_mode is None:
+            raise
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            os.makedirs(parent, 0o755)
+        try:
+            os.mkdir(path, create_mode)
+        except FileExistsError:
+            pass
+        fd = os.open(path, flags)
+    except OSError as error:
+        import errno
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeLocation('%s is a link or not a directory' % path)
+        raise
+    info = os.fstat(fd)
+    allowed = set(owners) if owners is not None else {os.geteuid(), 0}
+    problem = None
+    if info.st_uid not in allowed:
+        problem = '%s belongs to uid %d, not to fuglu\'s user' % (path, info.st_uid)
+    elif check_mode and info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = '%s is writable by group or others (mode %o)' % (path, stat.S_IMODE(info.st_mode))
+    if problem:
+        os.close(fd)
+        raise UnsafeLocation(problem)
+    return fd
+
+
+def prepare_shared_home(path, home, owner=None):
+    """Create (when missing) and check the directory that shared_directory() chose.
+    As root: a SHARED_HOMES directory, its parents root's, itself given to ``owner``
+    ((uid, gid) of the daemon user). Otherwise a private directory (mode 0700) of ours."""
+    if os.geteuid() == 0:
+        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+        owners = {0} if owner is None else {0, owner[0]}
+        fd = open_directory(path, create_mode=SHARED_HOME_MODES.get(home, 0o750), owners=owners,
+                            check_mode=False)
+        try:
+            if owner is not None:
+                os.fchown(fd, owner[0], owner[1])
+            os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) & ~0o022)
+        finally:
+            os.close(fd)
+        return
+    private = path if os.path.basename(path).startswith('fuglu-') else os.path.dirname(path)
+    for directory in (private, path):
+        os.close(open_directory(directory, create_mode=0o700))
+
+
+def _temporary_file_at(dir_fd, name, mode):
+    """(fd, temporary name) of a new file beside ``name`` in ``dir_fd``."""
+    if '/' in name or name in ('', '.', '..'):
+        raise UnsafeLocation('not a file name: %r' % name)
+    temporary = '.%s.%s' % (name[:100], os.urandom(6).hex())
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | O_CLOEXEC
+    return os.open(temporary, flags, mode, dir_fd=dir_fd), temporary
+
+
+def _rename_or_remove(dir_fd, temporary, name, fd=None):
+    try:
+        os.rename(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.unlink(temporary, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+
+
+def create_file_at(dir_fd, name, mode=0o600):
+    """A new, empty file ``name`` in the open directory ``dir_fd``, open for writing
+    (binary): made under a fresh name with O_EXCL|O_NOFOLLOW and renamed over
+    ``name``, so whatever was planted there (a link, a hard link to another file) is
+    replaced, never written through."""
+    fd, temporary = _temporary_file_at(dir_fd, name, mode)
+    _rename_or_remove(dir_fd, temporary, name, fd)
+    return os.fdopen(fd, 'wb')
+
+
+def write_file_at(dir_fd, name, data, mode=0o600, owner=None):
+    """Replace ``name`` in the open directory ``dir_fd`` with ``data`` (bytes), written
+    completely under a fresh name first (see create_file_at): readers see the old or
+    the new content, never half of it. ``owner``: (uid, gid) to give it."""
+    fd, temporary = _temporary_file_at(dir_fd, name, mode)
+    try:
+        with os.fdopen(fd, 'wb', closefd=False) as out:
+            out.write(data)
+            out.flush()
+            os.fsync(fd)
+        os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, owner[0], owner[1])
+    except BaseException:
+        os.close(fd)
+        os.unlink(temporary, dir_fd=dir_fd)
+        raise
+    _rename_or_remove(dir_fd, temporary, name, fd)
+    os.close(fd)
+
+
+def append_file_at(dir_fd, name, mode=0o600):
+    """``name`` in the open directory ``dir_fd`` opened for appending (binary), created
+    when missing; refused when it is a link, not a regular file, not ours or has
+    other names (a hard link planted to make us write elsewhere)."""
+    import errno
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | O_NOFOLLOW | O_CLOEXEC
+    try:
+        fd = os.open(name, flags, mode, dir_fd=dir_fd)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise UnsafeLocation('%s is a link' % name)
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid != os.geteuid():
+        os.close(fd)
+        raise UnsafeLocation('%s is not a plain file of fuglu\'s own' % name)
+    return os.fdopen(fd, 'ab')
+
+
+###############################################################################
 # Configuration
 ###############################################################################
 # The semantics are FuGlu's (spec section 2): RawConfigParser, last value wins, no
@@ -602,7 +810,12 @@ def parse_networks(value):
 # are the fallback for lookups, the source of --dump-defaults / fuglu.conf.dist and of
 # the lint checks.
 
-def _opt(default, description, section=None, validator=None, confidential=False):
+def _opt(default, description, section=None, validator=None, confidential=False, **more):
+    """An option spec. ``more``: 'path' ('file' or 'dir' fuglu reads, 'dirs' a comma
+    list of those, 'writefile' or 'writedir' it writes) with 'home' (see SHARED_HOMES),
+    'missing' (what happens when a default path does not exist) and 'made_as_root'
+    (created before the privilege drop), checked by check_paths(); 'inert' (why the
+    option has no effect: a lint warning when it is set)."""
     spec = {'default': default, 'description': description}
     if section:
         spec['section'] = section
@@ -610,6 +823,7 @@ def _opt(default, description, section=None, validator=None, confidential=False)
         spec['validator'] = validator
     if confidential:
         spec['confidential'] = True
+    spec.update(more)
     return spec
 
 
@@ -638,6 +852,13 @@ def _is_action(value):
         str(value).strip().upper() in PSEUDO_ACTIONS
 
 
+def _is_port(value, allow_empty=False):
+    value = str(value).strip()
+    if allow_empty and value in ('', '0'):
+        return True
+    return value.isdigit() and 0 < int(value) < 65536
+
+
 def _is_networks(value):
     try:
         parse_networks(value)
@@ -649,14 +870,19 @@ def _is_networks(value):
 # section -> option -> spec. Order is the order of fuglu.conf.dist.
 CORE_DEFAULTS = {
     'main': {
-        'identifier': _opt('dist', 'free label, logged at start and on reload'),
+        'identifier': _opt('dist',
+                           'free label, logged at start and on reload, shown in the metrics'),
         'daemonize': _opt('1', 'fork into the background (ignored with --foreground and --lint)',
                           validator=_is_bool),
-        'scantimelogger': _opt('0', 'log per-plugin scan times to the logger fuglu.Timings',
-                               validator=_is_bool),
-        'user': _opt('nobody', 'user to drop privileges to after binding the ports (when started as root)'),
+        'scantimelogger': _opt('0', 'log per-plugin times of every message to the logger '
+                                    'fuglu.Timings (INFO); a plugin step of a second or more also '
+                                    'as a WARNING', validator=_is_bool),
+        'user': _opt('nobody', 'started as root (daemonized or with -f), fuglu binds its ports, '
+                               'then becomes this user before it reads any mail; the user must '
+                               'exist'),
         'group': _opt('nobody, nogroup', 'groups to drop to: the first one that exists is used'),
-        'plugindir': _opt('', 'comma separated directories searched for plugin modules, before the bundled ones'),
+        'plugindir': _opt('', 'comma separated directories searched for plugin modules, before the '
+                              'bundled ones', path='dirs'),
         'plugins': _opt('archive,attachment,clamav,spamassassin',
                         'scanner plugins, in the order they run: alias, dotted module.Class, each optionally with (configsection)'),
         'prependers': _opt('debug,skip', 'prepender plugins: run before the scanners and may change the plugin lists'),
@@ -681,37 +907,68 @@ CORE_DEFAULTS = {
                                        validator=_is_networks),
         'outgoinghost': _opt('127.0.0.1', 're-injection target host; ${injecthost} = the host that sent the message, '
                                           '$NAME = environment variable'),
-        'outgoingport': _opt('10026', 're-injection target port', validator=_is_int),
+        'outgoingport': _opt('10026', 're-injection target port', validator=_is_port),
         'outgoinghelo': _opt('', 'EHLO name used when re-injecting; empty: this host\'s FQDN'),
         'outgoingretry': _opt('1', 'extra attempts when the downstream connection fails', validator=_is_int),
         'bouncehost': _opt('', 'where bounces are sent; empty: outgoinghost'),
-        'bounceport': _opt('', 'port for bounces; empty: outgoingport'),
-        'tempdir': _opt('/tmp', 'directory for temporary files'),
+        'bounceport': _opt('', 'port for bounces; empty: outgoingport',
+                           validator=lambda value: _is_port(value, allow_empty=True)),
+        'tempdir': _opt('/tmp', 'directory of suspect.tempfile, the message as a file for plugins '
+                                'that ask for one\n(created 0600 on first use, removed when the '
+                                'message is done)'),
         'prependaddedheaders': _opt('X-Fuglu-', 'prefix of the headers fuglu adds'),
-        'trashdir': _opt('', 'if set, a copy of every message a scanner DELETEs is kept here'),
+        'trashdir': _opt('', 'if set, a copy of every message a scanner DELETEs is kept here (a '
+                             'directory anybody may write to is moved like controlport, to '
+                             '/var/lib/fuglu/trash as root)',
+                         path='writedir', home='trash'),
         'trashlog': _opt('0', 'also log each trashed message to 00-fuglutrash.log in trashdir', validator=_is_bool),
         'disablebounces': _opt('0', 'never send a bounce', validator=_is_bool),
-        'nobouncefile': _opt('${confdir}/rules/nobounce.txt', 'domains (one per line) that never get bounces'),
+        'nobouncefile': _opt('${confdir}/rules/nobounce.txt',
+                             'domains (one per line) that never get bounces',
+                             path='file', missing='bounces may go to every domain'),
         'debuginfoheader': _opt('0', 'add a <prefix>Debuginfo header', validator=_is_bool),
         'spamstatusheader': _opt('1', 'add a <prefix>Spamstatus: YES|NO header', validator=_is_bool),
         'suspectidheader': _opt('1', 'add a <prefix>Suspect: <id> header', validator=_is_bool),
         'suspectidreturn': _opt('1', 'append (<id>) to DELETE, REJECT and DEFER replies', validator=_is_bool),
-        'mrtgdir': _opt('', 'directory for MRTG counter files; empty: none'),
-        'controlport': _opt('/tmp/fuglu_control.sock', 'control socket: a path (unix socket, mode 0600) or a TCP port; '
-                                                       'empty: no control socket'),
+        'mrtgdir': _opt('', 'directory for MRTG counter files (inout, hamspam, threads, virus, '
+                            'scantime; FuGlu\'s format), rewritten every mrtg_interval seconds; '
+                            'empty: none (a directory anybody may write to is moved like '
+                            'controlport, to /var/lib/fuglu/mrtg as root)',
+                        path='writedir', home='mrtg'),
+        'mrtg_interval': _opt('30', 'seconds between two writes of the MRTG files',
+                              validator=_is_int),
+        'metrics_listen': _opt('', 'serve the counters in Prometheus text format at '
+                                   'http://ADDRESS:PORT/metrics; PORT or ADDRESS:PORT, loopback '
+                                   'addresses only; empty: off'),
+        'syslog': _opt('0', 'also log to the local syslog as fuglu[pid], in every mode',
+                       validator=_is_bool),
+        'syslog_facility': _opt('mail', 'syslog facility of those lines'),
+        'syslog_address': _opt('/dev/log', 'unix socket of the local syslog'),
+        'controlport': _opt('/tmp/fuglu_control.sock',
+                            'control socket: a path (unix socket, mode 0600) or a TCP port; empty: '
+                            'no control socket. A path in a directory anybody may write to (/tmp) '
+                            'is moved to /run/fuglu when fuglu starts as root, else to a private '
+                            'fuglu-USER directory there',
+                            path='writefile', home='run', made_as_root=True),
         'controladdress': _opt('127.0.0.1', 'bind address when controlport is a TCP port'),
         'controltoken': _opt('', 'shared secret required on a TCP control port', confidential=True),
         'logtemplate': _opt('Suspect ${id} from=${from_address} to=${to_address} size=${size} spam=${spam} '
                             'virus=${virus} modified=${modified} decision=${decision}',
                             'line logged for every message after scanning; empty: none'),
-        'versioncheck': _opt('0', 'accepted for compatibility; fuglu never looks up versions on the network',
-                             validator=_is_bool),
+        'versioncheck': _opt('0', 'no effect in fuglu (accepted for FuGlu configurations): fuglu '
+                                  'never looks up versions on the network',
+                             validator=_is_bool,
+                             inert='fuglu never looks up versions on the network'),
         'address_compliance_checker': _opt('Default', 'envelope address check: Default, LazyLocalPart, AsciiOnly, '
                                                       'PrintableAsciiOnly, NoCheck'),
         'address_compliance_checker_maxsize': _opt('64', 'longest local part accepted', validator=_is_int),
         'address_compliance_fail_action': _opt('defer', 'answer to invalid envelope addresses: defer, reject, discard'),
         'address_compliance_fail_message': _opt('invalid sender or recipient address', 'reply text for the above'),
-        'remove_tmpfiles_on_error': _opt('1', 'remove temporary files when receiving fails', validator=_is_bool),
+        'remove_tmpfiles_on_error': _opt('1', 'no effect in fuglu (accepted for FuGlu '
+                                              'configurations): a message\'s temporary file '
+                                              'is always removed when the message is done',
+                                         validator=_is_bool,
+                                         inert='temporary files are always removed'),
         'disabledarchivetypes': _opt('pdf', 'archive types never opened'),
     },
     'performance': {
@@ -719,7 +976,9 @@ CORE_DEFAULTS = {
         'minthreads': _opt('2', 'thread backend: workers kept running', validator=_is_int),
         'maxthreads': _opt('40', 'thread backend: most workers (connections handled at once)', validator=_is_int),
         'minfreethreads': _opt('0', 'thread backend: idle workers kept ready', validator=_is_int),
-        'initialprocs': _opt('0', 'process backend: worker processes (0: 2 x CPUs)'),
+        'initialprocs': _opt('0', 'process backend: worker processes (0: 2 x CPUs); no effect with '
+                                  'the thread backend',
+                             inert='this build has no process backend'),
         'listen_backlog': _opt('0', 'listen() backlog; 0: the system maximum', validator=_is_int),
         'slow_enqueue_warn_ms': _opt('100', 'warn when handing a connection to the workers blocks this long',
                                      validator=_is_int),
@@ -3555,8 +3814,9 @@ class BasicPlugin(object):
         return dict(table)
 
     def check_config(self):
-        """Every declared option readable and valid; options in the plugin's section
-        that it does not declare are errors (typos; FuGlu itself does not check this)."""
+        """Every declared option readable and valid, declared paths usable (see
+        check_paths); options in the plugin's section that it does not declare are errors
+        (typos; FuGlu itself does not check this), options without effect warnings."""
         table = self._option_table()
         table.setdefault('overrideaction', {'description': ''})
         table.setdefault('overridemessage', {'description': ''})
@@ -3564,7 +3824,11 @@ class BasicPlugin(object):
                   if not (e.startswith('Missing') and ('overrideaction' in e or 'overridemessage' in e))]
         for error in errors:
             print(error)
-        return not errors
+        findings = check_inert_options(self.config, self.section, table, self.ignored_options)
+        findings += check_paths(self.config, self.section, table)
+        for level, text in findings:
+            print('%s%s' % ('' if level in ('note', 'info') else level.upper() + ': ', text))
+        return not errors and not any(level == 'error' for level, _text in findings)
 
     @deprecated
     def checkConfig(self):
@@ -3595,6 +3859,12 @@ class BasicPlugin(object):
 
     def lint(self):
         return self.check_config()
+
+    def check_peers(self):
+        """The services this plugin needs, checked now (for ``fuglu healthcheck
+        --deep``): a list of (peer description, ok, detail). Plugins that talk to a
+        daemon or a database override it; the default has none."""
+        return []
 
     def shutdown(self):
         pass
@@ -3948,6 +4218,52 @@ def ensure_bundled_plugins_importable():
         sys.path.append(home)
 
 
+def fuglu_home():
+    """Where fuglu's own files are: the .pyz (a zipapp) or the source folder."""
+    return os.path.dirname(os.path.abspath(__file__))
+
+
+def _zipapp_archive():
+    loader = globals().get('__loader__')
+    return getattr(loader, 'archive', None)
+
+
+def bundled_conf_files():
+    """Names of the sample files shipped with fuglu, relative to its conf/ folder
+    (rules, templates, rule files, logging.conf, fuglu.service), plus fuglu.conf.dist."""
+    names = []
+    archive = _zipapp_archive()
+    if archive:
+        import zipfile
+        with zipfile.ZipFile(archive) as bundle:
+            names = [name[len('conf/'):] for name in bundle.namelist()
+                     if name.startswith('conf/') and not name.endswith('/')]
+    else:
+        root = os.path.join(fuglu_home(), 'conf')
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if d != '__pycache__']
+            names += [os.path.relpath(os.path.join(folder, name), root).replace(os.sep, '/')
+                      for name in files if not name.startswith('.')]
+    return sorted(names) + ['fuglu.conf.dist']
+
+
+def read_bundled_conf(relative_path):
+    """A file of fuglu's own conf/ folder (or fuglu.conf.dist) as bytes, from the
+    zipapp or the source tree; None when there is no such file."""
+    inside = relative_path if relative_path == 'fuglu.conf.dist' else 'conf/' + relative_path
+    archive = _zipapp_archive()
+    if archive:   # zipimport: the loader reads any file of its archive
+        try:
+            return globals()['__loader__'].get_data(os.path.join(archive, inside))
+        except OSError:
+            return None
+    try:
+        with open(os.path.join(fuglu_home(), *inside.split('/')), 'rb') as handle:
+            return handle.read()
+    except OSError:
+        return None
+
+
 def add_plugin_dirs(config):
     """Put the configured plugindir entries in front of the module search path."""
     ensure_bundled_plugins_importable()
@@ -4022,18 +4338,56 @@ def bundled_plugin_classes():
 ###############################################################################
 
 class Statistics(object):
-    """Process-wide counters (control command `stats`)."""
+    """Process-wide counters: control `stats`, the Prometheus metrics, MRTG files.
+
+    Connectors and the scan session call ``received()``, ``begin(session)`` /
+    ``end(session)`` around a message (a session that vanishes without end() stops
+    counting as in flight), ``plugin_time(stage, plugin, seconds)``, ``plugin_error``,
+    ``verdict(action)`` and ``finished(suspect, delivered, scantime)``."""
 
     def __init__(self):
+        import weakref
         self.lock = threading.Lock()
         self.starttime = time.time()
         self.incount = self.outcount = 0
         self.spamcount = self.viruscount = self.blockedcount = self.hamcount = 0
         self.scantimes = []
+        self.verdicts = dict.fromkeys(ALLCODES, 0)      # action name -> messages
+        self.plugin_times = {}                          # (stage, plugin) -> [runs, seconds]
+        self.plugin_errors = {}                         # plugin -> errors
+        self.errors = 0                                 # every recorded exception
+        self.in_flight = weakref.WeakSet()              # scan sessions not finished yet
 
     def received(self):
         with self.lock:
             self.incount += 1
+
+    def begin(self, session):
+        with self.lock:
+            self.in_flight.add(session)
+
+    def end(self, session):
+        with self.lock:
+            self.in_flight.discard(session)
+
+    def plugin_time(self, stage, plugin, seconds):
+        with self.lock:
+            entry = self.plugin_times.setdefault((stage, str(plugin)), [0, 0.0])
+            entry[0] += 1
+            entry[1] += seconds
+
+    def plugin_error(self, plugin):
+        with self.lock:
+            self.plugin_errors[str(plugin)] = self.plugin_errors.get(str(plugin), 0) + 1
+
+    def error(self):
+        with self.lock:
+            self.errors += 1
+
+    def verdict(self, action):
+        with self.lock:
+            name = actioncode_to_string(action)
+            self.verdicts[name] = self.verdicts.get(name, 0) + 1
 
     def finished(self, suspect, delivered, scantime):
         with self.lock:
@@ -4049,10 +4403,15 @@ class Statistics(object):
                 self.hamcount += 1
             self.scantimes = (self.scantimes + [(time.time(), scantime)])[-100:]
 
-    def report(self):
+    def average_scantime(self):
+        """Average of the last 100 scan times; 0 when none in the last 5 minutes."""
         with self.lock:
             recent = [t for stamp, t in self.scantimes if stamp > time.time() - 300]
-            average = sum(recent) / len(recent) if recent else 0
+        return sum(recent) / len(recent) if recent else 0
+
+    def report(self):
+        average = self.average_scantime()
+        with self.lock:
             return '\n'.join([
                 'Fuglu statistics', '---------------',
                 'Uptime:\t\t%s' % format_duration(time.time() - self.starttime),
@@ -4090,12 +4449,26 @@ class ScanSession(object):
         self.controller = controller
         self.config = controller.config
         self.logger = logging.getLogger('fuglu.SessionHandler')
+        self.started = time.time()
+        self.timings = []   # (stage, plugin, seconds): main.scantimelogger, metrics
+
+    def _timed(self, stage, plugin, call, *args):
+        """``call(*args)``, its duration counted for ``plugin``."""
+        started = time.time()
+        try:
+            return call_plugin(call, *args)
+        finally:
+            elapsed = time.time() - started
+            self.timings.append((stage, plugin, elapsed))
+            self.controller.stats.plugin_time(stage, plugin, elapsed)
 
     def scan(self, suspect):
         controller = self.controller
         config = self.config
         controller.stats.received()
         suspect.tempdir = config.get('main', 'tempdir')
+        controller.stats.begin(self)
+        self.started = time.time()
         if len(suspect.recipients) != 1:
             self.logger.debug('%s has %d recipients', suspect.id, len(suspect.recipients))
         scanners = list(controller.plugins)
@@ -4105,11 +4478,13 @@ class ScanSession(object):
             if suspect.tags.get('skip_prependers'):
                 break
             try:
-                result = call_plugin(prepender.pluginlist, suspect, scanners)
+                result = self._timed('prepender', prepender, prepender.pluginlist, suspect,
+                                     scanners)
                 if result is not None:
                     self._log_list_change(suspect, prepender, 'scanners', scanners, result)
                     scanners = list(result)
-                result = call_plugin(prepender.appenderlist, suspect, appenders)
+                result = self._timed('prepender', prepender, prepender.appenderlist, suspect,
+                                     appenders)
                 if result is not None:
                     self._log_list_change(suspect, prepender, 'appenders', appenders, result)
                     appenders = list(result)
@@ -4120,9 +4495,8 @@ class ScanSession(object):
         action, message = DUNNO, None
         scan_start = time.time()
         for plugin in scanners:
-            started = time.time()
             try:
-                result = call_plugin(plugin.examine, suspect)
+                result = self._timed('scanner', plugin, plugin.examine, suspect)
             except RuntimeConfigError as error:
                 # no wrong policy: without its per-recipient settings the message waits
                 # (the database outage itself is logged once, by the database)
@@ -4138,8 +4512,7 @@ class ScanSession(object):
             if code is None:
                 code = DUNNO
             code, text = self._override(plugin, code, text, suspect)
-            elapsed = time.time() - started
-            suspect.tags['scantimes'].append((plugin.section, elapsed))
+            suspect.tags['scantimes'].append((plugin.section, self.timings[-1][2]))
             suspect.tags['decisions'].append((plugin.section, code))
             suspect.debug('plugin %s: %s %s' % (plugin, actioncode_to_string(code), text or ''))
             if code == DUNNO:
@@ -4186,6 +4559,7 @@ class ScanSession(object):
                           error.__class__.__name__, error)
         self.logger.debug(trace)
         suspect.tags['processingerrors'].append('plugin %s: %s: %s' % (plugin, error.__class__.__name__, error))
+        self.controller.stats.plugin_error(plugin)
         self.controller.record_exception(trace)
 
     def add_headers(self, suspect):
@@ -4202,17 +4576,22 @@ class ScanSession(object):
         trashdir = self.config.get('main', 'trashdir').strip()
         if not trashdir:
             return
+        trashdir = shared_directory(trashdir, 'trash')
         try:
-            os.makedirs(trashdir, exist_ok=True)
-            import tempfile
-            handle, path = tempfile.mkstemp(prefix=suspect.id, dir=trashdir)
-            with os.fdopen(handle, 'wb') as out:
-                out.write(suspect.get_source())
-            if self.config.getboolean('main', 'trashlog'):
-                with open(os.path.join(trashdir, '00-fuglutrash.log'), 'a') as log:
-                    log.write('%s %s %s %s %s\n' % (
-                        time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), suspect.from_address or '<>',
-                        suspect.to_address, plugin, path))
+            dir_fd = open_directory(trashdir, create_mode=0o700, check_mode=False)
+            try:
+                name = '%s.eml' % suspect.id
+                write_file_at(dir_fd, name, suspect.get_source())
+                if self.config.getboolean('main', 'trashlog'):
+                    with append_file_at(dir_fd, '00-fuglutrash.log') as log:
+                        log.write(('%s %s %s %s %s\n' % (
+                            time.strftime('%Y-%m-%dT%H:%M:%SZ',
+                                          time.gmtime()), suspect.from_address or '<>',
+                            suspect.to_address, plugin, os.path.join(trashdir,
+                                                                     name))).encode('utf-8',
+                                                                                    'replace'))
+            finally:
+                os.close(dir_fd)
         except OSError as error:
             self.logger.error('%s: could not write trash copy: %s', suspect.id, error)
 
@@ -4238,20 +4617,49 @@ class ScanSession(object):
             suspect.cleanup()
 
     def _finish(self, suspect, action, delivered):
-        if action == DEFER or (action in (DUNNO, ACCEPT) and not delivered):
-            self.logger.info('DEFERRED %s', suspect.id)
-            return
-        if action == DELETE:
-            self.logger.info('MESSAGE DELETED: %s', suspect.id)
-        scantime = float(suspect.tags.get('fuglu.scantime', 0))
-        self.controller.stats.finished(suspect, delivered, scantime)
-        if suspect.tags.get('noappenders'):
-            return
-        for appender in suspect.tags.get('appenders', self.controller.appenders):
-            try:
-                call_plugin(appender.process, suspect, action)
-            except Exception as error:
-                self._plugin_error(suspect, appender, error)
+        stats = self.controller.stats
+        try:
+            if action == DEFER or (action in (DUNNO, ACCEPT) and not delivered):
+                self.logger.info('DEFERRED %s', suspect.id)
+                stats.verdict(DEFER)
+                return
+            stats.verdict(action)
+            if action == DELETE:
+                self.logger.info('MESSAGE DELETED: %s', suspect.id)
+            scantime = float(suspect.tags.get('fuglu.scantime', 0))
+            stats.finished(suspect, delivered, scantime)
+            if suspect.tags.get('noappenders'):
+                return
+            for appender in suspect.tags.get('appenders', self.controller.appenders):
+                try:
+                    self._timed('appender', appender, appender.process, suspect, action)
+                except Exception as error:
+                    self._plugin_error(suspect, appender, error)
+        finally:
+            stats.end(self)
+            if self.config.getboolean('main', 'scantimelogger'):
+                self.log_timings(suspect)
+
+    # FuGlu's stage labels in the fuglu.Timings lines
+    TIMING_LABELS = {'prepender': 'PRE', 'scanner': 'PLG', 'appender': 'APP'}
+    SLOW_PLUGIN_SECONDS = 1.0
+
+    def log_timings(self, suspect):
+        """main.scantimelogger: FuGlu's per-message timing lines on the logger
+        fuglu.Timings (INFO; a plugin step of a second or more also as a WARNING)."""
+        timings_logger = logging.getLogger('fuglu.Timings')
+        prefix = 'port: %s, id: %s,' % (suspect.tags.get('incomingport', -1), suspect.id)
+        total = time.time() - self.started
+        in_plugins = sum(seconds for _stage, _plugin, seconds in self.timings)
+        timings_logger.info('%s total: %.6f', prefix, total)
+        timings_logger.info('%s overhead: %.3f', prefix, max(total - in_plugins, 0.0))
+        for stage, plugin, seconds in self.timings:
+            timings_logger.info('%s (%s) %s: %.3f', prefix, self.TIMING_LABELS[stage], plugin,
+                                seconds)
+            if seconds >= self.SLOW_PLUGIN_SECONDS:
+                timings_logger.warning('%s slow plugin step: %s took %.1fs - this blocks the '
+                                       'worker',
+                                       prefix, plugin, seconds)
 
 
 ###############################################################################
@@ -7263,7 +7671,8 @@ CONNECTORS = {
 class Backend(object):
     """Runs connection handlers. Contract: ``start()``, ``submit(function, *args)``
     (may block when saturated: that is the back-pressure on the accept loop),
-    ``stop()``, ``reconfigure(config)``, ``describe()`` -> str for the control socket.
+    ``stop()``, ``reconfigure(config)``, ``describe()`` -> str for the control socket,
+    ``worker_usage()`` -> (busy, running, most) workers for the metrics.
     """
 
     name = None
@@ -7285,6 +7694,9 @@ class Backend(object):
 
     def describe(self):
         return ''
+
+    def worker_usage(self):
+        return 0, 0, 0
 
 
 class ThreadBackend(Backend):
@@ -7390,6 +7802,10 @@ class ThreadBackend(Backend):
 
     SHUTDOWN_GRACE = 10
 
+    def worker_usage(self):
+        with self.lock:
+            return len(self.workers) - self.idle, len(self.workers), self.maxthreads
+
     def describe(self):
         states = list(self.workers.items())
         lines = ['Total %d worker threads' % len(states)]
@@ -7434,23 +7850,29 @@ def parse_incomingport(entry, bindaddress):
 
 
 class Listener(object):
-    """One listening socket with its accept thread; accepted connections go to the
-    backend, which runs ``connector.handle``."""
+    """One listening socket with its accept thread. ``__init__`` binds (the daemon does
+    that before dropping privileges, so ports below 1024 work); ``start(connector)``
+    starts accepting, and the backend runs ``connector.handle`` for every connection."""
 
-    def __init__(self, controller, connector, backlog):
+    def __init__(self, controller, address, port, backlog):
         self.controller = controller
-        self.connector = connector
-        self.logger = logging.getLogger('fuglu.incoming.%s' % connector.port)
-        family = socket.AF_INET6 if ':' in connector.address else socket.AF_INET
+        self.connector = None
+        self.logger = logging.getLogger('fuglu.incoming.%s' % port)
+        family = socket.AF_INET6 if ':' in address else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((connector.address, connector.port))
-        self.sock.listen(backlog if backlog > 0 else socket.SOMAXCONN)
+        try:
+            self.sock.bind((address, port))
+            self.sock.listen(backlog if backlog > 0 else socket.SOMAXCONN)
+        except OSError:
+            self.sock.close()
+            raise
         self.stay_alive = True
-        self.thread = threading.Thread(target=self.serve, name='listener-%s' % connector.port)
+        self.thread = threading.Thread(target=self.serve, name='listener-%s' % port)
         self.thread.daemon = True
 
-    def start(self):
+    def start(self, connector):
+        self.connector = connector
         self.thread.start()
 
     def serve(self):
@@ -7484,42 +7906,96 @@ class Listener(object):
 # Control server
 ###############################################################################
 
+def control_socket_path(config):
+    """The unix control socket of ``config`` (None for a TCP port or none at all), moved
+    out of a world-writable directory (see "Files in shared directories")."""
+    spec = config.get('main', 'controlport').strip()
+    if not spec or spec.isdigit():
+        return None
+    return shared_file_path(spec, 'run')
+
+
+def unix_socket_answers(path):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(path)
+            return True
+        except OSError:
+            return False
+
+
 class ControlServer(object):
     """The control socket (spec 7.1): one command per connection, a text reply.
-    Commands: stats, uptime, workerlist, threadlist, exceptionlist. A unix socket is
-    created with mode 0600 from the start; a TCP port needs controltoken unless it is
-    bound to loopback. There is no remote Python console."""
 
-    def __init__(self, controller):
+    ``__init__`` binds (before privileges are dropped; a unix socket is created with
+    mode 0600 and given to the daemon user ``owner``), ``start()`` serves, ``stop()``
+    closes and removes the socket file. A TCP port needs controltoken unless it is
+    bound to loopback. Commands are the ``command_<name>`` methods; there is no remote
+    Python console."""
+
+    def __init__(self, controller, owner=None):
         self.controller = controller
         config = controller.config
         self.logger = logging.getLogger('fuglu.control')
         self.spec = config.get('main', 'controlport').strip()
         self.token = config.get('main', 'controltoken').strip()
         self.unix_path = None
+        self._unix_inode = None
         if self.spec.isdigit():
             address = config.get('main', 'controladdress').strip() or '127.0.0.1'
-            is_loopback = address in ('localhost',) or ipaddress.ip_address(address).is_loopback
-            if not is_loopback and not self.token:
+            if not is_loopback_address(address) and not self.token:
                 raise ConfigProblem('controlport %s on %s needs controltoken' % (self.spec, address))
             family = socket.AF_INET6 if ':' in address else socket.AF_INET
             self.sock = socket.socket(family, socket.SOCK_STREAM)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.sock.bind((address, int(self.spec)))
         else:
-            self.unix_path = self.spec
-            if os.path.exists(self.unix_path):
-                os.unlink(self.unix_path)
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            old_umask = os.umask(0o177)
-            try:
-                self.sock.bind(self.unix_path)
-            finally:
-                os.umask(old_umask)
+            self.unix_path = control_socket_path(config)
+            self.sock = self._bind_unix(self.unix_path, owner)
         self.sock.listen(16)
         self.thread = threading.Thread(target=self.serve, name='control')
         self.thread.daemon = True
         self.running = True
+
+    def _bind_unix(self, path, owner):
+        directory, name = os.path.split(path)
+        if path != os.path.abspath(self.spec):
+            prepare_shared_home(directory, 'run', owner)
+        owners = {0, os.geteuid()} | ({owner[0]} if owner else set())
+        dir_fd = open_directory(directory, owners=owners)
+        try:
+            try:
+                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                info = None
+            if info is not None:
+                # a socket left by an earlier fuglu is replaced; anything else is not ours to remove
+                if not stat.S_ISSOCK(info.st_mode):
+                    raise ConfigProblem('controlport %s exists and is not a socket: remove it or '
+                                        'choose another path' % path)
+                if info.st_uid not in owners:
+                    raise ConfigProblem('controlport %s belongs to uid %d, not to fuglu'
+                                        % (path, info.st_uid))
+                if unix_socket_answers(path):
+                    raise ConfigProblem('controlport %s is in use by a running fuglu' % path)
+                os.unlink(name, dir_fd=dir_fd)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old_umask = os.umask(0o177)
+            try:
+                sock.bind(path)
+            except OSError:
+                sock.close()
+                raise
+            finally:
+                os.umask(old_umask)
+            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            self._unix_inode = (info.st_dev, info.st_ino)
+            if owner is not None and os.geteuid() == 0:
+                os.chown(name, owner[0], owner[1], dir_fd=dir_fd, follow_symlinks=False)
+            return sock
+        finally:
+            os.close(dir_fd)
 
     def start(self):
         self.thread.start()
@@ -7549,41 +8025,657 @@ class ControlServer(object):
                 return 'ERR authentication required\n'
             request = request[len(prefix):]
         command, _, args = request.lower().partition(' ')
-        controller = self.controller
-        if command == 'stats':
-            return controller.stats.report()
-        if command == 'uptime':
-            start = controller.stats.starttime
-            return 'Fuglu was started on %s\nuptime: %s\n' % (
-                time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(start)), format_duration(time.time() - start))
-        if command == 'workerlist':
-            return controller.backend.describe() + '\n'
-        if command == 'threadlist':
-            threads = threading.enumerate()
-            return '\n'.join(['Total %d Threads' % len(threads)] + [
-                'name=%s alive=%s daemon=%s' % (t.name, t.is_alive(), t.daemon) for t in threads]) + '\n'
-        if command == 'exceptionlist':
-            return '\n\n'.join('%s %s\n%s' % (time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(stamp)), thread, trace)
-                               for stamp, thread, trace in controller.exceptions) + '\n'
-        return 'ERR no such command: %s\n' % command
+        method = getattr(self, 'command_' + command, None) if command.isidentifier() else None
+        if method is None:
+            return 'ERR no such command: %s\n' % command
+        return method(args.strip())
+
+    # -- commands: the first docstring line is the `help` text --------------------
+    def command_help(self, args):
+        """this list"""
+        lines = ['Commands:']
+        for name in sorted(dir(self)):
+            if name.startswith('command_'):
+                doc = (getattr(self, name).__doc__ or '').strip().splitlines()[0]
+                lines.append('%-14s %s' % (name[len('command_'):], doc))
+        return '\n'.join(lines) + '\n'
+
+    def command_stats(self, args):
+        """message counters and the average scan time"""
+        return self.controller.stats.report()
+
+    def command_uptime(self, args):
+        """when fuglu started and how long ago"""
+        start = self.controller.stats.starttime
+        return 'Fuglu was started on %s\nuptime: %s\n' % (
+            time.strftime('%Y-%m-%d %H:%M:%S',
+                          time.localtime(start)), format_duration(time.time() - start))
+
+    def command_workerlist(self, args):
+        """the workers and what each one does"""
+        return self.controller.backend.describe() + '\n'
+
+    def command_threadlist(self, args):
+        """every thread of the process"""
+        threads = threading.enumerate()
+        return '\n'.join(['Total %d Threads' % len(threads)] + [
+            'name=%s alive=%s daemon=%s' % (t.name, t.is_alive(),
+                                            t.daemon) for t in threads]) + '\n'
+
+    def command_exceptionlist(self, args):
+        """the last 10 errors with their tracebacks"""
+        return '\n\n'.join('%s %s\n%s' % (time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(stamp)),
+                                          thread,
+                                            trace)
+                            for stamp, thread, trace in self.controller.exceptions) + '\n'
+
+    def command_metrics(self, args):
+        """the counters in Prometheus text format"""
+        return metrics_text(self.controller)
 
     def stop(self):
         self.running = False
         try:
             self.sock.close()
+        except OSError:
+            pass
+        if self.unix_path:
+            # only our own socket: a later fuglu may have replaced it meanwhile
+            try:
+                info = os.stat(self.unix_path, follow_symlinks=False)
+                if (info.st_dev, info.st_ino) == self._unix_inode:
+                    os.unlink(self.unix_path)
+            except FileNotFoundError:
+                pass
+            except OSError as error:
+                self.logger.warning('cannot remove the control socket %s: %s', self.unix_path,
+                                    error)
+
+
+###############################################################################
+# Monitoring: Prometheus metrics, MRTG files
+###############################################################################
+
+def prometheus_label(value):
+    return str(value).replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
+
+
+def metrics_text(controller):
+    """The counters in the Prometheus text exposition format (version 0.0.4)."""
+    stats = controller.stats
+    out = []
+
+    def metric(name, kind, help_text, samples):
+        out.append('# HELP %s %s' % (name, help_text))
+        out.append('# TYPE %s %s' % (name, kind))
+        for labels, value in samples:
+            label_text = ','.join('%s="%s"' % (key, prometheus_label(val)) for key, val in labels)
+            out.append('%s%s %s' % (name, '{%s}' % label_text if label_text else '',
+                                    repr(float(value))
+                                    if isinstance(value, float) else value))
+
+    busy, running, most = controller.backend.worker_usage() if controller.backend else (0, 0, 0)
+    with stats.lock:
+        verdicts = sorted(stats.verdicts.items())
+        plugin_times = sorted(stats.plugin_times.items())
+        plugin_errors = sorted(stats.plugin_errors.items())
+        counters = [('received', stats.incount), ('delivered', stats.outcount),
+                    ('ham', stats.hamcount),
+                    ('spam', stats.spamcount), ('virus', stats.viruscount),
+                    ('blocked', stats.blockedcount)]
+        in_flight = len(stats.in_flight)
+        errors = stats.errors
+    metric('fuglu_info', 'gauge', 'fuglu version and identifier.',
+           [((('version', __version__),
+              ('identifier', controller.config.get('main', 'identifier'))), 1)])
+    metric('fuglu_uptime_seconds', 'gauge', 'Seconds since fuglu started.',
+           [((), round(time.time() - stats.starttime, 3))])
+    metric('fuglu_messages_total', 'counter',
+           'Messages scanned, by verdict (DEFER includes messages that could not be delivered).',
+           [((('verdict', name.lower()),), count) for name, count in verdicts])
+    metric('fuglu_messages_counted_total', 'counter',
+           'Messages as counted by control stats and MRTG.',
+           [((('kind', kind),), count) for kind, count in counters])
+    metric('fuglu_messages_in_flight', 'gauge', 'Messages being scanned or delivered right now.',
+           [((), in_flight)])
+    metric('fuglu_plugin_seconds_total', 'counter', 'Time spent in each plugin.',
+           [((('stage', stage), ('plugin', plugin)), round(runs_seconds[1], 6))
+            for (stage, plugin), runs_seconds in plugin_times])
+    metric('fuglu_plugin_runs_total', 'counter', 'Plugin runs.',
+           [((('stage', stage), ('plugin', plugin)), runs_seconds[0])
+            for (stage, plugin), runs_seconds in plugin_times])
+    metric('fuglu_plugin_errors_total', 'counter', 'Exceptions raised by each plugin.',
+           [((('plugin', plugin),), count) for plugin, count in plugin_errors])
+    metric('fuglu_errors_total', 'counter', 'Errors recorded (control exceptionlist).',
+           [((), errors)])
+    metric('fuglu_workers', 'gauge', 'Workers by state; "limit" is the most the backend starts.',
+           [((('state', 'busy'),), busy), ((('state', 'idle'),), running - busy),
+            ((('state', 'limit'),), most)])
+    return '\n'.join(out) + '\n'
+
+
+def parse_loopback_listen(value):
+    """main.metrics_listen: 'port' or 'address:port' on a loopback address -> (address,
+    port); ValueError otherwise (the metrics carry no authentication)."""
+    value = value.strip()
+    if value.isdigit():
+        address, port = '127.0.0.1', value
+    else:
+        address, _, port = value.rpartition(':')
+        address = address.strip('[]')
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError('metrics_listen %r: expected [loopback address:]port' % value)
+    if not is_loopback_address(address):
+        raise ValueError('metrics_listen %r: only a loopback address is allowed (no '
+                         'authentication)' % value)
+    return address, int(port)
+
+
+class MetricsServer(object):
+    """The optional HTTP listener of main.metrics_listen: GET /metrics answers
+    metrics_text(). Bound by ``__init__`` (before privileges are dropped), served by
+    ``start()`` in a thread, closed by ``stop()``."""
+
+    def __init__(self, controller):
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+        address, port = parse_loopback_listen(controller.config.get('main', 'metrics_listen'))
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(handler):
+                if handler.path.split('?')[0] not in ('/metrics', '/'):
+                    handler.send_error(404)
+                    return
+                body = metrics_text(controller).encode('utf-8')
+                handler.send_response(200)
+                handler.send_header('Content-Type', 'text/plain; version=0.0.4; charset=utf-8')
+                handler.send_header('Content-Length', str(len(body)))
+                handler.end_headers()
+                handler.wfile.write(body)
+
+            def log_message(handler, *args):
+                pass
+
+        class Server(HTTPServer):
+            address_family = socket.AF_INET6 if ':' in address else socket.AF_INET
+
+        self.server = Server((address, port), Handler)
+        self.address = '%s:%d' % (address, port)
+        self.thread = threading.Thread(target=self.server.serve_forever, name='metrics',
+                                       daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        if self.thread.is_alive():
+            self.server.shutdown()
+        self.server.server_close()
+
+
+def mrtg_uptime(seconds):
+    """FuGlu's MRTG uptime text: '1 day, 2 hours, 0 minutes, 5 seconds' (leading zero
+    units left out)."""
+    seconds = int(seconds)
+    parts, started = [], False
+    for size, unit in ((86400, 'day'), (3600, 'hour'), (60, 'minute')):
+        count, seconds = divmod(seconds, size)
+        if count or started:
+            started = True
+            parts.append('%d %s%s' % (count, unit, '' if count == 1 else 's'))
+    parts.append('%d second%s' % (seconds, '' if seconds == 1 else 's'))
+    return ', '.join(parts)
+
+
+class MrtgWriter(object):
+    """main.mrtgdir: every main.mrtg_interval seconds the files inout, hamspam,
+    threads, virus and scantime are replaced, each with FuGlu's four lines: value,
+    second value (or 0), uptime, 'FuGLU'."""
+
+    IDENTIFIER = 'FuGLU'
+
+    def __init__(self, controller, directory):
+        self.controller = controller
+        self.directory = directory
+        self.interval = max(controller.config.getfloat('main', 'mrtg_interval'), 0.1)
+        self.logger = logging.getLogger('fuglu.stats')
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, name='mrtg', daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def run(self):
+        self.logger.info('writing MRTG statistics to %s every %g s', self.directory, self.interval)
+        while not self.stopped.wait(self.interval):
+            try:
+                self.write()
+            except OSError as error:
+                self.logger.error('cannot write the MRTG files in %s: %s', self.directory, error)
+
+    def files(self):
+        stats = self.controller.stats
+        uptime = mrtg_uptime(time.time() - stats.starttime)
+        average = '%.4f' % stats.average_scantime() if stats.average_scantime() else '0'
+        with stats.lock:
+            values = {'inout': (float(stats.incount), float(stats.outcount)),
+                      'hamspam': (float(stats.hamcount), float(stats.spamcount)),
+                      'threads': (threading.active_count(), 0),
+                      'virus': (float(stats.viruscount), 0),
+                      'scantime': (average, 0)}
+        return {name: ('%s\n%s\n%s\n%s\n' % (first, second or 0, uptime, self.IDENTIFIER)).encode()
+                for name, (first, second) in values.items()}
+
+    def write(self):
+        dir_fd = open_directory(self.directory)
+        try:
+            for name, data in sorted(self.files().items()):
+                write_file_at(dir_fd, name, data, mode=0o644)
         finally:
-            if self.unix_path and os.path.exists(self.unix_path):
-                os.unlink(self.unix_path)
+            os.close(dir_fd)
+
+    def stop(self):
+        self.stopped.set()
 
 
 ###############################################################################
 # Daemon
 ###############################################################################
+# The process around the MainController, in functions any backend can call: who the
+# daemon runs as (service_account, drop_privileges), the pid file (PidFile), telling
+# the starter how start-up went (daemonize, StartupReport, notify_service_manager:
+# systemd's sd_notify) and the logs (setup_logging, reopen_log_files).
+#
+# Start-up order (start_daemon): the pid file, every listening socket (ports below 1024
+# need root), the control socket, the metrics listener and the directories shared
+# paths were moved to are made as root; the plugin modules are imported; then
+# privileges are dropped, in every mode (-f too), before logging opens its files and
+# before the plugins are created and the first connection is accepted. What the
+# daemon must remove at exit belongs to its user.
+
+class ServiceAccount(object):
+    """The account a root-started fuglu becomes: main.user and the first existing
+    group of main.group (the user's own group when that option is empty or names no
+    existing group: ``group_problem`` says so)."""
+
+    def __init__(self, name, uid, gid, groups, group_problem=None):
+        self.name, self.uid, self.gid, self.groups = name, uid, gid, groups
+        self.group_problem = group_problem
+
+    @property
+    def owner(self):
+        return self.uid, self.gid
+
+
+def service_account(config):
+    """ServiceAccount of main.user/main.group; ConfigProblem when the user does not
+    exist."""
+    import grp
+    import pwd
+    name = config.get('main', 'user').strip() or 'nobody'
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigProblem('%s: user %s does not exist' % (config.where('main', 'user'), name))
+    groups = parse_list(config.get('main', 'group'))
+    gid, problem = entry.pw_gid, None
+    for group in groups:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+            break
+        except KeyError:
+            continue
+    else:
+        if groups:
+            try:
+                own = grp.getgrgid(gid).gr_name
+            except KeyError:
+                own = str(gid)
+            problem = '%s: none of the groups %s exists: user %s\'s own group %s is used' % (
+                config.where('main', 'group'), ', '.join(groups), name, own)
+    return ServiceAccount(name, entry.pw_uid, gid, os.getgrouplist(name, gid), problem)
+
+
+def drop_privileges(account):
+    """Become ``account`` when running as root (supplementary groups, group, user:
+    for good, the saved ids too). Returns True when the identity changed."""
+    if os.geteuid() != 0 or account.uid == 0:
+        return False
+    os.setgroups(account.groups)
+    os.setresgid(account.gid, account.gid, account.gid)
+    os.setresuid(account.uid, account.uid, account.uid)
+    if os.geteuid() != account.uid or os.getuid() != account.uid:
+        raise OSError('could not become %s' % account.name)
+    # helpers the daemon starts find the user's home, not root's
+    import pwd
+    os.environ['HOME'] = pwd.getpwuid(account.uid).pw_dir
+    return True
+
+
+def readable_by(path, account):
+    """Whether ``account`` may read ``path`` and enter every folder on the way, by the
+    permission bits (ACLs are not looked at)."""
+    if account.uid == 0:
+        return True
+    path = os.path.abspath(path)
+    parts = path.split('/')
+    for index in range(1, len(parts) + 1):
+        current = '/'.join(parts[:index]) or '/'
+        try:
+            info = os.stat(current)
+        except OSError:
+            return False
+        need = 0o1 if index < len(parts) else (0o5 if stat.S_ISDIR(info.st_mode) else 0o4)
+        if info.st_uid == account.uid:
+            bits = info.st_mode >> 6
+        elif info.st_gid == account.gid or info.st_gid in account.groups:
+            bits = info.st_mode >> 3
+        else:
+            bits = info.st_mode
+        if bits & need != need:
+            return False
+    return True
+
+
+# Standard library modules fuglu and its bundled plugins import on first use, and the
+# codecs mail may need. A Python installed where only root can read (pyenv under
+# /root) cannot import them once fuglu runs as main.user: preload_modules() imports
+# them before the privilege drop in that case.
+PRELOAD_MODULES = (
+    'email.parser', 'email.feedparser', 'email.policy', 'email.utils', 'email.generator',
+    'email.header',
+    'email.headerregistry', 'email._header_value_parser', 'email.message', 'email.charset',
+    'email.encoders', 'email.iterators', 'email.contentmanager', 'email.mime.multipart',
+    'email.mime.text',
+    'email.mime.application', 'email.mime.base', 'email.mime.nonmultipart', 'quopri', 'base64',
+    'html', 'html.parser', 'zipfile', 'tarfile', 'gzip', 'bz2', 'lzma', 'json', 'hmac', 'hashlib',
+    'mimetypes', 'http.server', 'logging.handlers', 'logging.config', 'weakref', 'glob', 'fcntl',
+    'tempfile', 'ctypes', 'calendar', 'datetime', 'locale', 'random', 'uuid', 'unicodedata',
+    'importlib.util', 'subprocess', 'select', 'selectors', 'socketserver', 'argparse', 'shutil',
+    'asyncio', 'email.mime.message', 'encodings.aliases', 'errno', 'functools', 'grp',
+    'importlib.machinery', 'io', 'pkgutil', 'pwd', 'smtplib', 'sqlite3', 'types',
+    'urllib.parse', 'inspect')
+
+
+def preload_modules(account):
+    """Import PRELOAD_MODULES and every codec when ``account`` cannot read the
+    standard library; returns the number of modules imported."""
+    if readable_by(os.path.dirname(os.__file__), account):
+        return 0
+    import encodings
+    import pkgutil
+    codecs = ['encodings.' + info.name for info in pkgutil.iter_modules(encodings.__path__)]
+    names = list(PRELOAD_MODULES) + codecs
+    loaded = 0
+    for name in names:
+        try:
+            importlib.import_module(name)
+            loaded += 1
+        except Exception:   # a codec of another platform (mbcs), a module this Python lacks
+            continue
+    return loaded
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+class PidFile(object):
+    """A pid file that proves a running fuglu: opened without following a link, locked
+    (fcntl) for the life of the process, never rewritten while another process holds
+    the lock, removed at exit (emptied when its directory does not let the daemon user
+    remove it). A path in a world-writable directory is moved (shared_file_path)."""
+
+    def __init__(self, path):
+        self.path = shared_file_path(path, 'run')
+        self.configured = path
+        self.dir_fd = self.fd = None
+
+    def acquire(self, owner=None):
+        """Create and lock; AlreadyRunning when another process holds the lock."""
+        import fcntl
+        directory, name = os.path.split(self.path)
+        if self.path != os.path.abspath(self.configured):
+            prepare_shared_home(directory, 'run', owner)
+        owners = {0, os.geteuid()} | ({owner[0]} if owner else set())
+        self.dir_fd = open_directory(directory, owners=owners)
+        flags = os.O_RDWR | os.O_CREAT | O_NOFOLLOW | O_CLOEXEC
+        try:
+            fd = os.open(name, flags, 0o644, dir_fd=self.dir_fd)
+        except OSError as error:
+            self._close_dir()
+            raise UnsafeLocation('pid file %s: %s' % (self.path, error.strerror or error))
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1 or info.st_uid not in owners:
+            os.close(fd)
+            self._close_dir()
+            raise UnsafeLocation('pid file %s is not a plain file of fuglu\'s own' % self.path)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            running = os.pread(fd, 32, 0).decode('ascii', 'replace').strip()
+            os.close(fd)
+            self._close_dir()
+            raise AlreadyRunning('fuglu is already running (pid %s, pid file %s)' % (running or '?',
+                                                                                     self.path))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, ('%d\n' % os.getpid()).encode(), 0)
+        os.fchmod(fd, 0o644)
+        self.fd = fd
+        return self
+
+    def _close_dir(self):
+        if self.dir_fd is not None:
+            os.close(self.dir_fd)
+            self.dir_fd = None
+
+    def release(self):
+        """Remove the pid file (only our own) and give up the lock."""
+        if self.fd is None:
+            return
+        name = os.path.basename(self.path)
+        try:
+            mine = os.fstat(self.fd)
+            current = os.stat(name, dir_fd=self.dir_fd, follow_symlinks=False)
+            if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                os.unlink(name, dir_fd=self.dir_fd)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            os.ftruncate(self.fd, 0)   # an empty pid file names no process
+        os.close(self.fd)
+        self.fd = None
+        self._close_dir()
+
+
+def notify_service_manager(*fields):
+    """sd_notify(3), written with the standard library: the ``KEY=value`` fields as one
+    datagram to the unix socket named in $NOTIFY_SOCKET (a path, or an abstract name
+    starting with '@'). Nothing happens outside systemd's Type=notify. True when sent."""
+    address = os.environ.get('NOTIFY_SOCKET', '')
+    if not address or address[0] not in '/@':
+        return False
+    if address[0] == '@':
+        address = '\0' + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall('\n'.join(fields).encode('utf-8'))
+        return True
+    except OSError as error:
+        logging.getLogger('fuglu.main').warning('cannot notify the service manager at %s: %s',
+                                                os.environ.get('NOTIFY_SOCKET'), error)
+        return False
+
+
+def monotonic_usec():
+    """CLOCK_MONOTONIC in microseconds (what systemd wants with RELOADING=1)."""
+    if hasattr(time, 'clock_gettime_ns'):
+        return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    return int(time.monotonic() * 1000000)
+
+
+class StartupReport(object):
+    """How start-up went, for whoever waits for it: the parent of a daemonized fuglu
+    (through a pipe; it exits with the status it reads) and systemd (sd_notify).
+    ``ready(status_text)`` once fuglu serves, ``failed(message, status)`` otherwise."""
+
+    def __init__(self, pipe_fd=None):
+        self.pipe_fd = pipe_fd
+
+    def _tell_parent(self, text):
+        if self.pipe_fd is None:
+            return
+        try:
+            os.write(self.pipe_fd, text.encode('utf-8', 'replace'))
+        except OSError:
+            pass
+        os.close(self.pipe_fd)
+        self.pipe_fd = None
+
+    def ready(self, status_text=''):
+        self._tell_parent('READY\n')
+        notify_service_manager('READY=1', 'MAINPID=%d' % os.getpid(), 'STATUS=%s' % status_text)
+
+    def failed(self, message, status=1):
+        self._tell_parent('FAILED %d %s\n' % (status, one_line(message, 2000)))
+        notify_service_manager('STATUS=start-up failed: %s' % one_line(message, 200),
+                               'ERRNO=%d' % status)
+
+
+def daemonize():
+    """Double fork into a new session. The original process stays until the daemon
+    reports through its StartupReport, prints a failure on stderr and exits with the
+    daemon's status: 0 once it serves, the failure's exit code otherwise. Returns the
+    daemon's StartupReport."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(write_fd)
+        chunks = []
+        while True:
+            chunk = os.read(read_fd, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.waitpid(child, 0)
+        answer = b''.join(chunks).decode('utf-8', 'replace')
+        if answer.startswith('READY'):
+            os._exit(0)
+        status, message = 1, 'fuglu ended during start-up without saying why (see its log)'
+        if answer.startswith('FAILED '):
+            parts = answer.rstrip('\n').split(' ', 2)
+            status, message = int(parts[1]), parts[2] if len(parts) > 2 else ''
+        sys.stderr.write('fuglu did not start: %s\n' % message)
+        sys.stderr.flush()
+        os._exit(status if 0 < status < 256 else 1)
+    os.close(read_fd)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir('/')
+    os.umask(0o077)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    if devnull > 2:
+        os.close(devnull)
+    os.set_inheritable(write_fd, False)
+    return StartupReport(write_fd)
+
+
+FOREGROUND_LOG_FORMAT = '[%(process)d] %(asctime)s : %(name)s: %(levelname)s, %(message)s'
+FILE_LOG_FORMAT = '%(asctime)s %(name)-12s: %(levelname)s %(message)s'
+SYSLOG_FORMAT = 'fuglu[%(process)d]: %(name)s: %(levelname)s %(message)s'
+DAEMON_LOG_FILE = '/var/log/fuglu/fuglu.log'
+
+
+def setup_logging(config, logconfig, foreground, baseloglevel):
+    """The daemon's logging, set up after privileges were dropped, so that its files
+    belong to the daemon user and SIGHUP can reopen them: ``logconfig`` (a
+    logging.fileConfig file) if given, else stderr in the foreground and
+    DAEMON_LOG_FILE when daemonized; main.syslog adds the local syslog.
+    Returns a description for the start-up log line."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):   # the start-up handler on stderr
+        root.removeHandler(handler)
+    # our formats name no source file, line or function: skip finding the caller's
+    # frame for every record (the costliest part of a log call)
+    logging._srcfile = None
+    logging.logMultiprocessing = False
+    level = getattr(logging, baseloglevel.upper(), logging.INFO)
+    if logconfig:
+        from logging import config as logging_config
+        logging_config.fileConfig(logconfig, disable_existing_loggers=False)
+        target = 'logging configured from %s' % logconfig
+    else:
+        root.setLevel(level)
+        if foreground:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter(FOREGROUND_LOG_FORMAT))
+            target = 'logging to stderr'
+        else:
+            handler = logging.FileHandler(DAEMON_LOG_FILE)
+            handler.setFormatter(logging.Formatter(FILE_LOG_FORMAT))
+            target = 'logging to %s' % DAEMON_LOG_FILE
+        root.addHandler(handler)
+    if config.getboolean('main', 'syslog'):
+        root.addHandler(syslog_handler(config))
+        target += ' and to syslog (facility %s)' % config.get('main', 'syslog_facility').strip()
+    return target
+
+
+def syslog_handler(config):
+    from logging.handlers import SysLogHandler
+    facility = config.get('main', 'syslog_facility').strip().lower()
+    if facility not in SysLogHandler.facility_names:
+        raise ConfigProblem('%s: unknown syslog facility %r' % (config.where('main',
+                                                                             'syslog_facility'),
+                                                                facility))
+    handler = SysLogHandler(address=config.get('main', 'syslog_address').strip(),
+                            facility=SysLogHandler.facility_names[facility])
+    handler.setFormatter(logging.Formatter(SYSLOG_FORMAT))
+    return handler
+
+
+def log_handlers():
+    handlers = list(logging.getLogger().handlers)
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        handlers.extend(getattr(logger, 'handlers', []))
+    return handlers
+
+
+def reopen_log_files():
+    """Every log file handler opens its file again (kill -HUP after logrotate moved
+    the files). Returns the paths reopened."""
+    reopened = []
+    for handler in log_handlers():
+        if not isinstance(handler, logging.FileHandler):
+            continue
+        handler.acquire()
+        try:
+            if handler.stream is not None:
+                handler.stream.flush()
+                handler.stream.close()
+            handler.stream = handler._open()
+            reopened.append(handler.baseFilename)
+        except OSError as error:
+            handler.stream = None
+            logging.getLogger('fuglu.main').error('cannot reopen log file %s: %s',
+                                                  handler.baseFilename, error)
+        finally:
+            handler.release()
+    return reopened
+
 
 class MainController(object):
     """Owns the configuration, the plugins, the backend, the listeners and the
-    control server. ``startup()`` brings them up, ``run()`` idles until stopped,
-    ``reload()`` applies a changed configuration (SIGHUP), ``shutdown()`` ends it."""
+    control server. ``bind(owner)`` makes the sockets and directories that need
+    root, ``startup()`` brings up the rest (and binds first when nobody did),
+    ``reload()`` applies a changed configuration (SIGHUP), ``shutdown()`` ends it:
+    every step runs even when an earlier one failed, and mail in flight gets
+    the backend's grace period."""
 
     def __init__(self, config, config_path=None, configdir=None):
         self.config = config
@@ -7596,6 +8688,10 @@ class MainController(object):
         self.backend = None
         self.listeners = {}
         self.control = None
+        self.metrics = None
+        self.mrtg = None
+        self.bound = False
+        self.owner = None
         self.stayalive = True
         self.trusted_networks = None
         self.smtp_sessions = set()   # SMTP sessions, so shutdown can wake those waiting for a command
@@ -7610,7 +8706,9 @@ class MainController(object):
                         config.getint('main', 'address_compliance_checker_maxsize'))
 
     def record_exception(self, trace):
-        self.exceptions = (self.exceptions + [(time.time(), threading.current_thread().name, trace)])[-10:]
+        self.stats.error()
+        self.exceptions = (self.exceptions + [(time.time(), threading.current_thread().name,
+                                               trace)])[-10:]
 
     # -- plugins ----------------------------------------------------------------
     def load_plugins(self, config=None):
@@ -7631,16 +8729,56 @@ class MainController(object):
         return specs
 
     # -- life cycle -------------------------------------------------------------
+    def bind(self, owner=None):
+        """The part of start-up that may need root: every listening socket, the
+        control socket and the metrics listener, the directories shared paths were
+        moved to (given to ``owner``, the daemon user's (uid, gid)), and importing
+        the plugin modules (so fuglu may live where only root can read)."""
+        config = self.config
+        self.owner = owner
+        self.bound = True
+        for protocol, address, port in self.listen_specs():
+            if protocol not in CONNECTORS:
+                raise ConfigProblem('%s: unknown protocol %r (available: %s)' % (
+                    config.where('main', 'incomingport'), protocol, ', '.join(sorted(CONNECTORS))))
+            self.bind_listener(protocol, address, port)
+        for directory, home in shared_homes_needed(config):
+            prepare_shared_home(directory, home, owner)
+        if config.get('main', 'controlport').strip():
+            self.control = ControlServer(self, owner)
+        if config.get('main', 'metrics_listen').strip():
+            self.metrics = MetricsServer(self)
+        add_plugin_dirs(config)
+        for option in ('plugins', 'prependers', 'appenders', 'mplugins'):
+            for name, _section in split_plugin_list(config.get('main', option)):
+                resolve_plugin_class(name, config)
+
+    def bind_listener(self, protocol, address, port):
+        try:
+            listener = Listener(self, address, port,
+                                self.config.getint('performance', 'listen_backlog'))
+        except OSError as error:
+            raise OSError('cannot listen on %s:%s:%d: %s' % (protocol, address, port,
+                                                             error.strerror or error))
+        self.listeners[(protocol, address, port)] = listener
+        return listener
+
     def startup(self):
         config = self.config
+        if not self.bound:
+            self.bind()
+        self.logger.info('fuglu %s, configuration %s', __version__,
+                         config.get('main', 'identifier'))
         self.plugins, self.prependers, self.appenders = self.load_plugins()
         self.logger.info('plugins: scanners=%s prependers=%s appenders=%s',
                          [str(p) for p in self.plugins], [str(p) for p in self.prependers],
                          [str(p) for p in self.appenders])
         self.logger.info(runtime_config_summary(config))
+        self.log_findings(startup_findings(config, self.plugins + self.prependers + self.appenders))
         backend_name = config.get('performance', 'backend').strip().lower()
         if backend_name not in BACKENDS:
-            raise ConfigProblem('unknown backend %r (available: %s)' % (backend_name, ', '.join(BACKENDS)))
+            raise ConfigProblem('unknown backend %r (available: %s)' % (backend_name,
+                                                                        ', '.join(BACKENDS)))
         self.backend = BACKENDS[backend_name](config)
         self.backend.start()
         if backend_name == 'thread':
@@ -7648,25 +8786,41 @@ class MainController(object):
                              self.backend.maxthreads)
         if self.trusted_networks is None and any(
                 not is_loopback_address(address) for _, address, _ in self.listen_specs()):
-            self.logger.warning('trusted_xforward_peers is empty: every client may supply client information')
-        for spec in self.listen_specs():
-            self.start_listener(*spec)
-        if config.get('main', 'controlport').strip():
-            self.control = ControlServer(self)
+            self.logger.warning('trusted_xforward_peers is empty: every client may supply client '
+                                'information')
+        for spec, listener in self.listeners.items():
+            self.start_listener(spec, listener)
+        if self.control is not None:
             self.control.start()
-            self.logger.info('control socket listening on %s', self.control.spec)
+            self.logger.info('control socket listening on %s',
+                             self.control.unix_path or self.control.spec)
+        if self.metrics is not None:
+            self.metrics.start()
+            self.logger.info('Prometheus metrics on http://%s/metrics', self.metrics.address)
+        self.start_mrtg()
         self.logger.info('Startup complete')
 
-    def start_listener(self, protocol, address, port):
-        if protocol not in CONNECTORS:
-            self.logger.error('incomingport %s:%s:%s: unknown protocol %r (available: %s)', protocol, address,
-                              port, protocol, ', '.join(sorted(CONNECTORS)))
-            return
-        connector = CONNECTORS[protocol](self, address, port)
-        listener = Listener(self, connector, self.config.getint('performance', 'listen_backlog'))
-        listener.start()
-        self.listeners[(protocol, address, port)] = listener
+    def start_listener(self, spec, listener):
+        protocol, address, port = spec
+        listener.start(CONNECTORS[protocol](self, address, port))
         self.logger.info('%s connector listening on %s:%d', protocol, address, port)
+
+    def start_mrtg(self):
+        mrtgdir = self.config.get('main', 'mrtgdir').strip()
+        if not mrtgdir:
+            return
+        directory = shared_directory(mrtgdir, 'mrtg')
+        if not os.path.isdir(directory):
+            self.logger.error('mrtgdir %s does not exist: no MRTG statistics', directory)
+            return
+        self.mrtg = MrtgWriter(self, directory)
+        self.mrtg.start()
+
+    def log_findings(self, findings):
+        for level, text in findings:
+            self.logger.log({'error': logging.ERROR, 'warning': logging.WARNING}.get(level,
+                                                                                     logging.INFO),
+                            text)
 
     def run(self):
         while self.stayalive:
@@ -7692,37 +8846,55 @@ class MainController(object):
                 self.listeners.pop(spec).stop()
                 self.logger.info('closed listener %s:%s:%s', *spec)
         for spec in wanted - set(self.listeners):
+            if spec[0] not in CONNECTORS:
+                self.logger.error('incomingport %s:%s:%s: unknown protocol', *spec)
+                continue
             try:
-                self.start_listener(*spec)
+                self.start_listener(spec, self.bind_listener(*spec))
             except OSError as error:
-                self.logger.error('cannot listen on %s:%s:%s: %s', spec[0], spec[1], spec[2], error)
-        self.logger.info('Reload config complete. Current configuration: %s', config.get('main', 'identifier'))
+                self.logger.error('%s', error)
+        self.logger.info('Reload config complete. Current configuration: %s',
+                         config.get('main', 'identifier'))
         return True
 
     def shutdown(self):
+        """Stop accepting, let mail in flight finish (the backend's grace period), then
+        stop the rest. A step that fails is logged; the next ones still run."""
         self.stayalive = False
-        for listener in self.listeners.values():
-            listener.stop()
+        steps = [('listener %s:%s:%s' % spec, listener.stop) for spec,
+                 listener in self.listeners.items()]
+        steps.append(('idle sessions', self._wake_idle_sessions))
+        for name, part in (('control socket', self.control), ('metrics listener', self.metrics),
+                           ('MRTG writer', self.mrtg), ('backend', self.backend)):
+            if part is not None:
+                steps.append((name, part.stop))
+        steps.append(('downstream connections',
+                      lambda: self.downstream_pool.purge(everything=True)))
+        for plugin in self.plugins + self.prependers + self.appenders:
+            steps.append(('plugin %s' % plugin, lambda plugin=plugin: shutdown_plugin(plugin)))
+        for name, step in steps:
+            try:
+                step()
+            except Exception:
+                self.logger.error('shutdown: stopping the %s failed: %s', name,
+                                  traceback.format_exc())
+        self.logger.info('shutdown complete')
+
+    def _wake_idle_sessions(self):
         for session in list(self.smtp_sessions):
             if session.waiting_for_client:
                 try:
                     session.sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-        if self.control is not None:
-            self.control.stop()
-        if self.backend is not None:
-            self.backend.stop()
-        self.downstream_pool.purge(everything=True)
-        for plugin in self.plugins + self.prependers + self.appenders:
-            try:
-                call_plugin(plugin.shutdown)
-                ashutdown = getattr(type(plugin), 'ashutdown', BasicPlugin.ashutdown)
-                if ashutdown is not BasicPlugin.ashutdown:   # no event loop for the no-op
-                    call_plugin(plugin.ashutdown)
-            except Exception:
-                self.logger.error('plugin %s shutdown failed: %s', plugin, traceback.format_exc())
-        self.logger.info('shutdown complete')
+
+
+def shutdown_plugin(plugin):
+    """A plugin's shutdown(), and its ashutdown() when it has its own (FuGlu 1.7)."""
+    call_plugin(plugin.shutdown)
+    ashutdown = getattr(type(plugin), 'ashutdown', BasicPlugin.ashutdown)
+    if ashutdown is not BasicPlugin.ashutdown:   # no event loop for the no-op
+        call_plugin(plugin.ashutdown)
 
 
 def is_loopback_address(address):
@@ -7734,9 +8906,113 @@ def is_loopback_address(address):
         return False
 
 
+class StartupFailed(Exception):
+    def __init__(self, message, status=1):
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+def start_daemon(config, config_path, configdir, logconfig, foreground, baseloglevel, pidfile):
+    """Start fuglu in the order described at the top of this section. Returns
+    (controller, pid file or None); raises StartupFailed with the exit status."""
+    logger = logging.getLogger('fuglu.main')
+    account = None
+    if os.geteuid() == 0:
+        try:
+            account = service_account(config)
+        except ConfigProblem as error:
+            raise StartupFailed(str(error))
+    owner = account.owner if account is not None and account.uid != 0 else None
+    for level, text in check_ports(config):
+        if level == 'error':
+            raise StartupFailed(text)
+    pid = controller = None
+    try:
+        if pidfile:
+            pid = PidFile(pidfile).acquire(owner)
+        controller = MainController(config, config_path, configdir)
+        controller.bind(owner)
+        if os.geteuid() == 0 and (logconfig or not foreground):
+            # the default log file and the bundled logging.conf write there, as the daemon user
+            prepare_shared_home(os.path.dirname(DAEMON_LOG_FILE), 'log', owner)
+        if account is not None and account.uid != 0:
+            if preload_modules(account):
+                logger.info('Python\'s library is not readable by user %s: its modules were loaded '
+                            'before dropping privileges', account.name)
+            drop_privileges(account)
+            logger.info('running as user %s (uid %d, gid %d)', account.name, account.uid,
+                        account.gid)
+        log_target = setup_logging(config, logconfig, foreground, baseloglevel)
+        logger.info('fuglu %s (python %s) starting, config %s, %s', __version__,
+                    sys.version.split()[0],
+                    config_path or '<embedded default>', log_target)
+        if account is not None and account.group_problem:
+            logger.warning('%s', account.group_problem)
+        controller.startup()
+    except AlreadyRunning as error:
+        raise StartupFailed(str(error))
+    except PluginLoadError as error:
+        logger.error('Some plugins failed to load: %s', error)
+        failure = StartupFailed('Some plugins failed to load, please check the logs. Aborting. '
+                                '(%s)' % error,
+                                EXIT_PLUGIN_LOAD_FAILED)
+    except (ConfigProblem, OSError, ValueError, configparser.Error) as error:
+        failure = StartupFailed(str(error))
+    else:
+        return controller, pid
+    if controller is not None:
+        controller.shutdown()
+    if pid is not None:
+        pid.release()
+    raise failure
+
+
+def serve_until_stopped(controller, pid=None, on_ready=None):
+    """The main loop: SIGHUP reloads the configuration and reopens the log files,
+    SIGTERM/SIGINT end it (mail in flight is finished first). Tells systemd about
+    each (RELOADING/READY, STOPPING). ``on_ready()`` is called once the signal handlers
+    are in place (a reload requested right after READY must not kill the daemon).
+    Returns the exit status."""
+    logger = logging.getLogger('fuglu.main')
+    stop_requested = threading.Event()
+    reload_requested = threading.Event()
+
+    def on_term(signum, frame):
+        stop_requested.set()
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    if hasattr(signal, 'SIGHUP'):
+        signal.signal(signal.SIGHUP, lambda signum, frame: reload_requested.set())
+    if on_ready is not None:
+        on_ready()
+    status = 0
+    try:
+        while controller.stayalive and not stop_requested.is_set():
+            stop_requested.wait(0.2)
+            controller.downstream_pool.purge()
+            if reload_requested.is_set():
+                reload_requested.clear()
+                notify_service_manager('RELOADING=1', 'MONOTONIC_USEC=%d' % monotonic_usec())
+                reopen_log_files()
+                controller.reload()
+                notify_service_manager('READY=1', 'STATUS=configuration reloaded')
+    except Exception:
+        logger.error('unhandled error: %s', traceback.format_exc())
+        status = EXIT_UNHANDLED
+    notify_service_manager('STOPPING=1')
+    logger.info('stopping: finishing the messages in flight')
+    controller.shutdown()
+    if pid is not None:
+        pid.release()
+    return status
+
+
 ###############################################################################
 # Lint
 ###############################################################################
+# Each check_* function returns findings, (level, text) with level 'error', 'warning',
+# 'info' or 'note' (lint only). `--lint` prints them and counts the errors; start-up
+# runs the same checks (a port error stops it, the rest is logged).
 
 OPTIONAL_DEPENDENCIES = (
     ('magic', 'python-magic: file type detection by content (attachment plugin)'),
@@ -7744,6 +9020,8 @@ OPTIONAL_DEPENDENCIES = (
     ('rarfile', 'rarfile: rar archive contents (attachment plugin)'),
     ('py7zr', 'py7zr: 7z archive contents (attachment plugin)'),
 )
+
+PLUGIN_LIST_OPTIONS = ('plugins', 'prependers', 'appenders', 'mplugins')
 
 
 def module_available(name):
@@ -7754,13 +9032,382 @@ def module_available(name):
         return False
 
 
-class Lint(object):
-    """`fuglu --lint`: checks dependencies, listeners, plugins and every option, and
-    prints what it finds. ``run()`` returns the number of errors."""
+def option_tables(config, plugins=None):
+    """(section, option table) of the core and of the plugins: the instances'
+    ``requiredvars`` when ``plugins`` are given, else those of the configured plugin
+    classes (imported, not created; classes that fail to import are left out)."""
+    tables = list(CORE_DEFAULTS.items())
+    if plugins is not None:
+        return tables + [(plugin.section, plugin.requiredvars) for plugin in plugins]
+    for option in PLUGIN_LIST_OPTIONS:
+        try:
+            entries = split_plugin_list(config.get('main', option))
+        except PluginLoadError:
+            continue
+        for name, section in entries:
+            try:
+                cls = resolve_plugin_class(name, config)
+            except PluginLoadError:
+                continue
+            table = getattr(cls, 'requiredvars', None)
+            if isinstance(table, dict):
+                tables.append((section or getattr(cls, 'default_section', None) or cls.__name__,
+                               table))
+    return tables
 
-    def __init__(self, config, out=None):
+
+def option_value(config, section, option, spec):
+    """The value of an option, its declared default when the component that declares
+    it was not created yet."""
+    value = config.get(section, option, fallback=None)
+    if value is None:
+        value = config.expand(spec.get('default', ''))
+    return value.strip()
+
+
+def written_location(value, spec):
+    """Where fuglu writes for a 'writefile' / 'writedir' option (see "Files in shared
+    directories"): the directory that gets the files."""
+    if spec['path'] == 'writedir':
+        return shared_directory(value, spec['home'])
+    return os.path.dirname(shared_file_path(value, spec['home']))
+
+
+def shared_homes_needed(config):
+    """(directory, home) for every written path of the configuration that was moved
+    out of a world-writable directory: the daemon creates them before dropping
+    privileges."""
+    needed = []
+    for section, table in option_tables(config):
+        for option, spec in table.items():
+            if not spec.get('home'):
+                continue
+            section_name = spec.get('section', section)
+            value = option_value(config, section_name, option, spec)
+            if not value or (option == 'controlport' and value.isdigit()):
+                continue
+            location = written_location(value, spec)
+            configured = value if spec['path'] == 'writedir' else \
+                os.path.dirname(os.path.abspath(value))
+            if location != configured and (location, spec['home']) not in needed:
+                needed.append((location, spec['home']))
+    return needed
+
+
+def is_default_value(config, section, option, spec):
+    raw = config.get(section, option, raw=True, fallback=spec.get('default', ''))
+    return raw.strip() == str(spec.get('default', '')).strip()
+
+
+def path_kind(path):
+    """'dir', 'file', 'missing' or 'denied' (a folder on the way cannot be entered)."""
+    try:
+        return 'dir' if stat.S_ISDIR(os.stat(path).st_mode) else 'file'
+    except FileNotFoundError:
+        return 'missing'
+    except OSError:
+        return 'denied'
+
+
+def check_path(path, kind, user):
+    """The problem with a path fuglu reads ('file', 'dir') or writes into ('writedir'),
+    as seen by the running user, or None."""
+    found = path_kind(path)
+    wanted = 'file' if kind == 'file' else 'dir'
+    if found == 'missing':
+        return '%s does not exist' % path
+    if found == 'denied':
+        return '%s cannot be reached by user %s (a folder on the way is closed)' % (path, user)
+    if found != wanted:
+        return '%s is not a %s' % (path, 'directory' if wanted == 'dir' else 'file')
+    if kind == 'writedir':
+        if not os.access(path, os.W_OK | os.X_OK):
+            return 'directory %s is not writable by user %s' % (path, user)
+    elif not os.access(path, os.R_OK | (os.X_OK if kind == 'dir' else 0)):
+        return '%s is not readable by user %s' % (path, user)
+    return None
+
+
+def check_paths(config, section, table):
+    """Paths declared in an option table (spec key 'path'): files and directories
+    fuglu reads must exist and be readable (a default path may be missing: the spec's
+    'missing' text says what happens then), directories fuglu writes to must exist
+    and be writable. Checked as the running user: lint runs this as main.user."""
+    findings = []
+    user = current_user_name()
+    for option, spec in table.items():
+        kind = spec.get('path')
+        if not kind:
+            continue
+        section_name = spec.get('section', section)
+        value = option_value(config, section_name, option, spec)
+        if not value or (option == 'controlport' and value.isdigit()):
+            continue
+        where = config.where(section_name, option)
+        if kind == 'dirs':
+            findings += [('error', '%s: %s' % (where, problem)) for problem in
+                         (check_path(directory, 'dir',
+                                     user) for directory in parse_list(value)) if problem]
+            continue
+        if kind in ('file', 'dir'):
+            problem = check_path(value, kind, user)
+            if problem and path_kind(value) == 'missing' and is_default_value(config, section_name,
+                                                                              option, spec):
+                findings.append(('note',
+                                 '%s: %s: %s' % (where, problem, spec.get('missing', 'not used'))))
+            elif problem:
+                findings.append(('error', '%s: %s' % (where, problem)))
+            continue
+        location = written_location(value, spec)
+        configured = value if kind == 'writedir' else os.path.dirname(os.path.abspath(value))
+        if location != configured:
+            findings.append(('info',
+                             '%s: %s lies in a directory anybody may write to: fuglu uses %s'
+                             % (where, value, location)))
+            if path_kind(location) == 'missing':
+                continue   # created at start
+        problem = check_path(location, 'writedir', user)
+        if problem and spec.get('made_as_root') and path_kind(location) == 'dir':
+            findings.append(('warning',
+                             '%s: %s: it is made before privileges are dropped, but stays behind '
+                                        'when fuglu stops' % (where, problem)))
+        elif problem:
+            findings.append(('error', '%s: %s' % (where, problem)))
+    return findings
+
+
+def check_inert_options(config, section, table, ignored=()):
+    """Options present in the file that fuglu accepts without acting on them: the
+    spec's 'inert' reason, FuGlu options outside fuglu's scope (IGNORED_OPTIONS,
+    ``ignored``)."""
+    findings = []
+    if not config.has_section(section):
+        return findings
+    for option, _value in configparser.RawConfigParser.items(config, section, raw=True):
+        if option in config.defaults():
+            continue
+        spec = table.get(option)
+        if spec is not None and spec.get('inert'):
+            findings.append(('warning',
+                             '%s has no effect in fuglu: %s' % (config.where(section, option),
+                                                                         spec['inert'])))
+        elif spec is None and is_ignored_option(section, option, ignored):
+            findings.append(('warning',
+                             '%s has no effect in fuglu (a FuGlu feature this build does not have)'
+                             % config.where(section, option)))
+    return findings
+
+
+def check_service_user(config):
+    """main.user and main.group exist (an error when fuglu would start as root)."""
+    try:
+        account = service_account(config)
+    except ConfigProblem as error:
+        return [('error' if os.geteuid() == 0 else 'warning', str(error))]
+    findings = [('warning', account.group_problem)] if account.group_problem else []
+    if account.uid == 0:
+        return findings + [('warning',
+                            '%s: fuglu would run as root' % config.where('main', 'user'))]
+    if os.geteuid() != 0:
+        return findings + [('note', 'not started as root: fuglu runs as %s, %s is not used'
+                            % (current_user_name(), config.where('main', 'user')))]
+    return findings + [('note', 'the daemon runs as user %s (uid %d, gid %d)'
+                        % (account.name, account.uid, account.gid))]
+
+
+def _port_problem(value, allow_empty=False):
+    value = str(value).strip()
+    if allow_empty and value in ('', '0'):
+        return None
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        return 'is not a port number (1-65535)'
+    return None
+
+
+def check_ports(config):
+    """Every port value: incomingport entries, outgoingport, bounceport, a TCP
+    controlport (and its address), metrics_listen."""
+    findings = []
+    bindaddress = config.get('main', 'bindaddress').strip()
+    for entry in parse_list(config.get('main', 'incomingport')):
+        try:
+            protocol, _address, _port = parse_incomingport(entry, bindaddress)
+        except ValueError as error:
+            findings.append(('error', '%s: %s' % (config.where('main', 'incomingport'), error)))
+            continue
+        if protocol not in CONNECTORS:
+            findings.append(('error', '%s: unknown protocol %r in %r (available: %s)' % (
+                config.where('main',
+                             'incomingport'), protocol, entry, ', '.join(sorted(CONNECTORS)))))
+    for option, allow_empty in (('outgoingport', False), ('bounceport', True)):
+        problem = _port_problem(config.get('main', option), allow_empty)
+        if problem:
+            findings.append(('error',
+                             '%s = %r %s' % (config.where('main', option),
+                                             config.get('main', option),
+                                                      problem)))
+    control = config.get('main', 'controlport').strip()
+    if control.isdigit():
+        problem = _port_problem(control)
+        if problem:
+            findings.append(('error',
+                             '%s = %r %s' % (config.where('main', 'controlport'), control,
+                                             problem)))
+        address = config.get('main', 'controladdress').strip()
+        if not is_loopback_address(address) and not config.get('main', 'controltoken').strip():
+            findings.append(('error', '%s: a TCP control port on %s needs controltoken'
+                             % (config.where('main', 'controlport'), address)))
+    if config.get('main', 'metrics_listen').strip():
+        try:
+            parse_loopback_listen(config.get('main', 'metrics_listen'))
+        except ValueError as error:
+            findings.append(('error', '%s: %s' % (config.where('main', 'metrics_listen'), error)))
+    return findings
+
+
+def tcp_listen_addresses(config):
+    """(what, address, port) of every TCP socket the daemon listens on."""
+    found = []
+    bindaddress = config.get('main', 'bindaddress').strip()
+    for entry in parse_list(config.get('main', 'incomingport')):
+        try:
+            protocol, address, port = parse_incomingport(entry, bindaddress)
+        except ValueError:
+            continue
+        found.append(('incomingport %s' % entry, address, port))
+    control = config.get('main', 'controlport').strip()
+    if control.isdigit() and not _port_problem(control):
+        found.append(('controlport', config.get('main', 'controladdress').strip() or '127.0.0.1',
+                      int(control)))
+    if config.get('main', 'metrics_listen').strip():
+        try:
+            address, port = parse_loopback_listen(config.get('main', 'metrics_listen'))
+            found.append(('metrics_listen', address, port))
+        except ValueError:
+            pass
+    return found
+
+
+def check_listen_free(config):
+    """Every listen address can be bound now (run as root, like the daemon's start)."""
+    findings = []
+    for what, address, port in tcp_listen_addresses(config):
+        family = socket.AF_INET6 if ':' in address else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((address, port))
+        except OSError as error:
+            findings.append(('error', '%s: cannot listen on %s:%d: %s' % (what, address, port,
+                                                                         error.strerror or error)))
+    return findings
+
+
+def check_downstream(config):
+    """The re-injection target answers with a 220 greeting (a warning otherwise: mail
+    is deferred until it does)."""
+    if config.get('main', 'outgoinghost').strip() == '${injecthost}':
+        return [('note',
+                 'outgoinghost ${injecthost}: the downstream is each sending host, not checked')]
+    try:
+        host, port = outgoing_target(config)
+    except (ValueError, configparser.Error) as error:
+        return [('warning', 'downstream not checked: %s' % error)]
+    if _port_problem(port):
+        return []   # reported with the ports
+    client = SMTPClient(host, port, 'localhost', timeout=5)
+    try:
+        client.connect()
+    except SMTPError as error:
+        return [('warning', 'downstream %s:%d does not answer (mail is deferred until it does): %s'
+                 % (host, port, error))]
+    finally:
+        client.close()
+    return [('note', 'downstream %s:%d answers' % (host, port))]
+
+
+def check_logging(config, logconfig):
+    """The logging configuration loads (as the daemon user: its files are opened),
+    and the syslog socket exists when main.syslog is on."""
+    findings = []
+    if logconfig:
+        try:
+            from logging import config as logging_config
+            logging_config.fileConfig(logconfig, disable_existing_loggers=False)
+            findings.append(('note', 'logging configuration %s loads' % logconfig))
+        except Exception as error:
+            findings.append(('error',
+                             'logging configuration %s: %s: %s (are its log directories writable '
+                                      'by user %s?)' % (logconfig, error.__class__.__name__, error,
+                                                        current_user_name())))
+        finally:
+            for handler in list(logging.getLogger().handlers):
+                if isinstance(handler, logging.FileHandler):
+                    logging.getLogger().removeHandler(handler)
+                    handler.close()
+    if config.getboolean('main', 'syslog'):
+        address = config.get('main', 'syslog_address').strip()
+        try:
+            if not stat.S_ISSOCK(os.stat(address).st_mode):
+                findings.append(('error', 'syslog: %s is not a socket' % address))
+            syslog_handler(config).close()
+        except (OSError, ConfigProblem) as error:
+            findings.append(('error', 'syslog: %s' % error))
+    return findings
+
+
+def check_python_readable():
+    """The standard library is readable by the running user (else modules a plugin
+    imports late fail; fuglu itself preloads what it uses)."""
+    library = os.path.dirname(os.__file__)
+    if os.access(library, os.R_OK | os.X_OK):
+        return []
+    return [('warning', 'Python\'s library %s is not readable by user %s: fuglu loads the modules '
+                        'it uses before dropping privileges, a plugin that imports others later '
+                        'fails; install fuglu\'s Python where the user can read it'
+             % (library, current_user_name()))]
+
+
+def check_program_readable():
+    """fuglu's own files (fuglu.pyz, or fuglu.py and fuglu_plugins/) are readable by
+    the daemon user: bundled rules and templates are read from them at run time."""
+    program = os.path.abspath(__file__)
+    if not os.path.exists(program):    # inside a zipapp: the .pyz itself
+        program = os.path.dirname(program)
+    if os.access(program, os.R_OK):
+        return []
+    return [('warning', '%s is not readable by user %s: bundled rule files and templates cannot be '
+                        'read after the privilege drop; put fuglu where the user can read it'
+             % (program, current_user_name()))]
+
+
+def startup_findings(config, plugins):
+    """What start-up logs about the configuration (as the daemon user)."""
+    findings = []
+    components = [(section, table, ()) for section, table in CORE_DEFAULTS.items()]
+    components += [(plugin.section, plugin.requiredvars,
+                    plugin.ignored_options) for plugin in plugins]
+    for section, table, ignored in components:
+        findings += check_inert_options(config, section, table, ignored)
+        findings += [finding for finding in check_paths(config, section,
+                                                        table) if finding[0] != 'note']
+    return findings + check_program_readable() + check_python_readable()
+
+
+class Lint(object):
+    """`fuglu --lint`: checks the service account, ports, dependencies, listeners,
+    plugins, every option, paths, peers and the downstream, and prints what it finds.
+    ``run()`` returns the number of errors. Started as root, everything after the
+    account and port checks runs in a child process that dropped privileges to
+    main.user: files, directories and the logging configuration are checked as the
+    daemon will see them."""
+
+    COLORS = {'error': 'red', 'warning': 'yellow'}
+
+    def __init__(self, config, out=None, logconfig=None):
         self.config = config
         self.out = out or sys.stdout
+        self.logconfig = logconfig
         self.color = getattr(self.out, 'isatty', lambda: False)()
 
     def say(self, text, color=None):
@@ -7769,11 +9416,74 @@ class Lint(object):
             text = '%s%s\033[0m' % (codes[color], text)
         print(text, file=self.out)
 
+    def report(self, findings):
+        """Print findings; returns the number of errors among them."""
+        for level, text in findings:
+            self.say('%s%s' % ('' if level in ('note', 'info') else level.upper() + ': ', text),
+                     self.COLORS.get(level))
+        return sum(1 for level, _text in findings if level == 'error')
+
     def run(self):
-        errors = 0
         config = self.config
         self.say('Fuglu %s' % __version__)
         self.say('---------- LINT MODE ----------')
+        self.say('Checking the service account and ports...')
+        errors = self.report(check_service_user(config) + check_ports(config) +
+                             check_listen_free(config))
+        account = None
+        if os.geteuid() == 0:
+            try:
+                account = service_account(config)
+            except ConfigProblem:
+                account = None
+        if account is not None and account.uid != 0:
+            # what the daemon loads before it drops privileges
+            preload_modules(account)
+            try:
+                add_plugin_dirs(config)
+                for name, _section in [entry for option in PLUGIN_LIST_OPTIONS
+                                       for entry in split_plugin_list(config.get('main', option))]:
+                    resolve_plugin_class(name, config)
+            except PluginLoadError:
+                pass   # reported by the checks
+            return self.run_as(account, errors)
+        return self.run_checks(errors)
+
+    def run_as(self, account, errors):
+        """run_checks() in a child process running as ``account``; its exit status is
+        the error count."""
+        try:
+            self.out.flush()
+            self.out.fileno()
+        except (AttributeError, OSError, ValueError):
+            self.say('WARNING: output is not a file: checking as root, not as %s' % account.name,
+                     'yellow')
+            return self.run_checks(errors)
+        sys.stdout.flush()
+        child = os.fork()
+        if child == 0:
+            status = 255
+            try:
+                drop_privileges(account)
+                self.say('Checking as user %s, as the daemon will run...' % account.name)
+                status = min(self.run_checks(errors), 255)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                try:
+                    self.out.flush()
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(status)
+        _pid, wait_status = os.waitpid(child, 0)
+        if os.WIFEXITED(wait_status):
+            return os.WEXITSTATUS(wait_status)
+        self.say('ERROR: the check as user %s ended abnormally' % account.name, 'red')
+        return errors + 1
+
+    def run_checks(self, errors):
+        config = self.config
         self.say('Checking dependencies...')
         for module, description in OPTIONAL_DEPENDENCIES:
             if module_available(module):
@@ -7789,15 +9499,9 @@ class Lint(object):
         for entry in parse_list(config.get('main', 'incomingport')):
             try:
                 protocol, address, port = parse_incomingport(entry, bindaddress)
-            except ValueError as error:
-                self.say('%s: %s' % (config.where('main', 'incomingport'), error), 'red')
-                errors += 1
-                continue
-            if protocol not in CONNECTORS:
-                self.say('%s: unknown protocol %r in %r (available: %s)' % (
-                    config.where('main', 'incomingport'), protocol, entry, ', '.join(sorted(CONNECTORS))), 'red')
-                errors += 1
-            else:
+            except ValueError:
+                continue   # reported with the ports
+            if protocol in CONNECTORS:
                 self.say('listener %s on %s:%d' % (protocol, address, port))
 
         self.say('Loading extensions...')
@@ -7817,7 +9521,7 @@ class Lint(object):
         plugins = {}
         try:
             add_plugin_dirs(config)
-            for option in ('plugins', 'prependers', 'appenders', 'mplugins'):
+            for option in PLUGIN_LIST_OPTIONS:
                 plugins[option] = load_plugins(config, option)
             self.say('Plugin loading complete')
         except PluginLoadError as error:
@@ -7826,26 +9530,20 @@ class Lint(object):
 
         self.say('Linting main configuration')
         main_errors = []
+        findings = []
         for section, table in CORE_DEFAULTS.items():
             if section != 'PluginAlias':   # any alias name is fine
                 main_errors += check_options(config, section, table)
-        if config.get('main', 'trashdir').strip() and not os.path.isdir(config.get('main', 'trashdir')):
-            main_errors.append('trashdir %s is not a directory' % config.get('main', 'trashdir'))
-        try:
-            if config.get('main', 'controlport').strip().isdigit():
-                address = config.get('main', 'controladdress').strip()
-                if not is_loopback_address(address) and not config.get('main', 'controltoken').strip():
-                    main_errors.append('%s: a TCP control port on %s needs controltoken'
-                                       % (config.where('main', 'controlport'), address))
-        except ValueError as error:
-            main_errors.append(str(error))
+            findings += check_inert_options(config, section, table)
+            findings += check_paths(config, section, table)
         for section in CORE_DEFAULTS:
             if section not in ('PluginAlias', 'databaseconfig', 'environment') and not config.has_section(section):
                 self.say('section [%s] not in the config file: all values default' % section, 'yellow')
         for error in main_errors:
             self.say(error, 'red')
-        self.say('ERROR' if main_errors else 'OK', 'red' if main_errors else 'green')
-        errors += 1 if main_errors else 0
+        failed = bool(main_errors) | bool(self.report(findings))
+        self.say('ERROR' if failed else 'OK', 'red' if failed else 'green')
+        errors += 1 if failed else 0
 
         self.say('Linting runtime configuration [databaseconfig]')
         runtime_errors = lint_runtime_config(config, self.say)
@@ -7854,7 +9552,7 @@ class Lint(object):
         errors += runtime_errors
 
         failed = 0
-        for option in ('plugins', 'prependers', 'appenders', 'mplugins'):
+        for option in PLUGIN_LIST_OPTIONS:
             for plugin in plugins.get(option, []):
                 self.say('Linting Plugin %s Config section: %s' % (plugin, plugin.section))
                 try:
@@ -7872,6 +9570,9 @@ class Lint(object):
                      '[performance] maxthreads (now %s) at least at Postfix\'s smtpd process limit'
                      % config.get('performance', 'maxthreads'), 'yellow')
 
+        self.say('Checking the downstream, logging and fuglu\'s own files...')
+        errors += self.report(check_downstream(config) + check_logging(config, self.logconfig) +
+                              check_program_readable() + check_python_readable())
         self.say('Lint status: %s' % ('OK' if errors == 0 else 'FAIL'), 'green' if errors == 0 else 'red')
         return errors
 
@@ -8100,37 +9801,6 @@ register_compat_modules()
 # Command line
 ###############################################################################
 
-FOREGROUND_LOG_FORMAT = '[%(process)d] %(asctime)s : %(name)s: %(levelname)s, %(message)s'
-FILE_LOG_FORMAT = '%(asctime)s %(name)-12s: %(levelname)s %(message)s'
-
-
-def setup_logging(logconfig, foreground, baseloglevel):
-    """--logconfig or confdir/logging.conf via fileConfig; else stderr in the
-    foreground, /var/log/fuglu/fuglu.log when daemonized."""
-    level = getattr(logging, baseloglevel.upper(), logging.INFO)
-    if logconfig:
-        from logging import config as logging_config
-        logging_config.fileConfig(logconfig, disable_existing_loggers=False)
-        return 'logging configured from %s' % logconfig
-    root = logging.getLogger()
-    root.setLevel(level)
-    # our formats name no source file, line or function: skip finding the caller's
-    # frame for every record (the costliest part of a log call)
-    logging._srcfile = None
-    logging.logMultiprocessing = False
-    if foreground:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(FOREGROUND_LOG_FORMAT))
-        root.addHandler(handler)
-        return 'logging to stderr'
-    path = '/var/log/fuglu/fuglu.log'
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter(FILE_LOG_FORMAT))
-    root.addHandler(handler)
-    return 'logging to %s' % path
-
-
 def release_freed_memory():
     """Return the memory freed after start-up (compiling this file, loading plugins)
     to the system; glibc would keep it, and it would count as resident size."""
@@ -8141,62 +9811,28 @@ def release_freed_memory():
         pass
 
 
-def daemonize(pidfile):
-    """Double fork, new session, stdio on /dev/null, pid file written."""
-    if os.fork():
-        os._exit(0)
-    os.setsid()
-    if os.fork():
-        os._exit(0)
-    os.chdir('/')
-    os.umask(0o077)
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    if pidfile:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, 'O_NOFOLLOW', 0)
-        fd = os.open(pidfile, flags, 0o644)
-        os.write(fd, ('%d\n' % os.getpid()).encode())
-        os.close(fd)
-        import atexit
-        atexit.register(lambda: os.path.exists(pidfile) and os.unlink(pidfile))
-
-
-def drop_privileges(config):
-    """When root: become main.user / the first existing group of main.group."""
-    if os.getuid() != 0:
-        return None
-    import grp
-    import pwd
-    user = config.get('main', 'user').strip() or 'nobody'
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        return 'user %s does not exist, still running as root' % user
-    for group in parse_list(config.get('main', 'group')):
-        try:
-            gid = grp.getgrnam(group).gr_gid
-            break
-        except KeyError:
-            continue
-    else:
-        gid = entry.pw_gid
-    os.setgroups(os.getgrouplist(user, gid))
-    os.setgid(gid)
-    os.setuid(entry.pw_uid)
-    return 'running as %s' % user
+DEFAULT_PIDFILE = '/run/fuglu/fuglu.pid'
 
 
 def parse_args(argv):
     import argparse
-    parser = argparse.ArgumentParser(prog='fuglu', description='fuglu mail content filter %s' % __version__)
+    commands = '\n'.join('  %-14s %s' % (name, (function.__doc__ or '').strip().splitlines()[0])
+                         for name, function in sorted(COMMANDS.items()))
+    parser = argparse.ArgumentParser(
+        prog='fuglu', description='fuglu mail content filter %s' % __version__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog='commands (fuglu COMMAND --help for each):\n%s' % commands)
     parser.add_argument('--version', action='version', version=__version__)
     parser.add_argument('--lint', action='store_true', help='check configuration and plugins, then exit')
     parser.add_argument('-c', '--config', help='main config file (default %s)' % DEFAULT_CONFIG_PATH)
     parser.add_argument('--configdir', help='conf.d directory (default: conf.d beside the config file, '
                                             'only for the default config)')
-    parser.add_argument('-f', '--foreground', action='store_true', help='do not daemonize, log to stderr')
-    parser.add_argument('--pidfile', default='/var/run/fuglu.pid', help='pid file when daemonized')
+    parser.add_argument('-f', '--foreground', action='store_true',
+                        help='do not daemonize, log to stderr (privileges are dropped all the '
+                             'same)')
+    parser.add_argument('--pidfile',
+                        help='pid file (default when daemonized: %s; in the foreground: none)'
+                                          % DEFAULT_PIDFILE)
     parser.add_argument('--logconfig', help='logging configuration file (logging.fileConfig format)')
     parser.add_argument('--baseloglevel', default='INFO', choices=['DEBUG', 'INFO', 'WARNING', 'ERROR'],
                         help='log level of the foreground log')
@@ -8249,7 +9885,7 @@ def netcat_exchange(host, port, message, timeout):
 
 
 def command_client(argv):
-    """`fuglu client`: scan a message through a running netcat connector."""
+    """send a message to a running netcat connector and print the verdict (FuGlu's fuglu_client)"""
     import argparse
     parser = argparse.ArgumentParser(
         prog='fuglu client', description='Send a message to a netcat connector, print the verdict. Exit code: '
@@ -8332,16 +9968,77 @@ def probe_milter(host, port, timeout):
 HEALTH_PROBES = {'smtp': probe_smtp, 'esmtp': probe_smtp, 'netcat': probe_netcat, 'milter': probe_milter}
 
 
+# `fuglu healthcheck --deep` exit codes, those of monitoring plugins (Nagios, Icinga)
+HEALTH_OK, HEALTH_CRITICAL, HEALTH_UNKNOWN = 0, 2, 3
+
+
+def deep_health(config, timeout):
+    """[(name, ok, detail)] for every connector of ``config`` (its health probe), every
+    peer of every configured plugin (BasicPlugin.check_peers) and the downstream."""
+    results = []
+    bindaddress = config.get('main', 'bindaddress').strip()
+    for entry in parse_list(config.get('main', 'incomingport')):
+        protocol, address, port = parse_incomingport(entry, bindaddress)
+        host = '127.0.0.1' if address in ('0.0.0.0',
+                                          '') else ('::1' if address == '::' else address)
+        probe = HEALTH_PROBES.get(protocol)
+        if probe is None:
+            continue
+        try:
+            healthy, seen = probe(host, port, timeout)
+        except OSError as error:
+            healthy, seen = False, str(error) or error.__class__.__name__
+        results.append(('connector %s %s:%d' % (protocol, host, port), healthy, seen))
+    controller = MainController(config)
+    plugins = []
+    for option in PLUGIN_LIST_OPTIONS:
+        plugins += load_plugins(config, option)
+    controller.plugins = plugins
+    for plugin in plugins:
+        try:
+            checks = plugin.check_peers()
+        except Exception as error:
+            checks = [('%s peers' % plugin, False, '%s: %s' % (error.__class__.__name__, error))]
+        results += [('plugin %s: %s' % (plugin, peer), ok, detail) for peer, ok, detail in checks]
+    for level, text in check_downstream(config):
+        results.append(('downstream', level == 'note', text))
+    return results
+
+
 def command_healthcheck(argv):
-    """`fuglu healthcheck CONNECTOR HOST:PORT`: exit 0 only when the connector answers
-    its health probe correctly (for systemd, monitoring)."""
+    """probe a running connector, or with --deep everything fuglu needs (monitoring)"""
     import argparse
-    parser = argparse.ArgumentParser(prog='fuglu healthcheck',
-                                     description='Probe a running connector; exit 0 when healthy, 1 when not.')
-    parser.add_argument('connector', choices=sorted(HEALTH_PROBES))
-    parser.add_argument('target', metavar='HOST:PORT')
+    parser = argparse.ArgumentParser(
+        prog='fuglu healthcheck',
+        description='Probe a running connector: exit 0 when healthy, 1 when not. With --deep: '
+                    'probe every connector of the configuration, every plugin\'s peers (clamd, '
+                    'spamd, databases ...) and the downstream; exit 0 (OK), 2 (CRITICAL: something '
+                    'fails) or 3 (UNKNOWN: the configuration or a plugin cannot be loaded), as '
+                    'monitoring plugins do.')
+    parser.add_argument('connector', nargs='?', choices=sorted(HEALTH_PROBES))
+    parser.add_argument('target', nargs='?', metavar='HOST:PORT')
+    parser.add_argument('--deep', action='store_true',
+                        help='check everything the configuration uses')
+    parser.add_argument('-c', '--config',
+                        help='config file for --deep (default %s)' % DEFAULT_CONFIG_PATH)
     parser.add_argument('-t', '--timeout', type=float, default=5, help='seconds (default %(default)s)')
     args = parser.parse_args(argv)
+    if args.deep:
+        logging.basicConfig(level=logging.CRITICAL)
+        try:
+            results = deep_health(read_config_for(args.config)[0], args.timeout)
+        except (ConfigProblem, PluginLoadError, ValueError, configparser.Error) as error:
+            print('UNKNOWN: %s' % error)
+            return HEALTH_UNKNOWN
+        for name, ok, detail in results:
+            print('%s %s (%s)' % ('OK      ' if ok else 'CRITICAL', name, detail))
+        failed = [name for name, ok, _detail in results if not ok]
+        print('%s: %d checks, %d failed%s' % ('CRITICAL' if failed else 'OK', len(results),
+                                              len(failed),
+                                              (': ' + ', '.join(failed)) if failed else ''))
+        return HEALTH_CRITICAL if failed else HEALTH_OK
+    if not args.connector or not args.target:
+        parser.error('give CONNECTOR HOST:PORT, or --deep')
     try:
         host, port = parse_host_port(args.target)
     except ValueError as error:
@@ -8354,8 +10051,316 @@ def command_healthcheck(argv):
     return 0 if healthy else 1
 
 
+def read_config_for(config_path, configdir=None):
+    """(config, config path or None, configdir) the way the daemon finds them: -c, else
+    /etc/fuglu/fuglu.conf (with conf.d), else the embedded default. Raises
+    ConfigProblem when a config file given does not exist or cannot be read."""
+    if config_path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        config_path = DEFAULT_CONFIG_PATH
+    if config_path is not None and not os.path.exists(config_path):
+        raise ConfigProblem('config file %s not found; start from fuglu.conf.dist (fuglu '
+                            '--dump-defaults)'
+                            % config_path)
+    if configdir is None and config_path == DEFAULT_CONFIG_PATH:
+        configdir = os.path.join(DEFAULT_CONFDIR, 'conf.d')
+    try:
+        config = load_config(config_path, configdir,
+                             embedded=None if config_path else EMBEDDED_CONFIG)
+    except (configparser.Error, OSError, UnicodeError) as error:
+        raise ConfigProblem('cannot read the configuration: %s' % error)
+    return config, config_path, configdir
+
+
+def command_control(argv):
+    """send a command to a running fuglu's control socket (help lists them)"""
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog='fuglu control', description='Send a command to the control socket of a running fuglu '
+                                          'and print the answer (FuGlu\'s fuglu_control). Exit 1 '
+                                          'when it cannot be reached or refuses the command.')
+    parser.add_argument('-c', '--config',
+                        help='config file naming controlport (default %s)' % DEFAULT_CONFIG_PATH)
+    parser.add_argument('-p', '--port',
+                        help='unix socket path or TCP port on 127.0.0.1 (default: controlport)')
+    parser.add_argument('-t', '--token',
+                        help='controltoken of a TCP control port (default: $FUGLU_CONTROLTOKEN, '
+                                              'then the config)')
+    parser.add_argument('command', nargs='+',
+                        help='stats, uptime, workerlist, threadlist, exceptionlist, '
+                                                   'metrics, help')
+    args = parser.parse_args(argv)
+    target, token = args.port, args.token or os.environ.get('FUGLU_CONTROLTOKEN')
+    if target is None or token is None:
+        try:
+            config = read_config_for(args.config)[0]
+        except ConfigProblem as error:
+            print(error, file=sys.stderr)
+            return 1
+        if target is None:
+            spec = config.get('main', 'controlport').strip()
+            if not spec:
+                print('no controlport in the configuration', file=sys.stderr)
+                return 1
+            target = spec if spec.isdigit() else control_socket_path(config)
+        if token is None:
+            token = config.get('main', 'controltoken').strip()
+    request = ' '.join(args.command)
+    try:
+        if target.isdigit():
+            sock = socket.create_connection(('127.0.0.1', int(target)), timeout=30)
+            if token:
+                request = 'auth %s %s' % (token, request)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(30)
+            sock.connect(target)
+        with sock:
+            sock.sendall(request.encode('utf-8'))
+            sock.shutdown(socket.SHUT_WR)
+            answer = read_until_eof(sock)[0].decode('utf-8', 'replace')
+    except OSError as error:
+        print('Cannot connect to fuglu control daemon (%s) - is fuglu running? %s' % (target,
+                                                                                      error),
+              file=sys.stderr)
+        return 1
+    sys.stdout.write(answer if answer.endswith('\n') else answer + '\n')
+    return 1 if answer.startswith('ERR ') else 0
+
+
+def message_envelope(message, sender=None, recipients=()):
+    """Envelope for an offline check of a message file: the given addresses, else the
+    Return-Path/From and Delivered-To/To headers (as FuGlu's tools do)."""
+    from email.parser import BytesHeaderParser
+    from email.utils import getaddresses
+    headers = BytesHeaderParser().parsebytes(message)
+
+    def first_address(*names):
+        for name in names:
+            found = [address for _name,
+                     address in getaddresses([str(v) for v in headers.get_all(name, [])])
+                     if address]
+            if found:
+                return found[0]
+        return None
+    if sender is None:
+        sender = first_address('Return-Path', 'From') or 'sender@example.com'
+    recipients = list(recipients) or [first_address('Delivered-To',
+                                                    'To') or 'recipient@example.com']
+    return sender, recipients
+
+
+def read_message_file(path):
+    if path == '-':
+        return sys.stdin.buffer.read()
+    with open(path, 'rb') as handle:
+        return handle.read()
+
+
+def command_suspectfilter(argv):
+    """show which rules of a rule file match a message, and why"""
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog='fuglu suspectfilter', description='Match a SuspectFilter rule file against a message '
+                                                'file (FuGlu\'s fuglu_suspectfilter). Exit 0 when '
+                                                'a rule matches, 1 when none does, 2 when the rule '
+                                                'file has errors or a file cannot be read.')
+    parser.add_argument('rulefile')
+    parser.add_argument('message', help='message file (- for standard input)')
+    parser.add_argument('-s', '--sender', help='envelope sender (default: Return-Path or From)')
+    parser.add_argument('-r', '--recipient', action='append', default=[],
+                        help='envelope recipient (default: Delivered-To or To)')
+    args = parser.parse_args(argv)
+    try:
+        message = read_message_file(args.message)
+    except OSError as error:
+        print('cannot read the message: %s' % error, file=sys.stderr)
+        return 2
+    if not os.path.isfile(args.rulefile):
+        print('rule file not found: %s' % args.rulefile, file=sys.stderr)
+        return 2
+    rules = SuspectFilter(args.rulefile)
+    for error in rules.errors:
+        print('unparsable rule: %s' % error)
+    sender, recipients = message_envelope(message, args.sender, args.recipient)
+    suspect = Suspect(sender, recipients, inbuffer=message)
+    print('%d rules in %s; envelope from=%s to=%s' % (len(rules.rules), args.rulefile,
+                                                      sender or '<>',
+                                                      ', '.join(recipients)))
+    matched = 0
+    for rule in rules.rules:
+        values = [value for value in SuspectFilter.field_values(suspect, rule.fieldname)
+                  if value is not None and rule.test(value) is not None]
+        if not values:
+            continue
+        matched += 1
+        print('\nline %d: %s' % (rule.lineno, rule.text))
+        print('  %s' % ('decides (the first matching rule)' if matched == 1 else 'matches too'))
+        print('  field %s, value %r' % (rule.fieldname, one_line(values[0], 200)))
+        print('  argument: %s' % (rule.args if rule.args is not None else '(none)'))
+    if not matched:
+        print('no rule matches')
+    return 2 if rules.errors else (0 if matched else 1)
+
+
+def command_scan(argv):
+    """scan a message file with the configured plugins, offline; print verdict, tags, headers"""
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog='fuglu scan', description='Run the configured prependers and scanners (appenders with '
+                                       '-a) on a message file in this process, print the verdict, '
+                                       'tags and the headers fuglu would add. Nothing is '
+                                       'delivered. Exit code: DUNNO 0, DISCARD 2, REJECT 3, DEFER '
+                                       '4, any problem 1.')
+    parser.add_argument('message', help='message file (- for standard input)')
+    parser.add_argument('-c', '--config', help='config file (default %s)' % DEFAULT_CONFIG_PATH)
+    parser.add_argument('-s', '--sender', help='envelope sender (default: Return-Path or From)')
+    parser.add_argument('-r', '--recipient', action='append', default=[],
+                        help='envelope recipient (default: Delivered-To or To)')
+    parser.add_argument('-a', '--appenders', action='store_true', help='run the appenders too')
+    parser.add_argument('-o', '--output', action='store_true',
+                        help='print the message with fuglu\'s headers')
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+    try:
+        config = read_config_for(args.config)[0]
+        message = read_message_file(args.message)
+    except (ConfigProblem, OSError) as error:
+        print(error, file=sys.stderr)
+        return 1
+    controller = MainController(config)
+    try:
+        controller.plugins, controller.prependers, controller.appenders = controller.load_plugins()
+    except PluginLoadError as error:
+        print('Some plugins failed to load: %s' % error, file=sys.stderr)
+        return 1
+    if not args.appenders:
+        controller.appenders = []
+    sender, recipients = message_envelope(message, args.sender, args.recipient)
+    suspect = Suspect(sender, recipients, inbuffer=message)
+    session = ScanSession(controller)
+    action, text = session.scan(suspect)
+    if args.appenders:
+        session.finish(suspect, action, action in (DUNNO, ACCEPT))
+    name = actioncode_to_string(action)
+    print('verdict: %s%s' % (name,
+                             ': ' + session.reply_text(suspect, action, text) if action not in (
+        DUNNO, ACCEPT) else ''))
+    print('envelope: from=%s to=%s' % (sender or '<>', ', '.join(recipients)))
+    for stage, plugin, seconds in session.timings:
+        print('%s %s: %.3f s' % (stage, plugin, seconds))
+    print('tags:')
+    for key in sorted(suspect.tags):
+        value = suspect.tags[key]
+        if key in ('appenders', 'debugfile') or value in (None, {}, [], ''):
+            continue
+        print('  %s = %s' % (key, one_line(repr(value), 300)))
+    print('headers added:')
+    added = list(suspect.added_headers.items()) + list(suspect.addheaders.items())
+    for header_name, value in added:
+        print('  %s: %s' % (header_name, one_line(value, 300)))
+    if args.output:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(NetcatConnector.output_message(suspect))
+    return CLIENT_EXIT_CODES.get({'DELETE': 'DISCARD', 'ACCEPT': 'DUNNO'}.get(name, name), 1)
+
+
+def config_values_equal(default, value):
+    """FuGlu's fuglu_conf comparison: case and blanks do not matter, yes/true/on/1 are
+    one value, a trailing / of a path does not count."""
+    def normal(text):
+        text = (text or '').strip().lower()
+        if text in ('yes', 'true', 'on', '1'):
+            return '1'
+        return text[:-1] if len(text) > 1 and text.endswith('/') else text
+    return normal(default) == normal(value)
+
+
+def command_conf(argv):
+    """print the active configuration, or with -n the options that differ from the defaults"""
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog='fuglu conf', description='Print the configuration in effect (FuGlu\'s fuglu_conf): '
+                                       'every option of the core and of the configured plugins '
+                                       'with its value.')
+    parser.add_argument('-c', '--config', help='config file (default %s)' % DEFAULT_CONFIG_PATH)
+    parser.add_argument('--configdir', help='conf.d directory')
+    parser.add_argument('-n', '--non-default', action='store_true',
+                        help='only options whose value differs from the default, as opt=value '
+                             '(def: default)')
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(name)s: %(message)s')
+    try:
+        config = read_config_for(args.config, args.configdir)[0]
+    except ConfigProblem as error:
+        print(error, file=sys.stderr)
+        return 1
+    sections = {}
+    for section, table in option_tables(config):
+        for option, spec in table.items():
+            if 'default' in spec:
+                sections.setdefault(spec.get('section', section), {}).setdefault(option, spec)
+    for section, options in sections.items():
+        lines = []
+        for option, spec in options.items():
+            value = config.get(section, option, raw=True, fallback=spec['default'])
+            default = str(spec['default'])
+            if args.non_default:
+                if config_values_equal(default, value):
+                    continue
+                if spec.get('confidential') and value.strip():
+                    value = '***REDACTED***'
+                shown = default if default.strip() else 'empty'
+                shown = shown if len(shown) <= 15 else shown[:12] + '...'
+                lines.append('%s=%s (def: %s)' % (option, value, shown))
+            else:
+                if spec.get('confidential') and value.strip():
+                    value = '***REDACTED***'
+                lines.append('%s=%s' % (option, value))
+        if lines:
+            print('\n[%s]' % section)
+            print('\n'.join(lines))
+    return 0
+
+
+def command_samples(argv):
+    """write the bundled samples (rules, templates, logging.conf, systemd unit ...) to a folder"""
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog='fuglu samples', description='Write the files bundled with fuglu into DIRECTORY, laid '
+                                          'out as the defaults expect them beside fuglu.conf: '
+                                          'rules/, templates/, archive.regex, skipplugins.regex, '
+                                          'logging.conf, fuglu.service, fuglu.conf.dist. Existing '
+                                          'files are never overwritten.')
+    parser.add_argument('directory')
+    args = parser.parse_args(argv)
+    written = kept = 0
+    for relative in bundled_conf_files():
+        target = os.path.join(args.directory, *relative.split('/'))
+        data = read_bundled_conf(relative)
+        if data is None:
+            continue
+        os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            print('kept      %s (exists)' % target)
+            kept += 1
+            continue
+        with os.fdopen(fd, 'wb') as out:
+            out.write(data)
+        print('wrote     %s' % target)
+        written += 1
+    print('%d files written, %d existing files kept' % (written, kept))
+    return 0
+
+
 COMMANDS['client'] = command_client
 COMMANDS['healthcheck'] = command_healthcheck
+COMMANDS['control'] = command_control
+COMMANDS['suspectfilter'] = command_suspectfilter
+COMMANDS['scan'] = command_scan
+COMMANDS['conf'] = command_conf
+COMMANDS['samples'] = command_samples
 
 
 def main(argv=None):
@@ -8366,89 +10371,51 @@ def main(argv=None):
     if args.dump_defaults:
         sys.stdout.write(dump_defaults(bundled_plugin_classes()))
         return 0
-
-    config_path = args.config
-    embedded = False
-    if config_path is None:
-        if os.path.exists(DEFAULT_CONFIG_PATH):
-            config_path = DEFAULT_CONFIG_PATH
-        else:
-            embedded = True
-    elif not os.path.exists(config_path):
-        print('config file %s not found; start from fuglu.conf.dist (fuglu --dump-defaults)' % config_path,
-              file=sys.stderr)
-        return 1
-    configdir = args.configdir
-    if configdir is None and config_path == DEFAULT_CONFIG_PATH:
-        configdir = os.path.join(DEFAULT_CONFDIR, 'conf.d')
     try:
-        config = load_config(None if embedded else config_path, configdir,
-                             embedded=EMBEDDED_CONFIG if embedded else None)
-    except (configparser.Error, OSError, UnicodeError) as error:
-        print('cannot read the configuration: %s' % error, file=sys.stderr)
+        config, config_path, configdir = read_config_for(args.config, args.configdir)
+    except ConfigProblem as error:
+        print(error, file=sys.stderr)
         return 1
+    embedded = config_path is None
+    logconfig = args.logconfig
+    if logconfig is None and not embedded:
+        candidate = os.path.join(config.confdir, 'logging.conf')
+        daemonized = not args.foreground and config.getboolean('main', 'daemonize')
+        if (daemonized or args.lint) and os.path.exists(candidate):
+            logconfig = candidate
 
     if args.lint:
         logging.basicConfig(level=logging.ERROR, format='%(levelname)s %(name)s: %(message)s')
         if embedded:
             print('no config file at %s: checking the embedded default' % DEFAULT_CONFIG_PATH)
-        errors = Lint(config).run()
+        errors = Lint(config, logconfig=logconfig).run()
         return min(errors, 255)
 
     foreground = args.foreground or embedded or not config.getboolean('main', 'daemonize')
-    logconfig = args.logconfig
-    if logconfig is None and not embedded:
-        candidate = os.path.join(config.confdir, 'logging.conf')
-        if not foreground and os.path.exists(candidate):
-            logconfig = candidate
-    log_target = setup_logging(logconfig, foreground, args.baseloglevel)
+    # until the daemon's logging is set up (after the privilege drop): stderr
+    bootstrap = logging.StreamHandler(sys.stderr)
+    bootstrap.setFormatter(logging.Formatter(FOREGROUND_LOG_FORMAT))
+    logging.getLogger().addHandler(bootstrap)
+    logging.getLogger().setLevel(getattr(logging, args.baseloglevel))
     logger = logging.getLogger('fuglu.main')
     if embedded:
         logger.info('no config file at %s: running on the embedded default (after-queue smtp on '
                     '127.0.0.1:10025, re-injection to 127.0.0.1:10026, no plugins)', DEFAULT_CONFIG_PATH)
-    logger.info('fuglu %s (python %s) starting, config %s, %s', __version__, sys.version.split()[0],
-                '<embedded default>' if embedded else config_path, log_target)
-
-    if not foreground:
-        daemonize(args.pidfile)
-    controller = MainController(config, None if embedded else config_path, configdir)
+    pidfile = args.pidfile
+    if pidfile is None and not foreground:
+        pidfile = DEFAULT_PIDFILE
+    report = StartupReport() if foreground else daemonize()
     try:
-        controller.startup()
-    except PluginLoadError as error:
-        logger.error('Some plugins failed to load: %s', error)
-        print('Some plugins failed to load, please check the logs. Aborting.', file=sys.stderr)
-        controller.shutdown()
-        return EXIT_PLUGIN_LOAD_FAILED
-    except (ConfigProblem, OSError, ValueError) as error:
-        logger.error('start-up failed: %s', error)
-        controller.shutdown()
-        return 1
-    if not foreground:
-        message = drop_privileges(config)
-        if message:
-            logger.info(message)
+        controller, pid = start_daemon(config, config_path, configdir, logconfig, foreground,
+                                       args.baseloglevel, pidfile)
+    except StartupFailed as failure:
+        logger.error('start-up failed: %s', failure.message)
+        report.failed(failure.message, failure.status)
+        return failure.status
     release_freed_memory()
-
-    def on_term(signum, frame):
-        controller.stayalive = False
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    if hasattr(signal, 'SIGHUP'):
-        reload_requested = threading.Event()
-        signal.signal(signal.SIGHUP, lambda signum, frame: reload_requested.set())
-    try:
-        while controller.stayalive:
-            time.sleep(0.2)
-            controller.downstream_pool.purge()
-            if reload_requested.is_set():
-                reload_requested.clear()
-                controller.reload()
-    except Exception:
-        logger.error('unhandled error: %s', traceback.format_exc())
-        controller.shutdown()
-        return EXIT_UNHANDLED
-    controller.shutdown()
-    return 0
+    status_text = '%d listeners, configuration %s' % (len(controller.listeners),
+                                                      config.get('main', 'identifier'))
+    return serve_until_stopped(controller, pid, on_ready=lambda: report.ready(status_text))
 
 
 if __name__ == '__main__':

@@ -320,10 +320,13 @@ def run_smtp_source(port, sessions, count, size):
 # ---------------------------------------------------------------------------
 
 # The [main] settings every benchmarked filter shares (bench/milter.py too): in the
-# foreground, no plugins, listening on 127.0.0.1 only.
+# foreground, no plugins, listening on 127.0.0.1 only, both as the user running the
+# benchmark (fuglu drops privileges to `user` with -f too, FuGlu does not; the run
+# folders are private to that user).
 BENCH_MAIN_SECTION = """\
 [main]
 daemonize=0
+user=root
 identifier=bench
 plugins=
 prependers=

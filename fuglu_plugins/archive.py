@@ -8,16 +8,20 @@ wanted and could not be written) or as an appender (same work, result ignored).
 Where a copy lands comes from templates filled with message data
 (``${to_domain}/${to_localpart}/${date}``, ``${archiveid}.eml``). Senders choose that
 data, so every path component is filled and cleaned on its own: no '/' survives inside
-a component, '.' and '..' are replaced, and the final path is checked to lie inside
-the archive directory (symbolic links resolved). Files are written under a temporary
-name and renamed, so a reader never sees half a message.
+a component, '.' and '..' are replaced. The directories below the archive root are
+opened one by one relative to their parent without following links (and created that
+way), so neither a planted link nor one swapped in meanwhile leads out of the archive.
+Files are written under a fresh name (O_EXCL) and renamed, so a reader never sees half
+a message. A local_archivedir anybody may write to (the default, /tmp) is not used as
+is: fuglu archives to /var/lib/fuglu/archive when started as root, else to a private
+fuglu-USER/archive directory there (fuglu.shared_directory).
 """
 
+import errno
 import grp
 import os
 import pwd
 import re
-import tempfile
 
 import fuglu
 from fuglu import DUNNO, AppenderPlugin, ScannerPlugin, apply_template
@@ -46,13 +50,6 @@ def safe_component(text):
     return text
 
 
-def path_inside(root, path):
-    """True when ``path`` (after resolving symbolic links) lies inside ``root``."""
-    root = os.path.realpath(root)
-    path = os.path.realpath(path)
-    return os.path.commonpath([root, path]) == root and path != root
-
-
 class ArchiveError(Exception):
     pass
 
@@ -67,7 +64,8 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
     requiredvars = {
         'archiverules': {'default': '${confdir}/archive.regex',
                          'description': 'rule file (SuspectFilter); the first matching rule decides: argument '
-                                        '"no" = do not archive, "yes" (or no argument) = archive'},
+                                        '"no" = do not archive, "yes" (or no argument) = archive',
+                         'path': 'file', 'missing': 'nothing is archived'},
         'archivebackends': {'default': 'localdir', 'description': 'where copies go; this build: localdir'},
         'multibackend': {'default': 'False', 'description': 'write to every backend (else: stop after the '
                                                             'first one that worked)'},
@@ -77,7 +75,13 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
                                                                              'is missing or not a fuglu id'},
         'problemaction': {'default': 'DEFER', 'description': 'scanner result when archiving was wanted and '
                                                              'failed'},
-        'local_archivedir': {'default': '/tmp', 'description': 'root directory of the archive (must exist)'},
+        'local_archivedir': {'default': '/tmp',
+                             'description': 'root directory of the archive (must exist). A '
+                                            'directory anybody may write to (/tmp) is not used as '
+                                            'is: fuglu archives to /var/lib/fuglu/archive when '
+                                            'started as root, else to a private fuglu-USER/archive '
+                                            'directory there',
+                             'path': 'writedir', 'home': 'archive'},
         'local_subdirtemplate': {'default': '${to_domain}/${to_localpart}/${date}',
                                  'description': 'directory below local_archivedir (template; each /-separated '
                                                 'component is filled and cleaned separately)'},
@@ -178,10 +182,13 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
         return not results
 
     # -- localdir backend ----------------------------------------------------------
+    def archive_root(self):
+        """local_archivedir, or where it was moved (see the module docstring)."""
+        return fuglu.shared_directory(self.config.get(self.section, 'local_archivedir'), 'archive')
+
     def target_path(self, suspect, archive_id):
-        """Archive root, sub directories and file name, each filled and cleaned."""
+        """(directory components below the root, file name), each filled and cleaned."""
         section = self.section
-        root = self.config.get(section, 'local_archivedir')
         values = {'archiveid': archive_id}
         components = []
         for piece in self.config.get(section, 'local_subdirtemplate').strip('/').split('/'):
@@ -189,44 +196,71 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
                 components.append(safe_component(apply_template(piece, suspect, values)))
         filename = safe_component(apply_template(self.config.get(section, 'local_filenametemplate'),
                                                  suspect, values))
-        directory = os.path.join(root, *components)
-        path = os.path.join(directory, filename)
-        if not path_inside(root, path):
-            raise ArchiveError('refusing to write outside %s: %r' % (root, path))
-        return directory, path
+        return components, filename
+
+    def open_root(self):
+        """(path, descriptor) of the archive root."""
+        configured = self.config.get(self.section, 'local_archivedir')
+        root = self.archive_root()
+        if root == configured:   # the admin's directory (a link to it is fine)
+            try:
+                return root, os.open(root, os.O_RDONLY | fuglu.O_DIRECTORY | fuglu.O_CLOEXEC)
+            except FileNotFoundError:
+                raise ArchiveError('local_archivedir %s does not exist' % root)
+        if not fuglu.STARTED_AS_ROOT:
+            fuglu.prepare_shared_home(root, 'archive')
+        return root, fuglu.open_directory(root)
+
+    @staticmethod
+    def open_subdirectory(dir_fd, name, where):
+        """``name`` below the open directory ``dir_fd`` (created 0755 when missing),
+        never through a link."""
+        flags = os.O_RDONLY | fuglu.O_DIRECTORY | fuglu.O_NOFOLLOW | fuglu.O_CLOEXEC
+        try:
+            try:
+                return os.open(name, flags, dir_fd=dir_fd)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(name, 0o755, dir_fd=dir_fd)
+                except FileExistsError:
+                    pass
+                return os.open(name, flags, dir_fd=dir_fd)
+        except OSError as error:
+            if error.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            try:
+                target = ' (to %s)' % os.readlink(name, dir_fd=dir_fd)
+            except OSError:
+                target = ''
+            raise ArchiveError('refusing to write outside the archive: %s is a link or no '
+                               'directory%s'
+                               % (os.path.join(where, name), target))
 
     def write_localdir(self, suspect, archive_id):
         section = self.section
-        root = self.config.get(section, 'local_archivedir')
-        if not os.path.isdir(root):
-            raise ArchiveError('local_archivedir %s does not exist' % root)
-        directory, path = self.target_path(suspect, archive_id)
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        if not path_inside(root, directory + os.sep + 'x'):  # a link created meanwhile
-            raise ArchiveError('refusing to write outside %s' % root)
+        components, filename = self.target_path(suspect, archive_id)
         if self.config.getboolean(section, 'local_useoriginal'):
             data = suspect.get_original_source()
         else:
             data = suspect.get_output_source() if hasattr(suspect, 'get_output_source') else suspect.get_source()
         mode, uid, gid = self.file_attributes()
-        handle, temporary = tempfile.mkstemp(prefix='.archive-', dir=directory)
+        root, dir_fd = self.open_root()
+        where = root
         try:
-            with os.fdopen(handle, 'wb') as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            if mode is not None:
-                os.chmod(temporary, mode)
-            if uid != -1 or gid != -1:
-                os.chown(temporary, uid, gid)
-            os.replace(temporary, path)
-        except BaseException:
-            try:
-                os.unlink(temporary)
-            except OSError:
-                pass
+            for component in components:
+                next_fd = self.open_subdirectory(dir_fd, component, where)
+                os.close(dir_fd)
+                dir_fd, where = next_fd, os.path.join(where, component)
+            fuglu.write_file_at(dir_fd, filename, data, mode=0o600 if mode is None else mode,
+                                owner=None if (uid, gid) == (-1, -1) else (uid, gid))
+        except OSError as error:
+            if error.errno in (errno.ELOOP, errno.EISDIR):
+                raise ArchiveError('refusing to replace %s: not a plain file'
+                                   % os.path.join(where, filename))
             raise
-        return path
+        finally:
+            os.close(dir_fd)
+        return os.path.join(where, filename)
 
     def file_attributes(self):
         """(mode or None, uid or -1, gid or -1) from local_chmod/chown/chgrp."""
@@ -250,21 +284,12 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
             elif backend not in SUPPORTED_BACKENDS:
                 print('unknown archive backend %s' % backend)
                 ok = False
-        root = self.config.get(section, 'local_archivedir')
-        if not os.path.isdir(root):
-            print('local_archivedir %s does not exist' % root)
-            ok = False
-        elif not os.access(root, os.W_OK | os.X_OK):
-            print('local_archivedir %s is not writable' % root)
-            ok = False
         try:
             self.file_attributes()
         except (ValueError, KeyError) as error:
             print('local_chmod / local_chown / local_chgrp: %s' % error)
             ok = False
         path = self.config.get(section, 'archiverules')
-        if not os.path.exists(path):
-            print('archiverules %s not found: nothing will be archived' % path)
-        elif not fuglu.SuspectFilter(path).lint():
+        if os.path.isfile(path) and not fuglu.SuspectFilter(path).lint():
             ok = False
         return ok

@@ -1530,25 +1530,10 @@ def attachment_rule(action, pattern, description, lineno=0):
     return AttachmentRule(action.lower(), regex, description, lineno), None
 
 
-def _conf_dir_of_source_tree():
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'conf')
-
-
 def read_bundled_conf(relative_path):
     """A file of fuglu's own ``conf/`` folder as bytes, from the zipapp (conf/ at the
     root of the .pyz) or from the source tree; None when neither has it."""
-    loader = globals().get('__loader__')
-    archive = getattr(loader, 'archive', None)
-    if archive:  # zipimport: the loader reads any file of its archive
-        try:
-            return loader.get_data(os.path.join(archive, 'conf', relative_path))
-        except OSError:
-            pass
-    try:
-        with open(os.path.join(_conf_dir_of_source_tree(), relative_path), 'rb') as handle:
-            return handle.read()
-    except OSError:
-        return None
+    return fuglu.read_bundled_conf(relative_path)
 
 
 class RuleFileCache(object):
@@ -1640,14 +1625,17 @@ class FiletypePlugin(ScannerPlugin):
     requiredvars = {
         'template_blockedfile': {'default': '${confdir}/templates/blockedfile.tmpl',
                                  'description': 'bounce sent to the sender of a blocked attachment: headers, '
-                                                'empty line, body; ${blockinfo} is the reason'},
+                                                'empty line, body; ${blockinfo} is the reason',
+                                 'path': 'file', 'missing': 'the bundled template is used'},
         'sendbounce': {'default': 'True', 'description': 'send the bounce above when an attachment is denied'},
         'nobouncerules': {'default': '${confdir}/archive.regex',
-                          'description': 'rule file (SuspectFilter): a match with argument "no" suppresses the bounce'},
+                          'description': 'rule file (SuspectFilter): a match with argument "no" suppresses the bounce',
+                          'path': 'file', 'missing': 'every bounce is sent'},
         'rulesdir': {'default': '${confdir}/rules',
                      'description': 'directory of <scope>-filenames.conf, -filetypes.conf, -archivenames.conf, '
                                     '-archivenames-crypto.conf, -archivefiletypes.conf (scope: address, domain or '
-                                    'default). Without default-* files the bundled defaults apply'},
+                                    'default). Without default-* files the bundled defaults apply',
+                     'path': 'dir', 'missing': 'the bundled default rules apply'},
         'blockaction': {'default': 'DELETE', 'description': 'action for a denied attachment (REJECT makes sense '
                                                             'before the queue only)'},
         'block_encrypted': {'default': 'False', 'description': 'block every password protected archive'},
@@ -1680,7 +1668,8 @@ class FiletypePlugin(ScannerPlugin):
             'default': '', 'description': 'the same for member names in encrypted archives'},
         'config_section_archivetype': {'default': '',
                                        'description': 'the same for archive member types'},
-        'rulestag': {'default': '', 'description': 'accepted for compatibility; not supported'},
+        'rulestag': {'default': '', 'description': 'accepted for compatibility; not supported',
+                     'inert': 'not supported by this build'},
         'checkarchivenames': {'default': 'False', 'description': 'check the names of files inside archives'},
         'checkarchivecontent': {'default': 'False', 'description': 'check the content types of files inside archives'},
         'archivecontentmaxsize': {'default': '5000000',
@@ -2171,9 +2160,7 @@ class FiletypePlugin(ScannerPlugin):
             limits.max_parts, limits.max_depth, self._get('mime_limit_action').strip().lower()))
         ok = self.lint_database() and ok
         rulesdir = self._get('rulesdir')
-        if not os.path.isdir(rulesdir):
-            print('rulesdir %s does not exist: the bundled default rules apply' % rulesdir)
-        else:
+        if os.path.isdir(rulesdir):   # a missing one is reported by check_config
             names = sorted(name for name in os.listdir(rulesdir) if name.endswith('.conf'))
             for name in names:
                 with open(os.path.join(rulesdir, name), encoding='utf-8', errors='replace') as handle:

@@ -307,6 +307,15 @@ class ClamavPlugin(ScannerPlugin):
                           result.stderr.decode('utf-8', 'replace').strip()[:200])
         return None
 
+    def check_peers(self):
+        """clamd answers PING with PONG (fuglu healthcheck --deep)."""
+        peer = 'clamd %s' % self._address()
+        try:
+            pong = self.command(b'PING')
+        except (ClamdError, OSError) as error:
+            return [(peer, False, '%s: %s' % (error.__class__.__name__, error))]
+        return [(peer, pong == 'PONG', 'answered %r' % pong)]
+
     # -- lint -----------------------------------------------------------------
     def lint(self):
         if not self.check_config():

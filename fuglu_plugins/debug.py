@@ -1,19 +1,30 @@
 """MessageDebugger (alias `debug`): messages arriving on the debug port are traced to a
 file and, by default, neither re-injected, bounced nor passed to appenders."""
 
+import os
+
 import fuglu
 
 
 class MessageDebugger(fuglu.PrependerPlugin):
     """Prepender: when a message arrives on ``debugport``, set the tags nobounce,
     noreinject and noappenders (per the options) and write the plugins' debug lines for
-    it to ``debugfile``."""
+    it to ``debugfile``.
+
+    The file is created anew for each debugged message (like FuGlu, the newest wins)
+    under a fresh name and renamed into place, so a link planted at its name is
+    replaced, never followed; a ``debugfile`` in a directory anybody may write to is
+    moved (fuglu.shared_file_path: /var/log/fuglu when started as root)."""
 
     default_section = 'debug'
     friendly_name = 'Debugger'
     requiredvars = {
         'debugport': {'default': '10888', 'description': 'messages arriving on this port are debugged'},
-        'debugfile': {'default': '/tmp/fuglu_debug.log', 'description': 'file the debug lines are written to'},
+        'debugfile': {'default': '/tmp/fuglu_debug.log',
+                      'description': 'file the debug lines are written to; in a directory anybody '
+                                     'may write to (/tmp) it is moved to /var/log/fuglu when fuglu '
+                                     'starts as root, else to a private fuglu-USER directory there',
+                      'path': 'writefile', 'home': 'log'},
         'nobounce': {'default': 'True', 'description': 'send no bounces for debugged messages'},
         'noreinject': {'default': 'True', 'description': 'do not re-inject debugged messages'},
         'noappender': {'default': 'True', 'description': 'do not run appenders for debugged messages'},
@@ -26,17 +37,28 @@ class MessageDebugger(fuglu.PrependerPlugin):
         suspect.tags['nobounce'] = config.getboolean(section, 'nobounce')
         suspect.tags['noreinject'] = config.getboolean(section, 'noreinject')
         suspect.tags['noappenders'] = config.getboolean(section, 'noappender')
+        path = fuglu.shared_file_path(config.get(section, 'debugfile'), 'log')
         try:
-            # one file per message would need a name scheme; like FuGlu, the newest wins
-            handle = open(config.get(section, 'debugfile'), 'w')
+            handle = self.open_debug_file(path)
         except OSError as error:
-            self.logger.error('%s: cannot open debug file: %s', suspect.id, error)
+            self.logger.error('%s: cannot open debug file %s: %s', suspect.id, path, error)
             return None
         suspect.tags['debug'] = True
         suspect.tags['debugfile'] = handle
         suspect.debug('debugging %s from=%s to=%s' % (suspect.id, suspect.from_address, suspect.recipients))
         suspect.debug('scanners: %s' % ', '.join(str(p) for p in pluginlist))
         return None
+
+    @staticmethod
+    def open_debug_file(path):
+        directory, name = os.path.split(path)
+        dir_fd = fuglu.open_directory(directory, check_mode=False)
+        try:
+            handle = fuglu.create_file_at(dir_fd, name)
+        finally:
+            os.close(dir_fd)
+        import io
+        return io.TextIOWrapper(handle, encoding='utf-8', errors='replace', line_buffering=True)
 
     def lint(self):
         if not self.check_config():

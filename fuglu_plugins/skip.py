@@ -1,6 +1,8 @@
 """PluginSkipper (alias `skip`): leave out scanner plugins for messages that match a
 rule file, e.g. no SpamAssassin for outbound mail arriving on port 10099."""
 
+import os
+
 import fuglu
 
 
@@ -12,7 +14,8 @@ class PluginSkipper(fuglu.PrependerPlugin):
     friendly_name = 'Plugin Skipper'
     requiredvars = {
         'filterfile': {'default': '${confdir}/skipplugins.regex',
-                       'description': 'rule file: field regex PluginClass,PluginClass...'},
+                       'description': 'rule file: field regex PluginClass,PluginClass...',
+                       'path': 'file', 'missing': 'no plugin is skipped'},
     }
 
     def __init__(self, config, section=None):
@@ -20,13 +23,18 @@ class PluginSkipper(fuglu.PrependerPlugin):
         self.filter = None
 
     def _filter(self):
+        """The rule file's filter; None while the file does not exist (then no plugin
+        is skipped; lint reports a missing file)."""
         path = self.config.get(self.section, 'filterfile')
         if self.filter is None or self.filter.filename != path:
+            if not os.path.exists(path):
+                return None
             self.filter = fuglu.SuspectFilter(path)
         return self.filter
 
     def pluginlist(self, suspect, pluginlist):
-        rules = self._filter().get_args(suspect, extended=True)
+        rules = self._filter()
+        rules = rules.get_args(suspect, extended=True) if rules is not None else None
         if not rules:
             return None
         skip = {}
@@ -44,4 +52,7 @@ class PluginSkipper(fuglu.PrependerPlugin):
         return kept
 
     def lint(self):
-        return self.check_config() and self._filter().lint()
+        if not self.check_config():
+            return False
+        rules = self._filter()
+        return rules is None or rules.lint()

@@ -423,6 +423,15 @@ class SAPlugin(ScannerPlugin):
                     raise
                 time.sleep(pause)
 
+    def check_peers(self):
+        """spamd answers PING with PONG (fuglu healthcheck --deep)."""
+        peer = 'spamd %s' % self._address()
+        try:
+            status = self.request(b'PING').status
+        except (SpamdError, OSError) as error:
+            return [(peer, False, '%s: %s' % (error.__class__.__name__, error))]
+        return [(peer, status.endswith('PONG'), 'answered %r' % status)]
+
     # -- lint -----------------------------------------------------------------
     def lint(self):
         if not self.check_config():

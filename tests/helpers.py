@@ -28,6 +28,20 @@ def no_address_check():
     fuglu.Addrcheck().set('Default')
 
 
+@pytest.fixture
+def readable_tmp():
+    """A temporary folder every user can read: lint started as root checks (and loads
+    plugins) as [main] user, nobody, who cannot enter pytest's tmp_path (import the
+    fixture into a test module)."""
+    import pathlib
+    import shutil
+    import tempfile
+    path = tempfile.mkdtemp(prefix='fuglu-unit-')
+    os.chmod(path, 0o755)
+    yield pathlib.Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from helpers import fuglu, make_config, run_fuglu_lint
+from helpers import fuglu, make_config, readable_tmp, run_fuglu_lint  # noqa: F401
 
 MESSAGE = b'From: a@example.org\r\nTo: b@example.com\r\nSubject: plugin test\r\n\r\nbody\r\n'
 
@@ -269,7 +269,8 @@ def lint_config(tmp_path, module, extra=''):
     return str(path)
 
 
-def test_fuglu_style_plugin_under_lint_when_fuglu_runs_as_main(tmp_path):
+def test_fuglu_style_plugin_under_lint_when_fuglu_runs_as_main(readable_tmp):
+    tmp_path = readable_tmp
     plugindir = tmp_path / 'plugins'
     plugindir.mkdir()
     module = write_module(plugindir, FUGLU_STYLE_PLUGIN)
@@ -281,7 +282,8 @@ def test_fuglu_style_plugin_under_lint_when_fuglu_runs_as_main(tmp_path):
     assert returncode == 0, out
 
 
-def test_lint_fails_on_an_unknown_option_in_a_plugin_section(tmp_path):
+def test_lint_fails_on_an_unknown_option_in_a_plugin_section(readable_tmp):
+    tmp_path = readable_tmp
     module = write_module(tmp_path, FUGLU_STYLE_PLUGIN)
     conf = lint_config(tmp_path, module, 'wrod = typo\n')
     returncode, out = run_fuglu_lint(conf, cwd=str(tmp_path))
@@ -518,8 +520,14 @@ def test_skip_uses_confdir_and_lints_its_rule_file(tmp_path, capsys):
     config = fuglu.FuConfigParser(confdir=str(tmp_path))
     config.read_config_text('[main]\n', 'x')
     plugin = PluginSkipper(config)
-    assert plugin.lint() is False     # ${confdir}/skipplugins.regex does not exist
-    assert str(tmp_path / 'skipplugins.regex') in capsys.readouterr().out
+    assert plugin.lint() is True      # the default ${confdir}/skipplugins.regex may be missing ...
+    missing = '%s does not exist: no plugin is skipped' % (tmp_path / 'skipplugins.regex')
+    assert missing in capsys.readouterr().out
+    config.read_config_text('[PluginSkipper]\nfilterfile = %s\n' % (tmp_path / 'skipplugin.regex'),
+                            'y')
+    assert PluginSkipper(config).lint() is False     # ... a configured one may not
+    assert 'skipplugin.regex does not exist' in capsys.readouterr().out
+    config.remove_option('PluginSkipper', 'filterfile')
     (tmp_path / 'skipplugins.regex').write_text('@incomingport ^10099$ SAPlugin\n')
     assert PluginSkipper(config).lint() is True
     (tmp_path / 'skipplugins.regex').write_text('brokenline\n')

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from helpers import FUGLU_SCRIPT, fuglu, make_config, run_fuglu_lint
+from helpers import FUGLU_SCRIPT, fuglu, make_config, readable_tmp, run_fuglu_lint  # noqa: F401
 
 from fuglu_plugins.attachment import FiletypePlugin
 from fuglu_plugins.spamassassin import SAPlugin
@@ -579,7 +579,8 @@ def lint_conf(tmp_path, databaseconfig):
     return str(path)
 
 
-def test_lint_stdlib_sqlite_names_backend_driver_and_rows(tmp_path):
+def test_lint_stdlib_sqlite_names_backend_driver_and_rows(readable_tmp):
+    tmp_path = readable_tmp
     path = make_database(tmp_path / 'settings.db')
     conf = lint_conf(tmp_path, 'dbconnectstring = sqlite:///%s\n' % path)
     returncode, out = run_fuglu_lint(conf)
@@ -604,7 +605,8 @@ def test_lint_other_urls_without_sqlalchemy_names_what_to_install(tmp_path, url,
     assert 'pw@' not in out
 
 
-def test_lint_bad_sql_and_unimplemented_sources(tmp_path):
+def test_lint_bad_sql_and_unimplemented_sources(readable_tmp):
+    tmp_path = readable_tmp
     conf = lint_conf(tmp_path, 'dbconnectstring = sqlite:///%s\nsql = SELECT value FROM nowhere\n'
                                'dbpriority = rest, sql\nrestapi_uri = https://config.example/\n'
                      % make_database(tmp_path / 'settings.db'))
@@ -615,7 +617,8 @@ def test_lint_bad_sql_and_unimplemented_sources(tmp_path):
     assert 'dbpriority rest: not implemented' in out
 
 
-def test_lint_without_a_database(tmp_path):
+def test_lint_without_a_database(readable_tmp):
+    tmp_path = readable_tmp
     returncode, out = run_fuglu_lint(lint_conf(tmp_path, ''))
     assert 'no per-recipient overrides' in out
     assert returncode == 0, out

@@ -345,7 +345,8 @@ def run_in_world_dir(peer_class, folder_prefix):
         remove_world_dir(basedir)
 
 
-def _chown_tree(path, user):
+def chown_tree(path, user):
+    """Give ``path`` and everything below it to ``user`` (a folder a daemon writes)."""
     account = pwd.getpwnam(user)
     for folder, subfolders, files in os.walk(path):
         os.chown(folder, account.pw_uid, account.pw_gid)
@@ -559,7 +560,7 @@ class PostfixInstance(object):
         # virtual(8) delivers as nobody into a Maildir we create for it.
         for sub in ('tmp', 'new', 'cur'):
             os.makedirs(os.path.join(self.maildir, sub), exist_ok=True)
-        _chown_tree(self.maildir, 'nobody')
+        chown_tree(self.maildir, 'nobody')
 
         main_cf_path = os.path.join(self.config_dir, 'main.cf')
         with open(main_cf_path, 'w') as main_cf:
@@ -910,7 +911,7 @@ class SpamdInstance(ChildPeer):
                 shutil.copy(os.path.join('/etc/spamassassin', name), self.siteconfig_dir)
         with open(os.path.join(self.siteconfig_dir, 'local.cf'), 'w') as local_cf:
             local_cf.write(_SPAMD_LOCAL_CF + self.extra_local_cf)
-        _chown_tree(self.basedir, SPAMD_USER)
+        chown_tree(self.basedir, SPAMD_USER)
         os.chmod(self.basedir, 0o755)
 
     def command(self):
@@ -1017,7 +1018,7 @@ class PostgresInstance(object):
         os.makedirs(self.basedir, exist_ok=True)
         os.chmod(self.basedir, 0o755)
         if os.geteuid() == 0:
-            _chown_tree(self.basedir, 'postgres')
+            chown_tree(self.basedir, 'postgres')
         self._as_postgres([os.path.join(postgres_bin_dir(), 'initdb'), '-D', self.data_dir,
                            '-U', 'postgres', '--auth-local=trust', '--auth-host=scram-sha-256',
                            '-E', 'UTF8', '--locale=C.UTF-8'], 'initdb')
@@ -1101,7 +1102,7 @@ class MariadbInstance(ChildPeer):
         os.makedirs(self.data_dir, exist_ok=True)
         os.chmod(self.basedir, 0o755)
         if os.geteuid() == 0:
-            _chown_tree(self.basedir, 'mysql')
+            chown_tree(self.basedir, 'mysql')
         _run_checked(['mariadb-install-db', '--no-defaults', '--datadir=' + self.data_dir,
                       '--auth-root-authentication-method=socket', '--skip-test-db']
                      + self._user_options(), 'mariadb-install-db')

@@ -9,6 +9,7 @@ zipapp alone in an empty directory on every installed CPython 3.8-3.13.
 
 import glob
 import os
+import pathlib
 import re
 import shutil
 import socket
@@ -452,15 +453,22 @@ PYTHONS = installed_pythons()
 
 
 @pytest.mark.parametrize('version', sorted(PYTHONS) or ['none'])
-def test_zipapp_alone_lints_a_fuglu_style_config(zipapp, version, tmp_path):
+def test_zipapp_alone_lints_a_fuglu_style_config(zipapp, version, tmp_world_dir):
     if version == 'none':
         pytest.fail('no CPython 3.8-3.13 found')
     python = PYTHONS[version]
+    # lint checks as [main] user (nobody) would: everything in folders it can read
+    tmp_path = pathlib.Path(tmp_world_dir)
     confdir = tmp_path / 'etc'
     confdir.mkdir()
-    conf = write_fuglu_style_conf(str(confdir), '10025,10099,10888', 10026, 10888, '/tmp/fuglu_control.sock')
+    os.chmod(str(confdir), 0o755)
+    os.chown(str(confdir), peers.pwd.getpwnam('nobody').pw_uid, -1)   # debugfile=${confdir}/...
+    ports = [peers.free_port() for _ in range(3)]   # lint checks that they are free
+    conf = write_fuglu_style_conf(str(confdir), ','.join(map(str, ports)), 10026, ports[2],
+                                  '/tmp/fuglu_control.sock')
     empty = tmp_path / 'empty'
     empty.mkdir()
+    os.chmod(str(empty), 0o755)
     shutil.copy(zipapp, str(empty / 'fuglu.pyz'))
     result = subprocess.run([python, '-I', 'fuglu.pyz', '--lint', '-c', conf], cwd=str(empty),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120,

@@ -42,7 +42,7 @@ def blocking_chain(postfix_factory, fuglu_factory, tmp_world_dir):
     postfix = postfix_factory('afterqueue')
     archive_dir = os.path.join(tmp_world_dir, 'archive')
     os.mkdir(archive_dir)
-    os.chmod(archive_dir, 0o777)  # fuglu may run as nobody
+    os.chown(archive_dir, peers.pwd.getpwnam('nobody').pw_uid, -1)  # fuglu runs as nobody
     rules = os.path.join(tmp_world_dir, 'archive-blocked.regex')
     with open(rules, 'w') as handle:
         handle.write('@archive.blocked True yes\n')

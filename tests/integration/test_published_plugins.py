@@ -85,6 +85,7 @@ class Deployment(object):
         self.connector = connector
         self.workdir = peers.world_dir('fuglu-published-')
         os.mkdir(os.path.join(self.workdir, 'tmp'))
+        peers.chown_tree(self.workdir, 'nobody')   # fuglu runs as [main] user, nobody
         self.postfix = None
         if connector == 'smtp':
             self.postfix = postfix_factory('afterqueue')

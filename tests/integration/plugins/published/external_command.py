@@ -1,5 +1,6 @@
 # Style: the message handed to an external program as suspect.tempfile (as plugins
 # that call a command-line scanner do).
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,10 @@ class ExternalCommand(ScannerPlugin):
         self.requiredvars = {'timeout': {'default': '20', 'description': 'seconds'}}
 
     def examine(self, suspect):
-        command = [sys.executable, '-c', 'import sys; print(len(open(sys.argv[1], "rb").read()))',
+        # the daemon runs as an unprivileged user: call the system's interpreter, as a
+        # plugin calls a command-line scanner installed for everybody
+        python = '/usr/bin/python3' if os.path.exists('/usr/bin/python3') else sys.executable
+        command = [python, '-c', 'import sys; print(len(open(sys.argv[1], "rb").read()))',
                    suspect.tempfile]
         try:
             output = subprocess.run(command, stdout=subprocess.PIPE, check=True,
