@@ -2152,7 +2152,8 @@ class SMTPClient(object):
         self.extensions = {}
         for line in lines[1:]:
             keyword, _, params = line.partition(' ')
-            self.extensions[keyword.upper()] = params
+            if ESMTP_KEYWORD_RE.match(keyword):   # 'CHUNK\u0131NG'.upper() is not CHUNKING
+                self.extensions[keyword.upper()] = params
         return code, lines
 
     def xforward(self, attributes):
@@ -2395,30 +2396,101 @@ def address_is_valid(address, checker='Default', maxsize=64):
     return not (bare.startswith('.') or bare.endswith('.'))
 
 
-MAIL_PATH_RE = re.compile(r'^\s*<([^<>]*)>\s*(.*)$')
+MAIL_PATH_RE = re.compile(r'^[ \t]*<([^<>]*)>[ \t]*(.*)$')
+
+# Client text is matched with ASCII-only patterns: str.isdigit(), isalpha() and upper()
+# know Unicode ('\u00b2'.isdigit() is True, int() of it fails; '\u0131'.upper() == 'I',
+# so 'MA\u0131L' would pass for MAIL).
+SMTP_VERB_RE = re.compile(r'[A-Za-z]{1,16}\Z')
+ESMTP_KEYWORD_RE = re.compile(r'[A-Za-z0-9][A-Za-z0-9-]{0,63}\Z')   # RFC 5321 4.1.2
+ASCII_NUMBER_RE = re.compile(r'[0-9]+\Z')
+# C0 controls and DEL: bare CR, LF, NUL, TAB... never belong in an address, a parameter
+# or an attribute value (RFC 5321 2.3.8: CR and LF only as the CRLF line end)
+CONTROL_CHARACTER_RE = re.compile(r'[\x00-\x1f\x7f]')
+BODY_TYPES = ('7BIT', '8BITMIME', 'BINARYMIME')   # RFC 6152, RFC 3030
+
+
+def ascii_number(text, max_digits=20):
+    """Non-negative integer from ASCII digits, else None; more than ``max_digits``
+    digits (RFC 1870's SIZE limit) give float('inf') rather than a huge int()."""
+    if not ASCII_NUMBER_RE.match(text):
+        return None
+    if len(text.lstrip('0')) > max_digits:
+        return float('inf')
+    return int(text)
+
+
+def ascii_words(text):
+    """Split at spaces and tabs only (str.split() also splits at Unicode spaces)."""
+    return [word for word in re.split(r'[ \t]+', text) if word]
+
+
+class EnvelopeSyntaxError(ValueError):
+    """Bad MAIL/RCPT syntax; ``part`` is 'address', 'parameter' or 'syntax', so the
+    reply can carry the right enhanced status code."""
+
+    def __init__(self, message, part='syntax'):
+        super().__init__(message)
+        self.part = part
+
+
+def envelope_address_problem(address):
+    """Why an envelope address (without its brackets) cannot be used, or None. Any
+    connector checks the addresses it receives with this before they are stored,
+    forwarded or written into a header."""
+    if CONTROL_CHARACTER_RE.search(address):
+        return 'control character in address'
+    if '<' in address or '>' in address:
+        return 'angle bracket inside address'
+    return None
+
+
+def esmtp_parameter_problem(parameter):
+    """Why a MAIL/RCPT parameter ('KEYWORD' or 'KEYWORD=value') is malformed, or None.
+    Values may be UTF-8 (RFC 6531) but carry no control characters."""
+    keyword, sep, value = parameter.partition('=')
+    if not ESMTP_KEYWORD_RE.match(keyword):
+        return 'bad parameter keyword'
+    if sep and not value:
+        return 'empty %s value' % keyword.upper()
+    if CONTROL_CHARACTER_RE.search(value):
+        return 'control character in %s value' % keyword.upper()
+    return None
 
 
 def parse_path_argument(argument, keyword):
-    """'FROM:<a@b> SIZE=1' -> ('a@b', ['SIZE=1']); ValueError on bad syntax."""
+    """'FROM:<a@b> SIZE=1' -> ('a@b', ['SIZE=1']); EnvelopeSyntaxError on bad syntax,
+    a bad address or a malformed parameter."""
     head, sep, rest = argument.partition(':')
-    if not sep or head.strip().upper() != keyword:
-        raise ValueError('syntax: %s:<address>' % keyword)
+    if not sep or not head.strip(' \t').isascii() or head.strip(' \t').upper() != keyword:
+        raise EnvelopeSyntaxError('syntax: %s:<address>' % keyword)
     match = MAIL_PATH_RE.match(rest)
     if match:
-        address, params = match.group(1), match.group(2)
+        address, params = match.group(1), ascii_words(match.group(2))
     else:
         # be liberal with clients that forget the brackets
-        parts = rest.strip().split()
+        parts = ascii_words(rest)
         if not parts:
-            raise ValueError('missing address')
-        address, params = parts[0], ' '.join(parts[1:])
+            raise EnvelopeSyntaxError('missing address')
+        address, params = parts[0], parts[1:]
     if ':' in address and address.startswith('@'):
         address = address.split(':', 1)[1]   # source route (RFC 5321 C.)
-    return address.strip(), params.split()
+    address = address.strip(' \t')
+    problem = envelope_address_problem(address)
+    if problem:
+        raise EnvelopeSyntaxError(problem, 'address')
+    for param in params:
+        problem = esmtp_parameter_problem(param)
+        if problem:
+            raise EnvelopeSyntaxError(problem, 'parameter')
+    return address, params
 
 
 def xtext_decode(value):
-    return re.sub(r'\+([0-9A-Fa-f]{2})', lambda m: chr(int(m.group(1), 16)), value)
+    """RFC 3461 xtext: '+' and two hex digits stand for one byte; the bytes are UTF-8."""
+    raw = value.encode('utf-8', 'surrogateescape')
+    raw = re.sub(rb'\+([0-9A-Fa-f]{2})', lambda match: bytes.fromhex(match.group(1).decode('ascii')), raw)
+    return raw.decode('utf-8', 'surrogateescape')
 
 
 class SMTPServerSession(object):
@@ -2435,6 +2507,7 @@ class SMTPServerSession(object):
     """
 
     MAX_ERRORS = 20
+    ENVELOPE_VERBS = ('MAIL', 'RCPT')   # their parsers refuse control characters with 5.1.x codes
     UNIMPLEMENTED = ('EXPN', 'TURN', 'ETRN', 'STARTTLS', 'AUTH', 'BDAT', 'HELP', 'SEND', 'SOML', 'SAML')
 
     def __init__(self, connector, sock, peer):
@@ -2520,10 +2593,12 @@ class SMTPServerSession(object):
             return self.error(500, '5.5.2 Error: NUL character in command')
         command = text.decode('utf-8', 'surrogateescape')
         verb, _, argument = command.partition(' ')
-        verb = verb.upper()
-        handler = getattr(self, 'smtp_' + verb, None) if verb.isalpha() else None
+        verb = verb.upper() if SMTP_VERB_RE.match(verb) else ''   # ASCII verbs only
+        handler = getattr(self, 'smtp_' + verb, None) if verb else None
         if handler is not None:
-            return handler(argument.strip())
+            if verb not in self.ENVELOPE_VERBS and CONTROL_CHARACTER_RE.search(argument.replace('\t', ' ')):
+                return self.error(501, '5.5.2 Syntax error: control character in %s' % verb)
+            return handler(argument.strip(' \t'))
         if verb in self.UNIMPLEMENTED:
             return self.error(502, '5.5.1 Error: command not implemented')
         self.logger.info('%s: unknown command %r', self.peer_label(), command[:60])
@@ -2597,13 +2672,17 @@ class SMTPServerSession(object):
         if self.in_transaction:
             return self.error(503, '5.5.1 Error: MAIL transaction in progress')
         attributes = {}
-        for item in argument.split():
+        for item in ascii_words(argument):
             name, sep, value = item.partition('=')
-            name = name.upper()
+            name = name.upper() if name.isascii() else ''
             if not sep or name not in ('NAME', 'ADDR', 'PROTO', 'HELO', 'SOURCE', 'PORT', 'IDENT'):
                 return self.error(501, '5.5.4 Syntax: XFORWARD attribute=value...')
-            if len(xtext_decode(value)) > 255:
+            decoded = xtext_decode(value)
+            if len(decoded) > 255:
                 return self.error(501, '5.5.4 Error: %s value too long' % name)
+            if not value or CONTROL_CHARACTER_RE.search(decoded):
+                # the raw value goes downstream, the decoded one into client information
+                return self.error(501, '5.5.4 Error: bad %s value' % name)
             attributes[name] = value
         if not attributes:
             return self.error(501, '5.5.4 Syntax: XFORWARD attribute=value...')
@@ -2624,25 +2703,39 @@ class SMTPServerSession(object):
             return self.error(503, '5.5.1 Error: nested MAIL command')
         try:
             address, params = parse_path_argument(argument, 'FROM')
-        except ValueError as error:
-            return self.error(501, '5.5.4 Syntax error in MAIL: %s' % error)
+        except EnvelopeSyntaxError as error:
+            return self.envelope_error('MAIL', '5.1.7 Bad sender address syntax', error)
         for param in params:
             name, _, value = param.partition('=')
-            if name.upper() == 'SIZE':
-                if not value.isdigit():
-                    return self.error(501, '5.5.4 Bad SIZE parameter')
-                if self.max_size and int(value) > self.max_size:
-                    return self.error(552, '5.3.4 Message size %s exceeds fixed maximum message size %d '
-                                          '(configured limit smtp_max_message_size)' % (value, self.max_size))
+            name = name.upper()
+            if name == 'SIZE':
+                size = ascii_number(value)
+                if size is None:
+                    return self.envelope_error('MAIL', None, EnvelopeSyntaxError('Bad SIZE parameter'))
+                if self.max_size and size > self.max_size:
+                    self.logger.info('%s: MAIL SIZE=%s over smtp_max_message_size refused', self.peer_label(),
+                                     value[:30])
+                    return self.error(552, '5.3.4 Message size exceeds fixed maximum message size %d '
+                                           '(configured limit smtp_max_message_size)' % self.max_size)
+            elif name == 'BODY' and value.upper() not in BODY_TYPES:
+                return self.envelope_error('MAIL', None, EnvelopeSyntaxError('Bad BODY parameter'))
         return address, params
+
+    def envelope_error(self, verb, address_reply, error):
+        """501 for a MAIL/RCPT that cannot be parsed: ``address_reply`` when the address
+        is bad, 5.5.4 for syntax and parameters."""
+        self.logger.info('%s: %s refused: %s', self.peer_label(), verb, error)
+        if address_reply and getattr(error, 'part', None) == 'address':
+            return self.error(501, address_reply)
+        return self.error(501, '5.5.4 Syntax error in %s: %s' % (verb, error))
 
     def parse_rcpt(self, argument):
         if not self.in_transaction:
             return self.error(503, '5.5.1 Error: need MAIL command')
         try:
             address, params = parse_path_argument(argument, 'TO')
-        except ValueError as error:
-            return self.error(501, '5.5.4 Syntax error in RCPT: %s' % error)
+        except EnvelopeSyntaxError as error:
+            return self.envelope_error('RCPT', '5.1.3 Bad recipient address syntax', error)
         if not address:
             return self.error(501, '5.1.3 Bad recipient address syntax')
         return address, params
@@ -2681,7 +2774,7 @@ class SMTPServerSession(object):
         return helo, addr, name
 
     def smtp_options(self):
-        return {p.upper() for p in self.mail_params if p.upper() in ('SMTPUTF8', 'BODY=8BITMIME')}
+        return {p.upper() for p in self.mail_params if p.isascii() and p.upper() in ('SMTPUTF8', 'BODY=8BITMIME')}
 
     def build_suspect(self, data):
         """A Suspect from the finished transaction, or None (reply queued) when the
@@ -3117,9 +3210,8 @@ class EsmtpSession(AfterQueueSession):
                 continue
             if keyword == 'SIZE':
                 # announce the smaller of the two limits (0 or none = unlimited)
-                downstream_limit = offered['SIZE'].strip()
-                limits = [n for n in (int(downstream_limit) if downstream_limit.isdigit() else 0, self.max_size)
-                          if n > 0]
+                downstream_limit = ascii_number(offered['SIZE'].strip(), max_digits=18) or 0
+                limits = [n for n in (downstream_limit, self.max_size) if 0 < n < float('inf')]
                 items.append('SIZE %d' % min(limits) if limits else 'SIZE')
             else:
                 items.append(('%s %s' % (keyword, offered[keyword])).strip())
@@ -4819,6 +4911,29 @@ class ControlServer(object):
 # Daemon
 ###############################################################################
 
+class SafeLogRecord(logging.LogRecord):
+    """Client text is kept as sent: undecodable bytes become lone surrogates
+    (surrogateescape), which no log handler can encode, so the whole line would be
+    lost. The formatted message shows them as \\xNN escapes instead."""
+
+    def getMessage(self):
+        message = super().getMessage()
+        if message.isascii():
+            return message
+        try:
+            message.encode('utf-8')
+            return message
+        except UnicodeEncodeError:
+            return message.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+
+
+def use_safe_log_records():
+    """Make every log record a SafeLogRecord (unless something else already replaced
+    the record factory, which is then left alone)."""
+    if logging.getLogRecordFactory() is logging.LogRecord:
+        logging.setLogRecordFactory(SafeLogRecord)
+
+
 class MainController(object):
     """Owns the configuration, the plugins, the backend, the listeners and the
     control server. ``startup()`` brings them up, ``run()`` idles until stopped,
@@ -4840,6 +4955,7 @@ class MainController(object):
         self.smtp_sessions = set()   # SMTP sessions, so shutdown can wake those waiting for a command
         self.downstream_pool = DownstreamPool()
         self._apply_trusted(config)
+        use_safe_log_records()
 
     def _apply_trusted(self, config):
         value = config.get('main', 'trusted_xforward_peers').strip()

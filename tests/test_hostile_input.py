@@ -1,0 +1,208 @@
+"""Client text fuglu did not write, through the real daemon: non-ASCII digits and verbs,
+undecodable bytes, control characters in envelope text, on the smtp and esmtp
+connectors (netcat and milter below). Each case must get a clear protocol reply, a
+readable log line and no traceback; nothing malformed may reach the downstream."""
+
+import io
+import logging
+
+import pytest
+
+from helpers import InProcessFuglu, RawClient, Sink, fuglu, stopped_at_teardown, wait_for
+from test_smtp import MESSAGE, stuff
+
+
+@pytest.fixture
+def sink():
+    downstream = Sink()
+    yield downstream
+    downstream.stop()
+
+
+@pytest.fixture
+def make_fuglu():
+    def create(downstream_port, protocol='smtp', extra_main=''):
+        return InProcessFuglu(downstream_port, protocol=protocol, extra_main=extra_main)
+    yield from stopped_at_teardown(create)
+
+
+@pytest.fixture
+def clients():
+    opened = []
+
+    def connect(port):
+        client = RawClient(port)
+        opened.append(client)
+        return client
+    yield connect
+    for client in opened:
+        client.close()
+
+
+class StrictLog(object):
+    """A log handler writing to a strict UTF-8 stream, as a log file is: a record it
+    cannot encode is lost (and reported by logging.handleError)."""
+
+    def __init__(self):
+        self.stream = io.TextIOWrapper(io.BytesIO(), encoding='utf-8', errors='strict', write_through=True)
+        self.handler = logging.StreamHandler(self.stream)
+        self.handler.setFormatter(logging.Formatter('%(levelname)s %(message)s'))
+        self.failures = []
+        self.handler.handleError = self.failures.append
+        self.records = []
+        self.logger = logging.getLogger('fuglu')
+        self.old_level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self.handler)
+
+    def text(self):
+        return self.stream.buffer.getvalue().decode('utf-8')
+
+    def close(self):
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.old_level)
+
+
+@pytest.fixture
+def strict_log():
+    log = StrictLog()
+    yield log
+    log.close()
+
+
+def code_of(reply):
+    return reply[:3].decode('ascii', 'replace')
+
+
+@pytest.fixture(params=['smtp', 'esmtp'])
+def session(request, sink, make_fuglu, clients):
+    """An EHLO'd client of the smtp or esmtp connector."""
+    server = make_fuglu(sink.port, protocol=request.param)
+    client = clients(server.port)
+    assert client.cmd('EHLO client.example').startswith(b'250')
+    client.server = server
+    return client
+
+
+# -- SIZE and other parameters ------------------------------------------------------
+
+@pytest.mark.parametrize('value', ['\u00b2', '1\u00b2', '\uff11\uff12', '\u0663', '-1', '', '1e3', '0x10', ' '])
+def test_size_that_is_not_ascii_digits_is_a_syntax_error(session, value):
+    reply = session.cmd('MAIL FROM:<a@example.org> SIZE=%s' % value)
+    assert reply.startswith(b'501 5.5.4 '), reply
+    assert session.cmd('NOOP').startswith(b'250'), 'the session goes on'
+
+
+@pytest.mark.parametrize('value', ['9' * 25, '9' * 2000, '268435457'], ids=['25 digits', '2000 digits', 'limit+1'])
+def test_huge_size_is_refused_as_too_big(session, value):
+    reply = session.cmd('MAIL FROM:<a@example.org> SIZE=%s' % value)
+    assert reply.startswith(b'552 5.3.4 '), reply
+    assert len(reply) < 300, 'the value is not echoed'
+
+
+@pytest.mark.parametrize('parameter', ['B\u0131DY=8BITMIME', 'BODY=8BIT\u0131', 'BODY=', '=x', 'NOTIFY=\x01',
+                                       'ENVID=a\rb', 'X\xffY=1', 'BODY=\u0131', 'BODY=8BITMIME\x00'])
+def test_malformed_mail_parameters_are_syntax_errors(session, sink, parameter):
+    reply = session.cmd('MAIL FROM:<a@example.org> %s' % parameter)
+    assert reply[:3] in (b'500', b'501'), reply
+    assert session.cmd('MAIL FROM:<a@example.org>').startswith(b'250')
+    assert not any(parameter in command for command in sink.commands)
+
+
+@pytest.mark.parametrize('parameter', ['N\u0131TIFY=NEVER', 'NOTIFY=', '=x', 'NOTIFY=\x01', 'ORCPT=a\rb', 'X\xffY=1'])
+def test_malformed_rcpt_parameters_are_syntax_errors(session, sink, parameter):
+    assert session.cmd('MAIL FROM:<a@example.org>').startswith(b'250')
+    reply = session.cmd('RCPT TO:<b@example.org> %s' % parameter)
+    assert reply.startswith(b'501 5.5.4 '), reply
+    assert session.cmd('RCPT TO:<b@example.org>').startswith(b'250')
+    assert not any(parameter in command for command in sink.commands)
+
+
+def test_utf8_parameter_values_pass(session, sink):
+    assert session.cmd('MAIL FROM:<a@example.org> SMTPUTF8 ENVID=\u00e4').startswith(b'250')
+
+
+# -- verbs --------------------------------------------------------------------------
+
+@pytest.mark.parametrize('line', ['MA\u0131L FROM:<a@example.org>', 'MA\u0130L FROM:<a@example.org>',
+                                  '\uff2d\uff21\uff29\uff2c FROM:<a@example.org>', 'EHLO\u00a0x', 'N\u00d6OP',
+                                  'MAIL FR\u00d6M:<a@example.org>', 'RSET\xff', '\xffQUIT'])
+def test_only_ascii_verbs_dispatch(session, sink, line):
+    reply = session.cmd(line)
+    assert reply[:1] == b'5', reply
+    assert not any(command.startswith('MAIL') for command in sink.commands)
+    assert session.cmd('NOOP').startswith(b'250')
+
+
+def test_kelvin_and_dotless_letters_do_not_make_a_rcpt(session, sink):
+    assert session.cmd('MAIL FROM:<a@example.org>').startswith(b'250')
+    reply = session.cmd('RCPT \u0131O:<b@example.org>')
+    assert reply.startswith(b'501'), reply
+
+
+# -- control characters in envelope text ------------------------------------------------
+
+@pytest.mark.parametrize('address', ['a\rb@example.org', 'a@exa\rmple.org', 'a\x0bb@example.org',
+                                     'a\tb@example.org', 'a\x7fb@example.org', 'a\x1bb@example.org'])
+def test_control_characters_in_addresses_are_refused(session, sink, address):
+    reply = session.cmd('MAIL FROM:<%s>' % address)
+    assert reply.startswith(b'501 5.1.7 '), reply
+    assert session.cmd('MAIL FROM:<a@example.org>').startswith(b'250')
+    reply = session.cmd('RCPT TO:<%s>' % address)
+    assert reply.startswith(b'501 5.1.3 '), reply
+    reply = session.cmd('RCPT TO:%s' % address)
+    assert reply[:3] == b'501', reply
+    assert session.cmd('RSET').startswith(b'250')
+    assert not any(address in command for command in sink.commands), sink.commands
+
+
+def test_unbalanced_brackets_are_refused(session):
+    assert session.cmd('MAIL FROM:<a@example.org').startswith(b'501 5.1.7 ')
+    assert session.cmd('MAIL FROM:a@example.org>').startswith(b'501 5.1.7 ')
+    assert session.cmd('MAIL FROM:a@example.org').startswith(b'250'), 'brackets may be missing'
+
+
+def test_bare_lf_splits_a_command_into_two_refused_lines(session, sink):
+    session.send(b'MAIL FROM:<a\nb@example.org>\r\n')
+    assert session.reply().startswith(b'501 5.1.7 ')
+    assert session.reply().startswith(b'500 ')
+    assert not any(command.startswith('MAIL') for command in sink.commands)
+
+
+@pytest.mark.parametrize('line', ['EHLO a\rb', 'HELO a\x01b', 'EHLO a\x00b'])
+def test_control_characters_in_greetings_are_refused(session, sink, line):
+    reply = session.cmd(line)
+    assert reply[:3] in (b'500', b'501'), reply
+    assert not any('a\r' in command for command in sink.commands)
+
+
+@pytest.mark.parametrize('item', ['ADDR=1.2.3.4+0D+0Ax', 'NAME=a\rb', 'HELO=+00', 'IDENT=\x01', 'ADDR=',
+                                  '\u0131DENT=x', 'N\u00c4ME=x'])
+def test_xforward_with_control_characters_or_bad_names_is_refused(session, item):
+    reply = session.cmd('XFORWARD %s' % item)
+    assert reply.startswith(b'501 5.5'), reply
+
+
+def test_xforward_values_are_utf8_xtext(session, sink):
+    assert session.cmd('XFORWARD HELO=h+C3+A4llo.example ADDR=192.0.2.1').startswith(b'250')
+    assert session.cmd('MAIL FROM:<a@example.org>').startswith(b'250')
+    assert session.cmd('RCPT TO:<b@example.org>').startswith(b'250')
+    assert session.cmd('DATA').startswith(b'354')
+    session.send(stuff(MESSAGE))
+    assert session.reply().startswith(b'250')
+    assert wait_for(lambda: sink.messages)
+
+
+# -- undecodable bytes in the log ------------------------------------------------------
+
+def test_an_undecodable_sender_still_gets_its_log_lines(session, sink, strict_log):
+    session.send(b'MAIL FROM:<a\xffb@example.org>\r\n')
+    assert session.reply().startswith(b'250')
+    assert session.cmd('RCPT TO:<b@example.org>').startswith(b'250')
+    assert session.cmd('DATA').startswith(b'354')
+    session.send(stuff(MESSAGE))
+    assert session.reply().startswith(b'250')
+    assert wait_for(lambda: sink.messages)
+    assert sink.messages[0]['mail'] == 'MAIL FROM:<a\ufffdb@example.org>'   # the sink shows U+FFFD
+    assert wait_for(lambda: 'from=a\\xffb@example.org' in strict_log.text()), strict_log.text()
+    assert strict_log.failures == []
