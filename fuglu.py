@@ -51,6 +51,7 @@ Principles
 """
 
 import configparser
+import contextlib
 import fnmatch
 import importlib
 import ipaddress
@@ -299,8 +300,12 @@ CORE_DEFAULTS = {
         'netcat_max_message_size': _opt('', 'largest message the netcat connector accepts, in bytes; '
                                             'empty: smtp_max_message_size; 0 = no limit',
                                         validator=lambda value: not value.strip() or _is_int(value)),
-        'smtptimeout': _opt('300', 'seconds to wait for the next command or data from a client or downstream',
+        'smtptimeout': _opt('300', 'seconds to wait for the next command, data or milter packet from a client',
                             validator=_is_int),
+        'max_session_time': _opt('1200', 'seconds one client connection may last in all, whatever it sends '
+                                         '(a client trickling bytes keeps each read alive, not the session); '
+                                         'then smtp/esmtp answer 421 4.4.2, netcat DEFER, milter closes; '
+                                         '0 = no limit', validator=_is_int),
         'trusted_xforward_peers': _opt('', 'IPs/networks allowed to send client information (XFORWARD, '
                                            'milter connect data, netcat envelope). Empty: every peer is trusted',
                                        validator=_is_networks),
@@ -309,6 +314,16 @@ CORE_DEFAULTS = {
         'outgoingport': _opt('10026', 're-injection target port', validator=_is_int),
         'outgoinghelo': _opt('', 'EHLO name used when re-injecting; empty: this host\'s FQDN'),
         'outgoingretry': _opt('1', 'extra attempts when the downstream connection fails', validator=_is_int),
+        'downstream_connect_timeout': _opt('10', 'seconds to wait for the TCP connection to the downstream '
+                                                 '(re-injection, bounces, the esmtp after-filter server); '
+                                                 'Postfix: smtp_connect_timeout 30s', validator=_is_int),
+        'downstream_reply_timeout': _opt('30', 'seconds to wait for the downstream\'s greeting and each reply '
+                                               '(smtp connector and bounces); connect, greeting, EHLO, XFORWARD '
+                                               'and MAIL together stay well inside Postfix\'s smtp_mail_timeout '
+                                               '(300s); too late: 451 4.4.2', validator=_is_int),
+        'downstream_data_timeout': _opt('120', 'seconds to wait for the downstream\'s reply after the message '
+                                               'data; Postfix waits smtp_data_done_timeout (600s) for fuglu\'s, '
+                                               'scanning included; too late: 451 4.4.2', validator=_is_int),
         'bouncehost': _opt('', 'where bounces are sent; empty: outgoinghost'),
         'bounceport': _opt('', 'port for bounces; empty: outgoingport'),
         'tempdir': _opt('/tmp', 'directory for temporary files'),
@@ -343,6 +358,13 @@ CORE_DEFAULTS = {
         'backend': _opt('thread', 'worker backend: thread'),
         'minthreads': _opt('2', 'thread backend: workers kept running', validator=_is_int),
         'maxthreads': _opt('40', 'thread backend: most workers (connections handled at once)', validator=_is_int),
+        'max_sessions_per_client': _opt('', 'connections one client address may have open at once, any connector, '
+                                            'queued ones included; more are refused at once (smtp/esmtp 421 '
+                                            '4.7.0, netcat DEFER, milter: closed) and logged. Postfix feeding '
+                                            'fuglu is one client: keep it above the process limit of the '
+                                            'transport or smtpd that connects. Empty: half of maxthreads; '
+                                            '0 = no limit',
+                                        validator=lambda value: not value.strip() or _is_int(value)),
         'minfreethreads': _opt('0', 'thread backend: idle workers kept ready', validator=_is_int),
         'initialprocs': _opt('0', 'process backend: worker processes (0: 2 x CPUs)'),
         'listen_backlog': _opt('0', 'listen() backlog; 0: the system maximum', validator=_is_int),
@@ -1827,6 +1849,43 @@ def set_socket_timeout(sock, seconds):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
+class DeadlineExpired(ConnectionClosed):
+    """A read did not finish before its deadline (a session's max_session_time, or the
+    time allowed for one downstream reply)."""
+
+
+class ReadDeadline(object):
+    """Bounds the reads of one socket by an absolute time.monotonic() ``deadline`` on
+    top of the socket's own per-read timeout (``idle``, seconds; None: the deadline
+    alone). A peer trickling a byte now and then keeps each read alive, never the
+    whole. The kernel timeout is only touched when it must change by more than a
+    second, so reads cost no extra system calls until the deadline comes near."""
+
+    def __init__(self, sock, deadline=None, idle=None):
+        self.sock = sock
+        self.deadline = deadline
+        self.idle = idle
+        self.armed = idle   # the kernel timeout set on the socket now, if known
+
+    def check(self):
+        """Before each read: DeadlineExpired when the time is up, else the socket
+        timeout cut to what is left."""
+        if self.deadline is None:
+            return
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExpired('deadline')
+        wanted = min(self.idle, left) if self.idle else left
+        if self.armed is None or abs(wanted - self.armed) > 1:
+            set_socket_timeout(self.sock, wanted)
+            self.armed = wanted
+
+
+def is_timeout(error):
+    """A read or send that failed because a kernel or Python socket timeout fired."""
+    return isinstance(error, (socket.timeout, BlockingIOError))
+
+
 def connect_service(host, port, timeout, keepalive=False):
     """A socket to a scanner daemon, as FuGlu's host/port options describe it: ``port``
     is a TCP port number on ``host`` (which may be a $ENV marker) or else the path of a
@@ -1864,12 +1923,16 @@ def recv_until(connection, deadline, terminator=None, timeout_message='no comple
     return bytes(data)
 
 
-def read_until_eof(sock, limit=None, drain=False):
+def read_until_eof(sock, limit=None, drain=False, deadline=None, idle=None):
     """Bytes until the peer half-closes: (data, over_limit). Past ``limit`` bytes it
     stops and returns what came, or with ``drain`` reads on to EOF, dropping it all
-    (so a reply can still be sent), and returns (b'', True). Socket errors propagate."""
+    (so a reply can still be sent), and returns (b'', True). Socket errors propagate;
+    past the time.monotonic() ``deadline`` it raises DeadlineExpired (``idle``: the
+    socket's per-read timeout)."""
     chunks, total = [], 0
+    clock = ReadDeadline(sock, deadline, idle)
     while True:
+        clock.check()
         chunk = sock.recv(READ_SIZE)
         if not chunk:
             break
@@ -1919,22 +1982,23 @@ class LineTooLong(Exception):
 
 class SocketReader(object):
     """Buffered reading from a socket: lines (CRLF or LF), and SMTP DATA up to
-    CRLF.CRLF with dot-unstuffing per line (RFC 5321 4.5.2)."""
+    CRLF.CRLF with dot-unstuffing per line (RFC 5321 4.5.2). ``clock`` (a
+    ReadDeadline) bounds the reads in time."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, deadline=None, idle=None):
         self.sock = sock
         self.buffer = bytearray()
+        self.clock = ReadDeadline(sock, deadline, idle)
 
     def has_line(self):
         return b'\n' in self.buffer
 
     def _fill(self, size=READ_SIZE):
+        self.clock.check()
         try:
             chunk = self.sock.recv(size)
-        except socket.timeout:
-            raise ConnectionClosed('timeout')
         except OSError as error:
-            raise ConnectionClosed(str(error))
+            raise ConnectionClosed('timeout' if is_timeout(error) else str(error))
         if not chunk:
             raise ConnectionClosed('EOF')
         self.buffer += chunk
@@ -2062,30 +2126,52 @@ def read_reply(reader):
 class SMTPClient(object):
     """One SMTP connection to a downstream server: re-injection, the esmtp proxy and
     bounces use it. Every failure is raised as SMTPError with the reply fuglu should
-    pass on (connection trouble -> 451)."""
+    pass on (connection trouble -> 451).
 
-    def __init__(self, host, port, helo, timeout=300, retries=0):
+    Time limits (seconds): ``connect_timeout`` for the TCP connection, ``timeout`` for
+    the greeting and each reply (and each send), ``data_timeout`` for the reply after
+    the message data. ``deadline`` (time.monotonic(), set by the caller for a task
+    such as one delivery) cuts all of them short. A reply that does not come in time
+    is a 451 connection problem."""
+
+    def __init__(self, host, port, helo, timeout=300, retries=0, connect_timeout=None, data_timeout=None):
         self.host, self.port, self.helo = host, int(port), helo
         self.timeout = timeout
+        self.connect_timeout = connect_timeout or timeout
+        self.data_timeout = data_timeout or timeout
+        self.deadline = None
         self.retries = retries
         self.sock = None
         self.reader = None
         self.extensions = {}   # EHLO keyword (upper) -> parameter string
+
+    @classmethod
+    def from_config(cls, config, host, port, helo, retries=0):
+        """A client with the [main] downstream_* time limits."""
+        return cls(host, port, helo, timeout=config.getint('main', 'downstream_reply_timeout'), retries=retries,
+                   connect_timeout=config.getint('main', 'downstream_connect_timeout'),
+                   data_timeout=config.getint('main', 'downstream_data_timeout'))
 
     def connect(self):
         last_error = None
         for attempt in range(max(self.retries, 0) + 1):
             if attempt:
                 time.sleep(0.1)
+            connect_timeout = self.connect_timeout
+            if self.deadline is not None:
+                connect_timeout = min(connect_timeout, self.deadline - time.monotonic())
+                if connect_timeout <= 0:
+                    last_error = 'timeout'
+                    break
             try:
-                self.sock = connect_tcp(self.host, self.port, self.timeout)
+                self.sock = connect_tcp(self.host, self.port, connect_timeout)
                 break
             except OSError as error:
-                last_error = error
-        else:
+                last_error = 'timeout' if is_timeout(error) else error
+        if self.sock is None:
             raise SMTPError(451, '4.4.1 downstream %s:%s unavailable: %s' % (self.host, self.port, last_error),
                             True)
-        self.reader = SocketReader(self.sock)
+        self.reader = SocketReader(self.sock, idle=connect_timeout)
         self.outgoing = []
         code, lines = self._reply()
         if code != 220:
@@ -2105,11 +2191,20 @@ class SMTPClient(object):
             self._send(data)
         return self._reply()
 
-    def _reply(self):
+    def _reply(self, timeout=None):
         if self.sock is None:
             raise SMTPError(451, '4.4.2 downstream %s:%s connection lost' % (self.host, self.port), True)
+        timeout = timeout or self.timeout
+        clock = self.reader.clock
+        clock.idle = timeout
+        clock.deadline = time.monotonic() + timeout
+        if self.deadline is not None:
+            clock.deadline = min(clock.deadline, self.deadline)
         try:
             return read_reply(self.reader)
+        except DeadlineExpired:
+            self.close()
+            raise SMTPError(451, '4.4.2 downstream %s:%s did not answer in time' % (self.host, self.port), True)
         except ConnectionClosed as error:
             self.close()
             raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s' % (self.host, self.port, error),
@@ -2185,20 +2280,23 @@ class SMTPClient(object):
         if chunking and 'CHUNKING' in self.extensions:
             size = sum(len(part) for part in parts)
             self._send_parts([('BDAT %d LAST\r\n' % size).encode('ascii')] + parts)
-            code, lines = self._reply()
+            code, lines = self._reply(self.data_timeout)
             return code, ' '.join(lines)
         code, lines = self.command('DATA')
         if code != 354:
             return code, ' '.join(lines)
         self._send_parts(dot_stuff_parts(message if isinstance(message, list) else [message]))
-        code, lines = self._reply()
+        code, lines = self._reply(self.data_timeout)
         return code, ' '.join(lines)
 
     def _send_parts(self, parts):
-        """sendall for a list of buffers, gathered by sendmsg (no joining copy)."""
-        views = [memoryview(part) for part in parts]
+        """sendall for a list of buffers, gathered by sendmsg (no joining copy). Empty
+        parts are left out: sendmsg() of nothing but them sends 0 bytes for ever."""
+        views = [memoryview(part) for part in parts if len(part)]
         try:
             while views:
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    raise socket.timeout('deadline')
                 sent = self.sock.sendmsg(views[:64])
                 while sent:
                     if sent >= len(views[0]):
@@ -2356,7 +2454,7 @@ def send_bounce(config, suspect, recipient, message_bytes):
     except OSError:
         pass
     host, port = outgoing_target(config, bounce=True)
-    client = SMTPClient(host, port, outgoing_helo(config), timeout=config.getint('main', 'smtptimeout'))
+    client = SMTPClient.from_config(config, host, port, outgoing_helo(config))
     client.connect()
     try:
         client.ehlo()
@@ -2493,6 +2591,13 @@ def xtext_decode(value):
     return raw.decode('utf-8', 'surrogateescape')
 
 
+def session_deadline(config):
+    """The time.monotonic() by which a client session starting now must be over
+    ([main] max_session_time), or None."""
+    seconds = config.getint('main', 'max_session_time')
+    return time.monotonic() + seconds if seconds > 0 else None
+
+
 class SMTPServerSession(object):
     """The server side of one SMTP connection, shared by the smtp and esmtp
     connectors.
@@ -2517,7 +2622,7 @@ class SMTPServerSession(object):
         self.logger = connector.logger
         self.sock = sock
         self.peer = peer
-        self.reader = SocketReader(sock)
+        self.reader = SocketReader(sock, session_deadline(self.config), self.config.getint('main', 'smtptimeout'))
         self.pending = []
         self.closing = False
         self.errors = 0
@@ -2581,6 +2686,15 @@ class SMTPServerSession(object):
                     return
                 self.dispatch(line)
             self.flush()
+        except DeadlineExpired:
+            # a reply due to the client was sent before its next read; only waiting ends
+            self.logger.warning('%s: session longer than max_session_time (%ss), closing', self.peer_label(),
+                                self.config.get('main', 'max_session_time'))
+            self.reply(421, '4.4.2 Error: timeout exceeded (session time limit)')
+            try:
+                self.flush()
+            except ConnectionClosed:
+                pass
         except ConnectionClosed as why:
             self.logger.debug('%s: connection closed: %s', self.peer_label(), why)
         finally:
@@ -2817,6 +2931,8 @@ class Connector(object):
     """
 
     protocol = None
+    # what a client over max_sessions_per_client gets before the connection is closed
+    busy_reply = b'421 4.7.0 Error: too many connections from your address, try again later\r\n'
 
     def __init__(self, controller, address, port):
         self.controller = controller
@@ -2847,6 +2963,18 @@ class Connector(object):
 
     def serve(self, sock, peer):
         raise NotImplementedError
+
+    def refuse_busy(self, sock):
+        """Turn away a connection at once (called in the accept thread): send
+        ``busy_reply`` without waiting for the client, close."""
+        try:
+            set_socket_timeout(sock, 1)
+            if self.busy_reply:
+                sock.sendall(self.busy_reply)
+        except OSError:
+            pass
+        finally:
+            sock.close()
 
 
 class AfterQueueSession(SMTPServerSession):
@@ -2894,8 +3022,8 @@ class AfterQueueSession(SMTPServerSession):
         if pooled is not None:
             self.downstream = pooled
             return pooled
-        client = SMTPClient(host, port, outgoing_helo(config), timeout=config.getint('main', 'smtptimeout'),
-                            retries=config.getint('main', 'outgoingretry'))
+        client = SMTPClient.from_config(config, host, port, outgoing_helo(config),
+                                        retries=config.getint('main', 'outgoingretry'))
         client.connect()
         client.ehlo()
         self.downstream = client
@@ -3071,9 +3199,10 @@ class AfterQueueSession(SMTPServerSession):
             return 250, one_line(apply_template(template, suspect, {'injectanswer': suspect.tags['injectanswer']})), True
         message = suspect.get_output_parts()
         try:
-            if suspect.from_address != self.sender or suspect.recipients != self.recipients:
-                self.redo_envelope(suspect, sum(len(part) for part in message))
-            code, text = self.downstream.data(message, chunking=self.reuse_downstream)
+            with self.downstream_deadline():
+                if suspect.from_address != self.sender or suspect.recipients != self.recipients:
+                    self.redo_envelope(suspect, sum(len(part) for part in message))
+                code, text = self.downstream.data(message, chunking=self.reuse_downstream)
         except SMTPError as error:
             self.logger.warning('%s: re-injection failed: %s', suspect.id, error)
             if self.downstream is not None:
@@ -3088,6 +3217,11 @@ class AfterQueueSession(SMTPServerSession):
         if code < 400:
             code = 451
         return code, one_line('%s (%s)' % (text, suspect.id) if suspect.id not in text else text), False
+
+    def downstream_deadline(self):
+        """A time limit for the whole delivery on top of the per-reply ones (none
+        here: Postfix's smtp_data_done_timeout is long; the esmtp proxy has one)."""
+        return contextlib.nullcontext(self.downstream)
 
     def redo_envelope(self, suspect, size):
         """A plugin changed sender or recipients: send the envelope again."""
@@ -3169,15 +3303,30 @@ class EsmtpSession(AfterQueueSession):
         client = self.downstream
         if client is None or not client.connected:
             host, port = outgoing_target(self.config, self.peer[0])
-            client = SMTPClient(host, port, name, timeout=self.config.getint('esmtpconnector', 'downstream_timeout'),
-                                retries=self.config.getint('main', 'outgoingretry'))
+            budget = self.config.getint('esmtpconnector', 'downstream_timeout')
+            client = SMTPClient(host, port, name, timeout=budget, retries=self.config.getint('main', 'outgoingretry'),
+                                connect_timeout=min(budget, self.config.getint('main', 'downstream_connect_timeout')))
             self.downstream = client
-            client.connect()
-        client.helo = name
-        if verb == 'EHLO':
-            return client.ehlo()
-        client.extensions = {}
-        return client.command('HELO ' + name)
+        with self.downstream_deadline():   # connect, greeting and EHLO together
+            if not client.connected:
+                client.connect()
+            client.helo = name
+            if verb == 'EHLO':
+                return client.ehlo()
+            client.extensions = {}
+            return client.command('HELO ' + name)
+
+    @contextlib.contextmanager
+    def downstream_deadline(self):
+        """Everything the downstream does for one client command together within
+        downstream_timeout, so the client hears fuglu's 4xx before Postfix's
+        smtpd_proxy_timeout gives up."""
+        client = self.downstream
+        client.deadline = time.monotonic() + self.config.getint('esmtpconnector', 'downstream_timeout')
+        try:
+            yield client
+        finally:
+            client.deadline = None
 
     def open_downstream(self):
         """The greeted downstream; a connection lost since the client's greeting is
@@ -3346,6 +3495,7 @@ class NetcatConnector(Connector):
     ``REJECT:text``, ``DEFER:text``; ``DUNNO: healthcheck`` to a health probe."""
 
     protocol = 'netcat'
+    busy_reply = NETCAT_BANNER + b'DEFER:too many connections from your address, try again later'
 
     def size_limit(self):
         value = self.config.get('main', 'netcat_max_message_size').strip()
@@ -3356,7 +3506,11 @@ class NetcatConnector(Connector):
         sock.sendall(NETCAT_BANNER)
         limit = self.size_limit()
         try:
-            data, oversized = self.read_message(sock, limit)
+            data, oversized = self.read_message(sock, limit, session_deadline(self.config))
+        except DeadlineExpired:
+            self.logger.warning('%s: netcat client still sending after max_session_time (%ss), closing', label,
+                                self.config.get('main', 'max_session_time'))
+            return self.answer(sock, b'DEFER:timeout exceeded (session time limit)')
         except ConnectionClosed as why:
             self.logger.info('%s: netcat client left before sending a whole message: %s', label, why)
             return
@@ -3397,16 +3551,15 @@ class NetcatConnector(Connector):
             return self.answer(sock, b'REJECT:empty message')
         self.scan(sock, label, Suspect(sender, recipients, inbuffer=data), tags)
 
-    def read_message(self, sock, limit):
+    def read_message(self, sock, limit, deadline=None):
         """Everything up to the client's half-close: (bytes, False), or (b'', True)
         when over ``limit`` (the rest is read and dropped, so the reply is not lost
-        to a connection reset)."""
+        to a connection reset). DeadlineExpired after ``deadline``."""
         try:
-            return read_until_eof(sock, limit, drain=True)
-        except socket.timeout:
-            raise ConnectionClosed('timeout')
+            return read_until_eof(sock, limit, drain=True, deadline=deadline,
+                                  idle=self.config.getint('main', 'smtptimeout'))
         except OSError as error:
-            raise ConnectionClosed(str(error))
+            raise ConnectionClosed('timeout' if is_timeout(error) else str(error))
 
     def scan(self, sock, label, suspect, tags):
         for name, value in tags.items():
@@ -3748,9 +3901,10 @@ class MilterReader(object):
     ConnectionClosed at EOF between packets (the MTA may leave at any time) and
     MilterProtocolError for broken framing, including EOF inside a packet."""
 
-    def __init__(self, sock, max_packet_size):
+    def __init__(self, sock, max_packet_size, deadline=None, idle=None):
         self.sock = sock
         self.decoder = MilterPacketDecoder(max_packet_size)
+        self.clock = ReadDeadline(sock, deadline, idle)
 
     def read_packet(self):
         decoder = self.decoder
@@ -3758,12 +3912,11 @@ class MilterReader(object):
             packet = decoder.next_packet()
             if packet is not None:
                 return packet
+            self.clock.check()
             try:
                 chunk = self.sock.recv(READ_SIZE)
-            except socket.timeout:
-                raise ConnectionClosed('timeout')
             except OSError as error:
-                raise ConnectionClosed(str(error))
+                raise ConnectionClosed('timeout' if is_timeout(error) else str(error))
             if not chunk:
                 if decoder.pending():
                     raise MilterProtocolError('connection closed inside a packet (%d bytes of it read)'
@@ -3964,7 +4117,7 @@ class MilterSession(object):
         self.sock = sock
         self.peer = peer
         max_packet = max(config.getint('milter', 'milter_max_packet_size'), MILTER_CHUNK_SIZE + 1)
-        self.reader = MilterReader(sock, max_packet)
+        self.reader = MilterReader(sock, max_packet, session_deadline(config), config.getint('main', 'smtptimeout'))
         self.debug = config.getboolean('milter', 'milter_debug')
         self.max_size = config.getint('main', 'smtp_max_message_size')
         self.trusted = connector.peer_is_trusted(peer[0])
@@ -4079,6 +4232,10 @@ class MilterSession(object):
                 if self.debug:
                     self.logger.debug('%s: < %s %r', self.label(), SMFIC_NAMES.get(command, command), data[:200])
                 self.dispatch(command, data)
+        except DeadlineExpired:
+            # the MTA applies its milter_default_action (Postfix: tempfail)
+            self.logger.warning('%s: milter connection longer than max_session_time (%ss), closing', self.label(),
+                                self.config.get('main', 'max_session_time'))
         except ConnectionClosed as why:
             self.logger.debug('%s: milter connection closed: %s', self.label(), why)
         except MilterProtocolError as error:
@@ -4544,6 +4701,9 @@ class MilterConnector(Connector):
     Postfix, ``milter:PORT`` in incomingport. One MilterSession per connection."""
 
     protocol = 'milter'
+    # no milter packet fits before the MTA's OPTNEG: closing makes the MTA apply its
+    # milter_default_action (Postfix: tempfail, "451 4.7.1 Service unavailable")
+    busy_reply = b''
 
     def __init__(self, controller, address, port):
         super().__init__(controller, address, port)
@@ -4764,6 +4924,56 @@ def parse_incomingport(entry, bindaddress):
     return protocol, address.strip() or bindaddress, int(port)
 
 
+class ClientSessions(object):
+    """Connections open per client address, across all listeners ([performance]
+    max_sessions_per_client), so that one client - say 40 connections trickling a byte
+    now and then - cannot occupy every worker. ``admit(address, protocol)`` counts a
+    new connection in or says no (logged, at most every 10 seconds per address, with
+    the number refused meanwhile); ``release(address)`` when it is over."""
+
+    LOG_INTERVAL = 10
+
+    def __init__(self, controller):
+        self.controller = controller
+        self.lock = threading.Lock()
+        self.open = {}       # address -> connections open
+        self.refused = {}    # address -> (time of the last log line, refused since)
+        self.logger = logging.getLogger('fuglu.ClientSessions')
+
+    def limit(self):
+        config = self.controller.config
+        value = config.get('performance', 'max_sessions_per_client').strip()
+        if value:
+            return int(value)
+        return max(1, config.getint('performance', 'maxthreads') // 2)
+
+    def admit(self, address, protocol):
+        limit = self.limit()
+        with self.lock:
+            count = self.open.get(address, 0)
+            if limit <= 0 or count < limit:
+                self.open[address] = count + 1
+                return True
+            logged, refused = self.refused.get(address, (0, 0))
+            now = time.monotonic()
+            if now - logged < self.LOG_INTERVAL:
+                self.refused[address] = (logged, refused + 1)
+                return False
+            self.refused[address] = (now, 0)
+        self.logger.warning('%s connection from %s refused: %d open, max_sessions_per_client is %d '
+                            '(%d more refused since the last message)', protocol, address, count, limit, refused)
+        return False
+
+    def release(self, address):
+        with self.lock:
+            count = self.open.get(address, 0) - 1
+            if count > 0:
+                self.open[address] = count
+            else:
+                self.open.pop(address, None)
+                self.refused.pop(address, None)
+
+
 class Listener(object):
     """One listening socket with its accept thread; accepted connections go to the
     backend, which runs ``connector.handle``."""
@@ -4796,11 +5006,20 @@ class Listener(object):
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if not self.controller.client_sessions.admit(peer[0], self.connector.protocol):
+                self.connector.refuse_busy(sock)
+                continue
             started = time.time()
-            self.controller.backend.submit(self.connector.handle, sock, peer)
+            self.controller.backend.submit(self.run_session, sock, peer)
             waited = (time.time() - started) * 1000
             if warn_ms and waited > warn_ms:
                 self.logger.warning('handing a connection to the workers took %d ms: all busy?', waited)
+
+    def run_session(self, sock, peer):
+        try:
+            self.connector.handle(sock, peer)
+        finally:
+            self.controller.client_sessions.release(peer[0])
 
     def stop(self):
         self.stay_alive = False
@@ -4954,6 +5173,7 @@ class MainController(object):
         self.trusted_networks = None
         self.smtp_sessions = set()   # SMTP sessions, so shutdown can wake those waiting for a command
         self.downstream_pool = DownstreamPool()
+        self.client_sessions = ClientSessions(self)
         self._apply_trusted(config)
         use_safe_log_records()
 
