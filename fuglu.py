@@ -3471,6 +3471,11 @@ def split_envelope_block(data):
         if not sep or not name or re.search(r'[^\x21-\x7e]', name):
             raise EnvelopeBlockError('envelope block line %r is not "name: value"' % line[:60])
         value = value.strip().decode('utf-8', 'replace')
+        if CONTROL_CHARACTER_RE.search(value):
+            raise EnvelopeBlockError('control character in the value of %s' % name)
+        if name.upper() in ('X-ENV-SENDER', 'X-ENV-RECIPIENT') and \
+                envelope_address_problem(value.strip('<>').strip()):
+            raise EnvelopeBlockError('%s %r: %s' % (name, value[:60], envelope_address_problem(value.strip('<>'))))
         if token is None:
             token = value
         elif name.upper() == NETCAT_BLOCK_END:
@@ -4145,6 +4150,7 @@ class MilterSession(object):
         self.client_port = None
         self.helo = None
         self.connection_failure = None
+        self.connection_refusal = None   # (code, text) for every message: a greeting that was unusable
         self.tags = {}
         self.reset_message()
 
@@ -4163,6 +4169,7 @@ class MilterSession(object):
         self.size = 0
         self.oversize = False
         self.message_failure = None
+        self.envelope_refusal = None     # (code, text) at end of message: an unusable sender or recipient
         self.missing_rights = set()
 
     def get_macro(self, name, default=None):
@@ -4307,6 +4314,8 @@ class MilterSession(object):
 
     def on_connect(self, data):
         hostname, family, port, address = parse_milter_connect(data)
+        if CONTROL_CHARACTER_RE.search(hostname):
+            hostname = 'unknown'   # reverse DNS is the client's to choose; Postfix sends LDH names
         if address.lower().startswith('ipv6:'):
             address = address[5:]
         self.hostname, self.family, self.client_port = hostname, family, port
@@ -4315,7 +4324,11 @@ class MilterSession(object):
 
     def on_helo(self, data):
         strings = split_milter_strings(data)
-        self.helo = strings[0].decode('utf-8', 'replace') if strings else ''
+        helo = strings[0].decode('utf-8', 'replace') if strings else ''
+        if CONTROL_CHARACTER_RE.search(helo):
+            self.helo = None
+            return self.refuse_envelope(SMFIC_HELO, 501, '5.5.4 Syntax error in HELO: control character', True)
+        self.helo = helo
         return self.run_stage('helo', self.helo)
 
     def on_mail(self, data):
@@ -4324,8 +4337,16 @@ class MilterSession(object):
             raise MilterProtocolError('MAIL without a sender')
         if self.in_message:     # MAIL without ABORT: a new transaction all the same
             self.reset_message(keep_macros=True)
+        sender = clean_milter_address(arguments[0])
         self.in_message = True
-        self.sender = clean_milter_address(arguments[0])
+        if envelope_address_problem(sender):
+            self.sender = ''   # never stored, forwarded or written into a header
+            return self.refuse_envelope(SMFIC_MAIL, 501, '5.1.7 Bad sender address syntax')
+        problems = [esmtp_parameter_problem(argument) for argument in arguments[1:]]
+        if any(problems):
+            return self.refuse_envelope(SMFIC_MAIL, 501, '5.5.4 Syntax error in MAIL: %s'
+                                        % [problem for problem in problems if problem][0])
+        self.sender = sender
         self.mail_arguments = arguments[1:]
         return self.run_stage('mailfrom', self.sender)
 
@@ -4334,11 +4355,31 @@ class MilterSession(object):
         if not arguments:
             raise MilterProtocolError('RCPT without a recipient')
         recipient = clean_milter_address(arguments[0])
+        if envelope_address_problem(recipient) or any(map(esmtp_parameter_problem, arguments[1:])):
+            return self.refuse_envelope(SMFIC_RCPT, 501, '5.1.3 Bad recipient address syntax')
         reply = self.run_stage('rcpt', recipient)
         if reply is None or reply[4:5] == SMFIR_ACCEPT:
             self.recipients.append(recipient)
             self.rcpt_arguments.setdefault(recipient, arguments[0])
         return reply
+
+    def refuse_envelope(self, command, code, text, whole_connection=False):
+        """Envelope text fuglu will not take (control characters, unbalanced
+        brackets): refused at once when the MTA waits for an answer to ``command``;
+        else (negotiated as no-reply) the message is refused with 550 at its end, or
+        with ``whole_connection`` every message of the connection."""
+        self.logger.warning('%s: %s refused: %s', self.label(), SMFIC_NAMES[command], text)
+        if command == SMFIC_MAIL:
+            self.in_message = False
+        if not self.protocol & MILTER_NO_REPLY_FLAGS[command]:
+            return milter_reply_code(code, text)
+        refusal = (550, text)
+        if whole_connection:
+            self.connection_refusal = self.connection_refusal or refusal
+        else:
+            self.in_message = True
+            self.envelope_refusal = self.envelope_refusal or refusal
+        return None
 
     def on_data(self, data):
         return None
@@ -4349,6 +4390,9 @@ class MilterSession(object):
             raise MilterProtocolError('HEADER without a name')
         name, value = items[0], (items[1] if len(items) > 1 else b'')
         self.size += len(name) + len(value) + 4
+        if self.max_size and self.size > self.max_size:
+            self.drop_oversize()   # headers count towards smtp_max_message_size like the body
+            return None
         self.headers.append((name, value))
         if self.stage_plugins['header']:
             return self.run_stage('header', name.decode('utf-8', 'replace'),
@@ -4361,14 +4405,21 @@ class MilterSession(object):
     def on_body(self, data):
         self.size += len(data)
         if self.max_size and self.size > self.max_size:
-            if not self.oversize:
-                self.logger.warning('%s: message over smtp_max_message_size %d, will be refused', self.label(),
-                                    self.max_size)
-                self.oversize = True
-                self.body = bytearray()
-            return MILTER_SKIP if self.protocol & SMFIP_SKIP else None
+            self.drop_oversize()
+            # SKIP only where the MTA waits for an answer to BODY (else it cannot be sent)
+            return MILTER_SKIP if self.protocol & SMFIP_SKIP and not self.protocol & SMFIP_NR_BODY else None
         self.body += data
         return None
+
+    def drop_oversize(self):
+        """The message passed smtp_max_message_size: keep nothing more of it; it is
+        refused (452 4.3.4, as FuGlu does) at its end."""
+        if not self.oversize:
+            self.logger.warning('%s: message over smtp_max_message_size %d (headers and body), will be refused',
+                                self.label(), self.max_size)
+            self.oversize = True
+            self.headers = []
+            self.body = bytearray()
 
     def on_bodyeob(self, data):
         if data:    # Sendmail may attach the last body chunk; Postfix never does
@@ -4445,6 +4496,10 @@ class MilterSession(object):
         if failure:
             self.logger.error('%s: %s earlier in this message; deferring it', self.label(), failure)
             return self.send(milter_reply_code(451, '4.3.0 internal problem - message deferred'))
+        refusal = self.connection_refusal or self.envelope_refusal
+        if refusal:
+            self.logger.warning('%s: message refused for its envelope: %s %s', self.label(), *refusal)
+            return self.send(milter_reply_code(*refusal))
         if self.oversize:
             return self.send(milter_reply_code(452, '4.3.4 message size exceeds fixed maximum message size %d'
                                                     % self.max_size))

@@ -206,3 +206,107 @@ def test_an_undecodable_sender_still_gets_its_log_lines(session, sink, strict_lo
     assert sink.messages[0]['mail'] == 'MAIL FROM:<a\ufffdb@example.org>'   # the sink shows U+FFFD
     assert wait_for(lambda: 'from=a\\xffb@example.org' in strict_log.text()), strict_log.text()
     assert strict_log.failures == []
+
+
+# -- netcat envelope block -------------------------------------------------------------
+
+from test_netcat import UNIX_EML, pipe, start_netcat  # noqa: E402
+from helpers import VerdictFromHeaderPlugin  # noqa: E402
+
+
+@pytest.fixture
+def netcat():
+    instance = start_netcat()
+    VerdictFromHeaderPlugin.seen[:] = []
+    yield instance
+    instance.stop()
+
+
+@pytest.mark.parametrize('field', [b'X-ENV-SENDER: a\rb@example.org', b'X-ENV-RECIPIENT: <a@exa\x00mple.org>',
+                                   b'X-ENV-RECIPIENT: a>b@example.org', b'X-ENV-SENDER: a\x0bb@example.org',
+                                   b'X-Some-Tag: a\rX-Injected: 1', b'X-Some-Tag: \x1b[31m'])
+def test_control_characters_in_the_envelope_block_are_rejected_unscanned(netcat, field):
+    data = b'X-DATA-PREPEND-START: tok\r\n' + field + b'\r\nX-DATA-PREPEND-END: tok\r\n' + UNIX_EML
+    reply = pipe(netcat.port, data)
+    assert reply.startswith(b'REJECT:broken envelope block: '), reply
+    assert b'\r' not in reply and b'\x00' not in reply and b'\x1b' not in reply
+    assert VerdictFromHeaderPlugin.seen == []
+
+
+# -- milter MAIL / RCPT / HELO / header size ---------------------------------------------
+
+from test_milter import POSTFIX_PROTOCOL, ChangingPlugin, MilterClient, replycode, start_fuglu  # noqa: E402,F401
+
+ANSWERED = POSTFIX_PROTOCOL & ~(fuglu.SMFIP_NR_HELO | fuglu.SMFIP_NR_MAIL | fuglu.SMFIP_NR_RCPT)
+
+
+def eob(client):
+    """End the message; the verdict packet (modifications before it are skipped)."""
+    client.event(fuglu.SMFIC_EOH)
+    client.send(fuglu.SMFIC_BODYEOB)
+    while True:
+        packet = client.read()
+        if packet[0] in b'cadrty':
+            return packet
+
+
+@pytest.mark.parametrize('sender', ['a\rb@example.org', 'a\nb@example.org', 'a>b@example.org', '\x7f@x.org'])
+def test_milter_bad_sender_is_refused_at_mail_when_the_mta_waits(start_fuglu, sender):
+    client = MilterClient(start_fuglu().port).start(protocol=ANSWERED)
+    reply = client.event(fuglu.SMFIC_MAIL, fuglu.milter_strings('<%s>' % sender))
+    assert replycode([reply]) == '501 5.1.7 Bad sender address syntax'
+    packets = client.message()   # the next transaction is fine
+    assert packets[-1] == (b'c', b'')
+    assert [seen['from'] for seen in ChangingPlugin.seen] == ['sender@example.org']
+
+
+@pytest.mark.parametrize('recipient', ['a\rb@example.org', 'a@ex\nample.org', '<a@example.org'])
+def test_milter_bad_recipient_is_refused_at_rcpt_when_the_mta_waits(start_fuglu, recipient):
+    client = MilterClient(start_fuglu().port).start(protocol=ANSWERED)
+    assert client.event(fuglu.SMFIC_MAIL, fuglu.milter_strings('<a@example.org>')) == (b'c', b'')
+    reply = client.event(fuglu.SMFIC_RCPT, fuglu.milter_strings('<%s>' % recipient))
+    assert replycode([reply]) == '501 5.1.3 Bad recipient address syntax'
+    assert client.event(fuglu.SMFIC_RCPT, fuglu.milter_strings('<ok@example.org>')) == (b'c', b'')
+    assert eob(client) == (b'c', b'')
+    assert ChangingPlugin.seen[-1]['to'] == ['ok@example.org']
+
+
+@pytest.mark.parametrize('command, argument, expected', [
+    (fuglu.SMFIC_MAIL, '<a\rb@example.org>', '550 5.1.7 Bad sender address syntax'),
+    (fuglu.SMFIC_MAIL, '<a@example.org>\0NOTIFY=\r', '550 5.5.4 Syntax error in MAIL: control character in NOTIFY value'),
+    (fuglu.SMFIC_RCPT, '<a\nb@example.org>', '550 5.1.3 Bad recipient address syntax'),
+    (fuglu.SMFIC_HELO, 'a\rb', '550 5.5.4 Syntax error in HELO: control character'),
+])
+def test_milter_bad_envelope_is_refused_at_the_end_when_negotiated_no_reply(start_fuglu, command, argument,
+                                                                             expected):
+    client = MilterClient(start_fuglu().port).start()
+    assert client.protocol & fuglu.MILTER_NO_REPLY_FLAGS[command]
+    if command == fuglu.SMFIC_HELO:
+        client.event(fuglu.SMFIC_HELO, fuglu.milter_strings(argument))
+    if command != fuglu.SMFIC_MAIL:
+        client.event(fuglu.SMFIC_MAIL, fuglu.milter_strings('<a@example.org>'))
+    if command == fuglu.SMFIC_MAIL:
+        client.event(fuglu.SMFIC_MAIL, b''.join(fuglu.milter_strings(item) for item in argument.split('\0')))
+    client.event(fuglu.SMFIC_RCPT, fuglu.milter_strings('<ok@example.org>'))
+    if command == fuglu.SMFIC_RCPT:
+        client.event(fuglu.SMFIC_RCPT, fuglu.milter_strings(argument))
+    assert replycode([eob(client)]) == expected
+    assert ChangingPlugin.seen == [], 'never scanned, never in a header'
+
+
+def test_milter_headers_count_towards_the_size_limit(start_fuglu, strict_log):
+    instance = start_fuglu(extra_main='smtp_max_message_size=1000')
+    client = MilterClient(instance.port).start()
+    client.event(fuglu.SMFIC_MAIL, fuglu.milter_strings('<a@example.org>'))
+    client.event(fuglu.SMFIC_RCPT, fuglu.milter_strings('<b@example.org>'))
+    for index in range(30):
+        client.event(fuglu.SMFIC_HEADER, fuglu.milter_strings('X-Filler-%d' % index, ' ' + 'x' * 60))
+    client.event(fuglu.SMFIC_EOH)
+    client.event(fuglu.SMFIC_BODY, b'short body\r\n')
+    client.send(fuglu.SMFIC_BODYEOB)
+    assert replycode([client.read()]).startswith('452 4.3.4 message size exceeds fixed maximum message size 1000')
+    assert ChangingPlugin.seen == []
+    assert 'over smtp_max_message_size 1000 (headers and body)' in strict_log.text()
+    assert instance.controller.exceptions == []
+    packets = client.message()   # the next message is fine again
+    assert packets[-1] == (b'c', b'')
