@@ -1054,12 +1054,19 @@ class Suspect(object):
                 handle.write('%s %s\n' % (time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), message))
                 handle.flush()
 
+    # 'from HELO (RDNS [IP])' at the start of a Received header, as Postfix writes it
+    # (FuGlu's pattern is anchored the same way). Anchored and with every repetition
+    # bounded, a header shaped 'from a (from a (...' costs constant time per header;
+    # searching anywhere with open repetitions was quadratic in its length.
+    RECEIVED_CLIENT_RE = re.compile(r'\s{0,16}from\s{1,16}(\S{1,255})\s{1,16}\(([^)\[]{0,255})\[(?:IPv6:)?'
+                                    r'([0-9a-fA-F.:]{2,45})\]', re.IGNORECASE)
+
     def get_client_info(self, config=None):
         """(helo, ip, rdns) from the connector, else from the first Received header."""
         if self.clientinfo:
             return self.clientinfo
         for received in self.get_all_headers('Received'):
-            match = re.search(r'from\s+(\S+)\s+\(([^)\[]*)\[([0-9a-fA-F.:]+)\]', received)
+            match = self.RECEIVED_CLIENT_RE.match(received)
             if match:
                 helo, rdns, ip = match.group(1), match.group(2).strip() or 'unknown', match.group(3)
                 return helo, ip, rdns
