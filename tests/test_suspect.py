@@ -375,9 +375,9 @@ def test_actioncode_to_string():
 
 
 def test_client_info_costs_linear_time_on_a_nested_received_header():
-    # 'from a (from a (...' made the old open-ended search quadratic: about 25 minutes
+    # 'from a (from a (...' made the old open-ended search quadratic: minutes
     # for this header; anchored and bounded it is a single short match attempt
-    hostile = b'Received: ' + b'from a (' * 200000 + b'\r\n'
+    hostile = b'Received: ' + b'from a (' * 100000 + b'\r\n'
     honest = b'Received: from helo.example (rdns.example [IPv6:2001:db8::5])\r\n\tby mx.example\r\n'
     started = time.monotonic()
     suspect = make_suspect(hostile + honest + b'Subject: x\r\n\r\nbody\r\n')
