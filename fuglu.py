@@ -1119,6 +1119,58 @@ class Suspect(object):
 # SuspectFilter: FuGlu rule files
 ###############################################################################
 
+class LimitExceeded(Exception):
+    """A bound on the work done for sender-controlled input was hit. The message is a
+    problem: a scanner that raises this gets its ``problemaction`` (default DEFER), it
+    is never taken as a clean result."""
+
+
+class RuleTimeLimitExceeded(LimitExceeded):
+    """A SuspectFilter rule's regex did not finish in SuspectFilter.MATCH_TIME_LIMIT."""
+
+
+_fork_warning_silenced = False
+
+
+def search_within(regex, text, deadline):
+    """regex.search(text) is not None, given up at the time.monotonic() ``deadline``
+    (RuleTimeLimitExceeded). Python's re cannot be interrupted and keeps the GIL, so a
+    long text is searched in a forked child that is killed when time is up; short
+    texts (SuspectFilter.INLINE_SIZE) are searched here, where even a quadratic
+    pattern costs milliseconds, and the deadline is checked between them."""
+    if time.monotonic() >= deadline:
+        raise RuleTimeLimitExceeded('no time left')
+    if len(text) <= SuspectFilter.INLINE_SIZE or not hasattr(os, 'fork'):
+        return regex.search(text) is not None
+    global _fork_warning_silenced
+    if not _fork_warning_silenced:
+        # 3.12+ warns about fork() in a threaded process; the child only runs the regex
+        import warnings
+        warnings.filterwarnings('ignore', message=r'.*use of fork\(\) may lead to deadlocks', category=DeprecationWarning)
+        _fork_warning_silenced = True
+    import select
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: search, answer one byte, leave without any cleanup
+        try:
+            os.write(write_end, b'1' if regex.search(text) is not None else b'0')
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    answer = b''
+    try:
+        if select.select([read_end], [], [], max(deadline - time.monotonic(), 0))[0]:
+            answer = os.read(read_end, 1)
+    finally:
+        os.close(read_end)
+        if not answer:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    if not answer:
+        raise RuleTimeLimitExceeded('the regex did not finish in time')
+    return answer == b'1'
+
+
 class FilterRule(object):
     __slots__ = ('field', 'regex', 'compare', 'number', 'args', 'lineno', 'text')
 
@@ -1126,9 +1178,13 @@ class FilterRule(object):
         self.field, self.regex, self.compare, self.number = field, regex, compare, number
         self.args, self.lineno, self.text = args, lineno, text
 
-    def test(self, value):
+    def test(self, value, deadline=None):
+        """True if the rule matches ``value``; with a ``deadline`` (time.monotonic())
+        the regex search is bounded in time (RuleTimeLimitExceeded)."""
         if self.regex is not None:
-            return self.regex.search(force_uString(value)) is not None
+            if deadline is None:
+                return self.regex.search(force_uString(value)) is not None
+            return search_within(self.regex, force_uString(value), deadline)
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -1152,9 +1208,18 @@ class SuspectFilter(object):
     Methods: matches(suspect) -> (True, args of the first matching rule) or (False,
     None); get_args(suspect) -> args of all matching rules; lint() -> bool.
     The file is re-read when it changes (checked at most every 5 seconds).
+
+    Time bound: the rules' regexes get MATCH_TIME_LIMIT seconds together per call of
+    matches()/get_args(), whatever the fields hold (a rule like ``body .*word`` is
+    quadratic in the body's length). Values are never cut short, since a rule that
+    stops matching past a size can let a message through. When time is up the call
+    raises RuleTimeLimitExceeded (a LimitExceeded): logged with the rule, and a
+    scanner gets its problemaction. FuGlu 1.7.0 has no such bound.
     """
 
     RELOAD_CHECK_INTERVAL = 5
+    MATCH_TIME_LIMIT = 10     # seconds per matches()/get_args() call
+    INLINE_SIZE = 4096        # characters a value may have to be searched in-process
 
     def __init__(self, filename):
         self.filename = filename
@@ -1326,6 +1391,7 @@ class SuspectFilter(object):
     def _matching(self, suspect, first_only):
         self._reload_if_changed()
         found = []
+        deadline = time.monotonic() + self.MATCH_TIME_LIMIT
         for rule in self.rules:
             try:
                 values = self.field_values(suspect, rule.field)
@@ -1333,7 +1399,15 @@ class SuspectFilter(object):
                 self.logger.warning('%s: rule %s line %d: %s', suspect.id, rule.field, rule.lineno, error)
                 continue
             for value in values:
-                if value is not None and rule.test(value):
+                try:
+                    matched = value is not None and rule.test(value, deadline)
+                except RuleTimeLimitExceeded as error:
+                    self.logger.error('%s: %s line %d (%s): no answer within %ss on a %d character %s value (%s); '
+                                      'the message is a problem, not a non-match', suspect.id, self.filename,
+                                      rule.lineno, rule.text[:100], self.MATCH_TIME_LIMIT, len(force_uString(value)),
+                                      rule.field, error)
+                    raise
+                if matched:
                     suspect.debug('rule %s line %d matched %r (%s)' % (self.filename, rule.lineno,
                                                                         str(value)[:100], rule.text))
                     found.append(rule)
@@ -1714,6 +1788,9 @@ class ScanSession(object):
             started = time.time()
             try:
                 result = plugin.examine(suspect)
+            except LimitExceeded as error:   # a bound was hit: a problem, never a clean result
+                self._plugin_error(suspect, plugin, error)
+                result = getattr(plugin, '_problemaction', lambda: DEFER)(), 'message too complex to check (%s)' % error.__class__.__name__
             except Exception as error:
                 self._plugin_error(suspect, plugin, error)
                 continue

@@ -330,3 +330,30 @@ def test_cap_zero_means_no_limit(sink, make_fuglu, clients):
     instance = make_fuglu(sink.port, performance='max_sessions_per_client=0')
     opened = [clients(instance.port) for _ in range(10)]
     assert all(client.banner.startswith(b'220') for client in opened)
+
+
+# -- rule files ------------------------------------------------------------------------------
+
+class RuleBlocker(fuglu.ScannerPlugin):
+    """Test scanner: REJECT when its rule file ([RuleBlocker] filterfile) matches."""
+
+    requiredvars = {'filterfile': {'default': '', 'description': 'rule file'}}
+
+    def examine(self, suspect):
+        matched, argument = fuglu.SuspectFilter(self.config.get(self.section, 'filterfile')).matches(suspect)
+        return (fuglu.REJECT, argument) if matched else fuglu.DUNNO
+
+
+def test_a_rule_out_of_time_defers_the_message(sink, make_fuglu, clients, tmp_path, monkeypatch, strict_log):
+    monkeypatch.setattr(fuglu.SuspectFilter, 'MATCH_TIME_LIMIT', 1)
+    rules = tmp_path / 'block.regex'
+    rules.write_text('body .*forbidden-word blocked\n')
+    instance = make_fuglu(sink.port, extra='[RuleBlocker]\nfilterfile=%s' % rules)
+    instance.controller.plugins = [RuleBlocker(instance.config)]
+    client = clients(instance.port)
+    reply = send_message(client, b'Subject: long\r\n\r\n' + b'a ' * 200000 + b'\r\n')
+    assert reply.startswith(b'451 4.7.1 '), reply
+    assert sink.messages == []
+    assert 'the message is a problem, not a non-match' in strict_log.text()
+    assert send_message(client, b'Subject: short\r\n\r\nforbidden-word\r\n').startswith(b'550 5.7.1 blocked')
+    assert send_message(client, b'Subject: short\r\n\r\nfine\r\n').startswith(b'250')
