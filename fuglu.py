@@ -2195,14 +2195,18 @@ class SMTPError(Exception):
         self.connection_problem = temporary_connection_problem
 
 
+MAX_REPLY_LINES = 1000
+
+
 def read_reply(reader):
-    """(code, [text lines]) of one possibly multi-line SMTP reply."""
+    """(code, [text lines]) of one possibly multi-line SMTP reply. Control characters
+    in the text become spaces (it may be passed on to fuglu's own client)."""
     lines = []
     while True:
         line = reader.readline(65536).rstrip(b'\r\n')
-        if len(line) < 3 or not line[:3].isdigit():
+        if len(line) < 3 or not line[:3].isdigit() or len(lines) >= MAX_REPLY_LINES:
             raise SMTPError(451, '4.3.0 unparsable reply from downstream: %r' % line[:80], True)
-        lines.append(line[4:].decode('utf-8', 'replace'))
+        lines.append(CONTROL_CHARACTER_RE.sub(' ', line[4:].decode('utf-8', 'replace')))
         if len(line) == 3 or line[3:4] != b'-':
             return int(line[:3]), lines
 
@@ -2343,7 +2347,7 @@ class SMTPClient(object):
                 raise SMTPError(code, ' '.join(text))
 
     def xforward_lines(self, attributes):
-        offered = set(self.extensions.get('XFORWARD', '').upper().split())
+        offered = {name.upper() for name in self.extensions.get('XFORWARD', '').split() if name.isascii()}
         items = ['%s=%s' % (name, value) for name, value in attributes.items() if name in offered]
         line = 'XFORWARD'
         lines = []
@@ -3326,7 +3330,7 @@ class AfterQueueSession(SMTPServerSession):
 
 
 # an RFC 3463 enhanced status code, e.g. 5.7.1 (a whole word)
-ENHANCED_CODE_RE = re.compile(r'^([245])\.\d{1,3}\.\d{1,3}$')
+ENHANCED_CODE_RE = re.compile(r'^([245])\.[0-9]{1,3}\.[0-9]{1,3}$')
 
 
 def ensure_enhanced(text, enhanced):
@@ -4018,6 +4022,7 @@ class MilterReader(object):
 MILTER_CONTINUE = milter_packet(SMFIR_CONTINUE)
 MILTER_PROGRESS = milter_packet(SMFIR_PROGRESS)
 MILTER_SKIP = milter_packet(SMFIR_SKIP)
+MILTER_HEADER_NAME_RE = re.compile(rb'[\x21-\x39\x3b-\x7e]+\Z')   # RFC 5322 2.2: printable, no colon
 MILTER_HEADER_FIELD_RE = re.compile(rb'^([^:\s][^:\r\n]*):(.*(?:\r?\n[ \t].*)*)', re.MULTILINE)
 
 
@@ -4473,6 +4478,10 @@ class MilterSession(object):
         if not items or not items[0]:
             raise MilterProtocolError('HEADER without a name')
         name, value = items[0], (items[1] if len(items) > 1 else b'')
+        if not MILTER_HEADER_NAME_RE.match(name):
+            # Postfix only sends RFC 5322 field names; anything else would change the
+            # structure of fuglu's copy of the message
+            raise MilterProtocolError('HEADER with a malformed name %r' % name[:60])
         self.size += len(name) + len(value) + 4
         if self.max_size and self.size > self.max_size:
             self.drop_oversize()   # headers count towards smtp_max_message_size like the body
@@ -4664,7 +4673,9 @@ class MilterSession(object):
     def source_value(self, value):
         """Header value as received -> as it stands in the message source."""
         if b'\n' in value:      # folded: the MTA separates the lines with LF
-            value = re.sub(rb'\r?\n', b'\r\n', value)
+            # (an LF not followed by a blank would start a header of its own in
+            # fuglu's copy only: it is folded)
+            value = re.sub(rb'\r?\n([ \t]?)', lambda match: b'\r\n' + (match.group(1) or b' '), value)
         return value if self.leading_space else b' ' + value
 
     def mta_value(self, value):

@@ -310,3 +310,23 @@ def test_milter_headers_count_towards_the_size_limit(start_fuglu, strict_log):
     assert instance.controller.exceptions == []
     packets = client.message()   # the next message is fine again
     assert packets[-1] == (b'c', b'')
+
+
+def test_milter_header_with_a_malformed_name_closes_the_connection(start_fuglu, strict_log):
+    instance = start_fuglu()
+    client = MilterClient(instance.port).start()
+    client.event(fuglu.SMFIC_MAIL, fuglu.milter_strings('<a@example.org>'))
+    client.event(fuglu.SMFIC_RCPT, fuglu.milter_strings('<b@example.org>'))
+    client.event(fuglu.SMFIC_HEADER, fuglu.milter_strings('X-A\r\nContent-Type', ' multipart/mixed'))
+    assert client.closed_by_peer()
+    assert 'HEADER with a malformed name' in strict_log.text()
+    assert instance.controller.exceptions == []
+
+
+def test_milter_header_value_with_a_bare_lf_stays_one_header(start_fuglu):
+    client = MilterClient(start_fuglu().port).start()
+    packets = client.message(raw_headers=[('Subject', ' hi\nX-Smuggled: yes'), ('From', ' a@example.org')])
+    assert packets[-1] == (b'c', b'')
+    source = ChangingPlugin.seen[-1]['source']
+    assert b'Subject: hi\r\n X-Smuggled: yes\r\n' in source
+    assert b'\r\nX-Smuggled' not in source
