@@ -8,15 +8,13 @@ import logging
 
 import pytest
 
-from helpers import InProcessFuglu, RawClient, Sink, fuglu, stopped_at_teardown, wait_for
+from helpers import InProcessFuglu, VerdictFromHeaderPlugin, fuglu, stopped_at_teardown, wait_for
+from test_milter import POSTFIX_PROTOCOL, ChangingPlugin, MilterClient, replycode
+from test_milter import start_fuglu  # noqa: F401 (a fixture)
+from test_netcat import UNIX_EML, pipe
+from test_netcat import netcat  # noqa: F401 (a fixture)
 from test_smtp import MESSAGE, stuff
-
-
-@pytest.fixture
-def sink():
-    downstream = Sink()
-    yield downstream
-    downstream.stop()
+from test_smtp import clients, sink  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
@@ -24,19 +22,6 @@ def make_fuglu():
     def create(downstream_port, protocol='smtp', extra_main=''):
         return InProcessFuglu(downstream_port, protocol=protocol, extra_main=extra_main)
     yield from stopped_at_teardown(create)
-
-
-@pytest.fixture
-def clients():
-    opened = []
-
-    def connect(port):
-        client = RawClient(port)
-        opened.append(client)
-        return client
-    yield connect
-    for client in opened:
-        client.close()
 
 
 class StrictLog(object):
@@ -210,16 +195,6 @@ def test_an_undecodable_sender_still_gets_its_log_lines(session, sink, strict_lo
 
 # -- netcat envelope block -------------------------------------------------------------
 
-from test_netcat import UNIX_EML, pipe, start_netcat  # noqa: E402
-from helpers import VerdictFromHeaderPlugin  # noqa: E402
-
-
-@pytest.fixture
-def netcat():
-    instance = start_netcat()
-    VerdictFromHeaderPlugin.seen[:] = []
-    yield instance
-    instance.stop()
 
 
 @pytest.mark.parametrize('field', [b'X-ENV-SENDER: a\rb@example.org', b'X-ENV-RECIPIENT: <a@exa\x00mple.org>',
@@ -234,8 +209,6 @@ def test_control_characters_in_the_envelope_block_are_rejected_unscanned(netcat,
 
 
 # -- milter MAIL / RCPT / HELO / header size ---------------------------------------------
-
-from test_milter import POSTFIX_PROTOCOL, ChangingPlugin, MilterClient, replycode, start_fuglu  # noqa: E402,F401
 
 ANSWERED = POSTFIX_PROTOCOL & ~(fuglu.SMFIP_NR_HELO | fuglu.SMFIP_NR_MAIL | fuglu.SMFIP_NR_RCPT)
 

@@ -10,9 +10,10 @@ import time
 import pytest
 
 from helpers import InProcessFuglu, RawClient, Sink, fuglu, stopped_at_teardown, wait_for
-from test_hostile_input import StrictLog
+from test_hostile_input import strict_log  # noqa: F401 (a fixture)
 from test_milter import MilterClient
 from test_smtp import MESSAGE, stuff
+from test_smtp import sink  # noqa: F401 (a fixture)
 
 
 class QuietServer(object):
@@ -62,13 +63,6 @@ def quiet_server():
 
 
 @pytest.fixture
-def sink():
-    downstream = Sink()
-    yield downstream
-    downstream.stop()
-
-
-@pytest.fixture
 def make_fuglu():
     def create(downstream_port, protocol='smtp', extra_main='', performance='', extra=''):
         return InProcessFuglu(downstream_port, protocol=protocol, extra_main=extra_main,
@@ -95,23 +89,21 @@ def clients():
         client.close()
 
 
-@pytest.fixture
-def strict_log():
-    log = StrictLog()
-    yield log
-    log.close()
-
-
 def workers_idle(instance):
     workers = instance.controller.backend.workers
     return all(state != 'processing' for state in list(workers.values()))
 
 
-def send_message(client, message=MESSAGE):
+def start_data(client):
+    """EHLO, MAIL, RCPT, DATA: ready for the message."""
     assert client.cmd('EHLO client.example').startswith(b'250')
     assert client.cmd('MAIL FROM:<a@example.org>').startswith(b'250')
     assert client.cmd('RCPT TO:<b@example.org>').startswith(b'250')
     assert client.cmd('DATA').startswith(b'354')
+
+
+def send_message(client, message=MESSAGE):
+    start_data(client)
     client.send(stuff(message))
     return client.reply()
 
@@ -125,10 +117,7 @@ def test_empty_message_to_a_chunking_downstream_is_delivered(make_fuglu, clients
         instance = make_fuglu(downstream.port, extra_main='suspectidheader=%s\nspamstatusheader=%s'
                               % (headers, headers))
         client = clients(instance.port)
-        assert client.cmd('EHLO client.example').startswith(b'250')
-        assert client.cmd('MAIL FROM:<a@example.org>').startswith(b'250')
-        assert client.cmd('RCPT TO:<b@example.org>').startswith(b'250')
-        assert client.cmd('DATA').startswith(b'354')
+        start_data(client)
         client.send(b'.\r\n')
         assert client.reply().startswith(b'250'), 'answered, not spinning'
         assert wait_for(lambda: downstream.messages)
@@ -161,10 +150,7 @@ def test_downstream_quiet_after_the_data_gets_a_451(make_fuglu, clients):
     try:
         instance = make_fuglu(quiet.port, extra_main='downstream_data_timeout=1')
         client = clients(instance.port)
-        assert client.cmd('EHLO client.example').startswith(b'250')
-        assert client.cmd('MAIL FROM:<a@example.org>').startswith(b'250')
-        assert client.cmd('RCPT TO:<b@example.org>').startswith(b'250')
-        assert client.cmd('DATA').startswith(b'354')
+        start_data(client)
         client.send(stuff(MESSAGE))
         assert client.reply().startswith(b'451 4.4.2 ')
     finally:
@@ -243,10 +229,7 @@ def test_a_trickling_smtp_client_gets_421_at_max_session_time(sink, make_fuglu, 
 def test_a_session_past_its_time_in_data_is_not_delivered(sink, make_fuglu, clients):
     instance = make_fuglu(sink.port, extra_main='max_session_time=2')
     client = clients(instance.port)
-    assert client.cmd('EHLO client.example').startswith(b'250')
-    assert client.cmd('MAIL FROM:<a@example.org>').startswith(b'250')
-    assert client.cmd('RCPT TO:<b@example.org>').startswith(b'250')
-    assert client.cmd('DATA').startswith(b'354')
+    start_data(client)
     said = trickle_until_closed(client.sock, b'Subject: slow\r\n')
     assert said.startswith(b'421 4.4.2 '), said
     assert sink.messages == []
