@@ -1951,13 +1951,14 @@ class ReadDeadline(object):
         self.idle = idle
         self.armed = idle   # the kernel timeout set on the socket now, if known
 
-    def check(self):
-        """Before each read: DeadlineExpired when the time is up, else the socket
-        timeout cut to what is left."""
+    def check(self, grace=0):
+        """Before each read: DeadlineExpired when the time is up (or up within
+        ``grace`` seconds: after a kernel timeout, which may fire a little early), else
+        the socket timeout cut to what is left."""
         if self.deadline is None:
             return
         left = self.deadline - time.monotonic()
-        if left <= 0:
+        if left <= grace:
             raise DeadlineExpired('deadline')
         wanted = min(self.idle, left) if self.idle else left
         if self.armed is None or abs(wanted - self.armed) > 1:
@@ -2082,7 +2083,10 @@ class SocketReader(object):
         try:
             chunk = self.sock.recv(size)
         except OSError as error:
-            raise ConnectionClosed('timeout' if is_timeout(error) else str(error))
+            if not is_timeout(error):
+                raise ConnectionClosed(str(error))
+            self.clock.check(grace=1.5)   # a timeout cut to the deadline: DeadlineExpired
+            raise ConnectionClosed('timeout')
         if not chunk:
             raise ConnectionClosed('EOF')
         self.buffer += chunk
@@ -4009,7 +4013,10 @@ class MilterReader(object):
             try:
                 chunk = self.sock.recv(READ_SIZE)
             except OSError as error:
-                raise ConnectionClosed('timeout' if is_timeout(error) else str(error))
+                if not is_timeout(error):
+                    raise ConnectionClosed(str(error))
+                self.clock.check(grace=1.5)   # a timeout cut to the deadline: DeadlineExpired
+                raise ConnectionClosed('timeout')
             if not chunk:
                 if decoder.pending():
                     raise MilterProtocolError('connection closed inside a packet (%d bytes of it read)'
