@@ -1129,9 +1129,6 @@ class RuleTimeLimitExceeded(LimitExceeded):
     """A SuspectFilter rule's regex did not finish in SuspectFilter.MATCH_TIME_LIMIT."""
 
 
-_fork_warning_silenced = False
-
-
 def search_within(regex, text, deadline):
     """regex.search(text) is not None, given up at the time.monotonic() ``deadline``
     (RuleTimeLimitExceeded). Python's re cannot be interrupted and keeps the GIL, so a
@@ -1142,12 +1139,10 @@ def search_within(regex, text, deadline):
         raise RuleTimeLimitExceeded('no time left')
     if len(text) <= SuspectFilter.INLINE_SIZE or not hasattr(os, 'fork'):
         return regex.search(text) is not None
-    global _fork_warning_silenced
-    if not _fork_warning_silenced:
-        # 3.12+ warns about fork() in a threaded process; the child only runs the regex
-        import warnings
-        warnings.filterwarnings('ignore', message=r'.*use of fork\(\) may lead to deadlocks', category=DeprecationWarning)
-        _fork_warning_silenced = True
+    # 3.12+ warns about fork() in a threaded process; the child only runs the regex
+    # (an identical filter replaces the earlier one: this does not pile up)
+    import warnings
+    warnings.filterwarnings('ignore', message=r'.*use of fork\(\) may lead to deadlocks', category=DeprecationWarning)
     import select
     read_end, write_end = os.pipe()
     pid = os.fork()
