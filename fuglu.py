@@ -300,12 +300,14 @@ CORE_DEFAULTS = {
         'netcat_max_message_size': _opt('', 'largest message the netcat connector accepts, in bytes; '
                                             'empty: smtp_max_message_size; 0 = no limit',
                                         validator=lambda value: not value.strip() or _is_int(value)),
-        'smtptimeout': _opt('300', 'seconds to wait for the next command, data or milter packet from a client',
-                            validator=_is_int),
-        'max_session_time': _opt('1200', 'seconds one client connection may last in all, whatever it sends '
-                                         '(a client trickling bytes keeps each read alive, not the session); '
-                                         'then smtp/esmtp answer 421 4.4.2, netcat DEFER, milter closes; '
-                                         '0 = no limit', validator=_is_int),
+        'smtptimeout': _opt(
+            '300', 'seconds to wait for the next command, data or milter packet from a client',
+            validator=_is_int),
+        'max_session_time': _opt(
+            '1200', 'seconds one client connection may last in all, whatever it sends (a client '
+                    'trickling bytes keeps each read alive, not the session); then smtp/esmtp '
+                    'answer 421 4.4.2, netcat DEFER, milter closes; 0 = no limit',
+            validator=_is_int),
         'trusted_xforward_peers': _opt('', 'IPs/networks allowed to send client information (XFORWARD, '
                                            'milter connect data, netcat envelope). Empty: every peer is trusted',
                                        validator=_is_networks),
@@ -314,16 +316,19 @@ CORE_DEFAULTS = {
         'outgoingport': _opt('10026', 're-injection target port', validator=_is_int),
         'outgoinghelo': _opt('', 'EHLO name used when re-injecting; empty: this host\'s FQDN'),
         'outgoingretry': _opt('1', 'extra attempts when the downstream connection fails', validator=_is_int),
-        'downstream_connect_timeout': _opt('10', 'seconds to wait for the TCP connection to the downstream '
-                                                 '(re-injection, bounces, the esmtp after-filter server); '
-                                                 'Postfix: smtp_connect_timeout 30s', validator=_is_int),
-        'downstream_reply_timeout': _opt('30', 'seconds to wait for the downstream\'s greeting and each reply '
-                                               '(smtp connector and bounces); connect, greeting, EHLO, XFORWARD '
-                                               'and MAIL together stay well inside Postfix\'s smtp_mail_timeout '
-                                               '(300s); too late: 451 4.4.2', validator=_is_int),
-        'downstream_data_timeout': _opt('120', 'seconds to wait for the downstream\'s reply after the message '
-                                               'data; Postfix waits smtp_data_done_timeout (600s) for fuglu\'s, '
-                                               'scanning included; too late: 451 4.4.2', validator=_is_int),
+        'downstream_connect_timeout': _opt(
+            '10', 'seconds to wait for the TCP connection to the downstream (re-injection, '
+                  'bounces, the esmtp after-filter server); Postfix: smtp_connect_timeout 30s',
+            validator=_is_int),
+        'downstream_reply_timeout': _opt(
+            '30', 'seconds to wait for the downstream\'s greeting and each reply (smtp connector '
+                  'and bounces); connect, greeting, EHLO, XFORWARD and MAIL together stay well '
+                  'inside Postfix\'s smtp_mail_timeout (300s); too late: 451 4.4.2',
+            validator=_is_int),
+        'downstream_data_timeout': _opt(
+            '120', 'seconds to wait for the downstream\'s reply after the message data; Postfix '
+                   'waits smtp_data_done_timeout (600s) for fuglu\'s, scanning included; too late: '
+                   '451 4.4.2', validator=_is_int),
         'bouncehost': _opt('', 'where bounces are sent; empty: outgoinghost'),
         'bounceport': _opt('', 'port for bounces; empty: outgoingport'),
         'tempdir': _opt('/tmp', 'directory for temporary files'),
@@ -358,13 +363,13 @@ CORE_DEFAULTS = {
         'backend': _opt('thread', 'worker backend: thread'),
         'minthreads': _opt('2', 'thread backend: workers kept running', validator=_is_int),
         'maxthreads': _opt('40', 'thread backend: most workers (connections handled at once)', validator=_is_int),
-        'max_sessions_per_client': _opt('', 'connections one client address may have open at once, any connector, '
-                                            'queued ones included; more are refused at once (smtp/esmtp 421 '
-                                            '4.7.0, netcat DEFER, milter: closed) and logged. Postfix feeding '
-                                            'fuglu is one client: keep it above the process limit of the '
-                                            'transport or smtpd that connects. Empty: half of maxthreads; '
-                                            '0 = no limit',
-                                        validator=lambda value: not value.strip() or _is_int(value)),
+        'max_sessions_per_client': _opt(
+            '', 'connections one client address may have open at once, any connector, queued '
+                'ones included; more are refused at once (smtp/esmtp 421 4.7.0, netcat DEFER, '
+                'milter: closed) and logged. Postfix feeding fuglu is one client: keep it above '
+                'the process limit of the transport or smtpd that connects. Empty: half of '
+                'maxthreads; 0 = no limit',
+            validator=lambda value: not value.strip() or _is_int(value)),
         'minfreethreads': _opt('0', 'thread backend: idle workers kept ready', validator=_is_int),
         'initialprocs': _opt('0', 'process backend: worker processes (0: 2 x CPUs)'),
         'listen_backlog': _opt('0', 'listen() backlog; 0: the system maximum', validator=_is_int),
@@ -1058,8 +1063,9 @@ class Suspect(object):
     # (FuGlu's pattern is anchored the same way). Anchored and with every repetition
     # bounded, a header shaped 'from a (from a (...' costs constant time per header;
     # searching anywhere with open repetitions was quadratic in its length.
-    RECEIVED_CLIENT_RE = re.compile(r'\s{0,16}from\s{1,16}(\S{1,255})\s{1,16}\(([^)\[]{0,255})\[(?:IPv6:)?'
-                                    r'([0-9a-fA-F.:]{2,45})\]', re.IGNORECASE)
+    RECEIVED_CLIENT_RE = re.compile(r'\s{0,16}from\s{1,16}(\S{1,255})\s{1,16}'
+                                    r'\(([^)\[]{0,255})\[(?:IPv6:)?([0-9a-fA-F.:]{2,45})\]',
+                                    re.IGNORECASE)
 
     def get_client_info(self, config=None):
         """(helo, ip, rdns) from the connector, else from the first Received header."""
@@ -1142,7 +1148,8 @@ def search_within(regex, text, deadline):
     # 3.12+ warns about fork() in a threaded process; the child only runs the regex
     # (an identical filter replaces the earlier one: this does not pile up)
     import warnings
-    warnings.filterwarnings('ignore', message=r'.*use of fork\(\) may lead to deadlocks', category=DeprecationWarning)
+    warnings.filterwarnings('ignore', message=r'.*use of fork\(\) may lead to deadlocks',
+                            category=DeprecationWarning)
     import select
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -1409,10 +1416,7 @@ class SuspectFilter(object):
                 try:
                     matched = value is not None and rule.test(value, deadline)
                 except RuleTimeLimitExceeded as error:
-                    self.logger.error('%s: %s line %d (%s): no answer within %ss on a %d character %s value (%s); '
-                                      'the message is a problem, not a non-match', suspect.id, self.filename,
-                                      rule.lineno, rule.text[:100], self.MATCH_TIME_LIMIT, len(force_uString(value)),
-                                      rule.field, error)
+                    self.log_time_limit(suspect, rule, value, error)
                     raise
                 if matched:
                     suspect.debug('rule %s line %d matched %r (%s)' % (self.filename, rule.lineno,
@@ -1422,6 +1426,12 @@ class SuspectFilter(object):
             if found and first_only:
                 break
         return found
+
+    def log_time_limit(self, suspect, rule, value, error):
+        self.logger.error('%s: %s line %d (%s): no answer within %ss on a %d character %s value '
+                          '(%s); the message is a problem, not a non-match', suspect.id,
+                          self.filename, rule.lineno, rule.text[:100], self.MATCH_TIME_LIMIT,
+                          len(force_uString(value)), rule.field, error)
 
     def matches(self, suspect, extended=False):
         found = self._matching(suspect, first_only=True)
@@ -1797,7 +1807,8 @@ class ScanSession(object):
                 result = plugin.examine(suspect)
             except LimitExceeded as error:   # a bound was hit: a problem, never a clean result
                 self._plugin_error(suspect, plugin, error)
-                result = getattr(plugin, '_problemaction', lambda: DEFER)(), 'message too complex to check (%s)' % error.__class__.__name__
+                result = (getattr(plugin, '_problemaction', lambda: DEFER)(),
+                          'message too complex to check (%s)' % error.__class__.__name__)
             except Exception as error:
                 self._plugin_error(suspect, plugin, error)
                 continue
@@ -2233,7 +2244,8 @@ class SMTPClient(object):
     such as one delivery) cuts all of them short. A reply that does not come in time
     is a 451 connection problem."""
 
-    def __init__(self, host, port, helo, timeout=300, retries=0, connect_timeout=None, data_timeout=None):
+    def __init__(self, host, port, helo, timeout=300, retries=0, connect_timeout=None,
+                 data_timeout=None):
         self.host, self.port, self.helo = host, int(port), helo
         self.timeout = timeout
         self.connect_timeout = connect_timeout or timeout
@@ -2247,7 +2259,8 @@ class SMTPClient(object):
     @classmethod
     def from_config(cls, config, host, port, helo, retries=0):
         """A client with the [main] downstream_* time limits."""
-        return cls(host, port, helo, timeout=config.getint('main', 'downstream_reply_timeout'), retries=retries,
+        return cls(host, port, helo, retries=retries,
+                   timeout=config.getint('main', 'downstream_reply_timeout'),
                    connect_timeout=config.getint('main', 'downstream_connect_timeout'),
                    data_timeout=config.getint('main', 'downstream_data_timeout'))
 
@@ -2303,7 +2316,8 @@ class SMTPClient(object):
             return read_reply(self.reader)
         except DeadlineExpired:
             self.close()
-            raise SMTPError(451, '4.4.2 downstream %s:%s did not answer in time' % (self.host, self.port), True)
+            raise SMTPError(451, '4.4.2 downstream %s:%s did not answer in time'
+                            % (self.host, self.port), True)
         except ConnectionClosed as error:
             self.close()
             raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s' % (self.host, self.port, error),
@@ -2358,7 +2372,8 @@ class SMTPClient(object):
                 raise SMTPError(code, ' '.join(text))
 
     def xforward_lines(self, attributes):
-        offered = {name.upper() for name in self.extensions.get('XFORWARD', '').split() if name.isascii()}
+        offered = {name.upper() for name in self.extensions.get('XFORWARD', '').split()
+                   if name.isascii()}
         items = ['%s=%s' % (name, value) for name, value in attributes.items() if name in offered]
         line = 'XFORWARD'
         lines = []
@@ -2686,7 +2701,7 @@ def parse_path_argument(argument, keyword):
 def xtext_decode(value):
     """RFC 3461 xtext: '+' and two hex digits stand for one byte; the bytes are UTF-8."""
     raw = value.encode('utf-8', 'surrogateescape')
-    raw = re.sub(rb'\+([0-9A-Fa-f]{2})', lambda match: bytes.fromhex(match.group(1).decode('ascii')), raw)
+    raw = re.sub(rb'\+([0-9A-Fa-f]{2})', lambda match: bytes([int(match.group(1), 16)]), raw)
     return raw.decode('utf-8', 'surrogateescape')
 
 
@@ -2721,7 +2736,8 @@ class SMTPServerSession(object):
         self.logger = connector.logger
         self.sock = sock
         self.peer = peer
-        self.reader = SocketReader(sock, session_deadline(self.config), self.config.getint('main', 'smtptimeout'))
+        self.reader = SocketReader(sock, session_deadline(self.config),
+                                   self.config.getint('main', 'smtptimeout'))
         self.pending = []
         self.closing = False
         self.errors = 0
@@ -2787,8 +2803,8 @@ class SMTPServerSession(object):
             self.flush()
         except DeadlineExpired:
             # a reply due to the client was sent before its next read; only waiting ends
-            self.logger.warning('%s: session longer than max_session_time (%ss), closing', self.peer_label(),
-                                self.config.get('main', 'max_session_time'))
+            self.logger.warning('%s: session longer than max_session_time (%ss), closing',
+                                self.peer_label(), self.config.get('main', 'max_session_time'))
             self.reply(421, '4.4.2 Error: timeout exceeded (session time limit)')
             try:
                 self.flush()
@@ -2809,7 +2825,8 @@ class SMTPServerSession(object):
         verb = verb.upper() if SMTP_VERB_RE.match(verb) else ''   # ASCII verbs only
         handler = getattr(self, 'smtp_' + verb, None) if verb else None
         if handler is not None:
-            if verb not in self.ENVELOPE_VERBS and CONTROL_CHARACTER_RE.search(argument.replace('\t', ' ')):
+            if verb not in self.ENVELOPE_VERBS and \
+                    CONTROL_CHARACTER_RE.search(argument.replace('\t', ' ')):
                 return self.error(501, '5.5.2 Syntax error: control character in %s' % verb)
             return handler(argument.strip(' \t'))
         if verb in self.UNIMPLEMENTED:
@@ -2924,12 +2941,14 @@ class SMTPServerSession(object):
             if name == 'SIZE':
                 size = ascii_number(value)
                 if size is None:
-                    return self.envelope_error('MAIL', None, EnvelopeSyntaxError('Bad SIZE parameter'))
+                    return self.envelope_error('MAIL', None,
+                                               EnvelopeSyntaxError('Bad SIZE parameter'))
                 if self.max_size and size > self.max_size:
-                    self.logger.info('%s: MAIL SIZE=%s over smtp_max_message_size refused', self.peer_label(),
-                                     value[:30])
-                    return self.error(552, '5.3.4 Message size exceeds fixed maximum message size %d '
-                                           '(configured limit smtp_max_message_size)' % self.max_size)
+                    self.logger.info('%s: MAIL SIZE=%s over smtp_max_message_size refused',
+                                     self.peer_label(), value[:30])
+                    return self.error(552, '5.3.4 Message size exceeds fixed maximum message '
+                                           'size %d (configured limit smtp_max_message_size)'
+                                      % self.max_size)
             elif name == 'BODY' and value.upper() not in BODY_TYPES:
                 return self.envelope_error('MAIL', None, EnvelopeSyntaxError('Bad BODY parameter'))
         return address, params
@@ -2987,7 +3006,8 @@ class SMTPServerSession(object):
         return helo, addr, name
 
     def smtp_options(self):
-        return {p.upper() for p in self.mail_params if p.isascii() and p.upper() in ('SMTPUTF8', 'BODY=8BITMIME')}
+        return {p.upper() for p in self.mail_params
+                if p.isascii() and p.upper() in ('SMTPUTF8', 'BODY=8BITMIME')}
 
     def build_suspect(self, data):
         """A Suspect from the finished transaction, or None (reply queued) when the
@@ -3403,8 +3423,9 @@ class EsmtpSession(AfterQueueSession):
         if client is None or not client.connected:
             host, port = outgoing_target(self.config, self.peer[0])
             budget = self.config.getint('esmtpconnector', 'downstream_timeout')
-            client = SMTPClient(host, port, name, timeout=budget, retries=self.config.getint('main', 'outgoingretry'),
-                                connect_timeout=min(budget, self.config.getint('main', 'downstream_connect_timeout')))
+            connect_timeout = min(budget, self.config.getint('main', 'downstream_connect_timeout'))
+            client = SMTPClient(host, port, name, timeout=budget, connect_timeout=connect_timeout,
+                                retries=self.config.getint('main', 'outgoingretry'))
             self.downstream = client
         with self.downstream_deadline():   # connect, greeting and EHLO together
             if not client.connected:
@@ -3421,7 +3442,8 @@ class EsmtpSession(AfterQueueSession):
         downstream_timeout, so the client hears fuglu's 4xx before Postfix's
         smtpd_proxy_timeout gives up."""
         client = self.downstream
-        client.deadline = time.monotonic() + self.config.getint('esmtpconnector', 'downstream_timeout')
+        budget = self.config.getint('esmtpconnector', 'downstream_timeout')
+        client.deadline = time.monotonic() + budget
         try:
             yield client
         finally:
@@ -3572,9 +3594,10 @@ def split_envelope_block(data):
         value = value.strip().decode('utf-8', 'replace')
         if CONTROL_CHARACTER_RE.search(value):
             raise EnvelopeBlockError('control character in the value of %s' % name)
-        if name.upper() in ('X-ENV-SENDER', 'X-ENV-RECIPIENT') and \
-                envelope_address_problem(value.strip('<>').strip()):
-            raise EnvelopeBlockError('%s %r: %s' % (name, value[:60], envelope_address_problem(value.strip('<>'))))
+        problem = envelope_address_problem(value.strip('<>').strip()) \
+            if name.upper() in ('X-ENV-SENDER', 'X-ENV-RECIPIENT') else None
+        if problem:
+            raise EnvelopeBlockError('%s %r: %s' % (name, value[:60], problem))
         if token is None:
             token = value
         elif name.upper() == NETCAT_BLOCK_END:
@@ -3612,8 +3635,8 @@ class NetcatConnector(Connector):
         try:
             data, oversized = self.read_message(sock, limit, session_deadline(self.config))
         except DeadlineExpired:
-            self.logger.warning('%s: netcat client still sending after max_session_time (%ss), closing', label,
-                                self.config.get('main', 'max_session_time'))
+            self.logger.warning('%s: netcat client still sending after max_session_time (%ss), '
+                                'closing', label, self.config.get('main', 'max_session_time'))
             return self.answer(sock, b'DEFER:timeout exceeded (session time limit)')
         except ConnectionClosed as why:
             self.logger.info('%s: netcat client left before sending a whole message: %s', label, why)
@@ -4036,7 +4059,7 @@ class MilterReader(object):
 MILTER_CONTINUE = milter_packet(SMFIR_CONTINUE)
 MILTER_PROGRESS = milter_packet(SMFIR_PROGRESS)
 MILTER_SKIP = milter_packet(SMFIR_SKIP)
-MILTER_HEADER_NAME_RE = re.compile(rb'[\x21-\x39\x3b-\x7e]+\Z')   # RFC 5322 2.2: printable, no colon
+MILTER_HEADER_NAME_RE = re.compile(rb'[\x21-\x39\x3b-\x7e]+\Z')   # RFC 5322 2.2: no colon
 MILTER_HEADER_FIELD_RE = re.compile(rb'^([^:\s][^:\r\n]*):(.*(?:\r?\n[ \t].*)*)', re.MULTILINE)
 
 
@@ -4225,7 +4248,8 @@ class MilterSession(object):
         self.sock = sock
         self.peer = peer
         max_packet = max(config.getint('milter', 'milter_max_packet_size'), MILTER_CHUNK_SIZE + 1)
-        self.reader = MilterReader(sock, max_packet, session_deadline(config), config.getint('main', 'smtptimeout'))
+        self.reader = MilterReader(sock, max_packet, session_deadline(config),
+                                   config.getint('main', 'smtptimeout'))
         self.debug = config.getboolean('milter', 'milter_debug')
         self.max_size = config.getint('main', 'smtp_max_message_size')
         self.trusted = connector.peer_is_trusted(peer[0])
@@ -4253,7 +4277,7 @@ class MilterSession(object):
         self.client_port = None
         self.helo = None
         self.connection_failure = None
-        self.connection_refusal = None   # (code, text) for every message: a greeting that was unusable
+        self.connection_refusal = None   # (code, text) for every message: an unusable greeting
         self.tags = {}
         self.reset_message()
 
@@ -4272,7 +4296,7 @@ class MilterSession(object):
         self.size = 0
         self.oversize = False
         self.message_failure = None
-        self.envelope_refusal = None     # (code, text) at end of message: an unusable sender or recipient
+        self.envelope_refusal = None     # (code, text) at end of message: a bad sender/recipient
         self.missing_rights = set()
 
     def get_macro(self, name, default=None):
@@ -4344,8 +4368,8 @@ class MilterSession(object):
                 self.dispatch(command, data)
         except DeadlineExpired:
             # the MTA applies its milter_default_action (Postfix: tempfail)
-            self.logger.warning('%s: milter connection longer than max_session_time (%ss), closing', self.label(),
-                                self.config.get('main', 'max_session_time'))
+            self.logger.warning('%s: milter connection longer than max_session_time (%ss), closing',
+                                self.label(), self.config.get('main', 'max_session_time'))
         except ConnectionClosed as why:
             self.logger.debug('%s: milter connection closed: %s', self.label(), why)
         except MilterProtocolError as error:
@@ -4430,7 +4454,8 @@ class MilterSession(object):
         helo = strings[0].decode('utf-8', 'replace') if strings else ''
         if CONTROL_CHARACTER_RE.search(helo):
             self.helo = None
-            return self.refuse_envelope(SMFIC_HELO, 501, '5.5.4 Syntax error in HELO: control character', True)
+            return self.refuse_envelope(SMFIC_HELO, 501, '5.5.4 Syntax error in HELO: control '
+                                                         'character', True)
         self.helo = helo
         return self.run_stage('helo', self.helo)
 
@@ -4514,7 +4539,8 @@ class MilterSession(object):
         if self.max_size and self.size > self.max_size:
             self.drop_oversize()
             # SKIP only where the MTA waits for an answer to BODY (else it cannot be sent)
-            return MILTER_SKIP if self.protocol & SMFIP_SKIP and not self.protocol & SMFIP_NR_BODY else None
+            can_answer = self.protocol & SMFIP_SKIP and not self.protocol & SMFIP_NR_BODY
+            return MILTER_SKIP if can_answer else None
         self.body += data
         return None
 
@@ -4522,8 +4548,8 @@ class MilterSession(object):
         """The message passed smtp_max_message_size: keep nothing more of it; it is
         refused (452 4.3.4, as FuGlu does) at its end."""
         if not self.oversize:
-            self.logger.warning('%s: message over smtp_max_message_size %d (headers and body), will be refused',
-                                self.label(), self.max_size)
+            self.logger.warning('%s: message over smtp_max_message_size %d (headers and body), '
+                                'will be refused', self.label(), self.max_size)
             self.oversize = True
             self.headers = []
             self.body = bytearray()
@@ -4605,7 +4631,8 @@ class MilterSession(object):
             return self.send(milter_reply_code(451, '4.3.0 internal problem - message deferred'))
         refusal = self.connection_refusal or self.envelope_refusal
         if refusal:
-            self.logger.warning('%s: message refused for its envelope: %s %s', self.label(), *refusal)
+            self.logger.warning('%s: message refused for its envelope: %s %s', self.label(),
+                                *refusal)
             return self.send(milter_reply_code(*refusal))
         if self.oversize:
             return self.send(milter_reply_code(452, '4.3.4 message size exceeds fixed maximum message size %d'
@@ -4689,7 +4716,8 @@ class MilterSession(object):
         if b'\n' in value:      # folded: the MTA separates the lines with LF
             # (an LF not followed by a blank would start a header of its own in
             # fuglu's copy only: it is folded)
-            value = re.sub(rb'\r?\n([ \t]?)', lambda match: b'\r\n' + (match.group(1) or b' '), value)
+            value = re.sub(rb'\r?\n([ \t]?)', lambda match: b'\r\n' + (match.group(1) or b' '),
+                           value)
         return value if self.leading_space else b' ' + value
 
     def mta_value(self, value):
@@ -5124,8 +5152,9 @@ class ClientSessions(object):
                 self.refused[address] = (logged, refused + 1)
                 return False
             self.refused[address] = (now, 0)
-        self.logger.warning('%s connection from %s refused: %d open, max_sessions_per_client is %d '
-                            '(%d more refused since the last message)', protocol, address, count, limit, refused)
+        self.logger.warning('%s connection from %s refused: %d open, max_sessions_per_client is '
+                            '%d (%d more refused since the last message)', protocol, address, count,
+                            limit, refused)
         return False
 
     def release(self, address):

@@ -333,7 +333,8 @@ def milter_stream(rng):
                (fuglu.SMFIC_HELO, strings(edgy(rng, b'client.example')))]
     for message in range(rng.choice([1, 1, 2])):
         packets += [(fuglu.SMFIC_MACRO, fuglu.SMFIC_MAIL + strings('i', 'Q%d' % message, '{mail_addr}', 'a@x')),
-                    (fuglu.SMFIC_MAIL, strings(b'<%s>' % edgy(rng, b'alice@example.org'), b'SIZE=' + edgy(rng, b'300'))),
+                    (fuglu.SMFIC_MAIL, strings(b'<%s>' % edgy(rng, b'alice@example.org'),
+                                               b'SIZE=' + edgy(rng, b'300'))),
                     (fuglu.SMFIC_RCPT, strings(b'<%s>' % edgy(rng, b'bob@example.com'))),
                     (fuglu.SMFIC_RCPT, strings('<carol@example.net>', 'NOTIFY=NEVER')),
                     (fuglu.SMFIC_DATA, b'')]

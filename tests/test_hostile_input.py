@@ -246,7 +246,8 @@ def test_milter_bad_recipient_is_refused_at_rcpt_when_the_mta_waits(start_fuglu,
 
 @pytest.mark.parametrize('command, argument, expected', [
     (fuglu.SMFIC_MAIL, '<a\rb@example.org>', '550 5.1.7 Bad sender address syntax'),
-    (fuglu.SMFIC_MAIL, '<a@example.org>\0NOTIFY=\r', '550 5.5.4 Syntax error in MAIL: control character in NOTIFY value'),
+    (fuglu.SMFIC_MAIL, '<a@example.org>\0NOTIFY=\r',
+     '550 5.5.4 Syntax error in MAIL: control character in NOTIFY value'),
     (fuglu.SMFIC_RCPT, '<a\nb@example.org>', '550 5.1.3 Bad recipient address syntax'),
     (fuglu.SMFIC_HELO, 'a\rb', '550 5.5.4 Syntax error in HELO: control character'),
 ])
