@@ -46,6 +46,10 @@ Principles
   message; downstream down, scanner trouble, timeouts and crashes become 4xx replies.
 * Errors are values at protocol boundaries: a connector turns every failure into the
   right reply plus a log line carrying the message id. Inside, exceptions carry meaning.
+* Everything a peer controls is bounded: line and message sizes, every wait on a client
+  or a downstream, a session's total time, connections per client address, the time
+  rule regexes get. A bound that is hit is a protocol reply or a problem for the plugin
+  (its problemaction), never a silent pass (README, Limits).
 * Heavy modules (``email``, ``html.parser``, archive modules) are imported when first
   needed, so start-up stays fast and small.
 """
@@ -3043,8 +3047,10 @@ class Connector(object):
 
     Contract: the daemon creates one connector per incomingport entry and calls
     ``handle(sock, peer)`` in a worker for every accepted connection. ``handle`` runs
-    the whole connection, closes the socket and never raises.
-    Class attributes to override: ``protocol`` (the incomingport name).
+    the whole connection, closes the socket and never raises. A connection over
+    max_sessions_per_client gets ``refuse_busy(sock)`` in the accept thread instead.
+    Class attributes to override: ``protocol`` (the incomingport name), ``busy_reply``
+    (bytes sent by refuse_busy).
     Instance attributes: controller, address, port, logger
     (``fuglu.incoming.<port>``).
     """
