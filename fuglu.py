@@ -1177,7 +1177,9 @@ def search_within(regex, text, deadline):
     os.close(write_end)
     answer = b''
     try:
-        if select.select([read_end], [], [], max(deadline - time.monotonic(), 0))[0]:
+        poller = select.poll()   # not select(): descriptors may be above FD_SETSIZE
+        poller.register(read_end, select.POLLIN)
+        if poller.poll(max(deadline - time.monotonic(), 0) * 1000):
             answer = os.read(read_end, 1)
     finally:
         os.close(read_end)
