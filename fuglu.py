@@ -2042,7 +2042,12 @@ def read_until_eof(sock, limit=None, drain=False, deadline=None, idle=None):
     clock = ReadDeadline(sock, deadline, idle)
     while True:
         clock.check()
-        chunk = sock.recv(READ_SIZE)
+        try:
+            chunk = sock.recv(READ_SIZE)
+        except OSError as error:
+            if is_timeout(error):
+                clock.check(grace=1.5)   # a timeout cut to the deadline: DeadlineExpired
+            raise
         if not chunk:
             break
         total += len(chunk)

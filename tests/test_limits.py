@@ -340,3 +340,16 @@ def test_a_rule_out_of_time_defers_the_message(sink, make_fuglu, clients, tmp_pa
     assert 'the message is a problem, not a non-match' in strict_log.text()
     assert send_message(client, b'Subject: short\r\n\r\nforbidden-word\r\n').startswith(b'550 5.7.1 blocked')
     assert send_message(client, b'Subject: short\r\n\r\nfine\r\n').startswith(b'250')
+
+
+def test_a_silent_netcat_client_gets_defer_at_max_session_time(make_fuglu):
+    instance = make_fuglu(1, protocol='netcat', extra_main='max_session_time=2')
+    with socket.create_connection(('127.0.0.1', instance.port), timeout=10) as sock:
+        sock.sendall(b'Subject: half a message\r\n')
+        said = b''
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            said += chunk
+    assert said == fuglu.NETCAT_BANNER + b'DEFER:timeout exceeded (session time limit)'
