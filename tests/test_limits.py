@@ -353,3 +353,9 @@ def test_a_silent_netcat_client_gets_defer_at_max_session_time(make_fuglu):
                 break
             said += chunk
     assert said == fuglu.NETCAT_BANNER + b'DEFER:timeout exceeded (session time limit)'
+
+
+def test_a_silent_smtp_client_gets_421_at_max_session_time(sink, make_fuglu, clients):
+    instance = make_fuglu(sink.port, extra_main='max_session_time=2')
+    client = clients(instance.port)
+    assert client.reply() == b'421 4.4.2 Error: timeout exceeded (session time limit)\r\n'
