@@ -296,14 +296,8 @@ def test_over_the_cap_netcat_gets_defer_and_milter_is_closed(make_fuglu):
                 assert holder.recv(len(fuglu.NETCAT_BANNER)) == fuglu.NETCAT_BANNER
             else:
                 assert wait_for(lambda: instance.controller.client_sessions.open.get('127.0.0.1') == 1)
-            second = socket.create_connection(('127.0.0.1', instance.port), timeout=10)
-            with second:
-                said = b''
-                while True:
-                    chunk = second.recv(65536)
-                    if not chunk:
-                        break
-                    said += chunk
+            with socket.create_connection(('127.0.0.1', instance.port), timeout=10) as second:
+                said = fuglu.read_until_eof(second)[0]
             assert said.startswith(expected), said
         finally:
             holder.close()
@@ -346,12 +340,7 @@ def test_a_silent_netcat_client_gets_defer_at_max_session_time(make_fuglu):
     instance = make_fuglu(1, protocol='netcat', extra_main='max_session_time=2')
     with socket.create_connection(('127.0.0.1', instance.port), timeout=10) as sock:
         sock.sendall(b'Subject: half a message\r\n')
-        said = b''
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            said += chunk
+        said = fuglu.read_until_eof(sock)[0]
     assert said == fuglu.NETCAT_BANNER + b'DEFER:timeout exceeded (session time limit)'
 
 
