@@ -61,12 +61,17 @@ Principles
   message; downstream down, scanner trouble, timeouts and crashes become 4xx replies.
 * Errors are values at protocol boundaries: a connector turns every failure into the
   right reply plus a log line carrying the message id. Inside, exceptions carry meaning.
+* Everything a peer controls is bounded: line and message sizes, every wait on a client
+  or a downstream, a session's total time, connections per client address, the time
+  rule regexes get. A bound that is hit is a protocol reply or a problem for the plugin
+  (its problemaction), never a silent pass (README, Limits).
 * Heavy modules (``email``, archive modules) are imported when first
   needed, so start-up stays fast and small.
 """
 
 import collections
 import configparser
+import contextlib
 import fnmatch
 import importlib
 import ipaddress
@@ -900,8 +905,14 @@ CORE_DEFAULTS = {
         'netcat_max_message_size': _opt('', 'largest message the netcat connector accepts, in bytes; '
                                             'empty: smtp_max_message_size; 0 = no limit',
                                         validator=lambda value: not value.strip() or _is_int(value)),
-        'smtptimeout': _opt('300', 'seconds to wait for the next command or data from a client or downstream',
-                            validator=_is_int),
+        'smtptimeout': _opt(
+            '300', 'seconds to wait for the next command, data or milter packet from a client',
+            validator=_is_int),
+        'max_session_time': _opt(
+            '1200', 'seconds one client connection may last in all, whatever it sends (a client '
+                    'trickling bytes keeps each read alive, not the session); then smtp/esmtp '
+                    'answer 421 4.4.2, netcat DEFER, milter closes; 0 = no limit',
+            validator=_is_int),
         'trusted_xforward_peers': _opt('', 'IPs/networks allowed to send client information (XFORWARD, '
                                            'milter connect data, netcat envelope). Empty: every peer is trusted',
                                        validator=_is_networks),
@@ -910,6 +921,19 @@ CORE_DEFAULTS = {
         'outgoingport': _opt('10026', 're-injection target port', validator=_is_port),
         'outgoinghelo': _opt('', 'EHLO name used when re-injecting; empty: this host\'s FQDN'),
         'outgoingretry': _opt('1', 'extra attempts when the downstream connection fails', validator=_is_int),
+        'downstream_connect_timeout': _opt(
+            '10', 'seconds to wait for the TCP connection to the downstream (re-injection, '
+                  'bounces, the esmtp after-filter server); Postfix: smtp_connect_timeout 30s',
+            validator=_is_int),
+        'downstream_reply_timeout': _opt(
+            '30', 'seconds to wait for the downstream\'s greeting and each reply (smtp connector '
+                  'and bounces); connect, greeting, EHLO, XFORWARD and MAIL together stay well '
+                  'inside Postfix\'s smtp_mail_timeout (300s); too late: 451 4.4.2',
+            validator=_is_int),
+        'downstream_data_timeout': _opt(
+            '120', 'seconds to wait for the downstream\'s reply after the message data; Postfix '
+                   'waits smtp_data_done_timeout (600s) for fuglu\'s, scanning included; too late: '
+                   '451 4.4.2', validator=_is_int),
         'bouncehost': _opt('', 'where bounces are sent; empty: outgoinghost'),
         'bounceport': _opt('', 'port for bounces; empty: outgoingport',
                            validator=lambda value: _is_port(value, allow_empty=True)),
@@ -975,6 +999,13 @@ CORE_DEFAULTS = {
         'backend': _opt('thread', 'worker backend: thread'),
         'minthreads': _opt('2', 'thread backend: workers kept running', validator=_is_int),
         'maxthreads': _opt('40', 'thread backend: most workers (connections handled at once)', validator=_is_int),
+        'max_sessions_per_client': _opt(
+            '', 'connections one client address may have open at once, any connector, queued '
+                'ones included; more are refused at once (smtp/esmtp 421 4.7.0, netcat DEFER, '
+                'milter: closed) and logged. Postfix feeding fuglu is one client: keep it above '
+                'the process limit of the transport or smtpd that connects. Empty: half of '
+                'maxthreads; 0 = no limit',
+            validator=lambda value: not value.strip() or _is_int(value)),
         'minfreethreads': _opt('0', 'thread backend: idle workers kept ready', validator=_is_int),
         'initialprocs': _opt('0', 'process backend: worker processes (0: 2 x CPUs); no effect with '
                                   'the thread backend',
@@ -1537,6 +1568,9 @@ class SimpleTimeoutMixin(object):
         return 0
 
 
+RECEIVED_HEADER_MAX_CHARS = 8192   # of a Received header read for the client's identity
+
+
 class Suspect(SimpleTimeoutMixin):
     """One message with its envelope, as the plugins see it (FuGlu's Suspect).
 
@@ -1891,6 +1925,8 @@ class Suspect(SimpleTimeoutMixin):
         if isinstance(header, Header):
             header = str(header)
         text = force_uString(header) or ''
+        if '=?' not in text:   # no encoded word: unfolding is all there is to do
+            return re.sub(r'\r?\n(?=[ \t])', '', text)
         try:
             from email.parser import HeaderParser
             from email.policy import SMTP
@@ -2187,7 +2223,9 @@ class Suspect(SimpleTimeoutMixin):
         headers whose from and by hosts share a domain) compares the last two labels."""
         ignore = re.compile(ignoreregex) if ignoreregex else None
         ignoreline = re.compile(ignorelineregex) if ignorelineregex else None
-        headers = [self.decode_msg_header(header, logid=self.id)
+        # a Received header's client part is its first few hundred characters; a longer
+        # value is cut before decoding (the email package's parser is slow on huge ones)
+        headers = [self.decode_msg_header(header[:RECEIVED_HEADER_MAX_CHARS], logid=self.id)
                    for header in self.get_all_headers('Received')]
         for line in headers[skip:]:
             parsed = self._parse_rcvd_header(line)
@@ -3238,6 +3276,68 @@ register_sql_extension()
 # SuspectFilter: FuGlu rule files
 ###############################################################################
 
+class LimitExceeded(Exception):
+    """A bound on the work done for sender-controlled input was hit. The message is a
+    problem: a scanner that raises this gets its ``problemaction`` (default DEFER), it
+    is never taken as a clean result."""
+
+
+class RuleTimeLimitExceeded(LimitExceeded):
+    """A SuspectFilter rule's regex did not finish in SuspectFilter.MATCH_TIME_LIMIT."""
+
+
+def search_within(regex, text, deadline):
+    """regex.search(text) is not None, given up at the time.monotonic() ``deadline``
+    (RuleTimeLimitExceeded). Python's re cannot be interrupted and keeps the GIL, so a
+    long text is searched in a forked child that is killed when time is up; short
+    texts (SuspectFilter.INLINE_SIZE) are searched here, where even a quadratic
+    pattern costs milliseconds, and the deadline is checked between them."""
+    if time.monotonic() >= deadline:
+        raise RuleTimeLimitExceeded('no time left')
+    if len(text) <= SuspectFilter.INLINE_SIZE or not hasattr(os, 'fork'):
+        return regex.search(text) is not None
+    # 3.12+ warns about fork() in a threaded process; the child only runs the regex
+    # (an identical filter replaces the earlier one: this does not pile up)
+    import warnings
+    warnings.filterwarnings('ignore', message=r'.*use of fork\(\) may lead to deadlocks',
+                            category=DeprecationWarning)
+    import select
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: search, answer one byte, leave without any cleanup
+        try:
+            # hold no client or listening socket open while searching (a closed
+            # connection would otherwise only end when the child does)
+            try:
+                descriptors = [int(name) for name in os.listdir('/proc/self/fd')]
+            except OSError:
+                descriptors = []
+            for descriptor in descriptors:
+                if descriptor > 2 and descriptor != write_end:
+                    try:
+                        os.close(descriptor)
+                    except OSError:
+                        pass
+            os.write(write_end, b'1' if regex.search(text) is not None else b'0')
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    answer = b''
+    try:
+        poller = select.poll()   # not select(): descriptors may be above FD_SETSIZE
+        poller.register(read_end, select.POLLIN)
+        if poller.poll(max(deadline - time.monotonic(), 0) * 1000):
+            answer = os.read(read_end, 1)
+    finally:
+        os.close(read_end)
+        if not answer:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    if not answer:
+        raise RuleTimeLimitExceeded('the regex did not finish in time')
+    return answer == b'1'
+
+
 class FileList(object):
     """The lines of a text file as a list (FuGlu's FileList), re-read when the file
     changes (checked at most every ``minimum_time_between_reloads`` seconds). Each line
@@ -3387,10 +3487,16 @@ class SuspectFilterRule(object):
         self.num = float(num)
         self.cmp = '%s%s' % (cmp, num)
 
-    def test(self, value):
-        """The text of this match, or None."""
+    def test(self, value, deadline=None):
+        """The text of this match (the regex, or the comparison), or None. With a
+        ``deadline`` (time.monotonic()) the regex search is bounded in time
+        (RuleTimeLimitExceeded)."""
         if self.pattern is not None:
-            return self.pattern.pattern if self.pattern.search(value) else None
+            if deadline is None:
+                found = self.pattern.search(value) is not None
+            else:
+                found = search_within(self.pattern, value, deadline)
+            return self.pattern.pattern if found else None
         try:
             return self.cmp if self.op(float(value), self.num) else None
         except (TypeError, ValueError):
@@ -3410,7 +3516,17 @@ class SuspectFilter(FileList):
     extended gives SuspectFilterResult objects instead of args. get_field(suspect,
     name) -> the values of a field (headers, envelope, @tags, body...). lint() -> bool.
     The file is re-read when it changes (checked at most every 5 seconds).
+
+    Time bound: the rules' regexes get MATCH_TIME_LIMIT seconds together per call of
+    matches()/get_args(), whatever the fields hold (a rule like ``body .*word`` is
+    quadratic in the body's length). Values are never cut short, since a rule that
+    stops matching past a size can let a message through. When time is up the call
+    raises RuleTimeLimitExceeded (a LimitExceeded): logged with the rule, and a
+    scanner gets its problemaction. FuGlu 1.7.0 has no such bound.
     """
+
+    MATCH_TIME_LIMIT = 10     # seconds per matches()/get_args() call
+    INLINE_SIZE = 4096        # characters a value may have to be searched in-process
 
     def __init__(self, *args, **kwargs):
         self.logger = logging.getLogger('fuglu.suspectfilter')
@@ -3600,6 +3716,7 @@ class SuspectFilter(FileList):
         """SuspectFilterResult of each matching value (firsthit: only the first
         matching rule)."""
         found = []
+        deadline = time.monotonic() + self.MATCH_TIME_LIMIT
         for rule in self.get_list():
             try:
                 values = self.field_values(suspect, rule.fieldname, self)
@@ -3611,7 +3728,11 @@ class SuspectFilter(FileList):
                 if value is None:
                     continue
                 text = value if isinstance(value, str) else str(value)
-                matched = rule.test(text)
+                try:
+                    matched = rule.test(text, deadline)
+                except RuleTimeLimitExceeded as error:
+                    self.log_time_limit(suspect, rule, text, error)
+                    raise
                 if matched is None:
                     continue
                 suspect.debug('rule %s line %d matched %r (%s)' % (self.filename, rule.lineno,
@@ -3620,6 +3741,12 @@ class SuspectFilter(FileList):
                 if firsthit:
                     return found
         return found
+
+    def log_time_limit(self, suspect, rule, value, error):
+        self.logger.error('%s: %s line %d (%s): no answer within %ss on a %d character %s value '
+                          '(%s); the message is a problem, not a non-match', suspect.id,
+                          self.filename, rule.lineno, rule.text[:100], self.MATCH_TIME_LIMIT,
+                          len(value), rule.fieldname, error)
 
     def matches(self, suspect, extended=False, verbose=False):
         found = self._get_matches(suspect, verbose, firsthit=True)
@@ -4505,6 +4632,10 @@ class ScanSession(object):
                                                         % (plugin, error))
                 action, message = DEFER, 'per-recipient settings unavailable, try again later'
                 break
+            except LimitExceeded as error:   # a bound was hit: a problem, never a clean result
+                self._plugin_error(suspect, plugin, error)
+                result = (getattr(plugin, '_problemaction', lambda: DEFER)(),
+                          'message too complex to check (%s)' % error.__class__.__name__)
             except Exception as error:
                 self._plugin_error(suspect, plugin, error)
                 continue
@@ -4691,6 +4822,44 @@ def set_socket_timeout(sock, seconds):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
+class DeadlineExpired(ConnectionClosed):
+    """A read did not finish before its deadline (a session's max_session_time, or the
+    time allowed for one downstream reply)."""
+
+
+class ReadDeadline(object):
+    """Bounds the reads of one socket by an absolute time.monotonic() ``deadline`` on
+    top of the socket's own per-read timeout (``idle``, seconds; None: the deadline
+    alone). A peer trickling a byte now and then keeps each read alive, never the
+    whole. The kernel timeout is only touched when it must change by more than a
+    second, so reads cost no extra system calls until the deadline comes near."""
+
+    def __init__(self, sock, deadline=None, idle=None):
+        self.sock = sock
+        self.deadline = deadline
+        self.idle = idle
+        self.armed = idle   # the kernel timeout set on the socket now, if known
+
+    def check(self, grace=0):
+        """Before each read: DeadlineExpired when the time is up (or up within
+        ``grace`` seconds: after a kernel timeout, which may fire a little early), else
+        the socket timeout cut to what is left."""
+        if self.deadline is None:
+            return
+        left = self.deadline - time.monotonic()
+        if left <= grace:
+            raise DeadlineExpired('deadline')
+        wanted = min(self.idle, left) if self.idle else left
+        if self.armed is None or abs(wanted - self.armed) > 1:
+            set_socket_timeout(self.sock, wanted)
+            self.armed = wanted
+
+
+def is_timeout(error):
+    """A read or send that failed because a kernel or Python socket timeout fired."""
+    return isinstance(error, (socket.timeout, BlockingIOError))
+
+
 def connect_service(host, port, timeout, keepalive=False):
     """A socket to a scanner daemon, as FuGlu's host/port options describe it: ``port``
     is a TCP port number on ``host`` (which may be a $ENV marker) or else the path of a
@@ -4728,13 +4897,22 @@ def recv_until(connection, deadline, terminator=None, timeout_message='no comple
     return bytes(data)
 
 
-def read_until_eof(sock, limit=None, drain=False):
+def read_until_eof(sock, limit=None, drain=False, deadline=None, idle=None):
     """Bytes until the peer half-closes: (data, over_limit). Past ``limit`` bytes it
     stops and returns what came, or with ``drain`` reads on to EOF, dropping it all
-    (so a reply can still be sent), and returns (b'', True). Socket errors propagate."""
+    (so a reply can still be sent), and returns (b'', True). Socket errors propagate;
+    past the time.monotonic() ``deadline`` it raises DeadlineExpired (``idle``: the
+    socket's per-read timeout)."""
     chunks, total = [], 0
+    clock = ReadDeadline(sock, deadline, idle)
     while True:
-        chunk = sock.recv(READ_SIZE)
+        clock.check()
+        try:
+            chunk = sock.recv(READ_SIZE)
+        except OSError as error:
+            if is_timeout(error):
+                clock.check(grace=1.5)   # a timeout cut to the deadline: DeadlineExpired
+            raise
         if not chunk:
             break
         total += len(chunk)
@@ -4783,22 +4961,26 @@ class LineTooLong(Exception):
 
 class SocketReader(object):
     """Buffered reading from a socket: lines (CRLF or LF), and SMTP DATA up to
-    CRLF.CRLF with dot-unstuffing per line (RFC 5321 4.5.2)."""
+    CRLF.CRLF with dot-unstuffing per line (RFC 5321 4.5.2). ``clock`` (a
+    ReadDeadline) bounds the reads in time."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, deadline=None, idle=None):
         self.sock = sock
         self.buffer = bytearray()
+        self.clock = ReadDeadline(sock, deadline, idle)
 
     def has_line(self):
         return b'\n' in self.buffer
 
     def _fill(self, size=READ_SIZE):
+        self.clock.check()
         try:
             chunk = self.sock.recv(size)
-        except socket.timeout:
-            raise ConnectionClosed('timeout')
         except OSError as error:
-            raise ConnectionClosed(str(error))
+            if not is_timeout(error):
+                raise ConnectionClosed(str(error))
+            self.clock.check(grace=1.5)   # a timeout cut to the deadline: DeadlineExpired
+            raise ConnectionClosed('timeout')
         if not chunk:
             raise ConnectionClosed('EOF')
         self.buffer += chunk
@@ -4911,14 +5093,18 @@ class SMTPError(Exception):
         self.connection_problem = temporary_connection_problem
 
 
+MAX_REPLY_LINES = 1000
+
+
 def read_reply(reader):
-    """(code, [text lines]) of one possibly multi-line SMTP reply."""
+    """(code, [text lines]) of one possibly multi-line SMTP reply. Control characters
+    in the text become spaces (it may be passed on to fuglu's own client)."""
     lines = []
     while True:
         line = reader.readline(65536).rstrip(b'\r\n')
-        if len(line) < 3 or not line[:3].isdigit():
+        if len(line) < 3 or not line[:3].isdigit() or len(lines) >= MAX_REPLY_LINES:
             raise SMTPError(451, '4.3.0 unparsable reply from downstream: %r' % line[:80], True)
-        lines.append(line[4:].decode('utf-8', 'replace'))
+        lines.append(CONTROL_CHARACTER_RE.sub(' ', line[4:].decode('utf-8', 'replace')))
         if len(line) == 3 or line[3:4] != b'-':
             return int(line[:3]), lines
 
@@ -4926,30 +5112,54 @@ def read_reply(reader):
 class SMTPClient(object):
     """One SMTP connection to a downstream server: re-injection, the esmtp proxy and
     bounces use it. Every failure is raised as SMTPError with the reply fuglu should
-    pass on (connection trouble -> 451)."""
+    pass on (connection trouble -> 451).
 
-    def __init__(self, host, port, helo, timeout=300, retries=0):
+    Time limits (seconds): ``connect_timeout`` for the TCP connection, ``timeout`` for
+    the greeting and each reply (and each send), ``data_timeout`` for the reply after
+    the message data. ``deadline`` (time.monotonic(), set by the caller for a task
+    such as one delivery) cuts all of them short. A reply that does not come in time
+    is a 451 connection problem."""
+
+    def __init__(self, host, port, helo, timeout=300, retries=0, connect_timeout=None,
+                 data_timeout=None):
         self.host, self.port, self.helo = host, int(port), helo
         self.timeout = timeout
+        self.connect_timeout = connect_timeout or timeout
+        self.data_timeout = data_timeout or timeout
+        self.deadline = None
         self.retries = retries
         self.sock = None
         self.reader = None
         self.extensions = {}   # EHLO keyword (upper) -> parameter string
+
+    @classmethod
+    def from_config(cls, config, host, port, helo, retries=0):
+        """A client with the [main] downstream_* time limits."""
+        return cls(host, port, helo, retries=retries,
+                   timeout=config.getint('main', 'downstream_reply_timeout'),
+                   connect_timeout=config.getint('main', 'downstream_connect_timeout'),
+                   data_timeout=config.getint('main', 'downstream_data_timeout'))
 
     def connect(self):
         last_error = None
         for attempt in range(max(self.retries, 0) + 1):
             if attempt:
                 time.sleep(0.1)
+            connect_timeout = self.connect_timeout
+            if self.deadline is not None:
+                connect_timeout = min(connect_timeout, self.deadline - time.monotonic())
+                if connect_timeout <= 0:
+                    last_error = 'timeout'
+                    break
             try:
-                self.sock = connect_tcp(self.host, self.port, self.timeout)
+                self.sock = connect_tcp(self.host, self.port, connect_timeout)
                 break
             except OSError as error:
-                last_error = error
-        else:
+                last_error = 'timeout' if is_timeout(error) else error
+        if self.sock is None:
             raise SMTPError(451, '4.4.1 downstream %s:%s unavailable: %s' % (self.host, self.port, last_error),
                             True)
-        self.reader = SocketReader(self.sock)
+        self.reader = SocketReader(self.sock, idle=connect_timeout)
         self.outgoing = []
         code, lines = self._reply()
         if code != 220:
@@ -4969,11 +5179,21 @@ class SMTPClient(object):
             self._send(data)
         return self._reply()
 
-    def _reply(self):
+    def _reply(self, timeout=None):
         if self.sock is None:
             raise SMTPError(451, '4.4.2 downstream %s:%s connection lost' % (self.host, self.port), True)
+        timeout = timeout or self.timeout
+        clock = self.reader.clock
+        clock.idle = timeout
+        clock.deadline = time.monotonic() + timeout
+        if self.deadline is not None:
+            clock.deadline = min(clock.deadline, self.deadline)
         try:
             return read_reply(self.reader)
+        except DeadlineExpired:
+            self.close()
+            raise SMTPError(451, '4.4.2 downstream %s:%s did not answer in time'
+                            % (self.host, self.port), True)
         except ConnectionClosed as error:
             self.close()
             raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s' % (self.host, self.port, error),
@@ -5016,7 +5236,8 @@ class SMTPClient(object):
         self.extensions = {}
         for line in lines[1:]:
             keyword, _, params = line.partition(' ')
-            self.extensions[keyword.upper()] = params
+            if ESMTP_KEYWORD_RE.match(keyword):   # 'CHUNK\u0131NG'.upper() is not CHUNKING
+                self.extensions[keyword.upper()] = params
         return code, lines
 
     def xforward(self, attributes):
@@ -5027,7 +5248,8 @@ class SMTPClient(object):
                 raise SMTPError(code, ' '.join(text))
 
     def xforward_lines(self, attributes):
-        offered = set(self.extensions.get('XFORWARD', '').upper().split())
+        offered = {name.upper() for name in self.extensions.get('XFORWARD', '').split()
+                   if name.isascii()}
         items = ['%s=%s' % (name, value) for name, value in attributes.items() if name in offered]
         line = 'XFORWARD'
         lines = []
@@ -5048,20 +5270,23 @@ class SMTPClient(object):
         if chunking and 'CHUNKING' in self.extensions:
             size = sum(len(part) for part in parts)
             self._send_parts([('BDAT %d LAST\r\n' % size).encode('ascii')] + parts)
-            code, lines = self._reply()
+            code, lines = self._reply(self.data_timeout)
             return code, ' '.join(lines)
         code, lines = self.command('DATA')
         if code != 354:
             return code, ' '.join(lines)
         self._send_parts(dot_stuff_parts(message if isinstance(message, list) else [message]))
-        code, lines = self._reply()
+        code, lines = self._reply(self.data_timeout)
         return code, ' '.join(lines)
 
     def _send_parts(self, parts):
-        """sendall for a list of buffers, gathered by sendmsg (no joining copy)."""
-        views = [memoryview(part) for part in parts]
+        """sendall for a list of buffers, gathered by sendmsg (no joining copy). Empty
+        parts are left out: sendmsg() of nothing but them sends 0 bytes for ever."""
+        views = [memoryview(part) for part in parts if len(part)]
         try:
             while views:
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    raise socket.timeout('deadline')
                 sent = self.sock.sendmsg(views[:64])
                 while sent:
                     if sent >= len(views[0]):
@@ -5219,7 +5444,7 @@ def send_bounce(config, suspect, recipient, message_bytes, sender=''):
     except OSError:
         pass
     host, port = outgoing_target(config, bounce=True)
-    client = SMTPClient(host, port, outgoing_helo(config), timeout=config.getint('main', 'smtptimeout'))
+    client = SMTPClient.from_config(config, host, port, outgoing_helo(config))
     client.connect()
     try:
         client.ehlo()
@@ -5384,30 +5609,108 @@ class Addrcheck(object):
         return address_is_valid(address, self.name, self.maxsize)
 
 
-MAIL_PATH_RE = re.compile(r'^\s*<([^<>]*)>\s*(.*)$')
+MAIL_PATH_RE = re.compile(r'^[ \t]*<([^<>]*)>[ \t]*(.*)$')
+
+# Client text is matched with ASCII-only patterns: str.isdigit(), isalpha() and upper()
+# know Unicode ('\u00b2'.isdigit() is True, int() of it fails; '\u0131'.upper() == 'I',
+# so 'MA\u0131L' would pass for MAIL).
+SMTP_VERB_RE = re.compile(r'[A-Za-z]{1,16}\Z')
+ESMTP_KEYWORD_RE = re.compile(r'[A-Za-z0-9][A-Za-z0-9-]{0,63}\Z')   # RFC 5321 4.1.2
+ASCII_NUMBER_RE = re.compile(r'[0-9]+\Z')
+# C0 controls and DEL: bare CR, LF, NUL, TAB... never belong in an address, a parameter
+# or an attribute value (RFC 5321 2.3.8: CR and LF only as the CRLF line end)
+CONTROL_CHARACTER_RE = re.compile(r'[\x00-\x1f\x7f]')
+BODY_TYPES = ('7BIT', '8BITMIME', 'BINARYMIME')   # RFC 6152, RFC 3030
+
+
+def ascii_number(text, max_digits=20):
+    """Non-negative integer from ASCII digits, else None; more than ``max_digits``
+    digits (RFC 1870's SIZE limit) give float('inf') rather than a huge int()."""
+    if not ASCII_NUMBER_RE.match(text):
+        return None
+    if len(text.lstrip('0')) > max_digits:
+        return float('inf')
+    return int(text)
+
+
+def ascii_words(text):
+    """Split at spaces and tabs only (str.split() also splits at Unicode spaces)."""
+    return [word for word in re.split(r'[ \t]+', text) if word]
+
+
+class EnvelopeSyntaxError(ValueError):
+    """Bad MAIL/RCPT syntax; ``part`` is 'address', 'parameter' or 'syntax', so the
+    reply can carry the right enhanced status code."""
+
+    def __init__(self, message, part='syntax'):
+        super().__init__(message)
+        self.part = part
+
+
+def envelope_address_problem(address):
+    """Why an envelope address (without its brackets) cannot be used, or None. Any
+    connector checks the addresses it receives with this before they are stored,
+    forwarded or written into a header."""
+    if CONTROL_CHARACTER_RE.search(address):
+        return 'control character in address'
+    if '<' in address or '>' in address:
+        return 'angle bracket inside address'
+    return None
+
+
+def esmtp_parameter_problem(parameter):
+    """Why a MAIL/RCPT parameter ('KEYWORD' or 'KEYWORD=value') is malformed, or None.
+    Values may be UTF-8 (RFC 6531) but carry no control characters."""
+    keyword, sep, value = parameter.partition('=')
+    if not ESMTP_KEYWORD_RE.match(keyword):
+        return 'bad parameter keyword'
+    if sep and not value:
+        return 'empty %s value' % keyword.upper()
+    if CONTROL_CHARACTER_RE.search(value):
+        return 'control character in %s value' % keyword.upper()
+    return None
 
 
 def parse_path_argument(argument, keyword):
-    """'FROM:<a@b> SIZE=1' -> ('a@b', ['SIZE=1']); ValueError on bad syntax."""
+    """'FROM:<a@b> SIZE=1' -> ('a@b', ['SIZE=1']); EnvelopeSyntaxError on bad syntax,
+    a bad address or a malformed parameter."""
     head, sep, rest = argument.partition(':')
-    if not sep or head.strip().upper() != keyword:
-        raise ValueError('syntax: %s:<address>' % keyword)
+    if not sep or not head.strip(' \t').isascii() or head.strip(' \t').upper() != keyword:
+        raise EnvelopeSyntaxError('syntax: %s:<address>' % keyword)
     match = MAIL_PATH_RE.match(rest)
     if match:
-        address, params = match.group(1), match.group(2)
+        address, params = match.group(1), ascii_words(match.group(2))
     else:
         # be liberal with clients that forget the brackets
-        parts = rest.strip().split()
+        parts = ascii_words(rest)
         if not parts:
-            raise ValueError('missing address')
-        address, params = parts[0], ' '.join(parts[1:])
+            raise EnvelopeSyntaxError('missing address')
+        address, params = parts[0], parts[1:]
     if ':' in address and address.startswith('@'):
         address = address.split(':', 1)[1]   # source route (RFC 5321 C.)
-    return address.strip(), params.split()
+    address = address.strip(' \t')
+    problem = envelope_address_problem(address)
+    if problem:
+        raise EnvelopeSyntaxError(problem, 'address')
+    for param in params:
+        problem = esmtp_parameter_problem(param)
+        if problem:
+            raise EnvelopeSyntaxError(problem, 'parameter')
+    return address, params
 
 
 def xtext_decode(value):
-    return re.sub(r'\+([0-9A-Fa-f]{2})', lambda m: chr(int(m.group(1), 16)), value)
+    """RFC 3461 xtext: '+' and two hex digits stand for one byte; the bytes are UTF-8."""
+    raw = value.encode('utf-8', 'surrogateescape')
+    raw = re.sub(rb'\+([0-9A-Fa-f]{2})', lambda match: bytes([int(match.group(1), 16)]), raw)
+    return raw.decode('utf-8', 'surrogateescape')
+
+
+def session_deadline(config):
+    """The time.monotonic() by which a client session starting now must be over
+    ([main] max_session_time), or None."""
+    seconds = config.getint('main', 'max_session_time')
+    return time.monotonic() + seconds if seconds > 0 else None
 
 
 class SMTPServerSession(object):
@@ -5424,6 +5727,7 @@ class SMTPServerSession(object):
     """
 
     MAX_ERRORS = 20
+    ENVELOPE_VERBS = ('MAIL', 'RCPT')   # their parsers refuse control characters with 5.1.x codes
     UNIMPLEMENTED = ('EXPN', 'TURN', 'ETRN', 'STARTTLS', 'AUTH', 'BDAT', 'HELP', 'SEND', 'SOML', 'SAML')
 
     def __init__(self, connector, sock, peer):
@@ -5433,7 +5737,8 @@ class SMTPServerSession(object):
         self.logger = connector.logger
         self.sock = sock
         self.peer = peer
-        self.reader = SocketReader(sock)
+        self.reader = SocketReader(sock, session_deadline(self.config),
+                                   self.config.getint('main', 'smtptimeout'))
         self.pending = []
         self.closing = False
         self.errors = 0
@@ -5497,6 +5802,15 @@ class SMTPServerSession(object):
                     return
                 self.dispatch(line)
             self.flush()
+        except DeadlineExpired:
+            # a reply due to the client was sent before its next read; only waiting ends
+            self.logger.warning('%s: session longer than max_session_time (%ss), closing',
+                                self.peer_label(), self.config.get('main', 'max_session_time'))
+            self.reply(421, '4.4.2 Error: timeout exceeded (session time limit)')
+            try:
+                self.flush()
+            except ConnectionClosed:
+                pass
         except ConnectionClosed as why:
             self.logger.debug('%s: connection closed: %s', self.peer_label(), why)
         finally:
@@ -5509,10 +5823,13 @@ class SMTPServerSession(object):
             return self.error(500, '5.5.2 Error: NUL character in command')
         command = text.decode('utf-8', 'surrogateescape')
         verb, _, argument = command.partition(' ')
-        verb = verb.upper()
-        handler = getattr(self, 'smtp_' + verb, None) if verb.isalpha() else None
+        verb = verb.upper() if SMTP_VERB_RE.match(verb) else ''   # ASCII verbs only
+        handler = getattr(self, 'smtp_' + verb, None) if verb else None
         if handler is not None:
-            return handler(argument.strip())
+            if verb not in self.ENVELOPE_VERBS and \
+                    CONTROL_CHARACTER_RE.search(argument.replace('\t', ' ')):
+                return self.error(501, '5.5.2 Syntax error: control character in %s' % verb)
+            return handler(argument.strip(' \t'))
         if verb in self.UNIMPLEMENTED:
             return self.error(502, '5.5.1 Error: command not implemented')
         self.logger.info('%s: unknown command %r', self.peer_label(), command[:60])
@@ -5586,13 +5903,17 @@ class SMTPServerSession(object):
         if self.in_transaction:
             return self.error(503, '5.5.1 Error: MAIL transaction in progress')
         attributes = {}
-        for item in argument.split():
+        for item in ascii_words(argument):
             name, sep, value = item.partition('=')
-            name = name.upper()
+            name = name.upper() if name.isascii() else ''
             if not sep or name not in ('NAME', 'ADDR', 'PROTO', 'HELO', 'SOURCE', 'PORT', 'IDENT'):
                 return self.error(501, '5.5.4 Syntax: XFORWARD attribute=value...')
-            if len(xtext_decode(value)) > 255:
+            decoded = xtext_decode(value)
+            if len(decoded) > 255:
                 return self.error(501, '5.5.4 Error: %s value too long' % name)
+            if not value or CONTROL_CHARACTER_RE.search(decoded):
+                # the raw value goes downstream, the decoded one into client information
+                return self.error(501, '5.5.4 Error: bad %s value' % name)
             attributes[name] = value
         if not attributes:
             return self.error(501, '5.5.4 Syntax: XFORWARD attribute=value...')
@@ -5613,25 +5934,41 @@ class SMTPServerSession(object):
             return self.error(503, '5.5.1 Error: nested MAIL command')
         try:
             address, params = parse_path_argument(argument, 'FROM')
-        except ValueError as error:
-            return self.error(501, '5.5.4 Syntax error in MAIL: %s' % error)
+        except EnvelopeSyntaxError as error:
+            return self.envelope_error('MAIL', '5.1.7 Bad sender address syntax', error)
         for param in params:
             name, _, value = param.partition('=')
-            if name.upper() == 'SIZE':
-                if not value.isdigit():
-                    return self.error(501, '5.5.4 Bad SIZE parameter')
-                if self.max_size and int(value) > self.max_size:
-                    return self.error(552, '5.3.4 Message size %s exceeds fixed maximum message size %d '
-                                          '(configured limit smtp_max_message_size)' % (value, self.max_size))
+            name = name.upper()
+            if name == 'SIZE':
+                size = ascii_number(value)
+                if size is None:
+                    return self.envelope_error('MAIL', None,
+                                               EnvelopeSyntaxError('Bad SIZE parameter'))
+                if self.max_size and size > self.max_size:
+                    self.logger.info('%s: MAIL SIZE=%s over smtp_max_message_size refused',
+                                     self.peer_label(), value[:30])
+                    return self.error(552, '5.3.4 Message size exceeds fixed maximum message '
+                                           'size %d (configured limit smtp_max_message_size)'
+                                      % self.max_size)
+            elif name == 'BODY' and value.upper() not in BODY_TYPES:
+                return self.envelope_error('MAIL', None, EnvelopeSyntaxError('Bad BODY parameter'))
         return address, params
+
+    def envelope_error(self, verb, address_reply, error):
+        """501 for a MAIL/RCPT that cannot be parsed: ``address_reply`` when the address
+        is bad, 5.5.4 for syntax and parameters."""
+        self.logger.info('%s: %s refused: %s', self.peer_label(), verb, error)
+        if address_reply and getattr(error, 'part', None) == 'address':
+            return self.error(501, address_reply)
+        return self.error(501, '5.5.4 Syntax error in %s: %s' % (verb, error))
 
     def parse_rcpt(self, argument):
         if not self.in_transaction:
             return self.error(503, '5.5.1 Error: need MAIL command')
         try:
             address, params = parse_path_argument(argument, 'TO')
-        except ValueError as error:
-            return self.error(501, '5.5.4 Syntax error in RCPT: %s' % error)
+        except EnvelopeSyntaxError as error:
+            return self.envelope_error('RCPT', '5.1.3 Bad recipient address syntax', error)
         if not address:
             return self.error(501, '5.1.3 Bad recipient address syntax')
         return address, params
@@ -5670,7 +6007,8 @@ class SMTPServerSession(object):
         return helo, addr, name
 
     def smtp_options(self):
-        return {p.upper() for p in self.mail_params if p.upper() in ('SMTPUTF8', 'BODY=8BITMIME')}
+        return {p.upper() for p in self.mail_params
+                if p.isascii() and p.upper() in ('SMTPUTF8', 'BODY=8BITMIME')}
 
     def build_suspect(self, data):
         """A Suspect from the finished transaction, or None (reply queued) when the
@@ -5706,13 +6044,17 @@ class Connector(object):
 
     Contract: the daemon creates one connector per incomingport entry and calls
     ``handle(sock, peer)`` in a worker for every accepted connection. ``handle`` runs
-    the whole connection, closes the socket and never raises.
-    Class attributes to override: ``protocol`` (the incomingport name).
+    the whole connection, closes the socket and never raises. A connection over
+    max_sessions_per_client gets ``refuse_busy(sock)`` in the accept thread instead.
+    Class attributes to override: ``protocol`` (the incomingport name), ``busy_reply``
+    (bytes sent by refuse_busy).
     Instance attributes: controller, address, port, logger
     (``fuglu.incoming.<port>``).
     """
 
     protocol = None
+    # what a client over max_sessions_per_client gets before the connection is closed
+    busy_reply = b'421 4.7.0 Error: too many connections from your address, try again later\r\n'
 
     def __init__(self, controller, address, port):
         self.controller = controller
@@ -5743,6 +6085,18 @@ class Connector(object):
 
     def serve(self, sock, peer):
         raise NotImplementedError
+
+    def refuse_busy(self, sock):
+        """Turn away a connection at once (called in the accept thread): send
+        ``busy_reply`` without waiting for the client, close."""
+        try:
+            set_socket_timeout(sock, 1)
+            if self.busy_reply:
+                sock.sendall(self.busy_reply)
+        except OSError:
+            pass
+        finally:
+            sock.close()
 
 
 class AfterQueueSession(SMTPServerSession):
@@ -5797,8 +6151,8 @@ class AfterQueueSession(SMTPServerSession):
         if pooled is not None:
             self.downstream = pooled
             return pooled
-        client = SMTPClient(host, port, outgoing_helo(config), timeout=config.getint('main', 'smtptimeout'),
-                            retries=config.getint('main', 'outgoingretry'))
+        client = SMTPClient.from_config(config, host, port, outgoing_helo(config),
+                                        retries=config.getint('main', 'outgoingretry'))
         client.connect()
         client.ehlo()
         self.downstream = client
@@ -5974,9 +6328,10 @@ class AfterQueueSession(SMTPServerSession):
             return 250, one_line(apply_template(template, suspect, {'injectanswer': suspect.tags['injectanswer']})), True
         message = suspect.get_output_parts()
         try:
-            if suspect.from_address != self.sender or suspect.recipients != self.recipients:
-                self.redo_envelope(suspect, sum(len(part) for part in message))
-            code, text = self.downstream.data(message, chunking=self.reuse_downstream)
+            with self.downstream_deadline():
+                if suspect.from_address != self.sender or suspect.recipients != self.recipients:
+                    self.redo_envelope(suspect, sum(len(part) for part in message))
+                code, text = self.downstream.data(message, chunking=self.reuse_downstream)
         except SMTPError as error:
             self.logger.warning('%s: re-injection failed: %s', suspect.id, error)
             if self.downstream is not None:
@@ -5991,6 +6346,11 @@ class AfterQueueSession(SMTPServerSession):
         if code < 400:
             code = 451
         return code, one_line('%s (%s)' % (text, suspect.id) if suspect.id not in text else text), False
+
+    def downstream_deadline(self):
+        """A time limit for the whole delivery on top of the per-reply ones (none
+        here: Postfix's smtp_data_done_timeout is long; the esmtp proxy has one)."""
+        return contextlib.nullcontext(self.downstream)
 
     def redo_envelope(self, suspect, size):
         """A plugin changed sender or recipients: send the envelope again."""
@@ -6011,7 +6371,7 @@ class AfterQueueSession(SMTPServerSession):
 
 
 # an RFC 3463 enhanced status code, e.g. 5.7.1 (a whole word)
-ENHANCED_CODE_RE = re.compile(r'^([245])\.\d{1,3}\.\d{1,3}$')
+ENHANCED_CODE_RE = re.compile(r'^([245])\.[0-9]{1,3}\.[0-9]{1,3}$')
 
 
 def ensure_enhanced(text, enhanced):
@@ -6072,15 +6432,32 @@ class EsmtpSession(AfterQueueSession):
         client = self.downstream
         if client is None or not client.connected:
             host, port = outgoing_target(self.config, self.peer[0])
-            client = SMTPClient(host, port, name, timeout=self.config.getint('esmtpconnector', 'downstream_timeout'),
+            budget = self.config.getint('esmtpconnector', 'downstream_timeout')
+            connect_timeout = min(budget, self.config.getint('main', 'downstream_connect_timeout'))
+            client = SMTPClient(host, port, name, timeout=budget, connect_timeout=connect_timeout,
                                 retries=self.config.getint('main', 'outgoingretry'))
             self.downstream = client
-            client.connect()
-        client.helo = name
-        if verb == 'EHLO':
-            return client.ehlo()
-        client.extensions = {}
-        return client.command('HELO ' + name)
+        with self.downstream_deadline():   # connect, greeting and EHLO together
+            if not client.connected:
+                client.connect()
+            client.helo = name
+            if verb == 'EHLO':
+                return client.ehlo()
+            client.extensions = {}
+            return client.command('HELO ' + name)
+
+    @contextlib.contextmanager
+    def downstream_deadline(self):
+        """Everything the downstream does for one client command together within
+        downstream_timeout, so the client hears fuglu's 4xx before Postfix's
+        smtpd_proxy_timeout gives up."""
+        client = self.downstream
+        budget = self.config.getint('esmtpconnector', 'downstream_timeout')
+        client.deadline = time.monotonic() + budget
+        try:
+            yield client
+        finally:
+            client.deadline = None
 
     def open_downstream(self):
         """The greeted downstream; a connection lost since the client's greeting is
@@ -6113,9 +6490,8 @@ class EsmtpSession(AfterQueueSession):
                 continue
             if keyword == 'SIZE':
                 # announce the smaller of the two limits (0 or none = unlimited)
-                downstream_limit = offered['SIZE'].strip()
-                limits = [n for n in (int(downstream_limit) if downstream_limit.isdigit() else 0, self.max_size)
-                          if n > 0]
+                downstream_limit = ascii_number(offered['SIZE'].strip(), max_digits=18) or 0
+                limits = [n for n in (downstream_limit, self.max_size) if 0 < n < float('inf')]
                 items.append('SIZE %d' % min(limits) if limits else 'SIZE')
             else:
                 items.append(('%s %s' % (keyword, offered[keyword])).strip())
@@ -6226,6 +6602,12 @@ def split_envelope_block(data):
         if not sep or not name or re.search(r'[^\x21-\x7e]', name):
             raise EnvelopeBlockError('envelope block line %r is not "name: value"' % line[:60])
         value = value.strip().decode('utf-8', 'replace')
+        if CONTROL_CHARACTER_RE.search(value):
+            raise EnvelopeBlockError('control character in the value of %s' % name)
+        problem = envelope_address_problem(value.strip('<>').strip()) \
+            if name.upper() in ('X-ENV-SENDER', 'X-ENV-RECIPIENT') else None
+        if problem:
+            raise EnvelopeBlockError('%s %r: %s' % (name, value[:60], problem))
         if token is None:
             token = value
         elif name.upper() == NETCAT_BLOCK_END:
@@ -6250,6 +6632,7 @@ class NetcatConnector(Connector):
     ``REJECT:text``, ``DEFER:text``; ``DUNNO: healthcheck`` to a health probe."""
 
     protocol = 'netcat'
+    busy_reply = NETCAT_BANNER + b'DEFER:too many connections from your address, try again later'
 
     def size_limit(self):
         value = self.config.get('main', 'netcat_max_message_size').strip()
@@ -6260,7 +6643,11 @@ class NetcatConnector(Connector):
         sock.sendall(NETCAT_BANNER)
         limit = self.size_limit()
         try:
-            data, oversized = self.read_message(sock, limit)
+            data, oversized = self.read_message(sock, limit, session_deadline(self.config))
+        except DeadlineExpired:
+            self.logger.warning('%s: netcat client still sending after max_session_time (%ss), '
+                                'closing', label, self.config.get('main', 'max_session_time'))
+            return self.answer(sock, b'DEFER:timeout exceeded (session time limit)')
         except ConnectionClosed as why:
             self.logger.info('%s: netcat client left before sending a whole message: %s', label, why)
             return
@@ -6306,16 +6693,15 @@ class NetcatConnector(Connector):
             return self.answer(sock, b'REJECT:' + one_line(error).encode('utf-8', 'replace'))
         self.scan(sock, label, suspect, tags)
 
-    def read_message(self, sock, limit):
+    def read_message(self, sock, limit, deadline=None):
         """Everything up to the client's half-close: (bytes, False), or (b'', True)
         when over ``limit`` (the rest is read and dropped, so the reply is not lost
-        to a connection reset)."""
+        to a connection reset). DeadlineExpired after ``deadline``."""
         try:
-            return read_until_eof(sock, limit, drain=True)
-        except socket.timeout:
-            raise ConnectionClosed('timeout')
+            return read_until_eof(sock, limit, drain=True, deadline=deadline,
+                                  idle=self.config.getint('main', 'smtptimeout'))
         except OSError as error:
-            raise ConnectionClosed(str(error))
+            raise ConnectionClosed('timeout' if is_timeout(error) else str(error))
 
     def scan(self, sock, label, suspect, tags):
         for name, value in tags.items():
@@ -6657,9 +7043,10 @@ class MilterReader(object):
     ConnectionClosed at EOF between packets (the MTA may leave at any time) and
     MilterProtocolError for broken framing, including EOF inside a packet."""
 
-    def __init__(self, sock, max_packet_size):
+    def __init__(self, sock, max_packet_size, deadline=None, idle=None):
         self.sock = sock
         self.decoder = MilterPacketDecoder(max_packet_size)
+        self.clock = ReadDeadline(sock, deadline, idle)
 
     def read_packet(self):
         decoder = self.decoder
@@ -6667,12 +7054,14 @@ class MilterReader(object):
             packet = decoder.next_packet()
             if packet is not None:
                 return packet
+            self.clock.check()
             try:
                 chunk = self.sock.recv(READ_SIZE)
-            except socket.timeout:
-                raise ConnectionClosed('timeout')
             except OSError as error:
-                raise ConnectionClosed(str(error))
+                if not is_timeout(error):
+                    raise ConnectionClosed(str(error))
+                self.clock.check(grace=1.5)   # a timeout cut to the deadline: DeadlineExpired
+                raise ConnectionClosed('timeout')
             if not chunk:
                 if decoder.pending():
                     raise MilterProtocolError('connection closed inside a packet (%d bytes of it read)'
@@ -6685,6 +7074,7 @@ class MilterReader(object):
 MILTER_CONTINUE = milter_packet(SMFIR_CONTINUE)
 MILTER_PROGRESS = milter_packet(SMFIR_PROGRESS)
 MILTER_SKIP = milter_packet(SMFIR_SKIP)
+MILTER_HEADER_NAME_RE = re.compile(rb'[\x21-\x39\x3b-\x7e]+\Z')   # RFC 5322 2.2: no colon
 MILTER_HEADER_FIELD_RE = re.compile(rb'^([^:\s][^:\r\n]*):(.*(?:\r?\n[ \t].*)*)', re.MULTILINE)
 
 
@@ -7037,7 +7427,8 @@ class MilterSession(object):
         self.sock = sock
         self.peer = peer
         max_packet = max(config.getint('milter', 'milter_max_packet_size'), MILTER_CHUNK_SIZE + 1)
-        self.reader = MilterReader(sock, max_packet)
+        self.reader = MilterReader(sock, max_packet, session_deadline(config),
+                                   config.getint('main', 'smtptimeout'))
         self.debug = config.getboolean('milter', 'milter_debug')
         self.max_size = config.getint('main', 'smtp_max_message_size')
         self.trusted = connector.peer_is_trusted(peer[0])
@@ -7065,6 +7456,7 @@ class MilterSession(object):
         self.client_port = None
         self.helo = None
         self.connection_failure = None
+        self.connection_refusal = None   # (code, text) for every message: an unusable greeting
         self.tags = {}
         self.reset_message()
 
@@ -7083,6 +7475,7 @@ class MilterSession(object):
         self.size = 0
         self.oversize = False
         self.message_failure = None
+        self.envelope_refusal = None     # (code, text) at end of message: a bad sender/recipient
         self.missing_rights = set()
 
     def get_macro(self, name, default=None):
@@ -7152,6 +7545,10 @@ class MilterSession(object):
                 if self.debug:
                     self.logger.debug('%s: < %s %r', self.label(), SMFIC_NAMES.get(command, command), data[:200])
                 self.dispatch(command, data)
+        except DeadlineExpired:
+            # the MTA applies its milter_default_action (Postfix: tempfail)
+            self.logger.warning('%s: milter connection longer than max_session_time (%ss), closing',
+                                self.label(), self.config.get('main', 'max_session_time'))
         except ConnectionClosed as why:
             self.logger.debug('%s: milter connection closed: %s', self.label(), why)
         except MilterProtocolError as error:
@@ -7223,6 +7620,8 @@ class MilterSession(object):
 
     def on_connect(self, data):
         hostname, family, port, address = parse_milter_connect(data)
+        if CONTROL_CHARACTER_RE.search(hostname):
+            hostname = 'unknown'   # reverse DNS is the client's to choose; Postfix sends LDH names
         if address.lower().startswith('ipv6:'):
             address = address[5:]
         self.hostname, self.family, self.client_port = hostname, family, port
@@ -7231,7 +7630,12 @@ class MilterSession(object):
 
     def on_helo(self, data):
         strings = split_milter_strings(data)
-        self.helo = strings[0].decode('utf-8', 'replace') if strings else ''
+        helo = strings[0].decode('utf-8', 'replace') if strings else ''
+        if CONTROL_CHARACTER_RE.search(helo):
+            self.helo = None
+            return self.refuse_envelope(SMFIC_HELO, 501, '5.5.4 Syntax error in HELO: control '
+                                                         'character', True)
+        self.helo = helo
         return self.run_stage('helo', self.helo)
 
     def on_mail(self, data):
@@ -7240,8 +7644,16 @@ class MilterSession(object):
             raise MilterProtocolError('MAIL without a sender')
         if self.in_message:     # MAIL without ABORT: a new transaction all the same
             self.reset_message(keep_macros=True)
+        sender = clean_milter_address(arguments[0])
         self.in_message = True
-        self.sender = clean_milter_address(arguments[0])
+        if envelope_address_problem(sender):
+            self.sender = ''   # never stored, forwarded or written into a header
+            return self.refuse_envelope(SMFIC_MAIL, 501, '5.1.7 Bad sender address syntax')
+        problems = [esmtp_parameter_problem(argument) for argument in arguments[1:]]
+        if any(problems):
+            return self.refuse_envelope(SMFIC_MAIL, 501, '5.5.4 Syntax error in MAIL: %s'
+                                        % [problem for problem in problems if problem][0])
+        self.sender = sender
         self.mail_arguments = arguments[1:]
         return self.run_stage('mailfrom', self.sender)
 
@@ -7250,11 +7662,31 @@ class MilterSession(object):
         if not arguments:
             raise MilterProtocolError('RCPT without a recipient')
         recipient = clean_milter_address(arguments[0])
+        if envelope_address_problem(recipient) or any(map(esmtp_parameter_problem, arguments[1:])):
+            return self.refuse_envelope(SMFIC_RCPT, 501, '5.1.3 Bad recipient address syntax')
         reply = self.run_stage('rcpt', recipient)
         if reply is None or reply[4:5] == SMFIR_ACCEPT:
             self.recipients.append(recipient)
             self.rcpt_arguments.setdefault(recipient, arguments[0])
         return reply
+
+    def refuse_envelope(self, command, code, text, whole_connection=False):
+        """Envelope text fuglu will not take (control characters, unbalanced
+        brackets): refused at once when the MTA waits for an answer to ``command``;
+        else (negotiated as no-reply) the message is refused with 550 at its end, or
+        with ``whole_connection`` every message of the connection."""
+        self.logger.warning('%s: %s refused: %s', self.label(), SMFIC_NAMES[command], text)
+        if command == SMFIC_MAIL:
+            self.in_message = False
+        if not self.protocol & MILTER_NO_REPLY_FLAGS[command]:
+            return milter_reply_code(code, text)
+        refusal = (550, text)
+        if whole_connection:
+            self.connection_refusal = self.connection_refusal or refusal
+        else:
+            self.in_message = True
+            self.envelope_refusal = self.envelope_refusal or refusal
+        return None
 
     def on_data(self, data):
         return None
@@ -7264,7 +7696,14 @@ class MilterSession(object):
         if not items or not items[0]:
             raise MilterProtocolError('HEADER without a name')
         name, value = items[0], (items[1] if len(items) > 1 else b'')
+        if not MILTER_HEADER_NAME_RE.match(name):
+            # Postfix only sends RFC 5322 field names; anything else would change the
+            # structure of fuglu's copy of the message
+            raise MilterProtocolError('HEADER with a malformed name %r' % name[:60])
         self.size += len(name) + len(value) + 4
+        if self.max_size and self.size > self.max_size:
+            self.drop_oversize()   # headers count towards smtp_max_message_size like the body
+            return None
         self.headers.append((name, value))
         if self.stage_plugins['header']:
             return self.run_stage('header', name.decode('utf-8', 'replace'),
@@ -7277,14 +7716,22 @@ class MilterSession(object):
     def on_body(self, data):
         self.size += len(data)
         if self.max_size and self.size > self.max_size:
-            if not self.oversize:
-                self.logger.warning('%s: message over smtp_max_message_size %d, will be refused', self.label(),
-                                    self.max_size)
-                self.oversize = True
-                self.body = bytearray()
-            return MILTER_SKIP if self.protocol & SMFIP_SKIP else None
+            self.drop_oversize()
+            # SKIP only where the MTA waits for an answer to BODY (else it cannot be sent)
+            can_answer = self.protocol & SMFIP_SKIP and not self.protocol & SMFIP_NR_BODY
+            return MILTER_SKIP if can_answer else None
         self.body += data
         return None
+
+    def drop_oversize(self):
+        """The message passed smtp_max_message_size: keep nothing more of it; it is
+        refused (452 4.3.4, as FuGlu does) at its end."""
+        if not self.oversize:
+            self.logger.warning('%s: message over smtp_max_message_size %d (headers and body), '
+                                'will be refused', self.label(), self.max_size)
+            self.oversize = True
+            self.headers = []
+            self.body = bytearray()
 
     def on_bodyeob(self, data):
         if data:    # Sendmail may attach the last body chunk; Postfix never does
@@ -7365,6 +7812,11 @@ class MilterSession(object):
         if failure:
             self.logger.error('%s: %s earlier in this message; deferring it', self.label(), failure)
             return self.send(milter_reply_code(451, '4.3.0 internal problem - message deferred'))
+        refusal = self.connection_refusal or self.envelope_refusal
+        if refusal:
+            self.logger.warning('%s: message refused for its envelope: %s %s', self.label(),
+                                *refusal)
+            return self.send(milter_reply_code(*refusal))
         if self.oversize:
             return self.send(milter_reply_code(452, '4.3.4 message size exceeds fixed maximum message size %d'
                                                     % self.max_size))
@@ -7445,7 +7897,10 @@ class MilterSession(object):
     def source_value(self, value):
         """Header value as received -> as it stands in the message source."""
         if b'\n' in value:      # folded: the MTA separates the lines with LF
-            value = re.sub(rb'\r?\n', b'\r\n', value)
+            # (an LF not followed by a blank would start a header of its own in
+            # fuglu's copy only: it is folded)
+            value = re.sub(rb'\r?\n([ \t]?)', lambda match: b'\r\n' + (match.group(1) or b' '),
+                           value)
         return value if self.leading_space else b' ' + value
 
     def mta_value(self, value):
@@ -7621,6 +8076,9 @@ class MilterConnector(Connector):
     Postfix, ``milter:PORT`` in incomingport. One MilterSession per connection."""
 
     protocol = 'milter'
+    # no milter packet fits before the MTA's OPTNEG: closing makes the MTA apply its
+    # milter_default_action (Postfix: tempfail, "451 4.7.1 Service unavailable")
+    busy_reply = b''
 
     def __init__(self, controller, address, port):
         super().__init__(controller, address, port)
@@ -7849,6 +8307,57 @@ def parse_incomingport(entry, bindaddress):
     return protocol, address.strip() or bindaddress, int(port)
 
 
+class ClientSessions(object):
+    """Connections open per client address, across all listeners ([performance]
+    max_sessions_per_client), so that one client - say 40 connections trickling a byte
+    now and then - cannot occupy every worker. ``admit(address, protocol)`` counts a
+    new connection in or says no (logged, at most every 10 seconds per address, with
+    the number refused meanwhile); ``release(address)`` when it is over."""
+
+    LOG_INTERVAL = 10
+
+    def __init__(self, controller):
+        self.controller = controller
+        self.lock = threading.Lock()
+        self.open = {}       # address -> connections open
+        self.refused = {}    # address -> (time of the last log line, refused since)
+        self.logger = logging.getLogger('fuglu.ClientSessions')
+
+    def limit(self):
+        config = self.controller.config
+        value = config.get('performance', 'max_sessions_per_client').strip()
+        if value:
+            return int(value)
+        return max(1, config.getint('performance', 'maxthreads') // 2)
+
+    def admit(self, address, protocol):
+        limit = self.limit()
+        with self.lock:
+            count = self.open.get(address, 0)
+            if limit <= 0 or count < limit:
+                self.open[address] = count + 1
+                return True
+            logged, refused = self.refused.get(address, (0, 0))
+            now = time.monotonic()
+            if now - logged < self.LOG_INTERVAL:
+                self.refused[address] = (logged, refused + 1)
+                return False
+            self.refused[address] = (now, 0)
+        self.logger.warning('%s connection from %s refused: %d open, max_sessions_per_client is '
+                            '%d (%d more refused since the last message)', protocol, address, count,
+                            limit, refused)
+        return False
+
+    def release(self, address):
+        with self.lock:
+            count = self.open.get(address, 0) - 1
+            if count > 0:
+                self.open[address] = count
+            else:
+                self.open.pop(address, None)
+                self.refused.pop(address, None)
+
+
 class Listener(object):
     """One listening socket with its accept thread. ``__init__`` binds (the daemon does
     that before dropping privileges, so ports below 1024 work); ``start(connector)``
@@ -7887,11 +8396,20 @@ class Listener(object):
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if not self.controller.client_sessions.admit(peer[0], self.connector.protocol):
+                self.connector.refuse_busy(sock)
+                continue
             started = time.time()
-            self.controller.backend.submit(self.connector.handle, sock, peer)
+            self.controller.backend.submit(self.run_session, sock, peer)
             waited = (time.time() - started) * 1000
             if warn_ms and waited > warn_ms:
                 self.logger.warning('handing a connection to the workers took %d ms: all busy?', waited)
+
+    def run_session(self, sock, peer):
+        try:
+            self.connector.handle(sock, peer)
+        finally:
+            self.controller.client_sessions.release(peer[0])
 
     def stop(self):
         self.stay_alive = False
@@ -8669,6 +9187,29 @@ def reopen_log_files():
     return reopened
 
 
+class SafeLogRecord(logging.LogRecord):
+    """Client text is kept as sent: undecodable bytes become lone surrogates
+    (surrogateescape), which no log handler can encode, so the whole line would be
+    lost. The formatted message shows them as \\xNN escapes instead."""
+
+    def getMessage(self):
+        message = super().getMessage()
+        if message.isascii():
+            return message
+        try:
+            message.encode('utf-8')
+            return message
+        except UnicodeEncodeError:
+            return message.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+
+
+def use_safe_log_records():
+    """Make every log record a SafeLogRecord (unless something else already replaced
+    the record factory, which is then left alone)."""
+    if logging.getLogRecordFactory() is logging.LogRecord:
+        logging.setLogRecordFactory(SafeLogRecord)
+
+
 class MainController(object):
     """Owns the configuration, the plugins, the backend, the listeners and the
     control server. ``bind(owner)`` makes the sockets and directories that need
@@ -8696,7 +9237,9 @@ class MainController(object):
         self.trusted_networks = None
         self.smtp_sessions = set()   # SMTP sessions, so shutdown can wake those waiting for a command
         self.downstream_pool = DownstreamPool()
+        self.client_sessions = ClientSessions(self)
         self._apply_trusted(config)
+        use_safe_log_records()
 
     def _apply_trusted(self, config):
         value = config.get('main', 'trusted_xforward_peers').strip()

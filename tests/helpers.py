@@ -152,7 +152,8 @@ class Sink(object):
         self.server = ThreadedServer(('127.0.0.1', 0), SinkHandler)
         self.server.sink = self
         self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # a short poll interval: stop() (server.shutdown) waits for one
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def stop(self):

@@ -616,7 +616,9 @@ def test_quit_new_connection_resets_to_connect_state(start_fuglu):
 
 
 def test_concurrent_connections(start_fuglu):
-    instance = start_fuglu()
+    # one MTA with more connections than half the workers: above the default
+    # max_sessions_per_client, as a busy Postfix needs
+    instance = start_fuglu(sections='[performance]\nmax_sessions_per_client=8\n')
     results = []
 
     def one(n):

@@ -764,7 +764,10 @@ def test_eof_during_data_delivers_nothing_and_the_daemon_keeps_serving(server, s
     assert sink.messages[0]['mail'] == 'MAIL FROM:<alice@example.org>'
 
 
-def test_many_parallel_connections(server, sink, clients):
+def test_many_parallel_connections(sink, make_fuglu, clients):
+    # one MTA with more connections than half the workers: above the default
+    # max_sessions_per_client, as a busy Postfix needs
+    server = make_fuglu(sink.port, extra='max_sessions_per_client=8')
     connections = [clients(server.port) for _ in range(8)]
     for index, client in enumerate(connections):
         ehlo(client)

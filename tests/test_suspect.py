@@ -2,6 +2,7 @@
 
 import email.policy
 import re
+import time
 
 import pytest
 
@@ -378,3 +379,17 @@ def test_actioncode_to_string():
     assert fuglu.actioncode_to_string(99) == 'INVALID ACTION CODE 99'
     for code in range(5):
         assert fuglu.string_to_actioncode(fuglu.actioncode_to_string(code)) == code
+
+
+def test_client_info_costs_linear_time_on_a_nested_received_header():
+    # 'from a (from a (...' made the old open-ended search quadratic: minutes
+    # for this header; anchored and bounded it is a single short match attempt
+    hostile = b'Received: ' + b'from a (' * 100000 + b'\r\n'
+    honest = b'Received: from helo.example (rdns.example [IPv6:2001:db8::5])\r\n\tby mx.example\r\n'
+    started = time.monotonic()
+    suspect = make_suspect(hostile + honest + b'Subject: x\r\n\r\nbody\r\n')
+    # FuGlu's rule: an unparsable Received header ends the search, unless skiponerror
+    assert suspect.get_client_info() is None
+    assert suspect.client_info_from_rcvd(skiponerror=True) == ('helo.example', '2001:db8::5',
+                                                               'rdns.example')
+    assert time.monotonic() - started < 5

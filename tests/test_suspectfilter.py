@@ -241,3 +241,43 @@ def test_reload_picks_up_a_file_created_later(tmp_path):
     os.unlink(str(path))
     flt._last_check = 0
     assert flt.matches(suspect_for()) == (False, None)
+
+
+# -- time bound -------------------------------------------------------------------------
+
+LONG_BODY = b'Subject: long\r\n\r\n' + b'a ' * 200000 + b'\r\n'
+
+
+@pytest.fixture
+def short_limit(monkeypatch):
+    monkeypatch.setattr(fuglu.SuspectFilter, 'MATCH_TIME_LIMIT', 1)
+
+
+def test_a_quadratic_rule_on_a_long_body_is_a_problem_not_a_miss(rules, short_limit, caplog):
+    # '.*word' tries every start position to the end: hours on these 400 kB
+    flt = rules('body .*word found', 'Subject long subject-rule')
+    started = time.monotonic()
+    with pytest.raises(fuglu.RuleTimeLimitExceeded):
+        flt.matches(suspect_for(LONG_BODY))
+    assert time.monotonic() - started < 10
+    assert 'no answer within 1s on a 400002 character body value' in caplog.text
+    assert issubclass(fuglu.RuleTimeLimitExceeded, fuglu.LimitExceeded)
+
+
+def test_long_values_are_searched_whole(rules, short_limit):
+    # no size cap: a word at the very end of a long body still matches
+    flt = rules('body word\\s*$ found', 'body:full ^Subject:\\slong.*needle needle')
+    assert flt.matches(suspect_for(LONG_BODY[:-2] + b'word\r\n')) == (True, 'found')
+    assert flt.get_args(suspect_for(LONG_BODY + b'needle\r\n')) == ['needle']
+    assert flt.matches(suspect_for(LONG_BODY)) == (False, None)
+
+
+def test_the_time_limit_is_for_all_rules_of_one_call(rules, short_limit):
+    # each rule costs some 50 ms on this header (searched in-process, it is short);
+    # 300 of them would take 15 s
+    flt = rules(*['X-Long x.*y%d no' % index for index in range(300)])
+    source = b'X-Long: ' + b'x ' * 1900 + b'\r\nSubject: s\r\n\r\nbody\r\n'
+    started = time.monotonic()
+    with pytest.raises(fuglu.RuleTimeLimitExceeded):
+        flt.get_args(suspect_for(source))
+    assert time.monotonic() - started < 5

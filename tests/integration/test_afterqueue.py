@@ -219,6 +219,25 @@ def test_downstream_refuses_postfix_defers_and_delivers_after_restart(postfix_fa
     wait_queue_empty(postfix)
 
 
+def test_a_silent_downstream_gets_postfix_fuglus_451_not_its_own_timeout(postfix_factory, fuglu_factory):
+    # the downstream accepts the connection and never speaks: fuglu gives up after
+    # downstream_reply_timeout, long before Postfix's smtp_mail_timeout (300 s)
+    postfix = postfix_factory('afterqueue')
+    silent = socket.socket()
+    silent.bind(('127.0.0.1', 0))
+    silent.listen(8)
+    try:
+        fuglu_factory(fuglu_config(postfix, outgoingport=silent.getsockname()[1],
+                                   extra_main='downstream_reply_timeout = 3\noutgoingretry = 0\n'))
+        recipient = unique_address('silent-downstream')
+        assert postfix.send('sender@example.org', [recipient], simple_message(recipient, 'x')).code == 250
+        postfix.wait_log(r'status=deferred \(host 127\.0\.0\.1\[127\.0\.0\.1\] said: 451 4\.4\.2 downstream '
+                         r'127\.0\.0\.1:\d+ did not answer in time', timeout=60)
+        assert postfix.queue_size() == 1
+    finally:
+        silent.close()
+
+
 # -- (c) fuglu itself is down ------------------------------------------------------------
 
 def test_fuglu_stopped_mail_waits_in_the_queue_and_nothing_is_lost(postfix_factory, fuglu_factory):
