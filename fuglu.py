@@ -184,7 +184,15 @@ def actioncode_to_string(actioncode):
 # Small helpers
 ###############################################################################
 
-class ForceUStringError(TypeError):
+class FugluError(Exception):
+    """The root of the exceptions fuglu's core raises, so a caller can catch them all.
+    Where FuGlu's API or the standard library has a kind for the same trouble, the
+    class is that kind too (ForceUStringError is a TypeError, UnsafeLocation an
+    OSError, InvalidAddress and EnvelopeSyntaxError ValueErrors, NotInThisBuild an
+    ImportError), so code written against those keeps catching them."""
+
+
+class ForceUStringError(FugluError, TypeError):
     """force_uString() got an object it cannot turn into text."""
 
 
@@ -640,7 +648,7 @@ O_CLOEXEC = getattr(os, 'O_CLOEXEC', 0)
 O_DIRECTORY = getattr(os, 'O_DIRECTORY', 0)
 
 
-class UnsafeLocation(OSError):
+class UnsafeLocation(FugluError, OSError):
     """A directory or file fuglu refuses to use: a link, someone else's, writable by others."""
 
 
@@ -1089,7 +1097,7 @@ CORE_DEFAULTS = {
 }
 
 
-class ConfigProblem(Exception):
+class ConfigProblem(FugluError):
     """A config value fuglu cannot use. The message names file, section and option."""
 
 
@@ -1571,6 +1579,11 @@ class SimpleTimeoutMixin(object):
 RECEIVED_HEADER_MAX_CHARS = 8192   # of a Received header read for the client's identity
 
 
+class InvalidAddress(FugluError, ValueError):
+    """An envelope address the address check refuses (Suspect() raises it). The scan
+    session answers it as [main] address_compliance_fail_action says."""
+
+
 class Suspect(SimpleTimeoutMixin):
     """One message with its envelope, as the plugins see it (FuGlu's Suspect).
 
@@ -1612,16 +1625,16 @@ class Suspect(SimpleTimeoutMixin):
         self.logger = logging.getLogger('fuglu.Suspect')
         self.from_address = (force_uString(from_address) or '').strip()
         if self.from_address and not Addrcheck().valid(self.from_address):
-            raise ValueError('Invalid sender address: %s' % self.from_address)
+            raise InvalidAddress('Invalid sender address: %s' % self.from_address)
         if recipients is None or isinstance(recipients, (str, bytes)):
             recipients = [recipients]
         self.recipients = []
         for recipient in recipients:
             if recipient is None:
-                raise ValueError('Recipient address can not be None')
+                raise InvalidAddress('Recipient address can not be None')
             recipient = force_uString(recipient).strip()
             if not Addrcheck().valid(recipient, allow_postmaster=True):
-                raise ValueError('Invalid recipient address: %s' % recipient)
+                raise InvalidAddress('Invalid recipient address: %s' % recipient)
             self.recipients.append(recipient)
         self.original_from_address = self.from_address
         self.original_recipients = list(self.recipients)
@@ -2323,7 +2336,7 @@ class Suspect(SimpleTimeoutMixin):
 # Databases are opened on the first lookup, not at start-up: a host whose database is
 # down starts, lints and defers; SQLAlchemy is imported only when a URL needs it.
 
-class RuntimeConfigError(Exception):
+class RuntimeConfigError(FugluError):
     """A per-recipient value or rule could not be looked up: the database is unreachable
     or too slow, rejected the query, or returned a value the option cannot take. The scan
     session defers the message. (FuGlu's own plugins catch RESTAPIError for the same
@@ -3276,7 +3289,7 @@ register_sql_extension()
 # SuspectFilter: FuGlu rule files
 ###############################################################################
 
-class LimitExceeded(Exception):
+class LimitExceeded(FugluError):
     """A bound on the work done for sender-controlled input was hit. The message is a
     problem: a scanner that raises this gets its ``problemaction`` (default DEFER), it
     is never taken as a clean result."""
@@ -4322,8 +4335,8 @@ UPSTREAM_PLUGIN_NAMES = {
 PLUGIN_ENTRY_RE = re.compile(r'^([A-Za-z0-9._-]+)(?:\(([A-Za-z0-9._-]+)\))?$')
 
 
-class PluginLoadError(Exception):
-    pass
+class PluginLoadError(FugluError):
+    """A plugin named in the configuration cannot be imported or created."""
 
 
 def split_plugin_list(value):
@@ -4806,7 +4819,7 @@ READ_SIZE = 65536
 DATA_READ_SIZE = 262144
 
 
-class ConnectionClosed(Exception):
+class ConnectionClosed(FugluError):
     """The peer went away (EOF, reset, timeout)."""
 
 
@@ -4955,8 +4968,8 @@ def connect_tcp(host, port, timeout):
     raise error or OSError('no address for %s' % host)
 
 
-class LineTooLong(Exception):
-    pass
+class LineTooLong(FugluError):
+    """A command or data line longer than the limit the reader was given."""
 
 
 class SocketReader(object):
@@ -5082,7 +5095,7 @@ def dot_stuff_parts(parts):
     return parts
 
 
-class SMTPError(Exception):
+class SMTPError(FugluError):
     """A negative SMTP reply (from downstream) or a connection problem, carried as the
     reply fuglu should give its own client."""
 
@@ -5638,7 +5651,7 @@ def ascii_words(text):
     return [word for word in re.split(r'[ \t]+', text) if word]
 
 
-class EnvelopeSyntaxError(ValueError):
+class EnvelopeSyntaxError(FugluError, ValueError):
     """Bad MAIL/RCPT syntax; ``part`` is 'address', 'parameter' or 'syntax', so the
     reply can carry the right enhanced status code."""
 
@@ -6574,7 +6587,7 @@ NETCAT_STATUS = {DUNNO: b'DUNNO', ACCEPT: b'DUNNO', DELETE: b'DISCARD', REJECT: 
 NETCAT_HEALTHY = b'DUNNO: healthcheck'
 
 
-class EnvelopeBlockError(ValueError):
+class EnvelopeBlockError(FugluError, ValueError):
     """A netcat envelope block that cannot be read."""
 
 
@@ -6887,7 +6900,7 @@ MILTER_PART_ACTIONS = {
 }
 
 
-class MilterProtocolError(Exception):
+class MilterProtocolError(FugluError):
     """The MTA broke the framing or sent nonsense; the connection is closed."""
 
 
@@ -8933,8 +8946,8 @@ def preload_modules(account):
     return loaded
 
 
-class AlreadyRunning(Exception):
-    pass
+class AlreadyRunning(FugluError):
+    """The pid file names a fuglu that is still running."""
 
 
 class PidFile(object):
@@ -9449,7 +9462,9 @@ def is_loopback_address(address):
         return False
 
 
-class StartupFailed(Exception):
+class StartupFailed(FugluError):
+    """Start-up cannot go on; ``status`` is the exit status for the command line."""
+
     def __init__(self, message, status=1):
         super().__init__(message)
         self.message, self.status = message, status
@@ -9466,9 +9481,10 @@ def start_daemon(config, config_path, configdir, logconfig, foreground, baselogl
         except ConfigProblem as error:
             raise StartupFailed(str(error))
     owner = account.owner if account is not None and account.uid != 0 else None
-    for level, text in check_ports(config):
-        if level == 'error':
-            raise StartupFailed(text)
+    try:
+        raise_errors(check_ports(config) + check_listeners(config) + check_backend(config))
+    except ConfigProblem as error:
+        raise StartupFailed(str(error))
     pid = controller = None
     try:
         if pidfile:
@@ -10263,7 +10279,7 @@ UNAVAILABLE_EXTENSIONS = {
 }
 
 
-class NotInThisBuild(ImportError):
+class NotInThisBuild(FugluError, ImportError):
     """A module of FuGlu that this build does not have."""
 
 
