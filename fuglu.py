@@ -10400,9 +10400,6 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-# Extra commands: `fuglu <command> [args]` runs COMMANDS[command](args) -> exit code.
-COMMANDS = {}
-
 # `fuglu client` exit codes per verdict (FuGlu's fuglu_client -e); anything else is 1
 CLIENT_EXIT_CODES = {'DUNNO': 0, 'DISCARD': 2, 'REJECT': 3, 'DEFER': 4}
 
@@ -10913,13 +10910,16 @@ def command_samples(argv):
     return 0
 
 
-COMMANDS['client'] = command_client
-COMMANDS['healthcheck'] = command_healthcheck
-COMMANDS['control'] = command_control
-COMMANDS['suspectfilter'] = command_suspectfilter
-COMMANDS['scan'] = command_scan
-COMMANDS['conf'] = command_conf
-COMMANDS['samples'] = command_samples
+# Extra commands: `fuglu <command> [args]` runs COMMANDS[command](args) -> exit code.
+COMMANDS = {
+    'client': command_client,
+    'healthcheck': command_healthcheck,
+    'control': command_control,
+    'suspectfilter': command_suspectfilter,
+    'scan': command_scan,
+    'conf': command_conf,
+    'samples': command_samples,
+}
 
 
 def main(argv=None):
