@@ -1360,6 +1360,16 @@ def check_options(config, section, table, ignored=()):
     return errors
 
 
+# A check of the configuration returns findings, (level, text): 'error', 'warning',
+# 'info' or 'note' (the last for lint only). `--lint` prints them, the daemon logs them.
+FINDING_LOG_LEVELS = {'error': logging.ERROR, 'warning': logging.WARNING}
+
+
+def log_findings(logger, findings):
+    for level, text in findings:
+        logger.log(FINDING_LOG_LEVELS.get(level, logging.INFO), '%s', text)
+
+
 def load_config(path=None, configdir=None, embedded=None):
     """Read the main config file and conf.d/*.conf (sorted). ``embedded`` is config text
     used instead of a file (the built-in default)."""
@@ -9293,10 +9303,8 @@ class MainController(object):
         config = self.config
         self.owner = owner
         self.bound = True
+        raise_errors(check_listeners(config))
         for protocol, address, port in self.listen_specs():
-            if protocol not in CONNECTORS:
-                raise ConfigProblem('%s: unknown protocol %r (available: %s)' % (
-                    config.where('main', 'incomingport'), protocol, ', '.join(sorted(CONNECTORS))))
             self.bind_listener(protocol, address, port)
         for directory, home in shared_homes_needed(config):
             prepare_shared_home(directory, home, owner)
@@ -9330,11 +9338,10 @@ class MainController(object):
                          [str(p) for p in self.plugins], [str(p) for p in self.prependers],
                          [str(p) for p in self.appenders])
         self.logger.info(runtime_config_summary(config))
-        self.log_findings(startup_findings(config, self.plugins + self.prependers + self.appenders))
+        log_findings(self.logger, startup_findings(config, self.plugins + self.prependers +
+                                                   self.appenders))
+        raise_errors(check_backend(config))
         backend_name = config.get('performance', 'backend').strip().lower()
-        if backend_name not in BACKENDS:
-            raise ConfigProblem('unknown backend %r (available: %s)' % (backend_name,
-                                                                        ', '.join(BACKENDS)))
         self.backend = BACKENDS[backend_name](config)
         self.backend.start()
         if backend_name == 'thread':
@@ -9371,12 +9378,6 @@ class MainController(object):
             return
         self.mrtg = MrtgWriter(self, directory)
         self.mrtg.start()
-
-    def log_findings(self, findings):
-        for level, text in findings:
-            self.logger.log({'error': logging.ERROR, 'warning': logging.WARNING}.get(level,
-                                                                                     logging.INFO),
-                            text)
 
     def run(self):
         while self.stayalive:
@@ -9783,21 +9784,53 @@ def _port_problem(value, allow_empty=False):
     return None
 
 
-def check_ports(config):
-    """Every port value: incomingport entries, outgoingport, bounceport, a TCP
-    controlport (and its address), metrics_listen."""
+def check_listeners(config):
+    """The incomingport entries: each parses and names a connector (errors), and what
+    listens where (notes)."""
     findings = []
     bindaddress = config.get('main', 'bindaddress').strip()
+    where = config.where('main', 'incomingport')
+    milter = False
     for entry in parse_list(config.get('main', 'incomingport')):
         try:
-            protocol, _address, _port = parse_incomingport(entry, bindaddress)
+            protocol, address, port = parse_incomingport(entry, bindaddress)
         except ValueError as error:
-            findings.append(('error', '%s: %s' % (config.where('main', 'incomingport'), error)))
+            findings.append(('error', '%s: %s' % (where, error)))
             continue
         if protocol not in CONNECTORS:
-            findings.append(('error', '%s: unknown protocol %r in %r (available: %s)' % (
-                config.where('main',
-                             'incomingport'), protocol, entry, ', '.join(sorted(CONNECTORS)))))
+            findings.append(('error', '%s: unknown protocol %r in %r (available: %s)'
+                             % (where, protocol, entry, ', '.join(sorted(CONNECTORS)))))
+            continue
+        milter = milter or protocol == 'milter'
+        findings.append(('note', 'listener %s on %s:%d' % (protocol, address, port)))
+    if milter:
+        findings.append(('note', 'advice: a milter connection holds a worker thread for its '
+                                 'whole SMTP session; keep [performance] maxthreads (now %s) at '
+                                 'least at Postfix\'s smtpd process limit'
+                         % config.get('performance', 'maxthreads')))
+    return findings
+
+
+def check_backend(config):
+    """[performance] backend names a backend."""
+    name = config.get('performance', 'backend').strip().lower()
+    if name in BACKENDS:
+        return []
+    return [('error', '%s: unknown backend %r (available: %s)' % (
+        config.where('performance', 'backend'), name, ', '.join(sorted(BACKENDS))))]
+
+
+def raise_errors(findings):
+    """ConfigProblem with the first error among ``findings``, if any (start-up)."""
+    for level, text in findings:
+        if level == 'error':
+            raise ConfigProblem(text)
+
+
+def check_ports(config):
+    """Every port value but the listeners' (check_listeners): outgoingport,
+    bounceport, a TCP controlport (and its address), metrics_listen."""
+    findings = []
     for option, allow_empty in (('outgoingport', False), ('bounceport', True)):
         problem = _port_problem(config.get('main', option), allow_empty)
         if problem:
@@ -9986,9 +10019,10 @@ class Lint(object):
         config = self.config
         self.say('Fuglu %s' % __version__)
         self.say('---------- LINT MODE ----------')
-        self.say('Checking the service account and ports...')
+        self.say('Checking the service account, ports, listeners and backend...')
         errors = self.report(check_service_user(config) + check_ports(config) +
-                             check_listen_free(config))
+                             check_listeners(config) + check_listen_free(config) +
+                             check_backend(config))
         account = None
         if os.geteuid() == 0:
             try:
@@ -10042,27 +10076,31 @@ class Lint(object):
         return errors + 1
 
     def run_checks(self, errors):
-        config = self.config
+        """The checks that run as the daemon user; returns ``errors`` plus their errors."""
+        self.describe_environment()
+        plugins, failed = self.load_plugins()
+        errors += failed + self.lint_main_config()
+        self.say('Linting runtime configuration [databaseconfig]')
+        runtime_errors = lint_runtime_config(self.config, self.say)
+        if runtime_errors:
+            self.say('ERROR', 'red')
+        errors += runtime_errors + self.lint_plugins(plugins)
+        self.say('Checking the downstream, logging and fuglu\'s own files...')
+        errors += self.report(check_downstream(self.config) +
+                              check_logging(self.config, self.logconfig) +
+                              check_program_readable() + check_python_readable())
+        self.say('Lint status: %s' % ('OK' if errors == 0 else 'FAIL'),
+                 'green' if errors == 0 else 'red')
+        return errors
+
+    def describe_environment(self):
+        """Which optional modules are there, and what they add."""
         self.say('Checking dependencies...')
         for module, description in OPTIONAL_DEPENDENCIES:
             if module_available(module):
                 self.say('%s: installed' % description, 'green')
             else:
                 self.say('%s: not installed (optional)' % description, 'yellow')
-
-        backend = config.get('performance', 'backend').strip().lower()
-        if backend not in BACKENDS:
-            self.say('unknown backend %r (available: %s)' % (backend, ', '.join(BACKENDS)), 'red')
-            errors += 1
-        bindaddress = config.get('main', 'bindaddress').strip()
-        for entry in parse_list(config.get('main', 'incomingport')):
-            try:
-                protocol, address, port = parse_incomingport(entry, bindaddress)
-            except ValueError:
-                continue   # reported with the ports
-            if protocol in CONNECTORS:
-                self.say('listener %s on %s:%d' % (protocol, address, port))
-
         self.say('Loading extensions...')
         self.say('file type detection: %s' % ('python-magic' if module_available('magic')
                                                else 'built-in signature table'))
@@ -10076,6 +10114,9 @@ class Lint(object):
                 sqlalchemy.__version__, ''.join(', ' + name for name in drivers)))
         else:
             self.say('SQL databases: sqlite:///path only (standard library sqlite3)')
+
+    def load_plugins(self):
+        """({plugin list option: plugins}, errors)."""
         self.say('Loading plugins...')
         plugins = {}
         try:
@@ -10085,8 +10126,12 @@ class Lint(object):
             self.say('Plugin loading complete')
         except PluginLoadError as error:
             self.say('At least one plugin failed to load: %s' % error, 'red')
-            errors += 1
+            return plugins, 1
+        return plugins, 0
 
+    def lint_main_config(self):
+        """The core's options: 1 when any has an error, else 0."""
+        config = self.config
         self.say('Linting main configuration')
         main_errors = []
         findings = []
@@ -10102,14 +10147,10 @@ class Lint(object):
             self.say(error, 'red')
         failed = bool(main_errors) | bool(self.report(findings))
         self.say('ERROR' if failed else 'OK', 'red' if failed else 'green')
-        errors += 1 if failed else 0
+        return 1 if failed else 0
 
-        self.say('Linting runtime configuration [databaseconfig]')
-        runtime_errors = lint_runtime_config(config, self.say)
-        if runtime_errors:
-            self.say('ERROR', 'red')
-        errors += runtime_errors
-
+    def lint_plugins(self, plugins):
+        """Each plugin's own lint(); returns the number that failed."""
         failed = 0
         for option in PLUGIN_LIST_OPTIONS:
             for plugin in plugins.get(option, []):
@@ -10122,18 +10163,7 @@ class Lint(object):
                 self.say('OK' if ok else 'ERROR', 'green' if ok else 'red')
                 failed += 0 if ok else 1
         self.say('%d plugins reported errors.' % failed, 'red' if failed else None)
-        errors += failed
-
-        if any(entry.strip().lower().startswith('milter:') for entry in parse_list(config.get('main', 'incomingport'))):
-            self.say('advice: a milter connection holds a worker thread for its whole SMTP session; keep '
-                     '[performance] maxthreads (now %s) at least at Postfix\'s smtpd process limit'
-                     % config.get('performance', 'maxthreads'), 'yellow')
-
-        self.say('Checking the downstream, logging and fuglu\'s own files...')
-        errors += self.report(check_downstream(config) + check_logging(config, self.logconfig) +
-                              check_program_readable() + check_python_readable())
-        self.say('Lint status: %s' % ('OK' if errors == 0 else 'FAIL'), 'green' if errors == 0 else 'red')
-        return errors
+        return failed
 
 
 class FunkyConsole(object):
