@@ -21,14 +21,16 @@ A message travels like this::
                                  |  runs
                                  v
                              Connector session (smtp / esmtp / netcat / milter):
-                             speaks the protocol, builds a Suspect from the bytes
+                             speaks the protocol, receives the message, then hands
+                             itself (a ProtocolHandler) to the scan session
                                  |
                                  v
-                             ScanSession: prependers -> scanners -> appenders
+                             ScanSession.handle: make_suspect, prependers -> scanners,
+                             the answer, appenders; every failure a temporary failure
                                  |  verdict (DUNNO, ACCEPT, DELETE, REJECT, DEFER)
                                  v
-                             Connector: re-inject downstream (Reinjector) and only then
-                             answer the MTA; every failure becomes a temporary failure
+                             ProtocolHandler answers: commitback (re-inject downstream,
+                             and only then tell the MTA), discard, reject, defer
 
 The sections of this file follow that path, in dependency order: constants and
 actions, small helpers, files in shared directories, configuration, templates, the
@@ -1041,8 +1043,9 @@ CORE_DEFAULTS = {
                                          'fuglu\'s 4xx and the scan still fits', validator=_is_int),
     },
     'milter': {
-        'milter_mode': _opt('readonly', 'what the milter writes back: readonly, tags, manual, auto, autoheaders, '
-                                        'replace_demo'),
+        'milter_mode': _opt('readonly', 'what the milter writes back, words that add up: tags, '
+                                        'manual, auto, autoheaders, autofrom, autoto, '
+                                        'replace_demo; readonly wins over all'),
         'milter_mode_options': _opt('', 'manual mode: all, body, headers, from, to; autoheaders: prepend'),
         'milter_max_packet_size': _opt('1048576', 'largest milter packet accepted, in bytes', validator=_is_int),
         'milter_progress_interval': _opt('10', 'seconds between SMFIR_PROGRESS keep-alives while a message is '
@@ -1604,8 +1607,8 @@ class Suspect(SimpleTimeoutMixin):
     inbuffer=None, smtp_options=None, milter_macros=None, queue_id=None, ...,
     id=None, clientinfo=None, size=None, tags=None)``: the message comes from the file
     ``tempfile`` or from the bytes ``inbuffer``. Invalid envelope addresses raise
-    ValueError, checked by the process-wide Addrcheck ([main]
-    address_compliance_checker).
+    InvalidAddress (a ValueError, as in FuGlu), checked by the process-wide Addrcheck
+    ([main] address_compliance_checker).
 
     Instance attributes: id, from_address, recipients, to_address (first recipient),
     from_domain/from_localpart/to_domain/to_localpart, size, timestamp, tags (dict),
@@ -4586,14 +4589,82 @@ REPLY_UNPRINTABLE_RE = re.compile(r'[\x00-\x1f\x7f]+')
 REPLY_MAX_CHARS = 500
 
 
+class ProtocolHandler(object):
+    """What a connector's session implements to have a message scanned and answered:
+    the scan session drives (``ScanSession.handle``), the protocol answers (the shape
+    of FuGlu's ProtocolHandler). The flow is the same for every connector:
+
+        suspect = make_suspect(...)     InvalidAddress: address_compliance_fail_action
+        verdict = before_scan(suspect), or else the scanners' verdict
+        DUNNO, ACCEPT -> commitback(suspect)    DELETE -> discard(text)
+        REJECT -> reject(text)                  DEFER  -> defer(text)
+        any exception on the way -> defer('internal problem ...', '4.3.0')
+        then the message is finished: counters, and the appenders if it was delivered
+
+    No mail is lost as long as a peer hears "accepted" only from commitback(), and
+    commitback() returns True only once the message is safe with the next hop (the
+    downstream's 250, the MTA keeping its own copy, the script holding the output).
+
+    Methods that must be overridden:
+        make_suspect(*args) -> Suspect    the received message (``args`` are those
+                                          given to ScanSession.handle)
+        commitback(suspect) -> bool       pass the message on and tell the peer; True
+                                          when the message was delivered
+        discard(text) -> bool             accept and drop
+        reject(text, status) -> bool      permanent refusal
+        defer(text, status) -> bool       temporary refusal: the peer tries again
+    Each answer returns False when the peer was gone, and never raises for that.
+    ``status`` is an RFC 3463 code ('5.7.1', '4.7.1' by default) for the protocols
+    that carry one; a text that starts with a code of the same class keeps its own.
+
+    Methods that may be overridden:
+        before_scan(suspect) -> (action, message)  a verdict that replaces the scan
+                                                   (the milter's eob plugins); the
+                                                   default, (DUNNO, None), scans
+        peer_label() -> str                        who is talking, for log lines
+
+    Attributes the flow reads: connector (its ``protocol`` goes into log lines), peer
+    ((address, port) of the connection).
+    """
+
+    connector = None
+    peer = ('unknown', 0)
+
+    def make_suspect(self, *args):
+        raise NotImplementedError
+
+    def commitback(self, suspect):
+        raise NotImplementedError
+
+    def discard(self, text):
+        raise NotImplementedError
+
+    def reject(self, text, status='5.7.1'):
+        raise NotImplementedError
+
+    def defer(self, text, status='4.7.1'):
+        raise NotImplementedError
+
+    def before_scan(self, suspect):
+        return DUNNO, None
+
+    def peer_label(self):
+        return 'unknown'
+
+
 class ScanSession(object):
     """Runs one message through the plugins (spec 5.1) and finishes it afterwards.
 
-    For connectors: ``scan(suspect)`` -> (action, message) runs prependers, scanners,
-    adds fuglu's headers and logs; ``reply_text(suspect, action, message)`` the text
-    for a refusal; ``finish(suspect, action, delivered)`` updates counters, writes the
-    trash copy and runs the appenders once the MTA has its answer.
+    For connectors: ``handle(protocol, *args)`` is the whole flow for one message
+    (see ProtocolHandler). Its steps, for tools that scan without a protocol:
+    ``scan(suspect)`` -> (action, message) runs prependers, scanners, adds fuglu's
+    headers and logs; ``reply_text(suspect, action, message)`` the text for a
+    refusal; ``finish(suspect, action, delivered)`` updates counters, writes the
+    trash copy and runs the appenders once the peer has its answer.
     """
+
+    # the answer to a message whose processing failed (with the message id, if any)
+    INTERNAL_PROBLEM = 'internal problem - message deferred'
 
     def __init__(self, controller):
         self.controller = controller
@@ -4601,6 +4672,70 @@ class ScanSession(object):
         self.logger = logging.getLogger('fuglu.SessionHandler')
         self.started = time.time()
         self.timings = []   # (stage, plugin, seconds): main.scantimelogger, metrics
+
+    def handle(self, protocol, *args):
+        """Make the message (``protocol.make_suspect(*args)``), scan it, answer through
+        ``protocol``, turn any failure into a temporary one, finish the message.
+        Returns (suspect, action), or (None, action) for a refused envelope."""
+        try:
+            suspect = protocol.make_suspect(*args)
+        except InvalidAddress as error:
+            return None, self.refuse_envelope(protocol, error)
+        except Exception:
+            self.failed(protocol, None)
+            return None, DEFER
+        self.logger.info('%s queueid=%s from=%s, nrec=%d, size=%d, client=%s (%s from %s:%s)',
+                         suspect.id, suspect.queue_id, suspect.from_address or '<>',
+                         len(suspect.recipients), suspect.size,
+                         suspect.clientinfo[1] if suspect.clientinfo else 'unknown',
+                         protocol.connector.protocol, *protocol.peer[:2])
+        action, delivered = DEFER, False
+        try:
+            try:
+                action, message = protocol.before_scan(suspect)
+                if action == DUNNO:
+                    action, message = self.scan(suspect)
+                if action in (DUNNO, ACCEPT):
+                    delivered = protocol.commitback(suspect)
+                else:
+                    self.refusal(protocol, action)(self.reply_text(suspect, action, message))
+            except Exception:
+                action, delivered = DEFER, False
+                self.failed(protocol, suspect)
+        finally:
+            self.finish(suspect, action, delivered)
+        return suspect, action
+
+    def failed(self, protocol, suspect):
+        """The exception being handled ends the message: logged, counted, deferred."""
+        trace = traceback.format_exc()
+        name = suspect.id if suspect is not None else protocol.peer_label()
+        self.logger.error('%s: processing failed, deferring: %s', name, trace)
+        self.controller.record_exception(trace)
+        text = self.INTERNAL_PROBLEM
+        if suspect is not None:
+            text += ' (%s)' % suspect.id
+        protocol.defer(text, '4.3.0')
+
+    @staticmethod
+    def refusal(protocol, action):
+        """The answer of ``protocol`` for DELETE, REJECT or DEFER."""
+        return {DELETE: protocol.discard, REJECT: protocol.reject}.get(action, protocol.defer)
+
+    # [main] address_compliance_fail_action -> the answer (FuGlu: anything else defers)
+    COMPLIANCE_ACTIONS = {'defer': DEFER, 'reject': REJECT, 'discard': DELETE}
+
+    def refuse_envelope(self, protocol, error):
+        """Answer an envelope the address check refused as
+        address_compliance_fail_action says; returns the action."""
+        config = self.config
+        name = config.get('main', 'address_compliance_fail_action').strip().lower()
+        action = self.COMPLIANCE_ACTIONS.get(name, DEFER)
+        self.logger.warning('%s: %s, %s', protocol.peer_label(), error,
+                            actioncode_to_string(action))
+        self.refusal(protocol, action)(one_line(config.get('main',
+                                                           'address_compliance_fail_message')))
+        return action
 
     def _timed(self, stage, plugin, call, *args):
         """``call(*args)``, its duration counted for ``plugin``."""
@@ -6033,30 +6168,6 @@ class SMTPServerSession(object):
         return {p.upper() for p in self.mail_params
                 if p.isascii() and p.upper() in ('SMTPUTF8', 'BODY=8BITMIME')}
 
-    def build_suspect(self, data):
-        """A Suspect from the finished transaction, or None (reply queued) when the
-        envelope fails the address checks."""
-        config = self.config
-        checker = config.get('main', 'address_compliance_checker')
-        maxsize = config.getint('main', 'address_compliance_checker_maxsize')
-        addresses = ([self.sender] if self.sender else []) + list(self.recipients)
-        if not all(address_is_valid(a, checker, maxsize) for a in addresses):
-            action = config.get('main', 'address_compliance_fail_action').strip().lower()
-            text = one_line(config.get('main', 'address_compliance_fail_message'))
-            self.logger.warning('%s: invalid envelope address in %s, action %s', self.peer_label(),
-                                addresses, action)
-            code = {'reject': 550, 'discard': 250}.get(action, 451)
-            self.reply(code, text)
-            return None
-        suspect = Suspect(self.sender, list(self.recipients), inbuffer=data,
-                          queue_id=xtext_decode(self.xforward.get('IDENT', '')) or None,
-                          smtp_options=self.smtp_options(), clientinfo=self.clientinfo())
-        suspect.tags['incomingport'] = self.connector.port
-        self.logger.info('%s from=%s, nrec=%d, size=%d, client=%s, queueid=%s', suspect.id,
-                         suspect.from_address or '<>', len(suspect.recipients), suspect.size,
-                         suspect.clientinfo[1] if suspect.clientinfo else self.peer[0], suspect.queue_id)
-        return suspect
-
 
 ###############################################################################
 # Connectors
@@ -6122,10 +6233,10 @@ class Connector(object):
             sock.close()
 
 
-class AfterQueueSession(SMTPServerSession):
+class AfterQueueSession(SMTPServerSession, ProtocolHandler):
     """The `smtp` connector: Postfix's content_filter talks to us, we scan and
     re-inject to outgoinghost:outgoingport, and answer Postfix only after the
-    downstream's final reply.
+    downstream's final reply (commitback).
 
     Recipients are checked downstream at RCPT time: each RCPT is forwarded right
     away and the downstream's verdict is what Postfix sees for that recipient, so a
@@ -6301,47 +6412,43 @@ class AfterQueueSession(SMTPServerSession):
             return self.error(503, '5.5.1 Error: need RCPT command')
         data = self.receive_data()
         if data is not None:
-            self.process_message(data)
+            ScanSession(self.controller).handle(self, data)
         if self.in_transaction and self.downstream is not None and self.downstream.connected:
             self.downstream.rset()   # no-op after a completed delivery; aborts otherwise
         self.reset()
 
-    def process_message(self, data):
-        suspect = self.build_suspect(data)
-        if suspect is None:
-            return
-        session = ScanSession(self.controller)
-        action, delivered = DEFER, False
-        try:
-            action, message = session.scan(suspect)
-            if action in (DUNNO, ACCEPT):
-                code, text, delivered = self.deliver(suspect)
-                self.reply(code, text)
-            else:
-                self.reply(*self.refusal_reply(session, suspect, action, message))
-        except Exception:
-            trace = traceback.format_exc()
-            self.logger.error('%s: processing failed, deferring: %s', suspect.id, trace)
-            self.controller.record_exception(trace)
-            action, delivered = DEFER, False
-            self.reply(451, '4.3.0 internal problem - message deferred (%s)' % suspect.id)
-        self.flush_quietly()
-        session.finish(suspect, action, delivered)
+    # -- the answers to the scan session (ProtocolHandler) ----------------------------
+    def make_suspect(self, data):
+        suspect = Suspect(self.sender, list(self.recipients), inbuffer=data,
+                          queue_id=xtext_decode(self.xforward.get('IDENT', '')) or None,
+                          smtp_options=self.smtp_options(), clientinfo=self.clientinfo())
+        suspect.tags['incomingport'] = self.connector.port
+        return suspect
 
-    def flush_quietly(self):
+    def commitback(self, suspect):
+        code, text, delivered = self.deliver(suspect)
+        self.answer(code, text)
+        return delivered
+
+    def discard(self, text):
+        self.in_transaction = bool(self.downstream)   # abort the downstream side
+        return self.answer(250, text)
+
+    def reject(self, text, status='5.7.1'):
+        return self.answer(550, ensure_enhanced(text, status))
+
+    def defer(self, text, status='4.7.1'):
+        return self.answer(451, ensure_enhanced(text, status))
+
+    def answer(self, code, text):
+        """Send a reply now; False (and the session ends) when the client is gone."""
+        self.reply(code, text)
         try:
             self.flush()
+            return True
         except ConnectionClosed:
             self.closing = True
-
-    def refusal_reply(self, session, suspect, action, message):
-        text = session.reply_text(suspect, action, message)
-        if action == DELETE:
-            self.in_transaction = bool(self.downstream)   # abort the downstream side
-            return 250, text
-        if action == REJECT:
-            return 550, ensure_enhanced(text, '5.7.1')
-        return 451, ensure_enhanced(text, '4.7.1')
+            return False
 
     def deliver(self, suspect):
         """Re-inject; returns (code, text, delivered) for Postfix."""
@@ -6560,9 +6667,9 @@ class EsmtpSession(AfterQueueSession):
                 return self.reply(250, '2.1.5 OK #%d' % self.rcpt_attempts)
         super().smtp_RCPT(argument)
 
-    def build_suspect(self, data):
-        suspect = super().build_suspect(data)
-        if suspect is not None and self.ignored_recipients:
+    def make_suspect(self, data):
+        suspect = super().make_suspect(data)
+        if self.ignored_recipients:
             # plugins of a spam trap still see every address the message was sent to
             suspect.tags['ignored_recipients'] = list(self.ignored_recipients)
         return suspect
@@ -6593,7 +6700,6 @@ NETCAT_BANNER = (b'fuglu scanner ready - please pipe your message, (optional) in
 NETCAT_DEFAULT_ADDRESS = 'unknown@example.org'
 NETCAT_BLOCK_START = b'X-DATA-PREPEND-START:'
 NETCAT_BLOCK_END = 'X-DATA-PREPEND-END'
-NETCAT_STATUS = {DUNNO: b'DUNNO', ACCEPT: b'DUNNO', DELETE: b'DISCARD', REJECT: b'REJECT', DEFER: b'DEFER'}
 NETCAT_HEALTHY = b'DUNNO: healthcheck'
 
 
@@ -6648,46 +6754,53 @@ def uses_bare_lf(message):
     return end >= 0 and message[end - 1:end] != b'\r'
 
 
-class NetcatConnector(Connector):
-    """Raw message pipe for scripts; see the section comment for the exchange.
+class NetcatSession(ProtocolHandler):
+    """One netcat connection; see the section comment for the exchange.
 
-    Replies: ``DUNNO:`` + the full message with fuglu's headers, ``DISCARD:text``,
-    ``REJECT:text``, ``DEFER:text``; ``DUNNO: healthcheck`` to a health probe."""
+    Answers: ``DUNNO:`` + the whole message with fuglu's headers (commitback),
+    ``DISCARD:text``, ``REJECT:text``, ``DEFER:text``; ``DUNNO: healthcheck`` to a
+    health probe. The connection is half-closed after the answer."""
 
-    protocol = 'netcat'
-    busy_reply = NETCAT_BANNER + b'DEFER:too many connections from your address, try again later'
+    def __init__(self, connector, sock, peer):
+        self.connector = connector
+        self.controller = connector.controller
+        self.config = connector.controller.config
+        self.logger = connector.logger
+        self.sock = sock
+        self.peer = peer
 
-    def size_limit(self):
-        value = self.config.get('main', 'netcat_max_message_size').strip()
-        return int(value) if value else self.config.getint('main', 'smtp_max_message_size')
+    def peer_label(self):
+        return '%s:%s' % self.peer[:2]
 
-    def serve(self, sock, peer):
-        label = '%s:%s' % peer[:2]
-        sock.sendall(NETCAT_BANNER)
-        limit = self.size_limit()
+    def run(self):
+        label = self.peer_label()
+        self.sock.sendall(NETCAT_BANNER)
+        limit = self.connector.size_limit()
         try:
-            data, oversized = self.read_message(sock, limit, session_deadline(self.config))
+            data, oversized = self.read_message(limit, session_deadline(self.config))
         except DeadlineExpired:
             self.logger.warning('%s: netcat client still sending after max_session_time (%ss), '
                                 'closing', label, self.config.get('main', 'max_session_time'))
-            return self.answer(sock, b'DEFER:timeout exceeded (session time limit)')
+            return self.defer('timeout exceeded (session time limit)')
         except ConnectionClosed as why:
-            self.logger.info('%s: netcat client left before sending a whole message: %s', label, why)
+            self.logger.info('%s: netcat client left before sending a whole message: %s',
+                             label, why)
             return
         if oversized:
             self.logger.warning('%s: netcat message over %d bytes refused', label, limit)
-            return self.answer(sock, b'REJECT:message exceeds %d octets (configured limit netcat_max_message_size)'
-                               % limit)
+            return self.reject('message exceeds %d octets (configured limit '
+                               'netcat_max_message_size)' % limit)
         sender, recipients, tags = NETCAT_DEFAULT_ADDRESS, [NETCAT_DEFAULT_ADDRESS], {}
         try:
             block = split_envelope_block(data)
         except EnvelopeBlockError as error:
             block = error
-        if block is not None and not self.peer_is_trusted(peer[0]):
-            self.logger.info('%s: envelope block from an untrusted peer kept as message content', label)
+        if block is not None and not self.connector.peer_is_trusted(self.peer[0]):
+            self.logger.info('%s: envelope block from an untrusted peer kept as message '
+                             'content', label)
         elif isinstance(block, EnvelopeBlockError):
             self.logger.warning('%s: broken envelope block: %s', label, block)
-            return self.answer(sock, b'REJECT:' + one_line('broken envelope block: %s' % block).encode('utf-8'))
+            return self.reject('broken envelope block: %s' % block)
         elif block is not None:
             token, fields, data = block
             found_sender, found_recipients = None, []
@@ -6695,7 +6808,7 @@ class NetcatConnector(Connector):
                 key = name.upper()
                 if key == 'X-HEALTHCHECK':
                     self.logger.info('HEALTHCHECK netcat from %s', label)
-                    return self.answer(sock, NETCAT_HEALTHY)
+                    return self.send_answer(NETCAT_HEALTHY)
                 if key == 'X-ENV-SENDER':
                     found_sender = value.strip().strip('<>').strip()
                 elif key == 'X-ENV-RECIPIENT':
@@ -6708,46 +6821,49 @@ class NetcatConnector(Connector):
             if found_recipients:
                 recipients = [address for address in found_recipients if address] or recipients
         if not data:
-            return self.answer(sock, b'REJECT:empty message')
-        try:
-            suspect = Suspect(sender, recipients, inbuffer=data)
-        except ValueError as error:   # an envelope address the address check refuses
-            self.logger.warning('netcat from %s: %s', label, error)
-            return self.answer(sock, b'REJECT:' + one_line(error).encode('utf-8', 'replace'))
-        self.scan(sock, label, suspect, tags)
+            return self.reject('empty message')
+        ScanSession(self.controller).handle(self, sender, recipients, tags, data)
 
-    def read_message(self, sock, limit, deadline=None):
+    def read_message(self, limit, deadline=None):
         """Everything up to the client's half-close: (bytes, False), or (b'', True)
         when over ``limit`` (the rest is read and dropped, so the reply is not lost
         to a connection reset). DeadlineExpired after ``deadline``."""
         try:
-            return read_until_eof(sock, limit, drain=True, deadline=deadline,
+            return read_until_eof(self.sock, limit, drain=True, deadline=deadline,
                                   idle=self.config.getint('main', 'smtptimeout'))
         except OSError as error:
             raise ConnectionClosed('timeout' if is_timeout(error) else str(error))
 
-    def scan(self, sock, label, suspect, tags):
+    # -- the answers to the scan session (ProtocolHandler) ----------------------------
+    def make_suspect(self, sender, recipients, tags, data):
+        suspect = Suspect(sender, recipients, inbuffer=data)
         for name, value in tags.items():
             suspect.tags.setdefault(name, value)   # never replace the core's own tags
-        suspect.tags['incomingport'] = self.port
-        self.logger.info('%s from=%s, nrec=%d, size=%d, client=%s (netcat)', suspect.id,
-                         suspect.from_address or '<>', len(suspect.recipients), suspect.size, label)
-        session = ScanSession(self.controller)
-        action, delivered = DEFER, False
+        suspect.tags['incomingport'] = self.connector.port
+        return suspect
+
+    def commitback(self, suspect):
+        return self.send_answer(b'DUNNO:' + self.output_message(suspect))
+
+    def discard(self, text):
+        return self.send_answer(b'DISCARD:', text)
+
+    def reject(self, text, status='5.7.1'):
+        return self.send_answer(b'REJECT:', text)
+
+    def defer(self, text, status='4.7.1'):
+        return self.send_answer(b'DEFER:', text)
+
+    def send_answer(self, reply, text=''):
+        """Send ``reply`` (bytes), then ``text`` as one line; half-close."""
+        reply += one_line(text).encode('utf-8', 'replace')
         try:
-            action, message = session.scan(suspect)
-            if action in (DUNNO, ACCEPT):
-                reply = b'DUNNO:' + self.output_message(suspect)
-            else:
-                reply = NETCAT_STATUS[action] + b':' + session.reply_text(suspect, action, message).encode('utf-8')
-            delivered = self.answer(sock, reply)
-        except Exception:
-            trace = traceback.format_exc()
-            self.logger.error('%s: processing failed, deferring: %s', suspect.id, trace)
-            self.controller.record_exception(trace)
-            action = DEFER
-            self.answer(sock, b'DEFER:internal problem - message deferred (%s)' % suspect.id.encode())
-        session.finish(suspect, action, delivered and action in (DUNNO, ACCEPT))
+            self.sock.sendall(reply)
+            self.sock.shutdown(socket.SHUT_WR)
+            return True
+        except OSError as error:
+            self.logger.warning('%s: netcat reply not delivered: %s', self.peer_label(), error)
+            return False
 
     @staticmethod
     def output_message(suspect):
@@ -6760,14 +6876,19 @@ class NetcatConnector(Connector):
             output = added.replace(b'\r\n', b'\n') + source
         return output
 
-    def answer(self, sock, reply):
-        try:
-            sock.sendall(reply)
-            sock.shutdown(socket.SHUT_WR)
-            return True
-        except OSError as error:
-            self.logger.warning('netcat reply not delivered: %s', error)
-            return False
+
+class NetcatConnector(Connector):
+    """Raw message pipe for scripts (NetcatSession)."""
+
+    protocol = 'netcat'
+    busy_reply = NETCAT_BANNER + b'DEFER:too many connections from your address, try again later'
+
+    def size_limit(self):
+        value = self.config.get('main', 'netcat_max_message_size').strip()
+        return int(value) if value else self.config.getint('main', 'smtp_max_message_size')
+
+    def serve(self, sock, peer):
+        NetcatSession(self, sock, peer).run()
 
 
 ###############################################################################
@@ -7094,6 +7215,7 @@ class MilterReader(object):
 
 
 
+MILTER_DEFER_CODE = 450      # FuGlu's milter answers every temporary failure with 450
 MILTER_CONTINUE = milter_packet(SMFIR_CONTINUE)
 MILTER_PROGRESS = milter_packet(SMFIR_PROGRESS)
 MILTER_SKIP = milter_packet(SMFIR_SKIP)
@@ -7134,53 +7256,273 @@ def clean_milter_address(argument):
 class MilterMode(object):
     """[milter] milter_mode and milter_mode_options, resolved once per configuration.
 
-    readonly: change nothing, ask for no modification rights.
-    tags: add fuglu's headers; replace what the tag milter_replace names (all, body,
-    headers, from, to). manual: add fuglu's headers; replace the parts listed in
-    milter_mode_options. auto, autoheaders, autofrom, autoto (combinable): add fuglu's
-    headers and write back what the plugins changed (auto = headers, body, sender
-    and recipients). replace_demo: replace the whole message by a notice (tests).
-    Option prepend: added headers go on top (INSHEADER 0) instead of the bottom.
+    milter_mode is a list of words (separated by commas or blanks) that add up
+    (FuGlu's documented modes; its async connector reads a list):
+        readonly        change nothing, ask the MTA for no modification rights; it
+                        wins over every other word
+        tags            the parts the tag milter_replace names (all, body, headers,
+                        from, to)
+        manual          the parts milter_mode_options names
+        auto            whatever the plugins changed: headers, body, sender, recipients
+        autoheaders, autofrom, autoto   the same, for one part each
+        replace_demo    replace the whole message by a notice (to test the wiring)
+    Every mode but readonly also adds fuglu's own headers. Unknown words are left
+    out; with no valid word left the mode is tags. milter_mode_options word prepend
+    puts added headers on top (INSHEADER 0) instead of the bottom.
 
-    Attributes: name, readonly, tags, demo, auto_parts, forced_parts (sets of
-    'headers', 'body', 'from', 'to'), prepend, actions (SMFIF_* rights to ask for).
+    Attributes: name (the words in effect), readonly, tags, demo, auto_parts,
+    forced_parts (sets of 'headers', 'body', 'from', 'to'), prepend, actions (the
+    SMFIF_* rights to ask for), findings ((level, text) for lint and the log).
     """
 
     AUTO_WORDS = {'auto': ('headers', 'body', 'from', 'to'), 'autoheaders': ('headers',),
                   'autofrom': ('from',), 'autoto': ('to',)}
-    SINGLE_WORDS = ('readonly', 'tags', 'manual', 'replace_demo')
+    OTHER_WORDS = ('readonly', 'tags', 'manual', 'replace_demo')
+    OPTION_WORDS = ('all', 'prepend') + tuple(MILTER_PART_ACTIONS)
 
-    def __init__(self, config, logger=None):
-        logger = logger or logging.getLogger('fuglu.milter')
-        words = parse_list(config.get('milter', 'milter_mode'), lower=True)
-        known = [word for word in words if word in self.AUTO_WORDS or word in self.SINGLE_WORDS]
-        if len(known) != len(words):
-            logger.error('milter_mode: ignoring unknown words %s', [w for w in words if w not in known])
-        options = set(parse_list(config.get('milter', 'milter_mode_options'), lower=True))
+    def __init__(self, config):
+        self.findings = []
+        where = config.where('milter', 'milter_mode')
+        words = split_list_value(config.get('milter', 'milter_mode'), ', \t', lower=True)
+        known = []
+        for word in words:
+            if (word in self.AUTO_WORDS or word in self.OTHER_WORDS) and word not in known:
+                known.append(word)
+        unknown = [word for word in words if word not in known]
+        if unknown:
+            self.findings.append(('warning', '%s: unknown words %s left out'
+                                  % (where, ', '.join(unknown))))
+        if not known:
+            self.findings.append(('warning', '%s: no valid mode, using tags' % where))
+            known = ['tags']
+        if 'readonly' in known and len(known) > 1:
+            self.findings.append(('warning', '%s: readonly wins, %s changes nothing'
+                                  % (where, ', '.join(w for w in known if w != 'readonly'))))
+            known = ['readonly']
+        self.name = ','.join(known)
+        self.readonly = known == ['readonly']
+        self.tags = 'tags' in known
+        self.demo = 'replace_demo' in known
+        if self.demo:
+            self.findings.append(('warning', '%s: replace_demo replaces every message by a '
+                                             'notice (for tests only)' % where))
+        options = split_list_value(config.get('milter', 'milter_mode_options'), ', \t',
+                                   lower=True)
+        strange = [word for word in options if word not in self.OPTION_WORDS]
+        if strange:
+            self.findings.append(('warning', '%s: unknown words %s left out' % (
+                config.where('milter', 'milter_mode_options'), ', '.join(strange))))
         self.prepend = 'prepend' in options
-        parts = set(MILTER_PART_ACTIONS) if 'all' in options else options & set(MILTER_PART_ACTIONS)
-        self.auto_parts, self.forced_parts = set(), set()
-        if len(known) == 1 and known[0] in self.SINGLE_WORDS:
-            self.name = known[0]
-        elif known and all(word in self.AUTO_WORDS for word in known):
-            self.name = ','.join(known)
-            for word in known:
-                self.auto_parts.update(self.AUTO_WORDS[word])
-        else:
-            logger.error('milter_mode %r is not a valid mode or combination, using tags', ','.join(words))
-            self.name = 'tags'
-        self.readonly = self.name == 'readonly'
-        self.tags = self.name == 'tags'
-        self.demo = self.name == 'replace_demo'
-        if self.name == 'manual':
-            self.forced_parts = parts
-        every_part = set(MILTER_PART_ACTIONS)
-        wanted = every_part if (self.tags or self.demo) else self.auto_parts | self.forced_parts
+        parts = set(MILTER_PART_ACTIONS) if 'all' in options else \
+            set(options) & set(MILTER_PART_ACTIONS)
+        self.forced_parts = parts if 'manual' in known else set()
+        self.auto_parts = set()
+        for word in known:
+            self.auto_parts.update(self.AUTO_WORDS.get(word, ()))
         self.actions = 0
         if not self.readonly:
-            self.actions = SMFIF_ADDHDRS   # fuglu's own X-Fuglu-* headers, in every writing mode
+            # fuglu's own X-Fuglu-* headers, in every writing mode
+            self.actions = SMFIF_ADDHDRS
+            every_part = set(MILTER_PART_ACTIONS)
+            wanted = every_part if (self.tags or self.demo) else \
+                self.auto_parts | self.forced_parts
             for part in wanted:
                 self.actions |= MILTER_PART_ACTIONS[part]
+
+
+def check_milter_mode(config):
+    """milter_mode and milter_mode_options: what MilterMode leaves out or overrides."""
+    return MilterMode(config).findings
+
+
+def milter_source_value(value, leading_space):
+    """Header value as the MTA sent it -> as it stands in the message source: the
+    leading space as received with HDR_LEADSPC (``leading_space``), else the one
+    space Postfix strips; CRLF between folded lines."""
+    if b'\n' in value:      # folded: the MTA separates the lines with LF
+        # (an LF not followed by a blank would start a header of its own in
+        # fuglu's copy only: it is folded)
+        value = re.sub(rb'\r?\n([ \t]?)', lambda match: b'\r\n' + (match.group(1) or b' '),
+                       value)
+    return value if leading_space else b' ' + value
+
+
+def milter_mta_value(value, leading_space):
+    """Header value as in the message source -> as the MTA wants it."""
+    value = value.replace(b'\r\n', b'\n')
+    if leading_space:
+        return value if value[:1] in (b' ', b'\t') else b' ' + value
+    return value[1:] if value.startswith(b' ') else value
+
+
+class MilterModifications(object):
+    """What to change in the MTA's copy of one message, per milter_mode (MilterMode);
+    no socket involved.
+
+    ``MilterModifications(mode, actions, leading_space, headers, body, rcpt_arguments)``
+    takes the mode, the SMFIF_* rights the MTA granted, whether header values keep
+    their leading space (SMFIP_HDR_LEADSPC), the headers as the MTA sent them
+    ((name, value) bytes), the body as received and recipient -> RCPT argument as
+    received. ``packets(suspect)`` -> the modification packets in the order sender,
+    recipients, headers, fuglu's headers, body (a body replacement must not be
+    interleaved with other changes). A change whose right was not granted is left out
+    and named in ``problems`` (once per kind).
+    """
+
+    def __init__(self, mode, actions, leading_space, headers, body, rcpt_arguments):
+        self.mode = mode
+        self.actions = actions
+        self.leading_space = leading_space
+        self.headers = headers
+        self.body = body
+        self.rcpt_arguments = rcpt_arguments
+        self.problems = []
+        self.missing_rights = set()
+
+    def packets(self, suspect):
+        mode = self.mode
+        if mode.readonly:
+            return []
+        if mode.demo:
+            return self.demo_packets(suspect)
+        forced = set(mode.forced_parts)
+        if mode.tags:
+            wanted = force_uString(suspect.tags.get('milter_replace') or '').lower()
+            forced |= set(MILTER_PART_ACTIONS) if 'all' in wanted else \
+                {part for part in MILTER_PART_ACTIONS if part in wanted}
+        auto = mode.auto_parts
+        packets = []
+        if 'from' in forced or ('from' in auto and suspect.orig_from_address_changed()):
+            self.modify(packets, SMFIF_CHGFROM, milter_packet(SMFIR_CHGFROM, milter_strings(
+                '<%s>' % suspect.from_address)), 'change the sender')
+        if 'to' in forced or ('to' in auto and suspect.orig_recipients_changed()):
+            self.recipient_packets(suspect, packets)
+        body_packets = []
+        if suspect.is_modified() or 'headers' in forced or 'body' in forced:
+            original_headers = [(name, milter_source_value(value, self.leading_space))
+                                for name, value in self.headers]
+            header_block, body = split_message_source(suspect.get_source())
+            current_headers = parse_header_block(header_block)
+            if 'headers' in forced:
+                self.delete_headers(packets, original_headers)
+                self.add_headers(packets, current_headers)
+            elif 'headers' in auto and current_headers != original_headers:
+                self.header_diff_packets(packets, original_headers, current_headers)
+            if 'body' in forced or ('body' in auto and body != self.body):
+                body_packets = self.body_packets(body)
+        added = []
+        for name, value in suspect.addheaders.items():
+            encoded = encode_header(name, value)
+            colon = encoded.index(b':')
+            added.append((encoded[:colon], encoded[colon + 1:-2]))
+        self.add_headers(packets, added)
+        for packet in body_packets:
+            self.modify(packets, SMFIF_CHGBODY, packet, 'replace the body')
+        return packets
+
+    def modify(self, packets, right, packet, what):
+        """Queue a change if its right was granted; else note it (once per kind)."""
+        if self.actions & right:
+            packets.append(packet)
+        elif right not in self.missing_rights:
+            self.missing_rights.add(right)
+            self.problems.append('cannot %s: %s was not negotiated with the MTA'
+                                 % (what, describe_milter_flags(right, SMFIF_NAMES)))
+
+    def recipient_packets(self, suspect, packets):
+        """Delete the recipients that are gone, add the new ones (the same end result
+        as FuGlu's delete-all-then-add, without touching kept recipients)."""
+        original, current = suspect.original_recipients, suspect.recipients
+        for recipient in original:
+            if recipient not in current:
+                argument = self.rcpt_arguments.get(recipient, '<%s>' % recipient)
+                self.modify(packets, SMFIF_DELRCPT,
+                            milter_packet(SMFIR_DELRCPT, milter_strings(argument)),
+                            'delete a recipient')
+        for recipient in current:
+            if recipient not in original:
+                self.modify(packets, SMFIF_ADDRCPT, milter_packet(SMFIR_ADDRCPT, milter_strings(
+                    '<%s>' % recipient)), 'add a recipient')
+
+    def delete_headers(self, packets, headers):
+        """Delete every header listed, highest index first per name, so the indexes
+        of the ones still to delete never shift."""
+        counts, names = {}, {}
+        for name, _value in headers:
+            key = name.lower()
+            counts[key] = counts.get(key, 0) + 1
+            names.setdefault(key, name)
+        for key, count in counts.items():
+            for index in range(count, 0, -1):
+                self.modify(packets, SMFIF_CHGHDRS,
+                            encode_header_packet(SMFIR_CHGHEADER, names[key], b'', index),
+                            'delete a header')
+
+    def add_headers(self, packets, headers):
+        """ADDHEADER (bottom of the header block), or with the mode option prepend
+        INSHEADER at index 0 (on top, in the given order)."""
+        if self.mode.prepend:
+            for name, value in reversed(headers):
+                self.modify(packets, SMFIF_ADDHDRS, encode_header_packet(
+                    SMFIR_INSHEADER, name, milter_mta_value(value, self.leading_space), 0),
+                    'insert a header')
+        else:
+            for name, value in headers:
+                self.modify(packets, SMFIF_ADDHDRS, encode_header_packet(
+                    SMFIR_ADDHEADER, name, milter_mta_value(value, self.leading_space)),
+                    'add a header')
+
+    def header_diff_packets(self, packets, original, current):
+        """Per header name: change the values that differ (CHGHEADER index n), delete
+        the surplus originals (from the highest index down), add the new ones."""
+        def by_name(headers):
+            table = {}
+            for name, value in headers:
+                table.setdefault(name.lower(), (name, []))[1].append(value)
+            return table
+        before, after = by_name(original), by_name(current)
+        added = []
+        for key, (name, old_values) in before.items():
+            new_values = after.get(key, (name, []))[1]
+            for index in range(len(old_values), len(new_values), -1):
+                self.modify(packets, SMFIF_CHGHDRS,
+                            encode_header_packet(SMFIR_CHGHEADER, name, b'', index),
+                            'delete a header')
+            for index in range(min(len(old_values), len(new_values))):
+                if old_values[index] != new_values[index]:
+                    value = milter_mta_value(new_values[index], self.leading_space)
+                    self.modify(packets, SMFIF_CHGHDRS, encode_header_packet(
+                        SMFIR_CHGHEADER, name, value, index + 1), 'change a header')
+            added.extend((name, value) for value in new_values[len(old_values):])
+        for key, (name, new_values) in after.items():
+            if key not in before:
+                added.extend((name, value) for value in new_values)
+        self.add_headers(packets, added)
+
+    @staticmethod
+    def body_packets(body):
+        """REPLBODY chunks of at most 65535 bytes, CRLF line ends."""
+        body = re.sub(rb'(?<!\r)\n', b'\r\n', body)
+        chunks = [body[start:start + MILTER_CHUNK_SIZE]
+                  for start in range(0, len(body), MILTER_CHUNK_SIZE)]
+        return [milter_packet(SMFIR_REPLBODY, chunk) for chunk in chunks or [b'']]
+
+    def demo_packets(self, suspect):
+        """replace_demo: the whole message becomes a short notice."""
+        packets = []
+        original = [(name, milter_source_value(value, self.leading_space))
+                    for name, value in self.headers]
+        self.delete_headers(packets, original)
+        notice = [(b'From', b' <%s>' % force_bString(suspect.from_address or 'MAILER-DAEMON')),
+                  (b'To', b' <%s>' % force_bString(suspect.to_address or
+                                                   'undisclosed-recipients')),
+                  (b'Subject', b' fuglu milter replace_demo')]
+        self.add_headers(packets, notice)
+        body = ('This message was replaced by fuglu (milter_mode replace_demo).\r\n'
+                'Suspect: %s\r\n' % suspect.id).encode('ascii')
+        for packet in self.body_packets(body):
+            self.modify(packets, SMFIF_CHGBODY, packet, 'replace the body')
+        return packets
 
 
 class MilterPlugin(BasicPlugin):
@@ -7416,16 +7758,19 @@ class MilterProgressWatch(object):
                 session.send_progress()
 
 
-class MilterSession(object):
+class MilterSession(ProtocolHandler):
     """One milter connection from the MTA: option negotiation, then any number of
     messages (Postfix opens one milter connection per SMTP connection).
 
-    Events dispatch by command name to ``on_<name>(data)`` (on_connect, on_mail,
-    on_bodyeob ...). A handler returns None (= continue) or a reply packet; the
-    reply is sent only if the event was not negotiated as no-reply. OPTNEG and
-    BODYEOB answer themselves. Any internal error becomes a temporary failure (at
-    once where a reply is due, else at the end of the message); EOF at any point ends
-    the session quietly; broken framing closes it with a log line.
+    Events dispatch by command name (SMFIC_NAMES) to ``on_<name>(data)``
+    (on_connect, on_mail, on_bodyeob ...), as SMTP commands go to ``smtp_<VERB>``.
+    A handler returns None (= continue) or a reply packet; the reply is sent only if
+    the event was not negotiated as no-reply. OPTNEG and BODYEOB answer themselves;
+    at BODYEOB the scan session decides and the answers below (ProtocolHandler) tell
+    the MTA, with the modifications MilterModifications computes. Any internal error
+    becomes a temporary failure (at once where a reply is due, else at the end of the
+    message); EOF at any point ends the session quietly; broken framing closes it
+    with a log line.
 
     Per connection: version, actions, protocol (negotiated), hostname,
     client_address, client_port, helo, connection-stage macros, tags.
@@ -7440,7 +7785,6 @@ class MilterSession(object):
                           SMFIC_MAIL, SMFIC_HELO, SMFIC_CONNECT, SMFIC_UNKNOWN)
     STAGE_COMMANDS = {'connect': SMFIC_CONNECT, 'helo': SMFIC_HELO, 'mailfrom': SMFIC_MAIL,
                       'rcpt': SMFIC_RCPT, 'header': SMFIC_HEADER, 'eoh': SMFIC_EOH}
-    HANDLERS = {}   # command -> method, filled in below the class
 
     def __init__(self, connector, sock, peer):
         self.connector = connector
@@ -7462,6 +7806,7 @@ class MilterSession(object):
             self.stage_plugins[stage] = [p for p in self.mplugins if stage in (getattr(p, 'state', None) or ())]
         self.send_lock = threading.Lock()
         self.scanning = False
+        self.answered = False      # the MTA got the verdict on the last message
         self.closing = False
         self.version = MILTER_VERSION
         self.actions = 0
@@ -7499,7 +7844,6 @@ class MilterSession(object):
         self.oversize = False
         self.message_failure = None
         self.envelope_refusal = None     # (code, text) at end of message: a bad sender/recipient
-        self.missing_rights = set()
 
     def get_macro(self, name, default=None):
         """A macro of the current message or connection, by bare name ('i',
@@ -7520,7 +7864,7 @@ class MilterSession(object):
     def queue_id(self):
         return self.get_macro('i')
 
-    def label(self):
+    def peer_label(self):
         """Log prefix: the MTA peer and Postfix's queue id once it is known."""
         queue_id = self.get_macro('i')
         label = 'milter %s:%s' % tuple(self.peer[:2])
@@ -7547,7 +7891,7 @@ class MilterSession(object):
             except OSError:
                 return
         if self.debug:
-            self.logger.debug('%s: > PROGRESS', self.label())
+            self.logger.debug('%s: > PROGRESS', self.peer_label())
 
     def log_packets(self, direction, data):
         decoder = MilterPacketDecoder(len(data) + 1)
@@ -7558,7 +7902,7 @@ class MilterSession(object):
                 break
             command, payload = packet
             names = SMFIC_NAMES if direction == '<' else SMFIR_NAMES
-            self.logger.debug('%s: %s %s %r', self.label(), direction, names.get(command, command), payload[:200])
+            self.logger.debug('%s: %s %s %r', self.peer_label(), direction, names.get(command, command), payload[:200])
 
     # -- main loop --------------------------------------------------------------
     def run(self):
@@ -7566,38 +7910,40 @@ class MilterSession(object):
             while not self.closing:
                 command, data = self.reader.read_packet()
                 if self.debug:
-                    self.logger.debug('%s: < %s %r', self.label(), SMFIC_NAMES.get(command, command), data[:200])
+                    self.logger.debug('%s: < %s %r', self.peer_label(), SMFIC_NAMES.get(command, command), data[:200])
                 self.dispatch(command, data)
         except DeadlineExpired:
             # the MTA applies its milter_default_action (Postfix: tempfail)
             self.logger.warning('%s: milter connection longer than max_session_time (%ss), closing',
-                                self.label(), self.config.get('main', 'max_session_time'))
+                                self.peer_label(), self.config.get('main', 'max_session_time'))
         except ConnectionClosed as why:
-            self.logger.debug('%s: milter connection closed: %s', self.label(), why)
+            self.logger.debug('%s: milter connection closed: %s', self.peer_label(), why)
         except MilterProtocolError as error:
-            self.logger.warning('%s: milter protocol error, closing the connection: %s', self.label(), error)
+            self.logger.warning('%s: milter protocol error, closing the connection: %s', self.peer_label(), error)
         finally:
             self.scanning = False
             self.connector.progress.unwatch(self)
 
     def dispatch(self, command, data):
-        handler = self.HANDLERS.get(command)
+        name = SMFIC_NAMES.get(command)
+        handler = getattr(self, 'on_' + name.lower(), None) if name else None
         if handler is None:
-            raise MilterProtocolError('unknown command %r with %d data bytes' % (command, len(data)))
+            raise MilterProtocolError('unknown command %r with %d data bytes'
+                                      % (command, len(data)))
         try:
-            reply = handler(self, data)
+            reply = handler(data)
         except (ConnectionClosed, MilterProtocolError):
             raise
         except Exception:
             trace = traceback.format_exc()
-            name = SMFIC_NAMES[command]
-            self.logger.error('%s: handling %s failed: %s', self.label(), name, trace)
+            self.logger.error('%s: handling %s failed: %s', self.peer_label(), name, trace)
             self.controller.record_exception(trace)
             if self.in_message or command in (SMFIC_MAIL, SMFIC_BODYEOB):
                 self.message_failure = 'internal problem at %s' % name
             else:
                 self.connection_failure = 'internal problem at %s' % name
-            reply = milter_reply_code(451, '4.3.0 internal problem - try again later')
+            reply = milter_reply_code(MILTER_DEFER_CODE,
+                                      '4.3.0 internal problem - try again later')
             if command == SMFIC_BODYEOB:    # the verdict is due right now
                 self.reset_message()
                 return self.send(reply)
@@ -7608,7 +7954,7 @@ class MilterSession(object):
             if reply is not None:
                 # negotiated as no-reply: answering now would desynchronise the MTA
                 self.logger.warning('%s: cannot answer %s (negotiated as no-reply); dropping the answer',
-                                    self.label(), SMFIC_NAMES[command])
+                                    self.peer_label(), SMFIC_NAMES[command])
             return
         self.send(reply or MILTER_CONTINUE)
 
@@ -7620,7 +7966,7 @@ class MilterSession(object):
         self.version = min(version, MILTER_VERSION)
         self.actions = self.mode.actions & actions
         if self.mode.actions & ~actions:
-            self.logger.warning('%s: the MTA does not offer %s, needed by milter_mode %s', self.label(),
+            self.logger.warning('%s: the MTA does not offer %s, needed by milter_mode %s', self.peer_label(),
                                 describe_milter_flags(self.mode.actions & ~actions, SMFIF_NAMES), self.mode.name)
         # Ask only for what we use: no reply to stages without milter plugins, no
         # unknown SMTP commands, header values with their leading space (so the
@@ -7631,7 +7977,7 @@ class MilterSession(object):
                 wanted |= MILTER_NO_REPLY_FLAGS[command]
         self.protocol = wanted & protocol
         self.leading_space = bool(self.protocol & SMFIP_HDR_LEADSPC)
-        self.logger.debug('%s: negotiated version %d, actions %s, protocol %s (offered %d, %s, %s)', self.label(),
+        self.logger.debug('%s: negotiated version %d, actions %s, protocol %s (offered %d, %s, %s)', self.peer_label(),
                           self.version, describe_milter_flags(self.actions, SMFIF_NAMES),
                           describe_milter_flags(self.protocol, SMFIP_NAMES), version,
                           describe_milter_flags(actions, SMFIF_NAMES), describe_milter_flags(protocol, SMFIP_NAMES))
@@ -7698,7 +8044,7 @@ class MilterSession(object):
         brackets): refused at once when the MTA waits for an answer to ``command``;
         else (negotiated as no-reply) the message is refused with 550 at its end, or
         with ``whole_connection`` every message of the connection."""
-        self.logger.warning('%s: %s refused: %s', self.label(), SMFIC_NAMES[command], text)
+        self.logger.warning('%s: %s refused: %s', self.peer_label(), SMFIC_NAMES[command], text)
         if command == SMFIC_MAIL:
             self.in_message = False
         if not self.protocol & MILTER_NO_REPLY_FLAGS[command]:
@@ -7751,7 +8097,7 @@ class MilterSession(object):
         refused (452 4.3.4, as FuGlu does) at its end."""
         if not self.oversize:
             self.logger.warning('%s: message over smtp_max_message_size %d (headers and body), '
-                                'will be refused', self.label(), self.max_size)
+                                'will be refused', self.peer_label(), self.max_size)
             self.oversize = True
             self.headers = []
             self.body = bytearray()
@@ -7790,12 +8136,12 @@ class MilterSession(object):
         if action == DELETE:
             if stage in ('connect', 'helo'):
                 self.logger.error('%s: DELETE (discard) is not allowed at %s; answering with a temporary failure',
-                                  self.label(), stage)
+                                  self.peer_label(), stage)
                 return milter_reply_code(451, '4.7.1 Try again later')
             return milter_packet(SMFIR_DISCARD)
         if action == REJECT:
             return milter_reply_code(550, message or 'Rejected by content scanner')
-        return milter_reply_code(450, message or 'Try again later')
+        return milter_reply_code(MILTER_DEFER_CODE, message or 'Try again later')
 
     def stage_verdict(self, stage, plugins, args):
         """(action, message) of the first plugin with a decision, else (DUNNO, None).
@@ -7811,7 +8157,7 @@ class MilterSession(object):
                     result = call_plugin(getattr(plugin, 'examine_' + stage), self, *args)
             except Exception as error:
                 trace = traceback.format_exc()
-                self.logger.error('%s: milter plugin %s failed at %s: %s: %s', self.label(), plugin, stage,
+                self.logger.error('%s: milter plugin %s failed at %s: %s: %s', self.peer_label(), plugin, stage,
                                   error.__class__.__name__, error)
                 self.logger.debug(trace)
                 self.controller.record_exception(trace)
@@ -7822,116 +8168,105 @@ class MilterSession(object):
                 continue
             if code not in (ACCEPT, DELETE, REJECT, DEFER):
                 self.logger.error('%s: milter plugin %s returned an invalid action %r at %s, ignored',
-                                  self.label(), plugin, code, stage)
+                                  self.peer_label(), plugin, code, stage)
                 continue
-            self.logger.info('%s: milter plugin %s at %s: %s %s', self.label(), plugin, stage,
+            self.logger.info('%s: milter plugin %s at %s: %s %s', self.peer_label(), plugin, stage,
                              actioncode_to_string(code), text or '')
             return code, text
         return DUNNO, None
 
     # -- end of message -----------------------------------------------------------
     def end_of_message(self):
+        """The verdict on the message: through the scan session, unless the message
+        is already refused (an earlier failure, its envelope, its size)."""
+        self.answered = False
         failure = self.connection_failure or self.message_failure
-        if failure:
-            self.logger.error('%s: %s earlier in this message; deferring it', self.label(), failure)
-            return self.send(milter_reply_code(451, '4.3.0 internal problem - message deferred'))
         refusal = self.connection_refusal or self.envelope_refusal
-        if refusal:
-            self.logger.warning('%s: message refused for its envelope: %s %s', self.label(),
+        if failure:
+            self.logger.error('%s: %s earlier in this message; deferring it', self.peer_label(),
+                              failure)
+            self.defer('internal problem - message deferred', '4.3.0')
+        elif refusal:
+            self.logger.warning('%s: message refused for its envelope: %s %s', self.peer_label(),
                                 *refusal)
-            return self.send(milter_reply_code(*refusal))
-        if self.oversize:
-            return self.send(milter_reply_code(452, '4.3.4 message size exceeds fixed maximum message size %d'
-                                                    % self.max_size))
-        suspect = self.build_suspect()
-        if suspect is None:
-            return
-        session = ScanSession(self.controller)
-        action = DEFER
+            self.send_verdict([milter_reply_code(*refusal)])
+        elif self.oversize:
+            self.send_verdict([milter_reply_code(
+                452, '4.3.4 message size exceeds fixed maximum message size %d' % self.max_size)])
+        else:
+            self.scan_message()
+        if not self.answered:
+            raise ConnectionClosed('the MTA left before the verdict')
+
+    def scan_message(self):
         self.scanning = True
         self.connector.progress.watch(self)
         try:
-            action, message = self.stage_verdict('eob', self.stage_plugins['eob'], (suspect,))
-            if action == DUNNO:
-                action, message = session.scan(suspect)
-            packets = self.verdict_packets(session, suspect, action, message)
-        except Exception:
-            trace = traceback.format_exc()
-            self.logger.error('%s: processing failed, deferring: %s', suspect.id, trace)
-            self.controller.record_exception(trace)
-            action = DEFER
-            packets = [milter_reply_code(451, '4.3.0 internal problem - message deferred (%s)' % suspect.id)]
-        answered = self.send_verdict(packets)
-        self.logger.info('%s queueid=%s: milter verdict %s%s', suspect.id, suspect.queue_id,
-                         actioncode_to_string(action), '' if answered else ' (the MTA was gone)')
-        session.finish(suspect, action, answered and action in (DUNNO, ACCEPT))
-        if not answered:
-            raise ConnectionClosed('the MTA left before the verdict')
+            suspect, action = ScanSession(self.controller).handle(self)
+        finally:
+            self.stop_progress()
+        if suspect is not None:
+            self.logger.info('%s queueid=%s: milter verdict %s%s', suspect.id, suspect.queue_id,
+                             actioncode_to_string(action),
+                             '' if self.answered else ' (the MTA was gone)')
+
+    # -- the answers to the scan session (ProtocolHandler) ----------------------------
+    def make_suspect(self):
+        suspect = Suspect(self.sender or '', list(self.recipients),
+                          inbuffer=self.rebuild_message(), queue_id=self.queue_id(),
+                          clientinfo=self.clientinfo(), milter_macros=self.all_macros())
+        suspect.tags['incomingport'] = self.connector.port
+        return suspect
+
+    def before_scan(self, suspect):
+        return self.stage_verdict('eob', self.stage_plugins['eob'], (suspect,))
+
+    def commitback(self, suspect):
+        changes = MilterModifications(self.mode, self.actions, self.leading_space, self.headers,
+                                      self.body, self.rcpt_arguments)
+        packets = changes.packets(suspect)
+        for problem in changes.problems:
+            self.logger.error('%s: %s', self.peer_label(), problem)
+        return self.send_verdict(packets + [MILTER_CONTINUE])
+
+    def discard(self, text):
+        return self.send_verdict([milter_packet(SMFIR_DISCARD)])
+
+    def reject(self, text, status='5.7.1'):
+        return self.send_verdict([milter_reply_code(550, text, status)])
+
+    def defer(self, text, status='4.7.1'):
+        return self.send_verdict([milter_reply_code(MILTER_DEFER_CODE, text, status)])
 
     def send_verdict(self, packets):
         """Stop the keep-alives and send modifications + verdict in one write.
-        Returns False when the MTA is gone."""
+        Returns False (and remembers it in ``answered``) when the MTA is gone."""
         data = b''.join(packets)
         with self.send_lock:
             self.scanning = False
             try:
                 self.sock.sendall(data)
-                answered = True
+                self.answered = True
             except OSError:
-                answered = False
-        self.connector.progress.unwatch(self)
+                self.answered = False
         if self.debug:
             self.log_packets('>', data)
-        return answered
+        return self.answered
 
-    def build_suspect(self):
-        """The Suspect of the finished message, or None after refusing an envelope
-        that fails the address checks."""
-        config = self.config
-        sender = self.sender or ''
-        checker = config.get('main', 'address_compliance_checker')
-        maxsize = config.getint('main', 'address_compliance_checker_maxsize')
-        addresses = ([sender] if sender else []) + self.recipients
-        if not all(address_is_valid(address, checker, maxsize) for address in addresses):
-            action = config.get('main', 'address_compliance_fail_action').strip().lower()
-            text = config.get('main', 'address_compliance_fail_message')
-            self.logger.warning('%s: invalid envelope address in %s, action %s', self.label(), addresses, action)
-            if action == 'discard':
-                self.send(milter_packet(SMFIR_DISCARD))
-            else:
-                self.send(milter_reply_code(550 if action == 'reject' else 451, text))
-            return None
-        suspect = Suspect(sender, list(self.recipients), inbuffer=self.rebuild_message(),
-                          queue_id=self.queue_id(), clientinfo=self.clientinfo(), milter_macros=self.all_macros())
-        suspect.tags['incomingport'] = self.connector.port
-        self.logger.info('%s queueid=%s from=%s, nrec=%d, size=%d, client=%s', suspect.id, suspect.queue_id,
-                         sender or '<>', len(suspect.recipients), suspect.size, self.client_address or self.peer[0])
-        return suspect
+    def stop_progress(self):
+        with self.send_lock:
+            self.scanning = False
+        self.connector.progress.unwatch(self)
 
     def rebuild_message(self):
         """The message as the MTA has it: 'name:' + value per header (the value's
         leading space as received with HDR_LEADSPC, else the one space Postfix
         strips), CRLF line ends, a blank line, the body bytes as received."""
-        lines = [name + b':' + self.source_value(value) + CRLF for name, value in self.headers]
+        lines = [name + b':' + milter_source_value(value, self.leading_space) + CRLF
+                 for name, value in self.headers]
         lines.append(CRLF)
         lines.append(bytes(self.body))
         return b''.join(lines)
-
-    def source_value(self, value):
-        """Header value as received -> as it stands in the message source."""
-        if b'\n' in value:      # folded: the MTA separates the lines with LF
-            # (an LF not followed by a blank would start a header of its own in
-            # fuglu's copy only: it is folded)
-            value = re.sub(rb'\r?\n([ \t]?)', lambda match: b'\r\n' + (match.group(1) or b' '),
-                           value)
-        return value if self.leading_space else b' ' + value
-
-    def mta_value(self, value):
-        """Header value as in the message source -> as the MTA wants it."""
-        value = value.replace(b'\r\n', b'\n')
-        if self.leading_space:
-            return value if value[:1] in (b' ', b'\t') else b' ' + value
-        return value[1:] if value.startswith(b' ') else value
 
     def clientinfo(self):
         """(helo, ip, rdns) from CONNECT/HELO when the MTA is trusted to tell."""
@@ -7941,157 +8276,6 @@ class MilterSession(object):
         if not name or name.startswith('['):    # Postfix sends [ip] without a reverse name
             name = 'unknown'
         return self.helo or '', self.client_address, name
-
-    # -- verdict and modifications --------------------------------------------------
-    def verdict_packets(self, session, suspect, action, message):
-        if action in (DUNNO, ACCEPT):
-            return self.modification_packets(suspect) + [MILTER_CONTINUE]
-        text = session.reply_text(suspect, action, message)
-        if action == DELETE:
-            return [milter_packet(SMFIR_DISCARD)]
-        if action == REJECT:
-            return [milter_reply_code(550, text)]
-        return [milter_reply_code(450, text)]
-
-    def modification_packets(self, suspect):
-        """What to change in the MTA's copy, per milter_mode (spec 4.4.5), in the
-        order sender, recipients, headers, fuglu's headers, body (body replacement
-        must not be interleaved with other changes)."""
-        mode = self.mode
-        if mode.readonly:
-            return []
-        if mode.demo:
-            return self.demo_packets(suspect)
-        forced = set(mode.forced_parts)
-        if mode.tags:
-            wanted = force_uString(suspect.tags.get('milter_replace') or '').lower()
-            forced = set(MILTER_PART_ACTIONS) if 'all' in wanted else {p for p in MILTER_PART_ACTIONS if p in wanted}
-        auto = mode.auto_parts
-        packets = []
-        if 'from' in forced or ('from' in auto and suspect.orig_from_address_changed()):
-            self.modify(packets, SMFIF_CHGFROM, milter_packet(SMFIR_CHGFROM, milter_strings(
-                '<%s>' % suspect.from_address)), 'change the sender')
-        if 'to' in forced or ('to' in auto and suspect.orig_recipients_changed()):
-            self.recipient_packets(suspect, packets)
-        body_packets = []
-        if suspect.is_modified() or 'headers' in forced or 'body' in forced:
-            original_headers = [(name, self.source_value(value)) for name, value in self.headers]
-            header_block, body = split_message_source(suspect.get_source())
-            current_headers = parse_header_block(header_block)
-            if 'headers' in forced:
-                self.delete_headers(packets, original_headers)
-                self.add_headers(packets, current_headers)
-            elif 'headers' in auto and current_headers != original_headers:
-                self.header_diff_packets(packets, original_headers, current_headers)
-            if 'body' in forced or ('body' in auto and body != bytes(self.body)):
-                body_packets = self.body_packets(body)
-        added = []
-        for name, value in suspect.addheaders.items():
-            encoded = encode_header(name, value)
-            colon = encoded.index(b':')
-            added.append((encoded[:colon], encoded[colon + 1:-2]))
-        self.add_headers(packets, added)
-        for packet in body_packets:
-            self.modify(packets, SMFIF_CHGBODY, packet, 'replace the body')
-        return packets
-
-    def modify(self, packets, right, packet, what):
-        """Queue a change if its right was negotiated; else log (once per kind)."""
-        if self.actions & right:
-            packets.append(packet)
-        elif right not in self.missing_rights:
-            self.missing_rights.add(right)
-            self.logger.error('%s: cannot %s: %s was not negotiated with the MTA', self.label(), what,
-                              describe_milter_flags(right, SMFIF_NAMES))
-
-    def recipient_packets(self, suspect, packets):
-        """Delete the recipients that are gone, add the new ones (the same end result
-        as FuGlu's delete-all-then-add, without touching kept recipients)."""
-        original, current = suspect.original_recipients, suspect.recipients
-        for recipient in original:
-            if recipient not in current:
-                argument = self.rcpt_arguments.get(recipient, '<%s>' % recipient)
-                self.modify(packets, SMFIF_DELRCPT, milter_packet(SMFIR_DELRCPT, milter_strings(argument)),
-                            'delete a recipient')
-        for recipient in current:
-            if recipient not in original:
-                self.modify(packets, SMFIF_ADDRCPT, milter_packet(SMFIR_ADDRCPT, milter_strings(
-                    '<%s>' % recipient)), 'add a recipient')
-
-    def delete_headers(self, packets, headers):
-        """Delete every header listed, highest index first per name, so the indexes
-        of the ones still to delete never shift."""
-        counts, names = {}, {}
-        for name, _value in headers:
-            key = name.lower()
-            counts[key] = counts.get(key, 0) + 1
-            names.setdefault(key, name)
-        for key, count in counts.items():
-            for index in range(count, 0, -1):
-                self.modify(packets, SMFIF_CHGHDRS, encode_header_packet(SMFIR_CHGHEADER, names[key], b'', index),
-                            'delete a header')
-
-    def add_headers(self, packets, headers):
-        """ADDHEADER (bottom of the header block), or with the mode option prepend
-        INSHEADER at index 0 (on top, in the given order)."""
-        if self.mode.prepend:
-            for name, value in reversed(headers):
-                self.modify(packets, SMFIF_ADDHDRS, encode_header_packet(
-                    SMFIR_INSHEADER, name, self.mta_value(value), 0), 'insert a header')
-        else:
-            for name, value in headers:
-                self.modify(packets, SMFIF_ADDHDRS, encode_header_packet(
-                    SMFIR_ADDHEADER, name, self.mta_value(value)), 'add a header')
-
-    def header_diff_packets(self, packets, original, current):
-        """Per header name: change the values that differ (CHGHEADER index n), delete
-        the surplus originals (from the highest index down), add the new ones."""
-        def by_name(headers):
-            table = {}
-            for name, value in headers:
-                table.setdefault(name.lower(), (name, []))[1].append(value)
-            return table
-        before, after = by_name(original), by_name(current)
-        added = []
-        for key, (name, old_values) in before.items():
-            new_values = after.get(key, (name, []))[1]
-            for index in range(len(old_values), len(new_values), -1):
-                self.modify(packets, SMFIF_CHGHDRS, encode_header_packet(SMFIR_CHGHEADER, name, b'', index),
-                            'delete a header')
-            for index in range(min(len(old_values), len(new_values))):
-                if old_values[index] != new_values[index]:
-                    self.modify(packets, SMFIF_CHGHDRS, encode_header_packet(
-                        SMFIR_CHGHEADER, name, self.mta_value(new_values[index]), index + 1), 'change a header')
-            added.extend((name, value) for value in new_values[len(old_values):])
-        for key, (name, new_values) in after.items():
-            if key not in before:
-                added.extend((name, value) for value in new_values)
-        self.add_headers(packets, added)
-
-    def body_packets(self, body):
-        """REPLBODY chunks of at most 65535 bytes, CRLF line ends."""
-        body = re.sub(rb'(?<!\r)\n', b'\r\n', body)
-        chunks = [body[start:start + MILTER_CHUNK_SIZE] for start in range(0, len(body), MILTER_CHUNK_SIZE)]
-        return [milter_packet(SMFIR_REPLBODY, chunk) for chunk in chunks or [b'']]
-
-    def demo_packets(self, suspect):
-        """replace_demo: the whole message becomes a short notice."""
-        packets = []
-        original = [(name, self.source_value(value)) for name, value in self.headers]
-        self.delete_headers(packets, original)
-        notice = [(b'From', b' <%s>' % force_bString(suspect.from_address or 'MAILER-DAEMON')),
-                  (b'To', b' <%s>' % force_bString(suspect.to_address or 'undisclosed-recipients')),
-                  (b'Subject', b' fuglu milter replace_demo')]
-        self.add_headers(packets, notice)
-        body = ('This message was replaced by fuglu (milter_mode replace_demo).\r\nSuspect: %s\r\n'
-                % suspect.id).encode('ascii')
-        for packet in self.body_packets(body):
-            self.modify(packets, SMFIF_CHGBODY, packet, 'replace the body')
-        return packets
-
-
-MilterSession.HANDLERS = {command: getattr(MilterSession, 'on_' + name.lower())
-                          for command, name in SMFIC_NAMES.items()}
 
 
 class MilterConnector(Connector):
@@ -8121,7 +8305,8 @@ class MilterConnector(Connector):
             if strict:
                 raise
             self.logger.error('mplugins failed to load, keeping the previous ones: %s', error)
-        self._mode = MilterMode(config, self.logger)
+        self._mode = MilterMode(config)
+        log_findings(self.logger, self._mode.findings)
         self._loaded_for = config
 
     def milter_plugins(self, strict=False):
@@ -10104,8 +10289,9 @@ class Lint(object):
         self.say('Loading extensions...')
         self.say('file type detection: %s' % ('python-magic' if module_available('magic')
                                                else 'built-in signature table'))
-        self.say('archives: zip, tar, gz, bz2, xz%s%s' % (', rar' if module_available('rarfile') else '',
-                                                         ', 7z' if module_available('py7zr') else ''))
+        self.say('archives: zip, tar, gz, bz2, xz%s%s' % (
+            ', rar' if module_available('rarfile') else '',
+            ', 7z' if module_available('py7zr') else ''))
         sqlalchemy = import_sqlalchemy() if module_available('sqlalchemy') else None
         if sqlalchemy is not None:
             drivers = [name for name in ('psycopg2', 'psycopg', 'pymysql', 'MySQLdb')
@@ -10120,9 +10306,9 @@ class Lint(object):
         self.say('Loading plugins...')
         plugins = {}
         try:
-            add_plugin_dirs(config)
+            add_plugin_dirs(self.config)
             for option in PLUGIN_LIST_OPTIONS:
-                plugins[option] = load_plugins(config, option)
+                plugins[option] = load_plugins(self.config, option)
             self.say('Plugin loading complete')
         except PluginLoadError as error:
             self.say('At least one plugin failed to load: %s' % error, 'red')
@@ -10140,9 +10326,12 @@ class Lint(object):
                 main_errors += check_options(config, section, table)
             findings += check_inert_options(config, section, table)
             findings += check_paths(config, section, table)
+        findings += check_milter_mode(config)
         for section in CORE_DEFAULTS:
-            if section not in ('PluginAlias', 'databaseconfig', 'environment') and not config.has_section(section):
-                self.say('section [%s] not in the config file: all values default' % section, 'yellow')
+            if section not in ('PluginAlias', 'databaseconfig', 'environment') and \
+                    not config.has_section(section):
+                self.say('section [%s] not in the config file: all values default' % section,
+                         'yellow')
         for error in main_errors:
             self.say(error, 'red')
         failed = bool(main_errors) | bool(self.report(findings))
@@ -10846,7 +11035,7 @@ def command_scan(argv):
         print('  %s: %s' % (header_name, one_line(value, 300)))
     if args.output:
         sys.stdout.flush()
-        sys.stdout.buffer.write(NetcatConnector.output_message(suspect))
+        sys.stdout.buffer.write(NetcatSession.output_message(suspect))
     return CLIENT_EXIT_CODES.get({'DELETE': 'DISCARD', 'ACCEPT': 'DUNNO'}.get(name, name), 1)
 
 

@@ -308,8 +308,136 @@ def test_modes_ask_only_for_the_rights_they_use():
     assert manual.forced_parts == {'body', 'from'}
     assert manual.actions == fuglu.SMFIF_ADDHDRS | fuglu.SMFIF_CHGBODY | fuglu.SMFIF_CHGFROM
     assert mode('manual', 'all').forced_parts == {'headers', 'body', 'from', 'to'}
-    assert mode('nonsense').name == 'tags' and mode('readonly,auto').name == 'tags'
     assert mode('autoheaders', 'prepend').prepend
+
+
+@pytest.mark.parametrize('words,options,name,forced,auto,warned', [
+    ('nonsense', '', 'tags', set(), set(), True),
+    ('readonly, auto', '', 'readonly', set(), set(), True),          # readonly wins
+    ('tags, readonly, manual', 'all', 'readonly', set(), set(), True),
+    ('manual, tags', 'body', 'manual,tags', {'body'}, set(), False),
+    ('manual autoheaders', 'from', 'manual,autoheaders', {'from'}, {'headers'}, False),
+    ('auto, bogus', '', 'auto', set(), {'headers', 'body', 'from', 'to'}, True),
+    ('manual', 'body, sideways', 'manual', {'body'}, set(), True),
+])
+def test_mode_words_combine_as_fuglu_documents(words, options, name, forced, auto, warned):
+    from helpers import make_config
+    config = make_config('[milter]\nmilter_mode=%s\nmilter_mode_options=%s\n' % (words, options))
+    mode = fuglu.MilterMode(config)
+    assert mode.name == name
+    assert mode.readonly == (name == 'readonly') and mode.tags == ('tags' in name.split(','))
+    assert (mode.forced_parts, mode.auto_parts) == (forced, auto)
+    assert (mode.actions == 0) == mode.readonly
+    findings = fuglu.check_milter_mode(config)
+    assert bool(findings) == warned and all(level == 'warning' for level, _ in findings)
+
+
+# -- what to change in the MTA's copy (no socket) ----------------------------------------
+
+ALL_RIGHTS = 0x1ff
+HEADERS = [(b'From', b' a@example.org'), (b'Subject', b' hello'), (b'X-Two', b' one'),
+           (b'X-Two', b' two')]
+BODY = b'the body\r\n'
+
+
+def modifications(words, options='', actions=ALL_RIGHTS, leading_space=True,
+                  rcpt_arguments=None):
+    from helpers import make_config
+    mode = fuglu.MilterMode(make_config('[milter]\nmilter_mode=%s\nmilter_mode_options=%s\n'
+                                        % (words, options)))
+    return fuglu.MilterModifications(mode, actions, leading_space, HEADERS, bytearray(BODY),
+                                     rcpt_arguments or {'b@example.net': '<b@example.net>'})
+
+
+def received_suspect():
+    source = b''.join(name + b':' + value + b'\r\n' for name, value in HEADERS) + b'\r\n' + BODY
+    suspect = fuglu.Suspect('a@example.org', ['b@example.net'], inbuffer=source)
+    suspect.add_header('X-Fuglu-Spamstatus', 'NO')
+    return suspect
+
+
+def packet(command, *strings):
+    return fuglu.milter_packet(command, fuglu.milter_strings(*strings))
+
+
+FUGLU_HEADER = fuglu.encode_header_packet(fuglu.SMFIR_ADDHEADER, b'X-Fuglu-Spamstatus', b' NO')
+
+
+def test_readonly_changes_nothing_and_other_modes_add_fuglus_headers():
+    suspect = received_suspect()
+    assert modifications('readonly').packets(suspect) == []
+    for words in ('tags', 'manual', 'auto', 'autofrom'):
+        assert modifications(words).packets(suspect) == [FUGLU_HEADER], words
+
+
+def test_auto_writes_back_sender_recipients_and_headers_in_that_order():
+    suspect = received_suspect()
+    suspect.from_address = 'new@example.org'
+    suspect.recipients = ['c@example.net']
+    suspect.set_header('Subject', 'changed')
+    packets = modifications('auto', rcpt_arguments={'b@example.net': '<b@example.net> X=1'}) \
+        .packets(suspect)
+    assert packets == [
+        packet(fuglu.SMFIR_CHGFROM, '<new@example.org>'),
+        packet(fuglu.SMFIR_DELRCPT, '<b@example.net> X=1'),     # the argument as received
+        packet(fuglu.SMFIR_ADDRCPT, '<c@example.net>'),
+        fuglu.encode_header_packet(fuglu.SMFIR_CHGHEADER, b'Subject', b' changed', 1),
+        FUGLU_HEADER,
+    ]
+
+
+def test_autoheaders_leaves_the_envelope_and_body_alone():
+    suspect = received_suspect()
+    suspect.from_address = 'new@example.org'
+    head, _ = fuglu.split_message_source(suspect.get_source())
+    suspect.set_source(head.replace(b'\r\nX-Two: two', b'') + b'\r\n\r\nnew body\r\n')
+    assert modifications('autoheaders').packets(suspect) == [
+        fuglu.encode_header_packet(fuglu.SMFIR_CHGHEADER, b'X-Two', b'', 2), FUGLU_HEADER]
+
+
+def test_manual_and_tags_add_up_and_the_body_comes_last():
+    suspect = received_suspect()
+    suspect.tags['milter_replace'] = 'from'
+    packets = modifications('manual, tags', 'body').packets(suspect)
+    assert packets == [packet(fuglu.SMFIR_CHGFROM, '<a@example.org>'), FUGLU_HEADER,
+                       fuglu.milter_packet(fuglu.SMFIR_REPLBODY, BODY)]
+
+
+def test_manual_headers_replaces_the_whole_header_block():
+    suspect = received_suspect()
+    packets = modifications('manual', 'headers').packets(suspect)
+    deleted = [fuglu.encode_header_packet(fuglu.SMFIR_CHGHEADER, name, b'', index)
+               for name, index in ((b'From', 1), (b'Subject', 1), (b'X-Two', 2), (b'X-Two', 1))]
+    added = [fuglu.encode_header_packet(fuglu.SMFIR_ADDHEADER, name, value)
+             for name, value in HEADERS]
+    assert packets == deleted + added + [FUGLU_HEADER]
+
+
+def test_prepend_inserts_on_top_and_values_follow_the_negotiated_leading_space():
+    suspect = received_suspect()
+    suspect.add_header('X-Fuglu-Suspect', suspect.id)
+    packets = modifications('tags', 'prepend', leading_space=False).packets(suspect)
+    assert packets == [
+        fuglu.encode_header_packet(fuglu.SMFIR_INSHEADER, b'X-Fuglu-Suspect',
+                                   suspect.id.encode(), 0),
+        fuglu.encode_header_packet(fuglu.SMFIR_INSHEADER, b'X-Fuglu-Spamstatus', b'NO', 0)]
+
+
+def test_changes_without_the_right_are_left_out_and_named_once():
+    suspect = received_suspect()
+    suspect.recipients = ['c@example.net', 'd@example.net']
+    changes = modifications('auto', actions=fuglu.SMFIF_ADDHDRS)
+    assert changes.packets(suspect) == [FUGLU_HEADER]
+    assert changes.problems == ['cannot delete a recipient: DELRCPT was not negotiated with '
+                                'the MTA', 'cannot add a recipient: ADDRCPT was not negotiated '
+                                'with the MTA']
+
+
+def test_a_long_body_is_replaced_in_chunks_of_at_most_65535_bytes():
+    body = b'x' * 70000 + b'\n'
+    chunks = fuglu.MilterModifications.body_packets(body)
+    assert [len(chunk) - 5 for chunk in chunks] == [65535, 70002 - 65535]
+    assert b''.join(chunk[5:] for chunk in chunks) == b'x' * 70000 + b'\r\n'
 
 
 # -- negotiation with different MTA offers --------------------------------------------------
@@ -480,7 +608,7 @@ def test_internal_error_becomes_tempfail(start_fuglu, monkeypatch):
     monkeypatch.setattr(fuglu.ScanSession, 'scan', broken)
     client = MilterClient(instance.port).start()
     text = replycode(client.message())
-    assert text.startswith('451 4.3.0 internal problem - message deferred (')
+    assert text.startswith('450 4.3.0 internal problem - message deferred (')   # FuGlu: 450
     monkeypatch.undo()
     assert client.message()[-1] == (b'c', b'')      # the connection is still good
     client.quit()
