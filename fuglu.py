@@ -1592,6 +1592,50 @@ class SimpleTimeoutMixin(object):
 RECEIVED_HEADER_MAX_CHARS = 8192   # of a Received header read for the client's identity
 
 
+# The tags plugins and the core exchange through Suspect.tags; any other name is the
+# plugins' own (FuGlu's convention, which the plugin bases' helpers follow too:
+# '<PluginName>.<what>'). name -> (who sets it, what it means). tests/test_suspect.py
+# checks that the core uses no tag missing here.
+SUSPECT_TAGS = {
+    # the verdicts of the scanners: engine name -> True/False; is_spam() and the others,
+    # the X-Fuglu-Spamstatus header, the counters and the templates read them
+    'virus': ('plugins', 'engine -> virus found'),
+    'spam': ('plugins', 'engine -> spam'),
+    'highspam': ('plugins', 'engine -> high-scoring spam'),
+    'blocked': ('plugins', 'engine -> blocked (attachment rules)'),
+    'welcomelisted': ('plugins', 'engine -> sender welcome-listed'),
+    'blocklisted': ('plugins', 'engine -> sender block-listed'),
+    # what a plugin asks of the core
+    'noreinject': ('plugins', 'smtp/esmtp: answer 250 without delivering downstream'),
+    'reinjectoriginal': ('plugins', 'deliver the source as received, without changes or '
+                                    'added headers'),
+    'noappenders': ('plugins', 'run no appenders for this message'),
+    'skip_prependers': ('plugins', 'run no further prependers'),
+    'nobounce': ('plugins', 'send no bounce about this message'),
+    'milter_replace': ('plugins', 'milter_mode tags: the parts to write back (all, body, '
+                                  'headers, from, to)'),
+    'debug': ('plugins', 'Suspect.debug() writes to the file object in debugfile'),
+    'debugfile': ('plugins', 'the open file of the tag debug (closed by the core)'),
+    # what the core tells the plugins
+    'incomingport': ('core', 'the port the message came in on'),
+    'appenders': ('core', 'the appenders that will run (a prepender may change them)'),
+    'decisions': ('core', '[(plugin section, action)] of the scanners so far'),
+    'scantimes': ('core', '[(plugin section, seconds)] of the scanners so far'),
+    'processingerrors': ('core', 'texts of the plugin failures so far'),
+    'fuglu.scantime': ('core', 'seconds the scanners took, as text'),
+    'origsubj': ('core', 'the raw Subject before update_subject() changed it'),
+    'injectcode': ('core', 'the downstream\'s reply code to the delivery'),
+    'injectanswer': ('core', 'the downstream\'s reply text to the delivery'),
+    'injectmessage': ('core', 'the same (FuGlu has both names)'),
+    'injectqueueid': ('core', 'the downstream\'s queue id, when its reply names one'),
+    'ignored_recipients': ('core', 'esmtp ignore_multiple_recipients: the recipients '
+                                   'acknowledged but not forwarded'),
+    'prepend_identifier': ('core', 'netcat: the token of the envelope block'),
+}
+# (per milter connection, MilterSession.tags: 'skipmplugins', the class names of the
+# milter plugins to skip)
+
+
 class InvalidAddress(FugluError, ValueError):
     """An envelope address the address check refuses (Suspect() raises it). The scan
     session answers it as [main] address_compliance_fail_action says."""
@@ -1615,7 +1659,8 @@ class Suspect(SimpleTimeoutMixin):
     addheaders (dict name -> value), queue_id, clientinfo ((helo, ip, rdns) or None),
     smtp_options (set of MAIL parameters like 'SMTPUTF8', 'BODY=8BITMIME'),
     milter_macros (dict), tempfile (a file with the original message: the one given,
-    or one written to ``tempdir`` on first access and removed by cleanup()).
+    or one written to ``tempdir`` on first access and removed by cleanup()). The tags
+    the core reads or writes are listed in SUSPECT_TAGS.
     """
 
     def __init__(self, from_address, recipients, tempfile=None, inbuffer=None,

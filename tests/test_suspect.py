@@ -393,3 +393,18 @@ def test_client_info_costs_linear_time_on_a_nested_received_header():
     assert suspect.client_info_from_rcvd(skiponerror=True) == ('helo.example', '2001:db8::5',
                                                                'rdns.example')
     assert time.monotonic() - started < 5
+
+
+def test_every_tag_the_core_uses_is_in_the_documented_table():
+    import inspect
+    source = inspect.getsource(fuglu)
+    used = set(re.findall(r"tags(?:\[|\.get\(|\.pop\(|\.setdefault\()'([^']+)'", source))
+    used |= set(re.findall(r"(?:get_tag|set_tag)\('([^']+)'", source))
+    assert used, 'the pattern finds nothing: the test would pass vacuously'
+    # '<plugin>.<what>' are the plugins' own (set by the helpers of the plugin bases);
+    # 'skipmplugins' is a milter session's tag, not a Suspect's
+    used = {name for name in used if not name.startswith('%s.')} - {'skipmplugins'}
+    assert sorted(used - set(fuglu.SUSPECT_TAGS)) == []
+    suspect = fuglu.Suspect('a@example.org', ['b@example.com'], inbuffer=b'x')
+    assert set(suspect.tags) <= set(fuglu.SUSPECT_TAGS)
+    assert {who for who, _what in fuglu.SUSPECT_TAGS.values()} == {'core', 'plugins'}
