@@ -121,8 +121,15 @@ __all__ = [
     'AsyncAVScannerPlugin', 'PrependerPlugin', 'AsyncPrependerPlugin', 'AppenderPlugin',
     'AsyncAppenderPlugin', 'MilterPlugin', 'BasicMilterPlugin', 'Bounce', 'Addrcheck',
     'FunkyConsole', 'DBConfig', 'DBFile', 'RuntimeConfigError',
+    # helpers for plugins: services, rule rows, bundled files, files in shared directories
+    'connect_service', 'recv_until', 'service_address', 'read_until_eof', 'parse_list',
+    'parse_incomingport', 'lint_sql', 'read_bundled_conf', 'shared_directory',
+    'shared_file_path', 'prepare_shared_home', 'open_directory', 'create_file_at',
+    'write_file_at', 'append_file_at', 'STARTED_AS_ROOT', 'FugluError', 'InvalidAddress',
+    'SUSPECT_TAGS',
     # the daemon
-    'call_plugin', 'ScanSession', 'MainController', 'CONNECTORS', 'BACKENDS', 'main',
+    'call_plugin', 'ScanSession', 'ProtocolHandler', 'MainController', 'CONNECTORS',
+    'BACKENDS', 'main',
 ]
 
 
@@ -150,7 +157,7 @@ PSEUDO_ACTIONS = {
 DEFAULT_CONFIG_PATH = '/etc/fuglu/fuglu.conf'
 DEFAULT_CONFDIR = '/etc/fuglu'
 
-# exit codes (spec 1.3)
+# exit codes (FuGlu's)
 EXIT_PLUGIN_LOAD_FAILED = 66
 EXIT_UNHANDLED = 254
 
@@ -819,7 +826,7 @@ def append_file_at(dir_fd, name, mode=0o600):
 ###############################################################################
 # Configuration
 ###############################################################################
-# The semantics are FuGlu's (spec section 2): RawConfigParser, last value wins, no
+# The semantics are FuGlu's: RawConfigParser, last value wins, no
 # interpolation, option names case-insensitive. Every component declares its options
 # once in a `requiredvars`-style table (option -> default + description); those tables
 # are the fallback for lookups, the source of --dump-defaults / fuglu.conf.dist and of
@@ -1446,7 +1453,7 @@ def dump_defaults(plugin_classes=()):
 ###############################################################################
 # Templates
 ###############################################################################
-# FuGlu's template syntax (spec 5.7): $name or ${name}; names may start with @ (a tag)
+# FuGlu's template syntax: $name or ${name}; names may start with @ (a tag)
 # and contain . and : (${header:subject}); $$ is a literal $. Substitution is safe:
 # malformed placeholders stay as they are, unknown names become ''.
 #
@@ -2367,7 +2374,7 @@ class Suspect(SimpleTimeoutMixin):
 ###############################################################################
 # Runtime configuration: per-recipient values and rules from SQL
 ###############################################################################
-# FuGlu's [databaseconfig] (spec 3.6). A plugin asks ``DBConfig(config, suspect)``
+# FuGlu's [databaseconfig]. A plugin asks ``DBConfig(config, suspect)``
 # instead of its config for the options an admin may set per recipient; DBConfig answers
 # from rows (scope, section, option, value) of a database table, for the message's FIRST
 # recipient: the address row beats the '%domain' row beats the globalscope ('$GLOBAL')
@@ -3579,7 +3586,7 @@ SLASH_RULE_RE = re.compile(r'^(\S+?):?\s+/((?:[^/\\]|\\.)*)/([im]*)(?:\s+(.*))?$
 
 
 class SuspectFilter(FileList):
-    """A rule file of lines `field regex [args]` (spec 6.1), matched against messages.
+    """A rule file of lines `field regex [args]` (FuGlu's format), matched against messages.
     One parser for every plugin that reads rules; ``SuspectFilter(None)`` has no rules.
 
     Methods: matches(suspect, extended=False) -> (True, args of the first matching
@@ -3664,7 +3671,7 @@ class SuspectFilter(FileList):
 
     # -- fields ---------------------------------------------------------------
     def get_field(self, suspect, headername):
-        """All values (str) of a rule field for a message (spec 6.1)."""
+        """All values (str) of a rule field for a message."""
         return force_uString(list(self.field_values(suspect, force_uString(headername), self)))
 
     @staticmethod
@@ -3933,20 +3940,38 @@ class RequiredVars(dict):
 
 
 class BasicPlugin(object):
-    """Base of every plugin.
+    """Base of every plugin. One instance per configured entry, shared by all worker
+    threads: keep per-message state in the Suspect (tags, see SUSPECT_TAGS), not in
+    the plugin.
 
-    Contract for the daemon: ``__init__(config, section=None)``; ``lint()`` -> bool,
-    printing human-readable diagnostics; ``shutdown()`` (and ``ashutdown()``) when the
-    daemon stops. Any of these may be ``async def``: the daemon awaits them.
-    May be overridden: ``requiredvars`` (class attribute, or assigned / updated in
-    __init__ as FuGlu plugins do: option -> {'default': str, 'description': str,
-    optional 'section', 'validator'}); ``lint()``; ``__str__`` (the friendly name used
-    in lint and logs).
-    Instance attributes: ``config`` (FuConfigParser), ``section`` (config section,
-    default: the class name), ``logger`` (``fuglu.plugin.<Class>``, also from
-    ``_logger()``).
-    Plugin instances are shared by all worker threads: keep per-message state in the
-    Suspect (tags), not in the plugin.
+    Methods for the daemon:
+        __init__(config, section=None)
+        lint() -> bool           prints human-readable diagnostics (--lint)
+        check_peers() -> [(peer description, ok, detail)]   (healthcheck --deep)
+        shutdown(), ashutdown()  when the daemon stops
+    Any plugin method may be ``async def``: the daemon awaits it (call_plugin).
+
+    Methods that may be overridden:
+        lint()                   default: check_config()
+        check_peers()            default: no peers
+        shutdown(), ashutdown()  default: nothing
+        __str__()                the name in lint and logs (default: friendly_name or
+                                 the class name, with a custom section in brackets)
+    plus the stage method of the subclass: ScannerPlugin.examine,
+    PrependerPlugin.pluginlist / appenderlist, AppenderPlugin.process.
+
+    Helpers for subclasses: check_config(), lint_actioncode(option, ...),
+    _problemaction() (the action of option problemaction), _logger().
+
+    Class attributes that may be overridden:
+        requiredvars             option -> {'default': str, 'description': str, optional
+                                 'section', 'validator', 'confidential'}; may also be
+                                 assigned or updated in __init__, as FuGlu plugins do
+        friendly_name            the name for __str__
+        ignored_options          regexes: FuGlu options accepted without effect
+
+    Instance attributes: config (FuConfigParser), section (the config section; default
+    the class name), logger (``fuglu.plugin.<Class>``).
     """
 
     friendly_name = None
@@ -4698,7 +4723,7 @@ class ProtocolHandler(object):
 
 
 class ScanSession(object):
-    """Runs one message through the plugins (spec 5.1) and finishes it afterwards.
+    """Runs one message through the plugins and finishes it afterwards.
 
     For connectors: ``handle(protocol, *args)`` is the whole flow for one message
     (see ProtocolHandler). Its steps, for tools that scan without a protocol:
@@ -5760,7 +5785,7 @@ def get_outgoing_helo(config=None):
     return outgoing_helo(config)
 
 
-# Envelope address checks (spec 5.4)
+# Envelope address checks (FuGlu's address_compliance_checker)
 def address_is_valid(address, checker='Default', maxsize=64):
     if checker == 'NoCheck':
         return True
@@ -5918,15 +5943,36 @@ def session_deadline(config):
 
 class SMTPServerSession(object):
     """The server side of one SMTP connection, shared by the smtp and esmtp
-    connectors.
+    connectors (which add the scanning: AfterQueueSession).
 
     Commands dispatch by name to ``smtp_<VERB>(argument)``; a subclass adds or
     replaces verbs. Replies are collected while more pipelined input is waiting and
     written in one go (RFC 2920).
 
-    Attributes for subclasses: connector, config, sock, peer (ip, port), reader,
-    helo, xforward (dict of raw attributes), sender, recipients, mail_params,
-    rcpt_params (list per recipient), in_transaction.
+    Methods for the connector: __init__(connector, sock, peer), run().
+
+    Methods that may be overridden:
+        smtp_<VERB>(argument)    a command; the argument without surrounding blanks
+        banner() -> str          the text of the 220 greeting
+        extensions() -> [str]    the EHLO keywords offered
+        before_wait()            before waiting for more client input (and flushing
+                                 the replies queued so far)
+        reset()                  a transaction ends (RSET, HELO/EHLO, after DATA):
+                                 call the base
+        cleanup()                the connection is over
+        dispatch(line)           one command line (call the base)
+
+    Helpers for subclasses: reply(code, text or [lines]), flush(), error(code, text)
+    (counts towards MAX_ERRORS), parse_mail(argument) / parse_rcpt(argument) (None
+    after replying to bad syntax), receive_data(), clientinfo(), smtp_options(),
+    peer_label().
+
+    Class attributes that may be overridden: MAX_ERRORS, UNIMPLEMENTED.
+
+    Instance attributes: connector, controller, config, logger, sock, peer (ip,
+    port), reader, trusted, helo, esmtp, xforward (dict of raw attributes), sender,
+    recipients, mail_params, rcpt_params (list per recipient), in_transaction,
+    closing.
     """
 
     MAX_ERRORS = 20
@@ -6219,16 +6265,28 @@ class SMTPServerSession(object):
 ###############################################################################
 
 class Connector(object):
-    """Base of the protocol adapters registered in CONNECTORS.
+    """Base of the protocol adapters registered in CONNECTORS: one connector per
+    incomingport entry. A connector's ``serve`` runs a session object that speaks the
+    protocol and, for each message, hands itself as a ProtocolHandler to
+    ``ScanSession.handle``: so a new connector is the protocol alone.
 
-    Contract: the daemon creates one connector per incomingport entry and calls
-    ``handle(sock, peer)`` in a worker for every accepted connection. ``handle`` runs
-    the whole connection, closes the socket and never raises. A connection over
-    max_sessions_per_client gets ``refuse_busy(sock)`` in the accept thread instead.
-    Class attributes to override: ``protocol`` (the incomingport name), ``busy_reply``
-    (bytes sent by refuse_busy).
-    Instance attributes: controller, address, port, logger
-    (``fuglu.incoming.<port>``).
+    Methods for the daemon:
+        __init__(controller, address, port)
+        handle(sock, peer)       in a worker, for every accepted connection: runs it,
+                                 closes the socket, never raises
+        refuse_busy(sock)        in the accept thread, for a connection over
+                                 max_sessions_per_client: busy_reply, close
+
+    Methods that must be overridden:
+        serve(sock, peer)        the whole connection (exceptions are logged by handle)
+
+    Helpers for sessions: peer_is_trusted(ip) (trusted_xforward_peers), config.
+
+    Class attributes to override:
+        protocol                 the name in incomingport and CONNECTORS
+        busy_reply               bytes refuse_busy sends (b'' sends nothing)
+
+    Instance attributes: controller, address, port, logger (``fuglu.incoming.<port>``).
     """
 
     protocol = None
@@ -6288,6 +6346,17 @@ class AfterQueueSession(SMTPServerSession, ProtocolHandler):
     refused recipient is deferred or bounced by Postfix itself and never silently
     dropped. (If a plugin changes the envelope, it is sent again at delivery; a
     refusal then defers the whole message.)
+
+    Methods that may be overridden (EsmtpSession does):
+        open_downstream() -> SMTPClient   connected and greeted
+        downstream_params(params, size)   the MAIL/RCPT parameters passed on
+        accepted_reply(code, lines, local_text) -> (code, text)   the reply to a
+                                          MAIL/RCPT the downstream accepted
+        downstream_deadline()             a context bounding one delivery
+        make_suspect(data)                and the other ProtocolHandler answers
+
+    Class attributes that may be overridden: accepted_template_option,
+    reuse_downstream.
     """
 
     # (section, option) of the template for the 250 after the downstream accepted
@@ -6939,9 +7008,8 @@ class NetcatConnector(Connector):
 ###############################################################################
 # Connector: milter
 ###############################################################################
-# The Sendmail/Postfix milter protocol, version 6, written from the protocol notes
-# (shared/spec/protocols.md section 1: Vierling's description, mfdef.h, Postfix's
-# milter8.c). The MTA is the socket client; one milter connection carries any number
+# The Sendmail/Postfix milter protocol, version 6, written from its public descriptions
+# (Todd Vierling's protocol notes, libmilter's mfdef.h, Postfix's milter8.c). The MTA is the socket client; one milter connection carries any number
 # of messages. Every packet, in both directions, is
 #
 #     uint32 length (network byte order, counts the command byte) | command | data
@@ -8380,10 +8448,28 @@ CONNECTORS = {
 ###############################################################################
 
 class Backend(object):
-    """Runs connection handlers. Contract: ``start()``, ``submit(function, *args)``
-    (may block when saturated: that is the back-pressure on the accept loop),
-    ``stop()``, ``reconfigure(config)``, ``describe()`` -> str for the control socket,
-    ``worker_usage()`` -> (busy, running, most) workers for the metrics.
+    """Runs the connection handlers: the listeners hand every accepted connection to
+    ``submit``, and a worker runs ``Listener.run_session`` (which calls the connector's
+    ``handle``) for it. Registered by ``name`` in BACKENDS; [performance] backend picks
+    one.
+
+    Methods for the daemon (MainController):
+        __init__(config)
+        start()                  before the first submit
+        submit(function, *args)  run function(*args) in a worker; may block while all
+                                 workers are busy (the back-pressure on the accept loop)
+        reconfigure(config)      after a reload (SIGHUP)
+        stop()                   no new work; a connection still queued gets a temporary
+                                 failure (refuse_queued_connection), messages in flight
+                                 are given a grace period to finish
+        describe() -> str        the workers, for the control socket
+        worker_usage() -> (busy, running, most)   for the metrics
+
+    Methods that must be overridden: submit. May be overridden: start, stop,
+    reconfigure (call the base), describe, worker_usage.
+
+    Class attribute to override: name (the [performance] backend value).
+    Instance attribute: config.
     """
 
     name = None
@@ -8697,7 +8783,7 @@ def unix_socket_answers(path):
 
 
 class ControlServer(object):
-    """The control socket (spec 7.1): one command per connection, a text reply.
+    """The control socket (FuGlu's): one command per connection, a text reply.
 
     ``__init__`` binds (before privileges are dropped; a unix socket is created with
     mode 0600 and given to the daemon user ``owner``), ``start()`` serves, ``stop()``
@@ -9919,9 +10005,9 @@ def check_path(path, kind, user):
 
 
 def check_paths(config, section, table):
-    """Paths declared in an option table (spec key 'path'): files and directories
-    fuglu reads must exist and be readable (a default path may be missing: the spec's
-    'missing' text says what happens then), directories fuglu writes to must exist
+    """Paths declared in an option table (key 'path' of an option): files and
+    directories fuglu reads must exist and be readable (a default path may be missing:
+    the option's 'missing' text says what happens then), directories fuglu writes to must exist
     and be writable. Checked as the running user: lint runs this as main.user."""
     findings = []
     user = current_user_name()
@@ -10756,7 +10842,7 @@ def command_client(argv):
     return CLIENT_EXIT_CODES[status]
 
 
-# Health probes (spec 4.5): each returns (healthy, what was seen)
+# Health probes (FuGlu's HCHK and X-HEALTHCHECK): each returns (healthy, what was seen)
 
 def probe_smtp(host, port, timeout):
     with socket.create_connection((host, port), timeout=timeout) as sock:

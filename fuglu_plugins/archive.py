@@ -1,5 +1,4 @@
-"""Archive: FuGlu's ArchivePlugin (alias ``archive``, section ``[ArchivePlugin]``),
-spec section 6.2.
+"""Archive: FuGlu's ArchivePlugin (alias ``archive``, section ``[ArchivePlugin]``).
 
 Keeps a copy of the messages that the rules in ``archiverules`` select, as files under
 ``local_archivedir``. Works as a scanner (returns ``problemaction`` when a copy was
@@ -35,6 +34,10 @@ UNSAFE_COMPONENT_RE = re.compile(r'[/\\\x00-\x1f\x7f]')
 
 # bytes of one path component at most (file systems allow 255)
 COMPONENT_MAX_BYTES = 200
+# directories are opened never through a link (0 where the platform lacks a flag)
+O_DIRECTORY = getattr(os, 'O_DIRECTORY', 0)
+O_NOFOLLOW = getattr(os, 'O_NOFOLLOW', 0)
+O_CLOEXEC = getattr(os, 'O_CLOEXEC', 0)
 
 
 def safe_component(text):
@@ -55,7 +58,7 @@ class ArchiveError(Exception):
 
 
 class ArchivePlugin(ScannerPlugin, AppenderPlugin):
-    """Copies selected messages into an archive directory (spec 6.2)."""
+    """Copies selected messages into an archive directory."""
 
     friendly_name = 'Archive'
     # FuGlu's other archive backends: accepted in a config, not available here
@@ -204,7 +207,7 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
         root = self.archive_root()
         if root == configured:   # the admin's directory (a link to it is fine)
             try:
-                return root, os.open(root, os.O_RDONLY | fuglu.O_DIRECTORY | fuglu.O_CLOEXEC)
+                return root, os.open(root, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
             except FileNotFoundError:
                 raise ArchiveError('local_archivedir %s does not exist' % root)
         if not fuglu.STARTED_AS_ROOT:
@@ -215,7 +218,7 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
     def open_subdirectory(dir_fd, name, where):
         """``name`` below the open directory ``dir_fd`` (created 0755 when missing),
         never through a link."""
-        flags = os.O_RDONLY | fuglu.O_DIRECTORY | fuglu.O_NOFOLLOW | fuglu.O_CLOEXEC
+        flags = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC
         try:
             try:
                 return os.open(name, flags, dir_fd=dir_fd)

@@ -1,5 +1,5 @@
 """Attachment Blocker: FuGlu's FiletypePlugin (alias ``attachment``, section
-``[FiletypePlugin]``), spec section 6.3.
+``[FiletypePlugin]``).
 
 Every attachment of a message is checked against rule files in ``rulesdir``:
 
@@ -1618,7 +1618,7 @@ class ScanContext(object):
 
 class FiletypePlugin(ScannerPlugin):
     """Blocks attachments by name, MIME type, content type and archive contents,
-    following per-recipient, per-domain and default rule files (spec 6.3)."""
+    following per-recipient, per-domain and default rule files."""
 
     friendly_name = 'Attachment Blocker'
 
@@ -2069,7 +2069,7 @@ class FiletypePlugin(ScannerPlugin):
         return self._nobounce_filters[path]
 
     def bounce(self, suspect, blockinfo):
-        """Tell the sender (spec 5.8): once per message, never for spam, virus or the
+        """Tell the sender (FuGlu's sendbounce): once per message, never for spam, virus or the
         null sender, not when nobouncerules says 'no'."""
         if suspect.get_tag('Attachment.bounce.queueid') or suspect.get_tag('Attachment.bounce.sent'):
             return None
@@ -2199,7 +2199,7 @@ def header_safe(value):
 
 
 def build_bounce_message(config, suspect, template, values):
-    """Template -> the bounce as bytes (spec 5.8 step 2): headers the template lacks
+    """Template -> the bounce as bytes: headers the template lacks
     are added (To, From MAILER-DAEMON@<helo>, Auto-Submitted, Date, Message-ID), the
     body is sent as UTF-8 (base64).
 

@@ -3,7 +3,7 @@
 One fresh connection per message, over TCP (``port`` is a number) or a unix socket
 (``port`` is a path). The message goes to clamd with ``zINSTREAM``: chunks of at most
 20480 bytes, each behind a 4-byte big-endian length, ended by a zero length. clamd
-answers with one NUL-terminated line (protocols spec 3.1)::
+answers with one NUL-terminated line (clamd(8), INSTREAM)::
 
     stream: OK                                    clean
     stream: Eicar-Test-Signature.UNOFFICIAL FOUND a virus

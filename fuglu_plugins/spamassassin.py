@@ -3,7 +3,7 @@
 One fresh connection per request, TCP (``port`` is a number) or unix socket (``port`` is
 a path). The request is ``<VERB> SPAMC/1.5``, ``Content-length``, optionally ``User``
 (the first recipient, when ``peruserconfig``), a blank line and the message; then we
-half-close so spamd sees the end (protocols spec 3.2). spamd answers::
+half-close so spamd sees the end (spamd's PROTOCOL document). spamd answers::
 
     SPAMD/1.1 0 EX_OK
     Content-length: 2161

@@ -1,4 +1,4 @@
-"""Archive plugin (fuglu_plugins/archive.py, spec 6.2): rules decide, the copy lands
+"""Archive plugin (fuglu_plugins/archive.py): rules decide, the copy lands
 where the templates say and never outside local_archivedir."""
 
 import os

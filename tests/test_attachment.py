@@ -1,4 +1,4 @@
-"""Attachment blocker (fuglu_plugins/attachment.py, spec 6.3).
+"""Attachment blocker (fuglu_plugins/attachment.py).
 
 Every message and archive the tests use is built here: executables (a minimal PE and
 ELF header), nested zips, archive bombs, an encrypted zip (ZipCrypto written by hand,
@@ -733,7 +733,7 @@ def test_ten_megabytes_twenty_attachments_is_cheap(confdir):
 
 
 # --------------------------------------------------------------------------
-# hostile and unusual mail (issue 9): each example found by the review
+# hostile and unusual mail: each example found by a review
 # --------------------------------------------------------------------------
 
 def raw_mail(*parts, boundary=b'b', preamble=b'', epilogue=b'', close=True):

@@ -1,4 +1,4 @@
-"""The configuration system: FuGlu's parser semantics (spec 2), the lint checks of
+"""The configuration system: FuGlu's parser semantics, the lint checks of
 options, the incomingport and plugin list syntax, and fuglu.conf.dist."""
 
 import configparser

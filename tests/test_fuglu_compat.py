@@ -1,4 +1,4 @@
-"""What FuGlu plugins rely on beyond names (issue 11): suspect.tempfile, the plugin
+"""What FuGlu plugins rely on beyond names: suspect.tempfile, the plugin
 helpers, FuConfigParser's FuGlu signatures, SuspectFilter(None) and its helpers,
 Suspect's header helpers and address checks, apply_template's valuesfunction, the AV
 base class, async plugins, and the refusal of FuGlu modules this build lacks."""

@@ -1,5 +1,5 @@
 """The plugin loader (aliases, dotted names, FuGlu's own names, [PluginAlias],
-plugin(section), plugindir), FuGlu-style plugins, the scan session (spec 5.1) and the
+plugin(section), plugindir), FuGlu-style plugins, the scan session and the
 bundled debug and skip prependers."""
 
 import os
@@ -252,7 +252,7 @@ def test_fuglu_style_plugin_loads_unchanged_and_runs(tmp_path):
 
 
 def test_fuglu_style_plugin_defaults_from_requiredvars_set_in_init(tmp_path):
-    # FuGlu registers requiredvars defaults whenever a plugin assigns them (spec 2.4)
+    # FuGlu registers requiredvars defaults whenever a plugin assigns them
     module = write_module(tmp_path, FUGLU_STYLE_PLUGIN)
     config = make_config('[main]\nplugindir = %s\nplugins = %s.SubjectTrap\n' % (tmp_path, module))
     plugin = fuglu.MainController(config).load_plugins()[0][0]

@@ -1,4 +1,4 @@
-"""Per-recipient settings and rules from SQL (spec 3.6): DBConfig, DBFile, the shared
+"""Per-recipient settings and rules from SQL ([databaseconfig]): DBConfig, DBFile, the shared
 database with its cache and outage handling, the plugins that honour overrides, lint.
 
 The databases here are real SQLite files read through the standard library's sqlite3

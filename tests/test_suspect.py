@@ -1,4 +1,4 @@
-"""The Suspect (spec 5.4) and the action codes (spec 5.2)."""
+"""The Suspect and the action codes."""
 
 import email.policy
 import re

@@ -1,4 +1,4 @@
-"""SuspectFilter rule files (spec 6.1): the three line formats, numeric comparisons,
+"""SuspectFilter rule files: the three line formats, numeric comparisons,
 every field kind, matches() vs get_args(), lint and reloading."""
 
 import os

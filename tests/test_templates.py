@@ -1,4 +1,4 @@
-"""apply_template (spec 5.7): FuGlu's ${...} variables, safe substitution, header and
+"""apply_template: FuGlu's ${...} variables, safe substitution, header and
 @tag lookups, caller values before the defaults."""
 
 import re
@@ -78,7 +78,7 @@ def test_header_lookup():
     suspect = make_suspect()
     assert fuglu.apply_template('${header:subject}|${header:From}|${to}', suspect) == \
         'Quarterly report|Sender <sender@example.org>|rcpt@example.com'
-    # a '-' is not part of a name: such headers cannot be referenced (spec 5.7)
+    # a '-' is not part of a name: such headers cannot be referenced (as in FuGlu)
     assert fuglu.apply_template('${header:X-Mailer}', suspect) == '${header:X-Mailer}'
 
 
