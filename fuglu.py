@@ -865,6 +865,11 @@ def _is_number(value):
         return False
 
 
+def _is_seconds(value):
+    """A time in seconds: a non-negative number, fractions allowed."""
+    return _is_number(value) and float(value) >= 0
+
+
 def _is_bool(value):
     return str(value).strip().lower() in FuConfigParser.BOOLEAN_STATES
 
@@ -924,12 +929,12 @@ CORE_DEFAULTS = {
                                         validator=lambda value: not value.strip() or _is_int(value)),
         'smtptimeout': _opt(
             '300', 'seconds to wait for the next command, data or milter packet from a client',
-            validator=_is_int),
+            validator=_is_seconds),
         'max_session_time': _opt(
             '1200', 'seconds one client connection may last in all, whatever it sends (a client '
                     'trickling bytes keeps each read alive, not the session); then smtp/esmtp '
                     'answer 421 4.4.2, netcat DEFER, milter closes; 0 = no limit',
-            validator=_is_int),
+            validator=_is_seconds),
         'trusted_xforward_peers': _opt('', 'IPs/networks allowed to send client information (XFORWARD, '
                                            'milter connect data, netcat envelope). Empty: every peer is trusted',
                                        validator=_is_networks),
@@ -941,16 +946,16 @@ CORE_DEFAULTS = {
         'downstream_connect_timeout': _opt(
             '10', 'seconds to wait for the TCP connection to the downstream (re-injection, '
                   'bounces, the esmtp after-filter server); Postfix: smtp_connect_timeout 30s',
-            validator=_is_int),
+            validator=_is_seconds),
         'downstream_reply_timeout': _opt(
             '30', 'seconds to wait for the downstream\'s greeting and each reply (smtp connector '
                   'and bounces); connect, greeting, EHLO, XFORWARD and MAIL together stay well '
                   'inside Postfix\'s smtp_mail_timeout (300s); too late: 451 4.4.2',
-            validator=_is_int),
+            validator=_is_seconds),
         'downstream_data_timeout': _opt(
             '120', 'seconds to wait for the downstream\'s reply after the message data; Postfix '
                    'waits smtp_data_done_timeout (600s) for fuglu\'s, scanning included; too late: '
-                   '451 4.4.2', validator=_is_int),
+                   '451 4.4.2', validator=_is_seconds),
         'bouncehost': _opt('', 'where bounces are sent; empty: outgoinghost'),
         'bounceport': _opt('', 'port for bounces; empty: outgoingport',
                            validator=lambda value: _is_port(value, allow_empty=True)),
@@ -1047,7 +1052,7 @@ CORE_DEFAULTS = {
         'ignore_multiple_recipients': _opt('0', 'forward only the first recipient (spam traps)', validator=_is_bool),
         'downstream_timeout': _opt('50', 'seconds to wait for each reply of the after-filter server; keep it well '
                                          'below Postfix\'s smtpd_proxy_timeout (default 100s), so the client gets '
-                                         'fuglu\'s 4xx and the scan still fits', validator=_is_int),
+                                         'fuglu\'s 4xx and the scan still fits', validator=_is_seconds),
     },
     'milter': {
         'milter_mode': _opt('readonly', 'what the milter writes back, words that add up: tags, '
@@ -1057,7 +1062,7 @@ CORE_DEFAULTS = {
         'milter_max_packet_size': _opt('1048576', 'largest milter packet accepted, in bytes', validator=_is_int),
         'milter_progress_interval': _opt('10', 'seconds between SMFIR_PROGRESS keep-alives while a message is '
                                                'scanned (Postfix milter_content_timeout); 0: none',
-                                         validator=_is_int),
+                                         validator=_is_seconds),
         'milter_debug': _opt('0', 'log every milter packet', validator=_is_bool),
     },
     'PluginAlias': {},
@@ -5364,9 +5369,9 @@ class SMTPClient(object):
     def from_config(cls, config, host, port, helo, retries=0):
         """A client with the [main] downstream_* time limits."""
         return cls(host, port, helo, retries=retries,
-                   timeout=config.getint('main', 'downstream_reply_timeout'),
-                   connect_timeout=config.getint('main', 'downstream_connect_timeout'),
-                   data_timeout=config.getint('main', 'downstream_data_timeout'))
+                   timeout=config.getfloat('main', 'downstream_reply_timeout'),
+                   connect_timeout=config.getfloat('main', 'downstream_connect_timeout'),
+                   data_timeout=config.getfloat('main', 'downstream_data_timeout'))
 
     def connect(self):
         last_error = None
@@ -5937,7 +5942,7 @@ def xtext_decode(value):
 def session_deadline(config):
     """The time.monotonic() by which a client session starting now must be over
     ([main] max_session_time), or None."""
-    seconds = config.getint('main', 'max_session_time')
+    seconds = config.getfloat('main', 'max_session_time')
     return time.monotonic() + seconds if seconds > 0 else None
 
 
@@ -5987,7 +5992,7 @@ class SMTPServerSession(object):
         self.sock = sock
         self.peer = peer
         self.reader = SocketReader(sock, session_deadline(self.config),
-                                   self.config.getint('main', 'smtptimeout'))
+                                   self.config.getfloat('main', 'smtptimeout'))
         self.pending = []
         self.closing = False
         self.errors = 0
@@ -6309,7 +6314,7 @@ class Connector(object):
 
     def handle(self, sock, peer):
         try:
-            set_socket_timeout(sock, self.config.getint('main', 'smtptimeout'))
+            set_socket_timeout(sock, self.config.getfloat('main', 'smtptimeout'))
             self.serve(sock, peer)
         except Exception:
             self.logger.error('connection from %s:%s failed: %s', peer[0], peer[1], traceback.format_exc())
@@ -6676,8 +6681,8 @@ class EsmtpSession(AfterQueueSession):
         client = self.downstream
         if client is None or not client.connected:
             host, port = outgoing_target(self.config, self.peer[0])
-            budget = self.config.getint('esmtpconnector', 'downstream_timeout')
-            connect_timeout = min(budget, self.config.getint('main', 'downstream_connect_timeout'))
+            budget = self.config.getfloat('esmtpconnector', 'downstream_timeout')
+            connect_timeout = min(budget, self.config.getfloat('main', 'downstream_connect_timeout'))
             client = SMTPClient(host, port, name, timeout=budget, connect_timeout=connect_timeout,
                                 retries=self.config.getint('main', 'outgoingretry'))
             self.downstream = client
@@ -6696,7 +6701,7 @@ class EsmtpSession(AfterQueueSession):
         downstream_timeout, so the client hears fuglu's 4xx before Postfix's
         smtpd_proxy_timeout gives up."""
         client = self.downstream
-        budget = self.config.getint('esmtpconnector', 'downstream_timeout')
+        budget = self.config.getfloat('esmtpconnector', 'downstream_timeout')
         client.deadline = time.monotonic() + budget
         try:
             yield client
@@ -6944,7 +6949,7 @@ class NetcatSession(ProtocolHandler):
         to a connection reset). DeadlineExpired after ``deadline``."""
         try:
             return read_until_eof(self.sock, limit, drain=True, deadline=deadline,
-                                  idle=self.config.getint('main', 'smtptimeout'))
+                                  idle=self.config.getfloat('main', 'smtptimeout'))
         except OSError as error:
             raise ConnectionClosed('timeout' if is_timeout(error) else str(error))
 
@@ -7908,7 +7913,7 @@ class MilterSession(ProtocolHandler):
         self.peer = peer
         max_packet = max(config.getint('milter', 'milter_max_packet_size'), MILTER_CHUNK_SIZE + 1)
         self.reader = MilterReader(sock, max_packet, session_deadline(config),
-                                   config.getint('main', 'smtptimeout'))
+                                   config.getfloat('main', 'smtptimeout'))
         self.debug = config.getboolean('milter', 'milter_debug')
         self.max_size = config.getint('main', 'smtp_max_message_size')
         self.trusted = connector.peer_is_trusted(peer[0])
@@ -8402,7 +8407,7 @@ class MilterConnector(Connector):
 
     def __init__(self, controller, address, port):
         super().__init__(controller, address, port)
-        self.progress = MilterProgressWatch(controller.config.getint('milter', 'milter_progress_interval'))
+        self.progress = MilterProgressWatch(controller.config.getfloat('milter', 'milter_progress_interval'))
         self._loaded_for = None
         self._mplugins = []
         self._mode = None
@@ -8507,6 +8512,7 @@ class ThreadBackend(Backend):
     def __init__(self, config):
         super().__init__(config)
         self.lock = threading.Lock()
+        self.all_idle = threading.Condition(self.lock)   # notified when a task ends
         self.workers = {}          # thread -> state string
         self.idle = 0
         self.running = False
@@ -8563,7 +8569,7 @@ class ThreadBackend(Backend):
             function, args = task
             with self.lock:
                 self.idle -= 1
-            self.workers[me] = 'processing'
+                self.workers[me] = 'processing'
             try:
                 function(*args)
             except Exception:
@@ -8571,7 +8577,8 @@ class ThreadBackend(Backend):
             finally:
                 with self.lock:
                     self.idle += 1
-                self.workers[me] = 'task completed'
+                    self.workers[me] = 'task completed'
+                    self.all_idle.notify_all()
         with self.lock:
             self.idle -= 1
             self.workers.pop(me, None)
@@ -8593,9 +8600,9 @@ class ThreadBackend(Backend):
                 break
         # let messages in flight finish (bounded): a session cut off after the
         # downstream accepted but before Postfix heard 250 would be delivered twice
-        deadline = time.time() + self.SHUTDOWN_GRACE
-        while time.time() < deadline and any(state == 'processing' for state in list(self.workers.values())):
-            time.sleep(0.05)
+        with self.lock:
+            self.all_idle.wait_for(lambda: 'processing' not in self.workers.values(),
+                                   self.SHUTDOWN_GRACE)
 
     SHUTDOWN_GRACE = 10
 
