@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from helpers import InProcessFuglu, VerdictFromHeaderPlugin, free_port
+from helpers import InProcessFuglu, VerdictFromHeaderPlugin, free_port, stop_listening
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESSAGE = b'From: a@example.org\nTo: b@example.org\nSubject: client test\n\nhello\n'
@@ -162,7 +162,7 @@ class FakeMilter(object):
                 connection.sendall(self.reply)
 
     def stop(self):
-        self.listener.close()
+        stop_listening(self.listener)
 
 
 def test_healthcheck_milter_sends_optneg_and_wants_an_optneg_back(program):

@@ -28,12 +28,12 @@ import sys
 
 import pytest
 
-from helpers import InProcessFuglu, Sink, fuglu, wait_for
+from helpers import InProcessFuglu, Sink, fuglu, no_delay
 
 # by default each Python version runs cases of its own: more cases across a CI run,
 # each one still repeatable
 SEED = os.environ.get('FUGLU_FUZZ_SEED', 'ci-%d.%d' % sys.version_info[:2])
-COUNT = int(os.environ.get('FUGLU_FUZZ_COUNT', '100'))
+COUNT = int(os.environ.get('FUGLU_FUZZ_COUNT', '300'))   # about 2 s in all
 CASE_TIMEOUT = 20   # seconds a case may take before fuglu counts as stuck
 
 NASTY = [b'\r', b'\n', b'\0', b'\xff', b'\xc4\xb1', b'\xc2\xb2', b'\xef\xbc\x91', b'\x7f', b'\t', b'<', b'>',
@@ -140,7 +140,7 @@ def exchange(rng, port, data, first=b''):
     """Connect, (send ``first`` and read nothing yet,) send ``data`` in pieces,
     half-close, read to EOF; returns everything fuglu said. Fails if fuglu does not
     close the connection within CASE_TIMEOUT."""
-    sock = socket.create_connection(('127.0.0.1', port), timeout=CASE_TIMEOUT)
+    sock = no_delay(socket.create_connection(('127.0.0.1', port), timeout=CASE_TIMEOUT))
     received = bytearray()
     try:
         send_in_pieces(rng, sock, first + data)
@@ -165,10 +165,7 @@ def exchange(rng, port, data, first=b''):
 
 def settled(instance):
     """No session left and every worker idle (bounded wait): nothing stuck."""
-    controller = instance.controller
-    return wait_for(lambda: not controller.smtp_sessions and
-                    all(state != 'processing' for state in list(controller.backend.workers.values())),
-                    timeout=CASE_TIMEOUT)
+    return instance.idle(CASE_TIMEOUT)
 
 
 # -- fixtures ----------------------------------------------------------------------------

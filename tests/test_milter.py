@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import InProcessFuglu, fuglu, stopped_at_teardown
+from helpers import InProcessFuglu, fuglu, no_delay, stopped_at_teardown
 
 PORTFIX_ACTIONS = 0x1ff          # what Postfix 3.x offers
 POSTFIX_PROTOCOL = 0x1fffff
@@ -18,12 +18,15 @@ POSTFIX_PROTOCOL = 0x1fffff
 
 class ChangingPlugin(fuglu.ScannerPlugin):
     """Does what its section says: action (DUNNO...), message, sender, add_rcpt,
-    remove_rcpt, subject, body, sleep (seconds), replace (milter_replace tag).
+    remove_rcpt, subject, body, sleep (seconds), replace (milter_replace tag),
+    wait_for_progress (finish only after fuglu sent the MTA a progress packet).
     Records (suspect id, queue id, source, macros) of every message in `seen`."""
 
     seen = []
+    progress_sent = threading.Event()
     requiredvars = {name: {'default': '', 'description': ''} for name in (
-        'action', 'message', 'sender', 'add_rcpt', 'remove_rcpt', 'subject', 'body', 'sleep', 'replace')}
+        'action', 'message', 'sender', 'add_rcpt', 'remove_rcpt', 'subject', 'body', 'sleep', 'replace',
+        'wait_for_progress')}
 
     def examine(self, suspect):
         option = lambda name: self.config.get(self.section, name)
@@ -33,6 +36,8 @@ class ChangingPlugin(fuglu.ScannerPlugin):
                                     'clientinfo': suspect.clientinfo, 'port': suspect.tags.get('incomingport')})
         if option('sleep'):
             time.sleep(float(option('sleep')))
+        if option('wait_for_progress'):
+            assert ChangingPlugin.progress_sent.wait(10), 'no progress packet'
         if option('sender'):
             suspect.from_address = option('sender')
         if option('remove_rcpt'):
@@ -74,7 +79,7 @@ class MilterClient(object):
     which events get a reply from what was negotiated."""
 
     def __init__(self, port, timeout=10):
-        self.sock = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+        self.sock = no_delay(socket.create_connection(('127.0.0.1', port), timeout=timeout))
         self.decoder = fuglu.MilterPacketDecoder(1 << 24)
         self.protocol = 0
         self.actions = 0
@@ -647,8 +652,17 @@ def test_message_without_rcpt_macros_does_not_inherit_the_previous_ones(start_fu
     client.quit()
 
 
-def test_long_scan_sends_progress_before_the_verdict(start_fuglu):
-    instance = start_fuglu(sections='[ChangingPlugin]\nsleep=2.6\n', milter_extra='milter_progress_interval=1\n')
+def test_long_scan_sends_progress_before_the_verdict(start_fuglu, monkeypatch):
+    # the scan lasts until fuglu sent a progress packet (every 0.1 s of scanning)
+    ChangingPlugin.progress_sent.clear()
+    send_progress = fuglu.MilterSession.send_progress
+
+    def sent_and_told(session):
+        send_progress(session)
+        ChangingPlugin.progress_sent.set()
+    monkeypatch.setattr(fuglu.MilterSession, 'send_progress', sent_and_told)
+    instance = start_fuglu(sections='[ChangingPlugin]\nwait_for_progress=1\n',
+                           milter_extra='milter_progress_interval=0.1\n')
     client = MilterClient(instance.port).start()
     packets = client.message()
     progress = [p for p in packets if p == (b'p', b'')]
@@ -724,9 +738,7 @@ def test_eof_at_any_point_ends_the_session_without_a_hang(start_fuglu):
         elif cut == 'inside-packet':
             client.sock.sendall(fuglu.milter_packet(b'B', b'x' * 100)[:50])
         client.close()
-    time.sleep(0.3)
-    workers = instance.controller.backend.workers
-    assert not [state for state in workers.values() if state == 'processing']
+    assert instance.idle(), 'a worker is still busy with a connection the MTA closed'
     again = MilterClient(instance.port).start()
     assert again.message()[-1] == (b'c', b'')
     again.quit()

@@ -60,9 +60,11 @@ class FakeSpamd(FakeDaemon):
             reply = self.answer(request)
             if reply is None:
                 return
-            for part in (reply if isinstance(reply, list) else [reply]):
+            parts = reply if isinstance(reply, list) else [reply]
+            for index, part in enumerate(parts):
+                if index:
+                    time.sleep(0.03)   # a reply in pieces: each its own packet
                 connection.sendall(part)
-                time.sleep(0.03)
         except OSError:
             pass
         finally:
@@ -311,7 +313,7 @@ def test_problemaction_is_configurable(fake_spamd):
 
 def test_timeout_is_a_problem(fake_spamd):
     server = fake_spamd(processing_spamd(0.0), hold=3.0)
-    plugin = make_plugin(server.address, timeout='0.4', retries='2')
+    plugin = make_plugin(server.address, timeout='0.1', retries='2')
     started = time.monotonic()
     assert plugin.examine(make_suspect())[0] == fuglu.DEFER
     assert time.monotonic() - started < 2.0
@@ -322,7 +324,7 @@ def test_trickling_server_cannot_hold_us_beyond_the_timeout(fake_spamd):
     def answer(request):
         return [b'S'] * 40  # 40 bytes, 30 ms apart: every recv succeeds, the total is slow
     server = fake_spamd(answer)
-    plugin = make_plugin(server.address, timeout='0.4', retries='1')
+    plugin = make_plugin(server.address, timeout='0.1', retries='1')
     started = time.monotonic()
     assert plugin.examine(make_suspect())[0] == fuglu.DEFER
     assert time.monotonic() - started < 1.0

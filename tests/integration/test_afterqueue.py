@@ -228,7 +228,8 @@ def test_a_silent_downstream_gets_postfix_fuglus_451_not_its_own_timeout(postfix
     silent.listen(8)
     try:
         fuglu_factory(fuglu_config(postfix, outgoingport=silent.getsockname()[1],
-                                   extra_main='downstream_reply_timeout = 3\noutgoingretry = 0\n'))
+                                   extra_main='downstream_reply_timeout = 0.5\n'
+                                              'outgoingretry = 0\n'))
         recipient = unique_address('silent-downstream')
         assert postfix.send('sender@example.org', [recipient], simple_message(recipient, 'x')).code == 250
         postfix.wait_log(r'status=deferred \(host 127\.0\.0\.1\[127\.0\.0\.1\] said: 451 4\.4\.2 downstream '
