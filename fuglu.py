@@ -9064,15 +9064,33 @@ class MetricsServer(object):
 
         self.server = Server((address, port), Handler)
         self.address = '%s:%d' % (address, port)
-        self.thread = threading.Thread(target=self.server.serve_forever, name='metrics',
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.serve, name='metrics', daemon=True)
 
     def start(self):
         self.thread.start()
 
+    def serve(self):
+        """socketserver's request handling with an accept loop of our own: stop() ends
+        it at once, as a Listener's (serve_forever would notice within half a second)."""
+        server = self.server
+        while True:
+            try:
+                request, client = server.get_request()
+            except OSError:     # stop()
+                return
+            try:
+                server.process_request(request, client)
+            except Exception:   # as serve_forever: the next request is served all the same
+                server.handle_error(request, client)
+                server.shutdown_request(request)
+
     def stop(self):
+        try:
+            self.server.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         if self.thread.is_alive():
-            self.server.shutdown()
+            self.thread.join(5)
         self.server.server_close()
 
 
@@ -9859,19 +9877,26 @@ def serve_until_stopped(controller, pid=None, on_ready=None):
     logger = logging.getLogger('fuglu.main')
     stop_requested = threading.Event()
     reload_requested = threading.Event()
+    woken = threading.Event()   # either request: the loop acts at once, not at its next tick
 
     def on_term(signum, frame):
         stop_requested.set()
+        woken.set()
+
+    def on_hup(signum, frame):
+        reload_requested.set()
+        woken.set()
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     if hasattr(signal, 'SIGHUP'):
-        signal.signal(signal.SIGHUP, lambda signum, frame: reload_requested.set())
+        signal.signal(signal.SIGHUP, on_hup)
     if on_ready is not None:
         on_ready()
     status = 0
     try:
         while controller.stayalive and not stop_requested.is_set():
-            stop_requested.wait(0.2)
+            woken.wait(0.2)
+            woken.clear()
             controller.downstream_pool.purge()
             if reload_requested.is_set():
                 reload_requested.clear()
