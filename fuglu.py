@@ -1052,7 +1052,8 @@ CORE_DEFAULTS = {
         'ignore_multiple_recipients': _opt('0', 'forward only the first recipient (spam traps)', validator=_is_bool),
         'downstream_timeout': _opt('50', 'seconds to wait for each reply of the after-filter server; keep it well '
                                          'below Postfix\'s smtpd_proxy_timeout (default 100s), so the client gets '
-                                         'fuglu\'s 4xx and the scan still fits', validator=_is_seconds),
+                                         'fuglu\'s 4xx and the scan still fits',
+                                         validator=_is_seconds),
     },
     'milter': {
         'milter_mode': _opt('readonly', 'what the milter writes back, words that add up: tags, '
@@ -6682,7 +6683,8 @@ class EsmtpSession(AfterQueueSession):
         if client is None or not client.connected:
             host, port = outgoing_target(self.config, self.peer[0])
             budget = self.config.getfloat('esmtpconnector', 'downstream_timeout')
-            connect_timeout = min(budget, self.config.getfloat('main', 'downstream_connect_timeout'))
+            connect_timeout = min(budget,
+                                  self.config.getfloat('main', 'downstream_connect_timeout'))
             client = SMTPClient(host, port, name, timeout=budget, connect_timeout=connect_timeout,
                                 retries=self.config.getint('main', 'outgoingretry'))
             self.downstream = client
@@ -7014,8 +7016,9 @@ class NetcatConnector(Connector):
 # Connector: milter
 ###############################################################################
 # The Sendmail/Postfix milter protocol, version 6, written from its public descriptions
-# (Todd Vierling's protocol notes, libmilter's mfdef.h, Postfix's milter8.c). The MTA is the socket client; one milter connection carries any number
-# of messages. Every packet, in both directions, is
+# (Todd Vierling's protocol notes, libmilter's mfdef.h, Postfix's milter8.c). The MTA is
+# the socket client; one milter connection carries any number of messages. Every packet,
+# in both directions, is
 #
 #     uint32 length (network byte order, counts the command byte) | command | data
 #
@@ -8020,7 +8023,8 @@ class MilterSession(ProtocolHandler):
                 break
             command, payload = packet
             names = SMFIC_NAMES if direction == '<' else SMFIR_NAMES
-            self.logger.debug('%s: %s %s %r', self.peer_label(), direction, names.get(command, command), payload[:200])
+            self.logger.debug('%s: %s %s %r', self.peer_label(), direction,
+                              names.get(command, command), payload[:200])
 
     # -- main loop --------------------------------------------------------------
     def run(self):
@@ -8028,7 +8032,8 @@ class MilterSession(ProtocolHandler):
             while not self.closing:
                 command, data = self.reader.read_packet()
                 if self.debug:
-                    self.logger.debug('%s: < %s %r', self.peer_label(), SMFIC_NAMES.get(command, command), data[:200])
+                    self.logger.debug('%s: < %s %r', self.peer_label(),
+                                      SMFIC_NAMES.get(command, command), data[:200])
                 self.dispatch(command, data)
         except DeadlineExpired:
             # the MTA applies its milter_default_action (Postfix: tempfail)
@@ -8037,7 +8042,8 @@ class MilterSession(ProtocolHandler):
         except ConnectionClosed as why:
             self.logger.debug('%s: milter connection closed: %s', self.peer_label(), why)
         except MilterProtocolError as error:
-            self.logger.warning('%s: milter protocol error, closing the connection: %s', self.peer_label(), error)
+            self.logger.warning('%s: milter protocol error, closing the connection: %s',
+                                self.peer_label(), error)
         finally:
             self.scanning = False
             self.connector.progress.unwatch(self)
@@ -8084,7 +8090,8 @@ class MilterSession(ProtocolHandler):
         self.version = min(version, MILTER_VERSION)
         self.actions = self.mode.actions & actions
         if self.mode.actions & ~actions:
-            self.logger.warning('%s: the MTA does not offer %s, needed by milter_mode %s', self.peer_label(),
+            self.logger.warning('%s: the MTA does not offer %s, needed by milter_mode %s',
+                                self.peer_label(),
                                 describe_milter_flags(self.mode.actions & ~actions, SMFIF_NAMES), self.mode.name)
         # Ask only for what we use: no reply to stages without milter plugins, no
         # unknown SMTP commands, header values with their leading space (so the
@@ -8095,7 +8102,8 @@ class MilterSession(ProtocolHandler):
                 wanted |= MILTER_NO_REPLY_FLAGS[command]
         self.protocol = wanted & protocol
         self.leading_space = bool(self.protocol & SMFIP_HDR_LEADSPC)
-        self.logger.debug('%s: negotiated version %d, actions %s, protocol %s (offered %d, %s, %s)', self.peer_label(),
+        self.logger.debug('%s: negotiated version %d, actions %s, protocol %s (offered %d, %s, %s)',
+                          self.peer_label(),
                           self.version, describe_milter_flags(self.actions, SMFIF_NAMES),
                           describe_milter_flags(self.protocol, SMFIP_NAMES), version,
                           describe_milter_flags(actions, SMFIF_NAMES), describe_milter_flags(protocol, SMFIP_NAMES))
@@ -8275,7 +8283,8 @@ class MilterSession(ProtocolHandler):
                     result = call_plugin(getattr(plugin, 'examine_' + stage), self, *args)
             except Exception as error:
                 trace = traceback.format_exc()
-                self.logger.error('%s: milter plugin %s failed at %s: %s: %s', self.peer_label(), plugin, stage,
+                self.logger.error('%s: milter plugin %s failed at %s: %s: %s', self.peer_label(),
+                                  plugin, stage,
                                   error.__class__.__name__, error)
                 self.logger.debug(trace)
                 self.controller.record_exception(trace)
@@ -8407,7 +8416,8 @@ class MilterConnector(Connector):
 
     def __init__(self, controller, address, port):
         super().__init__(controller, address, port)
-        self.progress = MilterProgressWatch(controller.config.getfloat('milter', 'milter_progress_interval'))
+        self.progress = MilterProgressWatch(controller.config.getfloat('milter',
+                                                                       'milter_progress_interval'))
         self._loaded_for = None
         self._mplugins = []
         self._mode = None
