@@ -66,18 +66,22 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
 
     requiredvars = {
         'archiverules': {'default': '${confdir}/archive.regex',
-                         'description': 'rule file (SuspectFilter); the first matching rule decides: argument '
+                         'description': 'rule file (SuspectFilter); the first matching rule '
+                                        'decides: argument '
                                         '"no" = do not archive, "yes" (or no argument) = archive',
                          'path': 'file', 'missing': 'nothing is archived'},
-        'archivebackends': {'default': 'localdir', 'description': 'where copies go; this build: localdir'},
-        'multibackend': {'default': 'False', 'description': 'write to every backend (else: stop after the '
-                                                            'first one that worked)'},
-        'fugluid_headername': {'default': '', 'description': 'take the archive id from this header (the id an '
-                                                             'upstream fuglu gave the message)'},
-        'fugluid_headername_skipmissing': {'default': 'True', 'description': 'do not archive when that header '
-                                                                             'is missing or not a fuglu id'},
-        'problemaction': {'default': 'DEFER', 'description': 'scanner result when archiving was wanted and '
-                                                             'failed'},
+        'archivebackends': {'default': 'localdir', 'description': 'where copies go; this build: '
+                                                                  'localdir'},
+        'multibackend': {'default': 'False', 'description': 'write to every backend (else: stop '
+                                                            'after the first one that worked)'},
+        'fugluid_headername': {'default': '', 'description': 'take the archive id from this header '
+                                                             '(the id an upstream fuglu gave the '
+                                                             'message)'},
+        'fugluid_headername_skipmissing': {'default': 'True',
+                                           'description': 'do not archive when that header '
+                                                          'is missing or not a fuglu id'},
+        'problemaction': {'default': 'DEFER', 'description': 'scanner result when archiving was '
+                                                             'wanted and failed'},
         'local_archivedir': {'default': '/tmp',
                              'description': 'root directory of the archive (must exist). A '
                                             'directory anybody may write to (/tmp) is not used as '
@@ -86,13 +90,18 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
                                             'directory there',
                              'path': 'writedir', 'home': 'archive'},
         'local_subdirtemplate': {'default': '${to_domain}/${to_localpart}/${date}',
-                                 'description': 'directory below local_archivedir (template; each /-separated '
-                                                'component is filled and cleaned separately)'},
-        'local_filenametemplate': {'default': '${archiveid}.eml', 'description': 'file name (template)'},
-        'local_useoriginal': {'default': 'True', 'description': 'archive the message as received (False: with '
-                                                                'the changes of earlier plugins)'},
-        'local_chmod': {'default': '', 'description': 'octal mode of the archived file (default 0600)'},
-        'local_chown': {'default': '', 'description': 'owner (user name or uid) of the archived file'},
+                                 'description': 'directory below local_archivedir (template; each '
+                                                '/-separated component is filled and cleaned '
+                                                'separately)'},
+        'local_filenametemplate': {'default': '${archiveid}.eml',
+                                   'description': 'file name (template)'},
+        'local_useoriginal': {'default': 'True', 'description': 'archive the message as received '
+                                                                '(False: with the changes of '
+                                                                'earlier plugins)'},
+        'local_chmod': {'default': '', 'description': 'octal mode of the archived file '
+                                                      '(default 0600)'},
+        'local_chown': {'default': '', 'description': 'owner (user name or uid) of the '
+                                                      'archived file'},
         'local_chgrp': {'default': '', 'description': 'group (name or gid) of the archived file'},
     }
 
@@ -245,7 +254,8 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
         if self.config.getboolean(section, 'local_useoriginal'):
             data = suspect.get_original_source()
         else:
-            data = suspect.get_output_source() if hasattr(suspect, 'get_output_source') else suspect.get_source()
+            data = (suspect.get_output_source() if hasattr(suspect, 'get_output_source')
+                    else suspect.get_source())
         mode, uid, gid = self.file_attributes()
         root, dir_fd = self.open_root()
         where = root

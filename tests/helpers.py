@@ -388,7 +388,8 @@ class VerdictFromHeaderPlugin(fuglu.ScannerPlugin):
     seen = []
 
     def examine(self, suspect):
-        VerdictFromHeaderPlugin.seen.append((suspect.from_address, list(suspect.recipients), dict(suspect.tags),
+        VerdictFromHeaderPlugin.seen.append((suspect.from_address, list(suspect.recipients),
+                                             dict(suspect.tags),
                                              suspect.get_source()))
         value = suspect.get_header('X-Test-Verdict')
         if not value:

@@ -104,7 +104,8 @@ def make_plugin(port, **options):
 
 
 def make_suspect(body=b'hello world', sender='sender@example.org', recipient='rcpt@example.net'):
-    source = (b'From: <%s>\r\nTo: <%s>\r\nSubject: test\r\n\r\n' % (sender.encode(), recipient.encode())
+    source = (b'From: <%s>\r\nTo: <%s>\r\nSubject: test\r\n\r\n' % (sender.encode(),
+                                                                    recipient.encode())
               + body + b'\r\n')
     return fuglu.Suspect(sender, [recipient], inbuffer=source)
 
@@ -113,7 +114,8 @@ def make_suspect(body=b'hello world', sender='sender@example.org', recipient='rc
 
 @pytest.mark.parametrize('reply, expected', [
     (b'stream: OK\0', {}),
-    (b'stream: Eicar-Test-Signature.UNOFFICIAL FOUND\0', {'stream': 'Eicar-Test-Signature.UNOFFICIAL'}),
+    (b'stream: Eicar-Test-Signature.UNOFFICIAL FOUND\0',
+     {'stream': 'Eicar-Test-Signature.UNOFFICIAL'}),
     (b'stream: Win.Test.EICAR_HDB-1 FOUND\0', {'stream': 'Win.Test.EICAR_HDB-1'}),
 ])
 def test_verdicts_are_parsed(reply, expected):
@@ -152,7 +154,8 @@ def test_clean_message_is_streamed_in_chunks_with_return_path(fake_clamd):
 
 def test_virus_gets_virusaction_template_and_tags(fake_clamd):
     server = fake_clamd(reply_with(b'stream: Eicar-Test-Signature FOUND\0'))
-    plugin = make_plugin(server.address, rejectmessage='${virusname} for ${to_domain} in ${infectedfile}')
+    plugin = make_plugin(server.address, rejectmessage='${virusname} for ${to_domain} in '
+                                                       '${infectedfile}')
     suspect = make_suspect()
     action, message = plugin.examine(suspect)
     assert action == fuglu.DELETE  # DEFAULTVIRUSACTION -> [virus] defaultvirusaction = DELETE
@@ -210,7 +213,8 @@ def test_garbage_or_error_is_a_problem_never_clean(fake_clamd, reply):
 
 def test_problemaction_is_configurable(fake_clamd):
     server = fake_clamd(reply_with(b'garbage\0'))
-    assert make_plugin(server.address, problemaction='REJECT').examine(make_suspect())[0] == fuglu.REJECT
+    assert (make_plugin(server.address, problemaction='REJECT').examine(make_suspect())[0]
+            == fuglu.REJECT)
 
 
 def test_close_without_reply_is_retried_then_a_problem(fake_clamd):

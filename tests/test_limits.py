@@ -129,7 +129,8 @@ def test_empty_message_to_a_chunking_downstream_is_delivered(make_fuglu, clients
 
 # -- a downstream that goes quiet -----------------------------------------------------------
 
-def test_downstream_that_never_greets_gets_the_client_a_451_in_time(quiet_server, make_fuglu, clients):
+def test_downstream_that_never_greets_gets_the_client_a_451_in_time(quiet_server, make_fuglu,
+                                                                    clients):
     quiet = quiet_server()
     instance = make_fuglu(quiet.port, extra_main='downstream_reply_timeout=0.2\n'
                                                     'outgoingretry=0')
@@ -217,7 +218,8 @@ def trickle_until_closed(sock, data, limit=500):
 
 
 @pytest.mark.parametrize('protocol', ['smtp', 'esmtp'])
-def test_a_trickling_smtp_client_gets_421_at_max_session_time(sink, make_fuglu, clients, strict_log, protocol):
+def test_a_trickling_smtp_client_gets_421_at_max_session_time(sink, make_fuglu, clients, strict_log,
+                                                              protocol):
     instance = make_fuglu(sink.port, protocol=protocol, extra_main='max_session_time=0.5')
     client = clients(instance.port)
     said = trickle_until_closed(client.sock, b'NOOP\r\n')
@@ -250,7 +252,8 @@ def test_a_milter_connection_past_its_time_is_closed(make_fuglu, strict_log):
     instance = make_fuglu(1, protocol='milter', extra_main='max_session_time=0.3')
     client = MilterClient(instance.port).start()
     try:
-        macro = fuglu.milter_packet(fuglu.SMFIC_MACRO, fuglu.SMFIC_MAIL + fuglu.milter_strings('i', 'Q1'))
+        macro = fuglu.milter_packet(fuglu.SMFIC_MACRO,
+                                    fuglu.SMFIC_MAIL + fuglu.milter_strings('i', 'Q1'))
         assert trickle_until_closed(client.sock, macro) == b''
         assert wait_for(lambda: 'longer than max_session_time' in strict_log.text())
     finally:
@@ -259,7 +262,8 @@ def test_a_milter_connection_past_its_time_is_closed(make_fuglu, strict_log):
 
 # -- max_sessions_per_client ---------------------------------------------------------------
 
-def test_forty_trickling_connections_do_not_block_other_clients(sink, make_fuglu, clients, strict_log):
+def test_forty_trickling_connections_do_not_block_other_clients(sink, make_fuglu, clients,
+                                                                strict_log):
     # maxthreads 10, so by default one address may hold 5 connections
     instance = make_fuglu(sink.port)
     trickling, refused = [], 0
@@ -269,14 +273,17 @@ def test_forty_trickling_connections_do_not_block_other_clients(sink, make_fuglu
             trickling.append(client)
             client.send(b'NO')   # a command that never ends
         else:
-            assert client.banner == b'421 4.7.0 Error: too many connections from your address, try again later\r\n'
+            assert (client.banner
+                    == b'421 4.7.0 Error: too many connections from your address, try again '
+                       b'later\r\n')
             refused += 1
     assert (len(trickling), refused) == (5, 35)
     other = clients(instance.port, source='127.0.0.2')
     assert other.banner.startswith(b'220')
     assert send_message(other).startswith(b'250')
     assert wait_for(lambda: len(sink.messages) == 1)
-    assert wait_for(lambda: 'connection from 127.0.0.1 refused: 5 open, max_sessions_per_client is 5'
+    assert wait_for(lambda: 'connection from 127.0.0.1 refused: 5 open, '
+                            'max_sessions_per_client is 5'
                     in strict_log.text())
     for client in trickling:
         client.send(b'OP\r\n')
@@ -288,14 +295,16 @@ def test_forty_trickling_connections_do_not_block_other_clients(sink, make_fuglu
 
 
 def test_over_the_cap_netcat_gets_defer_and_milter_is_closed(make_fuglu):
-    for protocol, expected in (('netcat', fuglu.NETCAT_BANNER + b'DEFER:too many connections'), ('milter', b'')):
+    for protocol, expected in (('netcat', fuglu.NETCAT_BANNER + b'DEFER:too many connections'),
+                               ('milter', b'')):
         instance = make_fuglu(1, protocol=protocol, performance='max_sessions_per_client=1')
         holder = socket.create_connection(('127.0.0.1', instance.port), timeout=10)
         try:
             if protocol == 'netcat':
                 assert holder.recv(len(fuglu.NETCAT_BANNER)) == fuglu.NETCAT_BANNER
             else:
-                assert wait_for(lambda: instance.controller.client_sessions.open.get('127.0.0.1') == 1)
+                sessions = instance.controller.client_sessions
+                assert wait_for(lambda: sessions.open.get('127.0.0.1') == 1)
             with socket.create_connection(('127.0.0.1', instance.port), timeout=10) as second:
                 said = fuglu.read_until_eof(second)[0]
             assert said.startswith(expected), said
@@ -317,11 +326,13 @@ class RuleBlocker(fuglu.ScannerPlugin):
     requiredvars = {'filterfile': {'default': '', 'description': 'rule file'}}
 
     def examine(self, suspect):
-        matched, argument = fuglu.SuspectFilter(self.config.get(self.section, 'filterfile')).matches(suspect)
+        rules = fuglu.SuspectFilter(self.config.get(self.section, 'filterfile'))
+        matched, argument = rules.matches(suspect)
         return (fuglu.REJECT, argument) if matched else fuglu.DUNNO
 
 
-def test_a_rule_out_of_time_defers_the_message(sink, make_fuglu, clients, tmp_path, monkeypatch, strict_log):
+def test_a_rule_out_of_time_defers_the_message(sink, make_fuglu, clients, tmp_path, monkeypatch,
+                                               strict_log):
     monkeypatch.setattr(fuglu.SuspectFilter, 'MATCH_TIME_LIMIT', 0.2)
     rules = tmp_path / 'block.regex'
     rules.write_text('body .*forbidden-word blocked\n')
@@ -332,7 +343,8 @@ def test_a_rule_out_of_time_defers_the_message(sink, make_fuglu, clients, tmp_pa
     assert reply.startswith(b'451 4.7.1 '), reply
     assert sink.messages == []
     assert 'the message is a problem, not a non-match' in strict_log.text()
-    assert send_message(client, b'Subject: short\r\n\r\nforbidden-word\r\n').startswith(b'550 5.7.1 blocked')
+    reply = send_message(client, b'Subject: short\r\n\r\nforbidden-word\r\n')
+    assert reply.startswith(b'550 5.7.1 blocked')
     assert send_message(client, b'Subject: short\r\n\r\nfine\r\n').startswith(b'250')
 
 

@@ -25,15 +25,18 @@ class ChangingPlugin(fuglu.ScannerPlugin):
     seen = []
     progress_sent = threading.Event()
     requiredvars = {name: {'default': '', 'description': ''} for name in (
-        'action', 'message', 'sender', 'add_rcpt', 'remove_rcpt', 'subject', 'body', 'sleep', 'replace',
+        'action', 'message', 'sender', 'add_rcpt', 'remove_rcpt', 'subject', 'body', 'sleep',
+        'replace',
         'wait_for_progress')}
 
     def examine(self, suspect):
         option = lambda name: self.config.get(self.section, name)
         ChangingPlugin.seen.append({'id': suspect.id, 'queue_id': suspect.queue_id,
-                                    'source': suspect.get_source(), 'macros': dict(suspect.milter_macros),
+                                    'source': suspect.get_source(),
+                                    'macros': dict(suspect.milter_macros),
                                     'from': suspect.from_address, 'to': list(suspect.recipients),
-                                    'clientinfo': suspect.clientinfo, 'port': suspect.tags.get('incomingport')})
+                                    'clientinfo': suspect.clientinfo,
+                                    'port': suspect.tags.get('incomingport')})
         if option('sleep'):
             time.sleep(float(option('sleep')))
         if option('wait_for_progress'):
@@ -129,7 +132,8 @@ class MilterClient(object):
         self.send(fuglu.SMFIC_MACRO, data)
 
     def connect_info(self, hostname='client.example.org', address='192.0.2.10', port=42424):
-        data = fuglu.milter_strings(hostname) + b'4' + port.to_bytes(2, 'big') + fuglu.milter_strings(address)
+        data = (fuglu.milter_strings(hostname) + b'4' + port.to_bytes(2, 'big')
+                + fuglu.milter_strings(address))
         return self.event(fuglu.SMFIC_CONNECT, data)
 
     def header_value(self, value):
@@ -142,7 +146,8 @@ class MilterClient(object):
         """Drive one message; return the packets fuglu sends after end of body (the
         last one is the verdict). Replies to earlier events must be CONTINUE."""
         self.macro(fuglu.SMFIC_MAIL, i=queue_id, mail_addr=sender)
-        assert self.event(fuglu.SMFIC_MAIL, fuglu.milter_strings('<%s>' % sender)) in (None, (b'c', b''))
+        assert (self.event(fuglu.SMFIC_MAIL, fuglu.milter_strings('<%s>' % sender))
+                in (None, (b'c', b'')))
         for recipient in recipients:
             self.macro(fuglu.SMFIC_RCPT, i=queue_id, rcpt_addr=recipient)
             self.event(fuglu.SMFIC_RCPT, fuglu.milter_strings('<%s>' % recipient))
@@ -192,7 +197,8 @@ def start_fuglu():
     ChangingPlugin.seen = []
     RcptGate.headers_seen = []
 
-    def create(mode='auto', options='', plugins='test_milter.ChangingPlugin', extra_main='', sections='',
+    def create(mode='auto', options='', plugins='test_milter.ChangingPlugin', extra_main='',
+               sections='',
                milter_extra=''):
         return InProcessFuglu(1, extra_main=extra_main, protocol='milter', plugins=plugins,
                               extra='[milter]\nmilter_mode=%s\nmilter_mode_options=%s\n%s\n%s'
@@ -228,7 +234,8 @@ def test_payload_codecs_round_trip():
     assert fuglu.split_milter_strings(b'no-final-nul') == [b'no-final-nul']
     assert fuglu.parse_milter_connect(b'mx.example\x004\x01\xbb192.0.2.1\x00') == \
         ('mx.example', b'4', 443, '192.0.2.1')
-    assert fuglu.parse_milter_connect(b'mx\x006\x00\x19IPv6:2001:db8::1\x00')[3] == 'IPv6:2001:db8::1'
+    assert (fuglu.parse_milter_connect(b'mx\x006\x00\x19IPv6:2001:db8::1\x00')[3]
+            == 'IPv6:2001:db8::1')
     assert fuglu.parse_milter_connect(b'localhost\x00U') == ('localhost', b'U', 0, '')
     with pytest.raises(fuglu.MilterProtocolError):
         fuglu.parse_milter_connect(b'no-family')
@@ -303,10 +310,12 @@ def test_reader_tells_eof_between_packets_from_a_truncated_packet():
 def test_modes_ask_only_for_the_rights_they_use():
     def mode(name, options=''):
         from helpers import make_config
-        return fuglu.MilterMode(make_config('[milter]\nmilter_mode=%s\nmilter_mode_options=%s\n' % (name, options)))
+        return fuglu.MilterMode(make_config('[milter]\nmilter_mode=%s\nmilter_mode_options=%s\n'
+                                            % (name, options)))
     assert mode('readonly').actions == 0
-    assert mode('auto').actions == fuglu.SMFIF_ADDHDRS | fuglu.SMFIF_CHGHDRS | fuglu.SMFIF_CHGBODY | \
-        fuglu.SMFIF_CHGFROM | fuglu.SMFIF_ADDRCPT | fuglu.SMFIF_DELRCPT
+    assert mode('auto').actions == (fuglu.SMFIF_ADDHDRS | fuglu.SMFIF_CHGHDRS |
+                                    fuglu.SMFIF_CHGBODY | fuglu.SMFIF_CHGFROM |
+                                    fuglu.SMFIF_ADDRCPT | fuglu.SMFIF_DELRCPT)
     assert mode('autoheaders').actions == fuglu.SMFIF_ADDHDRS | fuglu.SMFIF_CHGHDRS
     assert mode('autofrom, autoto').auto_parts == {'from', 'to'}
     manual = mode('manual', 'body, from')
@@ -453,8 +462,9 @@ def test_negotiation_with_postfix_offer(start_fuglu):
     version, actions, protocol = client.negotiate()
     assert version == 6
     assert actions == 0                      # readonly asks for no rights
-    no_reply = (fuglu.SMFIP_NR_CONN | fuglu.SMFIP_NR_HELO | fuglu.SMFIP_NR_MAIL | fuglu.SMFIP_NR_RCPT |
-                fuglu.SMFIP_NR_DATA | fuglu.SMFIP_NR_HDR | fuglu.SMFIP_NR_EOH | fuglu.SMFIP_NR_BODY)
+    no_reply = (fuglu.SMFIP_NR_CONN | fuglu.SMFIP_NR_HELO | fuglu.SMFIP_NR_MAIL |
+                fuglu.SMFIP_NR_RCPT | fuglu.SMFIP_NR_DATA | fuglu.SMFIP_NR_HDR |
+                fuglu.SMFIP_NR_EOH | fuglu.SMFIP_NR_BODY)
     assert protocol & no_reply == no_reply
     assert protocol & fuglu.SMFIP_HDR_LEADSPC
     assert not protocol & (fuglu.SMFIP_NOCONNECT | fuglu.SMFIP_NOHELO | fuglu.SMFIP_NOMAIL |
@@ -465,8 +475,9 @@ def test_negotiation_with_postfix_offer(start_fuglu):
 def test_negotiation_never_claims_what_the_mta_did_not_offer(start_fuglu):
     instance = start_fuglu(mode='auto')
     client = MilterClient(instance.port)
-    version, actions, protocol = client.negotiate(version=6, actions=fuglu.SMFIF_ADDHDRS | fuglu.SMFIF_QUARANTINE,
-                                                  protocol=fuglu.SMFIP_NR_HDR | fuglu.SMFIP_NOHELO)
+    version, actions, protocol = client.negotiate(
+        version=6, actions=fuglu.SMFIF_ADDHDRS | fuglu.SMFIF_QUARANTINE,
+        protocol=fuglu.SMFIP_NR_HDR | fuglu.SMFIP_NOHELO)
     assert actions == fuglu.SMFIF_ADDHDRS          # subset of the offer, no QUARANTINE
     assert protocol == fuglu.SMFIP_NR_HDR          # no NOHELO: we want HELO
     client.close()
@@ -500,7 +511,8 @@ def test_clean_message_gets_fuglu_headers_and_continue(start_fuglu):
     client = MilterClient(instance.port).start()
     packets = client.message(queue_id='4AAAA1')
     assert packets[-1] == (b'c', b'')
-    added = dict((data.split(b'\0')[0], data.split(b'\0')[1]) for command, data in packets if command == b'h')
+    added = dict((data.split(b'\0')[0], data.split(b'\0')[1])
+                 for command, data in packets if command == b'h')
     assert added[b'X-Fuglu-Spamstatus'] == b' NO'         # leading space: HDR_LEADSPC
     suspect_id = added[b'X-Fuglu-Suspect'].strip().decode()
     seen = ChangingPlugin.seen[-1]
@@ -521,7 +533,8 @@ def test_message_is_rebuilt_byte_for_byte_with_leading_space(start_fuglu):
     packets = client.message(raw_headers=raw_headers, body=body)
     assert packets == [(b'c', b'')]              # readonly: not even X-Fuglu headers
     assert ChangingPlugin.seen[-1]['source'] == (b'Subject:no-space\r\nX-Tab:\tvalue\r\n'
-                                                 b'X-Folded: first\r\n\tsecond\r\nX-Empty:\r\n\r\n' + body)
+                                                 b'X-Folded: first\r\n\tsecond\r\n'
+                                                 b'X-Empty:\r\n\r\n' + body)
     client.quit()
 
 
@@ -530,7 +543,8 @@ def test_without_leading_space_flag_one_space_is_restored_and_stripped(start_fug
     client = MilterClient(instance.port).start(protocol=POSTFIX_PROTOCOL & ~fuglu.SMFIP_HDR_LEADSPC)
     assert not client.protocol & fuglu.SMFIP_HDR_LEADSPC
     packets = client.message(headers=(('Subject', 'orig'), ('From', 'a@example.org')))
-    assert ChangingPlugin.seen[-1]['source'].startswith(b'Subject: orig\r\nFrom: a@example.org\r\n\r\n')
+    assert ChangingPlugin.seen[-1]['source'].startswith(b'Subject: orig\r\nFrom: '
+                                                        b'a@example.org\r\n\r\n')
     assert (b'm', b'\0\0\0\x01Subject\0changed\0') in packets
     assert (b'h', b'X-Fuglu-Spamstatus\0NO\0') in packets
     client.quit()
@@ -538,13 +552,15 @@ def test_without_leading_space_flag_one_space_is_restored_and_stripped(start_fug
 
 def test_auto_mode_writes_back_sender_recipients_headers_and_body(start_fuglu):
     instance = start_fuglu(mode='auto', sections='[ChangingPlugin]\nsender=new@example.org\n'
-                                                 'remove_rcpt=old@example.net\nadd_rcpt=added@example.net\n'
+                                                 'remove_rcpt=old@example.net\n'
+                                                 'add_rcpt=added@example.net\n'
                                                  'subject=[scanned] test\nbody=new body\n')
     client = MilterClient(instance.port).start()
     big_body = b'x' * 100 + b'\r\n'
     packets = client.message(recipients=('old@example.net', 'kept@example.net'), body=big_body)
     commands = [command for command, _ in packets]
-    assert commands == [b'e', b'-', b'+', b'm', b'h', b'h', b'b', b'c']   # body last, never interleaved
+    assert commands == [b'e', b'-', b'+', b'm', b'h', b'h', b'b',
+                        b'c']   # body last, never interleaved
     assert packets[0][1] == b'<new@example.org>\0'
     assert packets[1][1] == b'<old@example.net>\0'
     assert packets[2][1] == b'<added@example.net>\0'
@@ -555,7 +571,8 @@ def test_auto_mode_writes_back_sender_recipients_headers_and_body(start_fuglu):
 
 def test_replaced_body_comes_in_chunks_of_at_most_65535_bytes(start_fuglu):
     long_body = 'y' * 150000
-    instance = start_fuglu(mode='manual', options='body', sections='[ChangingPlugin]\nbody=%s\n' % long_body)
+    instance = start_fuglu(mode='manual', options='body',
+                           sections='[ChangingPlugin]\nbody=%s\n' % long_body)
     client = MilterClient(instance.port).start()
     packets = client.message()
     chunks = [data for command, data in packets if command == b'b']
@@ -565,12 +582,14 @@ def test_replaced_body_comes_in_chunks_of_at_most_65535_bytes(start_fuglu):
 
 
 def test_tags_mode_replaces_what_the_milter_replace_tag_names(start_fuglu):
-    instance = start_fuglu(mode='tags', sections='[ChangingPlugin]\nreplace=to\nadd_rcpt=extra@example.net\n'
+    instance = start_fuglu(mode='tags', sections='[ChangingPlugin]\nreplace=to\n'
+                                                 'add_rcpt=extra@example.net\n'
                                                  'sender=ignored@example.org\n')
     client = MilterClient(instance.port).start()
     packets = client.message()
     commands = [command for command, _ in packets]
-    assert b'+' in commands            # 'to' replaces the recipients (upstream swapped it with from)
+    assert (b'+'
+            in commands)  # 'to' replaces the recipients (upstream swapped it with from)
     assert b'e' not in commands        # the sender was not asked for
     client.quit()
 
@@ -624,7 +643,8 @@ def test_two_messages_on_one_connection_keep_their_own_ids_and_macros(start_fugl
     client = MilterClient(instance.port).start()
     first = client.message(queue_id='4FIRST', sender='one@example.org')
     client.send(fuglu.SMFIC_ABORT)           # Postfix may abort after the verdict
-    second = client.message(queue_id='4SECOND', sender='two@example.org', recipients=('b@example.net',))
+    second = client.message(queue_id='4SECOND', sender='two@example.org',
+                            recipients=('b@example.net',))
     assert first[-1] == second[-1] == (b'c', b'')
     one, two = ChangingPlugin.seen[-2:]
     assert (one['queue_id'], two['queue_id']) == ('4FIRST', '4SECOND')
@@ -690,7 +710,8 @@ def test_milter_stage_plugin_rejects_one_recipient(start_fuglu):
     instance = start_fuglu(extra_main='mplugins=test_milter.RcptGate')
     client = MilterClient(instance.port)
     version, actions, protocol = client.negotiate()
-    assert not protocol & fuglu.SMFIP_NR_RCPT and not protocol & fuglu.SMFIP_NR_HDR   # we answer these
+    assert (not protocol & fuglu.SMFIP_NR_RCPT
+            and not protocol & fuglu.SMFIP_NR_HDR)  # we answer these
     assert protocol & fuglu.SMFIP_NR_MAIL
     client.connect_info()
     client.event(fuglu.SMFIC_HELO, fuglu.milter_strings('h'))

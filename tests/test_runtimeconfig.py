@@ -591,7 +591,8 @@ def test_lint_stdlib_sqlite_names_backend_driver_and_rows(readable_tmp):
 
 
 @pytest.mark.parametrize('url,fragment', [
-    ('postgresql://fuglu:pw@127.0.0.1/fuglu', 'pip install SQLAlchemy and psycopg2-binary, and write'),
+    ('postgresql://fuglu:pw@127.0.0.1/fuglu', 'pip install SQLAlchemy and psycopg2-binary, '
+                                              'and write'),
     ('mysql://fuglu:pw@127.0.0.1/fuglu', 'pip install SQLAlchemy and PyMySQL'),
 ])
 def test_lint_other_urls_without_sqlalchemy_names_what_to_install(tmp_path, url, fragment):

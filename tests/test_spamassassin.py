@@ -93,7 +93,8 @@ def processing_spamd(score, required=5.0, extra_headers=b''):
 
 def reporting_spamd(score, required=5.0):
     def answer(request):
-        spam_line = b'%s ; %.1f / %.1f' % (b'True' if score >= required else b'False', score, required)
+        spam_line = b'%s ; %.1f / %.1f' % (b'True' if score >= required else b'False', score,
+                                           required)
         return spamd_reply(b'Content analysis details: FAKE\n', spam_line)
     return answer
 
@@ -232,7 +233,8 @@ def test_scanoriginal_false_scans_the_current_source(fake_spamd):
     assert b'changed by a plugin' in server.requests[1].body
 
 
-SEED_MESSAGE = 'message from ${from_address} to ${to_domain} identified as spam (score=${spamscore})'
+SEED_MESSAGE = ('message from ${from_address} to ${to_domain} identified as spam '
+                '(score=${spamscore})')
 
 
 @pytest.mark.parametrize('score, expected_action, spam, highspam', [
@@ -349,8 +351,8 @@ def test_oversize_without_stripping_is_skipped(fake_spamd):
 
 MULTIPART = (b'From: <sender@example.org>\r\nTo: <rcpt@example.net>\r\nSubject: big\r\n'
              b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="B"\r\n\r\n'
-             b'--B\r\nContent-Type: text/plain\r\n\r\nbuy now\r\n'
-             b'--B\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+             b'--B\r\nContent-Type: text/plain\r\n\r\nbuy now\r\n--B\r\n'
+             b'Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n'
              + b'QUFBQUFBQUFBQUFB\r\n' * 2000 + b'--B--\r\n')
 
 
@@ -365,7 +367,8 @@ def test_oversize_is_stripped_and_only_spam_headers_are_added(fake_spamd):
     assert len(request.body) < 5000 + 500  # stripped source + pseudo headers
     assert suspect.get_tag('SpamAssassin.stripped') is True
     assert suspect.get_source() == MULTIPART  # the original is kept ...
-    assert suspect.addheaders['X-Spam-Status'].startswith('Yes, score=20.0')  # ... with spamd's verdict
+    # ... with spamd's verdict
+    assert suspect.addheaders['X-Spam-Status'].startswith('Yes, score=20.0')
     assert 'X-Other' not in suspect.addheaders
 
 
