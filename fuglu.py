@@ -911,22 +911,30 @@ CORE_DEFAULTS = {
         'plugindir': _opt('', 'comma separated directories searched for plugin modules, before the '
                               'bundled ones', path='dirs'),
         'plugins': _opt('archive,attachment,clamav,spamassassin',
-                        'scanner plugins, in the order they run: alias, dotted module.Class, each optionally with (configsection)'),
-        'prependers': _opt('debug,skip', 'prepender plugins: run before the scanners and may change the plugin lists'),
+                        'scanner plugins, in the order they run: alias, dotted module.Class, each '
+                        'optionally with (configsection)'),
+        'prependers': _opt('debug,skip', 'prepender plugins: run before the scanners and may '
+                                         'change the plugin lists'),
         'appenders': _opt('', 'appender plugins: run after the message was delivered or refused'),
-        'mplugins': _opt('', 'milter-stage plugins (milter connector only): act at connect, helo, mailfrom, '
-                             'rcpt, header, eoh or eob time, before the scanners'),
-        'bindaddress': _opt('127.0.0.1', 'address the incoming ports listen on, unless an entry names its own'),
+        'mplugins': _opt('', 'milter-stage plugins (milter connector only): act at connect, helo, '
+                             'mailfrom, rcpt, header, eoh or eob time, before the scanners'),
+        'bindaddress': _opt('127.0.0.1', 'address the incoming ports listen on, unless an entry '
+                                         'names its own'),
         'incomingport': _opt('10025,10099,10888',
-                             'listeners, comma separated: port (smtp), protocol:port or protocol:address:port; '
-                             'protocols smtp (after-queue), esmtp (before-queue proxy), milter, netcat'),
-        'smtp_command_line_limit': _opt('2048', 'longest SMTP command line accepted, in bytes', validator=_is_int),
-        'smtp_data_line_limit': _opt('1048576', 'longest line accepted in a message, in bytes', validator=_is_int),
-        'smtp_max_message_size': _opt('268435456', 'largest message accepted, in bytes (announced as SIZE); 0 = no limit',
+                             'listeners, comma separated: port (smtp), protocol:port or '
+                             'protocol:address:port; protocols smtp (after-queue), esmtp '
+                             '(before-queue proxy), milter, netcat'),
+        'smtp_command_line_limit': _opt('2048', 'longest SMTP command line accepted, in bytes',
+                                        validator=_is_int),
+        'smtp_data_line_limit': _opt('1048576', 'longest line accepted in a message, in bytes',
+                                     validator=_is_int),
+        'smtp_max_message_size': _opt('268435456', 'largest message accepted, in bytes (announced '
+                                                   'as SIZE); 0 = no limit',
                                       validator=_is_int),
-        'netcat_max_message_size': _opt('', 'largest message the netcat connector accepts, in bytes; '
-                                            'empty: smtp_max_message_size; 0 = no limit',
-                                        validator=lambda value: not value.strip() or _is_int(value)),
+        'netcat_max_message_size': _opt('', 'largest message the netcat connector accepts, in '
+                                            'bytes; empty: smtp_max_message_size; 0 = no limit',
+                                        validator=lambda value: (not value.strip() or
+                                                                 _is_int(value))),
         'smtptimeout': _opt(
             '300', 'seconds to wait for the next command, data or milter packet from a client',
             validator=_is_seconds),
@@ -935,14 +943,16 @@ CORE_DEFAULTS = {
                     'trickling bytes keeps each read alive, not the session); then smtp/esmtp '
                     'answer 421 4.4.2, netcat DEFER, milter closes; 0 = no limit',
             validator=_is_seconds),
-        'trusted_xforward_peers': _opt('', 'IPs/networks allowed to send client information (XFORWARD, '
-                                           'milter connect data, netcat envelope). Empty: every peer is trusted',
+        'trusted_xforward_peers': _opt('', 'IPs/networks allowed to send client information '
+                                           '(XFORWARD, milter connect data, netcat envelope). '
+                                           'Empty: every peer is trusted',
                                        validator=_is_networks),
-        'outgoinghost': _opt('127.0.0.1', 're-injection target host; ${injecthost} = the host that sent the message, '
-                                          '$NAME = environment variable'),
+        'outgoinghost': _opt('127.0.0.1', 're-injection target host; ${injecthost} = the host that '
+                                          'sent the message, $NAME = environment variable'),
         'outgoingport': _opt('10026', 're-injection target port', validator=_is_port),
         'outgoinghelo': _opt('', 'EHLO name used when re-injecting; empty: this host\'s FQDN'),
-        'outgoingretry': _opt('1', 'extra attempts when the downstream connection fails', validator=_is_int),
+        'outgoingretry': _opt('1', 'extra attempts when the downstream connection fails',
+                              validator=_is_int),
         'downstream_connect_timeout': _opt(
             '10', 'seconds to wait for the TCP connection to the downstream (re-injection, '
                   'bounces, the esmtp after-filter server); Postfix: smtp_connect_timeout 30s',
@@ -967,15 +977,18 @@ CORE_DEFAULTS = {
                              'directory anybody may write to is moved like controlport, to '
                              '/var/lib/fuglu/trash as root)',
                          path='writedir', home='trash'),
-        'trashlog': _opt('0', 'also log each trashed message to 00-fuglutrash.log in trashdir', validator=_is_bool),
+        'trashlog': _opt('0', 'also log each trashed message to 00-fuglutrash.log in trashdir',
+                         validator=_is_bool),
         'disablebounces': _opt('0', 'never send a bounce', validator=_is_bool),
         'nobouncefile': _opt('${confdir}/rules/nobounce.txt',
                              'domains (one per line) that never get bounces',
                              path='file', missing='bounces may go to every domain'),
         'debuginfoheader': _opt('0', 'add a <prefix>Debuginfo header', validator=_is_bool),
-        'spamstatusheader': _opt('1', 'add a <prefix>Spamstatus: YES|NO header', validator=_is_bool),
+        'spamstatusheader': _opt('1', 'add a <prefix>Spamstatus: YES|NO header',
+                                 validator=_is_bool),
         'suspectidheader': _opt('1', 'add a <prefix>Suspect: <id> header', validator=_is_bool),
-        'suspectidreturn': _opt('1', 'append (<id>) to DELETE, REJECT and DEFER replies', validator=_is_bool),
+        'suspectidreturn': _opt('1', 'append (<id>) to DELETE, REJECT and DEFER replies',
+                                validator=_is_bool),
         'mrtgdir': _opt('', 'directory for MRTG counter files (inout, hamspam, threads, virus, '
                             'scantime; FuGlu\'s format), rewritten every mrtg_interval seconds; '
                             'empty: none (a directory anybody may write to is moved like '
@@ -998,18 +1011,22 @@ CORE_DEFAULTS = {
                             path='writefile', home='run', made_as_root=True),
         'controladdress': _opt('127.0.0.1', 'bind address when controlport is a TCP port'),
         'controltoken': _opt('', 'shared secret required on a TCP control port', confidential=True),
-        'logtemplate': _opt('Suspect ${id} from=${from_address} to=${to_address} size=${size} spam=${spam} '
-                            'virus=${virus} modified=${modified} decision=${decision}',
+        'logtemplate': _opt('Suspect ${id} from=${from_address} to=${to_address} size=${size} '
+                            'spam=${spam} virus=${virus} modified=${modified} decision=${decision}',
                             'line logged for every message after scanning; empty: none'),
         'versioncheck': _opt('0', 'no effect in fuglu (accepted for FuGlu configurations): fuglu '
                                   'never looks up versions on the network',
                              validator=_is_bool,
                              inert='fuglu never looks up versions on the network'),
-        'address_compliance_checker': _opt('Default', 'envelope address check: Default, LazyLocalPart, AsciiOnly, '
+        'address_compliance_checker': _opt('Default', 'envelope address check: Default, '
+                                                      'LazyLocalPart, AsciiOnly, '
                                                       'PrintableAsciiOnly, NoCheck'),
-        'address_compliance_checker_maxsize': _opt('64', 'longest local part accepted', validator=_is_int),
-        'address_compliance_fail_action': _opt('defer', 'answer to invalid envelope addresses: defer, reject, discard'),
-        'address_compliance_fail_message': _opt('invalid sender or recipient address', 'reply text for the above'),
+        'address_compliance_checker_maxsize': _opt('64', 'longest local part accepted',
+                                                   validator=_is_int),
+        'address_compliance_fail_action': _opt('defer', 'answer to invalid envelope addresses: '
+                                                        'defer, reject, discard'),
+        'address_compliance_fail_message': _opt('invalid sender or recipient address',
+                                                'reply text for the above'),
         'remove_tmpfiles_on_error': _opt('1', 'no effect in fuglu (accepted for FuGlu '
                                               'configurations): a message\'s temporary file '
                                               'is always removed when the message is done',
@@ -1020,7 +1037,8 @@ CORE_DEFAULTS = {
     'performance': {
         'backend': _opt('thread', 'worker backend: thread'),
         'minthreads': _opt('2', 'thread backend: workers kept running', validator=_is_int),
-        'maxthreads': _opt('40', 'thread backend: most workers (connections handled at once)', validator=_is_int),
+        'maxthreads': _opt('40', 'thread backend: most workers (connections handled at once)',
+                           validator=_is_int),
         'max_sessions_per_client': _opt(
             '', 'connections one client address may have open at once, any connector, queued '
                 'ones included; more are refused at once (smtp/esmtp 421 4.7.0, netcat DEFER, '
@@ -1033,25 +1051,32 @@ CORE_DEFAULTS = {
                                   'the thread backend',
                              inert='this build has no process backend'),
         'listen_backlog': _opt('0', 'listen() backlog; 0: the system maximum', validator=_is_int),
-        'slow_enqueue_warn_ms': _opt('100', 'warn when handing a connection to the workers blocks this long',
+        'slow_enqueue_warn_ms': _opt('100', 'warn when handing a connection to the workers blocks '
+                                            'this long',
                                      validator=_is_int),
     },
     'spam': {
-        'defaultlowspamaction': _opt('DUNNO', 'what DEFAULTLOWSPAMACTION means', validator=_is_action),
-        'defaulthighspamaction': _opt('DUNNO', 'what DEFAULTHIGHSPAMACTION means', validator=_is_action),
+        'defaultlowspamaction': _opt('DUNNO', 'what DEFAULTLOWSPAMACTION means',
+                                     validator=_is_action),
+        'defaulthighspamaction': _opt('DUNNO', 'what DEFAULTHIGHSPAMACTION means',
+                                      validator=_is_action),
     },
     'virus': {
         'defaultvirusaction': _opt('DELETE', 'what DEFAULTVIRUSACTION means', validator=_is_action),
     },
     'smtpconnector': {
         'requeuetemplate': _opt('FUGLU REQUEUE(${id}): ${injectanswer}',
-                                'text of the 250 reply after re-injection; ${injectanswer} = the downstream reply'),
+                                'text of the 250 reply after re-injection; ${injectanswer} = the '
+                                'downstream reply'),
     },
     'esmtpconnector': {
-        'queuetemplate': _opt('${injectanswer}', 'text of the 250 reply after the downstream accepted the message'),
-        'ignore_multiple_recipients': _opt('0', 'forward only the first recipient (spam traps)', validator=_is_bool),
-        'downstream_timeout': _opt('50', 'seconds to wait for each reply of the after-filter server; keep it well '
-                                         'below Postfix\'s smtpd_proxy_timeout (default 100s), so the client gets '
+        'queuetemplate': _opt('${injectanswer}', 'text of the 250 reply after the downstream '
+                                                 'accepted the message'),
+        'ignore_multiple_recipients': _opt('0', 'forward only the first recipient (spam traps)',
+                                           validator=_is_bool),
+        'downstream_timeout': _opt('50', 'seconds to wait for each reply of the after-filter '
+                                         'server; keep it well below Postfix\'s '
+                                         'smtpd_proxy_timeout (default 100s), so the client gets '
                                          'fuglu\'s 4xx and the scan still fits',
                                          validator=_is_seconds),
     },
@@ -1059,10 +1084,13 @@ CORE_DEFAULTS = {
         'milter_mode': _opt('readonly', 'what the milter writes back, words that add up: tags, '
                                         'manual, auto, autoheaders, autofrom, autoto, '
                                         'replace_demo; readonly wins over all'),
-        'milter_mode_options': _opt('', 'manual mode: all, body, headers, from, to; autoheaders: prepend'),
-        'milter_max_packet_size': _opt('1048576', 'largest milter packet accepted, in bytes', validator=_is_int),
-        'milter_progress_interval': _opt('10', 'seconds between SMFIR_PROGRESS keep-alives while a message is '
-                                               'scanned (Postfix milter_content_timeout); 0: none',
+        'milter_mode_options': _opt('', 'manual mode: all, body, headers, from, to; '
+                                        'autoheaders: prepend'),
+        'milter_max_packet_size': _opt('1048576', 'largest milter packet accepted, in bytes',
+                                       validator=_is_int),
+        'milter_progress_interval': _opt('10', 'seconds between SMFIR_PROGRESS keep-alives while a '
+                                               'message is scanned (Postfix '
+                                               'milter_content_timeout); 0: none',
                                          validator=_is_seconds),
         'milter_debug': _opt('0', 'log every milter packet', validator=_is_bool),
     },
@@ -1362,7 +1390,8 @@ def check_options(config, section, table, ignored=()):
         try:
             value = config.get(target, option)
         except (configparser.NoSectionError, configparser.NoOptionError):
-            errors.append('Missing configuration value without default %s' % config.where(target, option))
+            errors.append('Missing configuration value without default %s'
+                          % config.where(target, option))
             continue
         validator = spec.get('validator')
         if validator is not None and not validator(value):
@@ -1471,7 +1500,8 @@ def dump_defaults(plugin_classes=()):
 # and the result is cut at ``limit`` characters, so a template naming ${body:full} many
 # times costs one copy of the body, not many.
 
-TEMPLATE_RE = re.compile(r'\$(?:(\$)|\{(@?[a-z][_a-z0-9.:]*)\}|(@?[a-z][_a-z0-9.:]*))', re.IGNORECASE)
+TEMPLATE_RE = re.compile(r'\$(?:(\$)|\{(@?[a-z][_a-z0-9.:]*)\}|(@?[a-z][_a-z0-9.:]*))',
+                         re.IGNORECASE)
 # characters of a filled template at most (log lines, bounce texts, paths, replies)
 TEMPLATE_MAX_CHARS = 1000000
 
@@ -1946,7 +1976,8 @@ class Suspect(SimpleTimeoutMixin):
         match = HEADER_END_RE.search(head)
         if match:
             # the block keeps the line end of its last header line
-            end_of_last_line = match.start() + (2 if head[match.start():match.start() + 1] == b'\r' else 1)
+            end_of_last_line = (match.start()
+                                + (2 if head[match.start():match.start() + 1] == b'\r' else 1))
             return head[:end_of_last_line], match.end()
         return head, len(head)
 
@@ -1979,7 +2010,8 @@ class Suspect(SimpleTimeoutMixin):
         the source now, so later plugins see it. Names and values may be bytes."""
         key, value = force_uString(key), force_uString(value)
         if immediate:
-            header = ('%s: %s\r\n' % (key, value)).encode('utf-8') if raw else encode_header(key, value)
+            header = (('%s: %s\r\n' % (key, value)).encode('utf-8') if raw
+                      else encode_header(key, value))
             self._source = header + self._source
             self._modified = True
             self._message_rep = None
@@ -2097,8 +2129,8 @@ class Suspect(SimpleTimeoutMixin):
         return entries
 
     def _header_regex(self, name):
-        return re.compile(rb'^' + re.escape(force_bString(name)) + rb'[ \t]*:.*(?:\r?\n[ \t].*)*\r?\n',
-                          re.IGNORECASE | re.MULTILINE)
+        return re.compile(rb'^' + re.escape(force_bString(name)) +
+                          rb'[ \t]*:.*(?:\r?\n[ \t].*)*\r?\n', re.IGNORECASE | re.MULTILINE)
 
     def remove_headers_from_source(self, headernames, track_change=True):
         """Delete every instance of the named headers (a name or a list of names) from
@@ -2256,7 +2288,8 @@ class Suspect(SimpleTimeoutMixin):
         if self.tags.get('debug'):
             handle = self.tags.get('debugfile')
             if handle is not None:
-                handle.write('%s %s\n' % (time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), message))
+                handle.write('%s %s\n' % (time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+                                          message))
                 handle.flush()
 
     def get_current_decision_code(self):
@@ -2342,8 +2375,8 @@ class Suspect(SimpleTimeoutMixin):
         'blocked': lambda s: 'yes' if s.is_blocked() else 'no',
         'virus': lambda s: 'yes' if s.is_virus() else 'no',
         'modified': lambda s: 'yes' if s.is_modified() else 'no',
-        'decision': lambda s: actioncode_to_string(s.tags['decisions'][-1][1]) if s.tags.get('decisions')
-        else 'DUNNO',
+        'decision': lambda s: (actioncode_to_string(s.tags['decisions'][-1][1])
+                               if s.tags.get('decisions') else 'DUNNO'),
         'tags': lambda s: s.short_tags(),
         'fulltags': lambda s: str(s.tags),
     }
@@ -2352,7 +2385,8 @@ class Suspect(SimpleTimeoutMixin):
         """The logtemplate variables (only those ``template`` names, if given)."""
         names = self.LOG_VALUES
         if template is not None:
-            used = {(m.group(2) or m.group(3) or '').lower() for m in TEMPLATE_RE.finditer(template)}
+            used = {(m.group(2) or m.group(3) or '').lower()
+                    for m in TEMPLATE_RE.finditer(template)}
             names = [name for name in self.LOG_VALUES if name in used]
         return {name: self.LOG_VALUES[name](self) for name in names}
 
@@ -2431,7 +2465,8 @@ SQL_BACKEND_HINTS = {
     'mysql': 'PyMySQL, and write the URL mysql+pymysql://...',
     'mariadb': 'PyMySQL, and write the URL mysql+pymysql://...',
 }
-SQL_DRIVER_PACKAGES = {'psycopg2': 'psycopg2-binary', 'psycopg': 'psycopg[binary]', 'pymysql': 'PyMySQL',
+SQL_DRIVER_PACKAGES = {'psycopg2': 'psycopg2-binary', 'psycopg': 'psycopg[binary]',
+                       'pymysql': 'PyMySQL',
                        'mysqldb': 'mysqlclient', 'mariadbconnector': 'mariadb'}
 
 
@@ -2761,8 +2796,8 @@ class SQLAlchemyDatabase(SQLDatabase):
             self.engine = sqlalchemy.create_engine(parsed, **options)
         except ImportError as error:
             package = SQL_DRIVER_PACKAGES.get(self.driver, 'the module %s' % error.name)
-            raise RuntimeConfigError('the driver %s for %s is not installed: pip install %s, or name '
-                                     'an installed driver in the URL (%s+DRIVER://...)'
+            raise RuntimeConfigError('the driver %s for %s is not installed: pip install %s, or '
+                                     'name an installed driver in the URL (%s+DRIVER://...)'
                                      % (self.driver, self.backend, package, self.backend))
         except Exception as error:
             raise RuntimeConfigError('%s: %s' % (self.display_url, sql_error_text(error)))
@@ -3228,7 +3263,8 @@ def lint_runtime_config(config, out):
                         describe=label.endswith(' sql')):
             errors += 1
             if '`' in sql and sql_database(settings.url, settings.timeout).backend == 'postgresql':
-                out('%s: PostgreSQL does not take MySQL\'s `backticks`; see the PostgreSQL queries in '
+                out('%s: PostgreSQL does not take MySQL\'s `backticks`; see the PostgreSQL '
+                    'queries in '
                     'README.md' % label, 'yellow')
             break
     if settings.ttl <= 0:
@@ -4050,7 +4086,8 @@ class BasicPlugin(object):
         table.setdefault('overrideaction', {'description': ''})
         table.setdefault('overridemessage', {'description': ''})
         errors = [e for e in check_options(self.config, self.section, table, self.ignored_options)
-                  if not (e.startswith('Missing') and ('overrideaction' in e or 'overridemessage' in e))]
+                  if not (e.startswith('Missing') and
+                          ('overrideaction' in e or 'overridemessage' in e))]
         for error in errors:
             print(error)
         findings = check_inert_options(self.config, self.section, table, self.ignored_options)
@@ -4923,7 +4960,8 @@ class ScanSession(object):
         self.logger.error('%s: plugin %s failed: %s: %s', suspect.id, plugin,
                           error.__class__.__name__, error)
         self.logger.debug(trace)
-        suspect.tags['processingerrors'].append('plugin %s: %s: %s' % (plugin, error.__class__.__name__, error))
+        suspect.tags['processingerrors'].append('plugin %s: %s: %s'
+                                                % (plugin, error.__class__.__name__, error))
         self.controller.stats.plugin_error(plugin)
         self.controller.record_exception(trace)
 
@@ -5100,7 +5138,8 @@ def connect_service(host, port, timeout, keepalive=False):
     unix socket. Python socket timeouts apply. Raises OSError."""
     port = str(port).strip()
     if port.isdigit():
-        connection = socket.create_connection((resolve_env_marker(host.strip()), int(port)), timeout)
+        connection = socket.create_connection((resolve_env_marker(host.strip()), int(port)),
+                                              timeout)
         if keepalive:
             connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return connection
@@ -5391,8 +5430,8 @@ class SMTPClient(object):
             except OSError as error:
                 last_error = 'timeout' if is_timeout(error) else error
         if self.sock is None:
-            raise SMTPError(451, '4.4.1 downstream %s:%s unavailable: %s' % (self.host, self.port, last_error),
-                            True)
+            raise SMTPError(451, '4.4.1 downstream %s:%s unavailable: %s'
+                            % (self.host, self.port, last_error), True)
         self.reader = SocketReader(self.sock, idle=connect_timeout)
         self.outgoing = []
         code, lines = self._reply()
@@ -5415,7 +5454,8 @@ class SMTPClient(object):
 
     def _reply(self, timeout=None):
         if self.sock is None:
-            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost' % (self.host, self.port), True)
+            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost' % (self.host, self.port),
+                            True)
         timeout = timeout or self.timeout
         clock = self.reader.clock
         clock.idle = timeout
@@ -5430,21 +5470,22 @@ class SMTPClient(object):
                             % (self.host, self.port), True)
         except ConnectionClosed as error:
             self.close()
-            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s' % (self.host, self.port, error),
-                            True)
+            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s'
+                            % (self.host, self.port, error), True)
         except LineTooLong:
             self.close()
             raise SMTPError(451, '4.4.2 downstream reply line too long', True)
 
     def _send(self, data):
         if self.sock is None:   # closed after an earlier failure
-            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost' % (self.host, self.port), True)
+            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost' % (self.host, self.port),
+                            True)
         try:
             self.sock.sendall(data)
         except OSError as error:
             self.close()
-            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s' % (self.host, self.port, error),
-                            True)
+            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s'
+                            % (self.host, self.port, error), True)
 
     def command(self, line):
         """Send one command line (str or bytes, without CRLF) and read its reply."""
@@ -5530,8 +5571,8 @@ class SMTPClient(object):
                         sent = 0
         except OSError as error:
             self.close()
-            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s' % (self.host, self.port, error),
-                            True)
+            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s'
+                            % (self.host, self.port, error), True)
 
     def rset(self):
         try:
@@ -5612,7 +5653,8 @@ class DownstreamPool(object):
         """QUIT connections idle too long (all of them when shutting down)."""
         now = time.time()
         with self.lock:
-            stale = [client for parked, client in self.idle if everything or now - parked > self.max_idle]
+            stale = [client for parked, client in self.idle
+                     if everything or now - parked > self.max_idle]
             self.idle = [(parked, client) for parked, client in self.idle if client not in stale]
         for client in stale:
             client.quit()
@@ -5672,7 +5714,8 @@ def send_bounce(config, suspect, recipient, message_bytes, sender=''):
     nobouncefile = config.get('main', 'nobouncefile')
     try:
         with open(nobouncefile) as handle:
-            if domain in {line.strip().lower() for line in handle if line.strip() and not line.startswith('#')}:
+            if domain in {line.strip().lower() for line in handle
+                          if line.strip() and not line.startswith('#')}:
                 logger.info('no bounce to %s (listed in %s)', recipient, nobouncefile)
                 return None
     except OSError:
@@ -5799,7 +5842,8 @@ def address_is_valid(address, checker='Default', maxsize=64):
         return True
     local, sep, domain = address.rpartition('@')
     if checker in ('AsciiOnly', 'PrintableAsciiOnly'):
-        allowed = (lambda c: 32 < ord(c) < 127) if checker == 'PrintableAsciiOnly' else (lambda c: ord(c) < 128)
+        allowed = ((lambda c: 32 < ord(c) < 127) if checker == 'PrintableAsciiOnly'
+                   else (lambda c: ord(c) < 128))
         if not all(allowed(c) for c in address):
             return False
         if '@' in local and not (local.startswith('"') and local.endswith('"')):
@@ -5983,7 +6027,8 @@ class SMTPServerSession(object):
 
     MAX_ERRORS = 20
     ENVELOPE_VERBS = ('MAIL', 'RCPT')   # their parsers refuse control characters with 5.1.x codes
-    UNIMPLEMENTED = ('EXPN', 'TURN', 'ETRN', 'STARTTLS', 'AUTH', 'BDAT', 'HELP', 'SEND', 'SOML', 'SAML')
+    UNIMPLEMENTED = ('EXPN', 'TURN', 'ETRN', 'STARTTLS', 'AUTH', 'BDAT', 'HELP', 'SEND', 'SOML',
+                     'SAML')
 
     def __init__(self, connector, sock, peer):
         self.connector = connector
@@ -6236,12 +6281,14 @@ class SMTPServerSession(object):
         data, problem = self.reader.read_data(self.max_size, self.data_line_limit)
         if problem == 'size':
             self.logger.warning('%s: message over smtp_max_message_size refused', self.peer_label())
-            self.reply(552, '5.3.4 Message size exceeds fixed maximum message size %d (configured limit '
-                            'smtp_max_message_size)' % self.max_size)
+            self.reply(552, '5.3.4 Message size exceeds fixed maximum message size %d (configured '
+                            'limit smtp_max_message_size)' % self.max_size)
         elif problem == 'line':
-            self.logger.warning('%s: message with a line over smtp_data_line_limit refused', self.peer_label())
-            self.reply(552, '5.3.4 Line in message exceeds %d octets (configured limit smtp_data_line_limit) '
-                            '- fold long headers or reduce message size' % self.data_line_limit)
+            self.logger.warning('%s: message with a line over smtp_data_line_limit refused',
+                                self.peer_label())
+            self.reply(552, '5.3.4 Line in message exceeds %d octets (configured limit '
+                            'smtp_data_line_limit) - fold long headers or '
+                            'reduce message size' % self.data_line_limit)
         return data
 
     def clientinfo(self):
@@ -6318,7 +6365,8 @@ class Connector(object):
             set_socket_timeout(sock, self.config.getfloat('main', 'smtptimeout'))
             self.serve(sock, peer)
         except Exception:
-            self.logger.error('connection from %s:%s failed: %s', peer[0], peer[1], traceback.format_exc())
+            self.logger.error('connection from %s:%s failed: %s', peer[0], peer[1],
+                              traceback.format_exc())
             self.controller.record_exception(traceback.format_exc())
         finally:
             try:
@@ -6381,7 +6429,8 @@ class AfterQueueSession(SMTPServerSession, ProtocolHandler):
 
     def cleanup(self):
         if self.downstream is not None:
-            if self.reuse_downstream and self.downstream_clean and not self.in_transaction and not self.awaiting:
+            if (self.reuse_downstream and self.downstream_clean and not self.in_transaction
+                and not self.awaiting):
                 self.controller.downstream_pool.park(self.downstream)
             else:
                 self.downstream.quit()
@@ -6470,7 +6519,8 @@ class AfterQueueSession(SMTPServerSession, ProtocolHandler):
         try:
             client = self.open_downstream()
         except SMTPError as error:
-            self.logger.warning('%s: MAIL FROM:<%s> deferred, downstream: %s', self.peer_label(), sender, error)
+            self.logger.warning('%s: MAIL FROM:<%s> deferred, downstream: %s', self.peer_label(),
+                                sender, error)
             return self.reply(error.code, error.text)
         self.sender, self.mail_params, self.in_transaction = sender, params, True
         if self.xforward and 'XFORWARD' in client.extensions:
@@ -6481,7 +6531,8 @@ class AfterQueueSession(SMTPServerSession, ProtocolHandler):
 
     def on_xforward_reply(self, code, lines):
         if code != 250:
-            self.logger.warning('%s: downstream refused XFORWARD: %s %s', self.peer_label(), code, ' '.join(lines))
+            self.logger.warning('%s: downstream refused XFORWARD: %s %s', self.peer_label(), code,
+                                ' '.join(lines))
 
     def accepted_reply(self, code, lines, local_text):
         """The reply for a MAIL/RCPT the downstream accepted. After-queue: our own
@@ -6491,7 +6542,8 @@ class AfterQueueSession(SMTPServerSession, ProtocolHandler):
     def on_mail_reply(self, sender, code, lines):
         if code == 250:
             return self.reply(*self.accepted_reply(code, lines, '2.1.0 Ok'))
-        self.logger.warning('%s: MAIL FROM:<%s> refused downstream: %s %s', self.peer_label(), sender, code,
+        self.logger.warning('%s: MAIL FROM:<%s> refused downstream: %s %s', self.peer_label(),
+                            sender, code,
                             ' '.join(lines))
         # RCPTs already forwarded get the downstream's "need MAIL" in turn
         self.sender, self.in_transaction = None, False
@@ -6511,7 +6563,8 @@ class AfterQueueSession(SMTPServerSession, ProtocolHandler):
 
     def on_rcpt_reply(self, address, params, code, lines):
         if code not in (250, 251):
-            self.logger.info('%s: recipient <%s> refused downstream: %s %s', self.peer_label(), address, code,
+            self.logger.info('%s: recipient <%s> refused downstream: %s %s', self.peer_label(),
+                             address, code,
                              ' '.join(lines))
             return self.reply(code, lines)
         self.recipients.append(address)
@@ -6575,7 +6628,8 @@ class AfterQueueSession(SMTPServerSession, ProtocolHandler):
         template = self.config.get(*self.accepted_template_option)
         if suspect.tags.get('noreinject'):
             record_inject_result(suspect, 250, 'message not re-injected by plugin request')
-            return 250, one_line(apply_template(template, suspect, {'injectanswer': suspect.tags['injectanswer']})), True
+            return (250, one_line(apply_template(template, suspect, {
+                'injectanswer': suspect.tags['injectanswer']})), True)
         message = suspect.get_output_parts()
         try:
             with self.downstream_deadline():
@@ -6595,7 +6649,8 @@ class AfterQueueSession(SMTPServerSession, ProtocolHandler):
         self.logger.warning('%s: downstream refused the message: %s %s', suspect.id, code, text)
         if code < 400:
             code = 451
-        return code, one_line('%s (%s)' % (text, suspect.id) if suspect.id not in text else text), False
+        return code, one_line('%s (%s)' % (text, suspect.id) if suspect.id not in text
+                              else text), False
 
     def downstream_deadline(self):
         """A time limit for the whole delivery on top of the per-reply ones (none
@@ -6610,7 +6665,8 @@ class AfterQueueSession(SMTPServerSession, ProtocolHandler):
         client = self.downstream
         if self.xforward and 'XFORWARD' in client.extensions:
             client.xforward(self.xforward)
-        code, text = client.command(self.envelope_command('MAIL FROM', suspect.from_address, self.mail_params, size))
+        code, text = client.command(self.envelope_command('MAIL FROM', suspect.from_address,
+                                                          self.mail_params, size))
         if code != 250:
             raise SMTPError(code, ' '.join(text))
         for recipient in suspect.recipients:
@@ -6661,14 +6717,16 @@ class EsmtpSession(AfterQueueSession):
 
     # Extensions whose commands and parameters pass through a proxy that buffers the
     # message. STARTTLS, AUTH, CHUNKING/BINARYMIME, ETRN, XCLIENT... are not among them.
-    PROXIED_EXTENSIONS = ('PIPELINING', 'SIZE', '8BITMIME', 'SMTPUTF8', 'DSN', 'ENHANCEDSTATUSCODES')
+    PROXIED_EXTENSIONS = ('PIPELINING', 'SIZE', '8BITMIME', 'SMTPUTF8', 'DSN',
+                          'ENHANCEDSTATUSCODES')
 
     accepted_template_option = ('esmtpconnector', 'queuetemplate')
     reuse_downstream = False   # greeted with this client's own name
 
     def __init__(self, connector, sock, peer):
         super().__init__(connector, sock, peer)
-        self.ignore_multiple_recipients = self.config.getboolean('esmtpconnector', 'ignore_multiple_recipients')
+        self.ignore_multiple_recipients = self.config.getboolean('esmtpconnector',
+                                                                 'ignore_multiple_recipients')
         self.ignored_recipients = []
 
     def reset(self):
@@ -6767,7 +6825,8 @@ class EsmtpSession(AfterQueueSession):
                 return self.downstream_unavailable(error)
             code, lines = error.code, [error.text]
         if code != 250:
-            self.logger.info('%s: %s %s refused downstream: %s %s', self.peer_label(), verb, argument, code,
+            self.logger.info('%s: %s %s refused downstream: %s %s', self.peer_label(), verb,
+                             argument, code,
                              ' '.join(lines))
             return self.reply(code, lines)
         self.helo, self.esmtp = argument, verb == 'EHLO'
@@ -6816,8 +6875,8 @@ class EsmtpConnector(SMTPConnector):
 #     <any other name>: <value>         (becomes a message tag)
 #     X-DATA-PREPEND-END: <token>
 
-NETCAT_BANNER = (b'fuglu scanner ready - please pipe your message, (optional) include env sender/recipient '
-                 b'in the beginning, see documentation\r\n')
+NETCAT_BANNER = (b'fuglu scanner ready - please pipe your message, (optional) include env '
+                 b'sender/recipient in the beginning, see documentation\r\n')
 NETCAT_DEFAULT_ADDRESS = 'unknown@example.org'
 NETCAT_BLOCK_START = b'X-DATA-PREPEND-START:'
 NETCAT_BLOCK_END = 'X-DATA-PREPEND-END'
@@ -6862,7 +6921,8 @@ def split_envelope_block(data):
             token = value
         elif name.upper() == NETCAT_BLOCK_END:
             if value != token:
-                raise EnvelopeBlockError('envelope block end token %r does not match the start token %r'
+                raise EnvelopeBlockError('envelope block end token %r does not match the '
+                                         'start token %r'
                                          % (value[:40], token[:40]))
             return token, fields, data[position:]
         else:
@@ -7251,7 +7311,8 @@ def milter_reply_code(code, text, enhanced=None):
         if ENHANCED_CODE_RE.match(word) and word[0] == klass:
             line = rest
         separator = ' ' if number == len(lines) - 1 else '-'
-        out.append(('%d%s%s %s' % (code, separator, enhanced, line[:400])).rstrip().replace('%', '%%'))
+        out.append(('%d%s%s %s' % (code, separator, enhanced, line[:400])).rstrip()
+                   .replace('%', '%%'))
     return milter_packet(SMFIR_REPLYCODE, milter_strings('\r\n'.join(out)))
 
 
@@ -7329,7 +7390,8 @@ class MilterReader(object):
                 raise ConnectionClosed('timeout')
             if not chunk:
                 if decoder.pending():
-                    raise MilterProtocolError('connection closed inside a packet (%d bytes of it read)'
+                    raise MilterProtocolError('connection closed inside a packet (%d bytes '
+                                              'of it read)'
                                               % decoder.pending())
                 raise ConnectionClosed('EOF')
             decoder.feed(chunk)
@@ -7924,7 +7986,8 @@ class MilterSession(ProtocolHandler):
         self.mode = connector.milter_mode()
         self.stage_plugins = {}
         for stage in MilterPlugin.STAGES:
-            self.stage_plugins[stage] = [p for p in self.mplugins if stage in (getattr(p, 'state', None) or ())]
+            self.stage_plugins[stage] = [p for p in self.mplugins
+                                         if stage in (getattr(p, 'state', None) or ())]
         self.send_lock = threading.Lock()
         self.scanning = False
         self.answered = False      # the MTA got the verdict on the last message
@@ -8077,7 +8140,8 @@ class MilterSession(ProtocolHandler):
         if self.protocol & no_reply_flag:
             if reply is not None:
                 # negotiated as no-reply: answering now would desynchronise the MTA
-                self.logger.warning('%s: cannot answer %s (negotiated as no-reply); dropping the answer',
+                self.logger.warning('%s: cannot answer %s (negotiated as no-reply); dropping '
+                                    'the answer',
                                     self.peer_label(), SMFIC_NAMES[command])
             return
         self.send(reply or MILTER_CONTINUE)
@@ -8086,17 +8150,20 @@ class MilterSession(ProtocolHandler):
     def on_optneg(self, data):
         version, actions, protocol = parse_optneg(data)
         if version < 2:
-            raise MilterProtocolError('the MTA offers milter protocol version %d; 2 or later needed' % version)
+            raise MilterProtocolError('the MTA offers milter protocol version %d; 2 or later '
+                                      'needed' % version)
         self.version = min(version, MILTER_VERSION)
         self.actions = self.mode.actions & actions
         if self.mode.actions & ~actions:
             self.logger.warning('%s: the MTA does not offer %s, needed by milter_mode %s',
                                 self.peer_label(),
-                                describe_milter_flags(self.mode.actions & ~actions, SMFIF_NAMES), self.mode.name)
+                                describe_milter_flags(self.mode.actions & ~actions, SMFIF_NAMES),
+                                self.mode.name)
         # Ask only for what we use: no reply to stages without milter plugins, no
         # unknown SMTP commands, header values with their leading space (so the
         # message is rebuilt byte for byte), SKIP for oversize bodies.
-        wanted = SMFIP_HDR_LEADSPC | SMFIP_NOUNKNOWN | SMFIP_NR_UNKN | SMFIP_NR_DATA | SMFIP_NR_BODY | SMFIP_SKIP
+        wanted = (SMFIP_HDR_LEADSPC | SMFIP_NOUNKNOWN | SMFIP_NR_UNKN | SMFIP_NR_DATA
+                  | SMFIP_NR_BODY | SMFIP_SKIP)
         for stage, command in self.STAGE_COMMANDS.items():
             if not self.stage_plugins[stage]:
                 wanted |= MILTER_NO_REPLY_FLAGS[command]
@@ -8106,7 +8173,8 @@ class MilterSession(ProtocolHandler):
                           self.peer_label(),
                           self.version, describe_milter_flags(self.actions, SMFIF_NAMES),
                           describe_milter_flags(self.protocol, SMFIP_NAMES), version,
-                          describe_milter_flags(actions, SMFIF_NAMES), describe_milter_flags(protocol, SMFIP_NAMES))
+                          describe_milter_flags(actions, SMFIF_NAMES),
+                          describe_milter_flags(protocol, SMFIP_NAMES))
         self.send(encode_optneg(self.version, self.actions, self.protocol))
 
     def on_macro(self, data):
@@ -8261,7 +8329,8 @@ class MilterSession(ProtocolHandler):
             return milter_packet(SMFIR_ACCEPT)
         if action == DELETE:
             if stage in ('connect', 'helo'):
-                self.logger.error('%s: DELETE (discard) is not allowed at %s; answering with a temporary failure',
+                self.logger.error('%s: DELETE (discard) is not allowed at %s; answering with a '
+                                  'temporary failure',
                                   self.peer_label(), stage)
                 return milter_reply_code(451, '4.7.1 Try again later')
             return milter_packet(SMFIR_DISCARD)
@@ -8294,7 +8363,8 @@ class MilterSession(ProtocolHandler):
             if code is None or code == DUNNO:
                 continue
             if code not in (ACCEPT, DELETE, REJECT, DEFER):
-                self.logger.error('%s: milter plugin %s returned an invalid action %r at %s, ignored',
+                self.logger.error('%s: milter plugin %s returned an invalid action %r at '
+                                  '%s, ignored',
                                   self.peer_label(), plugin, code, stage)
                 continue
             self.logger.info('%s: milter plugin %s at %s: %s %s', self.peer_label(), plugin, stage,
@@ -8568,8 +8638,8 @@ class ThreadBackend(Backend):
             except queue.Empty:
                 with self.lock:
                     busy = len(self.workers) - self.idle
-                    if len(self.workers) > self.minthreads and self.idle - 1 >= self.minfreethreads \
-                            and busy < len(self.workers):
+                    if len(self.workers) > self.minthreads and \
+                            self.idle - 1 >= self.minfreethreads and busy < len(self.workers):
                         self.idle -= 1
                         del self.workers[me]
                         return
@@ -8759,7 +8829,8 @@ class Listener(object):
             self.controller.backend.submit(self.run_session, sock, peer)
             waited = (time.time() - started) * 1000
             if warn_ms and waited > warn_ms:
-                self.logger.warning('handing a connection to the workers took %d ms: all busy?', waited)
+                self.logger.warning('handing a connection to the workers took %d ms: all busy?',
+                                    waited)
 
     def run_session(self, sock, peer):
         try:
@@ -8819,7 +8890,8 @@ class ControlServer(object):
         if self.spec.isdigit():
             address = config.get('main', 'controladdress').strip() or '127.0.0.1'
             if not is_loopback_address(address) and not self.token:
-                raise ConfigProblem('controlport %s on %s needs controltoken' % (self.spec, address))
+                raise ConfigProblem('controlport %s on %s needs controltoken'
+                                    % (self.spec, address))
             family = socket.AF_INET6 if ':' in address else socket.AF_INET
             self.sock = socket.socket(family, socket.SOCK_STREAM)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -9609,7 +9681,8 @@ class MainController(object):
         self.owner = None
         self.stayalive = True
         self.trusted_networks = None
-        self.smtp_sessions = set()   # SMTP sessions, so shutdown can wake those waiting for a command
+        # SMTP sessions, so shutdown can wake those waiting for a command
+        self.smtp_sessions = set()
         self.downstream_pool = DownstreamPool()
         self.client_sessions = ClientSessions(self)
         self._apply_trusted(config)
@@ -10774,18 +10847,22 @@ def parse_args(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog='commands (fuglu COMMAND --help for each):\n%s' % commands)
     parser.add_argument('--version', action='version', version=__version__)
-    parser.add_argument('--lint', action='store_true', help='check configuration and plugins, then exit')
-    parser.add_argument('-c', '--config', help='main config file (default %s)' % DEFAULT_CONFIG_PATH)
-    parser.add_argument('--configdir', help='conf.d directory (default: conf.d beside the config file, '
-                                            'only for the default config)')
+    parser.add_argument('--lint', action='store_true', help='check configuration and plugins, '
+                                                            'then exit')
+    parser.add_argument('-c', '--config',
+                        help='main config file (default %s)' % DEFAULT_CONFIG_PATH)
+    parser.add_argument('--configdir', help='conf.d directory (default: conf.d beside the config '
+                                            'file, only for the default config)')
     parser.add_argument('-f', '--foreground', action='store_true',
                         help='do not daemonize, log to stderr (privileges are dropped all the '
                              'same)')
     parser.add_argument('--pidfile',
                         help='pid file (default when daemonized: %s; in the foreground: none)'
                                           % DEFAULT_PIDFILE)
-    parser.add_argument('--logconfig', help='logging configuration file (logging.fileConfig format)')
-    parser.add_argument('--baseloglevel', default='INFO', choices=['DEBUG', 'INFO', 'WARNING', 'ERROR'],
+    parser.add_argument('--logconfig', help='logging configuration file '
+                                            '(logging.fileConfig format)')
+    parser.add_argument('--baseloglevel', default='INFO',
+                        choices=['DEBUG', 'INFO', 'WARNING', 'ERROR'],
                         help='log level of the foreground log')
     parser.add_argument('--dump-defaults', action='store_true',
                         help='print the complete default configuration with descriptions')
@@ -10836,16 +10913,21 @@ def command_client(argv):
     """send a message to a running netcat connector and print the verdict (FuGlu's fuglu_client)"""
     import argparse
     parser = argparse.ArgumentParser(
-        prog='fuglu client', description='Send a message to a netcat connector, print the verdict. Exit code: '
-                                         'DUNNO 0, DISCARD 2, REJECT 3, DEFER 4, any problem 1.')
+        prog='fuglu client', description='Send a message to a netcat connector, print the verdict. '
+                                         'Exit code: DUNNO 0, DISCARD 2, REJECT 3, DEFER 4, any '
+                                         'problem 1.')
     parser.add_argument('--host', default='127.0.0.1', help='connector host (default %(default)s)')
-    parser.add_argument('-p', '--port', type=int, default=20099, help='connector port (default %(default)s)')
+    parser.add_argument('-p', '--port', type=int, default=20099, help='connector port (default '
+                                                                      '%(default)s)')
     parser.add_argument('-s', '--sender', help='envelope sender ("<>" for the null sender)')
-    parser.add_argument('-r', '--recipient', action='append', default=[], help='envelope recipient (repeatable)')
+    parser.add_argument('-r', '--recipient', action='append', default=[],
+                        help='envelope recipient (repeatable)')
     parser.add_argument('-i', '--input', default='-', help='message file (default: standard input)')
     parser.add_argument('-o', '--output', action='store_true',
-                        help='write the scanned message to standard output (the verdict goes to standard error)')
-    parser.add_argument('-t', '--timeout', type=float, default=300, help='seconds to wait (default %(default)s)')
+                        help='write the scanned message to standard output (the verdict goes to '
+                             'standard error)')
+    parser.add_argument('-t', '--timeout', type=float, default=300,
+                        help='seconds to wait (default %(default)s)')
     args = parser.parse_args(argv)
     try:
         if args.input == '-':
@@ -10880,7 +10962,8 @@ def command_client(argv):
         else:
             print(status)
     else:
-        print('%s: %s' % (status, rest.decode('utf-8', 'replace')), file=sys.stderr if args.output else sys.stdout)
+        print('%s: %s' % (status, rest.decode('utf-8', 'replace')),
+              file=sys.stderr if args.output else sys.stdout)
     return CLIENT_EXIT_CODES[status]
 
 
@@ -10898,7 +10981,8 @@ def probe_smtp(host, port, timeout):
 
 
 def probe_netcat(host, port, timeout):
-    answer = netcat_exchange(host, port, envelope_block([('X-HEALTHCHECK', 'true')]), timeout).strip()
+    answer = netcat_exchange(host, port, envelope_block([('X-HEALTHCHECK', 'true')]),
+                             timeout).strip()
     return answer == NETCAT_HEALTHY, 'answer %r' % answer[:80]
 
 
@@ -10913,7 +10997,8 @@ def probe_milter(host, port, timeout):
     return answer[4:5] == b'O', 'answer %r' % answer[:40]
 
 
-HEALTH_PROBES = {'smtp': probe_smtp, 'esmtp': probe_smtp, 'netcat': probe_netcat, 'milter': probe_milter}
+HEALTH_PROBES = {'smtp': probe_smtp, 'esmtp': probe_smtp, 'netcat': probe_netcat,
+                 'milter': probe_milter}
 
 
 # `fuglu healthcheck --deep` exit codes, those of monitoring plugins (Nagios, Icinga)
@@ -10969,7 +11054,8 @@ def command_healthcheck(argv):
                         help='check everything the configuration uses')
     parser.add_argument('-c', '--config',
                         help='config file for --deep (default %s)' % DEFAULT_CONFIG_PATH)
-    parser.add_argument('-t', '--timeout', type=float, default=5, help='seconds (default %(default)s)')
+    parser.add_argument('-t', '--timeout', type=float, default=5,
+                        help='seconds (default %(default)s)')
     args = parser.parse_args(argv)
     if args.deep:
         logging.basicConfig(level=logging.CRITICAL)
@@ -11351,7 +11437,8 @@ def main(argv=None):
     logger = logging.getLogger('fuglu.main')
     if embedded:
         logger.info('no config file at %s: running on the embedded default (after-queue smtp on '
-                    '127.0.0.1:10025, re-injection to 127.0.0.1:10026, no plugins)', DEFAULT_CONFIG_PATH)
+                    '127.0.0.1:10025, re-injection to 127.0.0.1:10026, no '
+                    'plugins)', DEFAULT_CONFIG_PATH)
     pidfile = args.pidfile
     if pidfile is None and not foreground:
         pidfile = DEFAULT_PIDFILE
