@@ -21,14 +21,16 @@ A message travels like this::
                                  |  runs
                                  v
                              Connector session (smtp / esmtp / netcat / milter):
-                             speaks the protocol, builds a Suspect from the bytes
+                             speaks the protocol, receives the message, then hands
+                             itself (a ProtocolHandler) to the scan session
                                  |
                                  v
-                             ScanSession: prependers -> scanners -> appenders
+                             ScanSession.handle: make_suspect, prependers -> scanners,
+                             the answer, appenders; every failure a temporary failure
                                  |  verdict (DUNNO, ACCEPT, DELETE, REJECT, DEFER)
                                  v
-                             Connector: re-inject downstream (Reinjector) and only then
-                             answer the MTA; every failure becomes a temporary failure
+                             ProtocolHandler answers: commitback (re-inject downstream,
+                             and only then tell the MTA), discard, reject, defer
 
 The sections of this file follow that path, in dependency order: constants and
 actions, small helpers, files in shared directories, configuration, templates, the
@@ -119,8 +121,15 @@ __all__ = [
     'AsyncAVScannerPlugin', 'PrependerPlugin', 'AsyncPrependerPlugin', 'AppenderPlugin',
     'AsyncAppenderPlugin', 'MilterPlugin', 'BasicMilterPlugin', 'Bounce', 'Addrcheck',
     'FunkyConsole', 'DBConfig', 'DBFile', 'RuntimeConfigError',
+    # helpers for plugins: services, rule rows, bundled files, files in shared directories
+    'connect_service', 'recv_until', 'service_address', 'read_until_eof', 'parse_list',
+    'parse_incomingport', 'lint_sql', 'read_bundled_conf', 'shared_directory',
+    'shared_file_path', 'prepare_shared_home', 'open_directory', 'create_file_at',
+    'write_file_at', 'append_file_at', 'STARTED_AS_ROOT', 'FugluError', 'InvalidAddress',
+    'SUSPECT_TAGS',
     # the daemon
-    'call_plugin', 'ScanSession', 'MainController', 'CONNECTORS', 'BACKENDS', 'main',
+    'call_plugin', 'ScanSession', 'ProtocolHandler', 'MainController', 'CONNECTORS',
+    'BACKENDS', 'main',
 ]
 
 
@@ -148,7 +157,7 @@ PSEUDO_ACTIONS = {
 DEFAULT_CONFIG_PATH = '/etc/fuglu/fuglu.conf'
 DEFAULT_CONFDIR = '/etc/fuglu'
 
-# exit codes (spec 1.3)
+# exit codes (FuGlu's)
 EXIT_PLUGIN_LOAD_FAILED = 66
 EXIT_UNHANDLED = 254
 
@@ -184,7 +193,15 @@ def actioncode_to_string(actioncode):
 # Small helpers
 ###############################################################################
 
-class ForceUStringError(TypeError):
+class FugluError(Exception):
+    """The root of the exceptions fuglu's core raises, so a caller can catch them all.
+    Where FuGlu's API or the standard library has a kind for the same trouble, the
+    class is that kind too (ForceUStringError is a TypeError, UnsafeLocation an
+    OSError, InvalidAddress and EnvelopeSyntaxError ValueErrors, NotInThisBuild an
+    ImportError), so code written against those keeps catching them."""
+
+
+class ForceUStringError(FugluError, TypeError):
     """force_uString() got an object it cannot turn into text."""
 
 
@@ -640,7 +657,7 @@ O_CLOEXEC = getattr(os, 'O_CLOEXEC', 0)
 O_DIRECTORY = getattr(os, 'O_DIRECTORY', 0)
 
 
-class UnsafeLocation(OSError):
+class UnsafeLocation(FugluError, OSError):
     """A directory or file fuglu refuses to use: a link, someone else's, writable by others."""
 
 
@@ -809,7 +826,7 @@ def append_file_at(dir_fd, name, mode=0o600):
 ###############################################################################
 # Configuration
 ###############################################################################
-# The semantics are FuGlu's (spec section 2): RawConfigParser, last value wins, no
+# The semantics are FuGlu's: RawConfigParser, last value wins, no
 # interpolation, option names case-insensitive. Every component declares its options
 # once in a `requiredvars`-style table (option -> default + description); those tables
 # are the fallback for lookups, the source of --dump-defaults / fuglu.conf.dist and of
@@ -846,6 +863,11 @@ def _is_number(value):
         return True
     except (TypeError, ValueError):
         return False
+
+
+def _is_seconds(value):
+    """A time in seconds: a non-negative number, fractions allowed."""
+    return _is_number(value) and float(value) >= 0
 
 
 def _is_bool(value):
@@ -889,51 +911,61 @@ CORE_DEFAULTS = {
         'plugindir': _opt('', 'comma separated directories searched for plugin modules, before the '
                               'bundled ones', path='dirs'),
         'plugins': _opt('archive,attachment,clamav,spamassassin',
-                        'scanner plugins, in the order they run: alias, dotted module.Class, each optionally with (configsection)'),
-        'prependers': _opt('debug,skip', 'prepender plugins: run before the scanners and may change the plugin lists'),
+                        'scanner plugins, in the order they run: alias, dotted module.Class, each '
+                        'optionally with (configsection)'),
+        'prependers': _opt('debug,skip', 'prepender plugins: run before the scanners and may '
+                                         'change the plugin lists'),
         'appenders': _opt('', 'appender plugins: run after the message was delivered or refused'),
-        'mplugins': _opt('', 'milter-stage plugins (milter connector only): act at connect, helo, mailfrom, '
-                             'rcpt, header, eoh or eob time, before the scanners'),
-        'bindaddress': _opt('127.0.0.1', 'address the incoming ports listen on, unless an entry names its own'),
+        'mplugins': _opt('', 'milter-stage plugins (milter connector only): act at connect, helo, '
+                             'mailfrom, rcpt, header, eoh or eob time, before the scanners'),
+        'bindaddress': _opt('127.0.0.1', 'address the incoming ports listen on, unless an entry '
+                                         'names its own'),
         'incomingport': _opt('10025,10099,10888',
-                             'listeners, comma separated: port (smtp), protocol:port or protocol:address:port; '
-                             'protocols smtp (after-queue), esmtp (before-queue proxy), milter, netcat'),
-        'smtp_command_line_limit': _opt('2048', 'longest SMTP command line accepted, in bytes', validator=_is_int),
-        'smtp_data_line_limit': _opt('1048576', 'longest line accepted in a message, in bytes', validator=_is_int),
-        'smtp_max_message_size': _opt('268435456', 'largest message accepted, in bytes (announced as SIZE); 0 = no limit',
+                             'listeners, comma separated: port (smtp), protocol:port or '
+                             'protocol:address:port; protocols smtp (after-queue), esmtp '
+                             '(before-queue proxy), milter, netcat'),
+        'smtp_command_line_limit': _opt('2048', 'longest SMTP command line accepted, in bytes',
+                                        validator=_is_int),
+        'smtp_data_line_limit': _opt('1048576', 'longest line accepted in a message, in bytes',
+                                     validator=_is_int),
+        'smtp_max_message_size': _opt('268435456', 'largest message accepted, in bytes (announced '
+                                                   'as SIZE); 0 = no limit',
                                       validator=_is_int),
-        'netcat_max_message_size': _opt('', 'largest message the netcat connector accepts, in bytes; '
-                                            'empty: smtp_max_message_size; 0 = no limit',
-                                        validator=lambda value: not value.strip() or _is_int(value)),
+        'netcat_max_message_size': _opt('', 'largest message the netcat connector accepts, in '
+                                            'bytes; empty: smtp_max_message_size; 0 = no limit',
+                                        validator=lambda value: (not value.strip() or
+                                                                 _is_int(value))),
         'smtptimeout': _opt(
             '300', 'seconds to wait for the next command, data or milter packet from a client',
-            validator=_is_int),
+            validator=_is_seconds),
         'max_session_time': _opt(
             '1200', 'seconds one client connection may last in all, whatever it sends (a client '
                     'trickling bytes keeps each read alive, not the session); then smtp/esmtp '
                     'answer 421 4.4.2, netcat DEFER, milter closes; 0 = no limit',
-            validator=_is_int),
-        'trusted_xforward_peers': _opt('', 'IPs/networks allowed to send client information (XFORWARD, '
-                                           'milter connect data, netcat envelope). Empty: every peer is trusted',
+            validator=_is_seconds),
+        'trusted_xforward_peers': _opt('', 'IPs/networks allowed to send client information '
+                                           '(XFORWARD, milter connect data, netcat envelope). '
+                                           'Empty: every peer is trusted',
                                        validator=_is_networks),
-        'outgoinghost': _opt('127.0.0.1', 're-injection target host; ${injecthost} = the host that sent the message, '
-                                          '$NAME = environment variable'),
+        'outgoinghost': _opt('127.0.0.1', 're-injection target host; ${injecthost} = the host that '
+                                          'sent the message, $NAME = environment variable'),
         'outgoingport': _opt('10026', 're-injection target port', validator=_is_port),
         'outgoinghelo': _opt('', 'EHLO name used when re-injecting; empty: this host\'s FQDN'),
-        'outgoingretry': _opt('1', 'extra attempts when the downstream connection fails', validator=_is_int),
+        'outgoingretry': _opt('1', 'extra attempts when the downstream connection fails',
+                              validator=_is_int),
         'downstream_connect_timeout': _opt(
             '10', 'seconds to wait for the TCP connection to the downstream (re-injection, '
                   'bounces, the esmtp after-filter server); Postfix: smtp_connect_timeout 30s',
-            validator=_is_int),
+            validator=_is_seconds),
         'downstream_reply_timeout': _opt(
             '30', 'seconds to wait for the downstream\'s greeting and each reply (smtp connector '
                   'and bounces); connect, greeting, EHLO, XFORWARD and MAIL together stay well '
                   'inside Postfix\'s smtp_mail_timeout (300s); too late: 451 4.4.2',
-            validator=_is_int),
+            validator=_is_seconds),
         'downstream_data_timeout': _opt(
             '120', 'seconds to wait for the downstream\'s reply after the message data; Postfix '
                    'waits smtp_data_done_timeout (600s) for fuglu\'s, scanning included; too late: '
-                   '451 4.4.2', validator=_is_int),
+                   '451 4.4.2', validator=_is_seconds),
         'bouncehost': _opt('', 'where bounces are sent; empty: outgoinghost'),
         'bounceport': _opt('', 'port for bounces; empty: outgoingport',
                            validator=lambda value: _is_port(value, allow_empty=True)),
@@ -945,15 +977,18 @@ CORE_DEFAULTS = {
                              'directory anybody may write to is moved like controlport, to '
                              '/var/lib/fuglu/trash as root)',
                          path='writedir', home='trash'),
-        'trashlog': _opt('0', 'also log each trashed message to 00-fuglutrash.log in trashdir', validator=_is_bool),
+        'trashlog': _opt('0', 'also log each trashed message to 00-fuglutrash.log in trashdir',
+                         validator=_is_bool),
         'disablebounces': _opt('0', 'never send a bounce', validator=_is_bool),
         'nobouncefile': _opt('${confdir}/rules/nobounce.txt',
                              'domains (one per line) that never get bounces',
                              path='file', missing='bounces may go to every domain'),
         'debuginfoheader': _opt('0', 'add a <prefix>Debuginfo header', validator=_is_bool),
-        'spamstatusheader': _opt('1', 'add a <prefix>Spamstatus: YES|NO header', validator=_is_bool),
+        'spamstatusheader': _opt('1', 'add a <prefix>Spamstatus: YES|NO header',
+                                 validator=_is_bool),
         'suspectidheader': _opt('1', 'add a <prefix>Suspect: <id> header', validator=_is_bool),
-        'suspectidreturn': _opt('1', 'append (<id>) to DELETE, REJECT and DEFER replies', validator=_is_bool),
+        'suspectidreturn': _opt('1', 'append (<id>) to DELETE, REJECT and DEFER replies',
+                                validator=_is_bool),
         'mrtgdir': _opt('', 'directory for MRTG counter files (inout, hamspam, threads, virus, '
                             'scantime; FuGlu\'s format), rewritten every mrtg_interval seconds; '
                             'empty: none (a directory anybody may write to is moved like '
@@ -976,18 +1011,22 @@ CORE_DEFAULTS = {
                             path='writefile', home='run', made_as_root=True),
         'controladdress': _opt('127.0.0.1', 'bind address when controlport is a TCP port'),
         'controltoken': _opt('', 'shared secret required on a TCP control port', confidential=True),
-        'logtemplate': _opt('Suspect ${id} from=${from_address} to=${to_address} size=${size} spam=${spam} '
-                            'virus=${virus} modified=${modified} decision=${decision}',
+        'logtemplate': _opt('Suspect ${id} from=${from_address} to=${to_address} size=${size} '
+                            'spam=${spam} virus=${virus} modified=${modified} decision=${decision}',
                             'line logged for every message after scanning; empty: none'),
         'versioncheck': _opt('0', 'no effect in fuglu (accepted for FuGlu configurations): fuglu '
                                   'never looks up versions on the network',
                              validator=_is_bool,
                              inert='fuglu never looks up versions on the network'),
-        'address_compliance_checker': _opt('Default', 'envelope address check: Default, LazyLocalPart, AsciiOnly, '
+        'address_compliance_checker': _opt('Default', 'envelope address check: Default, '
+                                                      'LazyLocalPart, AsciiOnly, '
                                                       'PrintableAsciiOnly, NoCheck'),
-        'address_compliance_checker_maxsize': _opt('64', 'longest local part accepted', validator=_is_int),
-        'address_compliance_fail_action': _opt('defer', 'answer to invalid envelope addresses: defer, reject, discard'),
-        'address_compliance_fail_message': _opt('invalid sender or recipient address', 'reply text for the above'),
+        'address_compliance_checker_maxsize': _opt('64', 'longest local part accepted',
+                                                   validator=_is_int),
+        'address_compliance_fail_action': _opt('defer', 'answer to invalid envelope addresses: '
+                                                        'defer, reject, discard'),
+        'address_compliance_fail_message': _opt('invalid sender or recipient address',
+                                                'reply text for the above'),
         'remove_tmpfiles_on_error': _opt('1', 'no effect in fuglu (accepted for FuGlu '
                                               'configurations): a message\'s temporary file '
                                               'is always removed when the message is done',
@@ -998,7 +1037,8 @@ CORE_DEFAULTS = {
     'performance': {
         'backend': _opt('thread', 'worker backend: thread'),
         'minthreads': _opt('2', 'thread backend: workers kept running', validator=_is_int),
-        'maxthreads': _opt('40', 'thread backend: most workers (connections handled at once)', validator=_is_int),
+        'maxthreads': _opt('40', 'thread backend: most workers (connections handled at once)',
+                           validator=_is_int),
         'max_sessions_per_client': _opt(
             '', 'connections one client address may have open at once, any connector, queued '
                 'ones included; more are refused at once (smtp/esmtp 421 4.7.0, netcat DEFER, '
@@ -1011,35 +1051,47 @@ CORE_DEFAULTS = {
                                   'the thread backend',
                              inert='this build has no process backend'),
         'listen_backlog': _opt('0', 'listen() backlog; 0: the system maximum', validator=_is_int),
-        'slow_enqueue_warn_ms': _opt('100', 'warn when handing a connection to the workers blocks this long',
+        'slow_enqueue_warn_ms': _opt('100', 'warn when handing a connection to the workers blocks '
+                                            'this long',
                                      validator=_is_int),
     },
     'spam': {
-        'defaultlowspamaction': _opt('DUNNO', 'what DEFAULTLOWSPAMACTION means', validator=_is_action),
-        'defaulthighspamaction': _opt('DUNNO', 'what DEFAULTHIGHSPAMACTION means', validator=_is_action),
+        'defaultlowspamaction': _opt('DUNNO', 'what DEFAULTLOWSPAMACTION means',
+                                     validator=_is_action),
+        'defaulthighspamaction': _opt('DUNNO', 'what DEFAULTHIGHSPAMACTION means',
+                                      validator=_is_action),
     },
     'virus': {
         'defaultvirusaction': _opt('DELETE', 'what DEFAULTVIRUSACTION means', validator=_is_action),
     },
     'smtpconnector': {
         'requeuetemplate': _opt('FUGLU REQUEUE(${id}): ${injectanswer}',
-                                'text of the 250 reply after re-injection; ${injectanswer} = the downstream reply'),
+                                'text of the 250 reply after re-injection; ${injectanswer} = the '
+                                'downstream reply'),
     },
     'esmtpconnector': {
-        'queuetemplate': _opt('${injectanswer}', 'text of the 250 reply after the downstream accepted the message'),
-        'ignore_multiple_recipients': _opt('0', 'forward only the first recipient (spam traps)', validator=_is_bool),
-        'downstream_timeout': _opt('50', 'seconds to wait for each reply of the after-filter server; keep it well '
-                                         'below Postfix\'s smtpd_proxy_timeout (default 100s), so the client gets '
-                                         'fuglu\'s 4xx and the scan still fits', validator=_is_int),
+        'queuetemplate': _opt('${injectanswer}', 'text of the 250 reply after the downstream '
+                                                 'accepted the message'),
+        'ignore_multiple_recipients': _opt('0', 'forward only the first recipient (spam traps)',
+                                           validator=_is_bool),
+        'downstream_timeout': _opt('50', 'seconds to wait for each reply of the after-filter '
+                                         'server; keep it well below Postfix\'s '
+                                         'smtpd_proxy_timeout (default 100s), so the client gets '
+                                         'fuglu\'s 4xx and the scan still fits',
+                                         validator=_is_seconds),
     },
     'milter': {
-        'milter_mode': _opt('readonly', 'what the milter writes back: readonly, tags, manual, auto, autoheaders, '
-                                        'replace_demo'),
-        'milter_mode_options': _opt('', 'manual mode: all, body, headers, from, to; autoheaders: prepend'),
-        'milter_max_packet_size': _opt('1048576', 'largest milter packet accepted, in bytes', validator=_is_int),
-        'milter_progress_interval': _opt('10', 'seconds between SMFIR_PROGRESS keep-alives while a message is '
-                                               'scanned (Postfix milter_content_timeout); 0: none',
-                                         validator=_is_int),
+        'milter_mode': _opt('readonly', 'what the milter writes back, words that add up: tags, '
+                                        'manual, auto, autoheaders, autofrom, autoto, '
+                                        'replace_demo; readonly wins over all'),
+        'milter_mode_options': _opt('', 'manual mode: all, body, headers, from, to; '
+                                        'autoheaders: prepend'),
+        'milter_max_packet_size': _opt('1048576', 'largest milter packet accepted, in bytes',
+                                       validator=_is_int),
+        'milter_progress_interval': _opt('10', 'seconds between SMFIR_PROGRESS keep-alives while a '
+                                               'message is scanned (Postfix '
+                                               'milter_content_timeout); 0: none',
+                                         validator=_is_seconds),
         'milter_debug': _opt('0', 'log every milter packet', validator=_is_bool),
     },
     'PluginAlias': {},
@@ -1089,7 +1141,7 @@ CORE_DEFAULTS = {
 }
 
 
-class ConfigProblem(Exception):
+class ConfigProblem(FugluError):
     """A config value fuglu cannot use. The message names file, section and option."""
 
 
@@ -1338,7 +1390,8 @@ def check_options(config, section, table, ignored=()):
         try:
             value = config.get(target, option)
         except (configparser.NoSectionError, configparser.NoOptionError):
-            errors.append('Missing configuration value without default %s' % config.where(target, option))
+            errors.append('Missing configuration value without default %s'
+                          % config.where(target, option))
             continue
         validator = spec.get('validator')
         if validator is not None and not validator(value):
@@ -1350,6 +1403,16 @@ def check_options(config, section, table, ignored=()):
             if not is_ignored_option(section, option, ignored):
                 errors.append('Unknown option %s' % config.where(section, option))
     return errors
+
+
+# A check of the configuration returns findings, (level, text): 'error', 'warning',
+# 'info' or 'note' (the last for lint only). `--lint` prints them, the daemon logs them.
+FINDING_LOG_LEVELS = {'error': logging.ERROR, 'warning': logging.WARNING}
+
+
+def log_findings(logger, findings):
+    for level, text in findings:
+        logger.log(FINDING_LOG_LEVELS.get(level, logging.INFO), '%s', text)
 
 
 def load_config(path=None, configdir=None, embedded=None):
@@ -1425,7 +1488,7 @@ def dump_defaults(plugin_classes=()):
 ###############################################################################
 # Templates
 ###############################################################################
-# FuGlu's template syntax (spec 5.7): $name or ${name}; names may start with @ (a tag)
+# FuGlu's template syntax: $name or ${name}; names may start with @ (a tag)
 # and contain . and : (${header:subject}); $$ is a literal $. Substitution is safe:
 # malformed placeholders stay as they are, unknown names become ''.
 #
@@ -1437,7 +1500,8 @@ def dump_defaults(plugin_classes=()):
 # and the result is cut at ``limit`` characters, so a template naming ${body:full} many
 # times costs one copy of the body, not many.
 
-TEMPLATE_RE = re.compile(r'\$(?:(\$)|\{(@?[a-z][_a-z0-9.:]*)\}|(@?[a-z][_a-z0-9.:]*))', re.IGNORECASE)
+TEMPLATE_RE = re.compile(r'\$(?:(\$)|\{(@?[a-z][_a-z0-9.:]*)\}|(@?[a-z][_a-z0-9.:]*))',
+                         re.IGNORECASE)
 # characters of a filled template at most (log lines, bounce texts, paths, replies)
 TEMPLATE_MAX_CHARS = 1000000
 
@@ -1571,6 +1635,55 @@ class SimpleTimeoutMixin(object):
 RECEIVED_HEADER_MAX_CHARS = 8192   # of a Received header read for the client's identity
 
 
+# The tags plugins and the core exchange through Suspect.tags; any other name is the
+# plugins' own (FuGlu's convention, which the plugin bases' helpers follow too:
+# '<PluginName>.<what>'). name -> (who sets it, what it means). tests/test_suspect.py
+# checks that the core uses no tag missing here.
+SUSPECT_TAGS = {
+    # the verdicts of the scanners: engine name -> True/False; is_spam() and the others,
+    # the X-Fuglu-Spamstatus header, the counters and the templates read them
+    'virus': ('plugins', 'engine -> virus found'),
+    'spam': ('plugins', 'engine -> spam'),
+    'highspam': ('plugins', 'engine -> high-scoring spam'),
+    'blocked': ('plugins', 'engine -> blocked (attachment rules)'),
+    'welcomelisted': ('plugins', 'engine -> sender welcome-listed'),
+    'blocklisted': ('plugins', 'engine -> sender block-listed'),
+    # what a plugin asks of the core
+    'noreinject': ('plugins', 'smtp/esmtp: answer 250 without delivering downstream'),
+    'reinjectoriginal': ('plugins', 'deliver the source as received, without changes or '
+                                    'added headers'),
+    'noappenders': ('plugins', 'run no appenders for this message'),
+    'skip_prependers': ('plugins', 'run no further prependers'),
+    'nobounce': ('plugins', 'send no bounce about this message'),
+    'milter_replace': ('plugins', 'milter_mode tags: the parts to write back (all, body, '
+                                  'headers, from, to)'),
+    'debug': ('plugins', 'Suspect.debug() writes to the file object in debugfile'),
+    'debugfile': ('plugins', 'the open file of the tag debug (closed by the core)'),
+    # what the core tells the plugins
+    'incomingport': ('core', 'the port the message came in on'),
+    'appenders': ('core', 'the appenders that will run (a prepender may change them)'),
+    'decisions': ('core', '[(plugin section, action)] of the scanners so far'),
+    'scantimes': ('core', '[(plugin section, seconds)] of the scanners so far'),
+    'processingerrors': ('core', 'texts of the plugin failures so far'),
+    'fuglu.scantime': ('core', 'seconds the scanners took, as text'),
+    'origsubj': ('core', 'the raw Subject before update_subject() changed it'),
+    'injectcode': ('core', 'the downstream\'s reply code to the delivery'),
+    'injectanswer': ('core', 'the downstream\'s reply text to the delivery'),
+    'injectmessage': ('core', 'the same (FuGlu has both names)'),
+    'injectqueueid': ('core', 'the downstream\'s queue id, when its reply names one'),
+    'ignored_recipients': ('core', 'esmtp ignore_multiple_recipients: the recipients '
+                                   'acknowledged but not forwarded'),
+    'prepend_identifier': ('core', 'netcat: the token of the envelope block'),
+}
+# (per milter connection, MilterSession.tags: 'skipmplugins', the class names of the
+# milter plugins to skip)
+
+
+class InvalidAddress(FugluError, ValueError):
+    """An envelope address the address check refuses (Suspect() raises it). The scan
+    session answers it as [main] address_compliance_fail_action says."""
+
+
 class Suspect(SimpleTimeoutMixin):
     """One message with its envelope, as the plugins see it (FuGlu's Suspect).
 
@@ -1581,15 +1694,16 @@ class Suspect(SimpleTimeoutMixin):
     inbuffer=None, smtp_options=None, milter_macros=None, queue_id=None, ...,
     id=None, clientinfo=None, size=None, tags=None)``: the message comes from the file
     ``tempfile`` or from the bytes ``inbuffer``. Invalid envelope addresses raise
-    ValueError, checked by the process-wide Addrcheck ([main]
-    address_compliance_checker).
+    InvalidAddress (a ValueError, as in FuGlu), checked by the process-wide Addrcheck
+    ([main] address_compliance_checker).
 
     Instance attributes: id, from_address, recipients, to_address (first recipient),
     from_domain/from_localpart/to_domain/to_localpart, size, timestamp, tags (dict),
     addheaders (dict name -> value), queue_id, clientinfo ((helo, ip, rdns) or None),
     smtp_options (set of MAIL parameters like 'SMTPUTF8', 'BODY=8BITMIME'),
     milter_macros (dict), tempfile (a file with the original message: the one given,
-    or one written to ``tempdir`` on first access and removed by cleanup()).
+    or one written to ``tempdir`` on first access and removed by cleanup()). The tags
+    the core reads or writes are listed in SUSPECT_TAGS.
     """
 
     def __init__(self, from_address, recipients, tempfile=None, inbuffer=None,
@@ -1612,16 +1726,16 @@ class Suspect(SimpleTimeoutMixin):
         self.logger = logging.getLogger('fuglu.Suspect')
         self.from_address = (force_uString(from_address) or '').strip()
         if self.from_address and not Addrcheck().valid(self.from_address):
-            raise ValueError('Invalid sender address: %s' % self.from_address)
+            raise InvalidAddress('Invalid sender address: %s' % self.from_address)
         if recipients is None or isinstance(recipients, (str, bytes)):
             recipients = [recipients]
         self.recipients = []
         for recipient in recipients:
             if recipient is None:
-                raise ValueError('Recipient address can not be None')
+                raise InvalidAddress('Recipient address can not be None')
             recipient = force_uString(recipient).strip()
             if not Addrcheck().valid(recipient, allow_postmaster=True):
-                raise ValueError('Invalid recipient address: %s' % recipient)
+                raise InvalidAddress('Invalid recipient address: %s' % recipient)
             self.recipients.append(recipient)
         self.original_from_address = self.from_address
         self.original_recipients = list(self.recipients)
@@ -1862,7 +1976,8 @@ class Suspect(SimpleTimeoutMixin):
         match = HEADER_END_RE.search(head)
         if match:
             # the block keeps the line end of its last header line
-            end_of_last_line = match.start() + (2 if head[match.start():match.start() + 1] == b'\r' else 1)
+            end_of_last_line = (match.start()
+                                + (2 if head[match.start():match.start() + 1] == b'\r' else 1))
             return head[:end_of_last_line], match.end()
         return head, len(head)
 
@@ -1895,7 +2010,8 @@ class Suspect(SimpleTimeoutMixin):
         the source now, so later plugins see it. Names and values may be bytes."""
         key, value = force_uString(key), force_uString(value)
         if immediate:
-            header = ('%s: %s\r\n' % (key, value)).encode('utf-8') if raw else encode_header(key, value)
+            header = (('%s: %s\r\n' % (key, value)).encode('utf-8') if raw
+                      else encode_header(key, value))
             self._source = header + self._source
             self._modified = True
             self._message_rep = None
@@ -2013,8 +2129,8 @@ class Suspect(SimpleTimeoutMixin):
         return entries
 
     def _header_regex(self, name):
-        return re.compile(rb'^' + re.escape(force_bString(name)) + rb'[ \t]*:.*(?:\r?\n[ \t].*)*\r?\n',
-                          re.IGNORECASE | re.MULTILINE)
+        return re.compile(rb'^' + re.escape(force_bString(name)) +
+                          rb'[ \t]*:.*(?:\r?\n[ \t].*)*\r?\n', re.IGNORECASE | re.MULTILINE)
 
     def remove_headers_from_source(self, headernames, track_change=True):
         """Delete every instance of the named headers (a name or a list of names) from
@@ -2172,7 +2288,8 @@ class Suspect(SimpleTimeoutMixin):
         if self.tags.get('debug'):
             handle = self.tags.get('debugfile')
             if handle is not None:
-                handle.write('%s %s\n' % (time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), message))
+                handle.write('%s %s\n' % (time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+                                          message))
                 handle.flush()
 
     def get_current_decision_code(self):
@@ -2258,8 +2375,8 @@ class Suspect(SimpleTimeoutMixin):
         'blocked': lambda s: 'yes' if s.is_blocked() else 'no',
         'virus': lambda s: 'yes' if s.is_virus() else 'no',
         'modified': lambda s: 'yes' if s.is_modified() else 'no',
-        'decision': lambda s: actioncode_to_string(s.tags['decisions'][-1][1]) if s.tags.get('decisions')
-        else 'DUNNO',
+        'decision': lambda s: (actioncode_to_string(s.tags['decisions'][-1][1])
+                               if s.tags.get('decisions') else 'DUNNO'),
         'tags': lambda s: s.short_tags(),
         'fulltags': lambda s: str(s.tags),
     }
@@ -2268,7 +2385,8 @@ class Suspect(SimpleTimeoutMixin):
         """The logtemplate variables (only those ``template`` names, if given)."""
         names = self.LOG_VALUES
         if template is not None:
-            used = {(m.group(2) or m.group(3) or '').lower() for m in TEMPLATE_RE.finditer(template)}
+            used = {(m.group(2) or m.group(3) or '').lower()
+                    for m in TEMPLATE_RE.finditer(template)}
             names = [name for name in self.LOG_VALUES if name in used]
         return {name: self.LOG_VALUES[name](self) for name in names}
 
@@ -2296,7 +2414,7 @@ class Suspect(SimpleTimeoutMixin):
 ###############################################################################
 # Runtime configuration: per-recipient values and rules from SQL
 ###############################################################################
-# FuGlu's [databaseconfig] (spec 3.6). A plugin asks ``DBConfig(config, suspect)``
+# FuGlu's [databaseconfig]. A plugin asks ``DBConfig(config, suspect)``
 # instead of its config for the options an admin may set per recipient; DBConfig answers
 # from rows (scope, section, option, value) of a database table, for the message's FIRST
 # recipient: the address row beats the '%domain' row beats the globalscope ('$GLOBAL')
@@ -2323,7 +2441,7 @@ class Suspect(SimpleTimeoutMixin):
 # Databases are opened on the first lookup, not at start-up: a host whose database is
 # down starts, lints and defers; SQLAlchemy is imported only when a URL needs it.
 
-class RuntimeConfigError(Exception):
+class RuntimeConfigError(FugluError):
     """A per-recipient value or rule could not be looked up: the database is unreachable
     or too slow, rejected the query, or returned a value the option cannot take. The scan
     session defers the message. (FuGlu's own plugins catch RESTAPIError for the same
@@ -2347,7 +2465,8 @@ SQL_BACKEND_HINTS = {
     'mysql': 'PyMySQL, and write the URL mysql+pymysql://...',
     'mariadb': 'PyMySQL, and write the URL mysql+pymysql://...',
 }
-SQL_DRIVER_PACKAGES = {'psycopg2': 'psycopg2-binary', 'psycopg': 'psycopg[binary]', 'pymysql': 'PyMySQL',
+SQL_DRIVER_PACKAGES = {'psycopg2': 'psycopg2-binary', 'psycopg': 'psycopg[binary]',
+                       'pymysql': 'PyMySQL',
                        'mysqldb': 'mysqlclient', 'mariadbconnector': 'mariadb'}
 
 
@@ -2677,8 +2796,8 @@ class SQLAlchemyDatabase(SQLDatabase):
             self.engine = sqlalchemy.create_engine(parsed, **options)
         except ImportError as error:
             package = SQL_DRIVER_PACKAGES.get(self.driver, 'the module %s' % error.name)
-            raise RuntimeConfigError('the driver %s for %s is not installed: pip install %s, or name '
-                                     'an installed driver in the URL (%s+DRIVER://...)'
+            raise RuntimeConfigError('the driver %s for %s is not installed: pip install %s, or '
+                                     'name an installed driver in the URL (%s+DRIVER://...)'
                                      % (self.driver, self.backend, package, self.backend))
         except Exception as error:
             raise RuntimeConfigError('%s: %s' % (self.display_url, sql_error_text(error)))
@@ -3144,7 +3263,8 @@ def lint_runtime_config(config, out):
                         describe=label.endswith(' sql')):
             errors += 1
             if '`' in sql and sql_database(settings.url, settings.timeout).backend == 'postgresql':
-                out('%s: PostgreSQL does not take MySQL\'s `backticks`; see the PostgreSQL queries in '
+                out('%s: PostgreSQL does not take MySQL\'s `backticks`; see the PostgreSQL '
+                    'queries in '
                     'README.md' % label, 'yellow')
             break
     if settings.ttl <= 0:
@@ -3276,7 +3396,7 @@ register_sql_extension()
 # SuspectFilter: FuGlu rule files
 ###############################################################################
 
-class LimitExceeded(Exception):
+class LimitExceeded(FugluError):
     """A bound on the work done for sender-controlled input was hit. The message is a
     problem: a scanner that raises this gets its ``problemaction`` (default DEFER), it
     is never taken as a clean result."""
@@ -3508,7 +3628,7 @@ SLASH_RULE_RE = re.compile(r'^(\S+?):?\s+/((?:[^/\\]|\\.)*)/([im]*)(?:\s+(.*))?$
 
 
 class SuspectFilter(FileList):
-    """A rule file of lines `field regex [args]` (spec 6.1), matched against messages.
+    """A rule file of lines `field regex [args]` (FuGlu's format), matched against messages.
     One parser for every plugin that reads rules; ``SuspectFilter(None)`` has no rules.
 
     Methods: matches(suspect, extended=False) -> (True, args of the first matching
@@ -3593,7 +3713,7 @@ class SuspectFilter(FileList):
 
     # -- fields ---------------------------------------------------------------
     def get_field(self, suspect, headername):
-        """All values (str) of a rule field for a message (spec 6.1)."""
+        """All values (str) of a rule field for a message."""
         return force_uString(list(self.field_values(suspect, force_uString(headername), self)))
 
     @staticmethod
@@ -3862,20 +3982,38 @@ class RequiredVars(dict):
 
 
 class BasicPlugin(object):
-    """Base of every plugin.
+    """Base of every plugin. One instance per configured entry, shared by all worker
+    threads: keep per-message state in the Suspect (tags, see SUSPECT_TAGS), not in
+    the plugin.
 
-    Contract for the daemon: ``__init__(config, section=None)``; ``lint()`` -> bool,
-    printing human-readable diagnostics; ``shutdown()`` (and ``ashutdown()``) when the
-    daemon stops. Any of these may be ``async def``: the daemon awaits them.
-    May be overridden: ``requiredvars`` (class attribute, or assigned / updated in
-    __init__ as FuGlu plugins do: option -> {'default': str, 'description': str,
-    optional 'section', 'validator'}); ``lint()``; ``__str__`` (the friendly name used
-    in lint and logs).
-    Instance attributes: ``config`` (FuConfigParser), ``section`` (config section,
-    default: the class name), ``logger`` (``fuglu.plugin.<Class>``, also from
-    ``_logger()``).
-    Plugin instances are shared by all worker threads: keep per-message state in the
-    Suspect (tags), not in the plugin.
+    Methods for the daemon:
+        __init__(config, section=None)
+        lint() -> bool           prints human-readable diagnostics (--lint)
+        check_peers() -> [(peer description, ok, detail)]   (healthcheck --deep)
+        shutdown(), ashutdown()  when the daemon stops
+    Any plugin method may be ``async def``: the daemon awaits it (call_plugin).
+
+    Methods that may be overridden:
+        lint()                   default: check_config()
+        check_peers()            default: no peers
+        shutdown(), ashutdown()  default: nothing
+        __str__()                the name in lint and logs (default: friendly_name or
+                                 the class name, with a custom section in brackets)
+    plus the stage method of the subclass: ScannerPlugin.examine,
+    PrependerPlugin.pluginlist / appenderlist, AppenderPlugin.process.
+
+    Helpers for subclasses: check_config(), lint_actioncode(option, ...),
+    _problemaction() (the action of option problemaction), _logger().
+
+    Class attributes that may be overridden:
+        requiredvars             option -> {'default': str, 'description': str, optional
+                                 'section', 'validator', 'confidential'}; may also be
+                                 assigned or updated in __init__, as FuGlu plugins do
+        friendly_name            the name for __str__
+        ignored_options          regexes: FuGlu options accepted without effect
+
+    Instance attributes: config (FuConfigParser), section (the config section; default
+    the class name), logger (``fuglu.plugin.<Class>``).
     """
 
     friendly_name = None
@@ -3948,7 +4086,8 @@ class BasicPlugin(object):
         table.setdefault('overrideaction', {'description': ''})
         table.setdefault('overridemessage', {'description': ''})
         errors = [e for e in check_options(self.config, self.section, table, self.ignored_options)
-                  if not (e.startswith('Missing') and ('overrideaction' in e or 'overridemessage' in e))]
+                  if not (e.startswith('Missing') and
+                          ('overrideaction' in e or 'overridemessage' in e))]
         for error in errors:
             print(error)
         findings = check_inert_options(self.config, self.section, table, self.ignored_options)
@@ -4322,8 +4461,8 @@ UPSTREAM_PLUGIN_NAMES = {
 PLUGIN_ENTRY_RE = re.compile(r'^([A-Za-z0-9._-]+)(?:\(([A-Za-z0-9._-]+)\))?$')
 
 
-class PluginLoadError(Exception):
-    pass
+class PluginLoadError(FugluError):
+    """A plugin named in the configuration cannot be imported or created."""
 
 
 def split_plugin_list(value):
@@ -4563,14 +4702,82 @@ REPLY_UNPRINTABLE_RE = re.compile(r'[\x00-\x1f\x7f]+')
 REPLY_MAX_CHARS = 500
 
 
-class ScanSession(object):
-    """Runs one message through the plugins (spec 5.1) and finishes it afterwards.
+class ProtocolHandler(object):
+    """What a connector's session implements to have a message scanned and answered:
+    the scan session drives (``ScanSession.handle``), the protocol answers (the shape
+    of FuGlu's ProtocolHandler). The flow is the same for every connector:
 
-    For connectors: ``scan(suspect)`` -> (action, message) runs prependers, scanners,
-    adds fuglu's headers and logs; ``reply_text(suspect, action, message)`` the text
-    for a refusal; ``finish(suspect, action, delivered)`` updates counters, writes the
-    trash copy and runs the appenders once the MTA has its answer.
+        suspect = make_suspect(...)     InvalidAddress: address_compliance_fail_action
+        verdict = before_scan(suspect), or else the scanners' verdict
+        DUNNO, ACCEPT -> commitback(suspect)    DELETE -> discard(text)
+        REJECT -> reject(text)                  DEFER  -> defer(text)
+        any exception on the way -> defer('internal problem ...', '4.3.0')
+        then the message is finished: counters, and the appenders if it was delivered
+
+    No mail is lost as long as a peer hears "accepted" only from commitback(), and
+    commitback() returns True only once the message is safe with the next hop (the
+    downstream's 250, the MTA keeping its own copy, the script holding the output).
+
+    Methods that must be overridden:
+        make_suspect(*args) -> Suspect    the received message (``args`` are those
+                                          given to ScanSession.handle)
+        commitback(suspect) -> bool       pass the message on and tell the peer; True
+                                          when the message was delivered
+        discard(text) -> bool             accept and drop
+        reject(text, status) -> bool      permanent refusal
+        defer(text, status) -> bool       temporary refusal: the peer tries again
+    Each answer returns False when the peer was gone, and never raises for that.
+    ``status`` is an RFC 3463 code ('5.7.1', '4.7.1' by default) for the protocols
+    that carry one; a text that starts with a code of the same class keeps its own.
+
+    Methods that may be overridden:
+        before_scan(suspect) -> (action, message)  a verdict that replaces the scan
+                                                   (the milter's eob plugins); the
+                                                   default, (DUNNO, None), scans
+        peer_label() -> str                        who is talking, for log lines
+
+    Attributes the flow reads: connector (its ``protocol`` goes into log lines), peer
+    ((address, port) of the connection).
     """
+
+    connector = None
+    peer = ('unknown', 0)
+
+    def make_suspect(self, *args):
+        raise NotImplementedError
+
+    def commitback(self, suspect):
+        raise NotImplementedError
+
+    def discard(self, text):
+        raise NotImplementedError
+
+    def reject(self, text, status='5.7.1'):
+        raise NotImplementedError
+
+    def defer(self, text, status='4.7.1'):
+        raise NotImplementedError
+
+    def before_scan(self, suspect):
+        return DUNNO, None
+
+    def peer_label(self):
+        return 'unknown'
+
+
+class ScanSession(object):
+    """Runs one message through the plugins and finishes it afterwards.
+
+    For connectors: ``handle(protocol, *args)`` is the whole flow for one message
+    (see ProtocolHandler). Its steps, for tools that scan without a protocol:
+    ``scan(suspect)`` -> (action, message) runs prependers, scanners, adds fuglu's
+    headers and logs; ``reply_text(suspect, action, message)`` the text for a
+    refusal; ``finish(suspect, action, delivered)`` updates counters, writes the
+    trash copy and runs the appenders once the peer has its answer.
+    """
+
+    # the answer to a message whose processing failed (with the message id, if any)
+    INTERNAL_PROBLEM = 'internal problem - message deferred'
 
     def __init__(self, controller):
         self.controller = controller
@@ -4578,6 +4785,70 @@ class ScanSession(object):
         self.logger = logging.getLogger('fuglu.SessionHandler')
         self.started = time.time()
         self.timings = []   # (stage, plugin, seconds): main.scantimelogger, metrics
+
+    def handle(self, protocol, *args):
+        """Make the message (``protocol.make_suspect(*args)``), scan it, answer through
+        ``protocol``, turn any failure into a temporary one, finish the message.
+        Returns (suspect, action), or (None, action) for a refused envelope."""
+        try:
+            suspect = protocol.make_suspect(*args)
+        except InvalidAddress as error:
+            return None, self.refuse_envelope(protocol, error)
+        except Exception:
+            self.failed(protocol, None)
+            return None, DEFER
+        self.logger.info('%s queueid=%s from=%s, nrec=%d, size=%d, client=%s (%s from %s:%s)',
+                         suspect.id, suspect.queue_id, suspect.from_address or '<>',
+                         len(suspect.recipients), suspect.size,
+                         suspect.clientinfo[1] if suspect.clientinfo else 'unknown',
+                         protocol.connector.protocol, *protocol.peer[:2])
+        action, delivered = DEFER, False
+        try:
+            try:
+                action, message = protocol.before_scan(suspect)
+                if action == DUNNO:
+                    action, message = self.scan(suspect)
+                if action in (DUNNO, ACCEPT):
+                    delivered = protocol.commitback(suspect)
+                else:
+                    self.refusal(protocol, action)(self.reply_text(suspect, action, message))
+            except Exception:
+                action, delivered = DEFER, False
+                self.failed(protocol, suspect)
+        finally:
+            self.finish(suspect, action, delivered)
+        return suspect, action
+
+    def failed(self, protocol, suspect):
+        """The exception being handled ends the message: logged, counted, deferred."""
+        trace = traceback.format_exc()
+        name = suspect.id if suspect is not None else protocol.peer_label()
+        self.logger.error('%s: processing failed, deferring: %s', name, trace)
+        self.controller.record_exception(trace)
+        text = self.INTERNAL_PROBLEM
+        if suspect is not None:
+            text += ' (%s)' % suspect.id
+        protocol.defer(text, '4.3.0')
+
+    @staticmethod
+    def refusal(protocol, action):
+        """The answer of ``protocol`` for DELETE, REJECT or DEFER."""
+        return {DELETE: protocol.discard, REJECT: protocol.reject}.get(action, protocol.defer)
+
+    # [main] address_compliance_fail_action -> the answer (FuGlu: anything else defers)
+    COMPLIANCE_ACTIONS = {'defer': DEFER, 'reject': REJECT, 'discard': DELETE}
+
+    def refuse_envelope(self, protocol, error):
+        """Answer an envelope the address check refused as
+        address_compliance_fail_action says; returns the action."""
+        config = self.config
+        name = config.get('main', 'address_compliance_fail_action').strip().lower()
+        action = self.COMPLIANCE_ACTIONS.get(name, DEFER)
+        self.logger.warning('%s: %s, %s', protocol.peer_label(), error,
+                            actioncode_to_string(action))
+        self.refusal(protocol, action)(one_line(config.get('main',
+                                                           'address_compliance_fail_message')))
+        return action
 
     def _timed(self, stage, plugin, call, *args):
         """``call(*args)``, its duration counted for ``plugin``."""
@@ -4689,7 +4960,8 @@ class ScanSession(object):
         self.logger.error('%s: plugin %s failed: %s: %s', suspect.id, plugin,
                           error.__class__.__name__, error)
         self.logger.debug(trace)
-        suspect.tags['processingerrors'].append('plugin %s: %s: %s' % (plugin, error.__class__.__name__, error))
+        suspect.tags['processingerrors'].append('plugin %s: %s: %s'
+                                                % (plugin, error.__class__.__name__, error))
         self.controller.stats.plugin_error(plugin)
         self.controller.record_exception(trace)
 
@@ -4806,7 +5078,7 @@ READ_SIZE = 65536
 DATA_READ_SIZE = 262144
 
 
-class ConnectionClosed(Exception):
+class ConnectionClosed(FugluError):
     """The peer went away (EOF, reset, timeout)."""
 
 
@@ -4866,7 +5138,8 @@ def connect_service(host, port, timeout, keepalive=False):
     unix socket. Python socket timeouts apply. Raises OSError."""
     port = str(port).strip()
     if port.isdigit():
-        connection = socket.create_connection((resolve_env_marker(host.strip()), int(port)), timeout)
+        connection = socket.create_connection((resolve_env_marker(host.strip()), int(port)),
+                                              timeout)
         if keepalive:
             connection.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         return connection
@@ -4955,8 +5228,8 @@ def connect_tcp(host, port, timeout):
     raise error or OSError('no address for %s' % host)
 
 
-class LineTooLong(Exception):
-    pass
+class LineTooLong(FugluError):
+    """A command or data line longer than the limit the reader was given."""
 
 
 class SocketReader(object):
@@ -5082,7 +5355,7 @@ def dot_stuff_parts(parts):
     return parts
 
 
-class SMTPError(Exception):
+class SMTPError(FugluError):
     """A negative SMTP reply (from downstream) or a connection problem, carried as the
     reply fuglu should give its own client."""
 
@@ -5136,9 +5409,9 @@ class SMTPClient(object):
     def from_config(cls, config, host, port, helo, retries=0):
         """A client with the [main] downstream_* time limits."""
         return cls(host, port, helo, retries=retries,
-                   timeout=config.getint('main', 'downstream_reply_timeout'),
-                   connect_timeout=config.getint('main', 'downstream_connect_timeout'),
-                   data_timeout=config.getint('main', 'downstream_data_timeout'))
+                   timeout=config.getfloat('main', 'downstream_reply_timeout'),
+                   connect_timeout=config.getfloat('main', 'downstream_connect_timeout'),
+                   data_timeout=config.getfloat('main', 'downstream_data_timeout'))
 
     def connect(self):
         last_error = None
@@ -5157,8 +5430,8 @@ class SMTPClient(object):
             except OSError as error:
                 last_error = 'timeout' if is_timeout(error) else error
         if self.sock is None:
-            raise SMTPError(451, '4.4.1 downstream %s:%s unavailable: %s' % (self.host, self.port, last_error),
-                            True)
+            raise SMTPError(451, '4.4.1 downstream %s:%s unavailable: %s'
+                            % (self.host, self.port, last_error), True)
         self.reader = SocketReader(self.sock, idle=connect_timeout)
         self.outgoing = []
         code, lines = self._reply()
@@ -5181,7 +5454,8 @@ class SMTPClient(object):
 
     def _reply(self, timeout=None):
         if self.sock is None:
-            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost' % (self.host, self.port), True)
+            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost' % (self.host, self.port),
+                            True)
         timeout = timeout or self.timeout
         clock = self.reader.clock
         clock.idle = timeout
@@ -5196,21 +5470,22 @@ class SMTPClient(object):
                             % (self.host, self.port), True)
         except ConnectionClosed as error:
             self.close()
-            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s' % (self.host, self.port, error),
-                            True)
+            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s'
+                            % (self.host, self.port, error), True)
         except LineTooLong:
             self.close()
             raise SMTPError(451, '4.4.2 downstream reply line too long', True)
 
     def _send(self, data):
         if self.sock is None:   # closed after an earlier failure
-            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost' % (self.host, self.port), True)
+            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost' % (self.host, self.port),
+                            True)
         try:
             self.sock.sendall(data)
         except OSError as error:
             self.close()
-            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s' % (self.host, self.port, error),
-                            True)
+            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s'
+                            % (self.host, self.port, error), True)
 
     def command(self, line):
         """Send one command line (str or bytes, without CRLF) and read its reply."""
@@ -5296,8 +5571,8 @@ class SMTPClient(object):
                         sent = 0
         except OSError as error:
             self.close()
-            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s' % (self.host, self.port, error),
-                            True)
+            raise SMTPError(451, '4.4.2 downstream %s:%s connection lost: %s'
+                            % (self.host, self.port, error), True)
 
     def rset(self):
         try:
@@ -5378,7 +5653,8 @@ class DownstreamPool(object):
         """QUIT connections idle too long (all of them when shutting down)."""
         now = time.time()
         with self.lock:
-            stale = [client for parked, client in self.idle if everything or now - parked > self.max_idle]
+            stale = [client for parked, client in self.idle
+                     if everything or now - parked > self.max_idle]
             self.idle = [(parked, client) for parked, client in self.idle if client not in stale]
         for client in stale:
             client.quit()
@@ -5438,7 +5714,8 @@ def send_bounce(config, suspect, recipient, message_bytes, sender=''):
     nobouncefile = config.get('main', 'nobouncefile')
     try:
         with open(nobouncefile) as handle:
-            if domain in {line.strip().lower() for line in handle if line.strip() and not line.startswith('#')}:
+            if domain in {line.strip().lower() for line in handle
+                          if line.strip() and not line.startswith('#')}:
                 logger.info('no bounce to %s (listed in %s)', recipient, nobouncefile)
                 return None
     except OSError:
@@ -5557,7 +5834,7 @@ def get_outgoing_helo(config=None):
     return outgoing_helo(config)
 
 
-# Envelope address checks (spec 5.4)
+# Envelope address checks (FuGlu's address_compliance_checker)
 def address_is_valid(address, checker='Default', maxsize=64):
     if checker == 'NoCheck':
         return True
@@ -5565,7 +5842,8 @@ def address_is_valid(address, checker='Default', maxsize=64):
         return True
     local, sep, domain = address.rpartition('@')
     if checker in ('AsciiOnly', 'PrintableAsciiOnly'):
-        allowed = (lambda c: 32 < ord(c) < 127) if checker == 'PrintableAsciiOnly' else (lambda c: ord(c) < 128)
+        allowed = ((lambda c: 32 < ord(c) < 127) if checker == 'PrintableAsciiOnly'
+                   else (lambda c: ord(c) < 128))
         if not all(allowed(c) for c in address):
             return False
         if '@' in local and not (local.startswith('"') and local.endswith('"')):
@@ -5638,7 +5916,7 @@ def ascii_words(text):
     return [word for word in re.split(r'[ \t]+', text) if word]
 
 
-class EnvelopeSyntaxError(ValueError):
+class EnvelopeSyntaxError(FugluError, ValueError):
     """Bad MAIL/RCPT syntax; ``part`` is 'address', 'parameter' or 'syntax', so the
     reply can carry the right enhanced status code."""
 
@@ -5709,26 +5987,48 @@ def xtext_decode(value):
 def session_deadline(config):
     """The time.monotonic() by which a client session starting now must be over
     ([main] max_session_time), or None."""
-    seconds = config.getint('main', 'max_session_time')
+    seconds = config.getfloat('main', 'max_session_time')
     return time.monotonic() + seconds if seconds > 0 else None
 
 
 class SMTPServerSession(object):
     """The server side of one SMTP connection, shared by the smtp and esmtp
-    connectors.
+    connectors (which add the scanning: AfterQueueSession).
 
     Commands dispatch by name to ``smtp_<VERB>(argument)``; a subclass adds or
     replaces verbs. Replies are collected while more pipelined input is waiting and
     written in one go (RFC 2920).
 
-    Attributes for subclasses: connector, config, sock, peer (ip, port), reader,
-    helo, xforward (dict of raw attributes), sender, recipients, mail_params,
-    rcpt_params (list per recipient), in_transaction.
+    Methods for the connector: __init__(connector, sock, peer), run().
+
+    Methods that may be overridden:
+        smtp_<VERB>(argument)    a command; the argument without surrounding blanks
+        banner() -> str          the text of the 220 greeting
+        extensions() -> [str]    the EHLO keywords offered
+        before_wait()            before waiting for more client input (and flushing
+                                 the replies queued so far)
+        reset()                  a transaction ends (RSET, HELO/EHLO, after DATA):
+                                 call the base
+        cleanup()                the connection is over
+        dispatch(line)           one command line (call the base)
+
+    Helpers for subclasses: reply(code, text or [lines]), flush(), error(code, text)
+    (counts towards MAX_ERRORS), parse_mail(argument) / parse_rcpt(argument) (None
+    after replying to bad syntax), receive_data(), clientinfo(), smtp_options(),
+    peer_label().
+
+    Class attributes that may be overridden: MAX_ERRORS, UNIMPLEMENTED.
+
+    Instance attributes: connector, controller, config, logger, sock, peer (ip,
+    port), reader, trusted, helo, esmtp, xforward (dict of raw attributes), sender,
+    recipients, mail_params, rcpt_params (list per recipient), in_transaction,
+    closing.
     """
 
     MAX_ERRORS = 20
     ENVELOPE_VERBS = ('MAIL', 'RCPT')   # their parsers refuse control characters with 5.1.x codes
-    UNIMPLEMENTED = ('EXPN', 'TURN', 'ETRN', 'STARTTLS', 'AUTH', 'BDAT', 'HELP', 'SEND', 'SOML', 'SAML')
+    UNIMPLEMENTED = ('EXPN', 'TURN', 'ETRN', 'STARTTLS', 'AUTH', 'BDAT', 'HELP', 'SEND', 'SOML',
+                     'SAML')
 
     def __init__(self, connector, sock, peer):
         self.connector = connector
@@ -5738,7 +6038,7 @@ class SMTPServerSession(object):
         self.sock = sock
         self.peer = peer
         self.reader = SocketReader(sock, session_deadline(self.config),
-                                   self.config.getint('main', 'smtptimeout'))
+                                   self.config.getfloat('main', 'smtptimeout'))
         self.pending = []
         self.closing = False
         self.errors = 0
@@ -5981,12 +6281,14 @@ class SMTPServerSession(object):
         data, problem = self.reader.read_data(self.max_size, self.data_line_limit)
         if problem == 'size':
             self.logger.warning('%s: message over smtp_max_message_size refused', self.peer_label())
-            self.reply(552, '5.3.4 Message size exceeds fixed maximum message size %d (configured limit '
-                            'smtp_max_message_size)' % self.max_size)
+            self.reply(552, '5.3.4 Message size exceeds fixed maximum message size %d (configured '
+                            'limit smtp_max_message_size)' % self.max_size)
         elif problem == 'line':
-            self.logger.warning('%s: message with a line over smtp_data_line_limit refused', self.peer_label())
-            self.reply(552, '5.3.4 Line in message exceeds %d octets (configured limit smtp_data_line_limit) '
-                            '- fold long headers or reduce message size' % self.data_line_limit)
+            self.logger.warning('%s: message with a line over smtp_data_line_limit refused',
+                                self.peer_label())
+            self.reply(552, '5.3.4 Line in message exceeds %d octets (configured limit '
+                            'smtp_data_line_limit) - fold long headers or '
+                            'reduce message size' % self.data_line_limit)
         return data
 
     def clientinfo(self):
@@ -6010,46 +6312,34 @@ class SMTPServerSession(object):
         return {p.upper() for p in self.mail_params
                 if p.isascii() and p.upper() in ('SMTPUTF8', 'BODY=8BITMIME')}
 
-    def build_suspect(self, data):
-        """A Suspect from the finished transaction, or None (reply queued) when the
-        envelope fails the address checks."""
-        config = self.config
-        checker = config.get('main', 'address_compliance_checker')
-        maxsize = config.getint('main', 'address_compliance_checker_maxsize')
-        addresses = ([self.sender] if self.sender else []) + list(self.recipients)
-        if not all(address_is_valid(a, checker, maxsize) for a in addresses):
-            action = config.get('main', 'address_compliance_fail_action').strip().lower()
-            text = one_line(config.get('main', 'address_compliance_fail_message'))
-            self.logger.warning('%s: invalid envelope address in %s, action %s', self.peer_label(),
-                                addresses, action)
-            code = {'reject': 550, 'discard': 250}.get(action, 451)
-            self.reply(code, text)
-            return None
-        suspect = Suspect(self.sender, list(self.recipients), inbuffer=data,
-                          queue_id=xtext_decode(self.xforward.get('IDENT', '')) or None,
-                          smtp_options=self.smtp_options(), clientinfo=self.clientinfo())
-        suspect.tags['incomingport'] = self.connector.port
-        self.logger.info('%s from=%s, nrec=%d, size=%d, client=%s, queueid=%s', suspect.id,
-                         suspect.from_address or '<>', len(suspect.recipients), suspect.size,
-                         suspect.clientinfo[1] if suspect.clientinfo else self.peer[0], suspect.queue_id)
-        return suspect
-
 
 ###############################################################################
 # Connectors
 ###############################################################################
 
 class Connector(object):
-    """Base of the protocol adapters registered in CONNECTORS.
+    """Base of the protocol adapters registered in CONNECTORS: one connector per
+    incomingport entry. A connector's ``serve`` runs a session object that speaks the
+    protocol and, for each message, hands itself as a ProtocolHandler to
+    ``ScanSession.handle``: so a new connector is the protocol alone.
 
-    Contract: the daemon creates one connector per incomingport entry and calls
-    ``handle(sock, peer)`` in a worker for every accepted connection. ``handle`` runs
-    the whole connection, closes the socket and never raises. A connection over
-    max_sessions_per_client gets ``refuse_busy(sock)`` in the accept thread instead.
-    Class attributes to override: ``protocol`` (the incomingport name), ``busy_reply``
-    (bytes sent by refuse_busy).
-    Instance attributes: controller, address, port, logger
-    (``fuglu.incoming.<port>``).
+    Methods for the daemon:
+        __init__(controller, address, port)
+        handle(sock, peer)       in a worker, for every accepted connection: runs it,
+                                 closes the socket, never raises
+        refuse_busy(sock)        in the accept thread, for a connection over
+                                 max_sessions_per_client: busy_reply, close
+
+    Methods that must be overridden:
+        serve(sock, peer)        the whole connection (exceptions are logged by handle)
+
+    Helpers for sessions: peer_is_trusted(ip) (trusted_xforward_peers), config.
+
+    Class attributes to override:
+        protocol                 the name in incomingport and CONNECTORS
+        busy_reply               bytes refuse_busy sends (b'' sends nothing)
+
+    Instance attributes: controller, address, port, logger (``fuglu.incoming.<port>``).
     """
 
     protocol = None
@@ -6072,10 +6362,11 @@ class Connector(object):
 
     def handle(self, sock, peer):
         try:
-            set_socket_timeout(sock, self.config.getint('main', 'smtptimeout'))
+            set_socket_timeout(sock, self.config.getfloat('main', 'smtptimeout'))
             self.serve(sock, peer)
         except Exception:
-            self.logger.error('connection from %s:%s failed: %s', peer[0], peer[1], traceback.format_exc())
+            self.logger.error('connection from %s:%s failed: %s', peer[0], peer[1],
+                              traceback.format_exc())
             self.controller.record_exception(traceback.format_exc())
         finally:
             try:
@@ -6099,16 +6390,27 @@ class Connector(object):
             sock.close()
 
 
-class AfterQueueSession(SMTPServerSession):
+class AfterQueueSession(SMTPServerSession, ProtocolHandler):
     """The `smtp` connector: Postfix's content_filter talks to us, we scan and
     re-inject to outgoinghost:outgoingport, and answer Postfix only after the
-    downstream's final reply.
+    downstream's final reply (commitback).
 
     Recipients are checked downstream at RCPT time: each RCPT is forwarded right
     away and the downstream's verdict is what Postfix sees for that recipient, so a
     refused recipient is deferred or bounced by Postfix itself and never silently
     dropped. (If a plugin changes the envelope, it is sent again at delivery; a
     refusal then defers the whole message.)
+
+    Methods that may be overridden (EsmtpSession does):
+        open_downstream() -> SMTPClient   connected and greeted
+        downstream_params(params, size)   the MAIL/RCPT parameters passed on
+        accepted_reply(code, lines, local_text) -> (code, text)   the reply to a
+                                          MAIL/RCPT the downstream accepted
+        downstream_deadline()             a context bounding one delivery
+        make_suspect(data)                and the other ProtocolHandler answers
+
+    Class attributes that may be overridden: accepted_template_option,
+    reuse_downstream.
     """
 
     # (section, option) of the template for the 250 after the downstream accepted
@@ -6127,7 +6429,8 @@ class AfterQueueSession(SMTPServerSession):
 
     def cleanup(self):
         if self.downstream is not None:
-            if self.reuse_downstream and self.downstream_clean and not self.in_transaction and not self.awaiting:
+            if (self.reuse_downstream and self.downstream_clean and not self.in_transaction
+                and not self.awaiting):
                 self.controller.downstream_pool.park(self.downstream)
             else:
                 self.downstream.quit()
@@ -6216,7 +6519,8 @@ class AfterQueueSession(SMTPServerSession):
         try:
             client = self.open_downstream()
         except SMTPError as error:
-            self.logger.warning('%s: MAIL FROM:<%s> deferred, downstream: %s', self.peer_label(), sender, error)
+            self.logger.warning('%s: MAIL FROM:<%s> deferred, downstream: %s', self.peer_label(),
+                                sender, error)
             return self.reply(error.code, error.text)
         self.sender, self.mail_params, self.in_transaction = sender, params, True
         if self.xforward and 'XFORWARD' in client.extensions:
@@ -6227,7 +6531,8 @@ class AfterQueueSession(SMTPServerSession):
 
     def on_xforward_reply(self, code, lines):
         if code != 250:
-            self.logger.warning('%s: downstream refused XFORWARD: %s %s', self.peer_label(), code, ' '.join(lines))
+            self.logger.warning('%s: downstream refused XFORWARD: %s %s', self.peer_label(), code,
+                                ' '.join(lines))
 
     def accepted_reply(self, code, lines, local_text):
         """The reply for a MAIL/RCPT the downstream accepted. After-queue: our own
@@ -6237,7 +6542,8 @@ class AfterQueueSession(SMTPServerSession):
     def on_mail_reply(self, sender, code, lines):
         if code == 250:
             return self.reply(*self.accepted_reply(code, lines, '2.1.0 Ok'))
-        self.logger.warning('%s: MAIL FROM:<%s> refused downstream: %s %s', self.peer_label(), sender, code,
+        self.logger.warning('%s: MAIL FROM:<%s> refused downstream: %s %s', self.peer_label(),
+                            sender, code,
                             ' '.join(lines))
         # RCPTs already forwarded get the downstream's "need MAIL" in turn
         self.sender, self.in_transaction = None, False
@@ -6257,7 +6563,8 @@ class AfterQueueSession(SMTPServerSession):
 
     def on_rcpt_reply(self, address, params, code, lines):
         if code not in (250, 251):
-            self.logger.info('%s: recipient <%s> refused downstream: %s %s', self.peer_label(), address, code,
+            self.logger.info('%s: recipient <%s> refused downstream: %s %s', self.peer_label(),
+                             address, code,
                              ' '.join(lines))
             return self.reply(code, lines)
         self.recipients.append(address)
@@ -6278,54 +6585,51 @@ class AfterQueueSession(SMTPServerSession):
             return self.error(503, '5.5.1 Error: need RCPT command')
         data = self.receive_data()
         if data is not None:
-            self.process_message(data)
+            ScanSession(self.controller).handle(self, data)
         if self.in_transaction and self.downstream is not None and self.downstream.connected:
             self.downstream.rset()   # no-op after a completed delivery; aborts otherwise
         self.reset()
 
-    def process_message(self, data):
-        suspect = self.build_suspect(data)
-        if suspect is None:
-            return
-        session = ScanSession(self.controller)
-        action, delivered = DEFER, False
-        try:
-            action, message = session.scan(suspect)
-            if action in (DUNNO, ACCEPT):
-                code, text, delivered = self.deliver(suspect)
-                self.reply(code, text)
-            else:
-                self.reply(*self.refusal_reply(session, suspect, action, message))
-        except Exception:
-            trace = traceback.format_exc()
-            self.logger.error('%s: processing failed, deferring: %s', suspect.id, trace)
-            self.controller.record_exception(trace)
-            action, delivered = DEFER, False
-            self.reply(451, '4.3.0 internal problem - message deferred (%s)' % suspect.id)
-        self.flush_quietly()
-        session.finish(suspect, action, delivered)
+    # -- the answers to the scan session (ProtocolHandler) ----------------------------
+    def make_suspect(self, data):
+        suspect = Suspect(self.sender, list(self.recipients), inbuffer=data,
+                          queue_id=xtext_decode(self.xforward.get('IDENT', '')) or None,
+                          smtp_options=self.smtp_options(), clientinfo=self.clientinfo())
+        suspect.tags['incomingport'] = self.connector.port
+        return suspect
 
-    def flush_quietly(self):
+    def commitback(self, suspect):
+        code, text, delivered = self.deliver(suspect)
+        self.answer(code, text)
+        return delivered
+
+    def discard(self, text):
+        self.in_transaction = bool(self.downstream)   # abort the downstream side
+        return self.answer(250, text)
+
+    def reject(self, text, status='5.7.1'):
+        return self.answer(550, ensure_enhanced(text, status))
+
+    def defer(self, text, status='4.7.1'):
+        return self.answer(451, ensure_enhanced(text, status))
+
+    def answer(self, code, text):
+        """Send a reply now; False (and the session ends) when the client is gone."""
+        self.reply(code, text)
         try:
             self.flush()
+            return True
         except ConnectionClosed:
             self.closing = True
-
-    def refusal_reply(self, session, suspect, action, message):
-        text = session.reply_text(suspect, action, message)
-        if action == DELETE:
-            self.in_transaction = bool(self.downstream)   # abort the downstream side
-            return 250, text
-        if action == REJECT:
-            return 550, ensure_enhanced(text, '5.7.1')
-        return 451, ensure_enhanced(text, '4.7.1')
+            return False
 
     def deliver(self, suspect):
         """Re-inject; returns (code, text, delivered) for Postfix."""
         template = self.config.get(*self.accepted_template_option)
         if suspect.tags.get('noreinject'):
             record_inject_result(suspect, 250, 'message not re-injected by plugin request')
-            return 250, one_line(apply_template(template, suspect, {'injectanswer': suspect.tags['injectanswer']})), True
+            return (250, one_line(apply_template(template, suspect, {
+                'injectanswer': suspect.tags['injectanswer']})), True)
         message = suspect.get_output_parts()
         try:
             with self.downstream_deadline():
@@ -6345,7 +6649,8 @@ class AfterQueueSession(SMTPServerSession):
         self.logger.warning('%s: downstream refused the message: %s %s', suspect.id, code, text)
         if code < 400:
             code = 451
-        return code, one_line('%s (%s)' % (text, suspect.id) if suspect.id not in text else text), False
+        return code, one_line('%s (%s)' % (text, suspect.id) if suspect.id not in text
+                              else text), False
 
     def downstream_deadline(self):
         """A time limit for the whole delivery on top of the per-reply ones (none
@@ -6360,7 +6665,8 @@ class AfterQueueSession(SMTPServerSession):
         client = self.downstream
         if self.xforward and 'XFORWARD' in client.extensions:
             client.xforward(self.xforward)
-        code, text = client.command(self.envelope_command('MAIL FROM', suspect.from_address, self.mail_params, size))
+        code, text = client.command(self.envelope_command('MAIL FROM', suspect.from_address,
+                                                          self.mail_params, size))
         if code != 250:
             raise SMTPError(code, ' '.join(text))
         for recipient in suspect.recipients:
@@ -6411,14 +6717,16 @@ class EsmtpSession(AfterQueueSession):
 
     # Extensions whose commands and parameters pass through a proxy that buffers the
     # message. STARTTLS, AUTH, CHUNKING/BINARYMIME, ETRN, XCLIENT... are not among them.
-    PROXIED_EXTENSIONS = ('PIPELINING', 'SIZE', '8BITMIME', 'SMTPUTF8', 'DSN', 'ENHANCEDSTATUSCODES')
+    PROXIED_EXTENSIONS = ('PIPELINING', 'SIZE', '8BITMIME', 'SMTPUTF8', 'DSN',
+                          'ENHANCEDSTATUSCODES')
 
     accepted_template_option = ('esmtpconnector', 'queuetemplate')
     reuse_downstream = False   # greeted with this client's own name
 
     def __init__(self, connector, sock, peer):
         super().__init__(connector, sock, peer)
-        self.ignore_multiple_recipients = self.config.getboolean('esmtpconnector', 'ignore_multiple_recipients')
+        self.ignore_multiple_recipients = self.config.getboolean('esmtpconnector',
+                                                                 'ignore_multiple_recipients')
         self.ignored_recipients = []
 
     def reset(self):
@@ -6432,8 +6740,9 @@ class EsmtpSession(AfterQueueSession):
         client = self.downstream
         if client is None or not client.connected:
             host, port = outgoing_target(self.config, self.peer[0])
-            budget = self.config.getint('esmtpconnector', 'downstream_timeout')
-            connect_timeout = min(budget, self.config.getint('main', 'downstream_connect_timeout'))
+            budget = self.config.getfloat('esmtpconnector', 'downstream_timeout')
+            connect_timeout = min(budget,
+                                  self.config.getfloat('main', 'downstream_connect_timeout'))
             client = SMTPClient(host, port, name, timeout=budget, connect_timeout=connect_timeout,
                                 retries=self.config.getint('main', 'outgoingretry'))
             self.downstream = client
@@ -6452,7 +6761,7 @@ class EsmtpSession(AfterQueueSession):
         downstream_timeout, so the client hears fuglu's 4xx before Postfix's
         smtpd_proxy_timeout gives up."""
         client = self.downstream
-        budget = self.config.getint('esmtpconnector', 'downstream_timeout')
+        budget = self.config.getfloat('esmtpconnector', 'downstream_timeout')
         client.deadline = time.monotonic() + budget
         try:
             yield client
@@ -6516,7 +6825,8 @@ class EsmtpSession(AfterQueueSession):
                 return self.downstream_unavailable(error)
             code, lines = error.code, [error.text]
         if code != 250:
-            self.logger.info('%s: %s %s refused downstream: %s %s', self.peer_label(), verb, argument, code,
+            self.logger.info('%s: %s %s refused downstream: %s %s', self.peer_label(), verb,
+                             argument, code,
                              ' '.join(lines))
             return self.reply(code, lines)
         self.helo, self.esmtp = argument, verb == 'EHLO'
@@ -6537,9 +6847,9 @@ class EsmtpSession(AfterQueueSession):
                 return self.reply(250, '2.1.5 OK #%d' % self.rcpt_attempts)
         super().smtp_RCPT(argument)
 
-    def build_suspect(self, data):
-        suspect = super().build_suspect(data)
-        if suspect is not None and self.ignored_recipients:
+    def make_suspect(self, data):
+        suspect = super().make_suspect(data)
+        if self.ignored_recipients:
             # plugins of a spam trap still see every address the message was sent to
             suspect.tags['ignored_recipients'] = list(self.ignored_recipients)
         return suspect
@@ -6565,16 +6875,15 @@ class EsmtpConnector(SMTPConnector):
 #     <any other name>: <value>         (becomes a message tag)
 #     X-DATA-PREPEND-END: <token>
 
-NETCAT_BANNER = (b'fuglu scanner ready - please pipe your message, (optional) include env sender/recipient '
-                 b'in the beginning, see documentation\r\n')
+NETCAT_BANNER = (b'fuglu scanner ready - please pipe your message, (optional) include env '
+                 b'sender/recipient in the beginning, see documentation\r\n')
 NETCAT_DEFAULT_ADDRESS = 'unknown@example.org'
 NETCAT_BLOCK_START = b'X-DATA-PREPEND-START:'
 NETCAT_BLOCK_END = 'X-DATA-PREPEND-END'
-NETCAT_STATUS = {DUNNO: b'DUNNO', ACCEPT: b'DUNNO', DELETE: b'DISCARD', REJECT: b'REJECT', DEFER: b'DEFER'}
 NETCAT_HEALTHY = b'DUNNO: healthcheck'
 
 
-class EnvelopeBlockError(ValueError):
+class EnvelopeBlockError(FugluError, ValueError):
     """A netcat envelope block that cannot be read."""
 
 
@@ -6612,7 +6921,8 @@ def split_envelope_block(data):
             token = value
         elif name.upper() == NETCAT_BLOCK_END:
             if value != token:
-                raise EnvelopeBlockError('envelope block end token %r does not match the start token %r'
+                raise EnvelopeBlockError('envelope block end token %r does not match the '
+                                         'start token %r'
                                          % (value[:40], token[:40]))
             return token, fields, data[position:]
         else:
@@ -6625,46 +6935,53 @@ def uses_bare_lf(message):
     return end >= 0 and message[end - 1:end] != b'\r'
 
 
-class NetcatConnector(Connector):
-    """Raw message pipe for scripts; see the section comment for the exchange.
+class NetcatSession(ProtocolHandler):
+    """One netcat connection; see the section comment for the exchange.
 
-    Replies: ``DUNNO:`` + the full message with fuglu's headers, ``DISCARD:text``,
-    ``REJECT:text``, ``DEFER:text``; ``DUNNO: healthcheck`` to a health probe."""
+    Answers: ``DUNNO:`` + the whole message with fuglu's headers (commitback),
+    ``DISCARD:text``, ``REJECT:text``, ``DEFER:text``; ``DUNNO: healthcheck`` to a
+    health probe. The connection is half-closed after the answer."""
 
-    protocol = 'netcat'
-    busy_reply = NETCAT_BANNER + b'DEFER:too many connections from your address, try again later'
+    def __init__(self, connector, sock, peer):
+        self.connector = connector
+        self.controller = connector.controller
+        self.config = connector.controller.config
+        self.logger = connector.logger
+        self.sock = sock
+        self.peer = peer
 
-    def size_limit(self):
-        value = self.config.get('main', 'netcat_max_message_size').strip()
-        return int(value) if value else self.config.getint('main', 'smtp_max_message_size')
+    def peer_label(self):
+        return '%s:%s' % self.peer[:2]
 
-    def serve(self, sock, peer):
-        label = '%s:%s' % peer[:2]
-        sock.sendall(NETCAT_BANNER)
-        limit = self.size_limit()
+    def run(self):
+        label = self.peer_label()
+        self.sock.sendall(NETCAT_BANNER)
+        limit = self.connector.size_limit()
         try:
-            data, oversized = self.read_message(sock, limit, session_deadline(self.config))
+            data, oversized = self.read_message(limit, session_deadline(self.config))
         except DeadlineExpired:
             self.logger.warning('%s: netcat client still sending after max_session_time (%ss), '
                                 'closing', label, self.config.get('main', 'max_session_time'))
-            return self.answer(sock, b'DEFER:timeout exceeded (session time limit)')
+            return self.defer('timeout exceeded (session time limit)')
         except ConnectionClosed as why:
-            self.logger.info('%s: netcat client left before sending a whole message: %s', label, why)
+            self.logger.info('%s: netcat client left before sending a whole message: %s',
+                             label, why)
             return
         if oversized:
             self.logger.warning('%s: netcat message over %d bytes refused', label, limit)
-            return self.answer(sock, b'REJECT:message exceeds %d octets (configured limit netcat_max_message_size)'
-                               % limit)
+            return self.reject('message exceeds %d octets (configured limit '
+                               'netcat_max_message_size)' % limit)
         sender, recipients, tags = NETCAT_DEFAULT_ADDRESS, [NETCAT_DEFAULT_ADDRESS], {}
         try:
             block = split_envelope_block(data)
         except EnvelopeBlockError as error:
             block = error
-        if block is not None and not self.peer_is_trusted(peer[0]):
-            self.logger.info('%s: envelope block from an untrusted peer kept as message content', label)
+        if block is not None and not self.connector.peer_is_trusted(self.peer[0]):
+            self.logger.info('%s: envelope block from an untrusted peer kept as message '
+                             'content', label)
         elif isinstance(block, EnvelopeBlockError):
             self.logger.warning('%s: broken envelope block: %s', label, block)
-            return self.answer(sock, b'REJECT:' + one_line('broken envelope block: %s' % block).encode('utf-8'))
+            return self.reject('broken envelope block: %s' % block)
         elif block is not None:
             token, fields, data = block
             found_sender, found_recipients = None, []
@@ -6672,7 +6989,7 @@ class NetcatConnector(Connector):
                 key = name.upper()
                 if key == 'X-HEALTHCHECK':
                     self.logger.info('HEALTHCHECK netcat from %s', label)
-                    return self.answer(sock, NETCAT_HEALTHY)
+                    return self.send_answer(NETCAT_HEALTHY)
                 if key == 'X-ENV-SENDER':
                     found_sender = value.strip().strip('<>').strip()
                 elif key == 'X-ENV-RECIPIENT':
@@ -6685,46 +7002,49 @@ class NetcatConnector(Connector):
             if found_recipients:
                 recipients = [address for address in found_recipients if address] or recipients
         if not data:
-            return self.answer(sock, b'REJECT:empty message')
-        try:
-            suspect = Suspect(sender, recipients, inbuffer=data)
-        except ValueError as error:   # an envelope address the address check refuses
-            self.logger.warning('netcat from %s: %s', label, error)
-            return self.answer(sock, b'REJECT:' + one_line(error).encode('utf-8', 'replace'))
-        self.scan(sock, label, suspect, tags)
+            return self.reject('empty message')
+        ScanSession(self.controller).handle(self, sender, recipients, tags, data)
 
-    def read_message(self, sock, limit, deadline=None):
+    def read_message(self, limit, deadline=None):
         """Everything up to the client's half-close: (bytes, False), or (b'', True)
         when over ``limit`` (the rest is read and dropped, so the reply is not lost
         to a connection reset). DeadlineExpired after ``deadline``."""
         try:
-            return read_until_eof(sock, limit, drain=True, deadline=deadline,
-                                  idle=self.config.getint('main', 'smtptimeout'))
+            return read_until_eof(self.sock, limit, drain=True, deadline=deadline,
+                                  idle=self.config.getfloat('main', 'smtptimeout'))
         except OSError as error:
             raise ConnectionClosed('timeout' if is_timeout(error) else str(error))
 
-    def scan(self, sock, label, suspect, tags):
+    # -- the answers to the scan session (ProtocolHandler) ----------------------------
+    def make_suspect(self, sender, recipients, tags, data):
+        suspect = Suspect(sender, recipients, inbuffer=data)
         for name, value in tags.items():
             suspect.tags.setdefault(name, value)   # never replace the core's own tags
-        suspect.tags['incomingport'] = self.port
-        self.logger.info('%s from=%s, nrec=%d, size=%d, client=%s (netcat)', suspect.id,
-                         suspect.from_address or '<>', len(suspect.recipients), suspect.size, label)
-        session = ScanSession(self.controller)
-        action, delivered = DEFER, False
+        suspect.tags['incomingport'] = self.connector.port
+        return suspect
+
+    def commitback(self, suspect):
+        return self.send_answer(b'DUNNO:' + self.output_message(suspect))
+
+    def discard(self, text):
+        return self.send_answer(b'DISCARD:', text)
+
+    def reject(self, text, status='5.7.1'):
+        return self.send_answer(b'REJECT:', text)
+
+    def defer(self, text, status='4.7.1'):
+        return self.send_answer(b'DEFER:', text)
+
+    def send_answer(self, reply, text=''):
+        """Send ``reply`` (bytes), then ``text`` as one line; half-close."""
+        reply += one_line(text).encode('utf-8', 'replace')
         try:
-            action, message = session.scan(suspect)
-            if action in (DUNNO, ACCEPT):
-                reply = b'DUNNO:' + self.output_message(suspect)
-            else:
-                reply = NETCAT_STATUS[action] + b':' + session.reply_text(suspect, action, message).encode('utf-8')
-            delivered = self.answer(sock, reply)
-        except Exception:
-            trace = traceback.format_exc()
-            self.logger.error('%s: processing failed, deferring: %s', suspect.id, trace)
-            self.controller.record_exception(trace)
-            action = DEFER
-            self.answer(sock, b'DEFER:internal problem - message deferred (%s)' % suspect.id.encode())
-        session.finish(suspect, action, delivered and action in (DUNNO, ACCEPT))
+            self.sock.sendall(reply)
+            self.sock.shutdown(socket.SHUT_WR)
+            return True
+        except OSError as error:
+            self.logger.warning('%s: netcat reply not delivered: %s', self.peer_label(), error)
+            return False
 
     @staticmethod
     def output_message(suspect):
@@ -6737,23 +7057,28 @@ class NetcatConnector(Connector):
             output = added.replace(b'\r\n', b'\n') + source
         return output
 
-    def answer(self, sock, reply):
-        try:
-            sock.sendall(reply)
-            sock.shutdown(socket.SHUT_WR)
-            return True
-        except OSError as error:
-            self.logger.warning('netcat reply not delivered: %s', error)
-            return False
+
+class NetcatConnector(Connector):
+    """Raw message pipe for scripts (NetcatSession)."""
+
+    protocol = 'netcat'
+    busy_reply = NETCAT_BANNER + b'DEFER:too many connections from your address, try again later'
+
+    def size_limit(self):
+        value = self.config.get('main', 'netcat_max_message_size').strip()
+        return int(value) if value else self.config.getint('main', 'smtp_max_message_size')
+
+    def serve(self, sock, peer):
+        NetcatSession(self, sock, peer).run()
 
 
 ###############################################################################
 # Connector: milter
 ###############################################################################
-# The Sendmail/Postfix milter protocol, version 6, written from the protocol notes
-# (shared/spec/protocols.md section 1: Vierling's description, mfdef.h, Postfix's
-# milter8.c). The MTA is the socket client; one milter connection carries any number
-# of messages. Every packet, in both directions, is
+# The Sendmail/Postfix milter protocol, version 6, written from its public descriptions
+# (Todd Vierling's protocol notes, libmilter's mfdef.h, Postfix's milter8.c). The MTA is
+# the socket client; one milter connection carries any number of messages. Every packet,
+# in both directions, is
 #
 #     uint32 length (network byte order, counts the command byte) | command | data
 #
@@ -6887,7 +7212,7 @@ MILTER_PART_ACTIONS = {
 }
 
 
-class MilterProtocolError(Exception):
+class MilterProtocolError(FugluError):
     """The MTA broke the framing or sent nonsense; the connection is closed."""
 
 
@@ -6986,7 +7311,8 @@ def milter_reply_code(code, text, enhanced=None):
         if ENHANCED_CODE_RE.match(word) and word[0] == klass:
             line = rest
         separator = ' ' if number == len(lines) - 1 else '-'
-        out.append(('%d%s%s %s' % (code, separator, enhanced, line[:400])).rstrip().replace('%', '%%'))
+        out.append(('%d%s%s %s' % (code, separator, enhanced, line[:400])).rstrip()
+                   .replace('%', '%%'))
     return milter_packet(SMFIR_REPLYCODE, milter_strings('\r\n'.join(out)))
 
 
@@ -7064,13 +7390,15 @@ class MilterReader(object):
                 raise ConnectionClosed('timeout')
             if not chunk:
                 if decoder.pending():
-                    raise MilterProtocolError('connection closed inside a packet (%d bytes of it read)'
+                    raise MilterProtocolError('connection closed inside a packet (%d bytes '
+                                              'of it read)'
                                               % decoder.pending())
                 raise ConnectionClosed('EOF')
             decoder.feed(chunk)
 
 
 
+MILTER_DEFER_CODE = 450      # FuGlu's milter answers every temporary failure with 450
 MILTER_CONTINUE = milter_packet(SMFIR_CONTINUE)
 MILTER_PROGRESS = milter_packet(SMFIR_PROGRESS)
 MILTER_SKIP = milter_packet(SMFIR_SKIP)
@@ -7111,53 +7439,273 @@ def clean_milter_address(argument):
 class MilterMode(object):
     """[milter] milter_mode and milter_mode_options, resolved once per configuration.
 
-    readonly: change nothing, ask for no modification rights.
-    tags: add fuglu's headers; replace what the tag milter_replace names (all, body,
-    headers, from, to). manual: add fuglu's headers; replace the parts listed in
-    milter_mode_options. auto, autoheaders, autofrom, autoto (combinable): add fuglu's
-    headers and write back what the plugins changed (auto = headers, body, sender
-    and recipients). replace_demo: replace the whole message by a notice (tests).
-    Option prepend: added headers go on top (INSHEADER 0) instead of the bottom.
+    milter_mode is a list of words (separated by commas or blanks) that add up
+    (FuGlu's documented modes; its async connector reads a list):
+        readonly        change nothing, ask the MTA for no modification rights; it
+                        wins over every other word
+        tags            the parts the tag milter_replace names (all, body, headers,
+                        from, to)
+        manual          the parts milter_mode_options names
+        auto            whatever the plugins changed: headers, body, sender, recipients
+        autoheaders, autofrom, autoto   the same, for one part each
+        replace_demo    replace the whole message by a notice (to test the wiring)
+    Every mode but readonly also adds fuglu's own headers. Unknown words are left
+    out; with no valid word left the mode is tags. milter_mode_options word prepend
+    puts added headers on top (INSHEADER 0) instead of the bottom.
 
-    Attributes: name, readonly, tags, demo, auto_parts, forced_parts (sets of
-    'headers', 'body', 'from', 'to'), prepend, actions (SMFIF_* rights to ask for).
+    Attributes: name (the words in effect), readonly, tags, demo, auto_parts,
+    forced_parts (sets of 'headers', 'body', 'from', 'to'), prepend, actions (the
+    SMFIF_* rights to ask for), findings ((level, text) for lint and the log).
     """
 
     AUTO_WORDS = {'auto': ('headers', 'body', 'from', 'to'), 'autoheaders': ('headers',),
                   'autofrom': ('from',), 'autoto': ('to',)}
-    SINGLE_WORDS = ('readonly', 'tags', 'manual', 'replace_demo')
+    OTHER_WORDS = ('readonly', 'tags', 'manual', 'replace_demo')
+    OPTION_WORDS = ('all', 'prepend') + tuple(MILTER_PART_ACTIONS)
 
-    def __init__(self, config, logger=None):
-        logger = logger or logging.getLogger('fuglu.milter')
-        words = parse_list(config.get('milter', 'milter_mode'), lower=True)
-        known = [word for word in words if word in self.AUTO_WORDS or word in self.SINGLE_WORDS]
-        if len(known) != len(words):
-            logger.error('milter_mode: ignoring unknown words %s', [w for w in words if w not in known])
-        options = set(parse_list(config.get('milter', 'milter_mode_options'), lower=True))
+    def __init__(self, config):
+        self.findings = []
+        where = config.where('milter', 'milter_mode')
+        words = split_list_value(config.get('milter', 'milter_mode'), ', \t', lower=True)
+        known = []
+        for word in words:
+            if (word in self.AUTO_WORDS or word in self.OTHER_WORDS) and word not in known:
+                known.append(word)
+        unknown = [word for word in words if word not in known]
+        if unknown:
+            self.findings.append(('warning', '%s: unknown words %s left out'
+                                  % (where, ', '.join(unknown))))
+        if not known:
+            self.findings.append(('warning', '%s: no valid mode, using tags' % where))
+            known = ['tags']
+        if 'readonly' in known and len(known) > 1:
+            self.findings.append(('warning', '%s: readonly wins, %s changes nothing'
+                                  % (where, ', '.join(w for w in known if w != 'readonly'))))
+            known = ['readonly']
+        self.name = ','.join(known)
+        self.readonly = known == ['readonly']
+        self.tags = 'tags' in known
+        self.demo = 'replace_demo' in known
+        if self.demo:
+            self.findings.append(('warning', '%s: replace_demo replaces every message by a '
+                                             'notice (for tests only)' % where))
+        options = split_list_value(config.get('milter', 'milter_mode_options'), ', \t',
+                                   lower=True)
+        strange = [word for word in options if word not in self.OPTION_WORDS]
+        if strange:
+            self.findings.append(('warning', '%s: unknown words %s left out' % (
+                config.where('milter', 'milter_mode_options'), ', '.join(strange))))
         self.prepend = 'prepend' in options
-        parts = set(MILTER_PART_ACTIONS) if 'all' in options else options & set(MILTER_PART_ACTIONS)
-        self.auto_parts, self.forced_parts = set(), set()
-        if len(known) == 1 and known[0] in self.SINGLE_WORDS:
-            self.name = known[0]
-        elif known and all(word in self.AUTO_WORDS for word in known):
-            self.name = ','.join(known)
-            for word in known:
-                self.auto_parts.update(self.AUTO_WORDS[word])
-        else:
-            logger.error('milter_mode %r is not a valid mode or combination, using tags', ','.join(words))
-            self.name = 'tags'
-        self.readonly = self.name == 'readonly'
-        self.tags = self.name == 'tags'
-        self.demo = self.name == 'replace_demo'
-        if self.name == 'manual':
-            self.forced_parts = parts
-        every_part = set(MILTER_PART_ACTIONS)
-        wanted = every_part if (self.tags or self.demo) else self.auto_parts | self.forced_parts
+        parts = set(MILTER_PART_ACTIONS) if 'all' in options else \
+            set(options) & set(MILTER_PART_ACTIONS)
+        self.forced_parts = parts if 'manual' in known else set()
+        self.auto_parts = set()
+        for word in known:
+            self.auto_parts.update(self.AUTO_WORDS.get(word, ()))
         self.actions = 0
         if not self.readonly:
-            self.actions = SMFIF_ADDHDRS   # fuglu's own X-Fuglu-* headers, in every writing mode
+            # fuglu's own X-Fuglu-* headers, in every writing mode
+            self.actions = SMFIF_ADDHDRS
+            every_part = set(MILTER_PART_ACTIONS)
+            wanted = every_part if (self.tags or self.demo) else \
+                self.auto_parts | self.forced_parts
             for part in wanted:
                 self.actions |= MILTER_PART_ACTIONS[part]
+
+
+def check_milter_mode(config):
+    """milter_mode and milter_mode_options: what MilterMode leaves out or overrides."""
+    return MilterMode(config).findings
+
+
+def milter_source_value(value, leading_space):
+    """Header value as the MTA sent it -> as it stands in the message source: the
+    leading space as received with HDR_LEADSPC (``leading_space``), else the one
+    space Postfix strips; CRLF between folded lines."""
+    if b'\n' in value:      # folded: the MTA separates the lines with LF
+        # (an LF not followed by a blank would start a header of its own in
+        # fuglu's copy only: it is folded)
+        value = re.sub(rb'\r?\n([ \t]?)', lambda match: b'\r\n' + (match.group(1) or b' '),
+                       value)
+    return value if leading_space else b' ' + value
+
+
+def milter_mta_value(value, leading_space):
+    """Header value as in the message source -> as the MTA wants it."""
+    value = value.replace(b'\r\n', b'\n')
+    if leading_space:
+        return value if value[:1] in (b' ', b'\t') else b' ' + value
+    return value[1:] if value.startswith(b' ') else value
+
+
+class MilterModifications(object):
+    """What to change in the MTA's copy of one message, per milter_mode (MilterMode);
+    no socket involved.
+
+    ``MilterModifications(mode, actions, leading_space, headers, body, rcpt_arguments)``
+    takes the mode, the SMFIF_* rights the MTA granted, whether header values keep
+    their leading space (SMFIP_HDR_LEADSPC), the headers as the MTA sent them
+    ((name, value) bytes), the body as received and recipient -> RCPT argument as
+    received. ``packets(suspect)`` -> the modification packets in the order sender,
+    recipients, headers, fuglu's headers, body (a body replacement must not be
+    interleaved with other changes). A change whose right was not granted is left out
+    and named in ``problems`` (once per kind).
+    """
+
+    def __init__(self, mode, actions, leading_space, headers, body, rcpt_arguments):
+        self.mode = mode
+        self.actions = actions
+        self.leading_space = leading_space
+        self.headers = headers
+        self.body = body
+        self.rcpt_arguments = rcpt_arguments
+        self.problems = []
+        self.missing_rights = set()
+
+    def packets(self, suspect):
+        mode = self.mode
+        if mode.readonly:
+            return []
+        if mode.demo:
+            return self.demo_packets(suspect)
+        forced = set(mode.forced_parts)
+        if mode.tags:
+            wanted = force_uString(suspect.tags.get('milter_replace') or '').lower()
+            forced |= set(MILTER_PART_ACTIONS) if 'all' in wanted else \
+                {part for part in MILTER_PART_ACTIONS if part in wanted}
+        auto = mode.auto_parts
+        packets = []
+        if 'from' in forced or ('from' in auto and suspect.orig_from_address_changed()):
+            self.modify(packets, SMFIF_CHGFROM, milter_packet(SMFIR_CHGFROM, milter_strings(
+                '<%s>' % suspect.from_address)), 'change the sender')
+        if 'to' in forced or ('to' in auto and suspect.orig_recipients_changed()):
+            self.recipient_packets(suspect, packets)
+        body_packets = []
+        if suspect.is_modified() or 'headers' in forced or 'body' in forced:
+            original_headers = [(name, milter_source_value(value, self.leading_space))
+                                for name, value in self.headers]
+            header_block, body = split_message_source(suspect.get_source())
+            current_headers = parse_header_block(header_block)
+            if 'headers' in forced:
+                self.delete_headers(packets, original_headers)
+                self.add_headers(packets, current_headers)
+            elif 'headers' in auto and current_headers != original_headers:
+                self.header_diff_packets(packets, original_headers, current_headers)
+            if 'body' in forced or ('body' in auto and body != self.body):
+                body_packets = self.body_packets(body)
+        added = []
+        for name, value in suspect.addheaders.items():
+            encoded = encode_header(name, value)
+            colon = encoded.index(b':')
+            added.append((encoded[:colon], encoded[colon + 1:-2]))
+        self.add_headers(packets, added)
+        for packet in body_packets:
+            self.modify(packets, SMFIF_CHGBODY, packet, 'replace the body')
+        return packets
+
+    def modify(self, packets, right, packet, what):
+        """Queue a change if its right was granted; else note it (once per kind)."""
+        if self.actions & right:
+            packets.append(packet)
+        elif right not in self.missing_rights:
+            self.missing_rights.add(right)
+            self.problems.append('cannot %s: %s was not negotiated with the MTA'
+                                 % (what, describe_milter_flags(right, SMFIF_NAMES)))
+
+    def recipient_packets(self, suspect, packets):
+        """Delete the recipients that are gone, add the new ones (the same end result
+        as FuGlu's delete-all-then-add, without touching kept recipients)."""
+        original, current = suspect.original_recipients, suspect.recipients
+        for recipient in original:
+            if recipient not in current:
+                argument = self.rcpt_arguments.get(recipient, '<%s>' % recipient)
+                self.modify(packets, SMFIF_DELRCPT,
+                            milter_packet(SMFIR_DELRCPT, milter_strings(argument)),
+                            'delete a recipient')
+        for recipient in current:
+            if recipient not in original:
+                self.modify(packets, SMFIF_ADDRCPT, milter_packet(SMFIR_ADDRCPT, milter_strings(
+                    '<%s>' % recipient)), 'add a recipient')
+
+    def delete_headers(self, packets, headers):
+        """Delete every header listed, highest index first per name, so the indexes
+        of the ones still to delete never shift."""
+        counts, names = {}, {}
+        for name, _value in headers:
+            key = name.lower()
+            counts[key] = counts.get(key, 0) + 1
+            names.setdefault(key, name)
+        for key, count in counts.items():
+            for index in range(count, 0, -1):
+                self.modify(packets, SMFIF_CHGHDRS,
+                            encode_header_packet(SMFIR_CHGHEADER, names[key], b'', index),
+                            'delete a header')
+
+    def add_headers(self, packets, headers):
+        """ADDHEADER (bottom of the header block), or with the mode option prepend
+        INSHEADER at index 0 (on top, in the given order)."""
+        if self.mode.prepend:
+            for name, value in reversed(headers):
+                self.modify(packets, SMFIF_ADDHDRS, encode_header_packet(
+                    SMFIR_INSHEADER, name, milter_mta_value(value, self.leading_space), 0),
+                    'insert a header')
+        else:
+            for name, value in headers:
+                self.modify(packets, SMFIF_ADDHDRS, encode_header_packet(
+                    SMFIR_ADDHEADER, name, milter_mta_value(value, self.leading_space)),
+                    'add a header')
+
+    def header_diff_packets(self, packets, original, current):
+        """Per header name: change the values that differ (CHGHEADER index n), delete
+        the surplus originals (from the highest index down), add the new ones."""
+        def by_name(headers):
+            table = {}
+            for name, value in headers:
+                table.setdefault(name.lower(), (name, []))[1].append(value)
+            return table
+        before, after = by_name(original), by_name(current)
+        added = []
+        for key, (name, old_values) in before.items():
+            new_values = after.get(key, (name, []))[1]
+            for index in range(len(old_values), len(new_values), -1):
+                self.modify(packets, SMFIF_CHGHDRS,
+                            encode_header_packet(SMFIR_CHGHEADER, name, b'', index),
+                            'delete a header')
+            for index in range(min(len(old_values), len(new_values))):
+                if old_values[index] != new_values[index]:
+                    value = milter_mta_value(new_values[index], self.leading_space)
+                    self.modify(packets, SMFIF_CHGHDRS, encode_header_packet(
+                        SMFIR_CHGHEADER, name, value, index + 1), 'change a header')
+            added.extend((name, value) for value in new_values[len(old_values):])
+        for key, (name, new_values) in after.items():
+            if key not in before:
+                added.extend((name, value) for value in new_values)
+        self.add_headers(packets, added)
+
+    @staticmethod
+    def body_packets(body):
+        """REPLBODY chunks of at most 65535 bytes, CRLF line ends."""
+        body = re.sub(rb'(?<!\r)\n', b'\r\n', body)
+        chunks = [body[start:start + MILTER_CHUNK_SIZE]
+                  for start in range(0, len(body), MILTER_CHUNK_SIZE)]
+        return [milter_packet(SMFIR_REPLBODY, chunk) for chunk in chunks or [b'']]
+
+    def demo_packets(self, suspect):
+        """replace_demo: the whole message becomes a short notice."""
+        packets = []
+        original = [(name, milter_source_value(value, self.leading_space))
+                    for name, value in self.headers]
+        self.delete_headers(packets, original)
+        notice = [(b'From', b' <%s>' % force_bString(suspect.from_address or 'MAILER-DAEMON')),
+                  (b'To', b' <%s>' % force_bString(suspect.to_address or
+                                                   'undisclosed-recipients')),
+                  (b'Subject', b' fuglu milter replace_demo')]
+        self.add_headers(packets, notice)
+        body = ('This message was replaced by fuglu (milter_mode replace_demo).\r\n'
+                'Suspect: %s\r\n' % suspect.id).encode('ascii')
+        for packet in self.body_packets(body):
+            self.modify(packets, SMFIF_CHGBODY, packet, 'replace the body')
+        return packets
 
 
 class MilterPlugin(BasicPlugin):
@@ -7393,16 +7941,19 @@ class MilterProgressWatch(object):
                 session.send_progress()
 
 
-class MilterSession(object):
+class MilterSession(ProtocolHandler):
     """One milter connection from the MTA: option negotiation, then any number of
     messages (Postfix opens one milter connection per SMTP connection).
 
-    Events dispatch by command name to ``on_<name>(data)`` (on_connect, on_mail,
-    on_bodyeob ...). A handler returns None (= continue) or a reply packet; the
-    reply is sent only if the event was not negotiated as no-reply. OPTNEG and
-    BODYEOB answer themselves. Any internal error becomes a temporary failure (at
-    once where a reply is due, else at the end of the message); EOF at any point ends
-    the session quietly; broken framing closes it with a log line.
+    Events dispatch by command name (SMFIC_NAMES) to ``on_<name>(data)``
+    (on_connect, on_mail, on_bodyeob ...), as SMTP commands go to ``smtp_<VERB>``.
+    A handler returns None (= continue) or a reply packet; the reply is sent only if
+    the event was not negotiated as no-reply. OPTNEG and BODYEOB answer themselves;
+    at BODYEOB the scan session decides and the answers below (ProtocolHandler) tell
+    the MTA, with the modifications MilterModifications computes. Any internal error
+    becomes a temporary failure (at once where a reply is due, else at the end of the
+    message); EOF at any point ends the session quietly; broken framing closes it
+    with a log line.
 
     Per connection: version, actions, protocol (negotiated), hostname,
     client_address, client_port, helo, connection-stage macros, tags.
@@ -7417,7 +7968,6 @@ class MilterSession(object):
                           SMFIC_MAIL, SMFIC_HELO, SMFIC_CONNECT, SMFIC_UNKNOWN)
     STAGE_COMMANDS = {'connect': SMFIC_CONNECT, 'helo': SMFIC_HELO, 'mailfrom': SMFIC_MAIL,
                       'rcpt': SMFIC_RCPT, 'header': SMFIC_HEADER, 'eoh': SMFIC_EOH}
-    HANDLERS = {}   # command -> method, filled in below the class
 
     def __init__(self, connector, sock, peer):
         self.connector = connector
@@ -7428,7 +7978,7 @@ class MilterSession(object):
         self.peer = peer
         max_packet = max(config.getint('milter', 'milter_max_packet_size'), MILTER_CHUNK_SIZE + 1)
         self.reader = MilterReader(sock, max_packet, session_deadline(config),
-                                   config.getint('main', 'smtptimeout'))
+                                   config.getfloat('main', 'smtptimeout'))
         self.debug = config.getboolean('milter', 'milter_debug')
         self.max_size = config.getint('main', 'smtp_max_message_size')
         self.trusted = connector.peer_is_trusted(peer[0])
@@ -7436,9 +7986,11 @@ class MilterSession(object):
         self.mode = connector.milter_mode()
         self.stage_plugins = {}
         for stage in MilterPlugin.STAGES:
-            self.stage_plugins[stage] = [p for p in self.mplugins if stage in (getattr(p, 'state', None) or ())]
+            self.stage_plugins[stage] = [p for p in self.mplugins
+                                         if stage in (getattr(p, 'state', None) or ())]
         self.send_lock = threading.Lock()
         self.scanning = False
+        self.answered = False      # the MTA got the verdict on the last message
         self.closing = False
         self.version = MILTER_VERSION
         self.actions = 0
@@ -7476,7 +8028,6 @@ class MilterSession(object):
         self.oversize = False
         self.message_failure = None
         self.envelope_refusal = None     # (code, text) at end of message: a bad sender/recipient
-        self.missing_rights = set()
 
     def get_macro(self, name, default=None):
         """A macro of the current message or connection, by bare name ('i',
@@ -7497,7 +8048,7 @@ class MilterSession(object):
     def queue_id(self):
         return self.get_macro('i')
 
-    def label(self):
+    def peer_label(self):
         """Log prefix: the MTA peer and Postfix's queue id once it is known."""
         queue_id = self.get_macro('i')
         label = 'milter %s:%s' % tuple(self.peer[:2])
@@ -7524,7 +8075,7 @@ class MilterSession(object):
             except OSError:
                 return
         if self.debug:
-            self.logger.debug('%s: > PROGRESS', self.label())
+            self.logger.debug('%s: > PROGRESS', self.peer_label())
 
     def log_packets(self, direction, data):
         decoder = MilterPacketDecoder(len(data) + 1)
@@ -7535,7 +8086,8 @@ class MilterSession(object):
                 break
             command, payload = packet
             names = SMFIC_NAMES if direction == '<' else SMFIR_NAMES
-            self.logger.debug('%s: %s %s %r', self.label(), direction, names.get(command, command), payload[:200])
+            self.logger.debug('%s: %s %s %r', self.peer_label(), direction,
+                              names.get(command, command), payload[:200])
 
     # -- main loop --------------------------------------------------------------
     def run(self):
@@ -7543,38 +8095,42 @@ class MilterSession(object):
             while not self.closing:
                 command, data = self.reader.read_packet()
                 if self.debug:
-                    self.logger.debug('%s: < %s %r', self.label(), SMFIC_NAMES.get(command, command), data[:200])
+                    self.logger.debug('%s: < %s %r', self.peer_label(),
+                                      SMFIC_NAMES.get(command, command), data[:200])
                 self.dispatch(command, data)
         except DeadlineExpired:
             # the MTA applies its milter_default_action (Postfix: tempfail)
             self.logger.warning('%s: milter connection longer than max_session_time (%ss), closing',
-                                self.label(), self.config.get('main', 'max_session_time'))
+                                self.peer_label(), self.config.get('main', 'max_session_time'))
         except ConnectionClosed as why:
-            self.logger.debug('%s: milter connection closed: %s', self.label(), why)
+            self.logger.debug('%s: milter connection closed: %s', self.peer_label(), why)
         except MilterProtocolError as error:
-            self.logger.warning('%s: milter protocol error, closing the connection: %s', self.label(), error)
+            self.logger.warning('%s: milter protocol error, closing the connection: %s',
+                                self.peer_label(), error)
         finally:
             self.scanning = False
             self.connector.progress.unwatch(self)
 
     def dispatch(self, command, data):
-        handler = self.HANDLERS.get(command)
+        name = SMFIC_NAMES.get(command)
+        handler = getattr(self, 'on_' + name.lower(), None) if name else None
         if handler is None:
-            raise MilterProtocolError('unknown command %r with %d data bytes' % (command, len(data)))
+            raise MilterProtocolError('unknown command %r with %d data bytes'
+                                      % (command, len(data)))
         try:
-            reply = handler(self, data)
+            reply = handler(data)
         except (ConnectionClosed, MilterProtocolError):
             raise
         except Exception:
             trace = traceback.format_exc()
-            name = SMFIC_NAMES[command]
-            self.logger.error('%s: handling %s failed: %s', self.label(), name, trace)
+            self.logger.error('%s: handling %s failed: %s', self.peer_label(), name, trace)
             self.controller.record_exception(trace)
             if self.in_message or command in (SMFIC_MAIL, SMFIC_BODYEOB):
                 self.message_failure = 'internal problem at %s' % name
             else:
                 self.connection_failure = 'internal problem at %s' % name
-            reply = milter_reply_code(451, '4.3.0 internal problem - try again later')
+            reply = milter_reply_code(MILTER_DEFER_CODE,
+                                      '4.3.0 internal problem - try again later')
             if command == SMFIC_BODYEOB:    # the verdict is due right now
                 self.reset_message()
                 return self.send(reply)
@@ -7584,8 +8140,9 @@ class MilterSession(object):
         if self.protocol & no_reply_flag:
             if reply is not None:
                 # negotiated as no-reply: answering now would desynchronise the MTA
-                self.logger.warning('%s: cannot answer %s (negotiated as no-reply); dropping the answer',
-                                    self.label(), SMFIC_NAMES[command])
+                self.logger.warning('%s: cannot answer %s (negotiated as no-reply); dropping '
+                                    'the answer',
+                                    self.peer_label(), SMFIC_NAMES[command])
             return
         self.send(reply or MILTER_CONTINUE)
 
@@ -7593,25 +8150,31 @@ class MilterSession(object):
     def on_optneg(self, data):
         version, actions, protocol = parse_optneg(data)
         if version < 2:
-            raise MilterProtocolError('the MTA offers milter protocol version %d; 2 or later needed' % version)
+            raise MilterProtocolError('the MTA offers milter protocol version %d; 2 or later '
+                                      'needed' % version)
         self.version = min(version, MILTER_VERSION)
         self.actions = self.mode.actions & actions
         if self.mode.actions & ~actions:
-            self.logger.warning('%s: the MTA does not offer %s, needed by milter_mode %s', self.label(),
-                                describe_milter_flags(self.mode.actions & ~actions, SMFIF_NAMES), self.mode.name)
+            self.logger.warning('%s: the MTA does not offer %s, needed by milter_mode %s',
+                                self.peer_label(),
+                                describe_milter_flags(self.mode.actions & ~actions, SMFIF_NAMES),
+                                self.mode.name)
         # Ask only for what we use: no reply to stages without milter plugins, no
         # unknown SMTP commands, header values with their leading space (so the
         # message is rebuilt byte for byte), SKIP for oversize bodies.
-        wanted = SMFIP_HDR_LEADSPC | SMFIP_NOUNKNOWN | SMFIP_NR_UNKN | SMFIP_NR_DATA | SMFIP_NR_BODY | SMFIP_SKIP
+        wanted = (SMFIP_HDR_LEADSPC | SMFIP_NOUNKNOWN | SMFIP_NR_UNKN | SMFIP_NR_DATA
+                  | SMFIP_NR_BODY | SMFIP_SKIP)
         for stage, command in self.STAGE_COMMANDS.items():
             if not self.stage_plugins[stage]:
                 wanted |= MILTER_NO_REPLY_FLAGS[command]
         self.protocol = wanted & protocol
         self.leading_space = bool(self.protocol & SMFIP_HDR_LEADSPC)
-        self.logger.debug('%s: negotiated version %d, actions %s, protocol %s (offered %d, %s, %s)', self.label(),
+        self.logger.debug('%s: negotiated version %d, actions %s, protocol %s (offered %d, %s, %s)',
+                          self.peer_label(),
                           self.version, describe_milter_flags(self.actions, SMFIF_NAMES),
                           describe_milter_flags(self.protocol, SMFIP_NAMES), version,
-                          describe_milter_flags(actions, SMFIF_NAMES), describe_milter_flags(protocol, SMFIP_NAMES))
+                          describe_milter_flags(actions, SMFIF_NAMES),
+                          describe_milter_flags(protocol, SMFIP_NAMES))
         self.send(encode_optneg(self.version, self.actions, self.protocol))
 
     def on_macro(self, data):
@@ -7675,7 +8238,7 @@ class MilterSession(object):
         brackets): refused at once when the MTA waits for an answer to ``command``;
         else (negotiated as no-reply) the message is refused with 550 at its end, or
         with ``whole_connection`` every message of the connection."""
-        self.logger.warning('%s: %s refused: %s', self.label(), SMFIC_NAMES[command], text)
+        self.logger.warning('%s: %s refused: %s', self.peer_label(), SMFIC_NAMES[command], text)
         if command == SMFIC_MAIL:
             self.in_message = False
         if not self.protocol & MILTER_NO_REPLY_FLAGS[command]:
@@ -7728,7 +8291,7 @@ class MilterSession(object):
         refused (452 4.3.4, as FuGlu does) at its end."""
         if not self.oversize:
             self.logger.warning('%s: message over smtp_max_message_size %d (headers and body), '
-                                'will be refused', self.label(), self.max_size)
+                                'will be refused', self.peer_label(), self.max_size)
             self.oversize = True
             self.headers = []
             self.body = bytearray()
@@ -7766,13 +8329,14 @@ class MilterSession(object):
             return milter_packet(SMFIR_ACCEPT)
         if action == DELETE:
             if stage in ('connect', 'helo'):
-                self.logger.error('%s: DELETE (discard) is not allowed at %s; answering with a temporary failure',
-                                  self.label(), stage)
+                self.logger.error('%s: DELETE (discard) is not allowed at %s; answering with a '
+                                  'temporary failure',
+                                  self.peer_label(), stage)
                 return milter_reply_code(451, '4.7.1 Try again later')
             return milter_packet(SMFIR_DISCARD)
         if action == REJECT:
             return milter_reply_code(550, message or 'Rejected by content scanner')
-        return milter_reply_code(450, message or 'Try again later')
+        return milter_reply_code(MILTER_DEFER_CODE, message or 'Try again later')
 
     def stage_verdict(self, stage, plugins, args):
         """(action, message) of the first plugin with a decision, else (DUNNO, None).
@@ -7788,7 +8352,8 @@ class MilterSession(object):
                     result = call_plugin(getattr(plugin, 'examine_' + stage), self, *args)
             except Exception as error:
                 trace = traceback.format_exc()
-                self.logger.error('%s: milter plugin %s failed at %s: %s: %s', self.label(), plugin, stage,
+                self.logger.error('%s: milter plugin %s failed at %s: %s: %s', self.peer_label(),
+                                  plugin, stage,
                                   error.__class__.__name__, error)
                 self.logger.debug(trace)
                 self.controller.record_exception(trace)
@@ -7798,117 +8363,107 @@ class MilterSession(object):
             if code is None or code == DUNNO:
                 continue
             if code not in (ACCEPT, DELETE, REJECT, DEFER):
-                self.logger.error('%s: milter plugin %s returned an invalid action %r at %s, ignored',
-                                  self.label(), plugin, code, stage)
+                self.logger.error('%s: milter plugin %s returned an invalid action %r at '
+                                  '%s, ignored',
+                                  self.peer_label(), plugin, code, stage)
                 continue
-            self.logger.info('%s: milter plugin %s at %s: %s %s', self.label(), plugin, stage,
+            self.logger.info('%s: milter plugin %s at %s: %s %s', self.peer_label(), plugin, stage,
                              actioncode_to_string(code), text or '')
             return code, text
         return DUNNO, None
 
     # -- end of message -----------------------------------------------------------
     def end_of_message(self):
+        """The verdict on the message: through the scan session, unless the message
+        is already refused (an earlier failure, its envelope, its size)."""
+        self.answered = False
         failure = self.connection_failure or self.message_failure
-        if failure:
-            self.logger.error('%s: %s earlier in this message; deferring it', self.label(), failure)
-            return self.send(milter_reply_code(451, '4.3.0 internal problem - message deferred'))
         refusal = self.connection_refusal or self.envelope_refusal
-        if refusal:
-            self.logger.warning('%s: message refused for its envelope: %s %s', self.label(),
+        if failure:
+            self.logger.error('%s: %s earlier in this message; deferring it', self.peer_label(),
+                              failure)
+            self.defer('internal problem - message deferred', '4.3.0')
+        elif refusal:
+            self.logger.warning('%s: message refused for its envelope: %s %s', self.peer_label(),
                                 *refusal)
-            return self.send(milter_reply_code(*refusal))
-        if self.oversize:
-            return self.send(milter_reply_code(452, '4.3.4 message size exceeds fixed maximum message size %d'
-                                                    % self.max_size))
-        suspect = self.build_suspect()
-        if suspect is None:
-            return
-        session = ScanSession(self.controller)
-        action = DEFER
+            self.send_verdict([milter_reply_code(*refusal)])
+        elif self.oversize:
+            self.send_verdict([milter_reply_code(
+                452, '4.3.4 message size exceeds fixed maximum message size %d' % self.max_size)])
+        else:
+            self.scan_message()
+        if not self.answered:
+            raise ConnectionClosed('the MTA left before the verdict')
+
+    def scan_message(self):
         self.scanning = True
         self.connector.progress.watch(self)
         try:
-            action, message = self.stage_verdict('eob', self.stage_plugins['eob'], (suspect,))
-            if action == DUNNO:
-                action, message = session.scan(suspect)
-            packets = self.verdict_packets(session, suspect, action, message)
-        except Exception:
-            trace = traceback.format_exc()
-            self.logger.error('%s: processing failed, deferring: %s', suspect.id, trace)
-            self.controller.record_exception(trace)
-            action = DEFER
-            packets = [milter_reply_code(451, '4.3.0 internal problem - message deferred (%s)' % suspect.id)]
-        answered = self.send_verdict(packets)
-        self.logger.info('%s queueid=%s: milter verdict %s%s', suspect.id, suspect.queue_id,
-                         actioncode_to_string(action), '' if answered else ' (the MTA was gone)')
-        session.finish(suspect, action, answered and action in (DUNNO, ACCEPT))
-        if not answered:
-            raise ConnectionClosed('the MTA left before the verdict')
+            suspect, action = ScanSession(self.controller).handle(self)
+        finally:
+            self.stop_progress()
+        if suspect is not None:
+            self.logger.info('%s queueid=%s: milter verdict %s%s', suspect.id, suspect.queue_id,
+                             actioncode_to_string(action),
+                             '' if self.answered else ' (the MTA was gone)')
+
+    # -- the answers to the scan session (ProtocolHandler) ----------------------------
+    def make_suspect(self):
+        suspect = Suspect(self.sender or '', list(self.recipients),
+                          inbuffer=self.rebuild_message(), queue_id=self.queue_id(),
+                          clientinfo=self.clientinfo(), milter_macros=self.all_macros())
+        suspect.tags['incomingport'] = self.connector.port
+        return suspect
+
+    def before_scan(self, suspect):
+        return self.stage_verdict('eob', self.stage_plugins['eob'], (suspect,))
+
+    def commitback(self, suspect):
+        changes = MilterModifications(self.mode, self.actions, self.leading_space, self.headers,
+                                      self.body, self.rcpt_arguments)
+        packets = changes.packets(suspect)
+        for problem in changes.problems:
+            self.logger.error('%s: %s', self.peer_label(), problem)
+        return self.send_verdict(packets + [MILTER_CONTINUE])
+
+    def discard(self, text):
+        return self.send_verdict([milter_packet(SMFIR_DISCARD)])
+
+    def reject(self, text, status='5.7.1'):
+        return self.send_verdict([milter_reply_code(550, text, status)])
+
+    def defer(self, text, status='4.7.1'):
+        return self.send_verdict([milter_reply_code(MILTER_DEFER_CODE, text, status)])
 
     def send_verdict(self, packets):
         """Stop the keep-alives and send modifications + verdict in one write.
-        Returns False when the MTA is gone."""
+        Returns False (and remembers it in ``answered``) when the MTA is gone."""
         data = b''.join(packets)
         with self.send_lock:
             self.scanning = False
             try:
                 self.sock.sendall(data)
-                answered = True
+                self.answered = True
             except OSError:
-                answered = False
-        self.connector.progress.unwatch(self)
+                self.answered = False
         if self.debug:
             self.log_packets('>', data)
-        return answered
+        return self.answered
 
-    def build_suspect(self):
-        """The Suspect of the finished message, or None after refusing an envelope
-        that fails the address checks."""
-        config = self.config
-        sender = self.sender or ''
-        checker = config.get('main', 'address_compliance_checker')
-        maxsize = config.getint('main', 'address_compliance_checker_maxsize')
-        addresses = ([sender] if sender else []) + self.recipients
-        if not all(address_is_valid(address, checker, maxsize) for address in addresses):
-            action = config.get('main', 'address_compliance_fail_action').strip().lower()
-            text = config.get('main', 'address_compliance_fail_message')
-            self.logger.warning('%s: invalid envelope address in %s, action %s', self.label(), addresses, action)
-            if action == 'discard':
-                self.send(milter_packet(SMFIR_DISCARD))
-            else:
-                self.send(milter_reply_code(550 if action == 'reject' else 451, text))
-            return None
-        suspect = Suspect(sender, list(self.recipients), inbuffer=self.rebuild_message(),
-                          queue_id=self.queue_id(), clientinfo=self.clientinfo(), milter_macros=self.all_macros())
-        suspect.tags['incomingport'] = self.connector.port
-        self.logger.info('%s queueid=%s from=%s, nrec=%d, size=%d, client=%s', suspect.id, suspect.queue_id,
-                         sender or '<>', len(suspect.recipients), suspect.size, self.client_address or self.peer[0])
-        return suspect
+    def stop_progress(self):
+        with self.send_lock:
+            self.scanning = False
+        self.connector.progress.unwatch(self)
 
     def rebuild_message(self):
         """The message as the MTA has it: 'name:' + value per header (the value's
         leading space as received with HDR_LEADSPC, else the one space Postfix
         strips), CRLF line ends, a blank line, the body bytes as received."""
-        lines = [name + b':' + self.source_value(value) + CRLF for name, value in self.headers]
+        lines = [name + b':' + milter_source_value(value, self.leading_space) + CRLF
+                 for name, value in self.headers]
         lines.append(CRLF)
         lines.append(bytes(self.body))
         return b''.join(lines)
-
-    def source_value(self, value):
-        """Header value as received -> as it stands in the message source."""
-        if b'\n' in value:      # folded: the MTA separates the lines with LF
-            # (an LF not followed by a blank would start a header of its own in
-            # fuglu's copy only: it is folded)
-            value = re.sub(rb'\r?\n([ \t]?)', lambda match: b'\r\n' + (match.group(1) or b' '),
-                           value)
-        return value if self.leading_space else b' ' + value
-
-    def mta_value(self, value):
-        """Header value as in the message source -> as the MTA wants it."""
-        value = value.replace(b'\r\n', b'\n')
-        if self.leading_space:
-            return value if value[:1] in (b' ', b'\t') else b' ' + value
-        return value[1:] if value.startswith(b' ') else value
 
     def clientinfo(self):
         """(helo, ip, rdns) from CONNECT/HELO when the MTA is trusted to tell."""
@@ -7918,157 +8473,6 @@ class MilterSession(object):
         if not name or name.startswith('['):    # Postfix sends [ip] without a reverse name
             name = 'unknown'
         return self.helo or '', self.client_address, name
-
-    # -- verdict and modifications --------------------------------------------------
-    def verdict_packets(self, session, suspect, action, message):
-        if action in (DUNNO, ACCEPT):
-            return self.modification_packets(suspect) + [MILTER_CONTINUE]
-        text = session.reply_text(suspect, action, message)
-        if action == DELETE:
-            return [milter_packet(SMFIR_DISCARD)]
-        if action == REJECT:
-            return [milter_reply_code(550, text)]
-        return [milter_reply_code(450, text)]
-
-    def modification_packets(self, suspect):
-        """What to change in the MTA's copy, per milter_mode (spec 4.4.5), in the
-        order sender, recipients, headers, fuglu's headers, body (body replacement
-        must not be interleaved with other changes)."""
-        mode = self.mode
-        if mode.readonly:
-            return []
-        if mode.demo:
-            return self.demo_packets(suspect)
-        forced = set(mode.forced_parts)
-        if mode.tags:
-            wanted = force_uString(suspect.tags.get('milter_replace') or '').lower()
-            forced = set(MILTER_PART_ACTIONS) if 'all' in wanted else {p for p in MILTER_PART_ACTIONS if p in wanted}
-        auto = mode.auto_parts
-        packets = []
-        if 'from' in forced or ('from' in auto and suspect.orig_from_address_changed()):
-            self.modify(packets, SMFIF_CHGFROM, milter_packet(SMFIR_CHGFROM, milter_strings(
-                '<%s>' % suspect.from_address)), 'change the sender')
-        if 'to' in forced or ('to' in auto and suspect.orig_recipients_changed()):
-            self.recipient_packets(suspect, packets)
-        body_packets = []
-        if suspect.is_modified() or 'headers' in forced or 'body' in forced:
-            original_headers = [(name, self.source_value(value)) for name, value in self.headers]
-            header_block, body = split_message_source(suspect.get_source())
-            current_headers = parse_header_block(header_block)
-            if 'headers' in forced:
-                self.delete_headers(packets, original_headers)
-                self.add_headers(packets, current_headers)
-            elif 'headers' in auto and current_headers != original_headers:
-                self.header_diff_packets(packets, original_headers, current_headers)
-            if 'body' in forced or ('body' in auto and body != bytes(self.body)):
-                body_packets = self.body_packets(body)
-        added = []
-        for name, value in suspect.addheaders.items():
-            encoded = encode_header(name, value)
-            colon = encoded.index(b':')
-            added.append((encoded[:colon], encoded[colon + 1:-2]))
-        self.add_headers(packets, added)
-        for packet in body_packets:
-            self.modify(packets, SMFIF_CHGBODY, packet, 'replace the body')
-        return packets
-
-    def modify(self, packets, right, packet, what):
-        """Queue a change if its right was negotiated; else log (once per kind)."""
-        if self.actions & right:
-            packets.append(packet)
-        elif right not in self.missing_rights:
-            self.missing_rights.add(right)
-            self.logger.error('%s: cannot %s: %s was not negotiated with the MTA', self.label(), what,
-                              describe_milter_flags(right, SMFIF_NAMES))
-
-    def recipient_packets(self, suspect, packets):
-        """Delete the recipients that are gone, add the new ones (the same end result
-        as FuGlu's delete-all-then-add, without touching kept recipients)."""
-        original, current = suspect.original_recipients, suspect.recipients
-        for recipient in original:
-            if recipient not in current:
-                argument = self.rcpt_arguments.get(recipient, '<%s>' % recipient)
-                self.modify(packets, SMFIF_DELRCPT, milter_packet(SMFIR_DELRCPT, milter_strings(argument)),
-                            'delete a recipient')
-        for recipient in current:
-            if recipient not in original:
-                self.modify(packets, SMFIF_ADDRCPT, milter_packet(SMFIR_ADDRCPT, milter_strings(
-                    '<%s>' % recipient)), 'add a recipient')
-
-    def delete_headers(self, packets, headers):
-        """Delete every header listed, highest index first per name, so the indexes
-        of the ones still to delete never shift."""
-        counts, names = {}, {}
-        for name, _value in headers:
-            key = name.lower()
-            counts[key] = counts.get(key, 0) + 1
-            names.setdefault(key, name)
-        for key, count in counts.items():
-            for index in range(count, 0, -1):
-                self.modify(packets, SMFIF_CHGHDRS, encode_header_packet(SMFIR_CHGHEADER, names[key], b'', index),
-                            'delete a header')
-
-    def add_headers(self, packets, headers):
-        """ADDHEADER (bottom of the header block), or with the mode option prepend
-        INSHEADER at index 0 (on top, in the given order)."""
-        if self.mode.prepend:
-            for name, value in reversed(headers):
-                self.modify(packets, SMFIF_ADDHDRS, encode_header_packet(
-                    SMFIR_INSHEADER, name, self.mta_value(value), 0), 'insert a header')
-        else:
-            for name, value in headers:
-                self.modify(packets, SMFIF_ADDHDRS, encode_header_packet(
-                    SMFIR_ADDHEADER, name, self.mta_value(value)), 'add a header')
-
-    def header_diff_packets(self, packets, original, current):
-        """Per header name: change the values that differ (CHGHEADER index n), delete
-        the surplus originals (from the highest index down), add the new ones."""
-        def by_name(headers):
-            table = {}
-            for name, value in headers:
-                table.setdefault(name.lower(), (name, []))[1].append(value)
-            return table
-        before, after = by_name(original), by_name(current)
-        added = []
-        for key, (name, old_values) in before.items():
-            new_values = after.get(key, (name, []))[1]
-            for index in range(len(old_values), len(new_values), -1):
-                self.modify(packets, SMFIF_CHGHDRS, encode_header_packet(SMFIR_CHGHEADER, name, b'', index),
-                            'delete a header')
-            for index in range(min(len(old_values), len(new_values))):
-                if old_values[index] != new_values[index]:
-                    self.modify(packets, SMFIF_CHGHDRS, encode_header_packet(
-                        SMFIR_CHGHEADER, name, self.mta_value(new_values[index]), index + 1), 'change a header')
-            added.extend((name, value) for value in new_values[len(old_values):])
-        for key, (name, new_values) in after.items():
-            if key not in before:
-                added.extend((name, value) for value in new_values)
-        self.add_headers(packets, added)
-
-    def body_packets(self, body):
-        """REPLBODY chunks of at most 65535 bytes, CRLF line ends."""
-        body = re.sub(rb'(?<!\r)\n', b'\r\n', body)
-        chunks = [body[start:start + MILTER_CHUNK_SIZE] for start in range(0, len(body), MILTER_CHUNK_SIZE)]
-        return [milter_packet(SMFIR_REPLBODY, chunk) for chunk in chunks or [b'']]
-
-    def demo_packets(self, suspect):
-        """replace_demo: the whole message becomes a short notice."""
-        packets = []
-        original = [(name, self.source_value(value)) for name, value in self.headers]
-        self.delete_headers(packets, original)
-        notice = [(b'From', b' <%s>' % force_bString(suspect.from_address or 'MAILER-DAEMON')),
-                  (b'To', b' <%s>' % force_bString(suspect.to_address or 'undisclosed-recipients')),
-                  (b'Subject', b' fuglu milter replace_demo')]
-        self.add_headers(packets, notice)
-        body = ('This message was replaced by fuglu (milter_mode replace_demo).\r\nSuspect: %s\r\n'
-                % suspect.id).encode('ascii')
-        for packet in self.body_packets(body):
-            self.modify(packets, SMFIF_CHGBODY, packet, 'replace the body')
-        return packets
-
-
-MilterSession.HANDLERS = {command: getattr(MilterSession, 'on_' + name.lower())
-                          for command, name in SMFIC_NAMES.items()}
 
 
 class MilterConnector(Connector):
@@ -8082,7 +8486,8 @@ class MilterConnector(Connector):
 
     def __init__(self, controller, address, port):
         super().__init__(controller, address, port)
-        self.progress = MilterProgressWatch(controller.config.getint('milter', 'milter_progress_interval'))
+        self.progress = MilterProgressWatch(controller.config.getfloat('milter',
+                                                                       'milter_progress_interval'))
         self._loaded_for = None
         self._mplugins = []
         self._mode = None
@@ -8098,7 +8503,8 @@ class MilterConnector(Connector):
             if strict:
                 raise
             self.logger.error('mplugins failed to load, keeping the previous ones: %s', error)
-        self._mode = MilterMode(config, self.logger)
+        self._mode = MilterMode(config)
+        log_findings(self.logger, self._mode.findings)
         self._loaded_for = config
 
     def milter_plugins(self, strict=False):
@@ -8127,10 +8533,28 @@ CONNECTORS = {
 ###############################################################################
 
 class Backend(object):
-    """Runs connection handlers. Contract: ``start()``, ``submit(function, *args)``
-    (may block when saturated: that is the back-pressure on the accept loop),
-    ``stop()``, ``reconfigure(config)``, ``describe()`` -> str for the control socket,
-    ``worker_usage()`` -> (busy, running, most) workers for the metrics.
+    """Runs the connection handlers: the listeners hand every accepted connection to
+    ``submit``, and a worker runs ``Listener.run_session`` (which calls the connector's
+    ``handle``) for it. Registered by ``name`` in BACKENDS; [performance] backend picks
+    one.
+
+    Methods for the daemon (MainController):
+        __init__(config)
+        start()                  before the first submit
+        submit(function, *args)  run function(*args) in a worker; may block while all
+                                 workers are busy (the back-pressure on the accept loop)
+        reconfigure(config)      after a reload (SIGHUP)
+        stop()                   no new work; a connection still queued gets a temporary
+                                 failure (refuse_queued_connection), messages in flight
+                                 are given a grace period to finish
+        describe() -> str        the workers, for the control socket
+        worker_usage() -> (busy, running, most)   for the metrics
+
+    Methods that must be overridden: submit. May be overridden: start, stop,
+    reconfigure (call the base), describe, worker_usage.
+
+    Class attribute to override: name (the [performance] backend value).
+    Instance attribute: config.
     """
 
     name = None
@@ -8168,6 +8592,7 @@ class ThreadBackend(Backend):
     def __init__(self, config):
         super().__init__(config)
         self.lock = threading.Lock()
+        self.all_idle = threading.Condition(self.lock)   # notified when a task ends
         self.workers = {}          # thread -> state string
         self.idle = 0
         self.running = False
@@ -8213,8 +8638,8 @@ class ThreadBackend(Backend):
             except queue.Empty:
                 with self.lock:
                     busy = len(self.workers) - self.idle
-                    if len(self.workers) > self.minthreads and self.idle - 1 >= self.minfreethreads \
-                            and busy < len(self.workers):
+                    if len(self.workers) > self.minthreads and \
+                            self.idle - 1 >= self.minfreethreads and busy < len(self.workers):
                         self.idle -= 1
                         del self.workers[me]
                         return
@@ -8224,7 +8649,7 @@ class ThreadBackend(Backend):
             function, args = task
             with self.lock:
                 self.idle -= 1
-            self.workers[me] = 'processing'
+                self.workers[me] = 'processing'
             try:
                 function(*args)
             except Exception:
@@ -8232,7 +8657,8 @@ class ThreadBackend(Backend):
             finally:
                 with self.lock:
                     self.idle += 1
-                self.workers[me] = 'task completed'
+                    self.workers[me] = 'task completed'
+                    self.all_idle.notify_all()
         with self.lock:
             self.idle -= 1
             self.workers.pop(me, None)
@@ -8254,9 +8680,9 @@ class ThreadBackend(Backend):
                 break
         # let messages in flight finish (bounded): a session cut off after the
         # downstream accepted but before Postfix heard 250 would be delivered twice
-        deadline = time.time() + self.SHUTDOWN_GRACE
-        while time.time() < deadline and any(state == 'processing' for state in list(self.workers.values())):
-            time.sleep(0.05)
+        with self.lock:
+            self.all_idle.wait_for(lambda: 'processing' not in self.workers.values(),
+                                   self.SHUTDOWN_GRACE)
 
     SHUTDOWN_GRACE = 10
 
@@ -8403,7 +8829,8 @@ class Listener(object):
             self.controller.backend.submit(self.run_session, sock, peer)
             waited = (time.time() - started) * 1000
             if warn_ms and waited > warn_ms:
-                self.logger.warning('handing a connection to the workers took %d ms: all busy?', waited)
+                self.logger.warning('handing a connection to the workers took %d ms: all busy?',
+                                    waited)
 
     def run_session(self, sock, peer):
         try:
@@ -8444,7 +8871,7 @@ def unix_socket_answers(path):
 
 
 class ControlServer(object):
-    """The control socket (spec 7.1): one command per connection, a text reply.
+    """The control socket (FuGlu's): one command per connection, a text reply.
 
     ``__init__`` binds (before privileges are dropped; a unix socket is created with
     mode 0600 and given to the daemon user ``owner``), ``start()`` serves, ``stop()``
@@ -8463,7 +8890,8 @@ class ControlServer(object):
         if self.spec.isdigit():
             address = config.get('main', 'controladdress').strip() or '127.0.0.1'
             if not is_loopback_address(address) and not self.token:
-                raise ConfigProblem('controlport %s on %s needs controltoken' % (self.spec, address))
+                raise ConfigProblem('controlport %s on %s needs controltoken'
+                                    % (self.spec, address))
             family = socket.AF_INET6 if ':' in address else socket.AF_INET
             self.sock = socket.socket(family, socket.SOCK_STREAM)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -8718,15 +9146,33 @@ class MetricsServer(object):
 
         self.server = Server((address, port), Handler)
         self.address = '%s:%d' % (address, port)
-        self.thread = threading.Thread(target=self.server.serve_forever, name='metrics',
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.serve, name='metrics', daemon=True)
 
     def start(self):
         self.thread.start()
 
+    def serve(self):
+        """socketserver's request handling with an accept loop of our own: stop() ends
+        it at once, as a Listener's (serve_forever would notice within half a second)."""
+        server = self.server
+        while True:
+            try:
+                request, client = server.get_request()
+            except OSError:     # stop()
+                return
+            try:
+                server.process_request(request, client)
+            except Exception:   # as serve_forever: the next request is served all the same
+                server.handle_error(request, client)
+                server.shutdown_request(request)
+
     def stop(self):
+        try:
+            self.server.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         if self.thread.is_alive():
-            self.server.shutdown()
+            self.thread.join(5)
         self.server.server_close()
 
 
@@ -8933,8 +9379,8 @@ def preload_modules(account):
     return loaded
 
 
-class AlreadyRunning(Exception):
-    pass
+class AlreadyRunning(FugluError):
+    """The pid file names a fuglu that is still running."""
 
 
 class PidFile(object):
@@ -9235,7 +9681,8 @@ class MainController(object):
         self.owner = None
         self.stayalive = True
         self.trusted_networks = None
-        self.smtp_sessions = set()   # SMTP sessions, so shutdown can wake those waiting for a command
+        # SMTP sessions, so shutdown can wake those waiting for a command
+        self.smtp_sessions = set()
         self.downstream_pool = DownstreamPool()
         self.client_sessions = ClientSessions(self)
         self._apply_trusted(config)
@@ -9280,10 +9727,8 @@ class MainController(object):
         config = self.config
         self.owner = owner
         self.bound = True
+        raise_errors(check_listeners(config))
         for protocol, address, port in self.listen_specs():
-            if protocol not in CONNECTORS:
-                raise ConfigProblem('%s: unknown protocol %r (available: %s)' % (
-                    config.where('main', 'incomingport'), protocol, ', '.join(sorted(CONNECTORS))))
             self.bind_listener(protocol, address, port)
         for directory, home in shared_homes_needed(config):
             prepare_shared_home(directory, home, owner)
@@ -9317,11 +9762,10 @@ class MainController(object):
                          [str(p) for p in self.plugins], [str(p) for p in self.prependers],
                          [str(p) for p in self.appenders])
         self.logger.info(runtime_config_summary(config))
-        self.log_findings(startup_findings(config, self.plugins + self.prependers + self.appenders))
+        log_findings(self.logger, startup_findings(config, self.plugins + self.prependers +
+                                                   self.appenders))
+        raise_errors(check_backend(config))
         backend_name = config.get('performance', 'backend').strip().lower()
-        if backend_name not in BACKENDS:
-            raise ConfigProblem('unknown backend %r (available: %s)' % (backend_name,
-                                                                        ', '.join(BACKENDS)))
         self.backend = BACKENDS[backend_name](config)
         self.backend.start()
         if backend_name == 'thread':
@@ -9358,12 +9802,6 @@ class MainController(object):
             return
         self.mrtg = MrtgWriter(self, directory)
         self.mrtg.start()
-
-    def log_findings(self, findings):
-        for level, text in findings:
-            self.logger.log({'error': logging.ERROR, 'warning': logging.WARNING}.get(level,
-                                                                                     logging.INFO),
-                            text)
 
     def run(self):
         while self.stayalive:
@@ -9449,7 +9887,9 @@ def is_loopback_address(address):
         return False
 
 
-class StartupFailed(Exception):
+class StartupFailed(FugluError):
+    """Start-up cannot go on; ``status`` is the exit status for the command line."""
+
     def __init__(self, message, status=1):
         super().__init__(message)
         self.message, self.status = message, status
@@ -9466,9 +9906,10 @@ def start_daemon(config, config_path, configdir, logconfig, foreground, baselogl
         except ConfigProblem as error:
             raise StartupFailed(str(error))
     owner = account.owner if account is not None and account.uid != 0 else None
-    for level, text in check_ports(config):
-        if level == 'error':
-            raise StartupFailed(text)
+    try:
+        raise_errors(check_ports(config) + check_listeners(config) + check_backend(config))
+    except ConfigProblem as error:
+        raise StartupFailed(str(error))
     pid = controller = None
     try:
         if pidfile:
@@ -9519,19 +9960,26 @@ def serve_until_stopped(controller, pid=None, on_ready=None):
     logger = logging.getLogger('fuglu.main')
     stop_requested = threading.Event()
     reload_requested = threading.Event()
+    woken = threading.Event()   # either request: the loop acts at once, not at its next tick
 
     def on_term(signum, frame):
         stop_requested.set()
+        woken.set()
+
+    def on_hup(signum, frame):
+        reload_requested.set()
+        woken.set()
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     if hasattr(signal, 'SIGHUP'):
-        signal.signal(signal.SIGHUP, lambda signum, frame: reload_requested.set())
+        signal.signal(signal.SIGHUP, on_hup)
     if on_ready is not None:
         on_ready()
     status = 0
     try:
         while controller.stayalive and not stop_requested.is_set():
-            stop_requested.wait(0.2)
+            woken.wait(0.2)
+            woken.clear()
             controller.downstream_pool.purge()
             if reload_requested.is_set():
                 reload_requested.clear()
@@ -9672,9 +10120,9 @@ def check_path(path, kind, user):
 
 
 def check_paths(config, section, table):
-    """Paths declared in an option table (spec key 'path'): files and directories
-    fuglu reads must exist and be readable (a default path may be missing: the spec's
-    'missing' text says what happens then), directories fuglu writes to must exist
+    """Paths declared in an option table (key 'path' of an option): files and
+    directories fuglu reads must exist and be readable (a default path may be missing:
+    the option's 'missing' text says what happens then), directories fuglu writes to must exist
     and be writable. Checked as the running user: lint runs this as main.user."""
     findings = []
     user = current_user_name()
@@ -9767,21 +10215,53 @@ def _port_problem(value, allow_empty=False):
     return None
 
 
-def check_ports(config):
-    """Every port value: incomingport entries, outgoingport, bounceport, a TCP
-    controlport (and its address), metrics_listen."""
+def check_listeners(config):
+    """The incomingport entries: each parses and names a connector (errors), and what
+    listens where (notes)."""
     findings = []
     bindaddress = config.get('main', 'bindaddress').strip()
+    where = config.where('main', 'incomingport')
+    milter = False
     for entry in parse_list(config.get('main', 'incomingport')):
         try:
-            protocol, _address, _port = parse_incomingport(entry, bindaddress)
+            protocol, address, port = parse_incomingport(entry, bindaddress)
         except ValueError as error:
-            findings.append(('error', '%s: %s' % (config.where('main', 'incomingport'), error)))
+            findings.append(('error', '%s: %s' % (where, error)))
             continue
         if protocol not in CONNECTORS:
-            findings.append(('error', '%s: unknown protocol %r in %r (available: %s)' % (
-                config.where('main',
-                             'incomingport'), protocol, entry, ', '.join(sorted(CONNECTORS)))))
+            findings.append(('error', '%s: unknown protocol %r in %r (available: %s)'
+                             % (where, protocol, entry, ', '.join(sorted(CONNECTORS)))))
+            continue
+        milter = milter or protocol == 'milter'
+        findings.append(('note', 'listener %s on %s:%d' % (protocol, address, port)))
+    if milter:
+        findings.append(('note', 'advice: a milter connection holds a worker thread for its '
+                                 'whole SMTP session; keep [performance] maxthreads (now %s) at '
+                                 'least at Postfix\'s smtpd process limit'
+                         % config.get('performance', 'maxthreads')))
+    return findings
+
+
+def check_backend(config):
+    """[performance] backend names a backend."""
+    name = config.get('performance', 'backend').strip().lower()
+    if name in BACKENDS:
+        return []
+    return [('error', '%s: unknown backend %r (available: %s)' % (
+        config.where('performance', 'backend'), name, ', '.join(sorted(BACKENDS))))]
+
+
+def raise_errors(findings):
+    """ConfigProblem with the first error among ``findings``, if any (start-up)."""
+    for level, text in findings:
+        if level == 'error':
+            raise ConfigProblem(text)
+
+
+def check_ports(config):
+    """Every port value but the listeners' (check_listeners): outgoingport,
+    bounceport, a TCP controlport (and its address), metrics_listen."""
+    findings = []
     for option, allow_empty in (('outgoingport', False), ('bounceport', True)):
         problem = _port_problem(config.get('main', option), allow_empty)
         if problem:
@@ -9970,9 +10450,10 @@ class Lint(object):
         config = self.config
         self.say('Fuglu %s' % __version__)
         self.say('---------- LINT MODE ----------')
-        self.say('Checking the service account and ports...')
+        self.say('Checking the service account, ports, listeners and backend...')
         errors = self.report(check_service_user(config) + check_ports(config) +
-                             check_listen_free(config))
+                             check_listeners(config) + check_listen_free(config) +
+                             check_backend(config))
         account = None
         if os.geteuid() == 0:
             try:
@@ -10026,32 +10507,37 @@ class Lint(object):
         return errors + 1
 
     def run_checks(self, errors):
-        config = self.config
+        """The checks that run as the daemon user; returns ``errors`` plus their errors."""
+        self.describe_environment()
+        plugins, failed = self.load_plugins()
+        errors += failed + self.lint_main_config()
+        self.say('Linting runtime configuration [databaseconfig]')
+        runtime_errors = lint_runtime_config(self.config, self.say)
+        if runtime_errors:
+            self.say('ERROR', 'red')
+        errors += runtime_errors + self.lint_plugins(plugins)
+        self.say('Checking the downstream, logging and fuglu\'s own files...')
+        errors += self.report(check_downstream(self.config) +
+                              check_logging(self.config, self.logconfig) +
+                              check_program_readable() + check_python_readable())
+        self.say('Lint status: %s' % ('OK' if errors == 0 else 'FAIL'),
+                 'green' if errors == 0 else 'red')
+        return errors
+
+    def describe_environment(self):
+        """Which optional modules are there, and what they add."""
         self.say('Checking dependencies...')
         for module, description in OPTIONAL_DEPENDENCIES:
             if module_available(module):
                 self.say('%s: installed' % description, 'green')
             else:
                 self.say('%s: not installed (optional)' % description, 'yellow')
-
-        backend = config.get('performance', 'backend').strip().lower()
-        if backend not in BACKENDS:
-            self.say('unknown backend %r (available: %s)' % (backend, ', '.join(BACKENDS)), 'red')
-            errors += 1
-        bindaddress = config.get('main', 'bindaddress').strip()
-        for entry in parse_list(config.get('main', 'incomingport')):
-            try:
-                protocol, address, port = parse_incomingport(entry, bindaddress)
-            except ValueError:
-                continue   # reported with the ports
-            if protocol in CONNECTORS:
-                self.say('listener %s on %s:%d' % (protocol, address, port))
-
         self.say('Loading extensions...')
         self.say('file type detection: %s' % ('python-magic' if module_available('magic')
                                                else 'built-in signature table'))
-        self.say('archives: zip, tar, gz, bz2, xz%s%s' % (', rar' if module_available('rarfile') else '',
-                                                         ', 7z' if module_available('py7zr') else ''))
+        self.say('archives: zip, tar, gz, bz2, xz%s%s' % (
+            ', rar' if module_available('rarfile') else '',
+            ', 7z' if module_available('py7zr') else ''))
         sqlalchemy = import_sqlalchemy() if module_available('sqlalchemy') else None
         if sqlalchemy is not None:
             drivers = [name for name in ('psycopg2', 'psycopg', 'pymysql', 'MySQLdb')
@@ -10060,17 +10546,24 @@ class Lint(object):
                 sqlalchemy.__version__, ''.join(', ' + name for name in drivers)))
         else:
             self.say('SQL databases: sqlite:///path only (standard library sqlite3)')
+
+    def load_plugins(self):
+        """({plugin list option: plugins}, errors)."""
         self.say('Loading plugins...')
         plugins = {}
         try:
-            add_plugin_dirs(config)
+            add_plugin_dirs(self.config)
             for option in PLUGIN_LIST_OPTIONS:
-                plugins[option] = load_plugins(config, option)
+                plugins[option] = load_plugins(self.config, option)
             self.say('Plugin loading complete')
         except PluginLoadError as error:
             self.say('At least one plugin failed to load: %s' % error, 'red')
-            errors += 1
+            return plugins, 1
+        return plugins, 0
 
+    def lint_main_config(self):
+        """The core's options: 1 when any has an error, else 0."""
+        config = self.config
         self.say('Linting main configuration')
         main_errors = []
         findings = []
@@ -10079,21 +10572,20 @@ class Lint(object):
                 main_errors += check_options(config, section, table)
             findings += check_inert_options(config, section, table)
             findings += check_paths(config, section, table)
+        findings += check_milter_mode(config)
         for section in CORE_DEFAULTS:
-            if section not in ('PluginAlias', 'databaseconfig', 'environment') and not config.has_section(section):
-                self.say('section [%s] not in the config file: all values default' % section, 'yellow')
+            if section not in ('PluginAlias', 'databaseconfig', 'environment') and \
+                    not config.has_section(section):
+                self.say('section [%s] not in the config file: all values default' % section,
+                         'yellow')
         for error in main_errors:
             self.say(error, 'red')
         failed = bool(main_errors) | bool(self.report(findings))
         self.say('ERROR' if failed else 'OK', 'red' if failed else 'green')
-        errors += 1 if failed else 0
+        return 1 if failed else 0
 
-        self.say('Linting runtime configuration [databaseconfig]')
-        runtime_errors = lint_runtime_config(config, self.say)
-        if runtime_errors:
-            self.say('ERROR', 'red')
-        errors += runtime_errors
-
+    def lint_plugins(self, plugins):
+        """Each plugin's own lint(); returns the number that failed."""
         failed = 0
         for option in PLUGIN_LIST_OPTIONS:
             for plugin in plugins.get(option, []):
@@ -10106,18 +10598,7 @@ class Lint(object):
                 self.say('OK' if ok else 'ERROR', 'green' if ok else 'red')
                 failed += 0 if ok else 1
         self.say('%d plugins reported errors.' % failed, 'red' if failed else None)
-        errors += failed
-
-        if any(entry.strip().lower().startswith('milter:') for entry in parse_list(config.get('main', 'incomingport'))):
-            self.say('advice: a milter connection holds a worker thread for its whole SMTP session; keep '
-                     '[performance] maxthreads (now %s) at least at Postfix\'s smtpd process limit'
-                     % config.get('performance', 'maxthreads'), 'yellow')
-
-        self.say('Checking the downstream, logging and fuglu\'s own files...')
-        errors += self.report(check_downstream(config) + check_logging(config, self.logconfig) +
-                              check_program_readable() + check_python_readable())
-        self.say('Lint status: %s' % ('OK' if errors == 0 else 'FAIL'), 'green' if errors == 0 else 'red')
-        return errors
+        return failed
 
 
 class FunkyConsole(object):
@@ -10263,7 +10744,7 @@ UNAVAILABLE_EXTENSIONS = {
 }
 
 
-class NotInThisBuild(ImportError):
+class NotInThisBuild(FugluError, ImportError):
     """A module of FuGlu that this build does not have."""
 
 
@@ -10366,26 +10847,27 @@ def parse_args(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog='commands (fuglu COMMAND --help for each):\n%s' % commands)
     parser.add_argument('--version', action='version', version=__version__)
-    parser.add_argument('--lint', action='store_true', help='check configuration and plugins, then exit')
-    parser.add_argument('-c', '--config', help='main config file (default %s)' % DEFAULT_CONFIG_PATH)
-    parser.add_argument('--configdir', help='conf.d directory (default: conf.d beside the config file, '
-                                            'only for the default config)')
+    parser.add_argument('--lint', action='store_true', help='check configuration and plugins, '
+                                                            'then exit')
+    parser.add_argument('-c', '--config',
+                        help='main config file (default %s)' % DEFAULT_CONFIG_PATH)
+    parser.add_argument('--configdir', help='conf.d directory (default: conf.d beside the config '
+                                            'file, only for the default config)')
     parser.add_argument('-f', '--foreground', action='store_true',
                         help='do not daemonize, log to stderr (privileges are dropped all the '
                              'same)')
     parser.add_argument('--pidfile',
                         help='pid file (default when daemonized: %s; in the foreground: none)'
                                           % DEFAULT_PIDFILE)
-    parser.add_argument('--logconfig', help='logging configuration file (logging.fileConfig format)')
-    parser.add_argument('--baseloglevel', default='INFO', choices=['DEBUG', 'INFO', 'WARNING', 'ERROR'],
+    parser.add_argument('--logconfig', help='logging configuration file '
+                                            '(logging.fileConfig format)')
+    parser.add_argument('--baseloglevel', default='INFO',
+                        choices=['DEBUG', 'INFO', 'WARNING', 'ERROR'],
                         help='log level of the foreground log')
     parser.add_argument('--dump-defaults', action='store_true',
                         help='print the complete default configuration with descriptions')
     return parser.parse_args(argv)
 
-
-# Extra commands: `fuglu <command> [args]` runs COMMANDS[command](args) -> exit code.
-COMMANDS = {}
 
 # `fuglu client` exit codes per verdict (FuGlu's fuglu_client -e); anything else is 1
 CLIENT_EXIT_CODES = {'DUNNO': 0, 'DISCARD': 2, 'REJECT': 3, 'DEFER': 4}
@@ -10431,16 +10913,21 @@ def command_client(argv):
     """send a message to a running netcat connector and print the verdict (FuGlu's fuglu_client)"""
     import argparse
     parser = argparse.ArgumentParser(
-        prog='fuglu client', description='Send a message to a netcat connector, print the verdict. Exit code: '
-                                         'DUNNO 0, DISCARD 2, REJECT 3, DEFER 4, any problem 1.')
+        prog='fuglu client', description='Send a message to a netcat connector, print the verdict. '
+                                         'Exit code: DUNNO 0, DISCARD 2, REJECT 3, DEFER 4, any '
+                                         'problem 1.')
     parser.add_argument('--host', default='127.0.0.1', help='connector host (default %(default)s)')
-    parser.add_argument('-p', '--port', type=int, default=20099, help='connector port (default %(default)s)')
+    parser.add_argument('-p', '--port', type=int, default=20099, help='connector port (default '
+                                                                      '%(default)s)')
     parser.add_argument('-s', '--sender', help='envelope sender ("<>" for the null sender)')
-    parser.add_argument('-r', '--recipient', action='append', default=[], help='envelope recipient (repeatable)')
+    parser.add_argument('-r', '--recipient', action='append', default=[],
+                        help='envelope recipient (repeatable)')
     parser.add_argument('-i', '--input', default='-', help='message file (default: standard input)')
     parser.add_argument('-o', '--output', action='store_true',
-                        help='write the scanned message to standard output (the verdict goes to standard error)')
-    parser.add_argument('-t', '--timeout', type=float, default=300, help='seconds to wait (default %(default)s)')
+                        help='write the scanned message to standard output (the verdict goes to '
+                             'standard error)')
+    parser.add_argument('-t', '--timeout', type=float, default=300,
+                        help='seconds to wait (default %(default)s)')
     args = parser.parse_args(argv)
     try:
         if args.input == '-':
@@ -10475,11 +10962,12 @@ def command_client(argv):
         else:
             print(status)
     else:
-        print('%s: %s' % (status, rest.decode('utf-8', 'replace')), file=sys.stderr if args.output else sys.stdout)
+        print('%s: %s' % (status, rest.decode('utf-8', 'replace')),
+              file=sys.stderr if args.output else sys.stdout)
     return CLIENT_EXIT_CODES[status]
 
 
-# Health probes (spec 4.5): each returns (healthy, what was seen)
+# Health probes (FuGlu's HCHK and X-HEALTHCHECK): each returns (healthy, what was seen)
 
 def probe_smtp(host, port, timeout):
     with socket.create_connection((host, port), timeout=timeout) as sock:
@@ -10493,7 +10981,8 @@ def probe_smtp(host, port, timeout):
 
 
 def probe_netcat(host, port, timeout):
-    answer = netcat_exchange(host, port, envelope_block([('X-HEALTHCHECK', 'true')]), timeout).strip()
+    answer = netcat_exchange(host, port, envelope_block([('X-HEALTHCHECK', 'true')]),
+                             timeout).strip()
     return answer == NETCAT_HEALTHY, 'answer %r' % answer[:80]
 
 
@@ -10508,7 +10997,8 @@ def probe_milter(host, port, timeout):
     return answer[4:5] == b'O', 'answer %r' % answer[:40]
 
 
-HEALTH_PROBES = {'smtp': probe_smtp, 'esmtp': probe_smtp, 'netcat': probe_netcat, 'milter': probe_milter}
+HEALTH_PROBES = {'smtp': probe_smtp, 'esmtp': probe_smtp, 'netcat': probe_netcat,
+                 'milter': probe_milter}
 
 
 # `fuglu healthcheck --deep` exit codes, those of monitoring plugins (Nagios, Icinga)
@@ -10564,7 +11054,8 @@ def command_healthcheck(argv):
                         help='check everything the configuration uses')
     parser.add_argument('-c', '--config',
                         help='config file for --deep (default %s)' % DEFAULT_CONFIG_PATH)
-    parser.add_argument('-t', '--timeout', type=float, default=5, help='seconds (default %(default)s)')
+    parser.add_argument('-t', '--timeout', type=float, default=5,
+                        help='seconds (default %(default)s)')
     args = parser.parse_args(argv)
     if args.deep:
         logging.basicConfig(level=logging.CRITICAL)
@@ -10803,7 +11294,7 @@ def command_scan(argv):
         print('  %s: %s' % (header_name, one_line(value, 300)))
     if args.output:
         sys.stdout.flush()
-        sys.stdout.buffer.write(NetcatConnector.output_message(suspect))
+        sys.stdout.buffer.write(NetcatSession.output_message(suspect))
     return CLIENT_EXIT_CODES.get({'DELETE': 'DISCARD', 'ACCEPT': 'DUNNO'}.get(name, name), 1)
 
 
@@ -10897,13 +11388,16 @@ def command_samples(argv):
     return 0
 
 
-COMMANDS['client'] = command_client
-COMMANDS['healthcheck'] = command_healthcheck
-COMMANDS['control'] = command_control
-COMMANDS['suspectfilter'] = command_suspectfilter
-COMMANDS['scan'] = command_scan
-COMMANDS['conf'] = command_conf
-COMMANDS['samples'] = command_samples
+# Extra commands: `fuglu <command> [args]` runs COMMANDS[command](args) -> exit code.
+COMMANDS = {
+    'client': command_client,
+    'healthcheck': command_healthcheck,
+    'control': command_control,
+    'suspectfilter': command_suspectfilter,
+    'scan': command_scan,
+    'conf': command_conf,
+    'samples': command_samples,
+}
 
 
 def main(argv=None):
@@ -10943,7 +11437,8 @@ def main(argv=None):
     logger = logging.getLogger('fuglu.main')
     if embedded:
         logger.info('no config file at %s: running on the embedded default (after-queue smtp on '
-                    '127.0.0.1:10025, re-injection to 127.0.0.1:10026, no plugins)', DEFAULT_CONFIG_PATH)
+                    '127.0.0.1:10025, re-injection to 127.0.0.1:10026, no '
+                    'plugins)', DEFAULT_CONFIG_PATH)
     pidfile = args.pidfile
     if pidfile is None and not foreground:
         pidfile = DEFAULT_PIDFILE

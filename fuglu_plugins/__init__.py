@@ -1,1 +1,2 @@
-"""fuglu's bundled plugins (loaded by alias: archive, attachment, clamav, spamassassin, debug, skip)."""
+"""fuglu's bundled plugins (loaded by alias: archive, attachment, clamav, spamassassin, debug,
+skip)."""

@@ -1,5 +1,4 @@
-"""Archive: FuGlu's ArchivePlugin (alias ``archive``, section ``[ArchivePlugin]``),
-spec section 6.2.
+"""Archive: FuGlu's ArchivePlugin (alias ``archive``, section ``[ArchivePlugin]``).
 
 Keeps a copy of the messages that the rules in ``archiverules`` select, as files under
 ``local_archivedir``. Works as a scanner (returns ``problemaction`` when a copy was
@@ -35,6 +34,10 @@ UNSAFE_COMPONENT_RE = re.compile(r'[/\\\x00-\x1f\x7f]')
 
 # bytes of one path component at most (file systems allow 255)
 COMPONENT_MAX_BYTES = 200
+# directories are opened never through a link (0 where the platform lacks a flag)
+O_DIRECTORY = getattr(os, 'O_DIRECTORY', 0)
+O_NOFOLLOW = getattr(os, 'O_NOFOLLOW', 0)
+O_CLOEXEC = getattr(os, 'O_CLOEXEC', 0)
 
 
 def safe_component(text):
@@ -55,7 +58,7 @@ class ArchiveError(Exception):
 
 
 class ArchivePlugin(ScannerPlugin, AppenderPlugin):
-    """Copies selected messages into an archive directory (spec 6.2)."""
+    """Copies selected messages into an archive directory."""
 
     friendly_name = 'Archive'
     # FuGlu's other archive backends: accepted in a config, not available here
@@ -63,18 +66,22 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
 
     requiredvars = {
         'archiverules': {'default': '${confdir}/archive.regex',
-                         'description': 'rule file (SuspectFilter); the first matching rule decides: argument '
+                         'description': 'rule file (SuspectFilter); the first matching rule '
+                                        'decides: argument '
                                         '"no" = do not archive, "yes" (or no argument) = archive',
                          'path': 'file', 'missing': 'nothing is archived'},
-        'archivebackends': {'default': 'localdir', 'description': 'where copies go; this build: localdir'},
-        'multibackend': {'default': 'False', 'description': 'write to every backend (else: stop after the '
-                                                            'first one that worked)'},
-        'fugluid_headername': {'default': '', 'description': 'take the archive id from this header (the id an '
-                                                             'upstream fuglu gave the message)'},
-        'fugluid_headername_skipmissing': {'default': 'True', 'description': 'do not archive when that header '
-                                                                             'is missing or not a fuglu id'},
-        'problemaction': {'default': 'DEFER', 'description': 'scanner result when archiving was wanted and '
-                                                             'failed'},
+        'archivebackends': {'default': 'localdir', 'description': 'where copies go; this build: '
+                                                                  'localdir'},
+        'multibackend': {'default': 'False', 'description': 'write to every backend (else: stop '
+                                                            'after the first one that worked)'},
+        'fugluid_headername': {'default': '', 'description': 'take the archive id from this header '
+                                                             '(the id an upstream fuglu gave the '
+                                                             'message)'},
+        'fugluid_headername_skipmissing': {'default': 'True',
+                                           'description': 'do not archive when that header '
+                                                          'is missing or not a fuglu id'},
+        'problemaction': {'default': 'DEFER', 'description': 'scanner result when archiving was '
+                                                             'wanted and failed'},
         'local_archivedir': {'default': '/tmp',
                              'description': 'root directory of the archive (must exist). A '
                                             'directory anybody may write to (/tmp) is not used as '
@@ -83,13 +90,18 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
                                             'directory there',
                              'path': 'writedir', 'home': 'archive'},
         'local_subdirtemplate': {'default': '${to_domain}/${to_localpart}/${date}',
-                                 'description': 'directory below local_archivedir (template; each /-separated '
-                                                'component is filled and cleaned separately)'},
-        'local_filenametemplate': {'default': '${archiveid}.eml', 'description': 'file name (template)'},
-        'local_useoriginal': {'default': 'True', 'description': 'archive the message as received (False: with '
-                                                                'the changes of earlier plugins)'},
-        'local_chmod': {'default': '', 'description': 'octal mode of the archived file (default 0600)'},
-        'local_chown': {'default': '', 'description': 'owner (user name or uid) of the archived file'},
+                                 'description': 'directory below local_archivedir (template; each '
+                                                '/-separated component is filled and cleaned '
+                                                'separately)'},
+        'local_filenametemplate': {'default': '${archiveid}.eml',
+                                   'description': 'file name (template)'},
+        'local_useoriginal': {'default': 'True', 'description': 'archive the message as received '
+                                                                '(False: with the changes of '
+                                                                'earlier plugins)'},
+        'local_chmod': {'default': '', 'description': 'octal mode of the archived file '
+                                                      '(default 0600)'},
+        'local_chown': {'default': '', 'description': 'owner (user name or uid) of the '
+                                                      'archived file'},
         'local_chgrp': {'default': '', 'description': 'group (name or gid) of the archived file'},
     }
 
@@ -204,7 +216,7 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
         root = self.archive_root()
         if root == configured:   # the admin's directory (a link to it is fine)
             try:
-                return root, os.open(root, os.O_RDONLY | fuglu.O_DIRECTORY | fuglu.O_CLOEXEC)
+                return root, os.open(root, os.O_RDONLY | O_DIRECTORY | O_CLOEXEC)
             except FileNotFoundError:
                 raise ArchiveError('local_archivedir %s does not exist' % root)
         if not fuglu.STARTED_AS_ROOT:
@@ -215,7 +227,7 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
     def open_subdirectory(dir_fd, name, where):
         """``name`` below the open directory ``dir_fd`` (created 0755 when missing),
         never through a link."""
-        flags = os.O_RDONLY | fuglu.O_DIRECTORY | fuglu.O_NOFOLLOW | fuglu.O_CLOEXEC
+        flags = os.O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC
         try:
             try:
                 return os.open(name, flags, dir_fd=dir_fd)
@@ -242,7 +254,8 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
         if self.config.getboolean(section, 'local_useoriginal'):
             data = suspect.get_original_source()
         else:
-            data = suspect.get_output_source() if hasattr(suspect, 'get_output_source') else suspect.get_source()
+            data = (suspect.get_output_source() if hasattr(suspect, 'get_output_source')
+                    else suspect.get_source())
         mode, uid, gid = self.file_attributes()
         root, dir_fd = self.open_root()
         where = root

@@ -1,5 +1,5 @@
 """Attachment Blocker: FuGlu's FiletypePlugin (alias ``attachment``, section
-``[FiletypePlugin]``), spec section 6.3.
+``[FiletypePlugin]``).
 
 Every attachment of a message is checked against rule files in ``rulesdir``:
 
@@ -228,7 +228,8 @@ def content_type_of(head):
 
 def type_detection_name():
     if _magic_module is not None:
-        return 'python-magic (libmagic)' if hasattr(_magic_module, 'from_buffer') else 'file-magic (libmagic)'
+        return ('python-magic (libmagic)' if hasattr(_magic_module, 'from_buffer')
+                else 'file-magic (libmagic)')
     return 'built-in signature table (python-magic not installed)'
 
 
@@ -1106,7 +1107,8 @@ ARCHIVE_KIND_BY_TYPE = {
 STDLIB_ARCHIVE_KINDS = ('zip', 'tar', 'gz', 'bz2', 'xz')
 ARCHIVE_KIND_ALIASES = {'tgz': 'gz', 'tbz': 'bz2', 'tbz2': 'bz2', 'txz': 'xz', 'gzip': 'gz',
                         'bzip2': 'bz2', 'z': 'gz', 'sevenzip': '7z'}
-COMPRESSED_SUFFIXES = {'gz': ('.gz', '.tgz', '.z'), 'bz2': ('.bz2', '.tbz', '.tbz2'), 'xz': ('.xz', '.txz')}
+COMPRESSED_SUFFIXES = {'gz': ('.gz', '.tgz', '.z'), 'bz2': ('.bz2', '.tbz', '.tbz2'),
+                       'xz': ('.xz', '.txz')}
 
 # Hard ceiling of archive nesting when archiveextractlevel is negative ("unlimited").
 UNLIMITED_NESTING = 16
@@ -1157,7 +1159,8 @@ class ExtractionBudget(object):
             raise ArchiveLimitExceeded('more than %d archive members' % self.max_members)
 
     def check_ratio(self, inflated, compressed):
-        if self.max_ratio and inflated > RATIO_MIN_BYTES and inflated > self.max_ratio * max(compressed, 1):
+        if (self.max_ratio and inflated > RATIO_MIN_BYTES and inflated > self.max_ratio
+            * max(compressed, 1)):
             raise ArchiveLimitExceeded('compression ratio above %d:1' % self.max_ratio)
 
 
@@ -1246,11 +1249,13 @@ def _zip_entry_count(data):
 def read_zip(data, want_head, want_content, budget, passwords):
     import zipfile
     announced = _zip_entry_count(data)
-    if announced is not None and budget.max_members and budget.members + announced > budget.max_members:
+    if (announced is not None and budget.max_members and budget.members
+        + announced > budget.max_members):
         raise ArchiveLimitExceeded('%d members announced' % announced)
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError) as error:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError,
+            NotImplementedError) as error:
         raise ArchiveUnreadable('zip: %s' % error)
     with archive:
         infos = [info for info in archive.infolist() if not info.is_dir()]
@@ -1303,7 +1308,8 @@ def _read_tar(stream, want_head, want_content, budget):
                 member = Member(entry.name, entry.size)
                 members.append(member)
                 if want_head:
-                    read_member(archive.extractfile(entry), member, want_content, budget, charge=False)
+                    read_member(archive.extractfile(entry), member, want_content, budget,
+                                charge=False)
     except ArchiveLimitExceeded:
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as error:
@@ -1349,7 +1355,8 @@ def read_compressed(kind, data, name, want_head, want_content, budget, passwords
         return [member]
     except ArchiveLimitExceeded:
         raise
-    except (OSError, EOFError, ValueError, zlib.error) as error:  # not really compressed, or corrupt
+    # not really compressed, or corrupt
+    except (OSError, EOFError, ValueError, zlib.error) as error:
         raise ArchiveUnreadable('%s: %s' % (kind, error))
 
 
@@ -1364,7 +1371,8 @@ def _read_on_while_suspicious(stream, raw, budget):
     ordinary file stops here at once, and no file is read past 2 MB for this."""
     if not budget.max_ratio:
         return
-    while stream.produced <= 2 * RATIO_MIN_BYTES and stream.produced > SUSPICIOUS_RATIO * max(raw.tell(), 1):
+    while (stream.produced <= 2 * RATIO_MIN_BYTES and stream.produced > SUSPICIOUS_RATIO
+           * max(raw.tell(), 1)):
         if not stream.read(READ_CHUNK):
             break
 
@@ -1436,7 +1444,8 @@ def read_rar(data, want_head, want_content, budget, passwords):
         except ArchiveLimitExceeded:
             raise
         except Exception as error:
-            logging.getLogger('fuglu.plugin.FiletypePlugin').debug('rar member %s: %s', info.filename, error)
+            logging.getLogger('fuglu.plugin.FiletypePlugin').debug('rar member %s: %s',
+                                                                   info.filename, error)
     return members
 
 
@@ -1569,7 +1578,8 @@ class RuleFileCache(object):
         if kind not in self._bundled:
             data = read_bundled_conf('rules/default-%s.conf' % kind)
             text = data.decode('utf-8', 'replace') if data else ''
-            self._bundled[kind] = parse_attachment_rules(text, 'bundled default-%s.conf' % kind, self.logger)[0]
+            self._bundled[kind] = parse_attachment_rules(text, 'bundled default-%s.conf' % kind,
+                                                         self.logger)[0]
         return self._bundled[kind]
 
 
@@ -1618,27 +1628,33 @@ class ScanContext(object):
 
 class FiletypePlugin(ScannerPlugin):
     """Blocks attachments by name, MIME type, content type and archive contents,
-    following per-recipient, per-domain and default rule files (spec 6.3)."""
+    following per-recipient, per-domain and default rule files."""
 
     friendly_name = 'Attachment Blocker'
 
     requiredvars = {
         'template_blockedfile': {'default': '${confdir}/templates/blockedfile.tmpl',
-                                 'description': 'bounce sent to the sender of a blocked attachment: headers, '
-                                                'empty line, body; ${blockinfo} is the reason',
+                                 'description': 'bounce sent to the sender of a blocked '
+                                                'attachment: headers, empty line, body; '
+                                                '${blockinfo} is the reason',
                                  'path': 'file', 'missing': 'the bundled template is used'},
-        'sendbounce': {'default': 'True', 'description': 'send the bounce above when an attachment is denied'},
+        'sendbounce': {'default': 'True', 'description': 'send the bounce above when an attachment '
+                                                         'is denied'},
         'nobouncerules': {'default': '${confdir}/archive.regex',
-                          'description': 'rule file (SuspectFilter): a match with argument "no" suppresses the bounce',
+                          'description': 'rule file (SuspectFilter): a match with argument "no" '
+                                         'suppresses the bounce',
                           'path': 'file', 'missing': 'every bounce is sent'},
         'rulesdir': {'default': '${confdir}/rules',
-                     'description': 'directory of <scope>-filenames.conf, -filetypes.conf, -archivenames.conf, '
-                                    '-archivenames-crypto.conf, -archivefiletypes.conf (scope: address, domain or '
-                                    'default). Without default-* files the bundled defaults apply',
+                     'description': 'directory of <scope>-filenames.conf, -filetypes.conf, '
+                                    '-archivenames.conf, -archivenames-crypto.conf, '
+                                    '-archivefiletypes.conf (scope: address, domain or default). '
+                                    'Without default-* files the bundled defaults apply',
                      'path': 'dir', 'missing': 'the bundled default rules apply'},
-        'blockaction': {'default': 'DELETE', 'description': 'action for a denied attachment (REJECT makes sense '
-                                                            'before the queue only)'},
-        'block_encrypted': {'default': 'False', 'description': 'block every password protected archive'},
+        'blockaction': {'default': 'DELETE', 'description': 'action for a denied attachment '
+                                                            '(REJECT makes sense before the queue '
+                                                            'only)'},
+        'block_encrypted': {'default': 'False', 'description': 'block every password '
+                                                               'protected archive'},
         'rejectmessage_encrypted': {'default': 'Encrypted archive ${attname} not permitted',
                                     'description': 'reason given for a blocked encrypted archive'},
         'overrides_source': {'default': '', 'description': (
@@ -1650,8 +1666,8 @@ class FiletypePlugin(ScannerPlugin):
             'SQLAlchemy URL of per-recipient and per-domain rules (query); sqlite:///path works\n'
             'without SQLAlchemy. Cached, timed out and failing like [databaseconfig].\n'
             'Empty: rule files only')},
-        'query': {'default': 'SELECT action,regex,description FROM attachmentrules WHERE scope=:scope AND '
-                             'checktype=:checktype ORDER BY prio',
+        'query': {'default': 'SELECT action,regex,description FROM attachmentrules WHERE '
+                             'scope=:scope AND checktype=:checktype ORDER BY prio',
                   'description': (
                       'the rules of one scope (:scope = recipient address, then its domain) and\n'
                       'kind (:checktype = filename, contenttype, archive-filename,\n'
@@ -1670,46 +1686,61 @@ class FiletypePlugin(ScannerPlugin):
                                        'description': 'the same for archive member types'},
         'rulestag': {'default': '', 'description': 'accepted for compatibility; not supported',
                      'inert': 'not supported by this build'},
-        'checkarchivenames': {'default': 'False', 'description': 'check the names of files inside archives'},
-        'checkarchivecontent': {'default': 'False', 'description': 'check the content types of files inside archives'},
+        'checkarchivenames': {'default': 'False', 'description': 'check the names of files inside '
+                                                                 'archives'},
+        'checkarchivecontent': {'default': 'False', 'description': 'check the content types of '
+                                                                   'files inside archives'},
         'archivecontentmaxsize': {'default': '5000000',
-                                  'description': 'archive members up to this many bytes (uncompressed) are '
-                                                 'extracted whole (nested archives); larger ones are typed by their '
-                                                 'first bytes only'},
-        'archiveextractlevel': {'default': '1', 'description': 'archive nesting levels opened (1: only archives '
-                                                               'attached to the mail); negative: up to %d'
+                                  'description': 'archive members up to this many bytes '
+                                                 '(uncompressed) are extracted whole (nested '
+                                                 'archives); larger ones are typed by their first '
+                                                 'bytes only'},
+        'archiveextractlevel': {'default': '1', 'description': 'archive nesting levels opened (1: '
+                                                               'only archives attached to the '
+                                                               'mail); negative: up to %d'
                                                                % UNLIMITED_NESTING},
-        'archive_passwords': {'default': '', 'description': 'comma separated passwords tried on encrypted zips'},
-        'archive_passwords_maxbodywords': {'default': '0', 'description': 'also try this many words of the '
-                                                                          'first text part as passwords'},
-        'archive_passwords_minwordlength': {'default': '4', 'description': 'shortest word tried as a password'},
-        'archive_passwords_maxtextpartlength': {'default': '2048', 'description': 'characters of the text part '
-                                                                                  'searched for password words'},
-        'enabledarchivetypes': {'default': '', 'description': 'archive types opened (zip, tar, gz, bz2, xz, rar, '
-                                                              '7z); empty: all available'},
-        'disabledarchivetypes': {'default': '', 'description': 'archive types never opened (also [main] '
-                                                               'disabledarchivetypes)'},
+        'archive_passwords': {'default': '', 'description': 'comma separated passwords tried on '
+                                                            'encrypted zips'},
+        'archive_passwords_maxbodywords': {'default': '0', 'description': 'also try this many '
+                                                                          'words of the first text '
+                                                                          'part as passwords'},
+        'archive_passwords_minwordlength': {'default': '4',
+                                            'description': 'shortest word tried as a password'},
+        'archive_passwords_maxtextpartlength': {'default': '2048',
+                                                'description': 'characters of the text part '
+                                                               'searched for password words'},
+        'enabledarchivetypes': {'default': '', 'description': 'archive types opened (zip, tar, gz, '
+                                                              'bz2, xz, rar, 7z); empty: all '
+                                                              'available'},
+        'disabledarchivetypes': {'default': '', 'description': 'archive types never opened (also '
+                                                               '[main] disabledarchivetypes)'},
         'archive_max_extracted': {'default': '50000000',
-                                  'description': 'bytes extracted from all archives of one message at most'},
-        'archive_max_members': {'default': '2000', 'description': 'files in all archives of one message at most'},
-        'archive_max_ratio': {'default': '200', 'description': 'highest compression ratio accepted once more than '
-                                                               '1 MB is inflated; 0: no limit'},
-        'archive_limit_action': {'default': 'deny', 'description': 'when an archive exceeds the limits above '
-                                                                   '(archive bomb): deny (block like a denied '
-                                                                   'attachment), problem (problemaction) or allow'},
+                                  'description': 'bytes extracted from all archives of one '
+                                                 'message at most'},
+        'archive_max_members': {'default': '2000', 'description': 'files in all archives of one '
+                                                                  'message at most'},
+        'archive_max_ratio': {'default': '200', 'description': 'highest compression ratio accepted '
+                                                               'once more than 1 MB is inflated; '
+                                                               '0: no limit'},
+        'archive_limit_action': {'default': 'deny', 'description': 'when an archive exceeds the '
+                                                                   'limits above (archive bomb): '
+                                                                   'deny (block like a denied '
+                                                                   'attachment), problem '
+                                                                   '(problemaction) or allow'},
         'mime_max_parts': {'default': str(DEFAULT_MIME_LIMITS.max_parts),
                            'description': 'MIME parts of one message at most (attached messages '
                                           'included)'},
         'mime_max_depth': {'default': str(DEFAULT_MIME_LIMITS.max_depth),
                            'description': 'nesting of multiparts and attached messages at most'},
         'mime_limit_action': {'default': 'deny',
-                              'description': 'when a message exceeds the MIME limits (parts, depth, '
-                                             'header lines, parameters, name length): deny (block '
-                                             'like a denied attachment) or problem (problemaction)'},
+                              'description': 'when a message exceeds the MIME limits (parts, '
+                                             'depth, header lines, parameters, name length): deny '
+                                             '(block like a denied attachment) or problem '
+                                             '(problemaction)'},
         'problemaction': {'default': 'DEFER', 'description': 'action when the check itself fails'},
         'verbose': {'default': 'False', 'description': 'log every attachment checked'},
-        'ignore_signature': {'default': 'False', 'description': 'skip the content type check of S/MIME and PGP '
-                                                                'signature parts'},
+        'ignore_signature': {'default': 'False', 'description': 'skip the content type check of '
+                                                                'S/MIME and PGP signature parts'},
     }
 
     def __init__(self, config, section=None):
@@ -1760,7 +1791,8 @@ class FiletypePlugin(ScannerPlugin):
         enabled = kinds_of(self._get('enabledarchivetypes', suspect))
         disabled = kinds_of(self._get('disabledarchivetypes', suspect))
         disabled |= kinds_of(self.config.get('main', 'disabledarchivetypes', fallback=''))
-        return [kind for kind in available if (not enabled or kind in enabled) and kind not in disabled]
+        return [kind for kind in available
+                if (not enabled or kind in enabled) and kind not in disabled]
 
     def candidate_passwords(self, suspect, parts=None):
         """Passwords to try on encrypted archives. ``parts``: the message's parts when
@@ -1794,7 +1826,8 @@ class FiletypePlugin(ScannerPlugin):
         user and domain rules from the database come before their files."""
         rulesdir = self._get('rulesdir')
         scopes = [safe_scope(suspect.to_address), safe_scope(suspect.to_domain)]
-        default_files = {kind: os.path.join(rulesdir, 'default-%s.conf' % kind) for kind in RULE_KINDS}
+        default_files = {kind: os.path.join(rulesdir, 'default-%s.conf' % kind)
+                         for kind in RULE_KINDS}
         defaults = {kind: self.rule_cache.get(path) for kind, path in default_files.items()}
         use_bundled = all(rules is None for rules in defaults.values())
         from_database = self.database_rules(suspect)
@@ -1804,7 +1837,8 @@ class FiletypePlugin(ScannerPlugin):
             for position, scope in enumerate(scopes):
                 sets.extend(rules for rules in from_database[kind][position] if rules)
                 if scope:
-                    rules = self.rule_cache.get(os.path.join(rulesdir, '%s-%s.conf' % (scope, kind)))
+                    rules = self.rule_cache.get(os.path.join(rulesdir,
+                                                             '%s-%s.conf' % (scope, kind)))
                     if rules:
                         sets.append(rules)
             default = self.rule_cache.bundled(kind) if use_bundled else defaults[kind]
@@ -1890,8 +1924,10 @@ class FiletypePlugin(ScannerPlugin):
         rulesets = self.rulesets(suspect)
         levels = self._getint('archiveextractlevel')
         levels = UNLIMITED_NESTING if levels < 0 else levels
-        budget = ExtractionBudget(self._getint('archive_max_extracted'), self._getint('archive_max_members'),
-                                  self._getint('archive_max_ratio'), self._getint('archivecontentmaxsize'))
+        budget = ExtractionBudget(self._getint('archive_max_extracted'),
+                                  self._getint('archive_max_members'),
+                                  self._getint('archive_max_ratio'),
+                                  self._getint('archivecontentmaxsize'))
         try:
             parts = walk_message(suspect.get_source(), self.mime_limits())
         except MimeLimitExceeded as error:
@@ -1952,8 +1988,8 @@ class FiletypePlugin(ScannerPlugin):
             return None
         for kind in archive_kinds:
             if kind not in context.kinds and kind not in available_archive_kinds():
-                self._unreadable(context, match_name, '%s archives need an optional module that is not '
-                                                      'installed' % kind)
+                self._unreadable(context, match_name, '%s archives need an optional module that is '
+                                                      'not installed' % kind)
         try:
             for data in part.decodings():
                 kind = ARCHIVE_KIND_BY_TYPE.get(content_type_of(data[:HEAD_BYTES]))
@@ -1968,7 +2004,8 @@ class FiletypePlugin(ScannerPlugin):
     def _unreadable(self, context, name, reason):
         self.logger.info('%s: contents of %s not checked: %s', context.suspect.id, name, reason)
         context.unreadable.append('%s: %s' % (name, reason))
-        context.suspect.tags.setdefault('FiletypePlugin.unchecked', []).append('%s: %s' % (name, reason))
+        unchecked = context.suspect.tags.setdefault('FiletypePlugin.unchecked', [])
+        unchecked.append('%s: %s' % (name, reason))
 
     def _mime_limit_verdict(self, suspect, error):
         self.logger.warning('%s: the MIME structure exceeds the limits: %s', suspect.id, error)
@@ -1978,7 +2015,8 @@ class FiletypePlugin(ScannerPlugin):
 
     def _limit_verdict(self, context, name, error):
         choice = self._get('archive_limit_action').strip().lower()
-        self.logger.warning('%s: archive %s exceeds the extraction limits: %s', context.suspect.id, name, error)
+        self.logger.warning('%s: archive %s exceeds the extraction limits: %s', context.suspect.id,
+                            name, error)
         if choice == 'allow':
             return None
         action = 'problem' if choice == 'problem' else 'deny'
@@ -2003,7 +2041,8 @@ class FiletypePlugin(ScannerPlugin):
             return deeper and ARCHIVE_KIND_BY_TYPE.get(self.member_type(member)) in context.kinds
 
         where = attachment_name + ('/' + inner_path.rstrip('/') if inner_path else '')
-        inner_file_name = inner_path.rstrip('/').rsplit('/', 1)[-1] if inner_path else attachment_name
+        inner_file_name = (inner_path.rstrip('/').rsplit('/', 1)[-1] if inner_path
+                           else attachment_name)
         try:
             members = read_archive(kind, data, inner_file_name, check_content or deeper,
                                    want_content, context.budget, context.passwords)
@@ -2011,8 +2050,10 @@ class FiletypePlugin(ScannerPlugin):
             self._unreadable(context, where, str(error))
             return None
         if any(member.encrypted for member in members) and (
-                self._getbool('block_encrypted') or context.suspect.get_tag('filetype_blockarchiveencrypted')):
-            message = apply_template(self._get('rejectmessage_encrypted'), context.suspect, {'attname': where})
+                self._getbool('block_encrypted') or
+                context.suspect.get_tag('filetype_blockarchiveencrypted')):
+            message = apply_template(self._get('rejectmessage_encrypted'), context.suspect,
+                                     {'attname': where})
             return Verdict('deny', where, 'encrypted archive', message)
         for member in members:
             if len(member.name) > MIME_MAX_NAME_CHARS:  # rules would search it in quadratic time
@@ -2028,14 +2069,17 @@ class FiletypePlugin(ScannerPlugin):
                     return verdict
             member_type = self.member_type(member)
             if check_content and member_type is not None:
-                verdict = self._judge(rulesets['archivefiletypes'], member_type, '%s %s' % (subject, member_type))
+                verdict = self._judge(rulesets['archivefiletypes'], member_type,
+                                      '%s %s' % (subject, member_type))
                 if verdict:
                     return verdict
             nested_kind = ARCHIVE_KIND_BY_TYPE.get(member_type)
             if deeper and nested_kind in context.kinds:
                 if member.content is None:
-                    self._unreadable(context, '%s/%s%s' % (attachment_name, inner_path, member_name),
-                                     'nested archive larger than archivecontentmaxsize or unreadable')
+                    self._unreadable(context,
+                                     '%s/%s%s' % (attachment_name, inner_path, member_name),
+                                     'nested archive larger than archivecontentmaxsize or '
+                                     'unreadable')
                     continue
                 verdict = self.check_archive(context, member.content, nested_kind, attachment_name,
                                              '%s%s/' % (inner_path, member_name), depth + 1)
@@ -2045,7 +2089,8 @@ class FiletypePlugin(ScannerPlugin):
 
     # -- the verdict -------------------------------------------------------------
     def act_on(self, suspect, verdict):
-        message = verdict.message or ('%s: %s' % (verdict.subject, verdict.description)).strip().rstrip(':')
+        message = (verdict.message
+                   or ('%s: %s' % (verdict.subject, verdict.description)).strip().rstrip(':'))
         if verdict.action == 'problem':
             return self._problemaction(), message
         suspect.tags['blocked']['FiletypePlugin'] = True
@@ -2069,9 +2114,10 @@ class FiletypePlugin(ScannerPlugin):
         return self._nobounce_filters[path]
 
     def bounce(self, suspect, blockinfo):
-        """Tell the sender (spec 5.8): once per message, never for spam, virus or the
+        """Tell the sender (FuGlu's sendbounce): once per message, never for spam, virus or the
         null sender, not when nobouncerules says 'no'."""
-        if suspect.get_tag('Attachment.bounce.queueid') or suspect.get_tag('Attachment.bounce.sent'):
+        if (suspect.get_tag('Attachment.bounce.queueid')
+            or suspect.get_tag('Attachment.bounce.sent')):
             return None
         if not suspect.from_address or suspect.is_spam() or suspect.is_virus():
             return None
@@ -2100,7 +2146,8 @@ class FiletypePlugin(ScannerPlugin):
             message = build_bounce_message(self.config, suspect, template, {'blockinfo': blockinfo})
             queue_id = send_bounce(self.config, suspect, suspect.from_address, message)
         except Exception as error:
-            self.logger.error('%s: bounce to %s failed: %s', suspect.id, suspect.from_address, error)
+            self.logger.error('%s: bounce to %s failed: %s', suspect.id, suspect.from_address,
+                              error)
             return None
         if queue_id:
             suspect.tags['Attachment.bounce.queueid'] = queue_id
@@ -2138,10 +2185,11 @@ class FiletypePlugin(ScannerPlugin):
         ok = self.check_config()
         print('file type detection: %s' % type_detection_name())
         kinds = available_archive_kinds()
-        missing = [name for name, module in (('rar (rarfile)', _rarfile_module), ('7z (py7zr)', _py7zr_module))
+        missing = [name for name, module in (('rar (rarfile)', _rarfile_module),
+                                             ('7z (py7zr)', _py7zr_module))
                    if module is None]
-        print('archive types: %s%s' % (', '.join(kinds),
-                                       ('; not available: %s' % ', '.join(missing)) if missing else ''))
+        unavailable = ('; not available: %s' % ', '.join(missing)) if missing else ''
+        print('archive types: %s%s' % (', '.join(kinds), unavailable))
         print('archive types enabled: %s' % ', '.join(self.enabled_archive_kinds()))
         if string_to_actioncode(self._get('blockaction'), self.config) is None:
             print('blockaction %r is not an action' % self._get('blockaction'))
@@ -2163,7 +2211,8 @@ class FiletypePlugin(ScannerPlugin):
         if os.path.isdir(rulesdir):   # a missing one is reported by check_config
             names = sorted(name for name in os.listdir(rulesdir) if name.endswith('.conf'))
             for name in names:
-                with open(os.path.join(rulesdir, name), encoding='utf-8', errors='replace') as handle:
+                with open(os.path.join(rulesdir,
+                                       name), encoding='utf-8', errors='replace') as handle:
                     _rules, errors = parse_attachment_rules(handle.read(), name)
                 for error in errors:
                     print('attachment rule error: %s' % error)
@@ -2171,7 +2220,8 @@ class FiletypePlugin(ScannerPlugin):
             if not any(name.startswith('default-') for name in names):
                 print('no default-*.conf in %s: the bundled default rules apply' % rulesdir)
         for kind in RULE_KINDS:
-            if kind != 'archivenames-crypto' and read_bundled_conf('rules/default-%s.conf' % kind) is None:
+            if (kind != 'archivenames-crypto' and read_bundled_conf('rules/default-%s.conf' % kind)
+                is None):
                 print('bundled default-%s.conf missing from this installation' % kind)
         if self._getbool('sendbounce') and self.bounce_template() is None:
             print('bounce template %s not found' % self._get('template_blockedfile'))
@@ -2199,7 +2249,7 @@ def header_safe(value):
 
 
 def build_bounce_message(config, suspect, template, values):
-    """Template -> the bounce as bytes (spec 5.8 step 2): headers the template lacks
+    """Template -> the bounce as bytes: headers the template lacks
     are added (To, From MAILER-DAEMON@<helo>, Auto-Submitted, Date, Message-ID), the
     body is sent as UTF-8 (base64).
 
@@ -2245,7 +2295,9 @@ def build_bounce_message(config, suspect, template, values):
     message.set_payload(body, charset='utf-8')
     from email.generator import BytesGenerator
     buffer = io.BytesIO()
-    BytesGenerator(buffer, mangle_from_=False, policy=policy.compat32.clone(linesep='\r\n')).flatten(message)
+    generator = BytesGenerator(buffer, mangle_from_=False,
+                               policy=policy.compat32.clone(linesep='\r\n'))
+    generator.flatten(message)
     return buffer.getvalue()
 
 

@@ -3,7 +3,7 @@
 One fresh connection per message, over TCP (``port`` is a number) or a unix socket
 (``port`` is a path). The message goes to clamd with ``zINSTREAM``: chunks of at most
 20480 bytes, each behind a 4-byte big-endian length, ended by a zero length. clamd
-answers with one NUL-terminated line (protocols spec 3.1)::
+answers with one NUL-terminated line (clamd(8), INSTREAM)::
 
     stream: OK                                    clean
     stream: Eicar-Test-Signature.UNOFFICIAL FOUND a virus
@@ -18,7 +18,8 @@ import select
 import subprocess
 import time
 
-from fuglu import (DEFER, DUNNO, ScannerPlugin, actioncode_to_string, apply_template, connect_service,
+from fuglu import (DEFER, DUNNO, ScannerPlugin, actioncode_to_string, apply_template,
+                   connect_service,
                    recv_until, service_address, string_to_actioncode)
 
 # clamd reads INSTREAM data in chunks; 20 KiB stays well below its default buffers.
@@ -88,7 +89,8 @@ class ClamavPlugin(ScannerPlugin):
 
     requiredvars = {
         'host': {'default': 'localhost',
-                 'description': 'clamd host (TCP); $NAME reads it from the environment variable NAME'},
+                 'description': 'clamd host (TCP); $NAME reads it from the environment '
+                                'variable NAME'},
         'port': {'default': '3310',
                  'description': 'clamd TCP port, or the path of clamd\'s unix socket'},
         'timeout': {'default': '30',
@@ -97,14 +99,18 @@ class ClamavPlugin(ScannerPlugin):
         'pipelining': {'default': 'False',
                        'description': 'ignored (FuGlu 1.7 uses one connection per message)'},
         'maxsize': {'default': '22000000',
-                    'description': 'larger messages are not scanned (keep below clamd\'s StreamMaxLength)'},
+                    'description': 'larger messages are not scanned (keep below clamd\'s '
+                                   'StreamMaxLength)'},
         'retries': {'default': '3',
-                    'description': 'attempts when clamd cannot be reached or the connection breaks'},
+                    'description': 'attempts when clamd cannot be reached or the '
+                                   'connection breaks'},
         'virusaction': {'default': 'DEFAULTVIRUSACTION',
-                        'description': 'action for infected messages (DEFAULTVIRUSACTION = [virus] defaultvirusaction)'},
+                        'description': 'action for infected messages (DEFAULTVIRUSACTION = [virus] '
+                                       'defaultvirusaction)'},
         'virusaction_unofficial': {'default': '',
-                                   'description': 'action when a signature name ends in .UNOFFICIAL '
-                                                  '(third-party databases); empty = virusaction'},
+                                   'description': 'action when a signature name ends in '
+                                                  '.UNOFFICIAL (third-party databases); empty = '
+                                                  'virusaction'},
         'problemaction': {'default': 'DEFER',
                           'description': 'action when the message could not be scanned'},
         'rejectmessage': {'default': 'threat detected: ${virusname}',
@@ -115,12 +121,14 @@ class ClamavPlugin(ScannerPlugin):
         'clamscan': {'default': '/usr/bin/clamscan', 'description': 'path of clamscan'},
         'clamscantimeout': {'default': '30', 'description': 'seconds clamscan may take'},
         'skip_on_previous_virus': {'default': 'none',
-                                   'description': 'do not scan when an engine already found a virus: '
-                                                  'none, all, or a comma separated list of engine names'},
+                                   'description': 'do not scan when an engine already found a '
+                                                  'virus: none, all, or a comma separated list of '
+                                                  'engine names'},
         'skiplist_file': {'default': '',
                           'description': 'file of signature names (one a line) to ignore in '
                                          'welcomelisted messages when they are the only hit'},
-        'enginename': {'default': '', 'description': 'engine name in the virus tags (empty = ClamAV)'},
+        'enginename': {'default': '', 'description': 'engine name in the virus tags (empty '
+                                                     '= ClamAV)'},
     }
 
     # -- options --------------------------------------------------------------
@@ -148,7 +156,8 @@ class ClamavPlugin(ScannerPlugin):
             return DUNNO
 
         # A Return-Path line makes clamd recognise the stream as a mail.
-        content = b'Return-Path: <%s>\r\n' % suspect.from_address.encode('utf-8') + suspect.get_source()
+        content = (b'Return-Path: <%s>\r\n' % suspect.from_address.encode('utf-8')
+                   + suspect.get_source())
         try:
             viruses = self.scan_with_retries(content, suspect.id)
         except (ClamdError, OSError) as error:
@@ -212,7 +221,8 @@ class ClamavPlugin(ScannerPlugin):
 
     def _connect(self):
         """A connected socket to clamd; raises OSError."""
-        return connect_service(self._option('host'), self._option('port'), self._timeout(), keepalive=True)
+        return connect_service(self._option('host'), self._option('port'), self._timeout(),
+                               keepalive=True)
 
     def _reply_deadline(self):
         timeout = self._timeout()
@@ -251,7 +261,8 @@ class ClamavPlugin(ScannerPlugin):
                     connection.sendall(b'\0\0\0\0')
             except (BrokenPipeError, ConnectionResetError) as error:
                 # The reply may still be waiting in our receive buffer.
-                self.logger.debug('%s clamd closed the connection while we sent: %s', suspect_id, error)
+                self.logger.debug('%s clamd closed the connection while we sent: %s', suspect_id,
+                                  error)
                 try:
                     reply = self._read_reply(connection, time.monotonic() + 1.0)
                 except OSError:
@@ -325,7 +336,8 @@ class ClamavPlugin(ScannerPlugin):
             if self._action(option) is None:
                 print('ERROR: %s=%s is not a valid action' % (option, self._option(option)))
                 ok = False
-        if self._option('virusaction_unofficial').strip() and self._action('virusaction_unofficial') is None:
+        if (self._option('virusaction_unofficial').strip()
+            and self._action('virusaction_unofficial') is None):
             print('ERROR: virusaction_unofficial=%s is not a valid action'
                   % self._option('virusaction_unofficial'))
             ok = False

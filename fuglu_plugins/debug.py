@@ -19,7 +19,8 @@ class MessageDebugger(fuglu.PrependerPlugin):
     default_section = 'debug'
     friendly_name = 'Debugger'
     requiredvars = {
-        'debugport': {'default': '10888', 'description': 'messages arriving on this port are debugged'},
+        'debugport': {'default': '10888', 'description': 'messages arriving on this port are '
+                                                         'debugged'},
         'debugfile': {'default': '/tmp/fuglu_debug.log',
                       'description': 'file the debug lines are written to; in a directory anybody '
                                      'may write to (/tmp) it is moved to /var/log/fuglu when fuglu '
@@ -27,7 +28,8 @@ class MessageDebugger(fuglu.PrependerPlugin):
                       'path': 'writefile', 'home': 'log'},
         'nobounce': {'default': 'True', 'description': 'send no bounces for debugged messages'},
         'noreinject': {'default': 'True', 'description': 'do not re-inject debugged messages'},
-        'noappender': {'default': 'True', 'description': 'do not run appenders for debugged messages'},
+        'noappender': {'default': 'True', 'description': 'do not run appenders for debugged '
+                                                         'messages'},
     }
 
     def pluginlist(self, suspect, pluginlist):
@@ -45,7 +47,8 @@ class MessageDebugger(fuglu.PrependerPlugin):
             return None
         suspect.tags['debug'] = True
         suspect.tags['debugfile'] = handle
-        suspect.debug('debugging %s from=%s to=%s' % (suspect.id, suspect.from_address, suspect.recipients))
+        suspect.debug('debugging %s from=%s to=%s' % (suspect.id, suspect.from_address,
+                                                      suspect.recipients))
         suspect.debug('scanners: %s' % ', '.join(str(p) for p in pluginlist))
         return None
 

@@ -3,7 +3,7 @@
 One fresh connection per request, TCP (``port`` is a number) or unix socket (``port`` is
 a path). The request is ``<VERB> SPAMC/1.5``, ``Content-length``, optionally ``User``
 (the first recipient, when ``peruserconfig``), a blank line and the message; then we
-half-close so spamd sees the end (protocols spec 3.2). spamd answers::
+half-close so spamd sees the end (spamd's PROTOCOL document). spamd answers::
 
     SPAMD/1.1 0 EX_OK
     Content-length: 2161
@@ -41,8 +41,8 @@ GTUBE = b'XJS*C4JDBQADN1.NSBN3*2IDNEN*' + b'GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C
 PROTOCOL = b'SPAMC/1.5'
 
 # "Spam: True ; 1000.0 / 5.0" (spamd reply header)
-SPAM_REPLY_RE = re.compile(r'^\s*(true|false|yes|no)\s*;\s*(-?\d+(?:\.\d+)?)\s*/\s*(-?\d+(?:\.\d+)?)',
-                           re.IGNORECASE)
+SPAM_REPLY_RE = re.compile(r'^\s*(true|false|yes|no)\s*;'
+                           r'\s*(-?\d+(?:\.\d+)?)\s*/\s*(-?\d+(?:\.\d+)?)', re.IGNORECASE)
 # "Yes, score=1000.0 required=5.0 tests=..." (X-Spam-Status in the message)
 SCORE_RE = re.compile(r'score=(-?\d+(?:\.\d+)?)', re.IGNORECASE)
 
@@ -152,8 +152,10 @@ class SAPlugin(ScannerPlugin):
 
     requiredvars = {
         'host': {'default': 'localhost',
-                 'description': 'spamd host (TCP); $NAME reads it from the environment variable NAME'},
-        'port': {'default': '783', 'description': 'spamd TCP port, or the path of spamd\'s unix socket'},
+                 'description': 'spamd host (TCP); $NAME reads it from the environment '
+                                'variable NAME'},
+        'port': {'default': '783', 'description': 'spamd TCP port, or the path of spamd\'s '
+                                                  'unix socket'},
         'timeout': {'default': '30', 'description': 'seconds one spamd request may take'},
         'maxsize': {'default': '256000',
                     'description': 'larger messages are stripped (strip_oversize) or not scanned'},
@@ -163,10 +165,11 @@ class SAPlugin(ScannerPlugin):
         'retries': {'default': '3', 'description': 'attempts before problemaction'},
         'retry_sleep': {'default': '1', 'description': 'seconds between attempts'},
         'scanoriginal': {'default': 'True',
-                         'description': 'scan the message as received, not as changed by earlier plugins'},
+                         'description': 'scan the message as received, not as changed by '
+                                        'earlier plugins'},
         'forwardoriginal': {'default': 'False',
-                            'description': 'False: deliver the message as spamd rewrote it (PROCESS); '
-                                           'True: deliver it unchanged (REPORT)'},
+                            'description': 'False: deliver the message as spamd rewrote it '
+                                           '(PROCESS); True: deliver it unchanged (REPORT)'},
         'spamheader': {'default': 'X-Spam-Status',
                        'description': 'header of the rewritten message with the verdict '
                                       '(used when spamd sends no Spam: line)'},
@@ -177,16 +180,20 @@ class SAPlugin(ScannerPlugin):
                           'description': 'send the first recipient as User, for per-user settings'},
         'lowercase_user': {'default': 'True', 'description': 'lower-case that User value'},
         'lowspamlevel': {'default': '',
-                         'description': 'score from which a message is spam; empty = spamd\'s verdict'},
-        'highspamlevel': {'default': '15', 'description': 'score from which a message is high spam'},
+                         'description': 'score from which a message is spam; empty = '
+                                        'spamd\'s verdict'},
+        'highspamlevel': {'default': '15', 'description': 'score from which a message is '
+                                                          'high spam'},
         'highspamaction': {'default': 'DEFAULTHIGHSPAMACTION',
                            'description': 'action for high spam ([spam] defaulthighspamaction)'},
         'lowspamaction': {'default': 'DEFAULTLOWSPAMACTION',
-                          'description': 'action for spam below highspamlevel ([spam] defaultlowspamaction)'},
+                          'description': 'action for spam below highspamlevel ([spam] '
+                                         'defaultlowspamaction)'},
         'problemaction': {'default': 'DEFER',
                           'description': 'action when spamd fails or does not answer in time'},
         'rejectmessage': {'default': 'message identified as spam',
-                          'description': 'reply text for spam; ${spamscore} and the usual template variables'},
+                          'description': 'reply text for spam; ${spamscore} and the usual template '
+                                         'variables'},
         'original_sender_header': {'default': '',
                                    'description': 'header holding the original sender, for the '
                                                   'Return-Path given to spamd'},
@@ -242,7 +249,8 @@ class SAPlugin(ScannerPlugin):
             source = suspect.source_stripped_attachments(source, maxsize - 1)
             stripped = True
             suspect.set_tag('SpamAssassin.stripped', True)
-            self.logger.info('%s size %d > maxsize %d: spamd sees it without attachments (%d bytes)',
+            self.logger.info('%s size %d > maxsize %d: spamd sees it without attachments '
+                             '(%d bytes)',
                              suspect.id, original_size, maxsize, len(source))
 
         pseudo_headers = self._pseudo_headers(suspect, source, original_size if stripped else None)
@@ -250,7 +258,8 @@ class SAPlugin(ScannerPlugin):
         try:
             reply = self.ask_with_retries(verb, pseudo_headers + source, suspect)
         except (SpamdError, OSError) as error:
-            self.logger.error('%s spam scan failed: %s: %s', suspect.id, error.__class__.__name__, error)
+            self.logger.error('%s spam scan failed: %s: %s', suspect.id, error.__class__.__name__,
+                              error)
             suspect.add_header(prefix + 'SA-SKIP', 'SA scan failed')
             return self._problemaction(), 'spam scan failed, try again later'
 
@@ -269,13 +278,15 @@ class SAPlugin(ScannerPlugin):
         if original_size is not None:
             lines.append(b'X-Fuglu-OrigSize: %d\r\n' % original_size)
         lines.append(suspect.get_sa_temp_headers())
-        lines.append(b'X-Fuglu-Incomingport: %s\r\n' % str(suspect.get_tag('incomingport', 0)).encode('ascii'))
+        port = str(suspect.get_tag('incomingport', 0)).encode('ascii')
+        lines.append(b'X-Fuglu-Incomingport: %s\r\n' % port)
         if not has_header(source, b'Return-Path'):
             sender = suspect.from_address
             header = self._option('original_sender_header').strip()
             if header:
                 sender = suspect.get_header(header, sender)
-            lines.append(b'Return-Path: <%s>\r\n' % sender.strip().strip('<>').encode('utf-8', 'replace'))
+            sender = sender.strip().strip('<>').encode('utf-8', 'replace')
+            lines.append(b'Return-Path: <%s>\r\n' % sender)
         block = b''.join(lines)
         return block.replace(b'\r\n', line_ending(source))
 

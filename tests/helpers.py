@@ -42,6 +42,14 @@ def readable_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def no_delay(sock):
+    """TCP_NODELAY, as fuglu sets it: a test peer that writes a reply in pieces (or a
+    client that sends a command in pieces) must not wait for a delayed ACK (up to 40 ms
+    a time on Linux) between them."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
@@ -49,6 +57,10 @@ def free_port():
 
 
 class SinkHandler(socketserver.StreamRequestHandler):
+    def setup(self):
+        super().setup()
+        no_delay(self.connection)
+
     def send(self, line):
         self.wfile.write(line.encode() + b'\r\n')
         self.wfile.flush()
@@ -129,9 +141,49 @@ class SinkHandler(socketserver.StreamRequestHandler):
                 self.send('250 2.0.0 Ok')
 
 
+def stop_listening(listener):
+    """Stop a listening socket the way fuglu's Listener.stop does: shutdown() wakes a
+    thread blocked in accept() at once (closing alone would not), then close."""
+    try:
+        listener.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    listener.close()
+
+
 class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    """socketserver's TCP server, a thread per connection, driven by ``serve()``: its
+    own accept loop (socketserver's process_request), which stop() ends at once
+    instead of serve_forever's poll."""
+
     daemon_threads = True
     allow_reuse_address = True
+    sink = None   # the Sink that counts this server's open connections
+
+    def process_request(self, request, client_address):
+        with self.sink.changed:
+            self.sink.open_connections += 1
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        """After the handler: the connection is closed, then counted out."""
+        try:
+            super().shutdown_request(request)
+        finally:
+            with self.sink.changed:
+                self.sink.open_connections -= 1
+                self.sink.changed.notify_all()
+
+    def serve(self):
+        while True:
+            try:
+                request, address = self.get_request()
+            except OSError:     # stop(): the listener was shut down
+                return
+            self.process_request(request, address)
+
+    def stop(self):
+        stop_listening(self.socket)
 
 
 class Sink(object):
@@ -149,16 +201,22 @@ class Sink(object):
         self.replies = {}
         self.rcpt_replies = {}
         self.hang_up_after_message = False   # close the connection after each DATA reply
+        self.open_connections = 0
+        self.changed = threading.Condition()   # notified when a connection is over
         self.server = ThreadedServer(('127.0.0.1', 0), SinkHandler)
         self.server.sink = self
         self.port = self.server.server_address[1]
-        # a short poll interval: stop() (server.shutdown) waits for one
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread = threading.Thread(target=self.server.serve, daemon=True)
         self.thread.start()
 
+    def idle(self, timeout=10):
+        """Wait until no connection is open: everything sent to the sink was handled."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.open_connections == 0, timeout)
+
     def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()
+        self.thread.join(5)
 
 
 class FakeDaemon(object):
@@ -181,19 +239,14 @@ class FakeDaemon(object):
             self.listener.bind(('127.0.0.1', 0))
             self.address = self.listener.getsockname()[1]
         self.listener.listen(8)
-        # a short accept timeout so that close() ends the accept loop soon
-        self.listener.settimeout(0.2)
-        self.running = True
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self):
-        while self.running:
+        while True:
             try:
                 connection, _ = self.listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
+            except OSError:     # close(): the listener was shut down
                 return
             self.connections += 1
             threading.Thread(target=self._handle, args=(connection,), daemon=True).start()
@@ -202,8 +255,8 @@ class FakeDaemon(object):
         raise NotImplementedError
 
     def close(self):
-        self.running = False
-        self.listener.close()
+        """Stop accepting as fuglu stops its own listener: shutdown() wakes accept()."""
+        stop_listening(self.listener)
         self.thread.join(2)
 
 
@@ -242,24 +295,52 @@ class InProcessFuglu(object):
     """A MainController running in this process on a free port."""
 
     def __init__(self, downstream_port, extra_main='', extra='', protocol='smtp', plugins=''):
-        self.port = free_port()
-        text = ('[main]\nincomingport=%s:127.0.0.1:%d\noutgoinghost=127.0.0.1\noutgoingport=%d\n'
-                'plugins=%s\nprependers=\nappenders=\ncontrolport=\n%s\n'
-                '[performance]\nminthreads=2\nmaxthreads=10\n%s\n'
-                % (protocol, self.port, downstream_port, plugins, extra_main, extra))
-        self.config = make_config(text)
-        self.controller = fuglu.MainController(self.config)
-        self.controller.startup()
+        for attempt in range(5):
+            self.port = free_port()
+            text = ('[main]\nincomingport=%s:127.0.0.1:%d\noutgoinghost=127.0.0.1\n'
+                    'outgoingport=%d\nplugins=%s\nprependers=\nappenders=\ncontrolport=\n%s\n'
+                    '[performance]\nminthreads=2\nmaxthreads=10\n%s\n'
+                    % (protocol, self.port, downstream_port, plugins, extra_main, extra))
+            self.config = make_config(text)
+            self.controller = fuglu.MainController(self.config)
+            try:
+                self.controller.startup()
+                return
+            except OSError as error:
+                # the free port was taken meanwhile (tests run in parallel): another one
+                self.controller.shutdown()
+                if 'in use' not in str(error) or attempt == 4:
+                    raise
+
+    def idle(self, timeout=20):
+        """Wait until no connection is being served (every worker idle, no SMTP session
+        open): on the backend's condition, notified whenever a task ends. True when
+        so within ``timeout``."""
+        backend = self.controller.backend
+        with backend.lock:
+            return backend.all_idle.wait_for(
+                lambda: 'processing' not in backend.workers.values() and
+                not self.controller.smtp_sessions, timeout)
 
     def stop(self):
         self.controller.shutdown()
+
+
+def settle(instance, sink, timeout=10):
+    """The sync point after which nothing more can reach ``sink``: fuglu serves no
+    connection (close or QUIT the clients first), its parked downstream connections are
+    closed, and the sink has handled everything it was sent. A delivery, late or not,
+    is in sink.messages then."""
+    assert instance.idle(timeout), 'fuglu is still serving a connection'
+    instance.controller.downstream_pool.purge(everything=True)
+    assert sink.idle(timeout), 'the sink still has a connection open'
 
 
 class RawClient(object):
     """Speaks SMTP byte by byte so tests see fuglu's exact replies."""
 
     def __init__(self, port, timeout=10):
-        self.sock = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+        self.sock = no_delay(socket.create_connection(('127.0.0.1', port), timeout=timeout))
         self.buffer = b''
         self.banner = self.reply()
 
@@ -289,11 +370,13 @@ class RawClient(object):
 
 
 def wait_for(predicate, timeout=5.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    """Wait until ``predicate()`` (a counter, a log line, a state of the daemon) is true,
+    looking every few milliseconds; False when it is not within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         if predicate():
             return True
-        time.sleep(0.02)
+        time.sleep(0.005)
     return predicate()
 
 
@@ -305,7 +388,8 @@ class VerdictFromHeaderPlugin(fuglu.ScannerPlugin):
     seen = []
 
     def examine(self, suspect):
-        VerdictFromHeaderPlugin.seen.append((suspect.from_address, list(suspect.recipients), dict(suspect.tags),
+        VerdictFromHeaderPlugin.seen.append((suspect.from_address, list(suspect.recipients),
+                                             dict(suspect.tags),
                                              suspect.get_source()))
         value = suspect.get_header('X-Test-Verdict')
         if not value:

@@ -1,4 +1,4 @@
-"""Archive plugin (fuglu_plugins/archive.py, spec 6.2): rules decide, the copy lands
+"""Archive plugin (fuglu_plugins/archive.py): rules decide, the copy lands
 where the templates say and never outside local_archivedir."""
 
 import os
@@ -24,8 +24,8 @@ def make_plugin(tmp_path, rules, **options):
     archive_dir.mkdir(exist_ok=True)
     settings = {'archiverules': str(rules_path), 'local_archivedir': str(archive_dir)}
     settings.update(options)
-    config = make_config('[ArchivePlugin]\n' + ''.join('%s = %s\n' % item for item in settings.items()),
-                         confdir=str(tmp_path))
+    text = '[ArchivePlugin]\n' + ''.join('%s = %s\n' % item for item in settings.items())
+    config = make_config(text, confdir=str(tmp_path))
     return ArchivePlugin(config), archive_dir
 
 
@@ -60,8 +60,9 @@ def test_default_subdir_contains_the_date(tmp_path):
     message = suspect()
     plugin.examine(message)
     import time
-    assert files_under(archive_dir) == [str(archive_dir / 'example.org' / 'b' / time.strftime('%Y-%m-%d')
-                                             / ('%s.eml' % message.id))]
+    day = time.strftime('%Y-%m-%d')
+    assert files_under(archive_dir) == [str(archive_dir / 'example.org' / 'b' / day /
+                                            ('%s.eml' % message.id))]
 
 
 @pytest.mark.parametrize('recipient', [
@@ -87,13 +88,15 @@ def test_hostile_filename_template_values_are_cleaned(tmp_path, no_address_check
     source = MESSAGE.replace(b'Subject: hello', b'Subject: ../../escape')
     plugin.examine(suspect(sender='../../../evil@example.net', source=source))
     written = files_under(archive_dir)
-    assert [os.path.relpath(path, str(archive_dir)) for path in written] == ['.._.._escape/.._.._.._evil.eml']
+    assert ([os.path.relpath(path, str(archive_dir)) for path in written]
+            == ['.._.._escape/.._.._.._evil.eml'])
 
 
 def test_symlink_out_of_the_archive_is_refused(tmp_path):
     outside = tmp_path / 'outside'
     outside.mkdir()
-    plugin, archive_dir = make_plugin(tmp_path, 'envelope_to . yes\n', local_subdirtemplate='${to_domain}')
+    plugin, archive_dir = make_plugin(tmp_path, 'envelope_to . yes\n',
+                                      local_subdirtemplate='${to_domain}')
     os.symlink(str(outside), str(archive_dir / 'example.org'))
     message = suspect()
     assert plugin.examine(message) == fuglu.DEFER  # problemaction
@@ -104,7 +107,8 @@ def test_symlink_out_of_the_archive_is_refused(tmp_path):
 def test_rule_arguments(tmp_path):
     rules = 'envelope_to ^nope@ no\nenvelope_to ^bare@\nenvelope_to ^odd@ maybe\n'
     plugin, archive_dir = make_plugin(tmp_path, rules, local_subdirtemplate='${to_localpart}')
-    for recipient in ('nope@example.org', 'bare@example.org', 'odd@example.org', 'nomatch@example.org'):
+    for recipient in ('nope@example.org', 'bare@example.org', 'odd@example.org',
+                      'nomatch@example.org'):
         plugin.examine(suspect(recipient=recipient))
     # "no" and no match: nothing; no argument and unknown argument: archived
     assert sorted(os.listdir(str(archive_dir))) == ['bare', 'odd']
@@ -133,7 +137,8 @@ def test_original_or_modified_source(tmp_path):
 
 def test_permissions_option(tmp_path):
     plugin, archive_dir = make_plugin(tmp_path, 'envelope_to . yes\n', local_subdirtemplate='p',
-                                      local_chmod='0640', local_chown=str(os.getuid()), local_chgrp=str(os.getgid()))
+                                      local_chmod='0640', local_chown=str(os.getuid()),
+                                      local_chgrp=str(os.getgid()))
     message = suspect()
     plugin.examine(message)
     path = archive_dir / 'p' / ('%s.eml' % message.id)
@@ -151,7 +156,8 @@ def test_failure_gives_problemaction_as_scanner_and_nothing_as_appender(tmp_path
 
 
 def test_works_as_appender(tmp_path):
-    plugin, archive_dir = make_plugin(tmp_path, '@archive.blocked True yes\n', local_subdirtemplate='blocked')
+    plugin, archive_dir = make_plugin(tmp_path, '@archive.blocked True yes\n',
+                                      local_subdirtemplate='blocked')
     message = suspect()
     plugin.process(message, fuglu.DUNNO)
     assert files_under(archive_dir) == []
@@ -191,7 +197,8 @@ def test_safe_component(text, expected):
 def test_lint(tmp_path, capsys):
     plugin, archive_dir = make_plugin(tmp_path, 'envelope_to . yes\n')
     assert plugin.lint() is True
-    plugin, archive_dir = make_plugin(tmp_path, 'envelope_to . yes\n', archivebackends='localdir, s3',
+    plugin, archive_dir = make_plugin(tmp_path, 'envelope_to . yes\n',
+                                      archivebackends='localdir, s3',
                                       local_archivedir=str(tmp_path / 'nowhere'))
     assert plugin.lint() is False
     out = capsys.readouterr().out
@@ -206,7 +213,8 @@ def test_loads_by_alias(tmp_path):
 
 
 def test_shipped_rules_file_archives_nothing(tmp_path):
-    plugin, archive_dir = make_plugin(tmp_path, '', archiverules=os.path.join(REPO_DIR, 'conf', 'archive.regex'))
+    plugin, archive_dir = make_plugin(tmp_path, '',
+                                      archiverules=os.path.join(REPO_DIR, 'conf', 'archive.regex'))
     assert fuglu.SuspectFilter(os.path.join(REPO_DIR, 'conf', 'archive.regex')).lint()
     plugin.examine(suspect())
     assert files_under(archive_dir) == []

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from helpers import InProcessFuglu, VerdictFromHeaderPlugin, free_port
+from helpers import InProcessFuglu, VerdictFromHeaderPlugin, free_port, stop_listening
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESSAGE = b'From: a@example.org\nTo: b@example.org\nSubject: client test\n\nhello\n'
@@ -19,7 +19,8 @@ MESSAGE = b'From: a@example.org\nTo: b@example.org\nSubject: client test\n\nhell
 @pytest.fixture(scope='module')
 def pyz(tmp_path_factory):
     target = str(tmp_path_factory.mktemp('pyz') / 'fuglu.pyz')
-    subprocess.run([sys.executable, os.path.join(REPO, 'build_zipapp.py'), '-o', target], check=True,
+    subprocess.run([sys.executable, os.path.join(REPO, 'build_zipapp.py'), '-o', target],
+                   check=True,
                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
     return target
 
@@ -79,7 +80,8 @@ def test_client_output_option_writes_the_scanned_message(program, netcat):
     ('DELETE', 2, b'DISCARD: OK ('),
 ])
 def test_client_exit_code_per_verdict(program, netcat, verdict, code, text):
-    result = run(program, 'client', '--port', netcat.port, stdin=b'X-Test-Verdict: %s\n' % verdict.encode() + MESSAGE)
+    result = run(program, 'client', '--port', netcat.port,
+                 stdin=b'X-Test-Verdict: %s\n' % verdict.encode() + MESSAGE)
     assert result.returncode == code, result.stderr
     assert result.stdout.startswith(text)
 
@@ -89,10 +91,12 @@ def test_client_sends_the_envelope(netcat, tmp_path):
     eml = tmp_path / 'message.eml'
     eml.write_bytes(MESSAGE)
     result = run(os.path.join(REPO, 'fuglu.py'), 'client', '--port', netcat.port, '-i', str(eml),
-                 '--sender', 'alice@example.org', '-r', 'bob@example.com', '-r', 'carol@example.com')
+                 '--sender', 'alice@example.org', '-r', 'bob@example.com', '-r',
+                 'carol@example.com')
     assert result.returncode == 0, result.stderr
     sender, recipients, tags, source = VerdictFromHeaderPlugin.seen[-1]
-    assert (sender, recipients, source) == ('alice@example.org', ['bob@example.com', 'carol@example.com'], MESSAGE)
+    assert (sender, recipients, source) == ('alice@example.org',
+                                            ['bob@example.com', 'carol@example.com'], MESSAGE)
 
 
 def test_client_without_a_connector_exits_1(program):
@@ -102,7 +106,8 @@ def test_client_without_a_connector_exits_1(program):
 
 
 def test_client_talking_to_something_else_exits_1(smtp):
-    result = run(os.path.join(REPO, 'fuglu.py'), 'client', '--port', smtp.port, '-t', '5', stdin=MESSAGE)
+    result = run(os.path.join(REPO, 'fuglu.py'), 'client', '--port', smtp.port, '-t', '5',
+                 stdin=MESSAGE)
     assert result.returncode == 1
     assert b'unexpected reply' in result.stderr
 
@@ -117,8 +122,10 @@ def test_healthcheck_of_running_connectors_exits_0(program, smtp, esmtp, netcat)
 
 
 def test_healthcheck_of_the_wrong_kind_of_connector_exits_1(program, smtp, netcat):
-    assert run(program, 'healthcheck', 'netcat', '127.0.0.1:%d' % smtp.port, '-t', '3').returncode == 1
-    assert run(program, 'healthcheck', 'smtp', '127.0.0.1:%d' % netcat.port, '-t', '3').returncode == 1
+    assert (run(program, 'healthcheck', 'netcat', '127.0.0.1:%d' % smtp.port, '-t', '3').returncode
+            == 1)
+    assert (run(program, 'healthcheck', 'smtp', '127.0.0.1:%d' % netcat.port, '-t', '3').returncode
+            == 1)
 
 
 def test_healthcheck_of_nothing_listening_exits_1(program):
@@ -162,7 +169,7 @@ class FakeMilter(object):
                 connection.sendall(self.reply)
 
     def stop(self):
-        self.listener.close()
+        stop_listening(self.listener)
 
 
 def test_healthcheck_milter_sends_optneg_and_wants_an_optneg_back(program):

@@ -1,4 +1,4 @@
-"""The configuration system: FuGlu's parser semantics (spec 2), the lint checks of
+"""The configuration system: FuGlu's parser semantics, the lint checks of
 options, the incomingport and plugin list syntax, and fuglu.conf.dist."""
 
 import configparser
@@ -124,7 +124,8 @@ def test_lookups_fall_back_to_registered_defaults():
     assert config.getint('performance', 'maxthreads') == 40
     assert config.has_option('main', 'suspectidheader')
     config.set_defaults('MyPlugin', {'threshold': {'default': '7', 'description': 'x'},
-                                     'where': {'default': 'a', 'description': 'y', 'section': 'other'}})
+                                     'where': {'default': 'a', 'description': 'y',
+                                               'section': 'other'}})
     assert config.getint('MyPlugin', 'threshold') == 7
     assert config.get('other', 'where') == 'a'
     assert config.has_option('MyPlugin', 'THRESHOLD')
@@ -197,8 +198,9 @@ def test_invalid_value_error_names_file_section_option_and_value(tmp_path):
 
 
 def test_valid_core_options_give_no_errors():
-    config = make_config('[main]\noutgoingport = 10026\ntrusted_xforward_peers = 127.0.0.1, 10.0.0.0/8\n'
-                         '[spam]\ndefaultlowspamaction = discard\ndefaulthighspamaction = REJECT\n')
+    config = make_config('[main]\noutgoingport = 10026\n'
+                         'trusted_xforward_peers = 127.0.0.1, 10.0.0.0/8\n[spam]\n'
+                         'defaultlowspamaction = discard\ndefaulthighspamaction = REJECT\n')
     for section, table in fuglu.CORE_DEFAULTS.items():
         assert fuglu.check_options(config, section, table) == []
 
@@ -217,7 +219,8 @@ def test_plugin_check_config_reports_unknown_and_invalid_options(capsys):
     assert '[Checked] typo_option' in out
     assert 'Missing' in out and '[Checked] host' in out
     # overrideaction/overridemessage are allowed in every plugin section
-    config = make_config('[Checked]\nport = 1\nhost = h\noverrideaction = DUNNO\noverridemessage = x\n')
+    config = make_config('[Checked]\nport = 1\nhost = h\noverrideaction = '
+                         'DUNNO\noverridemessage = x\n')
     assert Checked(config).check_config() is True
 
 
@@ -256,7 +259,8 @@ def test_listen_specs_from_a_list():
     config = make_config('[main]\nbindaddress = 127.0.0.3\nincomingport = 10025, milter:10028,'
                          'esmtp:127.0.0.4:10030\n')
     controller = fuglu.MainController(config)
-    assert controller.listen_specs() == [('smtp', '127.0.0.3', 10025), ('milter', '127.0.0.3', 10028),
+    assert controller.listen_specs() == [('smtp', '127.0.0.3', 10025),
+                                         ('milter', '127.0.0.3', 10028),
                                          ('esmtp', '127.0.0.4', 10030)]
 
 
@@ -267,7 +271,8 @@ def test_plugin_list_syntax():
     assert fuglu.split_plugin_list(' , ') == []
 
 
-@pytest.mark.parametrize('value', ['clamav(', 'clamav(a b)', 'cl amav', 'a()', 'a(b)(c)', 'mod/Class'])
+@pytest.mark.parametrize('value',
+                         ['clamav(', 'clamav(a b)', 'cl amav', 'a()', 'a(b)(c)', 'mod/Class'])
 def test_invalid_plugin_syntax(value):
     with pytest.raises(fuglu.PluginLoadError) as error:
         fuglu.split_plugin_list(value)

@@ -147,3 +147,27 @@ def test_the_list_is_fuglu_1_7_and_not_empty():
     listed = list(all_entries())
     assert len(listed) > 250
     assert ('fuglu.shared', 'Suspect.get_message_rep', 'method', 'self') in listed
+
+
+def test_bundled_plugins_use_only_public_names_of_the_core():
+    import ast
+    plugin_dir = os.path.join(os.path.dirname(HERE), 'fuglu_plugins')
+    used = {}
+    for name in sorted(os.listdir(plugin_dir)):
+        if not name.endswith('.py'):
+            continue
+        with open(os.path.join(plugin_dir, name)) as handle:
+            tree = ast.parse(handle.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == 'fuglu':
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
+                    node.value.id == 'fuglu':
+                names = [node.attr]
+            else:
+                continue
+            for used_name in names:
+                used.setdefault(used_name, set()).add(name)
+    assert used, 'no use of the core found: the test would pass vacuously'
+    assert {name: files for name, files in used.items() if name not in fuglu.__all__} == {}
+    assert [name for name in fuglu.__all__ if not hasattr(fuglu, name)] == []

@@ -1,4 +1,4 @@
-"""What FuGlu plugins rely on beyond names (issue 11): suspect.tempfile, the plugin
+"""What FuGlu plugins rely on beyond names: suspect.tempfile, the plugin
 helpers, FuConfigParser's FuGlu signatures, SuspectFilter(None) and its helpers,
 Suspect's header helpers and address checks, apply_template's valuesfunction, the AV
 base class, async plugins, and the refusal of FuGlu modules this build lacks."""
@@ -484,3 +484,23 @@ def test_funkyconsole_and_class_level_requiredvars_updated_in_init():
     ClassLevel(config)
     assert config.get('ClassLevel', 'a') == '1' and config.get('ClassLevel', 'b') == '2'
     assert ClassLevel.requiredvars == {'a': {'default': '1'}}   # the class keeps its table
+
+
+# -- exceptions ------------------------------------------------------------------------
+
+def test_every_core_exception_has_one_root_and_keeps_the_bases_fuglu_code_catches():
+    import inspect
+    exceptions = [cls for cls in vars(fuglu).values()
+                  if inspect.isclass(cls) and issubclass(cls, BaseException) and
+                  cls.__module__ == fuglu.__name__]
+    assert len(exceptions) >= 18
+    assert [cls.__name__ for cls in exceptions if not issubclass(cls, fuglu.FugluError)] == []
+    for name, base in [('ForceUStringError', TypeError), ('UnsafeLocation', OSError),
+                       ('InvalidAddress', ValueError), ('EnvelopeSyntaxError', ValueError),
+                       ('EnvelopeBlockError', ValueError), ('NotInThisBuild', ImportError)]:
+        assert issubclass(getattr(fuglu, name), base), name
+    # Suspect() refuses an address with a ValueError, as FuGlu's does
+    with pytest.raises(ValueError):
+        fuglu.Suspect('sender@example.org', ['not an address'], inbuffer=b'x')
+    with pytest.raises(fuglu.FugluError):
+        fuglu.Suspect('sender@example.org', [None], inbuffer=b'x')

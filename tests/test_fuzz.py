@@ -28,21 +28,26 @@ import sys
 
 import pytest
 
-from helpers import InProcessFuglu, Sink, fuglu, wait_for
+from helpers import InProcessFuglu, Sink, fuglu, no_delay
 
 # by default each Python version runs cases of its own: more cases across a CI run,
 # each one still repeatable
 SEED = os.environ.get('FUGLU_FUZZ_SEED', 'ci-%d.%d' % sys.version_info[:2])
-COUNT = int(os.environ.get('FUGLU_FUZZ_COUNT', '100'))
+COUNT = int(os.environ.get('FUGLU_FUZZ_COUNT', '300'))   # about 2 s in all
 CASE_TIMEOUT = 20   # seconds a case may take before fuglu counts as stuck
 
-NASTY = [b'\r', b'\n', b'\0', b'\xff', b'\xc4\xb1', b'\xc2\xb2', b'\xef\xbc\x91', b'\x7f', b'\t', b'<', b'>',
-         b':', b'=', b' ', b'+', b'%', b'$', b'${id}', b'SIZE=', b'SIZE=\xc2\xb2', b'9' * 30, b'\r\n.\r\n',
-         b'.\r\n', b'\r\n', b'BDAT 0 LAST\r\n', b'XFORWARD ADDR=+0D+0A\r\n', b'A' * 3000, b'MA\xc4\xb1L',
-         b'RCPT TO:<x\rz@example.org>\r\n', b'DATA\r\n', b'RSET\r\n', b'\r\n\r\n', b'=?utf-8?b?w6Q=?=']
+NASTY = [b'\r', b'\n', b'\0', b'\xff', b'\xc4\xb1', b'\xc2\xb2', b'\xef\xbc\x91', b'\x7f', b'\t',
+         b'<', b'>',
+         b':', b'=', b' ', b'+', b'%', b'$', b'${id}', b'SIZE=', b'SIZE=\xc2\xb2', b'9' * 30,
+         b'\r\n.\r\n',
+         b'.\r\n', b'\r\n', b'BDAT 0 LAST\r\n', b'XFORWARD ADDR=+0D+0A\r\n', b'A' * 3000,
+         b'MA\xc4\xb1L',
+         b'RCPT TO:<x\rz@example.org>\r\n', b'DATA\r\n', b'RSET\r\n', b'\r\n\r\n',
+         b'=?utf-8?b?w6Q=?=']
 
 MESSAGE_LINES = [b'Received: from client.example (client.example [192.0.2.7])', b'\tby mx.example',
-                 b'From: Alice <alice@example.org>', b'To: bob@example.com', b'Subject: fuzz \xc3\xa4',
+                 b'From: Alice <alice@example.org>', b'To: bob@example.com',
+                 b'Subject: fuzz \xc3\xa4',
                  b'MIME-Version: 1.0', b'Content-Type: text/plain; charset=utf-8', b'', b'Hello,',
                  b'.a dot line', b'..two dots', b'last line']
 
@@ -76,7 +81,8 @@ WORD_RE = re.compile(rb'([ =:<>@.\0]+)')
 
 
 # what a word (a verb, a keyword, an address part, a value) is replaced with
-WORDS = [b'\xc2\xb2', b'\xef\xbc\x91', b'9' * 25, b'9' * 3000, b'', b'\xc4\xb1', b'MA\xc4\xb1L', b'a\rb',
+WORDS = [b'\xc2\xb2', b'\xef\xbc\x91', b'9' * 25, b'9' * 3000, b'', b'\xc4\xb1', b'MA\xc4\xb1L',
+         b'a\rb',
          b'a\nb', b'\0', b'\xff', b'${id}', b'<', b'x' * 300, b'+0D+0A', b'\x1b[31m']
 
 
@@ -140,7 +146,7 @@ def exchange(rng, port, data, first=b''):
     """Connect, (send ``first`` and read nothing yet,) send ``data`` in pieces,
     half-close, read to EOF; returns everything fuglu said. Fails if fuglu does not
     close the connection within CASE_TIMEOUT."""
-    sock = socket.create_connection(('127.0.0.1', port), timeout=CASE_TIMEOUT)
+    sock = no_delay(socket.create_connection(('127.0.0.1', port), timeout=CASE_TIMEOUT))
     received = bytearray()
     try:
         send_in_pieces(rng, sock, first + data)
@@ -165,10 +171,7 @@ def exchange(rng, port, data, first=b''):
 
 def settled(instance):
     """No session left and every worker idle (bounded wait): nothing stuck."""
-    controller = instance.controller
-    return wait_for(lambda: not controller.smtp_sessions and
-                    all(state != 'processing' for state in list(controller.backend.workers.values())),
-                    timeout=CASE_TIMEOUT)
+    return instance.idle(CASE_TIMEOUT)
 
 
 # -- fixtures ----------------------------------------------------------------------------
@@ -190,9 +193,12 @@ def daemon():
     made = []
 
     def start(protocol, sink=None, extra_main=''):
-        instance = InProcessFuglu(sink.port if sink else 9, protocol=protocol, plugins='test_fuzz.CountingScanner',
-                                  extra_main='smtp_max_message_size=200000\nmax_session_time=60\n' + extra_main,
-                                  extra='max_sessions_per_client=0\n[milter]\nmilter_max_packet_size=70000')
+        instance = InProcessFuglu(sink.port if sink else 9, protocol=protocol,
+                                  plugins='test_fuzz.CountingScanner',
+                                  extra_main='smtp_max_message_size=200000\n'
+                                             'max_session_time=60\n' + extra_main,
+                                  extra='max_sessions_per_client=0\n'
+                                        '[milter]\nmilter_max_packet_size=70000')
         made.append(instance)
         return instance
     CountingScanner.scanned = 0
@@ -238,14 +244,16 @@ def smtp_dialogue(rng):
 
 
 def fuzz_smtp(protocol, daemon, log_records):
-    sink = Sink(extensions=('PIPELINING', 'SIZE 10240000', '8BITMIME', 'SMTPUTF8', 'DSN', 'CHUNKING',
+    sink = Sink(extensions=('PIPELINING', 'SIZE 10240000', '8BITMIME', 'SMTPUTF8', 'DSN',
+                            'CHUNKING',
                             'XFORWARD NAME ADDR PROTO HELO SOURCE PORT IDENT'))
     try:
         instance = daemon(protocol, sink)
         for index in range(COUNT):
             rng = random.Random('%s-%s-%d' % (SEED, protocol, index))
             lines = smtp_dialogue(rng)
-            envelope = [i for i, line in enumerate(lines) if line[:4] in (b'EHLO', b'XFOR', b'MAIL', b'RCPT')]
+            envelope = [i for i, line in enumerate(lines)
+                        if line[:4] in (b'EHLO', b'XFOR', b'MAIL', b'RCPT')]
             lines = mutate_items(rng, lines, NASTY, envelope)
             data = b''.join(line + rng.choice([b'\r\n'] * 8 + [b'\n', b'\r']) for line in lines)
             before_deliveries, before_scans = len(sink.messages), CountingScanner.scanned
@@ -253,18 +261,21 @@ def fuzz_smtp(protocol, daemon, log_records):
             label = case_label(protocol, index, data)
             assert settled(instance), 'stuck: ' + label
             assert said.startswith(b'220 ') or said.startswith(b'421 '), label
-            assert REPLY_LINE_RE.sub(b'', said) == b'', 'malformed reply %r: %s' % (said[-300:], label)
+            assert (REPLY_LINE_RE.sub(b'', said)
+                    == b''), 'malformed reply %r: %s' % (said[-300:], label)
             delivered = len(sink.messages) - before_deliveries
             accepted = said.count(b'queued as ABC123DEF')
-            assert delivered == accepted, '%d delivered, %d final 250 replies: %s' % (delivered, accepted, label)
+            assert delivered == accepted, '%d delivered, %d final 250 replies: %s' % (
+                delivered, accepted, label)
             assert CountingScanner.scanned - before_scans >= delivered, label
             assert log_records.tracebacks() == [], label
         assert instance.controller.exceptions == []
         # still serving
         rng = random.Random('clean')
-        said = exchange(rng, instance.port, b'\r\n'.join(smtp_dialogue(random.Random(1))[:1] + [
-            b'MAIL FROM:<a@example.org>', b'RCPT TO:<b@example.org>', b'DATA'] + MESSAGE_LINES[2:5] +
-            [b'.', b'QUIT', b'']))
+        dialogue = smtp_dialogue(random.Random(1))[:1] + [
+            b'MAIL FROM:<a@example.org>', b'RCPT TO:<b@example.org>', b'DATA']
+        dialogue += MESSAGE_LINES[2:5] + [b'.', b'QUIT', b'']
+        said = exchange(rng, instance.port, b'\r\n'.join(dialogue))
         assert b'queued as ABC123DEF' in said, said
     finally:
         sink.stop()
@@ -286,9 +297,12 @@ NETCAT_REPLY_RE = re.compile(rb'^(DUNNO|DISCARD|REJECT|DEFER):')
 def netcat_input(rng):
     lines = []
     if rng.random() < 0.7:
-        lines += [b'X-DATA-PREPEND-START: tok', b'X-ENV-SENDER: <%s>' % edgy(rng, b'alice@example.org'),
-                  b'X-ENV-RECIPIENT: ' + edgy(rng, b'bob@example.com'), b'X-ENV-RECIPIENT: <carol@example.net>',
-                  b'X-Some-Tag: ' + edgy(rng, b'value'), b'X-DATA-PREPEND-END: ' + edgy(rng, b'tok', 0.05)]
+        lines += [b'X-DATA-PREPEND-START: tok',
+                  b'X-ENV-SENDER: <%s>' % edgy(rng, b'alice@example.org'),
+                  b'X-ENV-RECIPIENT: ' + edgy(rng, b'bob@example.com'),
+                  b'X-ENV-RECIPIENT: <carol@example.net>',
+                  b'X-Some-Tag: ' + edgy(rng, b'value'), b'X-DATA-PREPEND-END: '
+                                                         b'' + edgy(rng, b'tok', 0.05)]
         if rng.random() < 0.05:
             lines.insert(1, b'X-HEALTHCHECK: true')
     return lines + list(MESSAGE_LINES)
@@ -299,7 +313,8 @@ def test_fuzz_netcat_connector(daemon, log_records):
     for index in range(COUNT):
         rng = random.Random('%s-netcat-%d' % (SEED, index))
         lines = netcat_input(rng)
-        lines = mutate_items(rng, lines, NASTY, [i for i, line in enumerate(lines) if line.startswith(b'X-')])
+        lines = mutate_items(rng, lines, NASTY,
+                             [i for i, line in enumerate(lines) if line.startswith(b'X-')])
         data = b''.join(line + rng.choice([b'\r\n', b'\n']) for line in lines)
         before = CountingScanner.scanned
         said = exchange(rng, instance.port, data)
@@ -329,12 +344,14 @@ def milter_stream(rng):
     strings = fuglu.milter_strings
     protocol = POSTFIX_PROTOCOL if rng.random() < 0.8 else rng.randrange(1 << 21)
     packets = [(fuglu.SMFIC_OPTNEG, fuglu.encode_optneg(6, POSTFIX_ACTIONS, protocol)[5:]),
-               (fuglu.SMFIC_MACRO, fuglu.SMFIC_CONNECT + strings('j', 'mx.example', '{daemon_name}', 'smtpd')),
+               (fuglu.SMFIC_MACRO,
+                fuglu.SMFIC_CONNECT + strings('j', 'mx.example', '{daemon_name}', 'smtpd')),
                (fuglu.SMFIC_CONNECT, strings('client.example') + b'4' + (4242).to_bytes(2, 'big') +
                 strings('192.0.2.7')),
                (fuglu.SMFIC_HELO, strings(edgy(rng, b'client.example')))]
     for message in range(rng.choice([1, 1, 2])):
-        packets += [(fuglu.SMFIC_MACRO, fuglu.SMFIC_MAIL + strings('i', 'Q%d' % message, '{mail_addr}', 'a@x')),
+        packets += [(fuglu.SMFIC_MACRO,
+                     fuglu.SMFIC_MAIL + strings('i', 'Q%d' % message, '{mail_addr}', 'a@x')),
                     (fuglu.SMFIC_MAIL, strings(b'<%s>' % edgy(rng, b'alice@example.org'),
                                                b'SIZE=' + edgy(rng, b'300'))),
                     (fuglu.SMFIC_RCPT, strings(b'<%s>' % edgy(rng, b'bob@example.com'))),
@@ -343,7 +360,8 @@ def milter_stream(rng):
         for line in MESSAGE_LINES[2:7]:
             name, _, value = line.partition(b':')
             packets.append((fuglu.SMFIC_HEADER, name + b'\0' + value + b'\0'))
-        packets += [(fuglu.SMFIC_EOH, b''), (fuglu.SMFIC_BODY, b'\r\n'.join(MESSAGE_LINES[8:]) + b'\r\n'),
+        packets += [(fuglu.SMFIC_EOH, b''),
+                    (fuglu.SMFIC_BODY, b'\r\n'.join(MESSAGE_LINES[8:]) + b'\r\n'),
                     (fuglu.SMFIC_BODYEOB, b'')]
         if rng.random() < 0.2:
             packets.append((fuglu.SMFIC_ABORT, b''))
@@ -353,8 +371,10 @@ def milter_stream(rng):
 
 def test_fuzz_milter_connector(daemon, log_records):
     instance = daemon('milter')
-    nasty_packets = [fuglu.milter_packet(command) for command in (b'O', b'C', b'M', b'R', b'L', b'E', b'Z', b'\0')]
-    nasty_packets += [b'\0\0\0\0', b'\xff\xff\xff\xff', b'\0\0\0\x05', fuglu.milter_packet(fuglu.SMFIC_HEADER,
+    nasty_packets = [fuglu.milter_packet(command) for command in (b'O', b'C', b'M', b'R', b'L',
+                                                                  b'E', b'Z', b'\0')]
+    nasty_packets += [b'\0\0\0\0', b'\xff\xff\xff\xff', b'\0\0\0\x05',
+                      fuglu.milter_packet(fuglu.SMFIC_HEADER,
                       b'X-Big\0' + b'x' * 60000 + b'\0')]
     for index in range(COUNT):
         rng = random.Random('%s-milter-%d' % (SEED, index))
@@ -363,8 +383,10 @@ def test_fuzz_milter_connector(daemon, log_records):
         if rng.random() < 0.5:   # mutate inside packets (their framing kept) ...
             items = [data for _, data in packets]
             commands = [command for command, _ in packets]
-            mutate_items(rng, items, NASTY, [i for i, command in enumerate(commands) if command in b'CHMRL'])
-            raw = [fuglu.milter_packet(commands[i % len(commands)], item) for i, item in enumerate(items)]
+            mutate_items(rng, items, NASTY,
+                         [i for i, command in enumerate(commands) if command in b'CHMRL'])
+            raw = [fuglu.milter_packet(commands[i % len(commands)], item)
+                   for i, item in enumerate(items)]
         else:                    # ... or the byte stream itself
             mutate_items(rng, raw, NASTY + nasty_packets)
         data = b''.join(raw)
@@ -381,18 +403,22 @@ def test_fuzz_milter_connector(daemon, log_records):
                 break
             replies.append(packet)
         assert decoder.pending() == 0, 'a cut reply packet: ' + label
-        assert all(command[0] in REPLY_COMMANDS for command, _ in replies), '%r: %s' % (replies[:5], label)
+        assert all(command[0] in REPLY_COMMANDS for command, _ in replies), '%r: %s' % (
+            replies[:5], label)
         scanned = CountingScanner.scanned - before
         verdicts = [command for command, _ in replies if command in (b'c', b'a')]
         if replies and replies[0][0] == b'O':
             negotiated = fuglu.parse_optneg(replies[0][1])[2]
-            every_event_quiet = all(negotiated & flag for flag in fuglu.MILTER_NO_REPLY_FLAGS.values())
+            every_event_quiet = all(negotiated & flag
+                                    for flag in fuglu.MILTER_NO_REPLY_FLAGS.values())
             if every_event_quiet:
                 # only end-of-message gets continue/accept, and only after its scan
-                assert len(verdicts) == scanned, '%d scans, %d verdicts: %s' % (scanned, len(verdicts), label)
+                assert (len(verdicts)
+                        == scanned), '%d scans, %d verdicts: %s' % (scanned, len(verdicts), label)
         assert len(verdicts) >= scanned or scanned == 0, label
         assert log_records.tracebacks() == [], label
     assert instance.controller.exceptions == []
     packets, _ = milter_stream(random.Random(3))
-    said = exchange(random.Random(0), instance.port, b''.join(fuglu.milter_packet(c, d) for c, d in packets))
+    said = exchange(random.Random(0), instance.port,
+                    b''.join(fuglu.milter_packet(c, d) for c, d in packets))
     assert fuglu.milter_packet(fuglu.SMFIR_CONTINUE) in said

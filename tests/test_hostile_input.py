@@ -29,7 +29,8 @@ class StrictLog(object):
     cannot encode is lost (and reported by logging.handleError)."""
 
     def __init__(self):
-        self.stream = io.TextIOWrapper(io.BytesIO(), encoding='utf-8', errors='strict', write_through=True)
+        self.stream = io.TextIOWrapper(io.BytesIO(), encoding='utf-8', errors='strict',
+                                       write_through=True)
         self.handler = logging.StreamHandler(self.stream)
         self.handler.setFormatter(logging.Formatter('%(levelname)s %(message)s'))
         self.failures = []
@@ -71,22 +72,27 @@ def session(request, sink, make_fuglu, clients):
 
 # -- SIZE and other parameters ------------------------------------------------------
 
-@pytest.mark.parametrize('value', ['\u00b2', '1\u00b2', '\uff11\uff12', '\u0663', '-1', '', '1e3', '0x10', ' '])
+@pytest.mark.parametrize('value',
+                         ['\u00b2', '1\u00b2', '\uff11\uff12', '\u0663', '-1', '', '1e3', '0x10',
+                          ' '])
 def test_size_that_is_not_ascii_digits_is_a_syntax_error(session, value):
     reply = session.cmd('MAIL FROM:<a@example.org> SIZE=%s' % value)
     assert reply.startswith(b'501 5.5.4 '), reply
     assert session.cmd('NOOP').startswith(b'250'), 'the session goes on'
 
 
-@pytest.mark.parametrize('value', ['9' * 25, '9' * 2000, '268435457'], ids=['25 digits', '2000 digits', 'limit+1'])
+@pytest.mark.parametrize('value', ['9' * 25, '9' * 2000, '268435457'],
+                         ids=['25 digits', '2000 digits', 'limit+1'])
 def test_huge_size_is_refused_as_too_big(session, value):
     reply = session.cmd('MAIL FROM:<a@example.org> SIZE=%s' % value)
     assert reply.startswith(b'552 5.3.4 '), reply
     assert len(reply) < 300, 'the value is not echoed'
 
 
-@pytest.mark.parametrize('parameter', ['B\u0131DY=8BITMIME', 'BODY=8BIT\u0131', 'BODY=', '=x', 'NOTIFY=\x01',
-                                       'ENVID=a\rb', 'X\xffY=1', 'BODY=\u0131', 'BODY=8BITMIME\x00'])
+@pytest.mark.parametrize('parameter',
+                         ['B\u0131DY=8BITMIME', 'BODY=8BIT\u0131', 'BODY=', '=x', 'NOTIFY=\x01',
+                                       'ENVID=a\rb', 'X\xffY=1', 'BODY=\u0131',
+                                       'BODY=8BITMIME\x00'])
 def test_malformed_mail_parameters_are_syntax_errors(session, sink, parameter):
     reply = session.cmd('MAIL FROM:<a@example.org> %s' % parameter)
     assert reply[:3] in (b'500', b'501'), reply
@@ -94,7 +100,9 @@ def test_malformed_mail_parameters_are_syntax_errors(session, sink, parameter):
     assert not any(parameter in command for command in sink.commands)
 
 
-@pytest.mark.parametrize('parameter', ['N\u0131TIFY=NEVER', 'NOTIFY=', '=x', 'NOTIFY=\x01', 'ORCPT=a\rb', 'X\xffY=1'])
+@pytest.mark.parametrize('parameter',
+                         ['N\u0131TIFY=NEVER', 'NOTIFY=', '=x', 'NOTIFY=\x01', 'ORCPT=a\rb',
+                          'X\xffY=1'])
 def test_malformed_rcpt_parameters_are_syntax_errors(session, sink, parameter):
     assert session.cmd('MAIL FROM:<a@example.org>').startswith(b'250')
     reply = session.cmd('RCPT TO:<b@example.org> %s' % parameter)
@@ -109,8 +117,10 @@ def test_utf8_parameter_values_pass(session, sink):
 
 # -- verbs --------------------------------------------------------------------------
 
-@pytest.mark.parametrize('line', ['MA\u0131L FROM:<a@example.org>', 'MA\u0130L FROM:<a@example.org>',
-                                  '\uff2d\uff21\uff29\uff2c FROM:<a@example.org>', 'EHLO\u00a0x', 'N\u00d6OP',
+@pytest.mark.parametrize('line',
+                         ['MA\u0131L FROM:<a@example.org>', 'MA\u0130L FROM:<a@example.org>',
+                                  '\uff2d\uff21\uff29\uff2c FROM:<a@example.org>', 'EHLO\u00a0x',
+                                  'N\u00d6OP',
                                   'MAIL FR\u00d6M:<a@example.org>', 'RSET\xff', '\xffQUIT'])
 def test_only_ascii_verbs_dispatch(session, sink, line):
     reply = session.cmd(line)
@@ -128,7 +138,8 @@ def test_kelvin_and_dotless_letters_do_not_make_a_rcpt(session, sink):
 # -- control characters in envelope text ------------------------------------------------
 
 @pytest.mark.parametrize('address', ['a\rb@example.org', 'a@exa\rmple.org', 'a\x0bb@example.org',
-                                     'a\tb@example.org', 'a\x7fb@example.org', 'a\x1bb@example.org'])
+                                     'a\tb@example.org', 'a\x7fb@example.org',
+                                     'a\x1bb@example.org'])
 def test_control_characters_in_addresses_are_refused(session, sink, address):
     reply = session.cmd('MAIL FROM:<%s>' % address)
     assert reply.startswith(b'501 5.1.7 '), reply
@@ -161,7 +172,8 @@ def test_control_characters_in_greetings_are_refused(session, sink, line):
     assert not any('a\r' in command for command in sink.commands)
 
 
-@pytest.mark.parametrize('item', ['ADDR=1.2.3.4+0D+0Ax', 'NAME=a\rb', 'HELO=+00', 'IDENT=\x01', 'ADDR=',
+@pytest.mark.parametrize('item',
+                         ['ADDR=1.2.3.4+0D+0Ax', 'NAME=a\rb', 'HELO=+00', 'IDENT=\x01', 'ADDR=',
                                   '\u0131DENT=x', 'N\u00c4ME=x'])
 def test_xforward_with_control_characters_or_bad_names_is_refused(session, item):
     reply = session.cmd('XFORWARD %s' % item)
@@ -197,8 +209,11 @@ def test_an_undecodable_sender_still_gets_its_log_lines(session, sink, strict_lo
 
 
 
-@pytest.mark.parametrize('field', [b'X-ENV-SENDER: a\rb@example.org', b'X-ENV-RECIPIENT: <a@exa\x00mple.org>',
-                                   b'X-ENV-RECIPIENT: a>b@example.org', b'X-ENV-SENDER: a\x0bb@example.org',
+@pytest.mark.parametrize('field',
+                         [b'X-ENV-SENDER: a\rb@example.org',
+                          b'X-ENV-RECIPIENT: <a@exa\x00mple.org>',
+                                   b'X-ENV-RECIPIENT: a>b@example.org',
+                                   b'X-ENV-SENDER: a\x0bb@example.org',
                                    b'X-Some-Tag: a\rX-Injected: 1', b'X-Some-Tag: \x1b[31m'])
 def test_control_characters_in_the_envelope_block_are_rejected_unscanned(netcat, field):
     data = b'X-DATA-PREPEND-START: tok\r\n' + field + b'\r\nX-DATA-PREPEND-END: tok\r\n' + UNIX_EML
@@ -223,7 +238,8 @@ def eob(client):
             return packet
 
 
-@pytest.mark.parametrize('sender', ['a\rb@example.org', 'a\nb@example.org', 'a>b@example.org', '\x7f@x.org'])
+@pytest.mark.parametrize('sender',
+                         ['a\rb@example.org', 'a\nb@example.org', 'a>b@example.org', '\x7f@x.org'])
 def test_milter_bad_sender_is_refused_at_mail_when_the_mta_waits(start_fuglu, sender):
     client = MilterClient(start_fuglu().port).start(protocol=ANSWERED)
     reply = client.event(fuglu.SMFIC_MAIL, fuglu.milter_strings('<%s>' % sender))
@@ -251,8 +267,8 @@ def test_milter_bad_recipient_is_refused_at_rcpt_when_the_mta_waits(start_fuglu,
     (fuglu.SMFIC_RCPT, '<a\nb@example.org>', '550 5.1.3 Bad recipient address syntax'),
     (fuglu.SMFIC_HELO, 'a\rb', '550 5.5.4 Syntax error in HELO: control character'),
 ])
-def test_milter_bad_envelope_is_refused_at_the_end_when_negotiated_no_reply(start_fuglu, command, argument,
-                                                                             expected):
+def test_milter_bad_envelope_is_refused_at_the_end_when_negotiated_no_reply(start_fuglu, command,
+                                                                             argument, expected):
     client = MilterClient(start_fuglu().port).start()
     assert client.protocol & fuglu.MILTER_NO_REPLY_FLAGS[command]
     if command == fuglu.SMFIC_HELO:
@@ -260,7 +276,8 @@ def test_milter_bad_envelope_is_refused_at_the_end_when_negotiated_no_reply(star
     if command != fuglu.SMFIC_MAIL:
         client.event(fuglu.SMFIC_MAIL, fuglu.milter_strings('<a@example.org>'))
     if command == fuglu.SMFIC_MAIL:
-        client.event(fuglu.SMFIC_MAIL, b''.join(fuglu.milter_strings(item) for item in argument.split('\0')))
+        client.event(fuglu.SMFIC_MAIL,
+                     b''.join(fuglu.milter_strings(item) for item in argument.split('\0')))
     client.event(fuglu.SMFIC_RCPT, fuglu.milter_strings('<ok@example.org>'))
     if command == fuglu.SMFIC_RCPT:
         client.event(fuglu.SMFIC_RCPT, fuglu.milter_strings(argument))
@@ -274,11 +291,13 @@ def test_milter_headers_count_towards_the_size_limit(start_fuglu, strict_log):
     client.event(fuglu.SMFIC_MAIL, fuglu.milter_strings('<a@example.org>'))
     client.event(fuglu.SMFIC_RCPT, fuglu.milter_strings('<b@example.org>'))
     for index in range(30):
-        client.event(fuglu.SMFIC_HEADER, fuglu.milter_strings('X-Filler-%d' % index, ' ' + 'x' * 60))
+        client.event(fuglu.SMFIC_HEADER,
+                     fuglu.milter_strings('X-Filler-%d' % index, ' ' + 'x' * 60))
     client.event(fuglu.SMFIC_EOH)
     client.event(fuglu.SMFIC_BODY, b'short body\r\n')
     client.send(fuglu.SMFIC_BODYEOB)
-    assert replycode([client.read()]).startswith('452 4.3.4 message size exceeds fixed maximum message size 1000')
+    assert replycode([client.read()]).startswith('452 4.3.4 message size exceeds fixed maximum '
+                                                 'message size 1000')
     assert ChangingPlugin.seen == []
     assert 'over smtp_max_message_size 1000 (headers and body)' in strict_log.text()
     assert instance.controller.exceptions == []
@@ -291,7 +310,8 @@ def test_milter_header_with_a_malformed_name_closes_the_connection(start_fuglu, 
     client = MilterClient(instance.port).start()
     client.event(fuglu.SMFIC_MAIL, fuglu.milter_strings('<a@example.org>'))
     client.event(fuglu.SMFIC_RCPT, fuglu.milter_strings('<b@example.org>'))
-    client.event(fuglu.SMFIC_HEADER, fuglu.milter_strings('X-A\r\nContent-Type', ' multipart/mixed'))
+    client.event(fuglu.SMFIC_HEADER,
+                 fuglu.milter_strings('X-A\r\nContent-Type', ' multipart/mixed'))
     assert client.closed_by_peer()
     assert 'HEADER with a malformed name' in strict_log.text()
     assert instance.controller.exceptions == []
@@ -299,7 +319,8 @@ def test_milter_header_with_a_malformed_name_closes_the_connection(start_fuglu, 
 
 def test_milter_header_value_with_a_bare_lf_stays_one_header(start_fuglu):
     client = MilterClient(start_fuglu().port).start()
-    packets = client.message(raw_headers=[('Subject', ' hi\nX-Smuggled: yes'), ('From', ' a@example.org')])
+    packets = client.message(raw_headers=[('Subject', ' hi\nX-Smuggled: yes'),
+                                          ('From', ' a@example.org')])
     assert packets[-1] == (b'c', b'')
     source = ChangingPlugin.seen[-1]['source']
     assert b'Subject: hi\r\n X-Smuggled: yes\r\n' in source

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from helpers import InProcessFuglu, RawClient, Sink, fuglu, stopped_at_teardown, wait_for
+from helpers import (InProcessFuglu, RawClient, Sink, fuglu, no_delay, stop_listening,
+                     stopped_at_teardown, wait_for)
 from test_hostile_input import strict_log  # noqa: F401 (a fixture)
 from test_milter import MilterClient
 from test_smtp import MESSAGE, stuff
@@ -52,7 +53,7 @@ class QuietServer(object):
             pass
 
     def stop(self):
-        self.listener.close()
+        stop_listening(self.listener)
         for sock in self.connections:
             sock.close()
 
@@ -75,7 +76,7 @@ def clients():
     opened = []
 
     def connect(port, source='127.0.0.1', timeout=10):
-        sock = socket.socket()
+        sock = no_delay(socket.socket())
         sock.bind((source, 0))
         sock.settimeout(timeout)
         sock.connect(('127.0.0.1', port))
@@ -87,11 +88,6 @@ def clients():
     yield connect
     for client in opened:
         client.close()
-
-
-def workers_idle(instance):
-    workers = instance.controller.backend.workers
-    return all(state != 'processing' for state in list(workers.values()))
 
 
 def start_data(client):
@@ -125,30 +121,32 @@ def test_empty_message_to_a_chunking_downstream_is_delivered(make_fuglu, clients
         if headers == '0':
             assert downstream.messages[0]['data'] == b''
         client.close()
-        assert wait_for(lambda: workers_idle(instance)), 'the worker is free again'
-        assert wait_for(lambda: instance.controller.smtp_sessions == set())
+        assert instance.idle(), 'the worker is free again, no session left'
+
     finally:
         downstream.stop()
 
 
 # -- a downstream that goes quiet -----------------------------------------------------------
 
-def test_downstream_that_never_greets_gets_the_client_a_451_in_time(quiet_server, make_fuglu, clients):
+def test_downstream_that_never_greets_gets_the_client_a_451_in_time(quiet_server, make_fuglu,
+                                                                    clients):
     quiet = quiet_server()
-    instance = make_fuglu(quiet.port, extra_main='downstream_reply_timeout=1\noutgoingretry=0')
+    instance = make_fuglu(quiet.port, extra_main='downstream_reply_timeout=0.2\n'
+                                                    'outgoingretry=0')
     client = clients(instance.port)
     assert client.cmd('EHLO client.example').startswith(b'250')
     started = time.monotonic()
     reply = client.cmd('MAIL FROM:<a@example.org>')
     assert reply.startswith(b'451 4.4.2 '), reply
-    assert time.monotonic() - started < 8, 'bounded by downstream_reply_timeout, not smtptimeout'
+    assert time.monotonic() - started < 5, 'bounded by downstream_reply_timeout, not smtptimeout'
     assert quiet.connections
 
 
 def test_downstream_quiet_after_the_data_gets_a_451(make_fuglu, clients):
     quiet = QuietServer(['220 quiet', '250 quiet', '250 ok', '250 ok', '354 go'])
     try:
-        instance = make_fuglu(quiet.port, extra_main='downstream_data_timeout=1')
+        instance = make_fuglu(quiet.port, extra_main='downstream_data_timeout=0.2')
         client = clients(instance.port)
         start_data(client)
         client.send(stuff(MESSAGE))
@@ -169,7 +167,8 @@ def test_downstream_that_never_accepts_the_connection_gets_a_451(make_fuglu, cli
             filler.setblocking(False)
             filler.connect_ex(listener.getsockname())
             fillers.append(filler)
-        instance = make_fuglu(listener.getsockname()[1], extra_main='downstream_connect_timeout=1\noutgoingretry=0')
+        instance = make_fuglu(listener.getsockname()[1],
+                              extra_main='downstream_connect_timeout=0.2\noutgoingretry=0')
         client = clients(instance.port)
         assert client.cmd('EHLO client.example').startswith(b'250')
         started = time.monotonic()
@@ -185,7 +184,8 @@ def test_downstream_that_never_accepts_the_connection_gets_a_451(make_fuglu, cli
 def test_esmtp_greeting_and_ehlo_together_fit_downstream_timeout(make_fuglu, clients):
     quiet = QuietServer(['220 quiet'])   # greets, never answers EHLO
     try:
-        instance = make_fuglu(quiet.port, protocol='esmtp', extra='[esmtpconnector]\ndownstream_timeout=2')
+        instance = make_fuglu(quiet.port, protocol='esmtp',
+                              extra='[esmtpconnector]\ndownstream_timeout=0.3')
         client = clients(instance.port)
         started = time.monotonic()
         reply = client.cmd('EHLO client.example')
@@ -197,12 +197,13 @@ def test_esmtp_greeting_and_ehlo_together_fit_downstream_timeout(make_fuglu, cli
 
 # -- max_session_time -----------------------------------------------------------------------
 
-def trickle_until_closed(sock, data, limit=200):
-    """Send ``data`` a byte at a time, each after waiting up to 0.2 s for fuglu to say
-    something; returns what fuglu said before closing (or b'' after ``limit`` bytes)."""
+def trickle_until_closed(sock, data, limit=500):
+    """Send ``data`` a byte at a time, each after waiting up to 0.02 s for fuglu to say
+    something; returns what fuglu said before closing (or b'' after ``limit`` bytes, 10 s
+    and more: fuglu never closed)."""
     received = b''
     for index in range(limit):
-        readable, _, _ = select.select([sock], [], [], 0.2)
+        readable, _, _ = select.select([sock], [], [], 0.02)
         if readable:
             chunk = sock.recv(65536)
             if not chunk:
@@ -217,8 +218,9 @@ def trickle_until_closed(sock, data, limit=200):
 
 
 @pytest.mark.parametrize('protocol', ['smtp', 'esmtp'])
-def test_a_trickling_smtp_client_gets_421_at_max_session_time(sink, make_fuglu, clients, strict_log, protocol):
-    instance = make_fuglu(sink.port, protocol=protocol, extra_main='max_session_time=3')
+def test_a_trickling_smtp_client_gets_421_at_max_session_time(sink, make_fuglu, clients, strict_log,
+                                                              protocol):
+    instance = make_fuglu(sink.port, protocol=protocol, extra_main='max_session_time=0.5')
     client = clients(instance.port)
     said = trickle_until_closed(client.sock, b'NOOP\r\n')
     assert said.endswith(b'421 4.4.2 Error: timeout exceeded (session time limit)\r\n'), said
@@ -227,7 +229,7 @@ def test_a_trickling_smtp_client_gets_421_at_max_session_time(sink, make_fuglu, 
 
 
 def test_a_session_past_its_time_in_data_is_not_delivered(sink, make_fuglu, clients):
-    instance = make_fuglu(sink.port, extra_main='max_session_time=2')
+    instance = make_fuglu(sink.port, extra_main='max_session_time=0.5')
     client = clients(instance.port)
     start_data(client)
     said = trickle_until_closed(client.sock, b'Subject: slow\r\n')
@@ -236,7 +238,7 @@ def test_a_session_past_its_time_in_data_is_not_delivered(sink, make_fuglu, clie
 
 
 def test_a_trickling_netcat_client_gets_defer(make_fuglu):
-    instance = make_fuglu(1, protocol='netcat', extra_main='max_session_time=2')
+    instance = make_fuglu(1, protocol='netcat', extra_main='max_session_time=0.3')
     sock = socket.create_connection(('127.0.0.1', instance.port), timeout=10)
     try:
         said = trickle_until_closed(sock, b'Subject: x\r\n')
@@ -247,10 +249,11 @@ def test_a_trickling_netcat_client_gets_defer(make_fuglu):
 
 
 def test_a_milter_connection_past_its_time_is_closed(make_fuglu, strict_log):
-    instance = make_fuglu(1, protocol='milter', extra_main='max_session_time=2')
+    instance = make_fuglu(1, protocol='milter', extra_main='max_session_time=0.3')
     client = MilterClient(instance.port).start()
     try:
-        macro = fuglu.milter_packet(fuglu.SMFIC_MACRO, fuglu.SMFIC_MAIL + fuglu.milter_strings('i', 'Q1'))
+        macro = fuglu.milter_packet(fuglu.SMFIC_MACRO,
+                                    fuglu.SMFIC_MAIL + fuglu.milter_strings('i', 'Q1'))
         assert trickle_until_closed(client.sock, macro) == b''
         assert wait_for(lambda: 'longer than max_session_time' in strict_log.text())
     finally:
@@ -259,7 +262,8 @@ def test_a_milter_connection_past_its_time_is_closed(make_fuglu, strict_log):
 
 # -- max_sessions_per_client ---------------------------------------------------------------
 
-def test_forty_trickling_connections_do_not_block_other_clients(sink, make_fuglu, clients, strict_log):
+def test_forty_trickling_connections_do_not_block_other_clients(sink, make_fuglu, clients,
+                                                                strict_log):
     # maxthreads 10, so by default one address may hold 5 connections
     instance = make_fuglu(sink.port)
     trickling, refused = [], 0
@@ -269,14 +273,17 @@ def test_forty_trickling_connections_do_not_block_other_clients(sink, make_fuglu
             trickling.append(client)
             client.send(b'NO')   # a command that never ends
         else:
-            assert client.banner == b'421 4.7.0 Error: too many connections from your address, try again later\r\n'
+            assert (client.banner
+                    == b'421 4.7.0 Error: too many connections from your address, try again '
+                       b'later\r\n')
             refused += 1
     assert (len(trickling), refused) == (5, 35)
     other = clients(instance.port, source='127.0.0.2')
     assert other.banner.startswith(b'220')
     assert send_message(other).startswith(b'250')
     assert wait_for(lambda: len(sink.messages) == 1)
-    assert wait_for(lambda: 'connection from 127.0.0.1 refused: 5 open, max_sessions_per_client is 5'
+    assert wait_for(lambda: 'connection from 127.0.0.1 refused: 5 open, '
+                            'max_sessions_per_client is 5'
                     in strict_log.text())
     for client in trickling:
         client.send(b'OP\r\n')
@@ -288,14 +295,16 @@ def test_forty_trickling_connections_do_not_block_other_clients(sink, make_fuglu
 
 
 def test_over_the_cap_netcat_gets_defer_and_milter_is_closed(make_fuglu):
-    for protocol, expected in (('netcat', fuglu.NETCAT_BANNER + b'DEFER:too many connections'), ('milter', b'')):
+    for protocol, expected in (('netcat', fuglu.NETCAT_BANNER + b'DEFER:too many connections'),
+                               ('milter', b'')):
         instance = make_fuglu(1, protocol=protocol, performance='max_sessions_per_client=1')
         holder = socket.create_connection(('127.0.0.1', instance.port), timeout=10)
         try:
             if protocol == 'netcat':
                 assert holder.recv(len(fuglu.NETCAT_BANNER)) == fuglu.NETCAT_BANNER
             else:
-                assert wait_for(lambda: instance.controller.client_sessions.open.get('127.0.0.1') == 1)
+                sessions = instance.controller.client_sessions
+                assert wait_for(lambda: sessions.open.get('127.0.0.1') == 1)
             with socket.create_connection(('127.0.0.1', instance.port), timeout=10) as second:
                 said = fuglu.read_until_eof(second)[0]
             assert said.startswith(expected), said
@@ -317,12 +326,14 @@ class RuleBlocker(fuglu.ScannerPlugin):
     requiredvars = {'filterfile': {'default': '', 'description': 'rule file'}}
 
     def examine(self, suspect):
-        matched, argument = fuglu.SuspectFilter(self.config.get(self.section, 'filterfile')).matches(suspect)
+        rules = fuglu.SuspectFilter(self.config.get(self.section, 'filterfile'))
+        matched, argument = rules.matches(suspect)
         return (fuglu.REJECT, argument) if matched else fuglu.DUNNO
 
 
-def test_a_rule_out_of_time_defers_the_message(sink, make_fuglu, clients, tmp_path, monkeypatch, strict_log):
-    monkeypatch.setattr(fuglu.SuspectFilter, 'MATCH_TIME_LIMIT', 1)
+def test_a_rule_out_of_time_defers_the_message(sink, make_fuglu, clients, tmp_path, monkeypatch,
+                                               strict_log):
+    monkeypatch.setattr(fuglu.SuspectFilter, 'MATCH_TIME_LIMIT', 0.2)
     rules = tmp_path / 'block.regex'
     rules.write_text('body .*forbidden-word blocked\n')
     instance = make_fuglu(sink.port, extra='[RuleBlocker]\nfilterfile=%s' % rules)
@@ -332,12 +343,13 @@ def test_a_rule_out_of_time_defers_the_message(sink, make_fuglu, clients, tmp_pa
     assert reply.startswith(b'451 4.7.1 '), reply
     assert sink.messages == []
     assert 'the message is a problem, not a non-match' in strict_log.text()
-    assert send_message(client, b'Subject: short\r\n\r\nforbidden-word\r\n').startswith(b'550 5.7.1 blocked')
+    reply = send_message(client, b'Subject: short\r\n\r\nforbidden-word\r\n')
+    assert reply.startswith(b'550 5.7.1 blocked')
     assert send_message(client, b'Subject: short\r\n\r\nfine\r\n').startswith(b'250')
 
 
 def test_a_silent_netcat_client_gets_defer_at_max_session_time(make_fuglu):
-    instance = make_fuglu(1, protocol='netcat', extra_main='max_session_time=2')
+    instance = make_fuglu(1, protocol='netcat', extra_main='max_session_time=0.3')
     with socket.create_connection(('127.0.0.1', instance.port), timeout=10) as sock:
         sock.sendall(b'Subject: half a message\r\n')
         said = fuglu.read_until_eof(sock)[0]
@@ -345,6 +357,6 @@ def test_a_silent_netcat_client_gets_defer_at_max_session_time(make_fuglu):
 
 
 def test_a_silent_smtp_client_gets_421_at_max_session_time(sink, make_fuglu, clients):
-    instance = make_fuglu(sink.port, extra_main='max_session_time=2')
+    instance = make_fuglu(sink.port, extra_main='max_session_time=0.3')
     client = clients(instance.port)
     assert client.reply() == b'421 4.4.2 Error: timeout exceeded (session time limit)\r\n'

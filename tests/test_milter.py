@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import InProcessFuglu, fuglu, stopped_at_teardown
+from helpers import InProcessFuglu, fuglu, no_delay, stopped_at_teardown
 
 PORTFIX_ACTIONS = 0x1ff          # what Postfix 3.x offers
 POSTFIX_PROTOCOL = 0x1fffff
@@ -18,21 +18,29 @@ POSTFIX_PROTOCOL = 0x1fffff
 
 class ChangingPlugin(fuglu.ScannerPlugin):
     """Does what its section says: action (DUNNO...), message, sender, add_rcpt,
-    remove_rcpt, subject, body, sleep (seconds), replace (milter_replace tag).
+    remove_rcpt, subject, body, sleep (seconds), replace (milter_replace tag),
+    wait_for_progress (finish only after fuglu sent the MTA a progress packet).
     Records (suspect id, queue id, source, macros) of every message in `seen`."""
 
     seen = []
+    progress_sent = threading.Event()
     requiredvars = {name: {'default': '', 'description': ''} for name in (
-        'action', 'message', 'sender', 'add_rcpt', 'remove_rcpt', 'subject', 'body', 'sleep', 'replace')}
+        'action', 'message', 'sender', 'add_rcpt', 'remove_rcpt', 'subject', 'body', 'sleep',
+        'replace',
+        'wait_for_progress')}
 
     def examine(self, suspect):
         option = lambda name: self.config.get(self.section, name)
         ChangingPlugin.seen.append({'id': suspect.id, 'queue_id': suspect.queue_id,
-                                    'source': suspect.get_source(), 'macros': dict(suspect.milter_macros),
+                                    'source': suspect.get_source(),
+                                    'macros': dict(suspect.milter_macros),
                                     'from': suspect.from_address, 'to': list(suspect.recipients),
-                                    'clientinfo': suspect.clientinfo, 'port': suspect.tags.get('incomingport')})
+                                    'clientinfo': suspect.clientinfo,
+                                    'port': suspect.tags.get('incomingport')})
         if option('sleep'):
             time.sleep(float(option('sleep')))
+        if option('wait_for_progress'):
+            assert ChangingPlugin.progress_sent.wait(10), 'no progress packet'
         if option('sender'):
             suspect.from_address = option('sender')
         if option('remove_rcpt'):
@@ -74,7 +82,7 @@ class MilterClient(object):
     which events get a reply from what was negotiated."""
 
     def __init__(self, port, timeout=10):
-        self.sock = socket.create_connection(('127.0.0.1', port), timeout=timeout)
+        self.sock = no_delay(socket.create_connection(('127.0.0.1', port), timeout=timeout))
         self.decoder = fuglu.MilterPacketDecoder(1 << 24)
         self.protocol = 0
         self.actions = 0
@@ -124,7 +132,8 @@ class MilterClient(object):
         self.send(fuglu.SMFIC_MACRO, data)
 
     def connect_info(self, hostname='client.example.org', address='192.0.2.10', port=42424):
-        data = fuglu.milter_strings(hostname) + b'4' + port.to_bytes(2, 'big') + fuglu.milter_strings(address)
+        data = (fuglu.milter_strings(hostname) + b'4' + port.to_bytes(2, 'big')
+                + fuglu.milter_strings(address))
         return self.event(fuglu.SMFIC_CONNECT, data)
 
     def header_value(self, value):
@@ -137,7 +146,8 @@ class MilterClient(object):
         """Drive one message; return the packets fuglu sends after end of body (the
         last one is the verdict). Replies to earlier events must be CONTINUE."""
         self.macro(fuglu.SMFIC_MAIL, i=queue_id, mail_addr=sender)
-        assert self.event(fuglu.SMFIC_MAIL, fuglu.milter_strings('<%s>' % sender)) in (None, (b'c', b''))
+        assert (self.event(fuglu.SMFIC_MAIL, fuglu.milter_strings('<%s>' % sender))
+                in (None, (b'c', b'')))
         for recipient in recipients:
             self.macro(fuglu.SMFIC_RCPT, i=queue_id, rcpt_addr=recipient)
             self.event(fuglu.SMFIC_RCPT, fuglu.milter_strings('<%s>' % recipient))
@@ -187,7 +197,8 @@ def start_fuglu():
     ChangingPlugin.seen = []
     RcptGate.headers_seen = []
 
-    def create(mode='auto', options='', plugins='test_milter.ChangingPlugin', extra_main='', sections='',
+    def create(mode='auto', options='', plugins='test_milter.ChangingPlugin', extra_main='',
+               sections='',
                milter_extra=''):
         return InProcessFuglu(1, extra_main=extra_main, protocol='milter', plugins=plugins,
                               extra='[milter]\nmilter_mode=%s\nmilter_mode_options=%s\n%s\n%s'
@@ -223,7 +234,8 @@ def test_payload_codecs_round_trip():
     assert fuglu.split_milter_strings(b'no-final-nul') == [b'no-final-nul']
     assert fuglu.parse_milter_connect(b'mx.example\x004\x01\xbb192.0.2.1\x00') == \
         ('mx.example', b'4', 443, '192.0.2.1')
-    assert fuglu.parse_milter_connect(b'mx\x006\x00\x19IPv6:2001:db8::1\x00')[3] == 'IPv6:2001:db8::1'
+    assert (fuglu.parse_milter_connect(b'mx\x006\x00\x19IPv6:2001:db8::1\x00')[3]
+            == 'IPv6:2001:db8::1')
     assert fuglu.parse_milter_connect(b'localhost\x00U') == ('localhost', b'U', 0, '')
     with pytest.raises(fuglu.MilterProtocolError):
         fuglu.parse_milter_connect(b'no-family')
@@ -298,18 +310,148 @@ def test_reader_tells_eof_between_packets_from_a_truncated_packet():
 def test_modes_ask_only_for_the_rights_they_use():
     def mode(name, options=''):
         from helpers import make_config
-        return fuglu.MilterMode(make_config('[milter]\nmilter_mode=%s\nmilter_mode_options=%s\n' % (name, options)))
+        return fuglu.MilterMode(make_config('[milter]\nmilter_mode=%s\nmilter_mode_options=%s\n'
+                                            % (name, options)))
     assert mode('readonly').actions == 0
-    assert mode('auto').actions == fuglu.SMFIF_ADDHDRS | fuglu.SMFIF_CHGHDRS | fuglu.SMFIF_CHGBODY | \
-        fuglu.SMFIF_CHGFROM | fuglu.SMFIF_ADDRCPT | fuglu.SMFIF_DELRCPT
+    assert mode('auto').actions == (fuglu.SMFIF_ADDHDRS | fuglu.SMFIF_CHGHDRS |
+                                    fuglu.SMFIF_CHGBODY | fuglu.SMFIF_CHGFROM |
+                                    fuglu.SMFIF_ADDRCPT | fuglu.SMFIF_DELRCPT)
     assert mode('autoheaders').actions == fuglu.SMFIF_ADDHDRS | fuglu.SMFIF_CHGHDRS
     assert mode('autofrom, autoto').auto_parts == {'from', 'to'}
     manual = mode('manual', 'body, from')
     assert manual.forced_parts == {'body', 'from'}
     assert manual.actions == fuglu.SMFIF_ADDHDRS | fuglu.SMFIF_CHGBODY | fuglu.SMFIF_CHGFROM
     assert mode('manual', 'all').forced_parts == {'headers', 'body', 'from', 'to'}
-    assert mode('nonsense').name == 'tags' and mode('readonly,auto').name == 'tags'
     assert mode('autoheaders', 'prepend').prepend
+
+
+@pytest.mark.parametrize('words,options,name,forced,auto,warned', [
+    ('nonsense', '', 'tags', set(), set(), True),
+    ('readonly, auto', '', 'readonly', set(), set(), True),          # readonly wins
+    ('tags, readonly, manual', 'all', 'readonly', set(), set(), True),
+    ('manual, tags', 'body', 'manual,tags', {'body'}, set(), False),
+    ('manual autoheaders', 'from', 'manual,autoheaders', {'from'}, {'headers'}, False),
+    ('auto, bogus', '', 'auto', set(), {'headers', 'body', 'from', 'to'}, True),
+    ('manual', 'body, sideways', 'manual', {'body'}, set(), True),
+])
+def test_mode_words_combine_as_fuglu_documents(words, options, name, forced, auto, warned):
+    from helpers import make_config
+    config = make_config('[milter]\nmilter_mode=%s\nmilter_mode_options=%s\n' % (words, options))
+    mode = fuglu.MilterMode(config)
+    assert mode.name == name
+    assert mode.readonly == (name == 'readonly') and mode.tags == ('tags' in name.split(','))
+    assert (mode.forced_parts, mode.auto_parts) == (forced, auto)
+    assert (mode.actions == 0) == mode.readonly
+    findings = fuglu.check_milter_mode(config)
+    assert bool(findings) == warned and all(level == 'warning' for level, _ in findings)
+
+
+# -- what to change in the MTA's copy (no socket) ----------------------------------------
+
+ALL_RIGHTS = 0x1ff
+HEADERS = [(b'From', b' a@example.org'), (b'Subject', b' hello'), (b'X-Two', b' one'),
+           (b'X-Two', b' two')]
+BODY = b'the body\r\n'
+
+
+def modifications(words, options='', actions=ALL_RIGHTS, leading_space=True,
+                  rcpt_arguments=None):
+    from helpers import make_config
+    mode = fuglu.MilterMode(make_config('[milter]\nmilter_mode=%s\nmilter_mode_options=%s\n'
+                                        % (words, options)))
+    return fuglu.MilterModifications(mode, actions, leading_space, HEADERS, bytearray(BODY),
+                                     rcpt_arguments or {'b@example.net': '<b@example.net>'})
+
+
+def received_suspect():
+    source = b''.join(name + b':' + value + b'\r\n' for name, value in HEADERS) + b'\r\n' + BODY
+    suspect = fuglu.Suspect('a@example.org', ['b@example.net'], inbuffer=source)
+    suspect.add_header('X-Fuglu-Spamstatus', 'NO')
+    return suspect
+
+
+def packet(command, *strings):
+    return fuglu.milter_packet(command, fuglu.milter_strings(*strings))
+
+
+FUGLU_HEADER = fuglu.encode_header_packet(fuglu.SMFIR_ADDHEADER, b'X-Fuglu-Spamstatus', b' NO')
+
+
+def test_readonly_changes_nothing_and_other_modes_add_fuglus_headers():
+    suspect = received_suspect()
+    assert modifications('readonly').packets(suspect) == []
+    for words in ('tags', 'manual', 'auto', 'autofrom'):
+        assert modifications(words).packets(suspect) == [FUGLU_HEADER], words
+
+
+def test_auto_writes_back_sender_recipients_and_headers_in_that_order():
+    suspect = received_suspect()
+    suspect.from_address = 'new@example.org'
+    suspect.recipients = ['c@example.net']
+    suspect.set_header('Subject', 'changed')
+    packets = modifications('auto', rcpt_arguments={'b@example.net': '<b@example.net> X=1'}) \
+        .packets(suspect)
+    assert packets == [
+        packet(fuglu.SMFIR_CHGFROM, '<new@example.org>'),
+        packet(fuglu.SMFIR_DELRCPT, '<b@example.net> X=1'),     # the argument as received
+        packet(fuglu.SMFIR_ADDRCPT, '<c@example.net>'),
+        fuglu.encode_header_packet(fuglu.SMFIR_CHGHEADER, b'Subject', b' changed', 1),
+        FUGLU_HEADER,
+    ]
+
+
+def test_autoheaders_leaves_the_envelope_and_body_alone():
+    suspect = received_suspect()
+    suspect.from_address = 'new@example.org'
+    head, _ = fuglu.split_message_source(suspect.get_source())
+    suspect.set_source(head.replace(b'\r\nX-Two: two', b'') + b'\r\n\r\nnew body\r\n')
+    assert modifications('autoheaders').packets(suspect) == [
+        fuglu.encode_header_packet(fuglu.SMFIR_CHGHEADER, b'X-Two', b'', 2), FUGLU_HEADER]
+
+
+def test_manual_and_tags_add_up_and_the_body_comes_last():
+    suspect = received_suspect()
+    suspect.tags['milter_replace'] = 'from'
+    packets = modifications('manual, tags', 'body').packets(suspect)
+    assert packets == [packet(fuglu.SMFIR_CHGFROM, '<a@example.org>'), FUGLU_HEADER,
+                       fuglu.milter_packet(fuglu.SMFIR_REPLBODY, BODY)]
+
+
+def test_manual_headers_replaces_the_whole_header_block():
+    suspect = received_suspect()
+    packets = modifications('manual', 'headers').packets(suspect)
+    deleted = [fuglu.encode_header_packet(fuglu.SMFIR_CHGHEADER, name, b'', index)
+               for name, index in ((b'From', 1), (b'Subject', 1), (b'X-Two', 2), (b'X-Two', 1))]
+    added = [fuglu.encode_header_packet(fuglu.SMFIR_ADDHEADER, name, value)
+             for name, value in HEADERS]
+    assert packets == deleted + added + [FUGLU_HEADER]
+
+
+def test_prepend_inserts_on_top_and_values_follow_the_negotiated_leading_space():
+    suspect = received_suspect()
+    suspect.add_header('X-Fuglu-Suspect', suspect.id)
+    packets = modifications('tags', 'prepend', leading_space=False).packets(suspect)
+    assert packets == [
+        fuglu.encode_header_packet(fuglu.SMFIR_INSHEADER, b'X-Fuglu-Suspect',
+                                   suspect.id.encode(), 0),
+        fuglu.encode_header_packet(fuglu.SMFIR_INSHEADER, b'X-Fuglu-Spamstatus', b'NO', 0)]
+
+
+def test_changes_without_the_right_are_left_out_and_named_once():
+    suspect = received_suspect()
+    suspect.recipients = ['c@example.net', 'd@example.net']
+    changes = modifications('auto', actions=fuglu.SMFIF_ADDHDRS)
+    assert changes.packets(suspect) == [FUGLU_HEADER]
+    assert changes.problems == ['cannot delete a recipient: DELRCPT was not negotiated with '
+                                'the MTA', 'cannot add a recipient: ADDRCPT was not negotiated '
+                                'with the MTA']
+
+
+def test_a_long_body_is_replaced_in_chunks_of_at_most_65535_bytes():
+    body = b'x' * 70000 + b'\n'
+    chunks = fuglu.MilterModifications.body_packets(body)
+    assert [len(chunk) - 5 for chunk in chunks] == [65535, 70002 - 65535]
+    assert b''.join(chunk[5:] for chunk in chunks) == b'x' * 70000 + b'\r\n'
 
 
 # -- negotiation with different MTA offers --------------------------------------------------
@@ -320,8 +462,9 @@ def test_negotiation_with_postfix_offer(start_fuglu):
     version, actions, protocol = client.negotiate()
     assert version == 6
     assert actions == 0                      # readonly asks for no rights
-    no_reply = (fuglu.SMFIP_NR_CONN | fuglu.SMFIP_NR_HELO | fuglu.SMFIP_NR_MAIL | fuglu.SMFIP_NR_RCPT |
-                fuglu.SMFIP_NR_DATA | fuglu.SMFIP_NR_HDR | fuglu.SMFIP_NR_EOH | fuglu.SMFIP_NR_BODY)
+    no_reply = (fuglu.SMFIP_NR_CONN | fuglu.SMFIP_NR_HELO | fuglu.SMFIP_NR_MAIL |
+                fuglu.SMFIP_NR_RCPT | fuglu.SMFIP_NR_DATA | fuglu.SMFIP_NR_HDR |
+                fuglu.SMFIP_NR_EOH | fuglu.SMFIP_NR_BODY)
     assert protocol & no_reply == no_reply
     assert protocol & fuglu.SMFIP_HDR_LEADSPC
     assert not protocol & (fuglu.SMFIP_NOCONNECT | fuglu.SMFIP_NOHELO | fuglu.SMFIP_NOMAIL |
@@ -332,8 +475,9 @@ def test_negotiation_with_postfix_offer(start_fuglu):
 def test_negotiation_never_claims_what_the_mta_did_not_offer(start_fuglu):
     instance = start_fuglu(mode='auto')
     client = MilterClient(instance.port)
-    version, actions, protocol = client.negotiate(version=6, actions=fuglu.SMFIF_ADDHDRS | fuglu.SMFIF_QUARANTINE,
-                                                  protocol=fuglu.SMFIP_NR_HDR | fuglu.SMFIP_NOHELO)
+    version, actions, protocol = client.negotiate(
+        version=6, actions=fuglu.SMFIF_ADDHDRS | fuglu.SMFIF_QUARANTINE,
+        protocol=fuglu.SMFIP_NR_HDR | fuglu.SMFIP_NOHELO)
     assert actions == fuglu.SMFIF_ADDHDRS          # subset of the offer, no QUARANTINE
     assert protocol == fuglu.SMFIP_NR_HDR          # no NOHELO: we want HELO
     client.close()
@@ -367,7 +511,8 @@ def test_clean_message_gets_fuglu_headers_and_continue(start_fuglu):
     client = MilterClient(instance.port).start()
     packets = client.message(queue_id='4AAAA1')
     assert packets[-1] == (b'c', b'')
-    added = dict((data.split(b'\0')[0], data.split(b'\0')[1]) for command, data in packets if command == b'h')
+    added = dict((data.split(b'\0')[0], data.split(b'\0')[1])
+                 for command, data in packets if command == b'h')
     assert added[b'X-Fuglu-Spamstatus'] == b' NO'         # leading space: HDR_LEADSPC
     suspect_id = added[b'X-Fuglu-Suspect'].strip().decode()
     seen = ChangingPlugin.seen[-1]
@@ -388,7 +533,8 @@ def test_message_is_rebuilt_byte_for_byte_with_leading_space(start_fuglu):
     packets = client.message(raw_headers=raw_headers, body=body)
     assert packets == [(b'c', b'')]              # readonly: not even X-Fuglu headers
     assert ChangingPlugin.seen[-1]['source'] == (b'Subject:no-space\r\nX-Tab:\tvalue\r\n'
-                                                 b'X-Folded: first\r\n\tsecond\r\nX-Empty:\r\n\r\n' + body)
+                                                 b'X-Folded: first\r\n\tsecond\r\n'
+                                                 b'X-Empty:\r\n\r\n' + body)
     client.quit()
 
 
@@ -397,7 +543,8 @@ def test_without_leading_space_flag_one_space_is_restored_and_stripped(start_fug
     client = MilterClient(instance.port).start(protocol=POSTFIX_PROTOCOL & ~fuglu.SMFIP_HDR_LEADSPC)
     assert not client.protocol & fuglu.SMFIP_HDR_LEADSPC
     packets = client.message(headers=(('Subject', 'orig'), ('From', 'a@example.org')))
-    assert ChangingPlugin.seen[-1]['source'].startswith(b'Subject: orig\r\nFrom: a@example.org\r\n\r\n')
+    assert ChangingPlugin.seen[-1]['source'].startswith(b'Subject: orig\r\nFrom: '
+                                                        b'a@example.org\r\n\r\n')
     assert (b'm', b'\0\0\0\x01Subject\0changed\0') in packets
     assert (b'h', b'X-Fuglu-Spamstatus\0NO\0') in packets
     client.quit()
@@ -405,13 +552,15 @@ def test_without_leading_space_flag_one_space_is_restored_and_stripped(start_fug
 
 def test_auto_mode_writes_back_sender_recipients_headers_and_body(start_fuglu):
     instance = start_fuglu(mode='auto', sections='[ChangingPlugin]\nsender=new@example.org\n'
-                                                 'remove_rcpt=old@example.net\nadd_rcpt=added@example.net\n'
+                                                 'remove_rcpt=old@example.net\n'
+                                                 'add_rcpt=added@example.net\n'
                                                  'subject=[scanned] test\nbody=new body\n')
     client = MilterClient(instance.port).start()
     big_body = b'x' * 100 + b'\r\n'
     packets = client.message(recipients=('old@example.net', 'kept@example.net'), body=big_body)
     commands = [command for command, _ in packets]
-    assert commands == [b'e', b'-', b'+', b'm', b'h', b'h', b'b', b'c']   # body last, never interleaved
+    assert commands == [b'e', b'-', b'+', b'm', b'h', b'h', b'b',
+                        b'c']   # body last, never interleaved
     assert packets[0][1] == b'<new@example.org>\0'
     assert packets[1][1] == b'<old@example.net>\0'
     assert packets[2][1] == b'<added@example.net>\0'
@@ -422,7 +571,8 @@ def test_auto_mode_writes_back_sender_recipients_headers_and_body(start_fuglu):
 
 def test_replaced_body_comes_in_chunks_of_at_most_65535_bytes(start_fuglu):
     long_body = 'y' * 150000
-    instance = start_fuglu(mode='manual', options='body', sections='[ChangingPlugin]\nbody=%s\n' % long_body)
+    instance = start_fuglu(mode='manual', options='body',
+                           sections='[ChangingPlugin]\nbody=%s\n' % long_body)
     client = MilterClient(instance.port).start()
     packets = client.message()
     chunks = [data for command, data in packets if command == b'b']
@@ -432,12 +582,14 @@ def test_replaced_body_comes_in_chunks_of_at_most_65535_bytes(start_fuglu):
 
 
 def test_tags_mode_replaces_what_the_milter_replace_tag_names(start_fuglu):
-    instance = start_fuglu(mode='tags', sections='[ChangingPlugin]\nreplace=to\nadd_rcpt=extra@example.net\n'
+    instance = start_fuglu(mode='tags', sections='[ChangingPlugin]\nreplace=to\n'
+                                                 'add_rcpt=extra@example.net\n'
                                                  'sender=ignored@example.org\n')
     client = MilterClient(instance.port).start()
     packets = client.message()
     commands = [command for command, _ in packets]
-    assert b'+' in commands            # 'to' replaces the recipients (upstream swapped it with from)
+    assert (b'+'
+            in commands)  # 'to' replaces the recipients (upstream swapped it with from)
     assert b'e' not in commands        # the sender was not asked for
     client.quit()
 
@@ -480,7 +632,7 @@ def test_internal_error_becomes_tempfail(start_fuglu, monkeypatch):
     monkeypatch.setattr(fuglu.ScanSession, 'scan', broken)
     client = MilterClient(instance.port).start()
     text = replycode(client.message())
-    assert text.startswith('451 4.3.0 internal problem - message deferred (')
+    assert text.startswith('450 4.3.0 internal problem - message deferred (')   # FuGlu: 450
     monkeypatch.undo()
     assert client.message()[-1] == (b'c', b'')      # the connection is still good
     client.quit()
@@ -491,7 +643,8 @@ def test_two_messages_on_one_connection_keep_their_own_ids_and_macros(start_fugl
     client = MilterClient(instance.port).start()
     first = client.message(queue_id='4FIRST', sender='one@example.org')
     client.send(fuglu.SMFIC_ABORT)           # Postfix may abort after the verdict
-    second = client.message(queue_id='4SECOND', sender='two@example.org', recipients=('b@example.net',))
+    second = client.message(queue_id='4SECOND', sender='two@example.org',
+                            recipients=('b@example.net',))
     assert first[-1] == second[-1] == (b'c', b'')
     one, two = ChangingPlugin.seen[-2:]
     assert (one['queue_id'], two['queue_id']) == ('4FIRST', '4SECOND')
@@ -519,8 +672,17 @@ def test_message_without_rcpt_macros_does_not_inherit_the_previous_ones(start_fu
     client.quit()
 
 
-def test_long_scan_sends_progress_before_the_verdict(start_fuglu):
-    instance = start_fuglu(sections='[ChangingPlugin]\nsleep=2.6\n', milter_extra='milter_progress_interval=1\n')
+def test_long_scan_sends_progress_before_the_verdict(start_fuglu, monkeypatch):
+    # the scan lasts until fuglu sent a progress packet (every 0.1 s of scanning)
+    ChangingPlugin.progress_sent.clear()
+    send_progress = fuglu.MilterSession.send_progress
+
+    def sent_and_told(session):
+        send_progress(session)
+        ChangingPlugin.progress_sent.set()
+    monkeypatch.setattr(fuglu.MilterSession, 'send_progress', sent_and_told)
+    instance = start_fuglu(sections='[ChangingPlugin]\nwait_for_progress=1\n',
+                           milter_extra='milter_progress_interval=0.1\n')
     client = MilterClient(instance.port).start()
     packets = client.message()
     progress = [p for p in packets if p == (b'p', b'')]
@@ -548,7 +710,8 @@ def test_milter_stage_plugin_rejects_one_recipient(start_fuglu):
     instance = start_fuglu(extra_main='mplugins=test_milter.RcptGate')
     client = MilterClient(instance.port)
     version, actions, protocol = client.negotiate()
-    assert not protocol & fuglu.SMFIP_NR_RCPT and not protocol & fuglu.SMFIP_NR_HDR   # we answer these
+    assert (not protocol & fuglu.SMFIP_NR_RCPT
+            and not protocol & fuglu.SMFIP_NR_HDR)  # we answer these
     assert protocol & fuglu.SMFIP_NR_MAIL
     client.connect_info()
     client.event(fuglu.SMFIC_HELO, fuglu.milter_strings('h'))
@@ -596,9 +759,7 @@ def test_eof_at_any_point_ends_the_session_without_a_hang(start_fuglu):
         elif cut == 'inside-packet':
             client.sock.sendall(fuglu.milter_packet(b'B', b'x' * 100)[:50])
         client.close()
-    time.sleep(0.3)
-    workers = instance.controller.backend.workers
-    assert not [state for state in workers.values() if state == 'processing']
+    assert instance.idle(), 'a worker is still busy with a connection the MTA closed'
     again = MilterClient(instance.port).start()
     assert again.message()[-1] == (b'c', b'')
     again.quit()

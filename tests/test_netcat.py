@@ -10,8 +10,8 @@ from helpers import InProcessFuglu, VerdictFromHeaderPlugin
 
 PLUGIN = 'helpers.VerdictFromHeaderPlugin'
 
-BANNER = (b'fuglu scanner ready - please pipe your message, (optional) include env sender/recipient '
-          b'in the beginning, see documentation\r\n')
+BANNER = (b'fuglu scanner ready - please pipe your message, (optional) include env '
+          b'sender/recipient in the beginning, see documentation\r\n')
 
 UNIX_EML = (b'From: Alice <alice@example.org>\n'
             b'To: bob@example.com\n'
@@ -71,7 +71,8 @@ def test_unix_eml_comes_back_byte_for_byte_after_the_added_headers(netcat):
 def test_crlf_message_comes_back_with_crlf_headers(netcat):
     crlf = UNIX_EML.replace(b'\n', b'\r\n')
     reply = pipe(netcat.port, crlf)
-    match = re.match(rb'^DUNNO:X-Fuglu-Spamstatus: NO\r\nX-Fuglu-Suspect: ([0-9a-f]{32})\r\n', reply)
+    match = re.match(rb'^DUNNO:X-Fuglu-Spamstatus: NO\r\nX-Fuglu-Suspect: ([0-9a-f]{32})\r\n',
+                     reply)
     assert match, reply[:200]
     assert reply[match.end():] == crlf
 
@@ -101,7 +102,8 @@ def test_envelope_block_sets_sender_recipients_and_tags_and_is_removed(netcat):
 
 
 def test_null_sender_in_the_envelope_block(netcat):
-    pipe(netcat.port, block(('X-ENV-SENDER', '<>'), ('X-ENV-RECIPIENT', 'bob@example.com')) + UNIX_EML)
+    pipe(netcat.port,
+         block(('X-ENV-SENDER', '<>'), ('X-ENV-RECIPIENT', 'bob@example.com')) + UNIX_EML)
     sender, recipients, tags, source = VerdictFromHeaderPlugin.seen[-1]
     assert sender == ''
     assert recipients == ['bob@example.com']
@@ -115,9 +117,11 @@ def test_a_tag_in_the_block_cannot_replace_the_cores_tags(netcat):
 
 
 @pytest.mark.parametrize('broken, why', [
-    (b'X-DATA-PREPEND-START: tok\r\nX-ENV-SENDER: a@example.org\r\n', b'without its X-DATA-PREPEND-END'),
+    (b'X-DATA-PREPEND-START: tok\r\nX-ENV-SENDER: a@example.org\r\n',
+     b'without its X-DATA-PREPEND-END'),
     (block(('X-ENV-SENDER', 'a@example.org'), end_token='other'), b'does not match'),
-    (b'X-DATA-PREPEND-START: tok\r\nthis is no header\r\nX-DATA-PREPEND-END: tok\r\n', b'is not "name: value"'),
+    (b'X-DATA-PREPEND-START: tok\r\nthis is no header\r\nX-DATA-PREPEND-END: tok\r\n',
+     b'is not "name: value"'),
 ])
 def test_a_broken_envelope_block_is_rejected_unscanned(netcat, broken, why):
     reply = pipe(netcat.port, broken + UNIX_EML)
@@ -130,7 +134,8 @@ def test_an_untrusted_peers_envelope_block_is_message_content():
     instance = start_netcat('trusted_xforward_peers=192.0.2.0/24\n')
     VerdictFromHeaderPlugin.seen[:] = []
     try:
-        envelope = block(('X-ENV-SENDER', 'alice@example.org'), ('X-ENV-RECIPIENT', 'bob@example.com'))
+        envelope = block(('X-ENV-SENDER', 'alice@example.org'),
+                         ('X-ENV-RECIPIENT', 'bob@example.com'))
         reply = pipe(instance.port, envelope + UNIX_EML)
         assert reply.startswith(b'DUNNO:')
         sender, recipients, tags, source = VerdictFromHeaderPlugin.seen[-1]
@@ -176,7 +181,8 @@ def test_size_cap_is_its_own_option():
         exactly_at_the_cap = UNIX_EML + b'x' * (1000 - len(UNIX_EML))
         assert pipe(instance.port, exactly_at_the_cap).startswith(b'DUNNO:')
         reply = pipe(instance.port, exactly_at_the_cap + b'x')
-        assert reply == b'REJECT:message exceeds 1000 octets (configured limit netcat_max_message_size)'
+        assert (reply
+                == b'REJECT:message exceeds 1000 octets (configured limit netcat_max_message_size)')
     finally:
         instance.stop()
 

@@ -1,5 +1,5 @@
 """The plugin loader (aliases, dotted names, FuGlu's own names, [PluginAlias],
-plugin(section), plugindir), FuGlu-style plugins, the scan session (spec 5.1) and the
+plugin(section), plugindir), FuGlu-style plugins, the scan session and the
 bundled debug and skip prependers."""
 
 import os
@@ -74,22 +74,25 @@ class ListPrepender(fuglu.PrependerPlugin):
 
     def pluginlist(self, suspect, pluginlist):
         suspect.tags.setdefault('trace', []).append('prepender:%s' % self.section)
-        remove = self.config.getlist(self.section, 'remove') if self.config.has_section(self.section) else []
+        remove = (self.config.getlist(self.section, 'remove')
+                  if self.config.has_section(self.section) else [])
         return [plugin for plugin in pluginlist if plugin.section not in remove]
 
 
 class RecordingAppender(fuglu.AppenderPlugin):
     def process(self, suspect, decision):
-        suspect.tags.setdefault('trace', []).append('appender:%s:%s' % (self.section,
-                                                                       fuglu.actioncode_to_string(decision)))
+        suspect.tags.setdefault('trace', []).append(
+            'appender:%s:%s' % (self.section, fuglu.actioncode_to_string(decision)))
 
 
 def controller_with(config_text='', plugins=(), prependers=(), appenders=()):
     config = make_config('[main]\nplugins=\nprependers=\nappenders=\n' + config_text)
     controller = fuglu.MainController(config)
-    controller.plugins = [cls(config, section) if section else cls(config) for cls, section in plugins]
-    controller.prependers = [cls(config, section) if section else cls(config) for cls, section in prependers]
-    controller.appenders = [cls(config, section) if section else cls(config) for cls, section in appenders]
+    def made(classes):
+        return [cls(config, section) if section else cls(config) for cls, section in classes]
+    controller.plugins = made(plugins)
+    controller.prependers = made(prependers)
+    controller.appenders = made(appenders)
     return controller
 
 
@@ -131,8 +134,9 @@ def test_plugin_alias_section_and_plugindir(tmp_path):
             def examine(self, suspect):
                 return fuglu.REJECT, 'local'
     ''')
-    config = make_config('[main]\nplugindir = %s\nplugins = mine, %s.Local(second)\nprependers=\nappenders=\n'
-                         '[PluginAlias]\nMine = %s.Local\n' % (tmp_path, module, module))
+    config = make_config('[main]\nplugindir = %s\nplugins = mine, %s.Local(second)\nprependers=\n'
+                         'appenders=\n[PluginAlias]\n'
+                         'Mine = %s.Local\n' % (tmp_path, module, module))
     plugins, prependers, appenders = fuglu.MainController(config).load_plugins()
     assert [p.__class__.__name__ for p in plugins] == ['Local', 'Local']
     assert [p.section for p in plugins] == ['Local', 'second']
@@ -170,7 +174,8 @@ def test_a_plugin_whose_constructor_fails_makes_the_load_fail(tmp_path):
     with pytest.raises(fuglu.PluginLoadError) as error:
         fuglu.MainController(config).load_plugins()
     assert 'cannot open my database' in str(error.value)
-    config = make_config('[main]\nplugindir = %s\nplugins = %s.NoSection(other)\n' % (tmp_path, module))
+    config = make_config('[main]\nplugindir = %s\nplugins = %s.NoSection(other)\n'
+                         % (tmp_path, module))
     with pytest.raises(fuglu.PluginLoadError):
         fuglu.MainController(config).load_plugins()
 
@@ -184,8 +189,9 @@ def test_one_class_twice_with_two_sections(tmp_path):
                 suspect.tags.setdefault('labels', []).append(self.config.get(self.section, 'label'))
                 return fuglu.DUNNO
     ''')
-    config = make_config('[main]\nplugindir = %s\nplugins = %s.Tagger(first), %s.Tagger(second), %s.Tagger\n'
-                         'prependers=\nappenders=\n[first]\nlabel = one\n[second]\nlabel = two\n'
+    config = make_config('[main]\nplugindir = %s\n'
+                         'plugins = %s.Tagger(first), %s.Tagger(second), %s.Tagger\nprependers=\n'
+                         'appenders=\n[first]\nlabel = one\n[second]\nlabel = two\n'
                          % (tmp_path, module, module, module))
     controller = fuglu.MainController(config)
     controller.plugins, controller.prependers, controller.appenders = controller.load_plugins()
@@ -208,7 +214,8 @@ FUGLU_STYLE_PLUGIN = '''
         def __init__(self, config, section=None):
             ScannerPlugin.__init__(self, config, section)
             self.requiredvars = {
-                'word': {'default': 'TRAPWORD', 'description': 'subject word that deletes the message'},
+                'word': {'default': 'TRAPWORD',
+                         'description': 'subject word that deletes the message'},
                 'message': {'default': 'trapped ${from_address}', 'description': 'reply text'},
             }
 
@@ -238,21 +245,22 @@ FUGLU_STYLE_PLUGIN = '''
 
 def test_fuglu_style_plugin_loads_unchanged_and_runs(tmp_path):
     module = write_module(tmp_path, FUGLU_STYLE_PLUGIN)
-    config = make_config('[main]\nplugindir = %s\nplugins = %s.SubjectTrap\nprependers=\nappenders=\n'
-                         '[SubjectTrap]\nword = SECRET\n' % (tmp_path, module))
+    config = make_config('[main]\nplugindir = %s\nplugins = %s.SubjectTrap\nprependers=\n'
+                         'appenders=\n[SubjectTrap]\nword = SECRET\n' % (tmp_path, module))
     controller = fuglu.MainController(config)
     controller.plugins, controller.prependers, controller.appenders = controller.load_plugins()
     plugin = controller.plugins[0]
     assert isinstance(plugin, fuglu.ScannerPlugin)
     assert str(plugin) == 'Subject Trap'
-    suspect, action, message, _ = run_session(controller, make_suspect(MESSAGE.replace(b'plugin test', b'a SECRET')))
+    secret = make_suspect(MESSAGE.replace(b'plugin test', b'a SECRET'))
+    suspect, action, message, _ = run_session(controller, secret)
     assert (action, message) == (fuglu.DELETE, 'trapped a@example.org')
     suspect, action, message, _ = run_session(controller)
     assert (action, message) == (fuglu.DUNNO, None)
 
 
 def test_fuglu_style_plugin_defaults_from_requiredvars_set_in_init(tmp_path):
-    # FuGlu registers requiredvars defaults whenever a plugin assigns them (spec 2.4)
+    # FuGlu registers requiredvars defaults whenever a plugin assigns them
     module = write_module(tmp_path, FUGLU_STYLE_PLUGIN)
     config = make_config('[main]\nplugindir = %s\nplugins = %s.SubjectTrap\n' % (tmp_path, module))
     plugin = fuglu.MainController(config).load_plugins()[0][0]
@@ -306,9 +314,11 @@ def test_lint_fails_when_a_plugin_cannot_load(tmp_path):
 def test_order_prependers_scanners_appenders():
     controller = controller_with(plugins=[(Recorder, 'one'), (Recorder, 'two')],
                                  prependers=[(ListPrepender, 'pre1'), (ListPrepender, 'pre2')],
-                                 appenders=[(RecordingAppender, 'app1'), (RecordingAppender, 'app2')])
+                                 appenders=[(RecordingAppender, 'app1'),
+                                            (RecordingAppender, 'app2')])
     suspect, action, _, _ = run_session(controller)
-    assert suspect.tags['trace'] == ['prepender:pre1', 'prepender:pre2', 'scanner:one', 'scanner:two',
+    assert suspect.tags['trace'] == ['prepender:pre1', 'prepender:pre2', 'scanner:one',
+                                     'scanner:two',
                                      'appender:app1:DUNNO', 'appender:app2:DUNNO']
     assert action == fuglu.DUNNO
     assert [d for d in suspect.tags['decisions']] == [('one', fuglu.DUNNO), ('two', fuglu.DUNNO)]
@@ -316,7 +326,8 @@ def test_order_prependers_scanners_appenders():
 
 
 def test_prepender_changes_the_scanner_list_for_one_message():
-    controller = controller_with('[pre]\nremove = two\n', plugins=[(Recorder, 'one'), (Recorder, 'two'),
+    controller = controller_with('[pre]\nremove = two\n',
+                                 plugins=[(Recorder, 'one'), (Recorder, 'two'),
                                                                    (Recorder, 'three')],
                                  prependers=[(ListPrepender, 'pre')])
     suspect, _, _, _ = run_session(controller)
@@ -332,7 +343,8 @@ def test_prepender_changes_the_scanner_list_for_one_message():
     (Invalid, fuglu.DUNNO, None, ['scanner:first', 'scanner:decider', 'scanner:last']),
 ])
 def test_a_decision_stops_the_scanners(cls, action, message, ran):
-    controller = controller_with(plugins=[(Recorder, 'first'), (cls, 'decider'), (Recorder, 'last')])
+    controller = controller_with(plugins=[(Recorder, 'first'), (cls, 'decider'),
+                                          (Recorder, 'last')])
     suspect, got_action, got_message, _ = run_session(controller)
     assert (got_action, got_message) == (action, message)
     assert suspect.tags['trace'] == ran
@@ -343,9 +355,12 @@ def test_reply_text_is_not_a_template_and_appends_the_id():
     # may hold sender text, so it is never expanded again
     controller = controller_with(plugins=[(Rejecter, None)])
     suspect, action, message, session = run_session(controller)
-    assert session.reply_text(suspect, action, message) == 'rejected for ${from_address} (%s)' % suspect.id
-    assert session.reply_text(suspect, fuglu.REJECT, None) == 'Rejected by content scanner (%s)' % suspect.id
-    assert session.reply_text(suspect, fuglu.DEFER, 'line1\r\nline2') == 'line1 line2 (%s)' % suspect.id
+    assert (session.reply_text(suspect, action, message) == 'rejected for ${from_address} (%s)'
+            % suspect.id)
+    assert (session.reply_text(suspect, fuglu.REJECT, None) == 'Rejected by content scanner (%s)'
+            % suspect.id)
+    assert (session.reply_text(suspect, fuglu.DEFER, 'line1\r\nline2') == 'line1 line2 (%s)'
+            % suspect.id)
     controller = controller_with('suspectidreturn = 0\n', plugins=[(Rejecter, None)])
     suspect, action, message, session = run_session(controller)
     assert session.reply_text(suspect, action, message) == 'rejected for ${from_address}'
@@ -354,7 +369,8 @@ def test_reply_text_is_not_a_template_and_appends_the_id():
 def test_overrideaction_and_overridemessage():
     controller = controller_with('[dry]\noverrideaction = DUNNO\n[soft]\noverrideaction = defer\n'
                                  'overridemessage = later, ${to_address}\n',
-                                 plugins=[(Rejecter, 'dry'), (Rejecter, 'soft'), (Recorder, 'never')])
+                                 plugins=[(Rejecter, 'dry'), (Rejecter, 'soft'),
+                                          (Recorder, 'never')])
     suspect, action, message, session = run_session(controller)
     assert suspect.tags['trace'] == ['scanner:dry', 'scanner:soft']
     assert suspect.tags['decisions'] == [('dry', fuglu.DUNNO), ('soft', fuglu.DEFER)]
@@ -370,9 +386,11 @@ def test_override_without_message_keeps_the_plugin_message():
 
 def test_an_exception_is_recorded_and_the_next_plugin_runs():
     controller = controller_with(plugins=[(Crasher, None), (Rejecter, 'after')],
-                                 prependers=[(ListPrepender, 'pre')], appenders=[(RecordingAppender, 'app')])
+                                 prependers=[(ListPrepender, 'pre')],
+                                 appenders=[(RecordingAppender, 'app')])
     suspect, action, _, _ = run_session(controller)
-    assert suspect.tags['trace'] == ['prepender:pre', 'scanner:crasher', 'scanner:after', 'appender:app:REJECT']
+    assert suspect.tags['trace'] == ['prepender:pre', 'scanner:crasher', 'scanner:after',
+                                     'appender:app:REJECT']
     assert action == fuglu.REJECT
     errors = suspect.tags['processingerrors']
     assert len(errors) == 1 and 'RuntimeError' in errors[0] and 'plugin bug' in errors[0]
@@ -400,7 +418,8 @@ def test_appenders_do_not_run_for_deferred_or_undelivered_mail():
     controller = controller_with(plugins=[(Deferrer, None)], appenders=[(RecordingAppender, 'app')])
     suspect, _, _, _ = run_session(controller)
     assert suspect.tags['trace'] == ['scanner:Deferrer']
-    controller = controller_with(plugins=[(Recorder, 'scan')], appenders=[(RecordingAppender, 'app')])
+    controller = controller_with(plugins=[(Recorder, 'scan')],
+                                 appenders=[(RecordingAppender, 'app')])
     suspect, _, _, _ = run_session(controller, delivered=False)
     assert suspect.tags['trace'] == ['scanner:scan']
 
@@ -410,7 +429,8 @@ def test_fuglu_headers_with_a_custom_prefix():
     suspect, _, _, _ = run_session(controller)
     assert suspect.addheaders == {'X-Scan-Spamstatus': 'YES', 'X-Scan-Suspect': suspect.id}
     output = suspect.get_output_source()
-    assert output == ('X-Scan-Spamstatus: YES\r\nX-Scan-Suspect: %s\r\n' % suspect.id).encode() + MESSAGE
+    assert (output == ('X-Scan-Spamstatus: YES\r\nX-Scan-Suspect: %s\r\n' % suspect.id).encode()
+            + MESSAGE)
     controller = controller_with(plugins=[(Recorder, None)])
     suspect, _, _, _ = run_session(controller)
     assert suspect.addheaders == {'X-Fuglu-Spamstatus': 'NO', 'X-Fuglu-Suspect': suspect.id}
@@ -424,7 +444,8 @@ def test_plugin_headers_come_first_and_headers_can_be_switched_off():
     controller = controller_with(plugins=[(HeaderPlugin, None)])
     suspect, _, _, _ = run_session(controller)
     assert list(suspect.addheaders) == ['X-Plugin', 'X-Fuglu-Spamstatus', 'X-Fuglu-Suspect']
-    controller = controller_with('spamstatusheader = 0\nsuspectidheader = no\n', plugins=[(HeaderPlugin, None)])
+    controller = controller_with('spamstatusheader = 0\nsuspectidheader = no\n',
+                                 plugins=[(HeaderPlugin, None)])
     suspect, _, _, _ = run_session(controller)
     assert list(suspect.addheaders) == ['X-Plugin']
     controller = controller_with('debuginfoheader = 1\n', plugins=[(HeaderPlugin, None)])
@@ -434,15 +455,16 @@ def test_plugin_headers_come_first_and_headers_can_be_switched_off():
 
 def test_trashdir_and_trashlog_on_delete(tmp_path):
     trash = tmp_path / 'trash'
-    controller = controller_with('trashdir = %s\ntrashlog = 1\n' % trash, plugins=[(Deleter, 'killer')])
+    controller = controller_with('trashdir = %s\ntrashlog = 1\n' % trash,
+                                 plugins=[(Deleter, 'killer')])
     suspect, action, _, _ = run_session(controller)
     assert action == fuglu.DELETE
     copies = [name for name in os.listdir(str(trash)) if name != '00-fuglutrash.log']
     assert len(copies) == 1 and copies[0].startswith(suspect.id)
     assert (trash / copies[0]).read_bytes() == MESSAGE
     log = (trash / '00-fuglutrash.log').read_text()
-    assert re.match(r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ a@example\.org b@example\.com Deleter\(killer\) %s\n$'
-                    % re.escape(str(trash / copies[0])), log), log
+    assert re.match(r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ a@example\.org b@example\.com '
+                    r'Deleter\(killer\) %s\n$' % re.escape(str(trash / copies[0])), log), log
 
 
 def test_no_trash_without_delete_or_without_trashlog(tmp_path):
@@ -504,7 +526,8 @@ def test_skip_prepender_leaves_out_listed_plugins(tmp_path):
         pass
 
     controller = controller_with('[PluginSkipper]\nfilterfile = %s\n' % rules,
-                                 plugins=[(Rejecter, 'rej'), (Other, 'other')], prependers=[(PluginSkipper, None)])
+                                 plugins=[(Rejecter, 'rej'), (Other, 'other')],
+                                 prependers=[(PluginSkipper, None)])
     suspect, action, _, _ = run_session(controller, make_suspect(port=10099))
     assert suspect.tags['trace'] == ['scanner:other']
     assert suspect.tags['Rejecter.skipreason'] == '@incomingport'

@@ -1,4 +1,4 @@
-"""Per-recipient settings and rules from SQL (spec 3.6): DBConfig, DBFile, the shared
+"""Per-recipient settings and rules from SQL ([databaseconfig]): DBConfig, DBFile, the shared
 database with its cache and outage handling, the plugins that honour overrides, lint.
 
 The databases here are real SQLite files read through the standard library's sqlite3
@@ -591,7 +591,8 @@ def test_lint_stdlib_sqlite_names_backend_driver_and_rows(readable_tmp):
 
 
 @pytest.mark.parametrize('url,fragment', [
-    ('postgresql://fuglu:pw@127.0.0.1/fuglu', 'pip install SQLAlchemy and psycopg2-binary, and write'),
+    ('postgresql://fuglu:pw@127.0.0.1/fuglu', 'pip install SQLAlchemy and psycopg2-binary, '
+                                              'and write'),
     ('mysql://fuglu:pw@127.0.0.1/fuglu', 'pip install SQLAlchemy and PyMySQL'),
 ])
 def test_lint_other_urls_without_sqlalchemy_names_what_to_install(tmp_path, url, fragment):

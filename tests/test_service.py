@@ -397,7 +397,7 @@ def test_check_ports_names_every_bad_port_value():
     config = make_config('[main]\nincomingport = 10025,smtp:99999\noutgoingport = '
                          '340260\nbounceport = x\ncontrolport = 70000\nmetrics_listen = '
                          '10.0.0.1:9100\n')
-    findings = fuglu.check_ports(config)
+    findings = fuglu.check_ports(config) + fuglu.check_listeners(config)
     text = '\n'.join(message for level, message in findings if level == 'error')
     assert "invalid port in incomingport entry 'smtp:99999'" in text
     assert "[main] outgoingport = '340260' is not a port number" in text
@@ -405,6 +405,22 @@ def test_check_ports_names_every_bad_port_value():
     assert "[main] controlport = '70000' is not a port number" in text
     assert 'only a loopback address' in text
     assert fuglu.check_ports(make_config('[main]\nincomingport = 10025\n')) == []
+
+
+def test_listener_and_backend_checks_are_what_start_up_refuses_on():
+    good = make_config('[main]\nincomingport = 10025, milter:127.0.0.1:10030\n')
+    assert [level for level, _text in fuglu.check_listeners(good)] == ['note'] * 3
+    assert fuglu.check_backend(good) == []
+    bad = make_config('[main]\nincomingport = smtp:10025, lmtp:10026\n'
+                      '[performance]\nbackend = nosuch\n')
+    findings = fuglu.check_listeners(bad) + fuglu.check_backend(bad)
+    errors = [text for level, text in findings if level == 'error']
+    assert len(errors) == 2
+    assert "unknown protocol 'lmtp'" in errors[0] and "unknown backend 'nosuch'" in errors[1]
+    with pytest.raises(fuglu.ConfigProblem, match='lmtp'):
+        fuglu.MainController(bad).bind()
+    with pytest.raises(fuglu.ConfigProblem, match='nosuch'):
+        fuglu.raise_errors(fuglu.check_backend(bad))
 
 
 def test_check_listen_free_reports_an_address_in_use():

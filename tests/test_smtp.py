@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from helpers import InProcessFuglu, RawClient, Sink, fuglu, free_port, stopped_at_teardown, wait_for
+from helpers import (InProcessFuglu, RawClient, Sink, fuglu, free_port, settle, stopped_at_teardown,
+                     wait_for)
 
 MESSAGE = (b'From: Alice <alice@example.org>\r\n'
            b'To: Bob <bob@example.com>\r\n'
@@ -94,7 +95,8 @@ def code(reply):
     return int(reply[:3])
 
 
-def transaction(client, message=MESSAGE, sender='alice@example.org', recipients=('bob@example.com',),
+def transaction(client, message=MESSAGE, sender='alice@example.org',
+                recipients=('bob@example.com',),
                 payload=None):
     """MAIL, RCPT..., DATA, message; returns the final reply (asserts the steps before)."""
     reply = client.cmd('MAIL FROM:<%s>' % sender)
@@ -181,8 +183,8 @@ def test_commands_in_the_wrong_order(server, clients):
 
 def test_pipelined_commands_in_one_send(server, sink, clients):
     client = clients(server.port)
-    client.send(b'EHLO client.example\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.com>\r\n'
-                b'RCPT TO:<carol@example.com>\r\nDATA\r\n')
+    client.send(b'EHLO client.example\r\nMAIL FROM:<alice@example.org>\r\n'
+                b'RCPT TO:<bob@example.com>\r\nRCPT TO:<carol@example.com>\r\nDATA\r\n')
     replies = [client.reply() for _ in range(5)]
     assert replies[0].startswith(b'250-')
     assert [code(r) for r in replies[1:]] == [250, 250, 250, 354], replies
@@ -198,7 +200,8 @@ def test_whole_transaction_after_ehlo_in_one_send(server, sink, clients):
     ehlo(client)
     client.send(b'RSET\r\nMAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n')
     assert [code(client.reply()) for _ in range(4)] == [250, 250, 250, 354]
-    client.send(stuff(MESSAGE) + b'MAIL FROM:<second@example.org>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n')
+    client.send(stuff(MESSAGE) + b'MAIL FROM:<second@example.org>\r\nRCPT '
+                                 b'TO:<bob@example.com>\r\nDATA\r\n')
     assert [code(client.reply()) for _ in range(4)] == [250, 250, 250, 354]
     client.send(stuff(MESSAGE.replace(b'test message', b'second')))
     assert code(client.reply()) == 250
@@ -260,7 +263,8 @@ def test_last_line_without_crlf_gets_the_crlf_of_the_terminator(server, sink, cl
     client = clients(server.port)
     ehlo(client)
     # the CRLF before "." belongs to the last line (RFC 5321 4.1.1.4)
-    assert code(transaction(client, payload=b'Subject: x\r\n\r\nno newline at the end\r\n.\r\n')) == 250
+    assert code(transaction(client, payload=b'Subject: x\r\n\r\nno newline at the '
+                                            b'end\r\n.\r\n')) == 250
     assert delivered_body(sink) == b'Subject: x\r\n\r\nno newline at the end\r\n'
 
 
@@ -277,7 +281,7 @@ def test_terminator_split_over_several_sends(server, sink, clients, pieces):
         assert code(client.cmd(line)) in (250, 354)
     for piece in pieces:
         client.send(piece)
-        time.sleep(0.05)
+        time.sleep(0.01)   # pacing, not waiting: each piece its own packet (TCP_NODELAY)
     assert code(client.reply()) == 250
     assert delivered_body(sink) == b'Subject: split\r\n\r\nbody\r\n'
 
@@ -285,7 +289,8 @@ def test_terminator_split_over_several_sends(server, sink, clients, pieces):
 def test_long_lines_are_kept_intact(server, sink, clients):
     long_header = b'X-Long: ' + b'h' * 3000 + b'\r\n'
     long_body = b'b' * 20000 + b'\r\n'
-    message = b'Subject: long\r\n' + long_header + b'\r\n' + long_body + b'short\r\n' + b'.' + b'x' * 5000 + b'\r\n'
+    message = (b'Subject: long\r\n' + long_header + b'\r\n' + long_body + b'short\r\n' + b'.' + b'x'
+               * 5000 + b'\r\n')
     client = clients(server.port)
     ehlo(client)
     assert code(transaction(client, message)) == 250
@@ -305,8 +310,8 @@ def test_line_over_the_data_line_limit_is_refused(sink, make_fuglu, clients, lim
     assert b'smtp_data_line_limit' in reply
     # the session goes on: the next message is fine
     assert code(transaction(client, MESSAGE)) == 250
-    assert wait_for(lambda: len(sink.messages) == 1)
-    time.sleep(0.2)
+    assert client.cmd('QUIT').startswith(b'221')
+    settle(instance, sink)
     assert len(sink.messages) == 1
     assert delivered_body(sink) == MESSAGE
 
@@ -335,15 +340,11 @@ def test_only_crlf_dot_crlf_ends_the_data_no_smuggling(make_fuglu, clients):
     downstream = Sink(postfix_like=True)
     try:
         instance = make_fuglu(downstream.port)
-        message = (b'Subject: smuggling\r\n\r\n'
-                   b'body\n.\n'
-                   b'MAIL FROM:<lf@evil.example>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nfake 1\r\n'
-                   b'x\n.\r\n'
-                   b'MAIL FROM:<lfcrlf@evil.example>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nfake 2\r\n'
-                   b'y\r\n.\n'
-                   b'MAIL FROM:<crlflf@evil.example>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\nfake 3\r\n'
-                   b'z\r.\r\n'
-                   b'end\r\n')
+        message = (b'Subject: smuggling\r\n\r\nbody\n.\nMAIL FROM:<lf@evil.example>\r\n'
+                   b'RCPT TO:<victim@example.com>\r\nDATA\r\nfake 1\r\nx\n.\r\n'
+                   b'MAIL FROM:<lfcrlf@evil.example>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n'
+                   b'fake 2\r\ny\r\n.\nMAIL FROM:<crlflf@evil.example>\r\n'
+                   b'RCPT TO:<victim@example.com>\r\nDATA\r\nfake 3\r\nz\r.\r\nend\r\n')
         client = clients(instance.port)
         ehlo(client)
         reply = transaction(client, message)
@@ -351,8 +352,8 @@ def test_only_crlf_dot_crlf_ends_the_data_no_smuggling(make_fuglu, clients):
         # one reply for one message: nothing after the fake terminators was a command
         client.send(b'NOOP\r\n')
         assert code(client.reply()) == 250
-        assert wait_for(lambda: len(downstream.messages) >= 1)
-        time.sleep(0.2)
+        assert client.cmd('QUIT').startswith(b'221')
+        settle(instance, downstream)
         assert len(downstream.messages) == 1, [m['mail'] for m in downstream.messages]
         assert split_added_headers(downstream.messages[0]['data'])[1] == message
         assert len(instance.plugin.seen) == 1
@@ -390,7 +391,8 @@ def test_8bit_and_utf8_headers_are_byte_identical(server, sink, clients):
 def test_smtputf8_sender_and_recipient(server, sink, clients):
     sender = 'jörg@exämple.org'
     recipient = '用户@例子.example'
-    message = ('From: %s\r\nTo: %s\r\nSubject: ✓\r\n\r\nbody\r\n' % (sender, recipient)).encode('utf-8')
+    message = ('From: %s\r\nTo: %s\r\nSubject: ✓\r\n\r\nbody\r\n'
+               % (sender, recipient)).encode('utf-8')
     client = clients(server.port)
     ehlo(client)
     assert code(client.cmd('MAIL FROM:<%s> SMTPUTF8 BODY=8BITMIME' % sender)) == 250
@@ -499,13 +501,15 @@ def test_rset_and_several_transactions_without_a_new_ehlo(server, sink, clients)
 def test_xforward_goes_downstream_with_the_original_client(server, sink, clients):
     client = clients(server.port)
     ehlo(client)
-    assert code(client.cmd('XFORWARD NAME=client.example ADDR=192.0.2.1 PORT=4711 PROTO=ESMTP')) == 250
+    assert code(client.cmd('XFORWARD NAME=client.example ADDR=192.0.2.1 PORT=4711 '
+                           'PROTO=ESMTP')) == 250
     assert code(client.cmd('XFORWARD HELO=client.helo IDENT=4XyZ123 SOURCE=REMOTE')) == 250
     assert code(transaction(client)) == 250
     assert wait_for(lambda: sink.messages)
     mail_index = next(i for i, c in enumerate(sink.commands) if c.startswith('MAIL'))
     forwarded = ' '.join(c for c in sink.commands[:mail_index] if c.startswith('XFORWARD'))
-    for attribute in ('NAME=client.example', 'ADDR=192.0.2.1', 'PORT=4711', 'PROTO=ESMTP', 'HELO=client.helo',
+    for attribute in ('NAME=client.example', 'ADDR=192.0.2.1', 'PORT=4711', 'PROTO=ESMTP',
+                      'HELO=client.helo',
                       'IDENT=4XyZ123', 'SOURCE=REMOTE'):
         assert attribute in forwarded.split(), forwarded
     suspect = server.plugin.seen[0]
@@ -525,9 +529,11 @@ def test_xforward_inside_a_transaction_is_refused(server, clients):
 def test_mail_and_rcpt_parameters_are_carried_over(server, sink, clients):
     client = clients(server.port)
     ehlo(client)
-    assert code(client.cmd('MAIL FROM:<alice@example.org> BODY=8BITMIME SIZE=%d RET=HDRS ENVID=QQ314159'
+    assert code(client.cmd('MAIL FROM:<alice@example.org> BODY=8BITMIME SIZE=%d RET=HDRS '
+                           'ENVID=QQ314159'
                            % len(MESSAGE))) == 250
-    assert code(client.cmd('RCPT TO:<bob@example.com> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@example.com')) == 250
+    assert code(client.cmd('RCPT TO:<bob@example.com> NOTIFY=SUCCESS,FAILURE '
+                           'ORCPT=rfc822;bob@example.com')) == 250
     assert code(client.cmd('DATA')) == 354
     client.send(stuff(MESSAGE))
     assert code(client.reply()) == 250
@@ -537,11 +543,13 @@ def test_mail_and_rcpt_parameters_are_carried_over(server, sink, clients):
         assert parameter in mail, mail
     assert any(p.startswith('SIZE=') for p in mail)
     rcpt = next(c for c in sink.commands if c.startswith('RCPT'))
-    assert 'NOTIFY=SUCCESS,FAILURE' in rcpt.split() and 'ORCPT=rfc822;bob@example.com' in rcpt.split()
+    assert ('NOTIFY=SUCCESS,FAILURE' in rcpt.split() and 'ORCPT=rfc822;bob@example.com'
+            in rcpt.split())
 
 
 def test_a_recipient_refused_downstream_is_refused_to_the_client(server, sink, clients):
-    sink.rcpt_replies['nobody@example.com'] = '550 5.1.1 <nobody@example.com>: Recipient address rejected'
+    sink.rcpt_replies['nobody@example.com'] = ('550 5.1.1 <nobody@example.com>: Recipient address '
+                                               'rejected')
     sink.rcpt_replies['full@example.com'] = '452 4.2.2 <full@example.com>: Mailbox full'
     client = clients(server.port)
     ehlo(client)
@@ -574,7 +582,8 @@ def test_all_recipients_refused_then_data_is_refused(server, sink, clients):
     ('452 4.3.1 Insufficient system storage', b'4'),
     ('554 5.7.1 Message refused by downstream policy', b'5'),
 ])
-def test_downstream_refusal_at_data_comes_back_in_the_same_class(server, sink, clients, downstream_reply,
+def test_downstream_refusal_at_data_comes_back_in_the_same_class(server, sink, clients,
+                                                                 downstream_reply,
                                                                    expected_class):
     sink.replies['DATA'] = downstream_reply
     client = clients(server.port)
@@ -664,12 +673,12 @@ def test_plugin_decisions_are_sent_as_they_are_with_the_id(server, sink, clients
     reply = transaction(client)
     suspect_id = server.plugin.seen[0].id
     assert reply == expected + b' (' + suspect_id.encode() + b')\r\n'
-    time.sleep(0.1)
-    assert sink.messages == []
-    # the next message in the same session is delivered again
+    # the next message in the same session is delivered again, and alone
     server.plugin.result = fuglu.DUNNO
     assert code(transaction(client)) == 250
-    assert wait_for(lambda: len(sink.messages) == 1)
+    assert client.cmd('QUIT').startswith(b'221')
+    settle(server, sink)
+    assert len(sink.messages) == 1
     assert delivered_body(sink) == MESSAGE
 
 
@@ -691,8 +700,10 @@ def test_noreinject(server, sink, clients):
     ehlo(client)
     reply = transaction(client)
     suspect_id = server.plugin.seen[0].id
-    assert reply == ('250 FUGLU REQUEUE(%s): message not re-injected by plugin request\r\n' % suspect_id).encode()
-    time.sleep(0.1)
+    assert reply == ('250 FUGLU REQUEUE(%s): message not re-injected by plugin request\r\n'
+                     % suspect_id).encode()
+    assert client.cmd('QUIT').startswith(b'221')
+    settle(server, sink)
     assert sink.messages == []
 
 
@@ -701,19 +712,22 @@ def test_default_requeue_reply(server, sink, clients):
     ehlo(client)
     reply = transaction(client)
     suspect = server.plugin.seen[0]
-    assert reply == ('250 FUGLU REQUEUE(%s): 2.0.0 Ok: queued as ABC123DEF\r\n' % suspect.id).encode()
+    assert (reply
+            == ('250 FUGLU REQUEUE(%s): 2.0.0 Ok: queued as ABC123DEF\r\n' % suspect.id).encode())
     assert suspect.tags['injectqueueid'] == 'ABC123DEF'
     assert (b'X-Fuglu-Suspect: %s\r\n' % suspect.id.encode()) in sink.messages[0]['data']
 
 
 def test_requeuetemplate(sink, make_fuglu, clients):
-    instance = make_fuglu(sink.port, extra='[smtpconnector]\nrequeuetemplate = QUEUED ${id} to ${to_address}: '
+    instance = make_fuglu(sink.port, extra='[smtpconnector]\n'
+                                           'requeuetemplate = QUEUED ${id} to ${to_address}: '
                                            '${injectanswer}\n')
     client = clients(instance.port)
     ehlo(client)
     reply = transaction(client)
     suspect_id = instance.plugin.seen[0].id
-    assert reply == ('250 QUEUED %s to bob@example.com: 2.0.0 Ok: queued as ABC123DEF\r\n' % suspect_id).encode()
+    assert reply == ('250 QUEUED %s to bob@example.com: 2.0.0 Ok: queued as ABC123DEF\r\n'
+                     % suspect_id).encode()
 
 
 def test_incomingport_tag_is_visible_to_plugins(server, clients):
@@ -752,14 +766,14 @@ def test_eof_during_data_delivers_nothing_and_the_daemon_keeps_serving(server, s
     client.send(b'Subject: half\r\n\r\nonly half of the mess')
     client.sock.shutdown(socket.SHUT_RDWR)
     client.close()
-    time.sleep(0.3)
+    settle(server, sink)
     assert sink.messages == []
     assert server.plugin.seen == []
     other = clients(server.port)
     ehlo(other)
     assert code(transaction(other)) == 250
-    assert wait_for(lambda: len(sink.messages) == 1)
-    time.sleep(0.1)
+    assert other.cmd('QUIT').startswith(b'221')
+    settle(server, sink)
     assert len(sink.messages) == 1
     assert sink.messages[0]['mail'] == 'MAIL FROM:<alice@example.org>'
 
@@ -780,7 +794,8 @@ def test_many_parallel_connections(sink, make_fuglu, clients):
     for client in connections:
         assert code(client.reply()) == 250
     assert wait_for(lambda: len(sink.messages) == 8)
-    assert sorted(m['mail'] for m in sink.messages) == sorted('MAIL FROM:<p%d@example.org>' % i for i in range(8))
+    assert (sorted(m['mail'] for m in sink.messages)
+            == sorted('MAIL FROM:<p%d@example.org>' % i for i in range(8)))
 
 
 # -- re-injection with CHUNKING ------------------------------------------------------
@@ -828,8 +843,9 @@ def test_a_downstream_connection_closed_while_parked_is_not_used(server, sink, c
         ehlo(client)
         assert code(transaction(client)) == 250
         assert client.cmd('QUIT').startswith(b'221')
-        time.sleep(0.1)
-    assert wait_for(lambda: len(sink.messages) == 2)
+        # the sink hung up: once it handled that, the parked connection is dead
+        assert sink.idle()
+    assert len(sink.messages) == 2
     assert sum(1 for command in sink.commands if command.upper().startswith('EHLO')) == 2
 
 
@@ -865,5 +881,6 @@ def test_a_changed_recipient_refused_downstream_defers_the_message(server, sink,
     reply = transaction(client)
     assert code(reply) == 451, reply
     assert b'nobody@example.com' in reply
-    time.sleep(0.2)
+    assert client.cmd('QUIT').startswith(b'221')
+    settle(server, sink)
     assert sink.messages == []

@@ -1,4 +1,4 @@
-"""The Suspect (spec 5.4) and the action codes (spec 5.2)."""
+"""The Suspect and the action codes."""
 
 import email.policy
 import re
@@ -22,7 +22,8 @@ SOURCE = (b'Received: from client.example (client.example [203.0.113.5])\r\n'
           b'X-Old: not a header, body text\r\n')
 
 
-def make_suspect(source=SOURCE, sender='alice@example.org', recipients=('bob@example.com',), **kwargs):
+def make_suspect(source=SOURCE, sender='alice@example.org', recipients=('bob@example.com',),
+                 **kwargs):
     return fuglu.Suspect(sender, list(recipients), inbuffer=source, **kwargs)
 
 
@@ -41,11 +42,13 @@ def test_id_is_32_lowercase_hex_and_unique():
     assert len(ids) == 50
     for suspect_id in ids:
         assert re.match(r'^[0-9a-f]{32}$', suspect_id)
-    assert make_suspect(id='0123456789abcdef0123456789abcdef').id == '0123456789abcdef0123456789abcdef'
+    assert (make_suspect(id='0123456789abcdef0123456789abcdef').id
+            == '0123456789abcdef0123456789abcdef')
 
 
 def test_address_parts():
-    suspect = make_suspect(sender='Jane.Doe@example.org', recipients=['first@dest.example', 'second@other.example'])
+    suspect = make_suspect(sender='Jane.Doe@example.org',
+                           recipients=['first@dest.example', 'second@other.example'])
     assert (suspect.from_localpart, suspect.from_domain) == ('Jane.Doe', 'example.org')
     assert suspect.to_address == 'first@dest.example'
     assert (suspect.to_localpart, suspect.to_domain) == ('first', 'dest.example')
@@ -95,7 +98,8 @@ def test_source_from_a_file(tmp_path):
 def test_str():
     suspect = make_suspect()
     text = str(suspect)
-    assert text.startswith('Suspect %s: from=alice@example.org to=bob@example.com size=%d' % (suspect.id, len(SOURCE)))
+    assert text.startswith('Suspect %s: from=alice@example.org to=bob@example.com size=%d'
+                           % (suspect.id, len(SOURCE)))
 
 
 # -- headers ------------------------------------------------------------------------
@@ -147,7 +151,8 @@ def test_header_injection_is_encoded(immediate):
     assert output.endswith(SOURCE)
     added = head[:len(head) - len(header_block(SOURCE))]
     assert b'\n\r\n' not in added and b'\n\n' not in added
-    assert all(line.startswith((b'X-Report:', b' ', b'\t')) for line in added.split(b'\r\n') if line)
+    assert all(line.startswith((b'X-Report:', b' ', b'\t'))
+               for line in added.split(b'\r\n') if line)
     message = parsed(output)
     assert message.get_all('Bcc') is None
     assert message['Subject'].strip() == 'Greetings'
@@ -292,7 +297,8 @@ def test_client_info_from_received_or_connector():
 def test_status_flags():
     suspect = make_suspect()
     assert suspect.is_ham()
-    assert not (suspect.is_spam() or suspect.is_virus() or suspect.is_blocked() or suspect.is_highspam())
+    assert not (suspect.is_spam() or suspect.is_virus() or suspect.is_blocked() or
+                suspect.is_highspam())
     suspect.tags['spam']['EngineA'] = False
     assert not suspect.is_spam() and suspect.is_ham()
     suspect.tags['spam']['EngineB'] = True
@@ -373,8 +379,8 @@ def test_pseudo_actions_resolve_through_the_config():
 
 
 def test_actioncode_to_string():
-    assert [fuglu.actioncode_to_string(code) for code in range(5)] == ['DUNNO', 'ACCEPT', 'DELETE', 'REJECT',
-                                                                      'DEFER']
+    assert [fuglu.actioncode_to_string(code) for code in range(5)] == [
+        'DUNNO', 'ACCEPT', 'DELETE', 'REJECT', 'DEFER']
     assert fuglu.actioncode_to_string(None) == 'NULL ACTION CODE'
     assert fuglu.actioncode_to_string(99) == 'INVALID ACTION CODE 99'
     for code in range(5):
@@ -393,3 +399,18 @@ def test_client_info_costs_linear_time_on_a_nested_received_header():
     assert suspect.client_info_from_rcvd(skiponerror=True) == ('helo.example', '2001:db8::5',
                                                                'rdns.example')
     assert time.monotonic() - started < 5
+
+
+def test_every_tag_the_core_uses_is_in_the_documented_table():
+    import inspect
+    source = inspect.getsource(fuglu)
+    used = set(re.findall(r"tags(?:\[|\.get\(|\.pop\(|\.setdefault\()'([^']+)'", source))
+    used |= set(re.findall(r"(?:get_tag|set_tag)\('([^']+)'", source))
+    assert used, 'the pattern finds nothing: the test would pass vacuously'
+    # '<plugin>.<what>' are the plugins' own (set by the helpers of the plugin bases);
+    # 'skipmplugins' is a milter session's tag, not a Suspect's
+    used = {name for name in used if not name.startswith('%s.')} - {'skipmplugins'}
+    assert sorted(used - set(fuglu.SUSPECT_TAGS)) == []
+    suspect = fuglu.Suspect('a@example.org', ['b@example.com'], inbuffer=b'x')
+    assert set(suspect.tags) <= set(fuglu.SUSPECT_TAGS)
+    assert {who for who, _what in fuglu.SUSPECT_TAGS.values()} == {'core', 'plugins'}

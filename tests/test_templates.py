@@ -1,4 +1,4 @@
-"""apply_template (spec 5.7): FuGlu's ${...} variables, safe substitution, header and
+"""apply_template: FuGlu's ${...} variables, safe substitution, header and
 @tag lookups, caller values before the defaults."""
 
 import re
@@ -25,8 +25,9 @@ def test_all_message_variables():
     text = fuglu.apply_template(
         'id=${id} from=${from_address} fd=${from_domain} fl=${from_localpart} to=${to_address} '
         'td=${to_domain} tl=${to_localpart} subject=${subject} ts=${timestamp}', suspect)
-    assert text == ('id=%s from=Jane.Doe@Example.org fd=example.org fl=Jane.Doe to=first@dest.example '
-                    'td=dest.example tl=first subject=Quarterly report ts=%s' % (suspect.id, suspect.timestamp))
+    assert text == ('id=%s from=Jane.Doe@Example.org fd=example.org fl=Jane.Doe '
+                    'to=first@dest.example td=dest.example '
+                    'tl=first subject=Quarterly report ts=%s' % (suspect.id, suspect.timestamp))
 
 
 def test_date_and_time_are_local_now():
@@ -78,7 +79,7 @@ def test_header_lookup():
     suspect = make_suspect()
     assert fuglu.apply_template('${header:subject}|${header:From}|${to}', suspect) == \
         'Quarterly report|Sender <sender@example.org>|rcpt@example.com'
-    # a '-' is not part of a name: such headers cannot be referenced (spec 5.7)
+    # a '-' is not part of a name: such headers cannot be referenced (as in FuGlu)
     assert fuglu.apply_template('${header:X-Mailer}', suspect) == '${header:X-Mailer}'
 
 
@@ -91,7 +92,8 @@ def test_subject_follows_the_current_source():
 def test_values_override_defaults():
     suspect = make_suspect()
     values = {'id': 'OVERRIDDEN', 'subject': 'other', 'virusname': 'Eicar', 'empty': None}
-    text = fuglu.apply_template('${id} ${subject} ${virusname} [${empty}] ${to_domain}', suspect, values)
+    text = fuglu.apply_template('${id} ${subject} ${virusname} [${empty}] ${to_domain}', suspect,
+                                values)
     assert text == 'OVERRIDDEN other Eicar [] dest.example'
 
 
@@ -129,7 +131,8 @@ def test_inserted_values_are_never_expanded_again():
 
 def test_output_is_bounded_and_each_variable_looked_up_once(monkeypatch):
     body = b'x' * 1000000
-    suspect = fuglu.Suspect('a@example.org', ['b@example.org'], inbuffer=b'Subject: s\r\n\r\n' + body)
+    suspect = fuglu.Suspect('a@example.org', ['b@example.org'],
+                            inbuffer=b'Subject: s\r\n\r\n' + body)
     calls = []
     original = fuglu.SuspectFilter.field_values
 

@@ -37,7 +37,8 @@ def test_archive_has_shebang_core_plugins_rules_and_dist_config(pyz):
         assert handle.readline() == b'#!/usr/bin/env python3\n'
     names = set(zipfile.ZipFile(str(pyz)).namelist())
     for name in ('__main__.py', 'fuglu.py', 'fuglu.conf.dist', 'fuglu_plugins/__init__.py',
-                 'fuglu_plugins/clamav.py', 'fuglu_plugins/spamassassin.py', 'fuglu_plugins/attachment.py',
+                 'fuglu_plugins/clamav.py', 'fuglu_plugins/spamassassin.py',
+                 'fuglu_plugins/attachment.py',
                  'fuglu_plugins/archive.py', 'fuglu_plugins/debug.py', 'fuglu_plugins/skip.py',
                  'conf/rules/default-filenames.conf', 'conf/templates/blockedfile.tmpl'):
         assert name in names

@@ -63,7 +63,8 @@ def suspect_id(delivered):
 
 
 def wait_queue_empty(postfix, timeout=20):
-    peers.wait_until(lambda: postfix.queue_size() == 0, timeout, interval=0.2, what='empty Postfix queue')
+    peers.wait_until(lambda: postfix.queue_size() == 0, timeout, interval=0.2,
+                     what='empty Postfix queue')
 
 
 class TcpForwarder(object):
@@ -157,7 +158,8 @@ def test_mail_is_delivered_through_fuglu_with_its_suspect_header(postfix_factory
     recipient = unique_address('delivered')
     other = unique_address('second')
 
-    reply = postfix.send('sender@example.org', [recipient, other], simple_message(recipient, 'through fuglu'))
+    reply = postfix.send('sender@example.org', [recipient, other],
+                         simple_message(recipient, 'through fuglu'))
     assert reply.code == 250, reply
     delivered = postfix.wait_delivered(recipient, timeout=20)
     assert b'Subject: through fuglu' in delivered
@@ -177,17 +179,20 @@ def test_mail_is_delivered_through_fuglu_with_its_suspect_header(postfix_factory
 
 # -- (b) the downstream is down --------------------------------------------------------
 
-def test_downstream_down_postfix_defers_and_delivers_when_it_is_back(postfix_factory, fuglu_factory):
+def test_downstream_down_postfix_defers_and_delivers_when_it_is_back(postfix_factory,
+                                                                     fuglu_factory):
     postfix = postfix_factory('afterqueue')
     downstream = TcpForwarder(postfix.reinject_port)   # not started: nothing listens yet
     try:
         fuglu_factory(fuglu_config(postfix, outgoingport=downstream.port))
         recipients = [unique_address('downstream-down-%d' % n) for n in range(3)]
         for recipient in recipients:
-            reply = postfix.send('sender@example.org', [recipient], simple_message(recipient, 'waits'))
+            reply = postfix.send('sender@example.org', [recipient],
+                                 simple_message(recipient, 'waits'))
             assert reply.code == 250, reply
         # fuglu answers 4xx, so Postfix keeps the mail and says why
-        postfix.wait_log(r'status=deferred \(host 127\.0\.0\.1\[127\.0\.0\.1\] said: 451', timeout=20)
+        postfix.wait_log(r'status=deferred \(host 127\.0\.0\.1\[127\.0\.0\.1\] said: 451',
+                         timeout=20)
         assert 'status=sent' not in postfix.log_text()
         assert postfix.delivered() == []
         assert postfix.queue_size() == 3
@@ -204,12 +209,14 @@ def test_downstream_down_postfix_defers_and_delivers_when_it_is_back(postfix_fac
         downstream.stop()
 
 
-def test_downstream_refuses_postfix_defers_and_delivers_after_restart(postfix_factory, fuglu_factory):
+def test_downstream_refuses_postfix_defers_and_delivers_after_restart(postfix_factory,
+                                                                      fuglu_factory):
     # fuglu pointed at a port with nothing listening, then restarted with the right one
     postfix = postfix_factory('afterqueue')
     wrong = fuglu_factory(fuglu_config(postfix, outgoingport=peers.free_port()))
     recipient = unique_address('wrong-port')
-    assert postfix.send('sender@example.org', [recipient], simple_message(recipient, 'x')).code == 250
+    assert (postfix.send('sender@example.org', [recipient], simple_message(recipient, 'x')).code
+            == 250)
     postfix.wait_log(r'status=deferred .*said: 451', timeout=20)
     assert postfix.queue_size() == 1
     wrong.stop()
@@ -219,7 +226,8 @@ def test_downstream_refuses_postfix_defers_and_delivers_after_restart(postfix_fa
     wait_queue_empty(postfix)
 
 
-def test_a_silent_downstream_gets_postfix_fuglus_451_not_its_own_timeout(postfix_factory, fuglu_factory):
+def test_a_silent_downstream_gets_postfix_fuglus_451_not_its_own_timeout(postfix_factory,
+                                                                          fuglu_factory):
     # the downstream accepts the connection and never speaks: fuglu gives up after
     # downstream_reply_timeout, long before Postfix's smtp_mail_timeout (300 s)
     postfix = postfix_factory('afterqueue')
@@ -228,11 +236,13 @@ def test_a_silent_downstream_gets_postfix_fuglus_451_not_its_own_timeout(postfix
     silent.listen(8)
     try:
         fuglu_factory(fuglu_config(postfix, outgoingport=silent.getsockname()[1],
-                                   extra_main='downstream_reply_timeout = 3\noutgoingretry = 0\n'))
+                                   extra_main='downstream_reply_timeout = 0.5\n'
+                                              'outgoingretry = 0\n'))
         recipient = unique_address('silent-downstream')
-        assert postfix.send('sender@example.org', [recipient], simple_message(recipient, 'x')).code == 250
-        postfix.wait_log(r'status=deferred \(host 127\.0\.0\.1\[127\.0\.0\.1\] said: 451 4\.4\.2 downstream '
-                         r'127\.0\.0\.1:\d+ did not answer in time', timeout=60)
+        reply = postfix.send('sender@example.org', [recipient], simple_message(recipient, 'x'))
+        assert reply.code == 250
+        postfix.wait_log(r'status=deferred \(host 127\.0\.0\.1\[127\.0\.0\.1\] said: 451 4\.4\.2 '
+                         r'downstream 127\.0\.0\.1:\d+ did not answer in time', timeout=60)
         assert postfix.queue_size() == 1
     finally:
         silent.close()
@@ -244,13 +254,15 @@ def test_fuglu_stopped_mail_waits_in_the_queue_and_nothing_is_lost(postfix_facto
     postfix = postfix_factory('afterqueue')
     first = fuglu_factory(fuglu_config(postfix))
     before = unique_address('before-outage')
-    assert postfix.send('sender@example.org', [before], simple_message(before, 'before')).code == 250
+    assert (postfix.send('sender@example.org', [before], simple_message(before, 'before')).code
+            == 250)
     suspect_id(postfix.wait_delivered(before, timeout=20))
 
     assert first.stop() is not None
     during = [unique_address('during-outage-%d' % n) for n in range(3)]
     for recipient in during:
-        assert postfix.send('sender@example.org', [recipient], simple_message(recipient, 'during')).code == 250
+        reply = postfix.send('sender@example.org', [recipient], simple_message(recipient, 'during'))
+        assert reply.code == 250
     postfix.wait_log(r'status=deferred .*Connection refused', timeout=20)
     peers.wait_until(lambda: postfix.queue_size() == 3, 20, interval=0.2, what='3 queued messages')
     assert all(postfix.delivered(recipient) == [] for recipient in during)
@@ -326,7 +338,8 @@ def zipapp(tmp_path_factory):
         pytest.skip('build_zipapp.py does not exist yet')
     build_dir = str(tmp_path_factory.mktemp('build'))
     target = os.path.join(build_dir, 'fuglu.pyz')
-    result = subprocess.run([sys.executable, builder, '-o', target], cwd=REPO, stdout=subprocess.PIPE,
+    result = subprocess.run([sys.executable, builder, '-o', target], cwd=REPO,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, timeout=120)
     assert result.returncode == 0, result.stdout.decode()
     alone = peers.world_dir('fuglu-pyz-')
@@ -425,18 +438,21 @@ def write_fuglu_style_conf(folder, incoming, outgoing, debugport, controlport):
         rules.write('@incomingport ^10099$ SAPlugin\n')
     path = os.path.join(folder, 'fuglu.conf')
     with open(path, 'w') as conf:
-        conf.write(FUGLU_STYLE_CONF.format(incoming=incoming, outgoing=outgoing, debugport=debugport,
+        conf.write(FUGLU_STYLE_CONF.format(incoming=incoming, outgoing=outgoing,
+                                           debugport=debugport,
                                            controlport=controlport))
     return path
 
 
-def test_delivery_through_the_zipapp_on_a_fuglu_style_config(postfix_factory, fuglu_factory, zipapp):
+def test_delivery_through_the_zipapp_on_a_fuglu_style_config(postfix_factory, fuglu_factory,
+                                                             zipapp):
     postfix = postfix_factory('afterqueue')
     confdir = peers.world_dir('fuglu-conf-')
     try:
         debugport = peers.free_port()
         conf = write_fuglu_style_conf(confdir, '%d,%d' % (postfix.filter_port, debugport),
-                                      postfix.reinject_port, debugport, os.path.join(confdir, 'control.sock'))
+                                      postfix.reinject_port, debugport,
+                                      os.path.join(confdir, 'control.sock'))
         process = fuglu_factory(conf, program=zipapp)
         recipient = unique_address('zipapp')
         message = simple_message(recipient, 'through the pyz', b'8-bit: \xc3\xa9\r\n.dot\r\n')
@@ -457,7 +473,8 @@ def installed_pythons():
     root = os.environ.get('PYENV_ROOT', os.path.expanduser('~/.pyenv'))
     for minor in range(8, 14):
         name = 'python3.%d' % minor
-        candidates = sorted(glob.glob(os.path.join(root, 'versions', '3.%d.*' % minor, 'bin', name)))
+        candidates = sorted(glob.glob(os.path.join(root, 'versions', '3.%d.*' % minor, 'bin',
+                                                   name)))
         on_path = shutil.which(name)
         if on_path and '/shims/' not in on_path:
             candidates.append(on_path)
@@ -501,9 +518,10 @@ def test_zipapp_alone_lints_a_fuglu_style_config(zipapp, version, tmp_world_dir)
 
 def test_zipapp_lint_fails_on_a_broken_config(zipapp, tmp_path):
     conf = tmp_path / 'fuglu.conf'
-    conf.write_text('[main]\nplugins = nosuchplugin\nprependers =\nappenders =\nincomingport = 10025\n'
-                    'outgoingport = notaport\n')
-    result = subprocess.run([sys.executable, '-I', zipapp, '--lint', '-c', str(conf)], cwd=str(tmp_path),
+    conf.write_text('[main]\nplugins = nosuchplugin\nprependers =\nappenders =\n'
+                    'incomingport = 10025\noutgoingport = notaport\n')
+    result = subprocess.run([sys.executable, '-I', zipapp, '--lint', '-c', str(conf)],
+                            cwd=str(tmp_path),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
     out = result.stdout.decode('utf-8', 'replace')
     assert result.returncode != 0, out

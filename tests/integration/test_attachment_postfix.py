@@ -21,7 +21,8 @@ sys.path.insert(0, HERE)
 
 import peers  # noqa: E402,F401  (the fixtures come from conftest.py)
 
-PE_PROGRAM = b'MZ\x90\x00\x03\x00\x00\x00' + b'\x00' * 52 + b'\x40\x00\x00\x00PE\x00\x00' + b'\x00' * 200
+PE_PROGRAM = (b'MZ\x90\x00\x03\x00\x00\x00' + b'\x00' * 52 + b'\x40\x00\x00\x00PE\x00\x00' + b'\x00'
+              * 200)
 
 
 def mail(sender, recipient, subject, attachment_name, attachment_data):
@@ -58,7 +59,8 @@ def blocking_chain(postfix_factory, fuglu_factory, tmp_world_dir):
               '[FiletypePlugin]\nsendbounce = True\nblockaction = DELETE\n'
               '[ArchivePlugin]\narchiverules = %s\nlocal_archivedir = %s\n'
               'local_subdirtemplate = blocked/${to_localpart}\n'
-              % (postfix.filter_port, postfix.reinject_port, os.path.join(tmp_world_dir, 'control.sock'),
+              % (postfix.filter_port, postfix.reinject_port,
+                 os.path.join(tmp_world_dir, 'control.sock'),
                  rules, archive_dir))
     fuglu_process = fuglu_factory(config, workdir=tmp_world_dir)
     return postfix, fuglu_process, archive_dir
@@ -101,12 +103,14 @@ def test_blocked_attachment_is_not_delivered_and_the_sender_gets_a_bounce(blocki
 def test_executable_renamed_to_txt_is_not_delivered(blocking_chain):
     postfix, fuglu_process, _archive_dir = blocking_chain
     reply = postfix.send('sender@example.org', ['renamed@example.net'],
-                         mail('sender@example.org', 'renamed@example.net', 'invoice', 'invoice.txt', PE_PROGRAM))
+                         mail('sender@example.org', 'renamed@example.net', 'invoice', 'invoice.txt',
+                              PE_PROGRAM))
     assert reply.code == 250, reply
     fuglu_process.wait_log(r'invoice\.txt application/x-dosexec: No programs allowed', timeout=30)
     postfix.wait_delivered('sender@example.org', timeout=30)  # the bounce
     postfix.send('sender@example.org', ['after@example.net'],
-                 mail('sender@example.org', 'after@example.net', 'after', 'notes.txt', b'plain words\r\n'))
+                 mail('sender@example.org', 'after@example.net', 'after', 'notes.txt',
+                      b'plain words\r\n'))
     postfix.wait_delivered('after@example.net', timeout=30)
     assert postfix.delivered('renamed@example.net') == []
 
@@ -124,7 +128,8 @@ TEXT_PART = b'Content-Type: text/plain\r\n\r\nplease see the attachment\r\n'
 
 def base64_part(header, data):
     import base64
-    return header + b'Content-Transfer-Encoding: base64\r\n\r\n' + base64.encodebytes(data).replace(b'\n', b'\r\n')
+    return (header + b'Content-Transfer-Encoding: base64\r\n\r\n'
+            + base64.encodebytes(data).replace(b'\n', b'\r\n'))
 
 
 def test_issue9_examples_through_postfix(blocking_chain):
@@ -135,22 +140,26 @@ def test_issue9_examples_through_postfix(blocking_chain):
     pdf = base64_part('Content-Type: application/pdf\r\nContent-Disposition: attachment; '
                       'filename="Rechnung M\u00e4rz.pdf"\r\n'.encode('utf-8'), b'%PDF-1.4\n%%EOF\n')
     reply = postfix.send('sender@example.org', ['utf8@example.net'],
-                         raw_mail('sender@example.org', 'utf8@example.net', 'invoice', TEXT_PART, pdf))
+                         raw_mail('sender@example.org', 'utf8@example.net', 'invoice', TEXT_PART,
+                                  pdf))
     assert reply.code == 250, reply
     delivered = postfix.wait_delivered('utf8@example.net', timeout=30)
     assert 'Rechnung M\u00e4rz.pdf'.encode('utf-8') in delivered
 
-    exe = base64_part(b'Content-Type: application/octet-stream; name="${id}${@archived.result}.exe"\r\n', PE_PROGRAM)
+    exe = base64_part(b'Content-Type: application/octet-stream; '
+                      b'name="${id}${@archived.result}.exe"\r\n', PE_PROGRAM)
     reply = postfix.send('sender@example.org', ['hidden@example.net'],
                          raw_mail('sender@example.org', 'hidden@example.net', 'hidden',
                                   TEXT_PART + b'--b--not the end\r\n', exe))
     assert reply.code == 250, reply
-    fuglu_process.wait_log(r'\$\{id\}\$\{@archived\.result\}\.exe: Dangerous attachment type \(exe\)', timeout=30)
+    fuglu_process.wait_log(r'\$\{id\}\$\{@archived\.result\}\.exe: Dangerous attachment type '
+                           r'\(exe\)', timeout=30)
     bounce = postfix.wait_delivered('sender@example.org', timeout=30)
     import email
     body = email.message_from_bytes(bounce).get_payload(decode=True).decode('utf-8')
     assert '${id}${@archived.result}.exe: Dangerous attachment type (exe)' in body
     postfix.send('sender@example.org', ['after9@example.net'],
-                 mail('sender@example.org', 'after9@example.net', 'after', 'notes.txt', b'plain words\r\n'))
+                 mail('sender@example.org', 'after9@example.net', 'after', 'notes.txt',
+                      b'plain words\r\n'))
     postfix.wait_delivered('after9@example.net', timeout=30)
     assert postfix.delivered('hidden@example.net') == []

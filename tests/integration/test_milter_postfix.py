@@ -88,7 +88,8 @@ def test_reject_gives_550_with_our_text_and_nothing_is_queued(milter_pair):
 def test_defer_gives_4xx(milter_pair):
     postfix, fuglu = milter_pair('auto')
     recipient = unique('defer')
-    reply = postfix.send('sender@example.org', recipient, message('later', 'X-Test-Verdict: DEFER try later\r\n'))
+    reply = postfix.send('sender@example.org', recipient,
+                         message('later', 'X-Test-Verdict: DEFER try later\r\n'))
     assert reply.code == 450, reply
     assert reply.text.startswith('4.7.1 try later ('), reply
     assert postfix.queue_size() == 0
@@ -97,7 +98,8 @@ def test_defer_gives_4xx(milter_pair):
 def test_delete_is_discarded(milter_pair):
     postfix, fuglu = milter_pair('auto')
     recipient = unique('delete')
-    reply = postfix.send('sender@example.org', recipient, message('drop', 'X-Test-Verdict: DELETE\r\n'))
+    reply = postfix.send('sender@example.org', recipient,
+                         message('drop', 'X-Test-Verdict: DELETE\r\n'))
     assert reply.code == 250, reply        # the client sees success ...
     postfix.wait_log(r'milter-discard: END-OF-MESSAGE .*DISCARD')
     canary = unique('canary')               # ... but nothing arrives; a later mail does
@@ -125,7 +127,8 @@ def test_auto_mode_body_sender_and_recipient_changes_arrive(milter_pair):
 def test_two_messages_on_one_smtp_connection_keep_their_own_ids(milter_pair):
     postfix, fuglu = milter_pair('auto')
     first, second = unique('first'), unique('second')
-    with smtplib.SMTP('127.0.0.1', postfix.smtp_port, local_hostname='client.fuglu-peers.test', timeout=30) as smtp:
+    with smtplib.SMTP('127.0.0.1', postfix.smtp_port, local_hostname='client.fuglu-peers.test',
+                      timeout=30) as smtp:
         smtp.sendmail('one@example.org', [first], message('first of two'))
         smtp.sendmail('two@example.org', [second], message('second of two'))
     results = []

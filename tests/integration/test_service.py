@@ -281,7 +281,7 @@ def test_foreground_as_root_drops_privileges(fuglu_factory, workdir):
     assert re.search(r'running as user nobody.*\n(.*\n)*.*Startup complete', process.log_text())
 
 
-# -- pre-planted files in shared directories (issue 9) ----------------------------------------
+# -- pre-planted files in shared directories ----------------------------------------------
 
 @pytest.fixture
 def sticky_dir():
