@@ -348,6 +348,8 @@ tempdir={run_dir}/spool
 backend=thread
 minthreads={min_threads}
 maxthreads={max_threads}
+# ours: no per-client cap (smtp-source is one client address with c connections)
+max_sessions_per_client=0
 """
 
 LOGGING_CONF = """\
@@ -501,11 +503,17 @@ def default_upstream_python():
 # ---------------------------------------------------------------------------
 
 class Cell:
-    def __init__(self, size_label, size, concurrency, count):
+    """One cell of the matrix. ``warmup`` and ``runs`` (warm-up messages, measured runs
+    per filter) default to max(20, concurrency) and MEASURED_RUNS; bench/memory.py
+    lowers them for 20 MB messages, which upstream takes seconds each for."""
+
+    def __init__(self, size_label, size, concurrency, count, warmup=None, runs=None):
         self.size_label = size_label
         self.size = size
         self.concurrency = concurrency
         self.count = count
+        self.warmup = max(20, concurrency) if warmup is None else warmup
+        self.runs = MEASURED_RUNS if runs is None else runs
 
     @property
     def key(self):
@@ -560,7 +568,7 @@ class RunningFilter:
 
     def warm_up(self):
         """First messages pay for lazy imports and first connections."""
-        warmup = max(20, self.cell.concurrency)
+        warmup = self.cell.warmup
         before = self.sink.delivered()
         _, errors = run_smtp_source(self.listen_port, self.cell.concurrency,
                                     warmup, self.cell.size)
@@ -601,6 +609,7 @@ class RunningFilter:
             'rates': [run['rate'] for run in self.runs],
             'cpu_ms_per_msg': best['cpu_ms_per_msg'],
             'peak_rss_mb': tree_memory_mb(self.process.pid, 'VmHWM'),
+            'end_rss_mb': tree_memory_mb(self.process.pid, 'VmRSS'),
             'lost': sum(run['lost'] for run in self.runs),
             'source_errors': '; '.join(run['source_errors'] for run in self.runs
                                        if run['source_errors']),
@@ -644,7 +653,7 @@ def measure_cell(filters, cell, sink, run_root):
         for running_filter in running:
             running_filter.warm_up()
         by_name = {running_filter.name: running_filter for running_filter in running}
-        for name in run_order([f.name for f in filters], MEASURED_RUNS):
+        for name in run_order([f.name for f in filters], cell.runs):
             by_name[name].measured_run()
         return {running_filter.name: running_filter.finish()
                 for running_filter in running}
