@@ -1676,10 +1676,6 @@ class MessageSpool(object):
         """A FileSection of this file, a part for SMTPClient.data and send_parts()."""
         return FileSection(self, start, self.size if end is None else end)
 
-    @property
-    def removed(self):
-        return not self._finalizer.alive
-
     def remove(self):
         """Delete the file (idempotent). A map still in use by a plugin is left to the
         garbage collector; the file's name and lock are gone either way."""
@@ -1807,11 +1803,6 @@ def message_writer(config):
     """A MessageWriter with the [main] spool_threshold and tempdir of ``config``."""
     return MessageWriter(config.getint('main', 'spool_threshold'),
                          config.get('main', 'tempdir'))
-
-
-def message_size(message):
-    """Length of a message as bytes or as a MessageSpool."""
-    return message.size if isinstance(message, MessageSpool) else len(message)
 
 
 ###############################################################################
@@ -5507,7 +5498,8 @@ def _stuffed_blocks(parts):
     4.5.2), in blocks of at most SPOOL_CHUNK_SIZE bytes for spool file sections."""
     at_line_start = True
     for part in parts:
-        blocks = part.spool.chunks(part.start, part.end) if isinstance(part, FileSection) else (part,)
+        blocks = (part.spool.chunks(part.start, part.end) if isinstance(part, FileSection)
+                  else (part,))
         for block in blocks:
             if not block:
                 continue
@@ -5521,7 +5513,8 @@ def part_chunks(parts, size):
     """The bytes of message parts (bytes-like, FileSections of a spool file) in order,
     as pieces of at most ``size`` bytes: views of the parts, blocks read from the file."""
     for part in parts:
-        blocks = part.spool.chunks(part.start, part.end) if isinstance(part, FileSection) else (part,)
+        blocks = (part.spool.chunks(part.start, part.end) if isinstance(part, FileSection)
+                  else (part,))
         for block in blocks:
             view = memoryview(block)
             for start in range(0, len(view), size):
@@ -11521,7 +11514,8 @@ def main(argv=None):
         return failure.status
     release_freed_memory()
     if allocator:
-        logger.info('malloc limited: %s', ', '.join('%s=%d' % item for item in sorted(allocator.items())))
+        logger.info('malloc limited: %s',
+                    ', '.join('%s=%d' % item for item in sorted(allocator.items())))
     status_text = '%d listeners, configuration %s' % (len(controller.listeners),
                                                       config.get('main', 'identifier'))
     return serve_until_stopped(controller, pid, on_ready=lambda: report.ready(status_text))

@@ -25,6 +25,7 @@ stopped by its pid. See bench/README.md.
 """
 
 import argparse
+import email.policy
 import io
 import os
 import random
@@ -165,7 +166,8 @@ def _attachment(rng, kind, size):
     if kind == 'pdf':
         return MIMEApplication(_binary(rng, size, b'%PDF-1.4\n'), 'pdf'), 'report.pdf'
     if kind == 'jpeg':
-        return MIMEImage(_binary(rng, size, b'\xff\xd8\xff\xe0\x00\x10JFIF\x00'), 'jpeg'), 'photo.jpg'
+        jpeg = _binary(rng, size, b'\xff\xd8\xff\xe0\x00\x10JFIF\x00')
+        return MIMEImage(jpeg, 'jpeg'), 'photo.jpg'
     if kind == 'zip':
         members = [('notes%d.txt' % i, _text(rng, size // 4).encode()) for i in range(3)]
         members.append(('image.bin', _binary(rng, size // 4)))
@@ -206,7 +208,7 @@ def build_corpus(seed=CORPUS_SEED, count=CORPUS_MESSAGES):
             part, name = _attachment(rng, kind, size)
             part.add_header('Content-Disposition', 'attachment', filename=name)
             message.attach(part)
-        corpus.append(message.as_bytes())
+        corpus.append(message.as_bytes(policy=email.policy.SMTP))   # CRLF, as on the wire
     return corpus
 
 
@@ -282,7 +284,8 @@ def build_report(filters, passes, corpus_results, corpus, rounds, argv, quick, l
     out.append('Produced by `python3 bench/memory.py%s`%s. Pass-through: smtp connector, no '
                'plugins, thread backend (minthreads=%d, maxthreads=%d), each filter started '
                'afresh per cell, warmed up with max(20, c) messages (20 MB: 2), then %d '
-               'measured runs each in turns (20 MB: 1); msgs/s of the faster run, peak RSS = VmHWM summed over the '
+               'measured runs each in turns (20 MB: 1); msgs/s of the faster run, peak RSS '
+               '= VmHWM summed over the '
                'process tree at the end of the cell (start-up, warm-up and both runs), end '
                'RSS = VmRSS then. Corpus: %d messages with attachments (%.1f MB, seed %d) '
                'sent %d times at c=%d through FiletypePlugin (archive names and content, 3 '
@@ -297,7 +300,8 @@ def build_report(filters, passes, corpus_results, corpus, rounds, argv, quick, l
     out.extend(aq.machine_info(filters, load_before))
     out.append('')
     if passes:
-        out.append('| size | c | msgs per run | filter | msgs/s | peak RSS MB | end RSS MB | lost |')
+        out.append('| size | c | msgs per run | filter | msgs/s | peak RSS MB | end RSS MB '
+                   '| lost |')
         out.append('|---|---|---|---|---|---|---|---|')
         for cell in passes['cells']:
             for name in names:
@@ -393,6 +397,8 @@ def parse_args(argv):
     parser.add_argument('--workload', choices=('pass', 'corpus'), action='append',
                         help='run these workloads only (repeatable)')
     parser.add_argument('--quick', action='store_true', help='small counts, 3 corpus rounds')
+    parser.add_argument('--cell', action='append', metavar='SIZE/C',
+                        help='pass-through cells to run, e.g. 5KB/10 (repeatable; default all)')
     parser.add_argument('--ours', default=None,
                         help='our fuglu.py or fuglu.pyz (default: dist/fuglu.pyz, built first)')
     parser.add_argument('--before', default=None,
@@ -407,7 +413,7 @@ def parse_args(argv):
     parser.add_argument('--keep', action='store_true', help='keep configs and logs')
     args = parser.parse_args(argv)
     if args.write is None:
-        args.write = not args.quick and args.only is None and args.workload is None
+        args.write = not (args.quick or args.only or args.workload or args.cell)
     return args
 
 
@@ -445,7 +451,9 @@ def main(argv=None):
         if 'pass' in workloads:
             counts = QUICK_PASS_COUNTS if args.quick else PASS_COUNTS
             passes = {'cells': [aq.Cell(label, size, c, counts[(label, c)], warmup, runs)
-                                for label, size, c, warmup, runs in PASS_CELLS],
+                                for label, size, c, warmup, runs in PASS_CELLS
+                                if not args.cell or
+                                '%s/%d' % (label.replace(' ', ''), c) in args.cell],
                       'results': {}}
             for cell in passes['cells']:
                 print('%s c=%d n=%d ...' % (cell.size_label, cell.concurrency, cell.count),

@@ -243,7 +243,8 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
         if self.config.getboolean(section, 'local_useoriginal'):
             data = suspect.source_parts(original=True)
         else:
-            data = suspect.get_output_parts() if hasattr(suspect, 'get_output_parts') else suspect.get_source()
+            data = (suspect.get_output_parts() if hasattr(suspect, 'get_output_parts')
+                    else suspect.get_source())
         mode, uid, gid = self.file_attributes()
         root, dir_fd = self.open_root()
         where = root

@@ -250,7 +250,8 @@ class SAPlugin(ScannerPlugin):
             self.logger.info('%s size %d > maxsize %d: spamd sees it without attachments (%d bytes)',
                              suspect.id, size, maxsize, len(source))
         if isinstance(parts[-1], FileSection):   # its start, for the header checks
-            head = suspect.get_original_source(HEAD_BYTES) if original else suspect.get_source(HEAD_BYTES)
+            head = (suspect.get_original_source(HEAD_BYTES) if original
+                    else suspect.get_source(HEAD_BYTES))
         else:
             head = parts[0]
 
