@@ -839,6 +839,11 @@ def target_lines(cells, results, startup):
         ('start to accepting ≤ %g s' % TARGET_START_S,
          start_s, lambda v: v <= TARGET_START_S, '%.3f s'),
     ]
+    return target_table(checks)
+
+
+def target_table(checks):
+    """Markdown rows for (label, measured value or None, test, format) checks."""
     lines = ['| target (ours) | measured | met |', '|---|---|---|']
     for label, value, test, pattern in checks:
         if value is None:
@@ -849,8 +854,8 @@ def target_lines(cells, results, startup):
     return lines
 
 
-def write_section(report):
-    """Replace (or append) our section of RESULTS.md; other sections stay."""
+def write_section(report, title=SECTION_TITLE):
+    """Replace (or append) the section ``title`` of RESULTS.md; other sections stay."""
     try:
         with open(RESULTS_FILE) as results_file:
             existing = results_file.read()
@@ -858,7 +863,7 @@ def write_section(report):
         existing = '# Benchmark results\n'
     lines = existing.splitlines()
     start = next((i for i, line in enumerate(lines)
-                  if line.strip() == SECTION_TITLE), None)
+                  if line.strip() == title), None)
     if start is None:
         new_lines = lines + [''] + report.splitlines()
     else:

@@ -367,23 +367,7 @@ def target_lines(passes, corpus_results):
         rising = corpus['rss'][-1] - min(corpus['rss'][half:])
     checks.append(('corpus: RSS not rising (last round - lowest of the second half ≤ 2 MB)',
                    rising, lambda v: v <= 2.0, '%+.1f MB'))
-    lines = ['| target (ours) | measured | met |', '|---|---|---|']
-    for label, measured, test, pattern in checks:
-        if measured is None:
-            lines.append('| %s | – | – |' % label)
-        else:
-            lines.append('| %s | %s | %s |' % (label, pattern % measured,
-                                                'yes' if test(measured) else 'NO'))
-    return lines
-
-
-def write_section(report):
-    saved = aq.SECTION_TITLE
-    aq.SECTION_TITLE = SECTION_TITLE
-    try:
-        aq.write_section(report)
-    finally:
-        aq.SECTION_TITLE = saved
+    return aq.target_table(checks)
 
 
 # ---------------------------------------------------------------------------
@@ -402,8 +386,9 @@ def parse_args(argv):
     parser.add_argument('--ours', default=None,
                         help='our fuglu.py or fuglu.pyz (default: dist/fuglu.pyz, built first)')
     parser.add_argument('--before', default=None,
-                        help='directory with the fuglu.py (and fuglu_plugins) the change '
-                             'started from; without it there is no "before" filter')
+                        help='the fuglu.pyz the change started from, or a directory with its '
+                             'fuglu.py and fuglu_plugins; without it there is no "before" '
+                             'filter')
     parser.add_argument('--python', help='interpreter for ours and before (default: the bare '
                                          'venv %s)' % aq.DEFAULT_OURS_VENV)
     parser.add_argument('--upstream-venv', default=aq.DEFAULT_UPSTREAM_VENV)
@@ -429,8 +414,10 @@ def main(argv=None):
         upstream = aq.upstream_filter(args.upstream_venv, args.upstream_python)
         filters.append(BenchFilter('upstream', upstream.command_prefix, upstream.python))
     if 'before' in only and args.before:
-        filters.append(BenchFilter('before', [python, os.path.join(os.path.abspath(args.before),
-                                                                 'fuglu.py')], python))
+        before = os.path.abspath(args.before)
+        if os.path.isdir(before):
+            before = os.path.join(before, 'fuglu.py')
+        filters.append(BenchFilter('before', [python, before], python))
     if 'ours' in only:
         if args.ours is None:
             args.ours = os.path.join(aq.REPO_ROOT, 'dist', 'fuglu.pyz')
@@ -496,7 +483,7 @@ def main(argv=None):
     print(report)
     print('(benchmark took %.0f s)' % (time.monotonic() - started))
     if args.write:
-        write_section(report)
+        aq.write_section(report, SECTION_TITLE)
         print('written to %s' % aq.RESULTS_FILE)
     return 1 if failures else 0
 

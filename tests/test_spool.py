@@ -316,8 +316,9 @@ class Recorder(fuglu.ScannerPlugin):
 def spooling_fuglu(tmp_path):
     sinks = []
 
-    def create(threshold=4096, extra_main=''):
-        sink = Sink()
+    def create(threshold=4096, extra_main='', chunking=False):
+        sink = Sink(extensions=('PIPELINING', 'SIZE 10240000', '8BITMIME', 'SMTPUTF8') +
+                    (('CHUNKING',) if chunking else ()))
         sinks.append(sink)
         instance = InProcessFuglu(sink.port, extra_main='tempdir=%s\nspool_threshold=%d\n%s'
                                   % (tmp_path, threshold, extra_main))
@@ -330,8 +331,10 @@ def spooling_fuglu(tmp_path):
         sink.stop()
 
 
-def test_big_message_is_delivered_byte_exact_from_its_spool_file(spooling_fuglu, tmp_path):
-    instance = spooling_fuglu()
+@pytest.mark.parametrize('chunking', [False, True])
+def test_big_message_is_delivered_byte_exact_from_its_spool_file(spooling_fuglu, tmp_path,
+                                                                 chunking):
+    instance = spooling_fuglu(chunking=chunking)
     message = random_message(random.Random(7), lines=6000, controls=False)
     client = RawClient(instance.port)
     client.cmd('EHLO client.example')
@@ -339,6 +342,7 @@ def test_big_message_is_delivered_byte_exact_from_its_spool_file(spooling_fuglu,
     assert wait_for(lambda: instance.sink.messages)
     added, delivered = split_added_headers(instance.sink.messages[0]['data'])
     assert delivered == b'X-Scanned: spooled\r\n' + message
+    assert ('chunks' in instance.sink.messages[0]) == chunking   # BDAT, else DATA
     seen = instance.plugin.seen[0]
     assert seen['spooled'] and seen['mode'] == 0o600 and seen['source'] == message
     assert os.path.dirname(seen['tempfile']) == str(tmp_path)
@@ -348,6 +352,24 @@ def test_big_message_is_delivered_byte_exact_from_its_spool_file(spooling_fuglu,
     assert wait_for(lambda: len(instance.plugin.seen) == 2)
     assert not instance.plugin.seen[1]['spooled']
     client.close()
+
+
+def test_before_queue_proxy_sends_a_spooled_message_on(tmp_path):
+    sink = Sink()
+    proxy = InProcessFuglu(sink.port, protocol='esmtp',
+                           extra_main='tempdir=%s\nspool_threshold=4096\n' % tmp_path)
+    try:
+        message = random_message(random.Random(8), lines=3000, controls=False)
+        client = RawClient(proxy.port)
+        client.cmd('EHLO client.example')
+        assert transaction(client, message).startswith(b'250 ')
+        assert wait_for(lambda: sink.messages)
+        assert split_added_headers(sink.messages[0]['data'])[1] == message
+        assert wait_for(lambda: spool_files(tmp_path) == [])
+        client.close()
+    finally:
+        proxy.stop()
+        sink.stop()
 
 
 @pytest.mark.parametrize('case', ['reject', 'plugin error', 'internal error',
