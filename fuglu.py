@@ -1567,6 +1567,13 @@ SPOOL_CHUNK_SIZE = 262144          # bytes read from a spool file at a time
 BIG_MESSAGE_SIZE = 262144
 big_messages_done = 0
 
+
+def count_finished_message(size):
+    """A message of ``size`` bytes is done (Suspect.cleanup): count it when it is big."""
+    global big_messages_done
+    if size >= BIG_MESSAGE_SIZE:
+        big_messages_done += 1
+
 _spool_directories = {}            # tempdir -> its spool directory, once prepared
 
 
@@ -2022,9 +2029,7 @@ class Suspect(SimpleTimeoutMixin):
         if self._spool is not None:
             self._spool.remove()
             self._spool, self._tempfile = None, None
-        if self.size >= BIG_MESSAGE_SIZE:
-            global big_messages_done
-            big_messages_done += 1
+        count_finished_message(self.size)
         if self._own_tempfile and self._tempfile:
             try:
                 os.unlink(self._tempfile)
@@ -2424,8 +2429,8 @@ class Suspect(SimpleTimeoutMixin):
     def get_output_source(self):
         """What is delivered: added headers + the current source (or the original if
         the tag reinjectoriginal is set)."""
-        return b''.join(part if not isinstance(part, FileSection) else
-                        part.spool.read(part.start, part.end) for part in self.get_output_parts())
+        return b''.join(part.spool.read(part.start, part.end) if isinstance(part, FileSection)
+                        else part for part in self.get_output_parts())
 
     def get_output_parts(self):
         """get_output_source() as a list of parts, so large messages are not copied:

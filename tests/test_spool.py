@@ -284,7 +284,8 @@ def test_attachment_plugin_blocks_in_a_spooled_message_too(tmp_path):
     plugin = test_attachment.make_plugin(os.path.join(test_attachment.REPO_DIR, 'conf'),
                                          sendbounce='False')
     source = test_attachment.mail(('setup.exe', b'MZ' + b'\0' * 5000, 'application/octet-stream'))
-    memory_result = plugin.examine(fuglu.Suspect('sender@example.org', ['rcpt@example.net'], source))
+    memory_result = plugin.examine(fuglu.Suspect('sender@example.org', ['rcpt@example.net'],
+                                                  source))
     suspect = spooled_suspect(tmp_path, source)
     assert plugin.examine(suspect) == memory_result
     assert fuglu.actioncode_to_string(memory_result[0] if isinstance(memory_result, tuple)
