@@ -8194,7 +8194,15 @@ class MilterSession(object):
             # SKIP only where the MTA waits for an answer to BODY (else it cannot be sent)
             can_answer = self.protocol & SMFIP_SKIP and not self.protocol & SMFIP_NR_BODY
             return MILTER_SKIP if can_answer else None
-        self.message_writer().write(data)
+        if self.message_failure:
+            return None
+        try:
+            self.message_writer().write(data)
+        except OSError as error:    # deferred at the end of the message
+            self.logger.error('%s: cannot spool the message: %s', self.label(), error)
+            self.message_failure = 'no spool file (%s)' % error
+            self.message.discard()
+            self.message = None
         return None
 
     def message_writer(self):

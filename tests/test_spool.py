@@ -540,6 +540,23 @@ def test_milter_spools_a_big_body_and_removes_the_file(tmp_path):
         instance.stop()
 
 
+def test_milter_defers_a_message_it_cannot_spool(tmp_path):
+    import test_milter
+    instance = InProcessFuglu(1, protocol='milter', plugins='test_milter.ChangingPlugin',
+                              extra_main='tempdir=%s\nspool_threshold=10000\n'
+                              % (tmp_path / 'missing'),
+                              extra='[milter]\nmilter_mode=auto\n')
+    try:
+        client = test_milter.MilterClient(instance.port).start()
+        packets = client.message(body=b'a body line\r\n' * 5000)
+        assert test_milter.replycode(packets).startswith('451 4.3.0'), packets
+        packets = client.message(body=b'a small one\r\n')      # the connection goes on
+        assert packets[-1] == (b'c', b'')
+        client.quit()
+    finally:
+        instance.stop()
+
+
 # -- the allocator -----------------------------------------------------------------------
 
 def allocator_settings(env):
