@@ -32,7 +32,7 @@ A message travels like this::
 
 The sections of this file follow that path, in dependency order: constants and
 actions, small helpers, files in shared directories, configuration, templates, the
-Suspect, the runtime configuration (per-recipient values from SQL), rule files
+message spool (big messages in files), the Suspect, the runtime configuration (per-recipient values from SQL), rule files
 (SuspectFilter), plugin bases and loader, the scan session, the SMTP machinery shared by
 the connectors (line reader, server session, re-injection client), the connectors, the
 backends, the control server, monitoring (metrics, MRTG), the daemon (process identity,
@@ -56,7 +56,8 @@ Principles
 
 * Bytes stay bytes. The message source is kept exactly as received; headers fuglu adds
   are prepended as bytes. A parsed ``email`` message is only re-serialised when a plugin
-  replaced it.
+  replaced it. A message over ``spool_threshold`` stays in a spool file and is streamed
+  from there: memory per message is bounded by the threshold.
 * No mail is lost. The feeding MTA gets a 2xx only after the downstream accepted the
   message; downstream down, scanner trouble, timeouts and crashes become 4xx replies.
 * Errors are values at protocol boundaries: a connector turns every failure into the
