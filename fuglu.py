@@ -10409,6 +10409,18 @@ def is_loopback_address(address):
         return False
 
 
+def names_log_home(logconfig, log_home):
+    """Whether the logging configuration file ``logconfig`` writes into ``log_home``
+    (the bundled logging.conf does); one that logs elsewhere needs no such folder."""
+    if not logconfig:
+        return False
+    try:
+        with open(logconfig, 'r', errors='replace') as config_file:
+            return log_home in config_file.read()
+    except OSError:
+        return True      # the logging set-up reports the file as it cannot read it
+
+
 class StartupFailed(FugluError):
     """Start-up cannot go on; ``status`` is the exit status for the command line."""
 
@@ -10438,9 +10450,10 @@ def start_daemon(config, config_path, configdir, logconfig, foreground, baselogl
             pid = PidFile(pidfile).acquire(owner)
         controller = MainController(config, config_path, configdir)
         controller.bind(owner)
-        if os.geteuid() == 0 and (logconfig or not foreground):
+        log_home = os.path.dirname(DAEMON_LOG_FILE)
+        if os.geteuid() == 0 and (not foreground or names_log_home(logconfig, log_home)):
             # the default log file and the bundled logging.conf write there, as the daemon user
-            prepare_shared_home(os.path.dirname(DAEMON_LOG_FILE), 'log', owner)
+            prepare_shared_home(log_home, 'log', owner)
         if account is not None and account.uid != 0:
             if preload_modules(account):
                 logger.info('Python\'s library is not readable by user %s: its modules were loaded '
