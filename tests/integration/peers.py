@@ -1180,17 +1180,33 @@ def _first_incoming_port(config_text):
     return None
 
 
+# The backend the integration tests run fuglu on: the tox env `integration` runs them on
+# the thread backend, `integration-process` on the process backend (FUGLU_TEST_BACKEND=
+# process); a config's own [performance] backend is overridden through a conf.d file.
+BACKEND_ENV = 'FUGLU_TEST_BACKEND'
+TEST_WORKER_PROCESSES = 2
+
+
+def test_backend():
+    return os.environ.get(BACKEND_ENV, '').strip() or 'thread'
+
+
 class FugluProcess(ChildPeer):
-    """fuglu (python3 <repo>/fuglu.py, or a .pyz, or another script) run as `-f -c CONF`.
+    """fuglu (python3 <repo>/fuglu.py, or a .pyz, or another script) run as `-f -c CONF`,
+    on the backend test_backend() names (and --configdir WORKDIR/conf.d holding the
+    override when that is not the thread backend).
 
     config: the config text, or the path of a config file.
     program: fuglu.py (default: the repository's) or a .pyz path.
-    workdir: where the config file (when given as text) and the log go; a new world
-    dir when not given (removed by cleanup()).
+    workdir: where the config file (when given as text), conf.d and the log go; a new
+    world dir when not given (removed by cleanup()).
+    backend: the backend to run on instead of test_backend().
+    wait_port: the port whose accepting counts as started (default: the first of
+    incomingport); 0: only the log line "Startup complete" does.
     """
 
     def __init__(self, config, program=None, python=None, workdir=None, extra_args=(),
-                 env=None, wait_port=None):
+                 env=None, wait_port=None, backend=None):
         self._own_workdir = workdir is None
         self.workdir = workdir or world_dir('fuglu-proc-')
         if '\n' not in config and os.path.isfile(config):
@@ -1206,8 +1222,17 @@ class FugluProcess(ChildPeer):
         self.python = python or sys.executable
         self.extra_args = list(extra_args)
         self.env = env
-        self.wait_port = wait_port or _first_incoming_port(config_text)
+        self.wait_port = _first_incoming_port(config_text) if wait_port is None else wait_port
         self.log_path = os.path.join(self.workdir, 'fuglu.log')
+        self.backend = backend or test_backend()
+        if self.backend != 'thread':
+            confd = os.path.join(self.workdir, 'conf.d')
+            os.makedirs(confd, exist_ok=True)
+            os.chmod(confd, 0o755)
+            with open(os.path.join(confd, 'backend.conf'), 'w') as conf:
+                conf.write('[performance]\nbackend = %s\ninitialprocs = %d\n'
+                           % (self.backend, TEST_WORKER_PROCESSES))
+            self.extra_args = ['--configdir', confd] + self.extra_args
 
     def command(self):
         return [self.python, self.program, '-f', '-c', self.config_path] + self.extra_args
@@ -1221,7 +1246,7 @@ class FugluProcess(ChildPeer):
             self._fail_if_exited('fuglu', when=' during start-up')
             if 'Startup complete' in self.log_text():
                 return True
-            return self.wait_port is not None and port_accepts(self.wait_port, timeout=0.2)
+            return bool(self.wait_port) and port_accepts(self.wait_port, timeout=0.2)
 
         try:
             wait_until(ready, timeout, interval=0.05, what='fuglu start-up')
