@@ -1191,6 +1191,11 @@ def test_backend():
     return os.environ.get(BACKEND_ENV, '').strip() or 'thread'
 
 
+def serving_processes():
+    """How many processes of a FugluProcess on test_backend() serve mail."""
+    return 1 if test_backend() == 'thread' else TEST_WORKER_PROCESSES
+
+
 class FugluProcess(ChildPeer):
     """fuglu (python3 <repo>/fuglu.py, or a .pyz, or another script) run as `-f -c CONF`,
     on the backend test_backend() names (and --configdir WORKDIR/conf.d holding the
@@ -1225,7 +1230,8 @@ class FugluProcess(ChildPeer):
         self.wait_port = _first_incoming_port(config_text) if wait_port is None else wait_port
         self.log_path = os.path.join(self.workdir, 'fuglu.log')
         self.backend = backend or test_backend()
-        if self.backend != 'thread':
+        is_fuglu = os.path.basename(self.program) == 'fuglu.py' or self.program.endswith('.pyz')
+        if self.backend != 'thread' and is_fuglu:
             confd = os.path.join(self.workdir, 'conf.d')
             os.makedirs(confd, exist_ok=True)
             os.chmod(confd, 0o755)
