@@ -9230,13 +9230,19 @@ class ProcessBackend(Backend):
             self.controller.stats.end(connection)
             self.controller.client_sessions.release(connection.peer[0])
 
+    def _on_leaving(self, worker, reason):
+        with self.lock:
+            worker.retiring = worker.retiring or reason
+            self.changed.notify_all()
+
     def _on_error(self, worker, stamp, thread, trace):
         controller = self.controller
         controller.stats.error()
         controller.exceptions = (controller.exceptions + [(stamp, thread, trace)])[-10:]
 
     WORKER_PACKETS = {'ready': _on_ready, 'failed': _on_failed, 'begin': _on_begin,
-                      'end': _on_end, 'done': _on_done, 'error': _on_error}
+                      'end': _on_end, 'done': _on_done, 'leaving': _on_leaving,
+                      'error': _on_error}
 
     def _worker_gone(self, worker):
         """The worker's end of the channel closed: it exited or died."""
@@ -9365,6 +9371,9 @@ class ProcessBackend(Backend):
                                   error)
         for worker in list(self.workers.values()):
             if worker.killed:
+                continue
+            if self.stopping and not worker.ready:
+                self._kill(worker, 'stopping')    # it holds no connection yet
                 continue
             if not worker.ready and now - worker.started > self.START_TIMEOUT:
                 self.logger.error('%s (pid %s) did not start within %d s: killing it',
@@ -10163,7 +10172,7 @@ PRELOAD_MODULES = (
     'importlib.util', 'subprocess', 'select', 'selectors', 'socketserver', 'argparse', 'shutil',
     'asyncio', 'email.mime.message', 'encodings.aliases', 'errno', 'functools', 'grp',
     'importlib.machinery', 'io', 'pkgutil', 'pwd', 'smtplib', 'sqlite3', 'types',
-    'urllib.parse', 'inspect')
+    'urllib.parse', 'inspect', 'array', 'pickle')
 
 
 def preload_modules(account):
@@ -10843,8 +10852,9 @@ class ForkServer(object):
     with the worker's channel (SCM_RIGHTS) forks a worker and answers ['spawned',
     number, pid]; ['config'] + pickled configuration is the one for the next
     workers (the log files are reopened too); ['reopen'] reopens the log files;
-    ['exit'], or the parent's end closing, ends it. It reaps its workers and reports
-    ['exited', pid, how]."""
+    ['exit'], or the parent's end closing, ends it (signals do not: it ignores SIGTERM,
+    which systemd sends to every process of the service). It reaps its workers and
+    reports ['exited', pid, how]."""
 
     POLL = 0.2     # seconds between looks for exited workers
 
@@ -10854,9 +10864,9 @@ class ForkServer(object):
     def run(self):
         import gc
         import select
-        for signum in (signal.SIGINT, signal.SIGHUP):
+        # the parent ends it; a SIGTERM to the whole group (systemd's stop) must not
+        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
             signal.signal(signum, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         # workers share the start-up heap copy-on-write: their garbage collector is to
         # leave the objects they inherited alone, or it would copy every page of them
         gc.freeze()
@@ -11060,6 +11070,7 @@ class WorkerController(MainController):
                 reopen_log_files()
             for fd in fds:
                 os.close(fd)
+        self.tell('leaving', 'SIGTERM')   # not told to: the parent replaces it
         return 'stop'
 
     def take_job(self, job, spec, peer, fd):
