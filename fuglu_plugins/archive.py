@@ -251,10 +251,11 @@ class ArchivePlugin(ScannerPlugin, AppenderPlugin):
     def write_localdir(self, suspect, archive_id):
         section = self.section
         components, filename = self.target_path(suspect, archive_id)
+        # as parts: a spooled message is copied from its file, not read into memory
         if self.config.getboolean(section, 'local_useoriginal'):
-            data = suspect.get_original_source()
+            data = suspect.source_parts(original=True)
         else:
-            data = (suspect.get_output_source() if hasattr(suspect, 'get_output_source')
+            data = (suspect.get_output_parts() if hasattr(suspect, 'get_output_parts')
                     else suspect.get_source())
         mode, uid, gid = self.file_attributes()
         root, dir_fd = self.open_root()

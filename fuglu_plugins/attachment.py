@@ -1807,7 +1807,7 @@ class FiletypePlugin(ScannerPlugin):
         maxbodywords = self._getint('archive_passwords_maxbodywords')
         if maxbodywords > 0:
             if parts is None:
-                parts = walk_message(suspect.get_source(), self.mime_limits())
+                parts = walk_message(suspect.source_buffer(), self.mime_limits())
             for part in parts:
                 if part.content_type == 'text/plain' and not part.container:
                     limit = self._getint('archive_passwords_maxtextpartlength')
@@ -1929,7 +1929,7 @@ class FiletypePlugin(ScannerPlugin):
                                   self._getint('archive_max_ratio'),
                                   self._getint('archivecontentmaxsize'))
         try:
-            parts = walk_message(suspect.get_source(), self.mime_limits())
+            parts = walk_message(suspect.source_buffer(), self.mime_limits())
         except MimeLimitExceeded as error:
             return self._mime_limit_verdict(suspect, error)
         context = ScanContext(self, suspect, rulesets, budget, self.enabled_archive_kinds(suspect),

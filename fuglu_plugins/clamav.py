@@ -19,8 +19,8 @@ import subprocess
 import time
 
 from fuglu import (DEFER, DUNNO, ScannerPlugin, actioncode_to_string, apply_template,
-                   connect_service,
-                   recv_until, service_address, string_to_actioncode)
+                   connect_service, part_chunks, recv_until, send_parts, service_address,
+                   string_to_actioncode)
 
 # clamd reads INSTREAM data in chunks; 20 KiB stays well below its default buffers.
 CHUNK_SIZE = 20480
@@ -155,9 +155,10 @@ class ClamavPlugin(ScannerPlugin):
             suspect.set_tag('%s.skipreason' % self.__class__.__name__, 'size skip')
             return DUNNO
 
-        # A Return-Path line makes clamd recognise the stream as a mail.
-        content = (b'Return-Path: <%s>\r\n' % suspect.from_address.encode('utf-8')
-                   + suspect.get_source())
+        # A Return-Path line makes clamd recognise the stream as a mail. The message
+        # goes as parts: a spooled one is streamed from its file.
+        content = [b'Return-Path: <%s>\r\n' % suspect.from_address.encode('utf-8')] + \
+            suspect.source_parts()
         try:
             viruses = self.scan_with_retries(content, suspect.id)
         except (ClamdError, OSError) as error:
@@ -243,16 +244,18 @@ class ClamavPlugin(ScannerPlugin):
         return reply.rstrip(b'\0').decode('utf-8', 'replace').strip()
 
     def scan_stream(self, content, suspect_id='-'):
-        """One zINSTREAM scan of ``content`` -> {name: virusname}, {} when clean.
+        """One zINSTREAM scan of ``content`` (bytes, or a list of message parts: bytes
+        and spool file sections, see fuglu.send_parts) -> {name: virusname}, {} when
+        clean.
 
         Raises OSError when the connection fails, ClamdError when clamd answers
         anything but a verdict."""
+        parts = content if isinstance(content, list) else [content]
         with self._connect() as connection:
             try:
                 connection.sendall(b'zINSTREAM\0')
-                for start in range(0, len(content), CHUNK_SIZE):
-                    chunk = content[start:start + CHUNK_SIZE]
-                    connection.sendall(len(chunk).to_bytes(4, 'big') + chunk)
+                for chunk in part_chunks(parts, CHUNK_SIZE):
+                    send_parts(connection, [len(chunk).to_bytes(4, 'big'), chunk])
                     # clamd answers early (and closes) when the stream grows over its
                     # StreamMaxLength; stop sending so the reply is read, not reset.
                     if select.select([connection], [], [], 0)[0]:
@@ -297,6 +300,8 @@ class ClamavPlugin(ScannerPlugin):
             return None
         program = self._option('clamscan').strip()
         self.logger.warning('%s clamd failed (%s), trying %s', suspect_id, clamd_error, program)
+        if isinstance(content, list):
+            content = b''.join(bytes(chunk) for chunk in part_chunks(content, 1 << 20))
         try:
             result = subprocess.run([program, '--no-summary', '-'], input=content,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,

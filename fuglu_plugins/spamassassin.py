@@ -31,9 +31,9 @@ import re
 import socket
 import time
 
-from fuglu import (DEFER, DUNNO, DBConfig, DBFile, RuntimeConfigError, ScannerPlugin,
+from fuglu import (DEFER, DUNNO, DBConfig, DBFile, FileSection, RuntimeConfigError, ScannerPlugin,
                    actioncode_to_string, apply_template, connect_service, lint_sql, recv_until,
-                   service_address, string_to_actioncode)
+                   send_parts, service_address, string_to_actioncode)
 
 # The GTUBE anti-spam test string, in two halves so that this file is no test spam.
 GTUBE = b'XJS*C4JDBQADN1.NSBN3*2IDNEN*' + b'GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X'
@@ -104,6 +104,10 @@ def parse_spamd_reply(data, expect_body=True):
             raise SpamdError('spamd reply cut off: %d of %s bytes' % (len(body), length))
         body = body[:int(length)]
     return SpamdReply(status, headers, body)
+
+
+# bytes of a spooled message read for the header checks (its header block)
+HEAD_BYTES = 1048576
 
 
 def line_ending(source):
@@ -231,32 +235,37 @@ class SAPlugin(ScannerPlugin):
             return DUNNO
         prefix = self.config.get('main', 'prependaddedheaders')
         maxsize = self.config.getint(self.section, 'maxsize')
-        if self.config.getboolean(self.section, 'scanoriginal'):
-            source = suspect.get_original_source()
-        else:
-            source = suspect.get_source()
+        original = self.config.getboolean(self.section, 'scanoriginal')
+        # the message as parts: a spooled one is read from its file only when sent
+        parts = suspect.source_parts(original=original)
+        size = sum(len(part) for part in parts)
 
         stripped = False
-        if len(source) > maxsize:
+        if size > maxsize:
             if not self.config.getboolean(self.section, 'strip_oversize'):
                 self.logger.info('%s not scanned by spamd: size %d > maxsize %d',
-                                 suspect.id, len(source), maxsize)
+                                 suspect.id, size, maxsize)
                 suspect.add_header(prefix + 'SA-SKIP', 'Too big for spamchecks. %d > %d'
-                                   % (len(source), maxsize))
+                                   % (size, maxsize))
                 suspect.set_tag('SpamAssassin.skipreason', 'size skip')
                 return self.check_sql_blocklist(suspect)
-            original_size = len(source)
-            source = suspect.source_stripped_attachments(source, maxsize - 1)
+            source = suspect.source_stripped_attachments(
+                suspect.get_original_source() if original else None, maxsize - 1)
+            parts = [source]
             stripped = True
             suspect.set_tag('SpamAssassin.stripped', True)
             self.logger.info('%s size %d > maxsize %d: spamd sees it without attachments '
-                             '(%d bytes)',
-                             suspect.id, original_size, maxsize, len(source))
+                             '(%d bytes)', suspect.id, size, maxsize, len(source))
+        if isinstance(parts[-1], FileSection):   # its start, for the header checks
+            head = (suspect.get_original_source(HEAD_BYTES) if original
+                    else suspect.get_source(HEAD_BYTES))
+        else:
+            head = parts[0]
 
-        pseudo_headers = self._pseudo_headers(suspect, source, original_size if stripped else None)
+        pseudo_headers = self._pseudo_headers(suspect, head, size if stripped else None)
         verb = b'REPORT' if self.config.getboolean(self.section, 'forwardoriginal') else b'PROCESS'
         try:
-            reply = self.ask_with_retries(verb, pseudo_headers + source, suspect)
+            reply = self.ask_with_retries(verb, [pseudo_headers] + parts, suspect)
         except (SpamdError, OSError) as error:
             self.logger.error('%s spam scan failed: %s: %s', suspect.id, error.__class__.__name__,
                               error)
@@ -403,16 +412,19 @@ class SAPlugin(ScannerPlugin):
         return user or None
 
     def request(self, verb, content=b'', suspect=None):
-        """One spamd request -> SpamdReply. Raises OSError or SpamdError."""
+        """One spamd request -> SpamdReply. ``content``: bytes, or a list of message
+        parts (bytes and spool file sections, see fuglu.send_parts). Raises OSError or
+        SpamdError."""
+        parts = content if isinstance(content, list) else [content]
         lines = [verb + b' ' + PROTOCOL]
         if verb != b'PING':
-            lines.append(b'Content-length: %d' % len(content))
+            lines.append(b'Content-length: %d' % sum(len(part) for part in parts))
         user = self._user(suspect)
         if user:
             lines.append(b'User: ' + user.encode('utf-8'))
         deadline = time.monotonic() + self.config.getfloat(self.section, 'timeout')
         with self._connect() as connection:
-            connection.sendall(b'\r\n'.join(lines) + b'\r\n\r\n' + content)
+            send_parts(connection, [b'\r\n'.join(lines) + b'\r\n\r\n'] + parts)
             connection.shutdown(socket.SHUT_WR)
             raw = recv_until(connection, deadline, None, 'spamd did not answer in time')
         reply = parse_spamd_reply(raw, expect_body=verb != b'PING')
