@@ -1635,7 +1635,8 @@ def default_template_values(suspect, values=None):
 # A process that dies mid-message (kill -9, a crash, power loss) cannot remove its
 # files; its locks go with it. At start-up fuglu removes the fuglu-spool-* files it
 # finds unlocked, and leaves alone those of other fuglu instances sharing the
-# directory: their locks are held. A file is written only after it is locked, so a
+# directory: their locks are held; on the process backend the parent does the same
+# when a worker died. A file is written only after it is locked, so a
 # file that is unlocked and empty may be one being created right now: it is left until
 # it is SPOOL_STALE_EMPTY_SECONDS old.
 
@@ -9302,12 +9303,6 @@ def refuse_queued_connection(sock):
 PACKET_LIMIT = 4 << 20
 EXCEPTION_TEXT_LIMIT = 16000
 
-# Functions called as hook(config, pid) by the parent after a worker ended without
-# finishing its work (killed, crashed), for per-worker leftovers such as spool files
-# of the messages it held. Issue 14's spooling appends its clean-up here.
-WORKER_EXIT_HOOKS = []
-
-
 def send_packet(sock, fields, payload=b'', fds=(), flags=0):
     """One packet on a SOCK_SEQPACKET socket, with file descriptors (SCM_RIGHTS)."""
     import json
@@ -9471,6 +9466,7 @@ class ProcessBackend(Backend):
         self.pending_config = None
         self.start_failures = 0
         self.respawn_at = 0
+        self.spool_scan_at = None     # when to look for spool files of dead workers again
         self.startup_failure = None
         self.restarts = {'crashed': 0, 'recycled': 0, 'stuck': 0}
         self.fork_server_pid = self.fork_server = None
@@ -9847,12 +9843,11 @@ class ProcessBackend(Backend):
         else:
             self.logger.error('%s (pid %d) died (%s) while idle', worker.name, worker.pid,
                               exit_text)
-        for hook in WORKER_EXIT_HOOKS:
-            try:
-                hook(self.config, worker.pid)
-            except Exception:
-                self.logger.error('clean-up after %s failed: %s', worker.name,
-                                  traceback.format_exc())
+        # the spool files of the messages it held: unlocked now that it is gone
+        self.controller.remove_stale_spool_files()
+        # one it had just created is still empty and spared a while (it could be one that
+        # another process is creating): look again once that while is over
+        self.spool_scan_at = time.time() + SPOOL_STALE_EMPTY_SECONDS + 1
 
     def _kill(self, worker, reason):
         worker.killed = reason
@@ -9906,6 +9901,9 @@ class ProcessBackend(Backend):
                     send_packet(worker.channel, [order])
                 except OSError:
                     pass
+        if self.spool_scan_at is not None and now >= self.spool_scan_at:
+            self.spool_scan_at = None
+            self.controller.remove_stale_spool_files()
         if self.stopping:
             if not self.workers:
                 return self._stop_fork_server()
@@ -11573,6 +11571,8 @@ class WorkerController(MainController):
                         return 'retire'
             readable, _, _ = select.select([self.channel], [], [], 0.5)
             self.downstream_pool.purge()
+            # as the daemon's main loop does (the malloc arena limit came with the fork)
+            release_memory_after_big_messages()
             if not readable:
                 continue
             try:

@@ -228,6 +228,21 @@ def pid_is_alive(pid):
     return state not in ('Z', 'X')
 
 
+def group_members(group):
+    """pids of the live processes (zombies count as dead) of process group `group`."""
+    members = []
+    for entry in os.listdir('/proc'):
+        try:
+            with open('/proc/%s/stat' % entry) as stat_file:
+                fields = stat_file.read().rsplit(')', 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # after the command: state, ppid, pgrp
+        if fields[2] == str(group) and fields[0] not in ('Z', 'X'):
+            members.append(int(entry))
+    return members
+
+
 def stop_pid(pid, timeout=10.0, child=None, first_signal=signal.SIGTERM):
     """SIGTERM (or `first_signal`) `pid`, SIGKILL it if it still runs after `timeout`; reap
     it if it is our child."""
@@ -1246,7 +1261,9 @@ class FugluProcess(ChildPeer):
     def start(self, timeout=30.0):
         if not os.path.exists(self.program):
             raise RuntimeError('fuglu program not found: %s' % self.program)
-        self._spawn(self.command(), self.log_path, cwd=self.workdir, env=self.env)
+        # a session of its own: kill_all() reaches the workers of the process backend
+        self._spawn(self.command(), self.log_path, cwd=self.workdir, env=self.env,
+                    start_new_session=True)
 
         def ready():
             self._fail_if_exited('fuglu', when=' during start-up')
@@ -1261,6 +1278,17 @@ class FugluProcess(ChildPeer):
             self.stop()
             raise TimeoutError('%s\n--- fuglu log ---\n%s' % (error, log_tail))
         return self
+
+    def kill_all(self):
+        """SIGKILL fuglu and every process of its session at once (the process backend's
+        fork server and workers too), as power loss or the OOM killer of its cgroup
+        would: nothing runs on fuglu's side, no finally, no atexit. Reaps fuglu."""
+        group = self.pid
+        os.killpg(group, signal.SIGKILL)
+        self.process.wait()
+        _stopped(self)
+        self.process = None
+        wait_until(lambda: not group_members(group), 10, what='process group %d to die' % group)
 
     def cleanup(self):
         self.stop()
