@@ -1,5 +1,5 @@
 """A FuGlu-style scanner plugin that spends a fixed amount of pure-Python CPU time on
-every message (bench/processbackend.py calibrates ``iterations`` to ~5 ms on the
+every message (bench/process.py calibrates ``iterations`` to ~5 ms on the
 machine and gives both filters the same number). It imports only FuGlu's plugin API,
 so upstream FuGlu 1.7.0 and fuglu load it unchanged (``plugindir`` = this folder,
 ``plugins = cpuburn.CPUBurn``)."""
