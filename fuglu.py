@@ -1056,8 +1056,8 @@ CORE_DEFAULTS = {
     },
     'performance': {
         'backend': _opt('thread', 'worker backend: thread (one process, a pool of threads) or '
-                                  'process (pre-forked worker processes, each with its own threads; '
-                                  'FuGlu\'s asyncprocess is served by it too)'),
+                                  'process (pre-forked worker processes, each with its own '
+                                  'threads; FuGlu\'s asyncprocess is served by it too)'),
         'minthreads': _opt('2', 'threads kept running (process backend: in each worker process)',
                            validator=_is_int),
         'maxthreads': _opt('40', 'most threads, i.e. connections handled at once (process backend: '
@@ -9656,14 +9656,22 @@ class ProcessBackend(Backend):
             self.logger.error('process backend supervisor failed: %s', traceback.format_exc())
             self.controller.record_exception(traceback.format_exc())
 
-    def _from_worker(self, worker):
+    @staticmethod
+    def _waiting_packets(channel):
+        """The packets waiting on ``channel``, then None if the other end closed."""
         while True:
             try:
-                packet = receive_packet(worker.channel, socket.MSG_DONTWAIT)
+                packet = receive_packet(channel, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except OSError:
                 packet = None
+            yield packet
+            if packet is None:
+                return
+
+    def _from_worker(self, worker):
+        for packet in self._waiting_packets(worker.channel):
             if packet is None:
                 self._worker_gone(worker)
                 return
@@ -9784,13 +9792,7 @@ class ProcessBackend(Backend):
             self.departed[worker.pid] = (worker, lost)
 
     def _from_fork_server(self):
-        while True:
-            try:
-                packet = receive_packet(self.fork_server, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            except OSError:
-                packet = None
+        for packet in self._waiting_packets(self.fork_server):
             if packet is None:
                 self._fork_server_gone()
                 return

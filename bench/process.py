@@ -34,7 +34,6 @@ stdlib only; 127.0.0.1 only; every process started here is stopped by its pid.
 import argparse
 import os
 import random
-import shutil
 import signal
 import smtplib
 import subprocess
@@ -409,11 +408,7 @@ def main(argv=None):
                          QUICK_KILLS if args.quick else KILLS, sink, run_root)
         print('  %r' % kill, flush=True)
     finally:
-        sink.stop()
-        if args.keep:
-            print('configs and logs kept in %s' % run_root)
-        else:
-            shutil.rmtree(run_root, ignore_errors=True)
+        aq.end_run(sink, run_root, args.keep)
     report = build_report(workloads, filters, results, memory, kill, iterations, argv,
                           args.quick, load_before)
     report += ''.join('\n- note: %s' % note for note in notes)

@@ -139,16 +139,7 @@ class Daemon(object):
         return os.path.join(self.workdir, 'control.sock')
 
     def control(self, command):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(10)
-            sock.connect(self.control_path)
-            sock.sendall(command.encode())
-            reply = b''
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return reply.decode()
-                reply += chunk
+        return peers.control_command(self.control_path, command)
 
     def log(self):
         return self.process.log_text() if self.process else ''
@@ -246,12 +237,7 @@ def test_netcat(daemon):
         assert banner.startswith(b'fuglu')
         sock.sendall(message(subject='piped'))
         sock.shutdown(socket.SHUT_WR)
-        reply = b''
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
+        reply = peers.read_until_closed(sock)
     assert reply.startswith(b'DUNNO:') and b'Subject: piped' in reply, reply[:200]
     assert b'X-Test-Worker: ' in reply
 

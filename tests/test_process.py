@@ -249,24 +249,11 @@ def uids(pid):
         return re.search(r'^Uid:\s+(.*)$', status.read(), re.M).group(1).split()
 
 
-def children(pid):
-    found = []
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                with open('/proc/%s/stat' % entry) as stat:
-                    if int(stat.read().rsplit(')', 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except (OSError, IndexError):
-                continue
-    return found
-
-
 def test_the_fork_server_and_the_workers_run_as_the_daemon_user(start_daemon):
     daemon = start_daemon()
     parent = daemon.process.pid
-    fork_server, = children(parent)
-    workers = children(fork_server)
+    fork_server, = peers.child_pids(parent)
+    workers = peers.child_pids(fork_server)
     assert sorted(workers) == sorted(worker_pids(daemon))
     expected = [str(os.getuid())] * 4
     if os.geteuid() == 0:

@@ -228,19 +228,47 @@ def pid_is_alive(pid):
     return state not in ('Z', 'X')
 
 
-def group_members(group):
-    """pids of the live processes (zombies count as dead) of process group `group`."""
-    members = []
+def _process_stats():
+    """(pid, [state, ppid, pgrp, ...]) of every process: /proc/PID/stat after the command
+    (which may contain spaces, so the split is after the last ')')."""
     for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
         try:
             with open('/proc/%s/stat' % entry) as stat_file:
-                fields = stat_file.read().rsplit(')', 1)[1].split()
+                yield int(entry), stat_file.read().rsplit(')', 1)[1].split()
         except (OSError, IndexError):
             continue
-        # after the command: state, ppid, pgrp
-        if fields[2] == str(group) and fields[0] not in ('Z', 'X'):
-            members.append(int(entry))
-    return members
+
+
+def child_pids(pid):
+    """pids of the processes whose parent is `pid`."""
+    return [child for child, fields in _process_stats() if fields[1] == str(pid)]
+
+
+def group_members(group):
+    """pids of the live processes (zombies count as dead) of process group `group`."""
+    return [pid for pid, fields in _process_stats()
+            if fields[2] == str(group) and fields[0] not in ('Z', 'X')]
+
+
+def read_until_closed(sock):
+    """Everything `sock` receives until the other end closes."""
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b''.join(chunks)
+        chunks.append(chunk)
+
+
+def control_command(socket_path, command, timeout=10.0):
+    """fuglu's answer to one control command on its unix control socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+        sock.sendall(command.encode())
+        return read_until_closed(sock).decode()
 
 
 def stop_pid(pid, timeout=10.0, child=None, first_signal=signal.SIGTERM):

@@ -11,7 +11,6 @@ integration-process); these two are about the process backend alone.
 import os
 import re
 import signal
-import socket
 import threading
 import uuid
 
@@ -53,16 +52,7 @@ def start_chain(postfix_factory, fuglu_factory, workdir, extra_main=''):
 
 
 def control(workdir, command):
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(os.path.join(workdir, 'control.sock'))
-        sock.sendall(command.encode())
-        reply = b''
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return reply.decode()
-            reply += chunk
+    return peers.control_command(os.path.join(workdir, 'control.sock'), command)
 
 
 def workers(workdir, state):
