@@ -33,10 +33,41 @@ import time
 from fuglu.shared import DUNNO, ScannerPlugin, string_to_actioncode
 
 
+def malloc_arenas():
+    """glibc's malloc arenas in this process after 8 threads allocated at once (zlib
+    lets go of the interpreter lock while it compresses, and mallocs its state)."""
+    import ctypes
+    import re
+    import tempfile
+    import threading
+    import zlib
+
+    def churn():
+        for _ in range(30):
+            zlib.compress(b'x' * 200000, 9)
+    threads = [threading.Thread(target=churn) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    libc = ctypes.CDLL('libc.so.6')
+    libc.fdopen.restype = ctypes.c_void_p
+    libc.fdopen.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    with tempfile.TemporaryFile() as report:
+        stream = libc.fdopen(os.dup(report.fileno()), b'w')
+        libc.malloc_info(0, stream)
+        libc.fclose(stream)
+        report.seek(0)
+        return len(re.findall(rb'<heap nr=', report.read()))
+
+
 class HeaderVerdict(ScannerPlugin):
     """Every message gets X-Test-Worker: <pid>. X-Test-Verdict: ACTION [text] is the
     verdict; CRASH raises; WAIT creates <gate>/entered.<pid> and waits (at most a
-    minute) for <gate>/release. A new instance fails while <gate>/fail-init exists."""
+    minute) for <gate>/release; ARENAS adds X-Test-Arenas: malloc_arenas(). A new
+    instance fails while <gate>/fail-init exists."""
 
     def __init__(self, config, section=None):
         super().__init__(config, section)
@@ -50,6 +81,9 @@ class HeaderVerdict(ScannerPlugin):
         value = (suspect.get_header('X-Test-Verdict') or '').strip()
         if value == 'CRASH':
             raise RuntimeError('a crash the message asked for')
+        if value == 'ARENAS':
+            suspect.add_header('X-Test-Arenas', str(malloc_arenas()))
+            return DUNNO
         if value == 'WAIT':
             gate = self.config.get(self.section, 'gate')
             open(os.path.join(gate, 'entered.%d' % os.getpid()), 'w').close()
@@ -278,6 +312,17 @@ def test_control_stats_workerlist_exceptionlist_and_metrics(daemon):
     assert 'fuglu_plugin_errors_total{plugin="HeaderVerdict"} 1' in metrics
     assert re.search(r'fuglu_plugin_runs_total\{stage="scanner",plugin="HeaderVerdict"\} 4',
                      metrics), metrics
+
+
+def test_the_malloc_arena_limit_holds_where_messages_are_scanned(daemon):
+    # fuglu limits glibc's arenas at start-up; the process backend's workers are forked
+    # from it afterwards and keep the limit
+    if fuglu.glibc() is None:
+        pytest.skip('no glibc: fuglu leaves malloc alone')
+    assert smtp_send(daemon.ports['smtp'], message('ARENAS'))[0] == 250
+    assert wait_for(lambda: len(daemon.sink.messages) == 1)
+    arenas = int(delivered_header(daemon.sink.messages[0], 'X-Test-Arenas'))
+    assert 1 <= arenas <= fuglu.MALLOC_ARENAS
 
 
 def test_a_message_in_flight_shows_in_the_workerlist(daemon):
