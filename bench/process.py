@@ -26,7 +26,9 @@ one message per connection), one worker killed with SIGKILL every second. Every
 message a client got 250 for must be at the sink (lost = accepted - arrived, must be
 0); a message the sink has although its client saw the connection drop is a
 duplicate (the worker died between the downstream's 250 and its own): an MTA would
-deliver it twice. Clients that saw no 250 would be retried by an MTA.
+deliver it twice. Clients that saw no 250 would be retried by an MTA. smtp-sink counts
+totals only (a lost message and a duplicate would cancel out); per message, through a
+real Postfix, tests/integration/test_process_backend.py counts each one.
 
 stdlib only; 127.0.0.1 only; every process started here is stopped by its pid.
 """
