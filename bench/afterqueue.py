@@ -293,6 +293,15 @@ class CountingSink:
         stop_process(self.process)
 
 
+def end_run(sink, run_root, keep):
+    """Stop the sink; remove the run's configs and logs unless ``keep``."""
+    sink.stop()
+    if keep:
+        print('configs and logs kept in %s' % run_root)
+    else:
+        shutil.rmtree(run_root, ignore_errors=True)
+
+
 def run_smtp_source(port, sessions, count, size):
     """Send count messages of size bytes, one per connection; returns (seconds, errors)."""
     command = [SMTP_SOURCE, '-s', str(sessions), '-m', str(count), '-l', str(size),
@@ -985,11 +994,7 @@ def main(argv=None):
                               if result['source_errors'] else ''), flush=True)
                 break
     finally:
-        sink.stop()
-        if args.keep:
-            print('configs and logs kept in %s' % run_root)
-        else:
-            shutil.rmtree(run_root, ignore_errors=True)
+        end_run(sink, run_root, args.keep)
 
     report = build_report(cells, filters, results, failures, notes, argv,
                           args.quick, load_before)
