@@ -56,8 +56,9 @@ def byte_code(source):
     """The hash-checked pyc of ``source`` for this Python."""
     with tempfile.TemporaryDirectory() as scratch:
         cfile = os.path.join(scratch, 'fuglu.pyc')
-        env = dict(os.environ, PYTHONHASHSEED='0')
-        subprocess.run([sys.executable, '-I', '-c', COMPILE_PY, source, cfile], env=env,
+        # not -I: it would ignore PYTHONHASHSEED too; a bare environment instead
+        env = {'PYTHONHASHSEED': '0', 'PATH': os.environ.get('PATH', os.defpath)}
+        subprocess.run([sys.executable, '-s', '-c', COMPILE_PY, source, cfile], env=env,
                        check=True)
         with open(cfile, 'rb') as handle:
             return handle.read()
