@@ -4551,7 +4551,7 @@ class ScannerPlugin(ReturnOverrideMixin, BasicPlugin):
     REJECT/DEFER, a tuple (action, message), or None (= DUNNO). Options
     ``overrideaction`` and ``overridemessage`` in the plugin's section replace its
     decision (dry runs). ``_problemcode()`` is the action of option problemaction
-    (DEFER when unset or invalid).
+    (DEFER when unset or invalid); it is also the decision when ``examine`` raises.
     """
 
     def examine(self, suspect):
@@ -5281,13 +5281,14 @@ class ScanSession(object):
                                                         % (plugin, error))
                 action, message = DEFER, 'per-recipient settings unavailable, try again later'
                 break
-            except LimitExceeded as error:   # a bound was hit: a problem, never a clean result
-                self._plugin_error(suspect, plugin, error)
-                result = (getattr(plugin, '_problemaction', lambda: DEFER)(),
-                          'message too complex to check (%s)' % error.__class__.__name__)
             except Exception as error:
+                # A bound that was hit, or a crash (say on bytes nobody expected), is a
+                # problem, never a clean result: FuGlu goes on unscanned (fails open).
                 self._plugin_error(suspect, plugin, error)
-                continue
+                reason = ('message too complex to check' if isinstance(error, LimitExceeded)
+                          else 'message could not be checked')
+                result = (getattr(plugin, '_problemaction', lambda: DEFER)(),
+                          '%s (%s)' % (reason, error.__class__.__name__))
             code, text = result if isinstance(result, tuple) else (result, None)
             if code is None:
                 code = DUNNO
@@ -8841,7 +8842,8 @@ class MilterSession(ProtocolHandler):
 
     def stage_verdict(self, stage, plugins, args):
         """(action, message) of the first plugin with a decision, else (DUNNO, None).
-        A plugin that raises is logged and skipped (fail-open, like the scanners)."""
+        A plugin that raises is logged and skipped (fail-open: these are envelope checks;
+        the content scanners still run at the end of the message)."""
         skipped = set(parse_list(force_uString(self.tags.get('skipmplugins', ''))))
         for plugin in plugins:
             if plugin.__class__.__name__ in skipped:

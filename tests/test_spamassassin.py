@@ -51,7 +51,7 @@ class FakeSpamd(FakeDaemon):
             lines = head.split(b'\r\n')
             headers = {}
             for line in lines[1:]:
-                name, _, value = line.decode().partition(':')
+                name, _, value = line.decode('utf-8', 'surrogateescape').partition(':')
                 headers[name.strip().lower()] = value.strip()
             request = SpamdRequest(lines[0], headers, body)
             self.requests.append(request)
@@ -210,6 +210,15 @@ def test_user_keeps_case_without_lowercase_user(fake_spamd):
     server = fake_spamd(processing_spamd(0.0))
     make_plugin(server.address, lowercase_user='False').examine(make_suspect())
     assert server.requests[0].headers['user'] == 'Rcpt@Example.net'
+
+
+def test_8bit_recipient_goes_to_spamd_as_it_came(fake_spamd):
+    # RCPT TO:<\xfe@example.net> (kept as a surrogate) once crashed the plugin
+    server = fake_spamd(processing_spamd(9.0))
+    suspect = make_suspect(recipient='\udcfe@example.net')
+    assert make_plugin(server.address).examine(suspect) == fuglu.DUNNO
+    assert server.requests[0].headers['user'] == '\udcfe@example.net'   # the byte 0xfe
+    assert suspect.is_spam()
 
 
 def test_forwardoriginal_uses_report_and_keeps_the_message(fake_spamd):
