@@ -6,6 +6,7 @@ Postfix -> fuglu (smtp connector, plugins clamav + spamassassin, real clamd and 
 
 import os
 import re
+import socket
 import sys
 import time
 
@@ -32,9 +33,20 @@ def header_values(raw, name):
 
 
 @pytest.fixture
-def scanning_chain(postfix_factory, fuglu_factory, clamd, spamd, tmp_world_dir):
+def scanning_chain(chain_factory):
     """A started after-queue Postfix with fuglu (clamav, spamassassin) as its filter."""
-    postfix = postfix_factory('afterqueue')
+    return chain_factory()
+
+
+@pytest.fixture
+def chain_factory(postfix_factory, fuglu_factory, clamd, spamd, tmp_world_dir):
+    """Call with main.cf overrides for a scanning chain on such a Postfix."""
+    return lambda **main_cf: start_chain(postfix_factory, fuglu_factory, clamd, spamd,
+                                         tmp_world_dir, main_cf)
+
+
+def start_chain(postfix_factory, fuglu_factory, clamd, spamd, tmp_world_dir, main_cf):
+    postfix = postfix_factory('afterqueue', main_cf=main_cf)
     config = ('[main]\n'
               'incomingport = smtp:127.0.0.1:%d\n'
               'outgoinghost = 127.0.0.1\n'
@@ -96,3 +108,42 @@ def test_clean_mail_is_delivered_as_ham(scanning_chain):
     assert status and status[0].startswith('No, score=')
     assert body.replace(b'\r\n', b'\n') in delivered  # the Maildir stores LF line ends
     assert b'X-Fuglu-Incomingport' not in delivered
+
+
+def raw_transaction(port, sender, recipient, message):
+    """One SMTP transaction with the envelope as raw bytes (smtplib would refuse them);
+    returns the replies to MAIL, RCPT and the end of DATA."""
+    replies = []
+    with socket.create_connection(('127.0.0.1', port), timeout=30) as connection:
+        reader = connection.makefile('rb')
+
+        def reply():
+            lines = [reader.readline()]
+            while lines[-1][3:4] == b'-':
+                lines.append(reader.readline())
+            return lines[-1]
+        reply()
+        for line in (b'EHLO client.example', b'MAIL FROM:<' + sender + b'>',
+                     b'RCPT TO:<' + recipient + b'>', b'DATA'):
+            connection.sendall(line + b'\r\n')
+            replies.append(reply())
+        connection.sendall(message + b'.\r\n')
+        replies.append(reply())
+        connection.sendall(b'QUIT\r\n')
+    return replies[1], replies[2], replies[4]
+
+
+def test_eicar_from_an_8bit_sender_is_deleted_not_delivered(chain_factory):
+    # MAIL FROM:<\xff...> once crashed the clamav plugin, which fuglu skipped: a 250
+    # and the virus delivered unscanned. Postfix takes such bytes from anyone when
+    # SMTPUTF8 is off (compatibility_level < 1, or set so), and from local senders.
+    postfix, fuglu_process = chain_factory(smtputf8_enable='no')
+    replies = raw_transaction(postfix.smtp_port, b'\xff\xfe@example.org', b'virus8@example.net',
+                              mail('virus8@example.net', b'attached: ' + EICAR, 'virus'))
+    assert all(reply.startswith(b'250') for reply in replies), replies
+    fuglu_process.wait_log(r'Eicar-Test-Signature', timeout=30)
+    postfix.send('sender@example.org', ['after-virus8@example.net'],
+                 mail('after-virus8@example.net', b'plain text', 'after'))
+    postfix.wait_delivered('after-virus8@example.net', timeout=30)
+    assert postfix.delivered('virus8@example.net') == []
+    assert postfix.queue_size() == 0
