@@ -8681,7 +8681,10 @@ class MilterSession(ProtocolHandler):
         return self.run_stage('helo', self.helo)
 
     def on_mail(self, data):
-        arguments = [item.decode('utf-8', 'replace') for item in split_milter_strings(data)]
+        # 8-bit addresses are kept as they came (as in the smtp connector): written
+        # back or compared, they must be the MTA's bytes
+        arguments = [item.decode('utf-8', 'surrogateescape')
+                     for item in split_milter_strings(data)]
         if not arguments:
             raise MilterProtocolError('MAIL without a sender')
         if self.in_message:     # MAIL without ABORT: a new transaction all the same
@@ -8700,7 +8703,8 @@ class MilterSession(ProtocolHandler):
         return self.run_stage('mailfrom', self.sender)
 
     def on_rcpt(self, data):
-        arguments = [item.decode('utf-8', 'replace') for item in split_milter_strings(data)]
+        arguments = [item.decode('utf-8', 'surrogateescape')
+                     for item in split_milter_strings(data)]
         if not arguments:
             raise MilterProtocolError('RCPT without a recipient')
         recipient = clean_milter_address(arguments[0])
