@@ -1,6 +1,8 @@
 """The Suspect and the action codes."""
 
+import email
 import email.policy
+import random
 import re
 import time
 
@@ -259,6 +261,36 @@ def test_get_message_rep_is_cached_compat32():
     assert message is suspect.get_message_rep()
     assert message.policy == email.policy.compat32
     assert message['From'] == 'Alice <alice@example.org>'
+
+
+def test_mime_parameters_are_split_as_the_email_package_splits_them():
+    rng = random.Random(9)
+    tokens = ['a', 'B', '"', '\\', '\\"', ';', ';', '=', ' ', '\t', 'name*0', 'name*1*',
+              "utf-8''%41", 'charset', '*', '\u00e4', '(c)']
+    for _ in range(3000):
+        value = 'text/plain' + ''.join(rng.choice(tokens) for _ in range(rng.randrange(30)))
+        source = b'Content-Type: ' + value.encode() + b'\r\n\r\nbody\r\n'
+        stock = email.message_from_bytes(source, policy=email.policy.compat32)
+        ours = fuglu.parse_message(source)
+        assert type(stock) is not type(ours)
+        for unquote in (True, False):
+            assert ours.get_params(unquote=unquote) == stock.get_params(unquote=unquote), value
+        assert ours.get_filename() == stock.get_filename(), value
+
+
+def test_a_content_type_full_of_semicolons_is_parsed_in_linear_time():
+    # the email package's splitter is quadratic: 13 s for 160 KB, minutes for a MB
+    header = b'Content-Type: multipart/mixed; boundary="b"; x="' + b'a;' * 150000 + b'"\r\n'
+    body = (b'\r\n--b\r\nContent-Type: text/plain\r\n\r\nhi\r\n--b\r\n'
+            b'Content-Type: application/pdf; name="' + b'a;' * 150000 + b'.pdf"\r\n\r\n'
+            b'%PDF\r\n--b--\r\n')
+    suspect = fuglu.Suspect('a@example.org', ['b@example.com'], inbuffer=header + body)
+    started = time.process_time()
+    assert suspect.get_message_rep().get_boundary() == 'b'
+    stripped = suspect.source_stripped_attachments(maxsize=10000000)
+    assert suspect.build_headeronly_message_rep().get_boundary() == 'b'
+    assert time.process_time() - started < 2.0
+    assert b'hi\r\n' in stripped and b'%PDF' not in stripped
 
 
 def test_set_message_rep_reserialises_with_crlf():
