@@ -602,7 +602,8 @@ def encode_header(name, value):
     """One header as bytes with CRLF. Plain short ASCII is written as is; anything with
     non-ASCII characters, CR/LF (header injection) or very long values is RFC 2047
     encoded and folded by the email package."""
-    value = force_uString(value)
+    # 8-bit envelope text comes as surrogate escapes: its bytes, read as UTF-8
+    value = force_uString(value).encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
     if value.isascii() if hasattr(value, 'isascii') else all(ord(c) < 128 for c in value):
         if '\r' not in value and '\n' not in value and len(name) + len(value) < 900:
             return ('%s: %s\r\n' % (name, value)).encode('ascii')
@@ -2440,7 +2441,7 @@ class Suspect(SimpleTimeoutMixin):
         the source now, so later plugins see it. Names and values may be bytes."""
         key, value = force_uString(key), force_uString(value)
         if immediate:
-            header = (('%s: %s\r\n' % (key, value)).encode('utf-8') if raw
+            header = (('%s: %s\r\n' % (key, value)).encode('utf-8', 'surrogateescape') if raw
                       else encode_header(key, value))
             self._replace_source_start(0, header)
             self.added_headers[key] = value

@@ -205,6 +205,24 @@ def test_an_undecodable_sender_still_gets_its_log_lines(session, sink, strict_lo
     assert strict_log.failures == []
 
 
+@pytest.mark.parametrize('protocol', ['smtp', 'esmtp'])
+def test_an_undecodable_sender_in_a_header_is_delivered(sink, make_fuglu, clients, protocol):
+    # debuginfoheader writes the envelope into a header: its 0xff byte made every
+    # delivery a 451 (the header encoder refused the surrogate that stands for it)
+    server = make_fuglu(sink.port, protocol=protocol, extra_main='debuginfoheader = True\n')
+    client = clients(server.port)
+    assert client.cmd('EHLO client.example').startswith(b'250')
+    client.send(b'MAIL FROM:<a\xffb@example.org>\r\n')
+    assert client.reply().startswith(b'250')
+    assert client.cmd('RCPT TO:<b@example.org>').startswith(b'250')
+    assert client.cmd('DATA').startswith(b'354')
+    client.send(stuff(MESSAGE))
+    assert client.reply().startswith(b'250')
+    assert wait_for(lambda: sink.messages)
+    assert b'X-Fuglu-Debuginfo: =?utf-8?' in sink.messages[0]['data']
+    assert server.controller.exceptions == []
+
+
 # -- netcat envelope block -------------------------------------------------------------
 
 

@@ -187,6 +187,19 @@ def test_non_ascii_header_value_is_rfc2047_encoded():
     assert str(make_header(decode_header(value))) == 'Grüße aus Zürich'
 
 
+@pytest.mark.parametrize('immediate', [False, True])
+def test_8bit_envelope_text_in_a_header_is_encoded_not_a_crash(immediate):
+    # '\udcff' is how the byte 0xff of MAIL FROM:<\xff\xc3\xa4@...> is kept: a header with
+    # it (debuginfoheader, or a plugin's X-Envelope-From) made every delivery a 451
+    suspect = make_suspect()
+    suspect.add_header('X-Envelope-From', '\udcff\udcc3\udca4@example.org', immediate=immediate)
+    output = suspect.get_output_source()
+    from email.header import decode_header, make_header
+    value = parsed(output)['X-Envelope-From']
+    assert str(make_header(decode_header(value))) == '\ufffd\u00e4@example.org'
+    assert output.endswith(SOURCE) and output.isascii()
+
+
 def test_set_header_replaces_every_instance():
     suspect = make_suspect()
     suspect.set_header('X-Old', 'replaced')
