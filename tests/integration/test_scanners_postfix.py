@@ -6,7 +6,6 @@ Postfix -> fuglu (smtp connector, plugins clamav + spamassassin, real clamd and 
 
 import os
 import re
-import socket
 import sys
 import time
 
@@ -14,8 +13,10 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))   # tests/: helpers
 
 import peers  # noqa: E402
+from helpers import RawClient  # noqa: E402
 from peers import EICAR, GTUBE  # noqa: E402
 
 
@@ -72,12 +73,17 @@ def test_eicar_is_deleted_not_delivered(scanning_chain):
     # Postfix handed it to fuglu and fuglu said 250 (DELETE = accept and drop) ...
     postfix.wait_log(r'to=<virus@example\.net>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:%d.*status=sent'
                      % postfix.filter_port, timeout=30)
-    fuglu_process.wait_log(r'Eicar-Test-Signature', timeout=10)
-    # ... so a later message arrives while the virus never does.
-    postfix.send('sender@example.org', ['after-virus@example.net'],
-                 mail('after-virus@example.net', b'plain text', 'after'))
-    postfix.wait_delivered('after-virus@example.net', timeout=30)
-    assert postfix.delivered('virus@example.net') == []
+    assert_virus_dropped(postfix, fuglu_process, 'virus@example.net')
+
+
+def assert_virus_dropped(postfix, fuglu_process, recipient):
+    """fuglu found the virus for ``recipient`` and dropped it: a later message
+    arrives while the virus never does, and nothing waits in Postfix's queue."""
+    fuglu_process.wait_log(r'Eicar-Test-Signature', timeout=30)
+    postfix.send('sender@example.org', ['after-' + recipient],
+                 mail('after-' + recipient, b'plain text', 'after'))
+    postfix.wait_delivered('after-' + recipient, timeout=30)
+    assert postfix.delivered(recipient) == []
     assert postfix.queue_size() == 0
 
 
@@ -110,40 +116,17 @@ def test_clean_mail_is_delivered_as_ham(scanning_chain):
     assert b'X-Fuglu-Incomingport' not in delivered
 
 
-def raw_transaction(port, sender, recipient, message):
-    """One SMTP transaction with the envelope as raw bytes (smtplib would refuse them);
-    returns the replies to MAIL, RCPT and the end of DATA."""
-    replies = []
-    with socket.create_connection(('127.0.0.1', port), timeout=30) as connection:
-        reader = connection.makefile('rb')
-
-        def reply():
-            lines = [reader.readline()]
-            while lines[-1][3:4] == b'-':
-                lines.append(reader.readline())
-            return lines[-1]
-        reply()
-        for line in (b'EHLO client.example', b'MAIL FROM:<' + sender + b'>',
-                     b'RCPT TO:<' + recipient + b'>', b'DATA'):
-            connection.sendall(line + b'\r\n')
-            replies.append(reply())
-        connection.sendall(message + b'.\r\n')
-        replies.append(reply())
-        connection.sendall(b'QUIT\r\n')
-    return replies[1], replies[2], replies[4]
-
-
 def test_eicar_from_an_8bit_sender_is_deleted_not_delivered(chain_factory):
     # MAIL FROM:<\xff...> once crashed the clamav plugin, which fuglu skipped: a 250
     # and the virus delivered unscanned. Postfix takes such bytes from anyone when
     # SMTPUTF8 is off (compatibility_level < 1, or set so), and from local senders.
     postfix, fuglu_process = chain_factory(smtputf8_enable='no')
-    replies = raw_transaction(postfix.smtp_port, b'\xff\xfe@example.org', b'virus8@example.net',
-                              mail('virus8@example.net', b'attached: ' + EICAR, 'virus'))
-    assert all(reply.startswith(b'250') for reply in replies), replies
-    fuglu_process.wait_log(r'Eicar-Test-Signature', timeout=30)
-    postfix.send('sender@example.org', ['after-virus8@example.net'],
-                 mail('after-virus8@example.net', b'plain text', 'after'))
-    postfix.wait_delivered('after-virus8@example.net', timeout=30)
-    assert postfix.delivered('virus8@example.net') == []
-    assert postfix.queue_size() == 0
+    client = RawClient(postfix.smtp_port, timeout=30)   # smtplib refuses such an address
+    replies = [client.cmd('EHLO client.example')]
+    client.send(b'MAIL FROM:<\xff\xfe@example.org>\r\n')
+    replies += [client.reply(), client.cmd('RCPT TO:<virus8@example.net>'), client.cmd('DATA')]
+    client.send(mail('virus8@example.net', b'attached: ' + EICAR, 'virus') + b'.\r\n')
+    replies.append(client.reply())
+    client.close()
+    assert [reply[:1] for reply in replies] == [b'2', b'2', b'2', b'3', b'2'], replies
+    assert_virus_dropped(postfix, fuglu_process, 'virus8@example.net')
