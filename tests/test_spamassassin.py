@@ -348,6 +348,16 @@ def test_spamd_down_is_a_problem():
     assert make_plugin(port, retries='2').examine(make_suspect())[0] == fuglu.DEFER
 
 
+def test_oversize_message_too_complex_to_strip_is_a_problem(fake_spamd):
+    # 10 MB of empty parts took 640 MB and 12 s to strip; a hit bound is a problem
+    server = fake_spamd(processing_spamd(20.0))
+    source = (b'Subject: parts\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n'
+              + b'--b\r\n\r\n' * 20000)
+    with pytest.raises(fuglu.LimitExceeded):   # the scan session's problemaction
+        make_plugin(server.address, maxsize='100000').examine(make_suspect(source))
+    assert server.connections == 0
+
+
 def test_oversize_without_stripping_is_skipped(fake_spamd):
     server = fake_spamd(processing_spamd(20.0))
     plugin = make_plugin(server.address, maxsize='100', strip_oversize='0')

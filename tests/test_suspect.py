@@ -306,6 +306,24 @@ def test_a_content_type_full_of_semicolons_is_parsed_in_linear_time():
     assert b'hi\r\n' in stripped and b'%PDF' not in stripped
 
 
+@pytest.mark.parametrize('source', [
+    b'Content-Type: multipart/mixed; boundary=b\n\n' + b'--b\n\n' * 20000,   # 100 KB
+    b'a: b\n' * 200000 + b'\nbody\n',
+], ids=['parts', 'header fields'])
+def test_what_the_email_package_builds_for_a_message_is_bounded(source):
+    # 10 MB of empty parts were 2 million objects: 640 MB and 12 s (spamd's copy of an
+    # oversize message is made this way); a bound hit is a problem for the scanner
+    suspect = fuglu.Suspect('a@example.org', ['b@example.com'], inbuffer=source)
+    with pytest.raises(fuglu.LimitExceeded):
+        suspect.get_message_rep()
+    with pytest.raises(fuglu.LimitExceeded):
+        suspect.source_stripped_attachments(maxsize=1000)
+    many = b'Content-Type: multipart/mixed; boundary=b\n\n' + b'--b\n\n' * 9000
+    message = fuglu.parse_message(many)
+    assert len(message.get_payload()) == 9000   # each parse has its own budget ...
+    assert [type(message)() for _ in range(fuglu.EMAIL_MAX_PARTS + 1)]   # ... a plugin none
+
+
 def test_set_message_rep_reserialises_with_crlf():
     suspect = make_suspect()
     message = suspect.get_message_rep()
