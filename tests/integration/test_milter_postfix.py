@@ -32,7 +32,8 @@ def fuglu_config(port, mode='auto', options=''):
     return ('[main]\nincomingport=milter:127.0.0.1:%d\nplugindir=%s\n'
             'plugins=milter_test_plugins.HeaderDriven\nprependers=\nappenders=\ncontrolport=\n'
             '[performance]\nminthreads=2\nmaxthreads=20\n'
-            '[milter]\nmilter_mode=%s\nmilter_mode_options=%s\n' % (port, PLUGIN_DIR, mode, options))
+            '[milter]\nmilter_mode=%s\nmilter_mode_options=%s\n'
+            % (port, PLUGIN_DIR, mode, options))
 
 
 @pytest.fixture
