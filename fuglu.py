@@ -1056,9 +1056,13 @@ CORE_DEFAULTS = {
         'disabledarchivetypes': _opt('pdf', 'archive types never opened'),
     },
     'performance': {
-        'backend': _opt('thread', 'worker backend: thread'),
-        'minthreads': _opt('2', 'thread backend: workers kept running', validator=_is_int),
-        'maxthreads': _opt('40', 'thread backend: most workers (connections handled at once)',
+        'backend': _opt('thread', 'worker backend: thread (one process, a pool of threads) or '
+                                  'process (pre-forked worker processes, each with its own '
+                                  'threads; FuGlu\'s asyncprocess is served by it too)'),
+        'minthreads': _opt('2', 'threads kept running (process backend: in each worker process)',
+                           validator=_is_int),
+        'maxthreads': _opt('40', 'most threads, i.e. connections handled at once (process backend: '
+                                 'by each worker process)',
                            validator=_is_int),
         'max_sessions_per_client': _opt(
             '', 'connections one client address may have open at once, any connector, queued '
@@ -1067,10 +1071,18 @@ CORE_DEFAULTS = {
                 'the process limit of the transport or smtpd that connects. Empty: half of '
                 'maxthreads; 0 = no limit',
             validator=lambda value: not value.strip() or _is_int(value)),
-        'minfreethreads': _opt('0', 'thread backend: idle workers kept ready', validator=_is_int),
-        'initialprocs': _opt('0', 'process backend: worker processes (0: 2 x CPUs); no effect with '
-                                  'the thread backend',
-                             inert='this build has no process backend'),
+        'minfreethreads': _opt('0', 'idle threads kept ready (process backend: in each worker '
+                                    'process)', validator=_is_int),
+        'initialprocs': _opt('0', 'process backend: worker processes; 0 = 2 x CPUs, n >= 1: n, '
+                                  'a fraction or negative x: CPUs x |x| (at least 1)',
+                             validator=_is_number),
+        'max_requests_per_worker': _opt(
+            '0', 'process backend: connections a worker process serves before a fresh one '
+                 'replaces it (for plugins that leak memory); 0 = never', validator=_is_int),
+        'stuck_worker_timeout': _opt(
+            '600', 'process backend: a worker process busy with one message longer than this is '
+                   'killed and replaced; its connections close without an answer, so the MTA '
+                   'retries; 0 = never', validator=_is_seconds),
         'listen_backlog': _opt('0', 'listen() backlog; 0: the system maximum', validator=_is_int),
         'slow_enqueue_warn_ms': _opt('100', 'warn when handing a connection to the workers blocks '
                                             'this long',
@@ -1624,7 +1636,8 @@ def default_template_values(suspect, values=None):
 # A process that dies mid-message (kill -9, a crash, power loss) cannot remove its
 # files; its locks go with it. At start-up fuglu removes the fuglu-spool-* files it
 # finds unlocked, and leaves alone those of other fuglu instances sharing the
-# directory: their locks are held. A file is written only after it is locked, so a
+# directory: their locks are held; on the process backend the parent does the same
+# when a worker died. A file is written only after it is locked, so a
 # file that is unlocked and empty may be one being created right now: it is left until
 # it is SPOOL_STALE_EMPTY_SECONDS old.
 
@@ -5059,10 +5072,12 @@ def bundled_plugin_classes():
 class Statistics(object):
     """Process-wide counters: control `stats`, the Prometheus metrics, MRTG files.
 
-    Connectors and the scan session call ``received()``, ``begin(session)`` /
+    Connectors and the scan session call ``received()``, ``begin(session, suspect)`` /
     ``end(session)`` around a message (a session that vanishes without end() stops
     counting as in flight), ``plugin_time(stage, plugin, seconds)``, ``plugin_error``,
-    ``verdict(action)`` and ``finished(suspect, delivered, scantime)``."""
+    ``verdict(action)`` and ``finished(suspect, delivered, scantime)`` (which counts
+    with ``count_finished(delivered, spam, virus, blocked, scantime)``: what the
+    process backend's parent replays for its workers)."""
 
     def __init__(self):
         import weakref
@@ -5081,7 +5096,7 @@ class Statistics(object):
         with self.lock:
             self.incount += 1
 
-    def begin(self, session):
+    def begin(self, session, suspect=None):
         with self.lock:
             self.in_flight.add(session)
 
@@ -5109,16 +5124,20 @@ class Statistics(object):
             self.verdicts[name] = self.verdicts.get(name, 0) + 1
 
     def finished(self, suspect, delivered, scantime):
+        self.count_finished(bool(delivered), suspect.is_spam(), suspect.is_virus(),
+                            suspect.is_blocked(), scantime)
+
+    def count_finished(self, delivered, spam, virus, blocked, scantime):
         with self.lock:
             if delivered:
                 self.outcount += 1
-            if suspect.is_spam():
+            if spam:
                 self.spamcount += 1
-            if suspect.is_virus():
+            if virus:
                 self.viruscount += 1
-            if suspect.is_blocked():
+            if blocked:
                 self.blockedcount += 1
-            if not suspect.is_spam() and not suspect.is_virus():
+            if not spam and not virus:
                 self.hamcount += 1
             self.scantimes = (self.scantimes + [(time.time(), scantime)])[-100:]
 
@@ -5318,7 +5337,7 @@ class ScanSession(object):
         config = self.config
         controller.stats.received()
         suspect.tempdir = config.get('main', 'tempdir')
-        controller.stats.begin(self)
+        controller.stats.begin(self, suspect)
         self.started = time.time()
         if len(suspect.recipients) != 1:
             self.logger.debug('%s has %d recipients', suspect.id, len(suspect.recipients))
@@ -9122,36 +9141,48 @@ CONNECTORS = {
 
 class Backend(object):
     """Runs the connection handlers: the listeners hand every accepted connection to
-    ``submit``, and a worker runs ``Listener.run_session`` (which calls the connector's
-    ``handle``) for it. Registered by ``name`` in BACKENDS; [performance] backend picks
-    one.
+    ``submit_connection``, and a worker runs the connector's ``handle`` for it
+    (``Listener.run_session`` in a thread; a worker process for the process backend).
+    Registered by ``name`` in BACKENDS; [performance] backend picks one.
 
     Methods for the daemon (MainController):
-        __init__(config)
-        start()                  before the first submit
-        submit(function, *args)  run function(*args) in a worker; may block while all
-                                 workers are busy (the back-pressure on the accept loop)
+        __init__(config, controller=None)
+        start()                  before the first connection
+        submit_connection(listener, sock, peer)
+                                 in the listener's accept thread: have the connection
+                                 served; may block while all workers are busy (the
+                                 back-pressure on the accept loop)
+        submit(function, *args)  run function(*args) in a worker thread
         reconfigure(config)      after a reload (SIGHUP)
+        reopen_logs()            after SIGHUP reopened this process's log files
         stop()                   no new work; a connection still queued gets a temporary
                                  failure (refuse_queued_connection), messages in flight
                                  are given a grace period to finish
         describe() -> str        the workers, for the control socket
         worker_usage() -> (busy, running, most)   for the metrics
+        thread_count() -> int    threads alive, for the MRTG file
 
-    Methods that must be overridden: submit. May be overridden: start, stop,
-    reconfigure (call the base), describe, worker_usage.
+    Methods that must be overridden: submit (the default submit_connection runs
+    ``listener.run_session`` through it), or submit_connection. May be overridden:
+    start, stop, reconfigure (call the base), reopen_logs, describe, worker_usage,
+    thread_count.
 
     Class attribute to override: name (the [performance] backend value).
-    Instance attribute: config.
+    Instance attributes: config, controller (the MainController; None for a backend
+    run on its own, which then only runs ``submit``).
     """
 
     name = None
 
-    def __init__(self, config):
+    def __init__(self, config, controller=None):
         self.config = config
+        self.controller = controller
 
     def start(self):
         pass
+
+    def submit_connection(self, listener, sock, peer):
+        self.submit(listener.run_session, sock, peer)
 
     def submit(self, function, *args):
         raise NotImplementedError
@@ -9162,11 +9193,17 @@ class Backend(object):
     def reconfigure(self, config):
         self.config = config
 
+    def reopen_logs(self):
+        pass
+
     def describe(self):
         return ''
 
     def worker_usage(self):
         return 0, 0, 0
+
+    def thread_count(self):
+        return threading.active_count()
 
 
 class ThreadBackend(Backend):
@@ -9177,8 +9214,8 @@ class ThreadBackend(Backend):
 
     name = 'thread'
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, controller=None):
+        super().__init__(config, controller)
         self.lock = threading.Lock()
         self.all_idle = threading.Condition(self.lock)   # notified when a task ends
         self.workers = {}          # thread -> state string
@@ -9295,8 +9332,779 @@ def refuse_queued_connection(sock):
         pass
 
 
+# -- the process backend ------------------------------------------------------
+# Postfix's master and its children, or a pre-fork server: the parent (this backend,
+# in the daemon's process) owns the listening sockets, the configuration and the
+# signals, and supervises; it does not scan. Worker processes do: each one runs the
+# connectors with plugins of its own and a ThreadBackend inside, so a worker serves a
+# few slow, I/O-bound sessions (a milter connection lasts a whole SMTP session) while
+# the CPU-bound work of different workers runs on different cores.
+#
+#   parent:   Listener accept threads -> client caps (ClientSessions) -> submit_connection
+#             hands the socket to the least busy worker (SCM_RIGHTS) and closes its
+#             copy; a supervisor thread reads what the workers report, replays their
+#             counters on the parent's Statistics (control stats, metrics, MRTG), and
+#             replaces workers that died, hung on a message (stuck_worker_timeout) or
+#             served max_requests_per_worker connections.
+#   fork server: forked once by the parent before the parent starts any thread, it
+#             only forks workers on request and reports their exits. The workers are
+#             forked from it, a process with one thread, never from the parent with
+#             its accept, control and supervisor threads: a lock some thread held at
+#             the fork would stay locked for ever in the child (the reason CPython 3.12
+#             warns about fork() with threads, and 3.14 leaves "fork" as multiprocessing's
+#             default start method). multiprocessing is not used: its start methods
+#             ("spawn", "forkserver") re-import the main module, which fails for a
+#             zipapp or a module only root could read, and "fork" forks the threaded
+#             parent.
+#   worker:   builds its own MainController (WorkerController) and plugins from the
+#             configuration, after the privilege drop (it is forked from the dropped
+#             parent), and runs the connections it is sent until told to retire (after
+#             a reload or its last request: it finishes what it holds) or to stop
+#             (SIGTERM: idle sessions close, messages in flight get the grace period).
+#
+# Each worker has one SOCK_SEQPACKET socket pair with the parent: one send is one
+# message, descriptors travel along, and the parent sees the worker's end close when
+# the worker dies, however it dies. Counters travel as the Statistics calls a worker
+# made, sent with the packet that ends a message; nothing is shared in memory, so a
+# worker killed in the middle of anything cannot leave a lock held or a counter
+# half-written. A worker's connection dies with it: the MTA sees the connection drop
+# without a 2xx and retries.
+#
+# Threads or processes?  The thread backend is one process: smallest, and all plugins
+# share caches and connections. Every plugin's Python work shares one interpreter lock,
+# though, so it uses about one core. Pick the process backend for CPU-bound plugins
+# (pure-Python scanning, parsing, rule engines) on a host with several cores, for
+# plugins that may crash the interpreter or leak memory (a worker is replaced, the
+# daemon stays), and to reload the configuration without dropping connections. It
+# costs a little memory per worker (what its plugins allocate: the code is shared
+# copy-on-write) and per connection a hand-over to a worker.
+
+# A process-backend packet: a JSON list (kind, fields...), a newline and an optional
+# binary payload (the pickled configuration for the fork server).
+PACKET_LIMIT = 4 << 20
+EXCEPTION_TEXT_LIMIT = 16000
+
+def send_packet(sock, fields, payload=b'', fds=(), flags=0):
+    """One packet on a SOCK_SEQPACKET socket, with file descriptors (SCM_RIGHTS)."""
+    import json
+    data = json.dumps(fields, separators=(',', ':')).encode('utf-8') + b'\n' + payload
+    if fds:
+        import array
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                               array.array('i', fds).tobytes())], flags)
+    else:
+        sock.send(data, flags)
+
+
+def receive_packet(sock, flags=0, size=65536):
+    """(fields, payload, fds) of the next packet, None when the other end closed.
+    Received descriptors are close-on-exec."""
+    import array
+    import json
+    flags |= getattr(socket, 'MSG_CMSG_CLOEXEC', 0)
+    data, ancillary, message_flags, _ = sock.recvmsg(size, socket.CMSG_SPACE(16), flags)
+    fds = []
+    for level, kind, blob in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array('i', blob[:len(blob) - len(blob) % 4]))
+    if not data and not fds:
+        return None
+    if message_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise OSError('process backend: packet truncated (%d bytes)' % len(data))
+    header, _, payload = data.partition(b'\n')
+    return json.loads(header.decode('utf-8')), payload, fds
+
+
+def usable_cpus():
+    """The CPUs this process may run on (a cpuset or taskset limits them)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def worker_process_count(config):
+    """[performance] initialprocs as FuGlu reads it: n >= 1 processes, 0 = two per
+    CPU, a fraction or a negative x = CPUs x |x| (at least 1)."""
+    value = config.getfloat('performance', 'initialprocs')
+    if value >= 1:
+        return int(value)
+    if value == 0:
+        return 2 * usable_cpus()
+    return max(1, int(usable_cpus() * abs(value)))
+
+
+def thread_limits(config):
+    """(minthreads, maxthreads) as the thread pools use them."""
+    minthreads = max(1, config.getint('performance', 'minthreads'))
+    return minthreads, max(minthreads, config.getint('performance', 'maxthreads'))
+
+
+def describe_backend(config):
+    """The backend and its workers in one line (start-up log, --lint)."""
+    name = config.get('performance', 'backend').strip().lower()
+    minthreads, maxthreads = thread_limits(config)
+    if BACKENDS.get(name) is not ProcessBackend:
+        return '%s backend: %d to %d worker threads' % (name, minthreads, maxthreads)
+    processes = worker_process_count(config)
+    text = ('process backend: %d worker processes (initialprocs %s, %d CPUs), each with %d '
+            'to %d threads: up to %d connections at once'
+            % (processes, config.get('performance', 'initialprocs').strip(), usable_cpus(),
+               minthreads, maxthreads, processes * maxthreads))
+    if name != ProcessBackend.name:
+        text += ' (backend %s is served by the process backend)' % name
+    return text
+
+
+def exit_description(status):
+    """A waitpid() status in words."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            return 'killed by signal %d (%s)' % (number, signal.Signals(number).name)
+        except ValueError:
+            return 'killed by signal %d' % number
+    return 'exit status %d' % os.WEXITSTATUS(status)
+
+
+class WorkerConnection(object):
+    """A connection a worker process serves, as the parent sees it."""
+
+    def __init__(self, job, protocol, peer):
+        self.job, self.protocol, self.peer = job, protocol, peer
+        self.since = time.time()
+        self.message_id = self.message_since = None
+
+    def label(self):
+        text = '%s:%s %s' % (self.peer[0], self.peer[1], self.protocol)
+        if self.message_id:
+            text += ' message %s' % self.message_id
+        return text
+
+
+class WorkerProcess(object):
+    """The parent's view of one worker process."""
+
+    def __init__(self, number, generation, channel):
+        self.number, self.generation, self.channel = number, generation, channel
+        self.name = 'worker-%d' % number
+        self.pid = None
+        self.started = time.time()
+        self.ready = False
+        self.failure = None      # why it could not start, as it said
+        self.retiring = None     # why it leaves: 'recycled', 'reload', 'stop'
+        self.told = None         # the last of 'retire', 'stop' it was sent
+        self.killed = None       # why the parent killed it
+        self.unusable = False    # its channel failed: it is about to be found dead
+        self.served = 0
+        self.threads = 0
+        self.connections = {}    # job -> WorkerConnection
+
+    def state(self):
+        if self.killed:
+            return 'killed (%s)' % self.killed
+        if not self.ready:
+            return 'starting'
+        if self.retiring:
+            return 'retiring (%s)' % self.retiring
+        if any(connection.message_id for connection in self.connections.values()):
+            return 'scanning'
+        return 'busy' if self.connections else 'idle'
+
+
+class ProcessBackend(Backend):
+    """Pre-forked worker processes (see the notes above): [performance] initialprocs
+    workers, each serving up to maxthreads connections with minthreads to maxthreads
+    threads. The parent gives a new connection to the ready worker with the fewest.
+
+    A worker that dies is replaced at once; its connections close without an answer
+    and the parent logs which messages they carried. max_requests_per_worker recycles
+    a worker, stuck_worker_timeout kills one that hangs on a message. reconfigure()
+    (SIGHUP) starts workers with the new configuration and retires the old ones once
+    the new ones are ready: they finish their connections, then exit. stop() drains
+    every worker within ThreadBackend.SHUTDOWN_GRACE.
+    """
+
+    name = 'process'
+    START_TIMEOUT = 60      # seconds for a new worker to load its plugins
+    TICK = 0.25             # the supervisor's housekeeping interval
+
+    def __init__(self, config, controller=None):
+        super().__init__(config, controller)
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)   # a worker got ready, freed, died
+        self.workers = {}             # number -> WorkerProcess, until its channel closed
+        self.departed = {}            # pid -> (worker, lost connections): exit not reported yet
+        self.exits = {}               # pid -> exit text reported before the channel closed
+        self.unreported = set()       # pids of workers that left cleanly, exit not reported
+        self.generation = 0
+        self.next_number = 1
+        self.jobs = 0
+        self.running = self.stopping = False
+        self.stop_deadline = None
+        self.pending_config = None
+        self.start_failures = 0
+        self.respawn_at = 0
+        self.spool_scan_at = None     # when to look for spool files of dead workers again
+        self.startup_failure = None
+        self.restarts = {'crashed': 0, 'recycled': 0, 'stuck': 0}
+        self.fork_server_pid = self.fork_server = None
+        self.selector = self.thread = None
+        self.logger = logging.getLogger('fuglu.procpool')
+        self._read_limits(config)
+
+    def _read_limits(self, config):
+        self.processes = worker_process_count(config)
+        self.minthreads, self.maxthreads = thread_limits(config)
+        self.max_requests = max(0, config.getint('performance', 'max_requests_per_worker'))
+        self.stuck_timeout = config.getfloat('performance', 'stuck_worker_timeout')
+
+    # -- start-up ---------------------------------------------------------------
+    def start(self):
+        import selectors
+        if self.controller is None:
+            raise FugluError('the process backend needs the MainController')
+        self._fork_fork_server()
+        self.selector = selectors.DefaultSelector()
+        self.wakeup_read, self.wakeup_write = socket.socketpair()
+        self.wakeup_read.setblocking(False)
+        self.wakeup_write.setblocking(False)
+        self.selector.register(self.wakeup_read, selectors.EVENT_READ, 'wakeup')
+        self.selector.register(self.fork_server, selectors.EVENT_READ, 'fork server')
+        self.running = True
+        self.generation = 1
+        for _ in range(self.processes):
+            self._spawn()
+        self.thread = threading.Thread(target=self._supervise, name='procpool', daemon=True)
+        self.thread.start()
+        with self.lock:
+            started = self.changed.wait_for(
+                lambda: self.startup_failure or sum(1 for worker in self.workers.values()
+                                                    if worker.ready) >= self.processes,
+                self.START_TIMEOUT)
+            failure = self.startup_failure
+        if failure or not started:
+            self.stop()
+            if failure and failure[0] == 'plugins':
+                raise PluginLoadError(failure[1])
+            raise OSError('the worker processes did not start: %s' % (
+                failure[1] if failure else 'none ready within %d s' % self.START_TIMEOUT))
+
+    def _fork_fork_server(self):
+        parent_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        inherited = self._parent_sockets()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            status = 70
+            try:
+                parent_end.close()
+                for sock in inherited:
+                    sock.close()
+                close_main_process_fds()
+                status = ForkServer(self.controller, self.config, server_end).run()
+            except BaseException:
+                logging.getLogger('fuglu.procpool').error('fork server failed: %s',
+                                                          traceback.format_exc())
+            finally:
+                os._exit(status)
+        server_end.close()
+        self.fork_server_pid, self.fork_server = pid, parent_end
+
+    def _parent_sockets(self):
+        """The parent's own sockets, which a forked process must not keep open: the
+        listeners (a port would stay bound, connections would queue where nobody
+        accepts), the control and metrics sockets, the backend's channels."""
+        controller = self.controller
+        sockets = [listener.sock for listener in controller.listeners.values()]
+        if controller.control is not None:
+            sockets.append(controller.control.sock)
+        if controller.metrics is not None:
+            sockets.append(controller.metrics.server.socket)
+        if self.selector is not None:
+            sockets += [self.wakeup_read, self.wakeup_write, self.fork_server]
+            sockets += [worker.channel for worker in self.workers.values()]
+        return sockets
+
+    def _spawn(self):
+        """Ask the fork server for a worker of the current generation."""
+        import selectors
+        parent_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        number = self.next_number
+        self.next_number += 1
+        worker = WorkerProcess(number, self.generation, parent_end)
+        try:
+            send_packet(self.fork_server, ['spawn', number, self.generation],
+                        fds=[worker_end.fileno()])
+        except OSError as error:
+            parent_end.close()
+            self.logger.error('cannot start a worker: the fork server does not answer: %s', error)
+            return None
+        finally:
+            worker_end.close()
+        with self.lock:
+            self.workers[number] = worker
+        self.selector.register(parent_end, selectors.EVENT_READ, worker)
+        return worker
+
+    # -- connections ------------------------------------------------------------
+    def submit(self, function, *args):
+        raise NotImplementedError('the process backend runs connections '
+                                  '(submit_connection), not functions')
+
+    def submit_connection(self, listener, sock, peer):
+        connector = listener.connector
+        spec = [connector.protocol, connector.address, connector.port]
+        try:
+            while True:
+                with self.lock:
+                    worker = None
+                    while self.running:
+                        worker = self._least_busy()
+                        if worker is not None:
+                            break
+                        self.changed.wait(1)
+                    if worker is None:
+                        refuse_queued_connection(sock)
+                        self.controller.client_sessions.release(peer[0])
+                        return
+                    self.jobs += 1
+                    job = self.jobs
+                    worker.connections[job] = WorkerConnection(job, connector.protocol, peer)
+                    worker.served += 1
+                    recycle = (self.max_requests and worker.served >= self.max_requests and
+                               not worker.retiring)
+                    if recycle:
+                        worker.retiring = 'recycled'
+                        self.restarts['recycled'] += 1
+                try:
+                    send_packet(worker.channel, ['job', job, spec, list(peer)],
+                                fds=[sock.fileno()], flags=socket.MSG_DONTWAIT)
+                except OSError as error:
+                    # a full channel (the worker is not reading) or a dead worker: another
+                    with self.lock:
+                        worker.connections.pop(job, None)
+                        worker.served -= 1
+                        worker.unusable = True
+                    self.logger.warning('%s (pid %s) does not take connections (%s): another '
+                                        'worker serves %s:%s', worker.name, worker.pid, error,
+                                        peer[0], peer[1])
+                    self._wake()
+                    continue
+                if recycle:
+                    self._wake()
+                return
+        finally:
+            sock.close()
+
+    def _least_busy(self):
+        best = None
+        for worker in self.workers.values():
+            if not worker.ready or worker.retiring or worker.killed or worker.unusable:
+                continue
+            load = len(worker.connections)
+            if load < self.maxthreads and (best is None or load < len(best.connections)):
+                best = worker
+        return best
+
+    def _wake(self):
+        try:
+            self.wakeup_write.send(b'.')
+        except OSError:     # full: the supervisor is awake already
+            pass
+
+    # -- supervision (the 'procpool' thread) ----------------------------------------
+    def _supervise(self):
+        try:
+            while True:
+                for key, _events in self.selector.select(self.TICK):
+                    if key.data == 'wakeup':
+                        try:
+                            while self.wakeup_read.recv(4096):
+                                pass
+                        except OSError:
+                            pass
+                    elif key.data == 'fork server':
+                        self._from_fork_server()
+                    else:
+                        self._from_worker(key.data)
+                if not self._housekeeping():
+                    return
+        except Exception:
+            self.logger.error('process backend supervisor failed: %s', traceback.format_exc())
+            self.controller.record_exception(traceback.format_exc())
+
+    @staticmethod
+    def _waiting_packets(channel):
+        """The packets waiting on ``channel``, then None if the other end closed."""
+        while True:
+            try:
+                packet = receive_packet(channel, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                packet = None
+            yield packet
+            if packet is None:
+                return
+
+    def _from_worker(self, worker):
+        for packet in self._waiting_packets(worker.channel):
+            if packet is None:
+                self._worker_gone(worker)
+                return
+            fields, _payload, fds = packet
+            for fd in fds:
+                os.close(fd)
+            handler = self.WORKER_PACKETS.get(fields[0])
+            if handler is not None:
+                handler(self, worker, *fields[1:])
+
+    # the Statistics calls a worker may report (WorkerStatistics)
+    REPLAYED_CALLS = frozenset(['received', 'plugin_time', 'plugin_error', 'verdict',
+                                'count_finished'])
+
+    def _replay(self, calls):
+        stats = self.controller.stats
+        for call in calls:
+            if call[0] in self.REPLAYED_CALLS:
+                getattr(stats, call[0])(*call[1:])
+
+    def _on_ready(self, worker, pid, threads):
+        with self.lock:
+            worker.ready, worker.pid, worker.threads = True, pid, threads
+            self.start_failures = 0
+            current = [other for other in self.workers.values()
+                       if other.generation == self.generation and not other.retiring]
+            if worker.generation == self.generation and len(current) >= self.processes and \
+                    all(other.ready for other in current):
+                # the new generation serves: the old one finishes what it holds
+                for other in self.workers.values():
+                    if other.generation < self.generation and not other.retiring:
+                        other.retiring = 'reload'
+            self.changed.notify_all()
+        self.logger.debug('%s (pid %d) ready', worker.name, pid)
+
+    def _on_failed(self, worker, kind, text):
+        worker.failure = text
+        self.logger.error('%s could not start: %s', worker.name, text)
+        with self.lock:
+            if self.startup_failure is None and self.generation == 1 and not any(
+                    other.ready for other in self.workers.values()):
+                self.startup_failure = (kind, text)
+            self.changed.notify_all()
+
+    def _on_begin(self, worker, job, message_id, calls):
+        self._replay(calls)
+        connection = worker.connections.get(job)
+        if connection is not None:
+            connection.message_id, connection.message_since = message_id, time.time()
+            self.controller.stats.begin(connection)
+
+    def _on_end(self, worker, job, calls, threads):
+        self._replay(calls)
+        worker.threads = threads
+        connection = worker.connections.get(job)
+        if connection is not None:
+            connection.message_since = None
+            self.controller.stats.end(connection)
+
+    def _on_done(self, worker, job, calls, threads):
+        self._replay(calls)
+        worker.threads = threads
+        with self.lock:
+            connection = worker.connections.pop(job, None)
+            self.changed.notify_all()
+        if connection is not None:
+            self.controller.stats.end(connection)
+            self.controller.client_sessions.release(connection.peer[0])
+
+    def _on_leaving(self, worker, reason):
+        with self.lock:
+            worker.retiring = worker.retiring or reason
+            self.changed.notify_all()
+
+    def _on_error(self, worker, stamp, thread, trace):
+        controller = self.controller
+        controller.stats.error()
+        controller.exceptions = (controller.exceptions + [(stamp, thread, trace)])[-10:]
+
+    WORKER_PACKETS = {'ready': _on_ready, 'failed': _on_failed, 'begin': _on_begin,
+                      'end': _on_end, 'done': _on_done, 'leaving': _on_leaving,
+                      'error': _on_error}
+
+    def _worker_gone(self, worker):
+        """The worker's end of the channel closed: it exited or died."""
+        try:
+            self.selector.unregister(worker.channel)
+        except (KeyError, ValueError):
+            pass
+        worker.channel.close()
+        with self.lock:
+            self.workers.pop(worker.number, None)
+            lost = list(worker.connections.values())
+            worker.connections.clear()
+            if not worker.ready:
+                self.start_failures += 1
+                self.respawn_at = time.time() + min(30.0, 0.5 * 2 ** (self.start_failures - 1))
+            elif not worker.killed and (lost or not worker.retiring):
+                self.restarts['crashed'] += 1
+            self.changed.notify_all()
+        for connection in lost:
+            if connection.message_since is not None:
+                self.controller.stats.end(connection)
+            self.controller.client_sessions.release(connection.peer[0])
+        if worker.pid is None:
+            self.logger.error('%s ended before it started', worker.name)
+            return
+        if worker.retiring and not worker.killed and not lost:
+            # it left as told, with its work done: how it exited adds nothing
+            self.logger.info('%s (pid %d) ended (%s) after %d connections', worker.name,
+                             worker.pid, worker.retiring, worker.served)
+            if self.exits.pop(worker.pid, None) is None:
+                self.unreported.add(worker.pid)
+            return
+        if worker.pid in self.exits:
+            self._log_exit(worker, lost, self.exits.pop(worker.pid))
+        else:
+            self.departed[worker.pid] = (worker, lost)
+
+    def _from_fork_server(self):
+        for packet in self._waiting_packets(self.fork_server):
+            if packet is None:
+                self._fork_server_gone()
+                return
+            fields = packet[0]
+            if fields[0] == 'spawned':
+                worker = self.workers.get(fields[1])
+                if worker is not None and worker.pid is None:
+                    worker.pid = fields[2]
+            elif fields[0] == 'exited':
+                pid, text = fields[1], fields[2]
+                if pid in self.unreported:
+                    self.unreported.discard(pid)
+                elif pid in self.departed:
+                    self._log_exit(*self.departed.pop(pid), exit_text=text)
+                else:
+                    self.exits[pid] = text
+
+    def _fork_server_gone(self):
+        import selectors
+        try:
+            self.selector.unregister(self.fork_server)
+        except (KeyError, ValueError):
+            pass
+        self.fork_server.close()
+        try:
+            _pid, status = os.waitpid(self.fork_server_pid, 0)
+            text = exit_description(status)
+        except ChildProcessError:
+            text = 'already reaped'
+        for pid, (worker, lost) in list(self.departed.items()):
+            self._log_exit(worker, lost, 'exit status unknown')
+        self.departed.clear()
+        if self.stopping:
+            self.fork_server = None
+            return
+        self.logger.error('the fork server (pid %d) ended (%s): starting another one',
+                          self.fork_server_pid, text)
+        self._fork_fork_server()
+        self.selector.register(self.fork_server, selectors.EVENT_READ, 'fork server')
+
+    def _log_exit(self, worker, lost, exit_text):
+        if worker.failure is not None:
+            self.logger.error('%s (pid %d) ended (%s): it could not start', worker.name,
+                              worker.pid, exit_text)
+        elif lost:
+            self.logger.error('%s (pid %d) died (%s) while serving %d connection(s): %s; they were '
+                              'closed without an answer, the MTA will retry', worker.name,
+                              worker.pid, exit_text, len(lost),
+                              ', '.join(connection.label() for connection in lost))
+        else:
+            self.logger.error('%s (pid %d) died (%s) while idle', worker.name, worker.pid,
+                              exit_text)
+        # the spool files of the messages it held: unlocked now that it is gone
+        self.controller.remove_stale_spool_files()
+        # one it had just created is still empty and spared a while (it could be one that
+        # another process is creating): look again once that while is over
+        self.spool_scan_at = time.time() + SPOOL_STALE_EMPTY_SECONDS + 1
+
+    def _kill(self, worker, reason):
+        worker.killed = reason
+        if worker.pid is not None:
+            try:
+                os.kill(worker.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+    def _housekeeping(self):
+        """Once a tick: apply a new configuration, kill stuck workers, tell workers to
+        retire or stop, keep the worker count. False once stopped."""
+        now = time.time()
+        with self.lock:
+            config, self.pending_config = self.pending_config, None
+        if config is not None and self.fork_server is not None:
+            import pickle
+            try:
+                send_packet(self.fork_server, ['config'], payload=pickle.dumps(config))
+                self.generation += 1
+            except OSError as error:
+                self.logger.error('cannot pass the new configuration to the fork server: %s',
+                                  error)
+        for worker in list(self.workers.values()):
+            if worker.killed:
+                continue
+            if self.stopping and not worker.ready:
+                self._kill(worker, 'stopping')    # it holds no connection yet
+                continue
+            if not worker.ready and now - worker.started > self.START_TIMEOUT:
+                self.logger.error('%s (pid %s) did not start within %d s: killing it',
+                                  worker.name, worker.pid, self.START_TIMEOUT)
+                self._kill(worker, 'start-up timeout')
+                continue
+            if self.stuck_timeout > 0:
+                for connection in list(worker.connections.values()):
+                    since = connection.message_since
+                    if since is not None and now - since > self.stuck_timeout:
+                        self.logger.error('%s (pid %s) stuck on message %s for %d s '
+                                          '(stuck_worker_timeout): killing it', worker.name,
+                                          worker.pid, connection.message_id, now - since)
+                        self.restarts['stuck'] += 1
+                        self._kill(worker, 'stuck')
+                        break
+            if worker.killed:
+                continue
+            order = 'stop' if self.stopping else 'retire' if worker.retiring else None
+            if order and worker.told != order and worker.ready:
+                worker.told = order
+                try:
+                    send_packet(worker.channel, [order])
+                except OSError:
+                    pass
+        if self.spool_scan_at is not None and now >= self.spool_scan_at:
+            self.spool_scan_at = None
+            self.controller.remove_stale_spool_files()
+        if self.stopping:
+            if not self.workers:
+                return self._stop_fork_server()
+            if now > self.stop_deadline:
+                for worker in list(self.workers.values()):
+                    self.logger.error('%s (pid %s) still busy after the grace period: killing it',
+                                      worker.name, worker.pid)
+                    self._kill(worker, 'stopping')
+                self.stop_deadline = now + 5
+            return True
+        if self.running and now >= self.respawn_at and self.fork_server is not None:
+            with self.lock:
+                current = sum(1 for worker in self.workers.values()
+                              if worker.generation == self.generation and not worker.retiring and
+                              not worker.killed and not worker.unusable)
+            for _ in range(self.processes - current):
+                if self._spawn() is None:
+                    break
+        return True
+
+    def _stop_fork_server(self):
+        if self.fork_server is not None:
+            try:
+                send_packet(self.fork_server, ['exit'])
+            except OSError:
+                pass
+            deadline = time.time() + 5
+            while True:
+                try:
+                    pid, _status = os.waitpid(self.fork_server_pid, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid:
+                    break
+                if time.time() > deadline:
+                    os.kill(self.fork_server_pid, signal.SIGKILL)
+                    deadline = time.time() + 5
+                time.sleep(0.01)
+            self.fork_server.close()
+            self.fork_server = None
+        for pid, (worker, lost) in list(self.departed.items()):
+            self._log_exit(worker, lost, self.exits.pop(pid, 'exit status unknown'))
+        self.departed.clear()
+        self.selector.close()
+        self.wakeup_read.close()
+        self.wakeup_write.close()
+        return False
+
+    # -- the rest of the Backend contract ---------------------------------------------
+    def stop(self):
+        with self.lock:
+            if self.stopping or self.thread is None:
+                self.running = False
+                self.changed.notify_all()
+                return
+            self.running = False
+            self.stopping = True
+            self.stop_deadline = time.time() + ThreadBackend.SHUTDOWN_GRACE + 2
+            for worker in self.workers.values():
+                worker.retiring = worker.retiring or 'stop'
+            self.changed.notify_all()
+        self._wake()
+        self.thread.join(ThreadBackend.SHUTDOWN_GRACE + 20)
+
+    def reconfigure(self, config):
+        super().reconfigure(config)
+        with self.lock:
+            self._read_limits(config)
+            self.pending_config = config
+        self._wake()
+
+    def reopen_logs(self):
+        for channel in [self.fork_server] + [worker.channel for worker in
+                                             list(self.workers.values())]:
+            try:
+                send_packet(channel, ['reopen'])
+            except (OSError, AttributeError):
+                pass
+
+    def worker_usage(self):
+        with self.lock:
+            busy = sum(len(worker.connections) for worker in self.workers.values())
+            ready = sum(1 for worker in self.workers.values()
+                        if worker.ready and not worker.retiring)
+            return busy, ready * self.maxthreads, self.processes * self.maxthreads
+
+    def thread_count(self):
+        with self.lock:
+            return threading.active_count() + sum(worker.threads
+                                                  for worker in self.workers.values())
+
+    def describe(self):
+        now = time.time()
+        with self.lock:
+            workers = sorted(self.workers.values(), key=lambda worker: worker.number)
+            lines = ['Total %d worker processes (generation %d), %d connections' % (
+                len(workers), self.generation,
+                sum(len(worker.connections) for worker in workers))]
+            for worker in workers:
+                lines.append('*******')
+                lines.append('<[%s]>: pid %s, %s, %d connections, %d served, up %.1f s' % (
+                    worker.name, worker.pid, worker.state(), len(worker.connections),
+                    worker.served, now - worker.started))
+                for connection in sorted(worker.connections.values(), key=lambda c: c.job):
+                    line = '    %s:%s %s, connected %.1f s' % (
+                        connection.peer[0], connection.peer[1], connection.protocol,
+                        now - connection.since)
+                    if connection.message_since is not None:
+                        line += ', message %s for %.1f s' % (connection.message_id,
+                                                             now - connection.message_since)
+                    lines.append(line)
+        return '\n'.join(lines)
+
+
 BACKENDS = {
     'thread': ThreadBackend,
+    'process': ProcessBackend,
+    'asyncprocess': ProcessBackend,   # FuGlu's asyncio process backend: served by ours
 }
 
 
@@ -9414,7 +10222,7 @@ class Listener(object):
                 self.connector.refuse_busy(sock)
                 continue
             started = time.time()
-            self.controller.backend.submit(self.run_session, sock, peer)
+            self.controller.backend.submit_connection(self, sock, peer)
             waited = (time.time() - started) * 1000
             if warn_ms and waited > warn_ms:
                 self.logger.warning('handing a connection to the workers took %d ms: all busy?',
@@ -9685,6 +10493,11 @@ def metrics_text(controller):
     metric('fuglu_workers', 'gauge', 'Workers by state; "limit" is the most the backend starts.',
            [((('state', 'busy'),), busy), ((('state', 'idle'),), running - busy),
             ((('state', 'limit'),), most)])
+    restarts = getattr(controller.backend, 'restarts', None)
+    if restarts is not None:
+        metric('fuglu_worker_restarts_total', 'counter',
+               'Worker processes replaced, by reason (process backend).',
+               [((('reason', reason),), count) for reason, count in sorted(restarts.items())])
     return '\n'.join(out) + '\n'
 
 
@@ -9808,10 +10621,12 @@ class MrtgWriter(object):
         stats = self.controller.stats
         uptime = mrtg_uptime(time.time() - stats.starttime)
         average = '%.4f' % stats.average_scantime() if stats.average_scantime() else '0'
+        backend = self.controller.backend
+        threads = backend.thread_count() if backend else threading.active_count()
         with stats.lock:
             values = {'inout': (float(stats.incount), float(stats.outcount)),
                       'hamspam': (float(stats.hamcount), float(stats.spamcount)),
-                      'threads': (threading.active_count(), 0),
+                      'threads': (threads, 0),
                       'virus': (float(stats.viruscount), 0),
                       'scantime': (average, 0)}
         return {name: ('%s\n%s\n%s\n%s\n' % (first, second or 0, uptime, self.IDENTIFIER)).encode()
@@ -9945,7 +10760,7 @@ PRELOAD_MODULES = (
     'importlib.util', 'subprocess', 'select', 'selectors', 'socketserver', 'argparse', 'shutil',
     'asyncio', 'email.mime.message', 'encodings.aliases', 'errno', 'functools', 'grp',
     'importlib.machinery', 'io', 'pkgutil', 'pwd', 'smtplib', 'sqlite3', 'types',
-    'urllib.parse', 'inspect')
+    'urllib.parse', 'inspect', 'array', 'pickle')
 
 
 def preload_modules(account):
@@ -9965,6 +10780,22 @@ def preload_modules(account):
         except Exception:   # a codec of another platform (mbcs), a module this Python lacks
             continue
     return loaded
+
+
+# Descriptors only the daemon's main process may keep: the pid file and the pipe to the
+# process waiting for start-up (daemonize). The processes the process backend forks close
+# them: a copy of that pipe would keep the starter waiting for ever.
+MAIN_PROCESS_FDS = set()
+
+
+def close_main_process_fds():
+    """In a process forked from the daemon: close MAIN_PROCESS_FDS."""
+    for fd in list(MAIN_PROCESS_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    MAIN_PROCESS_FDS.clear()
 
 
 class AlreadyRunning(FugluError):
@@ -10013,10 +10844,12 @@ class PidFile(object):
         os.pwrite(fd, ('%d\n' % os.getpid()).encode(), 0)
         os.fchmod(fd, 0o644)
         self.fd = fd
+        MAIN_PROCESS_FDS.update((fd, self.dir_fd))
         return self
 
     def _close_dir(self):
         if self.dir_fd is not None:
+            MAIN_PROCESS_FDS.discard(self.dir_fd)
             os.close(self.dir_fd)
             self.dir_fd = None
 
@@ -10034,6 +10867,7 @@ class PidFile(object):
             pass
         except OSError:
             os.ftruncate(self.fd, 0)   # an empty pid file names no process
+        MAIN_PROCESS_FDS.discard(self.fd)
         os.close(self.fd)
         self.fd = None
         self._close_dir()
@@ -10081,6 +10915,7 @@ class StartupReport(object):
             os.write(self.pipe_fd, text.encode('utf-8', 'replace'))
         except OSError:
             pass
+        MAIN_PROCESS_FDS.discard(self.pipe_fd)
         os.close(self.pipe_fd)
         self.pipe_fd = None
 
@@ -10134,6 +10969,7 @@ def daemonize():
     if devnull > 2:
         os.close(devnull)
     os.set_inheritable(write_fd, False)
+    MAIN_PROCESS_FDS.add(write_fd)
     return StartupReport(write_fd)
 
 
@@ -10355,11 +11191,9 @@ class MainController(object):
         raise_errors(check_backend(config))
         self.remove_stale_spool_files()
         backend_name = config.get('performance', 'backend').strip().lower()
-        self.backend = BACKENDS[backend_name](config)
+        self.backend = BACKENDS[backend_name](config, self)
         self.backend.start()
-        if backend_name == 'thread':
-            self.logger.info('thread backend: %d to %d worker threads', self.backend.minthreads,
-                             self.backend.maxthreads)
+        self.logger.info('%s', describe_backend(config))
         if self.trusted_networks is None and any(
                 not is_loopback_address(address) for _, address, _ in self.listen_specs()):
             self.logger.warning('trusted_xforward_peers is empty: every client may supply client '
@@ -10420,6 +11254,10 @@ class MainController(object):
         except Exception as error:
             self.logger.error('reload failed, keeping the running configuration: %s', error)
             return False
+        backend = config.get('performance', 'backend').strip().lower()
+        if BACKENDS.get(backend) is not type(self.backend):
+            self.logger.warning('backend %s: a new backend takes effect at the next start; the %s '
+                                'backend keeps running', backend, self.backend.name)
         self.config = config
         self._apply_trusted(config)
         self.plugins, self.prependers, self.appenders = plugins, prependers, appenders
@@ -10490,6 +11328,18 @@ def is_loopback_address(address):
         return False
 
 
+def names_log_home(logconfig, log_home):
+    """Whether the logging configuration file ``logconfig`` writes into ``log_home``
+    (the bundled logging.conf does); one that logs elsewhere needs no such folder."""
+    if not logconfig:
+        return False
+    try:
+        with open(logconfig, 'r', errors='replace') as config_file:
+            return log_home in config_file.read()
+    except OSError:
+        return True      # the logging set-up reports the file as it cannot read it
+
+
 class StartupFailed(FugluError):
     """Start-up cannot go on; ``status`` is the exit status for the command line."""
 
@@ -10519,9 +11369,10 @@ def start_daemon(config, config_path, configdir, logconfig, foreground, baselogl
             pid = PidFile(pidfile).acquire(owner)
         controller = MainController(config, config_path, configdir)
         controller.bind(owner)
-        if os.geteuid() == 0 and (logconfig or not foreground):
+        log_home = os.path.dirname(DAEMON_LOG_FILE)
+        if os.geteuid() == 0 and (not foreground or names_log_home(logconfig, log_home)):
             # the default log file and the bundled logging.conf write there, as the daemon user
-            prepare_shared_home(os.path.dirname(DAEMON_LOG_FILE), 'log', owner)
+            prepare_shared_home(log_home, 'log', owner)
         if account is not None and account.uid != 0:
             if preload_modules(account):
                 logger.info('Python\'s library is not readable by user %s: its modules were loaded '
@@ -10589,6 +11440,7 @@ def serve_until_stopped(controller, pid=None, on_ready=None):
                 reload_requested.clear()
                 notify_service_manager('RELOADING=1', 'MONOTONIC_USEC=%d' % monotonic_usec())
                 reopen_log_files()
+                controller.backend.reopen_logs()
                 controller.reload()
                 notify_service_manager('READY=1', 'STATUS=configuration reloaded')
     except Exception:
@@ -10600,6 +11452,283 @@ def serve_until_stopped(controller, pid=None, on_ready=None):
     if pid is not None:
         pid.release()
     return status
+
+
+###############################################################################
+# Process backend: the fork server and the workers
+###############################################################################
+# The parent's side is ProcessBackend (see the notes before it in Backends); what
+# runs in the processes it forks is here, after the MainController it builds on.
+
+class ForkServer(object):
+    """The process that forks the workers. Forked from the parent before the parent
+    starts any thread, it keeps a single thread of its own, so a worker never
+    inherits a lock that some other thread held.
+
+    It answers the parent's packets on ``channel``: ['spawn', number, generation]
+    with the worker's channel (SCM_RIGHTS) forks a worker and answers ['spawned',
+    number, pid]; ['config'] + pickled configuration is the one for the next
+    workers (the log files are reopened too); ['reopen'] reopens the log files;
+    ['exit'], or the parent's end closing, ends it (signals do not: it ignores SIGTERM,
+    which systemd sends to every process of the service). It reaps its workers and
+    reports ['exited', pid, how]."""
+
+    POLL = 0.2     # seconds between looks for exited workers
+
+    def __init__(self, controller, config, channel):
+        self.controller, self.config, self.channel = controller, config, channel
+
+    def run(self):
+        import gc
+        import select
+        # the parent ends it; a SIGTERM to the whole group (systemd's stop) must not
+        for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+        # workers share the start-up heap copy-on-write: their garbage collector is to
+        # leave the objects they inherited alone, or it would copy every page of them
+        gc.freeze()
+        release_freed_memory()
+        while True:
+            readable, _, _ = select.select([self.channel], [], [], self.POLL)
+            self.reap()
+            if not readable:
+                continue
+            packet = receive_packet(self.channel, size=PACKET_LIMIT)
+            if packet is None:
+                return 0
+            fields, payload, fds = packet
+            if fields[0] == 'spawn' and fds:
+                self.spawn(fields[1], fds.pop(0))
+            elif fields[0] == 'config':
+                import pickle
+                self.config = pickle.loads(payload)
+                reopen_log_files()
+            elif fields[0] == 'reopen':
+                reopen_log_files()
+            elif fields[0] == 'exit':
+                return 0
+            for fd in fds:
+                os.close(fd)
+
+    def spawn(self, number, fd):
+        pid = os.fork()
+        if pid == 0:
+            status = 70
+            try:
+                self.channel.close()
+                controller = self.controller
+                worker = WorkerController(self.config, controller.config_path,
+                                          controller.configdir, socket.socket(fileno=fd), number)
+                status = worker.run()
+            except BaseException:
+                logging.getLogger('fuglu.procpool').error('worker-%d failed: %s', number,
+                                                          traceback.format_exc())
+            finally:
+                os._exit(status)
+        os.close(fd)
+        try:
+            send_packet(self.channel, ['spawned', number, pid])
+        except OSError:
+            pass
+
+    def reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if not pid:
+                return
+            try:
+                send_packet(self.channel, ['exited', pid, exit_description(status)])
+            except OSError:
+                pass
+
+
+class WorkerStatistics(Statistics):
+    """A worker's counters belong to the parent, which keeps the totals (control
+    stats, metrics, MRTG). Each call is kept, per thread (one thread serves one
+    connection), as (method, arguments) and sent with the worker's next begin, end or
+    done packet; the parent replays them on its own Statistics."""
+
+    def __init__(self, worker):
+        super().__init__()
+        self.worker = worker
+        self.local = threading.local()
+
+    def _keep(self, *call):
+        pending = getattr(self.local, 'pending', None)
+        if pending is None:
+            pending = self.local.pending = []
+        pending.append(call)
+
+    def take(self):
+        """The calls kept for this thread, handed over."""
+        pending = getattr(self.local, 'pending', None) or []
+        self.local.pending = []
+        return pending
+
+    def received(self):
+        self._keep('received')
+
+    def begin(self, session, suspect=None):
+        self.worker.tell('begin', self.worker.current_job(),
+                         suspect.id if suspect is not None else None, self.take())
+
+    def end(self, session):
+        self.worker.tell('end', self.worker.current_job(), self.take(), threading.active_count())
+
+    def plugin_time(self, stage, plugin, seconds):
+        self._keep('plugin_time', stage, str(plugin), seconds)
+
+    def plugin_error(self, plugin):
+        self._keep('plugin_error', str(plugin))
+
+    def error(self):
+        pass    # WorkerController.record_exception sends the exception itself
+
+    def verdict(self, action):
+        self._keep('verdict', action)
+
+    def finished(self, suspect, delivered, scantime):
+        self._keep('count_finished', bool(delivered), suspect.is_spam(), suspect.is_virus(),
+                   suspect.is_blocked(), scantime)
+
+
+class WorkerController(MainController):
+    """The MainController of a process-backend worker, built in the worker from the
+    configuration the fork server holds. It has no listeners, control socket or
+    metrics: the parent sends it connections over ``channel`` (['job', job, spec,
+    peer] with the socket), and a ThreadBackend of its own runs the connector for
+    each. Counters (WorkerStatistics) and exceptions go to the parent, and so do
+    ['ready', pid, threads] once the plugins are loaded (['failed', kind, text] if
+    not), ['done', job, ...] when a connection is over.
+
+    ``run()`` is the worker's life; it returns the exit status. The parent's
+    ['retire'] lets the connections it holds end on their own, then it exits;
+    ['stop'] (or SIGTERM, or the parent gone) ends it as the daemon's shutdown ends
+    the thread backend: sessions waiting for a command are closed, messages in
+    flight get ThreadBackend.SHUTDOWN_GRACE."""
+
+    def __init__(self, config, config_path, configdir, channel, number):
+        super().__init__(config, config_path, configdir)
+        self.channel = channel
+        self.name = 'worker-%d' % number
+        self.stats = WorkerStatistics(self)
+        self.connectors = {}
+        self.current = threading.local()          # .job: the connection a thread serves
+        self.active = 0                           # connections received, not done
+        self.active_changed = threading.Condition()
+        self.stop_requested = False
+
+    def tell(self, *fields):
+        try:
+            send_packet(self.channel, list(fields))
+        except OSError:
+            pass    # the parent is gone: the main loop notices and stops
+
+    def current_job(self):
+        return getattr(self.current, 'job', None)
+
+    def record_exception(self, trace):
+        self.tell('error', time.time(), '%s[%d] %s' % (
+            self.name, os.getpid(), threading.current_thread().name),
+            trace[-EXCEPTION_TEXT_LIMIT:])
+
+    def _on_term(self, signum, frame):
+        self.stop_requested = True
+
+    def run(self):
+        for signum in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)   # the parent decides
+        signal.signal(signal.SIGTERM, self._on_term)
+        try:
+            self.plugins, self.prependers, self.appenders = self.load_plugins()
+            self.backend = ThreadBackend(self.config, self)
+            self.backend.start()
+        except PluginLoadError as error:
+            self.tell('failed', 'plugins', str(error))
+            return EXIT_PLUGIN_LOAD_FAILED
+        except Exception:
+            self.tell('failed', 'error', traceback.format_exc()[-EXCEPTION_TEXT_LIMIT:])
+            return 1
+        self.tell('ready', os.getpid(), threading.active_count())
+        self.finish(self.serve_parent())
+        return 0
+
+    def serve_parent(self):
+        """Take the parent's packets until told to leave; returns 'retire' or 'stop'."""
+        import select
+        retiring = False
+        while not self.stop_requested:
+            if retiring:
+                with self.active_changed:
+                    if not self.active:
+                        return 'retire'
+            readable, _, _ = select.select([self.channel], [], [], 0.5)
+            self.downstream_pool.purge()
+            # as the daemon's main loop does (the malloc arena limit came with the fork)
+            release_memory_after_big_messages()
+            if not readable:
+                continue
+            try:
+                packet = receive_packet(self.channel)
+            except OSError:
+                packet = None
+            if packet is None:
+                self.logger.error('%s: the parent process is gone: stopping', self.name)
+                return 'stop'
+            fields, _payload, fds = packet
+            if fields[0] == 'job' and fds:
+                self.take_job(fields[1], fields[2], fields[3], fds.pop(0))
+            elif fields[0] == 'retire':
+                retiring = True
+            elif fields[0] == 'stop':
+                return 'stop'
+            elif fields[0] == 'reopen':
+                reopen_log_files()
+            for fd in fds:
+                os.close(fd)
+        self.tell('leaving', 'SIGTERM')   # not told to: the parent replaces it
+        return 'stop'
+
+    def take_job(self, job, spec, peer, fd):
+        sock = socket.socket(fileno=fd)
+        with self.active_changed:
+            self.active += 1
+        self.backend.submit(self.run_job, sock, job, tuple(spec), tuple(peer))
+
+    def connector(self, spec):
+        with self.active_changed:
+            connector = self.connectors.get(spec)
+            if connector is None:
+                protocol, address, port = spec
+                connector = self.connectors[spec] = CONNECTORS[protocol](self, address, port)
+            return connector
+
+    def run_job(self, sock, job, spec, peer):
+        self.current.job = job
+        try:
+            self.connector(spec).handle(sock, peer)
+        finally:
+            self.current.job = None
+            self.tell('done', job, self.stats.take(), threading.active_count())
+            with self.active_changed:
+                self.active -= 1
+                self.active_changed.notify_all()
+
+    def finish(self, leaving):
+        if leaving == 'stop':
+            self.stayalive = False
+            self._wake_idle_sessions()
+        self.backend.stop()
+        self.downstream_pool.purge(everything=True)
+        for plugin in self.plugins + self.prependers + self.appenders:
+            try:
+                shutdown_plugin(plugin)
+            except Exception:
+                self.logger.error('%s: stopping plugin %s failed: %s', self.name, plugin,
+                                  traceback.format_exc())
 
 
 ###############################################################################
@@ -11055,9 +12184,9 @@ class Lint(object):
         self.say('Fuglu %s' % __version__)
         self.say('---------- LINT MODE ----------')
         self.say('Checking the service account, ports, listeners and backend...')
+        backend = check_backend(config) or [('info', describe_backend(config))]
         errors = self.report(check_service_user(config) + check_ports(config) +
-                             check_listeners(config) + check_listen_free(config) +
-                             check_backend(config))
+                             check_listeners(config) + check_listen_free(config) + backend)
         account = None
         if os.geteuid() == 0:
             try:

@@ -293,6 +293,15 @@ class CountingSink:
         stop_process(self.process)
 
 
+def end_run(sink, run_root, keep):
+    """Stop the sink; remove the run's configs and logs unless ``keep``."""
+    sink.stop()
+    if keep:
+        print('configs and logs kept in %s' % run_root)
+    else:
+        shutil.rmtree(run_root, ignore_errors=True)
+
+
 def run_smtp_source(port, sessions, count, size):
     """Send count messages of size bytes, one per connection; returns (seconds, errors)."""
     command = [SMTP_SOURCE, '-s', str(sessions), '-m', str(count), '-l', str(size),
@@ -747,7 +756,8 @@ def build_report(cells, filters, results, failures, notes, argv, quick,
     out.extend(machine_info(filters, load_before))
     out.append('')
 
-    out.append('| size | c | msgs per run | filter | msgs/s | CPU ms/msg | peak RSS MB | lost | smtp-source errors |')
+    out.append('| size | c | msgs per run | filter | msgs/s | CPU ms/msg | peak RSS MB | lost | '
+               'smtp-source errors |')
     out.append('|---|---|---|---|---|---|---|---|---|')
     for cell in cells:
         for name in names:
@@ -764,7 +774,8 @@ def build_report(cells, filters, results, failures, notes, argv, quick,
                 (errors[:120] + '…') if len(errors) > 120 else (errors or 'none')))
     out.append('')
 
-    out.append('| filter | start → accepting, ms (median, min–max) | idle RSS MB (median) | idle threads | exits on SIGTERM within %g s |' % STOP_GRACE)
+    out.append('| filter | start → accepting, ms (median, min–max) | idle RSS MB (median) '
+               '| idle threads | exits on SIGTERM within %g s |' % STOP_GRACE)
     out.append('|---|---|---|---|---|')
     startup = {}
     for name in names:
@@ -928,7 +939,8 @@ def main(argv=None):
     if args.only in (None, 'ours'):
         if args.ours is None:
             args.ours = os.path.join(REPO_ROOT, 'dist', 'fuglu.pyz')
-            subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'build_zipapp.py'), '-o', args.ours],
+            subprocess.run([sys.executable, os.path.join(REPO_ROOT, 'build_zipapp.py'), '-o',
+                            args.ours],
                            check=True, stdout=subprocess.DEVNULL)
         if os.path.exists(args.ours):
             python = args.python or bare_venv_python(DEFAULT_OURS_VENV,
@@ -982,11 +994,7 @@ def main(argv=None):
                               if result['source_errors'] else ''), flush=True)
                 break
     finally:
-        sink.stop()
-        if args.keep:
-            print('configs and logs kept in %s' % run_root)
-        else:
-            shutil.rmtree(run_root, ignore_errors=True)
+        end_run(sink, run_root, args.keep)
 
     report = build_report(cells, filters, results, failures, notes, argv,
                           args.quick, load_before)

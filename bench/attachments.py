@@ -58,7 +58,8 @@ def measure(function, runs):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--runs', type=int, default=15)
-    parser.add_argument('--markdown', action='store_true', help='print a table for bench/RESULTS.md')
+    parser.add_argument('--markdown', action='store_true',
+                        help='print a table for bench/RESULTS.md')
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the refused bombs log a warning each run
 
@@ -81,9 +82,12 @@ def main():
     row('10 MB, 20 attachments, + archive names and content', big,
         plugin_with(checkarchivenames='True', checkarchivecontent='True'), fuglu.DUNNO)
     row('10 MB, 20 attachments, + archive nesting level 3', big,
-        plugin_with(checkarchivenames='True', checkarchivecontent='True', archiveextractlevel='3'), fuglu.DUNNO)
-    bomb_plugin = plugin_with(checkarchivenames='True', checkarchivecontent='True', archiveextractlevel='3')
-    labels = {'zip': 'zip bomb (200 MB of zeros)', 'gz': 'gzip bomb (200 MB)', 'bz2': 'bzip2 bomb (200 MB)',
+        plugin_with(checkarchivenames='True', checkarchivecontent='True', archiveextractlevel='3'),
+        fuglu.DUNNO)
+    bomb_plugin = plugin_with(checkarchivenames='True', checkarchivecontent='True',
+                              archiveextractlevel='3')
+    labels = {'zip': 'zip bomb (200 MB of zeros)', 'gz': 'gzip bomb (200 MB)',
+              'bz2': 'bzip2 bomb (200 MB)',
               'xz': 'xz bomb (200 MB)', 'nested': 'zip of 10 zip bombs (20 MB each)',
               'members': 'zip with 5000 members'}
     for kind, label in labels.items():
@@ -98,7 +102,8 @@ def main():
         for part in message.walk():
             part.get_filename()
     median, worst, peak = measure(parse_with_email_package, max(3, args.runs // 3))
-    rows.append(('(comparison) email package parse of the 10 MB message', '%.1f MB' % (len(big) / 1048576.0),
+    rows.append(('(comparison) email package parse of the 10 MB message',
+                 '%.1f MB' % (len(big) / 1048576.0),
                  median, worst, peak, '-'))
 
     header = ('check', 'message', 'CPU ms median', 'CPU ms worst', 'peak MiB', 'result')
@@ -106,10 +111,12 @@ def main():
         print('| %s |' % ' | '.join(header))
         print('|%s|' % '|'.join(['---'] * len(header)))
         for label, size, median, worst, peak, result in rows:
-            print('| %s | %s | %.1f | %.1f | %.1f | %s |' % (label, size, median, worst, peak, result))
+            print('| %s | %s | %.1f | %.1f | %.1f | %s |' % (label, size, median, worst, peak,
+                                                             result))
     else:
         for label, size, median, worst, peak, result in rows:
-            print('%-60s %8s %8.1f ms %8.1f ms %7.1f MiB  %s' % (label, size, median, worst, peak, result))
+            print('%-60s %8s %8.1f ms %8.1f ms %7.1f MiB  %s' % (label, size, median, worst, peak,
+                                                                 result))
     print()
     print('python %s on %s, %s, %d runs, type detection: %s' % (
         platform.python_version(), platform.machine(), platform.platform(terse=True), args.runs,

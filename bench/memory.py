@@ -467,11 +467,7 @@ def main(argv=None):
                     print('  FAILED: %s' % str(error).splitlines()[0])
                     failures.append(('corpus ' + filter_under_test.name, str(error)))
     finally:
-        sink.stop()
-        if args.keep:
-            print('configs and logs kept in %s' % run_root)
-        else:
-            shutil.rmtree(run_root, ignore_errors=True)
+        aq.end_run(sink, run_root, args.keep)
     for result in corpus_results.values():
         if result.get('first_failure'):
             notes.append('first corpus send failure: %s' % result['first_failure'])

@@ -39,7 +39,8 @@ REPO_ROOT = os.path.dirname(BENCH_DIR)
 sys.path.insert(0, BENCH_DIR)
 
 # the /proc readings and process handling are shared with the after-queue benchmark
-from afterqueue import (BENCH_MAIN_SECTION, free_port, port_accepts, stop_process, tail,  # noqa: E402
+from afterqueue import (BENCH_MAIN_SECTION, free_port, port_accepts, stop_process, tail,
+                        # noqa: E402
                         tree_cpu_seconds, tree_memory_mb, write_logging_conf)
 import afterqueue  # noqa: E402
 
@@ -127,17 +128,24 @@ class MilterMTA(object):
 
     def session_start(self, number):
         self.negotiate()
-        self.outgoing.append(packet(MACRO, b'C' + strings('j', 'mx.bench.test', '{daemon_name}', 'smtpd',
-                                                         'v', 'Postfix 3.7.11', '_', 'unknown [192.0.2.1]')))
-        self.event(CONNECT, strings('unknown') + b'4' + (40000 + number % 20000).to_bytes(2, 'big') +
+        self.outgoing.append(packet(MACRO,
+                                    b'C' + strings('j', 'mx.bench.test', '{daemon_name}', 'smtpd',
+                                                         'v', 'Postfix 3.7.11', '_',
+                                                         'unknown [192.0.2.1]')))
+        self.event(CONNECT,
+                   strings('unknown') + b'4' + (40000 + number % 20000).to_bytes(2, 'big') +
                    strings('192.0.2.1'))
         self.event(HELO, strings('client.bench.test'))
 
     def message(self, queue_id, headers, body_chunks):
         """One whole message; returns the verdict packet."""
-        self.outgoing.append(packet(MACRO, b'M' + strings('i', queue_id, '{mail_addr}', 'sender@bench.test')))
+        self.outgoing.append(packet(MACRO,
+                                    b'M' + strings('i', queue_id, '{mail_addr}',
+                                                   'sender@bench.test')))
         self.event(MAIL, strings('<sender@bench.test>', 'SIZE=5120'))
-        self.outgoing.append(packet(MACRO, b'R' + strings('i', queue_id, '{rcpt_addr}', 'rcpt@bench.test')))
+        self.outgoing.append(packet(MACRO,
+                                    b'R' + strings('i', queue_id, '{rcpt_addr}',
+                                                   'rcpt@bench.test')))
         self.event(RCPT, strings('<rcpt@bench.test>'))
         self.outgoing.append(packet(MACRO, b'T' + strings('i', queue_id)))
         self.event(DATA)
@@ -164,7 +172,8 @@ class MilterMTA(object):
 
 def make_message(size):
     """Headers and body chunks for a message of about `size` bytes."""
-    headers = [('Received', 'from client.bench.test (unknown [192.0.2.1]) by mx.bench.test (Postfix)'),
+    headers = [('Received', 'from client.bench.test (unknown [192.0.2.1]) by mx.bench.test '
+                            '(Postfix)'),
                ('From', 'Bench Sender <sender@bench.test>'), ('To', 'rcpt@bench.test'),
                ('Subject', 'milter benchmark message'), ('Date', 'Tue, 25 Nov 2026 06:00:00 +0000'),
                ('Message-ID', '<bench@bench.test>'), ('MIME-Version', '1.0'),
@@ -223,20 +232,22 @@ def start_filter(name, command, run_dir, port, mode, threads, backend='thread'):
     os.makedirs(run_dir, exist_ok=True)
     conf = os.path.join(run_dir, 'fuglu.conf')
     with open(conf, 'w') as conf_file:
-        conf_file.write(FUGLU_CONF.format(port=port, run_dir=run_dir, threads=threads, max_threads=threads + 10,
+        conf_file.write(FUGLU_CONF.format(port=port, run_dir=run_dir, threads=threads,
+                                          max_threads=threads + 10,
                                           mode=mode, backend=backend))
     log_path = os.path.join(run_dir, 'fuglu.log')
     logging_conf = write_logging_conf(run_dir)
     output = open(os.path.join(run_dir, 'stdout.log'), 'wb')
-    process = subprocess.Popen(command + ['-f', '-c', conf, '--logconfig', logging_conf], cwd=run_dir,
+    process = subprocess.Popen(command + ['-f', '-c', conf, '--logconfig', logging_conf],
+                               cwd=run_dir,
                                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
     output.close()
     deadline = time.time() + 60
     while not port_accepts(port):
         if process.poll() is not None or time.time() > deadline:
             stop_process(process)
-            raise RuntimeError('%s did not start:\n%s%s' % (name, tail(os.path.join(run_dir, 'stdout.log')),
-                                                             tail(log_path)))
+            raise RuntimeError('%s did not start:\n%s%s'
+                               % (name, tail(os.path.join(run_dir, 'stdout.log')), tail(log_path)))
         time.sleep(0.02)
     return process
 
@@ -245,10 +256,12 @@ def measure(name, command, args, run_root):
     run_dir = os.path.join(run_root, name)
     port = free_port()
     backend = name.partition('/')[2] or 'thread'
-    process = start_filter(name, command, run_dir, port, args.mode, max(args.concurrency, 2), backend)
+    process = start_filter(name, command, run_dir, port, args.mode, max(args.concurrency, 2),
+                           backend)
     try:
         time.sleep(1)
-        generate_load(port, max(20, args.concurrency * 2), args.concurrency, args.size, args.per_connection)
+        generate_load(port, max(20, args.concurrency * 2), args.concurrency, args.size,
+                      args.per_connection)
         cpu_before = tree_cpu_seconds(process.pid)
         seconds, verdicts, errors = generate_load(port, args.messages, args.concurrency, args.size,
                                                   args.per_connection)
@@ -256,7 +269,8 @@ def measure(name, command, args, run_root):
         result = {
             'filter': name, 'messages': args.messages, 'seconds': seconds,
             'rate': args.messages / seconds, 'cpu_ms': cpu * 1000.0 / args.messages,
-            'peak_rss': tree_memory_mb(process.pid, 'VmHWM'), 'rss': tree_memory_mb(process.pid, 'VmRSS'),
+            'peak_rss': tree_memory_mb(process.pid, 'VmHWM'),
+            'rss': tree_memory_mb(process.pid, 'VmRSS'),
             'verdicts': {k.decode(): v for k, v in verdicts.items()}, 'errors': errors,
             'log_error': first_log_error(os.path.join(run_dir, 'fuglu.log')),
         }
@@ -283,7 +297,8 @@ def upstream_command():
     The PyPI project `libmilter` does not exist; the module comes from
     `python-libmilter` (crustymonkey). Returns the command, or None with a reason."""
     python = os.path.join(UPSTREAM_VENV, 'bin', 'python')
-    probe = [python, '-c', 'import fuglu.connectors.milterconnector, libmilter, importlib.metadata as m; '
+    probe = [python, '-c', 'import fuglu.connectors.milterconnector, libmilter, '
+                           'importlib.metadata as m; '
                            'print(m.version("fuglu"))']
 
     def ready():
@@ -292,10 +307,12 @@ def upstream_command():
         ).stdout.decode().strip() == '1.7.0'
     if not ready():
         base = afterqueue.default_upstream_python()
-        print('creating %s with fuglu==1.7.0 python-libmilter (once) ...' % UPSTREAM_VENV, flush=True)
+        print('creating %s with fuglu==1.7.0 python-libmilter (once) ...' % UPSTREAM_VENV,
+              flush=True)
         try:
             subprocess.run([base, '-m', 'venv', UPSTREAM_VENV], check=True)
-            subprocess.run([python, '-m', 'pip', 'install', '--quiet', '--disable-pip-version-check', '--no-warn-script-location',
+            subprocess.run([python, '-m', 'pip', 'install', '--quiet',
+                            '--disable-pip-version-check', '--no-warn-script-location',
                             'fuglu==1.7.0', 'python-libmilter', 'aioprocessing'], check=True)
         except (OSError, subprocess.CalledProcessError) as error:
             return None, 'could not install upstream: %s' % error
@@ -306,24 +323,29 @@ def upstream_command():
 
 def report(results, args, notes):
     lines = [SECTION_TITLE, '',
-             'Produced by `python3 bench/milter.py %s`. The stdlib load generator plays Postfix 3.x '
-             '(version 6, actions 0x1ff, protocol 0x1fffff; macros, one header per packet, body in '
-             '65535-byte chunks, `i` at end of body); %s; no plugins, INFO log to a '
-             'file, milter_mode=%s (ours: thread backend; upstream: the backend named in the filter '
+             'Produced by `python3 bench/milter.py %s`. The stdlib load generator plays Postfix '
+             '3.x (version 6, actions 0x1ff, protocol 0x1fffff; macros, one header per packet, '
+             'body in 65535-byte chunks, `i` at end of body); %s; no plugins, INFO log to a file, '
+             'milter_mode=%s (ours: thread backend; upstream: the backend named in the filter '
              'column). Load generator and filter share the 2 CPUs.'
              % (' '.join(sys.argv[1:]) or '(defaults)',
                 'a new milter connection per message (Postfix opens one per SMTP session)'
-                if args.per_connection == 1 else '%d messages per milter connection' % args.per_connection,
+                if args.per_connection == 1
+                else '%d messages per milter connection' % args.per_connection,
                 args.mode), '',
              '- date: %s UTC' % datetime.datetime.utcnow().strftime('%Y-%m-%d %H:%M'),
-             '- machine: nproc %d, %s, Python %s' % (os.cpu_count(), platform.machine(), platform.python_version()),
+             '- machine: nproc %d, %s, Python %s' % (os.cpu_count(), platform.machine(),
+                                                     platform.python_version()),
              '',
-             '| size | c | msgs | filter | msgs/s | CPU ms/msg | peak RSS MB | RSS at end MB | verdicts | errors |',
+             '| size | c | msgs | filter | msgs/s | CPU ms/msg | peak RSS MB | RSS at end MB | '
+             'verdicts | errors |',
              '|---|---|---|---|---|---|---|---|---|---|']
     for result in results:
         lines.append('| %d B | %d | %d | %s | %.0f | %.2f | %.1f | %.1f | %s | %s |' % (
-            args.size, args.concurrency, result['messages'], result['filter'], result['rate'], result['cpu_ms'],
-            result['peak_rss'], result['rss'], ' '.join('%s=%d' % kv for kv in sorted(result['verdicts'].items())),
+            args.size, args.concurrency, result['messages'], result['filter'], result['rate'],
+            result['cpu_ms'],
+            result['peak_rss'], result['rss'],
+            ' '.join('%s=%d' % kv for kv in sorted(result['verdicts'].items())),
             len(result['errors']) or 'none'))
     ours = [r for r in results if r['filter'] == 'ours']
     if ours and args.size == 5120 and args.concurrency == 10:
@@ -337,17 +359,21 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--messages', type=int, default=6000)
     parser.add_argument('--concurrency', '-c', type=int, default=10)
-    parser.add_argument('--size', type=int, default=5120, help='message size in bytes (default 5120)')
-    parser.add_argument('--per-connection', type=int, default=1, help='messages per milter connection')
-    parser.add_argument('--mode', default='tags', help='milter_mode of both filters (default tags: X-Fuglu headers '
-                                                       'are added)')
+    parser.add_argument('--size', type=int, default=5120, help='message size in bytes '
+                                                               '(default 5120)')
+    parser.add_argument('--per-connection', type=int, default=1, help='messages per milter '
+                                                                      'connection')
+    parser.add_argument('--mode', default='tags', help='milter_mode of both filters (default tags: '
+                                                       'X-Fuglu headers are added)')
     parser.add_argument('--only', choices=('ours', 'upstream'))
     parser.add_argument('--upstream-backends', default='thread,asyncprocess',
-                        help='upstream [performance] backends to measure, comma separated: thread (sync milter '
-                             'connector), asyncprocess (its async milter connector; needs aioprocessing)')
+                        help='upstream [performance] backends to measure, comma separated: thread '
+                             '(sync milter connector), asyncprocess (its async milter connector; '
+                             'needs aioprocessing)')
     parser.add_argument('--ours', default=os.path.join(REPO_ROOT, 'fuglu.py'))
     parser.add_argument('--python', default=sys.executable)
-    parser.add_argument('--write', action='store_true', help='update the "## milter" section of RESULTS.md')
+    parser.add_argument('--write', action='store_true', help='update the "## milter" section of '
+                                                             'RESULTS.md')
     args = parser.parse_args(argv)
     notes, results = [], []
     run_root = tempfile.mkdtemp(prefix='fuglu-milter-bench-')
@@ -361,9 +387,9 @@ def main(argv=None):
         else:
             for backend in args.upstream_backends.split(','):
                 filters.append(('upstream/%s' % backend.strip(), command))
-            notes.append('upstream: FuGlu 1.7.0 from PyPI with `python-libmilter` (the module `libmilter` its '
-                         'milter connector imports; a PyPI project named `libmilter` does not exist), '
-                         '`%s -m fuglu`, same config' % command[0])
+            notes.append('upstream: FuGlu 1.7.0 from PyPI with `python-libmilter` (the module '
+                         '`libmilter` its milter connector imports; a PyPI project named '
+                         '`libmilter` does not exist), `%s -m fuglu`, same config' % command[0])
     status = 0
     for name, command in filters:
         try:
@@ -374,17 +400,20 @@ def main(argv=None):
             continue
         results.append(result)
         if result['errors']:
-            notes.append('%s: %d of %d messages failed on the MTA side (first: %s); first error in its log: %s. '
-                         'A timed-out message holds one of the c load threads for the 60 s socket timeout.'
+            notes.append('%s: %d of %d messages failed on the MTA side (first: %s); first error in '
+                         'its log: %s. A timed-out message holds one of the c load threads for the '
+                         '60 s socket timeout.'
                          % (name, len(result['errors']), args.messages, result['errors'][0],
                             result['log_error'] or 'none'))
         print('%-8s %6.0f msgs/s  %.2f CPU ms/msg  peak RSS %.1f MB  verdicts %s  errors %d' % (
-            name, result['rate'], result['cpu_ms'], result['peak_rss'], result['verdicts'], len(result['errors'])),
+            name, result['rate'], result['cpu_ms'], result['peak_rss'], result['verdicts'],
+            len(result['errors'])),
             flush=True)
     text = report(results, args, notes)
     print(text)
     if args.write:
-        afterqueue.SECTION_TITLE = SECTION_TITLE     # write_section replaces only the section it is told
+        # write_section replaces only the section it is told
+        afterqueue.SECTION_TITLE = SECTION_TITLE
         afterqueue.write_section(text)
     return status
 

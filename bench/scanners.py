@@ -99,7 +99,8 @@ def measure(plugins, source, count):
             message_cpu += used
         wall.append((time.perf_counter() - wall_start) * 1000)
         total_cpu.append(message_cpu * 1000)
-        if suspect.tags['spam'].get('SpamAssassin') is not False or suspect.tags['virus'].get('ClamAV') is not False:
+        if (suspect.tags['spam'].get('SpamAssassin') is not False
+            or suspect.tags['virus'].get('ClamAV') is not False):
             raise RuntimeError('a scanner gave no verdict: %s' % suspect.tags)
     return cpu, total_cpu, wall
 
@@ -171,7 +172,8 @@ def write_section(report):
         end = next((index for index in range(start + 1, len(lines))
                     if lines[index].startswith('## ')), len(lines))
         kept_before, kept_after = lines[:start], lines[end:]
-    text = '\n'.join(kept_before + report.rstrip('\n').splitlines() + [''] + kept_after).rstrip('\n') + '\n'
+    text = '\n'.join(kept_before + report.rstrip('\n').splitlines() + [''] + kept_after)
+    text = text.rstrip('\n') + '\n'
     with open(RESULTS_FILE, 'w') as results_file:
         results_file.write(text)
 
@@ -194,7 +196,8 @@ def main():
         spamd.start()
         args.clamd_version = peers.clamd_command(b'VERSION', port=clamd.tcp_port)
         version = subprocess.run(['spamd', '--version'], stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, timeout=30).stdout.decode('utf-8', 'replace')
+                                 stderr=subprocess.STDOUT, timeout=30)
+        version = version.stdout.decode('utf-8', 'replace')
         args.spamd_version = (version.splitlines() or ['spamd'])[0].strip()
         plugins = make_plugins(clamd, spamd)
         source = clean_message()

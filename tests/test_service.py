@@ -275,6 +275,18 @@ def test_reopen_log_files_follows_a_rotated_file(tmp_path):
     assert path.read_text() == 'after\n'
 
 
+def test_the_log_folder_is_laid_out_only_for_a_logging_config_that_writes_there(tmp_path):
+    home = os.path.dirname(fuglu.DAEMON_LOG_FILE)
+    bundled = tmp_path / 'bundled.conf'
+    bundled.write_text('[handler_file]\nargs=(%r, "a")\n' % fuglu.DAEMON_LOG_FILE)
+    elsewhere = tmp_path / 'elsewhere.conf'
+    elsewhere.write_text('[handler_file]\nargs=(%r, "a")\n' % str(tmp_path / 'fuglu.log'))
+    assert fuglu.names_log_home(str(bundled), home)
+    assert not fuglu.names_log_home(str(elsewhere), home)
+    assert not fuglu.names_log_home(None, home)
+    assert fuglu.names_log_home(str(tmp_path / 'missing.conf'), home)
+
+
 def test_syslog_lines_carry_facility_mail_and_the_pid(tmp_path):
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     receiver.bind(str(tmp_path / 'log'))

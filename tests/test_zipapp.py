@@ -42,9 +42,37 @@ def test_archive_has_shebang_core_plugins_rules_and_dist_config(pyz):
                  'fuglu_plugins/archive.py', 'fuglu_plugins/debug.py', 'fuglu_plugins/skip.py',
                  'conf/rules/default-filenames.conf', 'conf/templates/blockedfile.tmpl'):
         assert name in names
-    assert not any(name.endswith('.pyc') for name in names)
+    assert [name for name in names if name.endswith('.pyc')] == ['fuglu.pyc']
     with zipfile.ZipFile(str(pyz)) as archive, open(os.path.join(REPO, 'fuglu.py'), 'rb') as source:
         assert archive.read('fuglu.py') == source.read()
+
+
+def loaded_from(pyz, tmp_path, python=sys.executable):
+    """What the fuglu module of ``pyz`` was loaded from under ``python``: 'bytecode'
+    when zipimport took fuglu.pyc, 'source' when it compiled fuglu.py."""
+    probe = ('import sys; sys.path.insert(0, sys.argv[1]); import fuglu; '
+             'print("bytecode" if fuglu.__file__.endswith(".pyc") else "source")')
+    result = subprocess.run([python, '-I', '-c', probe, str(pyz)], cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, check=True, timeout=60)
+    return result.stdout.decode().strip()
+
+
+def test_the_core_starts_from_byte_code_compiled_at_build_time(pyz, tmp_path):
+    assert loaded_from(pyz, tmp_path) == 'bytecode'
+
+
+def test_a_core_changed_inside_the_archive_is_compiled_not_the_stale_byte_code(pyz, tmp_path):
+    changed = tmp_path / 'changed.pyz'
+    with zipfile.ZipFile(str(pyz)) as original, zipfile.ZipFile(str(changed), 'w') as copy:
+        for info in original.infolist():
+            data = original.read(info)
+            if info.filename == 'fuglu.py':
+                data = data.replace(b"__version__ = '", b"__version__ = 'changed-", 1)
+            copy.writestr(info, data)
+    assert loaded_from(changed, tmp_path) == 'source'
+    result = subprocess.run([sys.executable, '-I', str(changed), '--version'], cwd=str(tmp_path),
+                            stdout=subprocess.PIPE, check=True, timeout=60)
+    assert result.stdout.decode().startswith('changed-')
 
 
 @pytest.mark.parametrize('how', ['pyz', 'script', 'module', 'module-from-pyz'])

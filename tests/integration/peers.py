@@ -228,6 +228,49 @@ def pid_is_alive(pid):
     return state not in ('Z', 'X')
 
 
+def _process_stats():
+    """(pid, [state, ppid, pgrp, ...]) of every process: /proc/PID/stat after the command
+    (which may contain spaces, so the split is after the last ')')."""
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % entry) as stat_file:
+                yield int(entry), stat_file.read().rsplit(')', 1)[1].split()
+        except (OSError, IndexError):
+            continue
+
+
+def child_pids(pid):
+    """pids of the processes whose parent is `pid`."""
+    return [child for child, fields in _process_stats() if fields[1] == str(pid)]
+
+
+def group_members(group):
+    """pids of the live processes (zombies count as dead) of process group `group`."""
+    return [pid for pid, fields in _process_stats()
+            if fields[2] == str(group) and fields[0] not in ('Z', 'X')]
+
+
+def read_until_closed(sock):
+    """Everything `sock` receives until the other end closes."""
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b''.join(chunks)
+        chunks.append(chunk)
+
+
+def control_command(socket_path, command, timeout=10.0):
+    """fuglu's answer to one control command on its unix control socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(socket_path)
+        sock.sendall(command.encode())
+        return read_until_closed(sock).decode()
+
+
 def stop_pid(pid, timeout=10.0, child=None, first_signal=signal.SIGTERM):
     """SIGTERM (or `first_signal`) `pid`, SIGKILL it if it still runs after `timeout`; reap
     it if it is our child."""
@@ -1180,17 +1223,38 @@ def _first_incoming_port(config_text):
     return None
 
 
+# The backend the integration tests run fuglu on: the tox env `integration` runs them on
+# the thread backend, `integration-process` on the process backend (FUGLU_TEST_BACKEND=
+# process); a config's own [performance] backend is overridden through a conf.d file.
+BACKEND_ENV = 'FUGLU_TEST_BACKEND'
+TEST_WORKER_PROCESSES = 2
+
+
+def test_backend():
+    return os.environ.get(BACKEND_ENV, '').strip() or 'thread'
+
+
+def serving_processes():
+    """How many processes of a FugluProcess on test_backend() serve mail."""
+    return 1 if test_backend() == 'thread' else TEST_WORKER_PROCESSES
+
+
 class FugluProcess(ChildPeer):
-    """fuglu (python3 <repo>/fuglu.py, or a .pyz, or another script) run as `-f -c CONF`.
+    """fuglu (python3 <repo>/fuglu.py, or a .pyz, or another script) run as `-f -c CONF`,
+    on the backend test_backend() names (and --configdir WORKDIR/conf.d holding the
+    override when that is not the thread backend).
 
     config: the config text, or the path of a config file.
     program: fuglu.py (default: the repository's) or a .pyz path.
-    workdir: where the config file (when given as text) and the log go; a new world
-    dir when not given (removed by cleanup()).
+    workdir: where the config file (when given as text), conf.d and the log go; a new
+    world dir when not given (removed by cleanup()).
+    backend: the backend to run on instead of test_backend().
+    wait_port: the port whose accepting counts as started (default: the first of
+    incomingport); 0: only the log line "Startup complete" does.
     """
 
     def __init__(self, config, program=None, python=None, workdir=None, extra_args=(),
-                 env=None, wait_port=None):
+                 env=None, wait_port=None, backend=None):
         self._own_workdir = workdir is None
         self.workdir = workdir or world_dir('fuglu-proc-')
         if '\n' not in config and os.path.isfile(config):
@@ -1206,8 +1270,18 @@ class FugluProcess(ChildPeer):
         self.python = python or sys.executable
         self.extra_args = list(extra_args)
         self.env = env
-        self.wait_port = wait_port or _first_incoming_port(config_text)
+        self.wait_port = _first_incoming_port(config_text) if wait_port is None else wait_port
         self.log_path = os.path.join(self.workdir, 'fuglu.log')
+        self.backend = backend or test_backend()
+        is_fuglu = os.path.basename(self.program) == 'fuglu.py' or self.program.endswith('.pyz')
+        if self.backend != 'thread' and is_fuglu:
+            confd = os.path.join(self.workdir, 'conf.d')
+            os.makedirs(confd, exist_ok=True)
+            os.chmod(confd, 0o755)
+            with open(os.path.join(confd, 'backend.conf'), 'w') as conf:
+                conf.write('[performance]\nbackend = %s\ninitialprocs = %d\n'
+                           % (self.backend, TEST_WORKER_PROCESSES))
+            self.extra_args = ['--configdir', confd] + self.extra_args
 
     def command(self):
         return [self.python, self.program, '-f', '-c', self.config_path] + self.extra_args
@@ -1215,13 +1289,15 @@ class FugluProcess(ChildPeer):
     def start(self, timeout=30.0):
         if not os.path.exists(self.program):
             raise RuntimeError('fuglu program not found: %s' % self.program)
-        self._spawn(self.command(), self.log_path, cwd=self.workdir, env=self.env)
+        # a session of its own: kill_all() reaches the workers of the process backend
+        self._spawn(self.command(), self.log_path, cwd=self.workdir, env=self.env,
+                    start_new_session=True)
 
         def ready():
             self._fail_if_exited('fuglu', when=' during start-up')
             if 'Startup complete' in self.log_text():
                 return True
-            return self.wait_port is not None and port_accepts(self.wait_port, timeout=0.2)
+            return bool(self.wait_port) and port_accepts(self.wait_port, timeout=0.2)
 
         try:
             wait_until(ready, timeout, interval=0.05, what='fuglu start-up')
@@ -1230,6 +1306,17 @@ class FugluProcess(ChildPeer):
             self.stop()
             raise TimeoutError('%s\n--- fuglu log ---\n%s' % (error, log_tail))
         return self
+
+    def kill_all(self):
+        """SIGKILL fuglu and every process of its session at once (the process backend's
+        fork server and workers too), as power loss or the OOM killer of its cgroup
+        would: nothing runs on fuglu's side, no finally, no atexit. Reaps fuglu."""
+        group = self.pid
+        os.killpg(group, signal.SIGKILL)
+        self.process.wait()
+        _stopped(self)
+        self.process = None
+        wait_until(lambda: not group_members(group), 10, what='process group %d to die' % group)
 
     def cleanup(self):
         self.stop()

@@ -348,6 +348,15 @@ def zipapp(tmp_path_factory):
     peers.remove_world_dir(alone)
 
 
+# the two longest values of FuGlu's own fuglu.conf, as its dist file has them
+FUGLU_STYLE_LOGTEMPLATE = (
+    'Suspect ${id} from=${from_address} to=${to_address} size=${size} spam=${spam} '
+    'virus=${virus} modified=${modified} decision=${decision}')
+FUGLU_STYLE_SQL = (
+    "SELECT value FROM fugluconfig WHERE `section`=:section AND `scope` IN "
+    "(:globalscope,CONCAT('%',:to_domain),:to_address) AND `option`=:option "
+    "ORDER BY `scope` DESC LIMIT 1")
+
 FUGLU_STYLE_CONF = """\
 # A fuglu.conf as FuGlu 1.x users have it
 [main]
@@ -378,7 +387,7 @@ suspectidheader=1
 suspectidreturn=1
 mrtgdir=
 controlport={controlport}
-logtemplate=Suspect ${{id}} from=${{from_address}} to=${{to_address}} size=${{size}} spam=${{spam}} virus=${{virus}} modified=${{modified}} decision=${{decision}}
+logtemplate={logtemplate}
 versioncheck=1
 address_compliance_checker=Default
 address_compliance_fail_action=defer
@@ -419,7 +428,7 @@ trustedhostsregex=
 
 [databaseconfig]
 dbconnectstring=
-sql=SELECT value FROM fugluconfig WHERE `section`=:section AND `scope` IN (:globalscope,CONCAT('%',:to_domain),:to_address) AND `option`=:option ORDER BY `scope` DESC LIMIT 1
+sql={sql}
 
 [debug]
 debugport={debugport}
@@ -440,7 +449,9 @@ def write_fuglu_style_conf(folder, incoming, outgoing, debugport, controlport):
     with open(path, 'w') as conf:
         conf.write(FUGLU_STYLE_CONF.format(incoming=incoming, outgoing=outgoing,
                                            debugport=debugport,
-                                           controlport=controlport))
+                                           controlport=controlport,
+                                           logtemplate=FUGLU_STYLE_LOGTEMPLATE,
+                                           sql=FUGLU_STYLE_SQL))
     return path
 
 

@@ -188,7 +188,9 @@ def test_published_style_plugins_behind_every_connector(version, connector, pyz,
                 assert record['tempfile'] is None
                 continue
             assert record['tempfile'].startswith(os.path.join(deployment.workdir, 'tmp'))
-            assert not os.path.exists(record['tempfile'])
+            # removed once the appenders are done, a moment after they wrote the record
+            peers.wait_until(lambda: not os.path.exists(record['tempfile']), 10,
+                             what='%s to be removed' % record['tempfile'])
         assert os.listdir(os.path.join(deployment.workdir, 'tmp')) == []
         assert 'Traceback' not in deployment.fuglu.log_text()
     finally:

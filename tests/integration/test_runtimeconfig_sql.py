@@ -363,8 +363,10 @@ def test_database_stopped_mid_run_defers_then_the_right_policy(policy_chain, ser
     delivered = postfix.wait_delivered('vip@reject.example', timeout=90)
     assert b'X-Fuglu-Spamstatus: YES' in delivered
     log = fuglu_process.log_text()
-    assert log.count('cannot answer') == 1, log
-    assert log.count('answers again') == 1, log
+    # once per process that holds the database: the thread backend's only one, or each
+    # worker of the process backend that queried it during the outage
+    outages, recoveries = log.count('cannot answer'), log.count('answers again')
+    assert 1 <= recoveries <= outages <= peers.serving_processes(), log
 
 
 def test_two_filter_hosts_share_one_database(postfix_factory, fuglu_factory, spamd, postgres,

@@ -273,19 +273,6 @@ def test_spamd_down_gives_problemaction():
     assert suspect.addheaders['X-Fuglu-SA-SKIP'] == 'SA scan failed'
 
 
-def _children(pid):
-    found = []
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                with open('/proc/%s/stat' % entry) as stat:
-                    if int(stat.read().rsplit(')', 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    return found
-
-
 def test_spamd_not_answering_in_time_gives_problemaction(peer_packages):
     # A real spamd, frozen (SIGSTOP) after start: it accepts in the kernel, never answers.
     basedir = peers.world_dir('fuglu-spamd-frozen-')
@@ -293,7 +280,7 @@ def test_spamd_not_answering_in_time_gives_problemaction(peer_packages):
     frozen = []
     try:
         instance.start()
-        frozen = [instance.pid] + _children(instance.pid)
+        frozen = [instance.pid] + peers.child_pids(instance.pid)
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         plugin = sa_plugin(instance.port, timeout='0.3', retries='2', problemaction='DEFER')

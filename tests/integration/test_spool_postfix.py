@@ -6,6 +6,8 @@ Postfix -> fuglu (after-queue smtp, spool_threshold 64 KB) -> Postfix re-injecti
 * fuglu killed with SIGKILL while it receives, or while it scans, a big message leaves
   its spool file behind; the next start removes it, and Postfix, which never had a 250,
   delivers the message once fuglu is back (no mail lost).
+* on the process backend, a worker killed while it scans a big message: the parent
+  removes its spool file at once, and Postfix delivers the message later.
 
 fuglu starts as root and runs as nobody, as in production: the spool directory belongs
 to nobody.
@@ -112,12 +114,9 @@ def test_big_message_passes_byte_exact_and_its_spool_file_is_removed(postfix_fac
 
 
 def kill_and_restart(fuglu, fuglu_factory, text):
-    """SIGKILL (nothing runs on fuglu's side: no finally, no atexit), then a new fuglu on
-    the same config; returns it once it completed its start-up."""
-    pid = fuglu.pid
-    os.kill(pid, signal.SIGKILL)
-    peers.wait_until(lambda: not peers.pid_is_alive(pid), 10, what='fuglu to die')
-    fuglu.stop()   # reaps it
+    """SIGKILL to all of fuglu (nothing runs on fuglu's side: no finally, no atexit), then
+    a new fuglu on the same config; returns it once it completed its start-up."""
+    fuglu.kill_all()
     restarted = fuglu_factory(text)
     restarted.wait_log(r'Startup complete')
     return restarted
@@ -176,6 +175,32 @@ def test_kill_while_scanning_leaves_no_spool_file_and_postfix_delivers_later(pos
     assert spool_files(spooldir) == []
     restarted.wait_log(r'removed 1 spool file\(s\)')
     # Postfix saw the connection break before a 250: it retries, and the message arrives
+    postfix.flush()
+    delivered = postfix.wait_delivered(recipient, timeout=60)
+    assert_identical_apart_from_added_headers(message, delivered)
+    peers.wait_until(lambda: spool_files(spooldir) == [], 10, what='the new spool file removed')
+    wait_queue_empty(postfix)
+
+
+def test_worker_killed_while_scanning_has_its_spool_file_removed_by_the_parent(
+        postfix_factory, fuglu_factory, nobody_dirs):
+    postfix = postfix_factory('afterqueue')
+    spooldir = nobody_dirs('fuglu-spool-')
+    gatedir = nobody_dirs('fuglu-gate-')
+    fuglu = fuglu_factory(config(postfix, spooldir, gatedir), backend='process')
+    recipient = unique('worker')
+    message = big_message(recipient, lines=10000, seed=12)
+    assert postfix.send('sender@example.org', [recipient], message).code == 250
+    markers = peers.wait_until(lambda: [name for name in os.listdir(gatedir)
+                                        if name.startswith('waiting-')], 60,
+                               what='the message held in the scan')
+    with open(os.path.join(gatedir, markers[0])) as marker:
+        worker = int(marker.read().split()[1])
+    assert worker != fuglu.pid and len(spool_files(spooldir)) == 1
+    os.kill(worker, signal.SIGKILL)
+    fuglu.wait_log(r'\(pid %d\) died \(killed by signal 9' % worker)
+    fuglu.wait_log(r'removed 1 spool file\(s\)')
+    open(os.path.join(gatedir, 'open'), 'w').close()   # the retry goes through
     postfix.flush()
     delivered = postfix.wait_delivered(recipient, timeout=60)
     assert_identical_apart_from_added_headers(message, delivered)
