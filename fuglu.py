@@ -130,8 +130,8 @@ __all__ = [
     'shared_file_path', 'prepare_shared_home', 'open_directory', 'create_file_at',
     'write_file_at', 'append_file_at', 'STARTED_AS_ROOT', 'FugluError', 'InvalidAddress',
     'SUSPECT_TAGS',
-    # a message as parts (a big one streamed from its spool file)
-    'FileSection', 'part_chunks', 'send_parts',
+    # a message as parts (a big one streamed from its spool file); MIME in linear time
+    'FileSection', 'part_chunks', 'send_parts', 'parse_message', 'iter_mime_parameters',
     # the daemon
     'call_plugin', 'ScanSession', 'ProtocolHandler', 'MainController', 'CONNECTORS',
     'BACKENDS', 'main',
@@ -602,7 +602,8 @@ def encode_header(name, value):
     """One header as bytes with CRLF. Plain short ASCII is written as is; anything with
     non-ASCII characters, CR/LF (header injection) or very long values is RFC 2047
     encoded and folded by the email package."""
-    value = force_uString(value)
+    # 8-bit envelope text comes as surrogate escapes: its bytes, read as UTF-8
+    value = force_uString(value).encode('utf-8', 'surrogateescape').decode('utf-8', 'replace')
     if value.isascii() if hasattr(value, 'isascii') else all(ord(c) < 128 for c in value):
         if '\r' not in value and '\n' not in value and len(name) + len(value) < 900:
             return ('%s: %s\r\n' % (name, value)).encode('ascii')
@@ -1994,6 +1995,84 @@ class InvalidAddress(FugluError, ValueError):
     session answers it as [main] address_compliance_fail_action says."""
 
 
+# the tokens email.message._parseparam counts: unescaped quotes and semicolons
+MIME_PARAMETER_TOKEN_RE = re.compile(r'(?<!\\)"|;')
+
+
+def iter_mime_parameters(text):
+    """(name, value) of each piece of a Content-Type or -Disposition value (the first
+    is the type) as email.message.Message splits them (_parseparam, then
+    _get_params_preserve), in linear time: a ';' ends a piece unless an odd number of
+    unescaped quotes precedes it in the piece."""
+    start, odd = 0, False
+    for match in MIME_PARAMETER_TOKEN_RE.finditer(text):
+        if match.group() == '"':
+            odd = not odd
+            continue
+        position = match.start()
+        if position == start or not odd:
+            yield _mime_parameter(text[start:position])
+            start, odd = position + 1, False
+    yield _mime_parameter(text[start:])
+
+
+def _mime_parameter(piece):
+    name, separator, value = piece.partition('=')
+    return (name.strip().lower(), value.strip()) if separator else (piece.strip(), '')
+
+
+# What the email package may build for one message (FuGlu has no bound): 10 MB of
+# empty parts made 2 million objects, 640 MB and 12 s of CPU.
+EMAIL_MAX_PARTS = 10000
+EMAIL_MAX_HEADER_FIELDS = 100000   # of all its parts together
+_email_classes = {}
+_email_budget = threading.local()   # what the parse running on this thread may still build
+
+
+def parse_message(source, text=False):
+    """``source`` (bytes, or str when ``text``) parsed by the email package (compat32),
+    bounded: more than EMAIL_MAX_PARTS parts or EMAIL_MAX_HEADER_FIELDS header fields
+    raise LimitExceeded (the scanner's problemaction), and parameters are split by
+    iter_mime_parameters: the package's own splitter is quadratic in the semicolons
+    inside quotes, a crafted header of a few hundred KB kept a worker busy for minutes
+    (Suspect.get_message_rep, the stripped copy spamd sees, rule fields)."""
+    import email
+    import email.message
+    import email.utils
+    from email import policy
+    if not _email_classes:
+        class Message(email.message.Message):
+            def __init__(self, *args, **kwargs):
+                _spend_email_budget('parts')
+                email.message.Message.__init__(self, *args, **kwargs)
+
+            def set_raw(self, name, value):
+                _spend_email_budget('header fields')
+                email.message.Message.set_raw(self, name, value)
+
+            def _get_params_preserve(self, failobj, header):
+                value = self.get(header, _email_classes)
+                if value is _email_classes:
+                    return failobj
+                return email.utils.decode_params(list(iter_mime_parameters(str(value))))
+        _email_classes['message'] = Message
+    parse = email.message_from_string if text else email.message_from_bytes
+    _email_budget.left = {'parts': EMAIL_MAX_PARTS, 'header fields': EMAIL_MAX_HEADER_FIELDS}
+    try:
+        return parse(source, _email_classes['message'], policy=policy.compat32)
+    finally:
+        _email_budget.left = None
+
+
+def _spend_email_budget(what):
+    left = getattr(_email_budget, 'left', None)
+    if left is None:   # not parsing (a plugin building a message)
+        return
+    if left[what] <= 0:
+        raise LimitExceeded('the message has too many %s to be read' % what)
+    left[what] -= 1
+
+
 class SpooledSource(object):
     """The source of a spooled message: ``head`` (bytes), then the spool file from
     ``offset`` on. A change to the header block replaces the head, the body stays in
@@ -2282,15 +2361,12 @@ class Suspect(SimpleTimeoutMixin):
     def get_message_rep(self):
         """The message parsed by the email package (compat32), cached."""
         if self._message_rep is None:
-            import email
-            from email import policy
-            self._message_rep = email.message_from_bytes(self.get_source(), policy=policy.compat32)
+            self._message_rep = parse_message(self.get_source())
         return self._message_rep
 
     def build_headeronly_message_rep(self):
         """The header block parsed as a message without body (cheap for big mail)."""
-        import email
-        return email.message_from_string(self.get_headers())
+        return parse_message(self.get_headers(), text=True)
 
     def set_message_rep(self, msgrep, att_mgr_reset=True):
         from email import policy
@@ -2405,7 +2481,7 @@ class Suspect(SimpleTimeoutMixin):
         the source now, so later plugins see it. Names and values may be bytes."""
         key, value = force_uString(key), force_uString(value)
         if immediate:
-            header = (('%s: %s\r\n' % (key, value)).encode('utf-8') if raw
+            header = (('%s: %s\r\n' % (key, value)).encode('utf-8', 'surrogateescape') if raw
                       else encode_header(key, value))
             self._replace_source_start(0, header)
             self.added_headers[key] = value
@@ -2617,10 +2693,9 @@ class Suspect(SimpleTimeoutMixin):
     def source_stripped_attachments(self, content=None, maxsize=None, with_mime_headers=False):
         """The message with only its text parts (other parts become empty stubs),
         truncated to maxsize bytes."""
-        import email
         from email import policy
         source = content if content is not None else self.get_source()
-        message = email.message_from_bytes(source, policy=policy.compat32)
+        message = parse_message(source)
         if message.is_multipart():
             for part in message.walk():
                 if part.is_multipart():
@@ -4564,7 +4639,7 @@ class ScannerPlugin(ReturnOverrideMixin, BasicPlugin):
     REJECT/DEFER, a tuple (action, message), or None (= DUNNO). Options
     ``overrideaction`` and ``overridemessage`` in the plugin's section replace its
     decision (dry runs). ``_problemcode()`` is the action of option problemaction
-    (DEFER when unset or invalid).
+    (DEFER when unset or invalid); it is also the decision when ``examine`` raises.
     """
 
     def examine(self, suspect):
@@ -5300,13 +5375,14 @@ class ScanSession(object):
                                                         % (plugin, error))
                 action, message = DEFER, 'per-recipient settings unavailable, try again later'
                 break
-            except LimitExceeded as error:   # a bound was hit: a problem, never a clean result
-                self._plugin_error(suspect, plugin, error)
-                result = (getattr(plugin, '_problemaction', lambda: DEFER)(),
-                          'message too complex to check (%s)' % error.__class__.__name__)
             except Exception as error:
+                # A bound that was hit, or a crash (say on bytes nobody expected), is a
+                # problem, never a clean result: FuGlu goes on unscanned (fails open).
                 self._plugin_error(suspect, plugin, error)
-                continue
+                reason = ('message too complex to check' if isinstance(error, LimitExceeded)
+                          else 'message could not be checked')
+                result = (getattr(plugin, '_problemaction', lambda: DEFER)(),
+                          '%s (%s)' % (reason, error.__class__.__name__))
             code, text = result if isinstance(result, tuple) else (result, None)
             if code is None:
                 code = DUNNO
@@ -8699,7 +8775,10 @@ class MilterSession(ProtocolHandler):
         return self.run_stage('helo', self.helo)
 
     def on_mail(self, data):
-        arguments = [item.decode('utf-8', 'replace') for item in split_milter_strings(data)]
+        # 8-bit addresses are kept as they came (as in the smtp connector): written
+        # back or compared, they must be the MTA's bytes
+        arguments = [item.decode('utf-8', 'surrogateescape')
+                     for item in split_milter_strings(data)]
         if not arguments:
             raise MilterProtocolError('MAIL without a sender')
         if self.in_message:     # MAIL without ABORT: a new transaction all the same
@@ -8718,7 +8797,8 @@ class MilterSession(ProtocolHandler):
         return self.run_stage('mailfrom', self.sender)
 
     def on_rcpt(self, data):
-        arguments = [item.decode('utf-8', 'replace') for item in split_milter_strings(data)]
+        arguments = [item.decode('utf-8', 'surrogateescape')
+                     for item in split_milter_strings(data)]
         if not arguments:
             raise MilterProtocolError('RCPT without a recipient')
         recipient = clean_milter_address(arguments[0])
@@ -8860,7 +8940,8 @@ class MilterSession(ProtocolHandler):
 
     def stage_verdict(self, stage, plugins, args):
         """(action, message) of the first plugin with a decision, else (DUNNO, None).
-        A plugin that raises is logged and skipped (fail-open, like the scanners)."""
+        A plugin that raises is logged and skipped (fail-open: these are envelope checks;
+        the content scanners still run at the end of the message)."""
         skipped = set(parse_list(force_uString(self.tags.get('skipmplugins', ''))))
         for plugin in plugins:
             if plugin.__class__.__name__ in skipped:

@@ -47,7 +47,7 @@ from collections import namedtuple
 
 import fuglu
 from fuglu import (DUNNO, DELETE, DBConfig, DBFile, RuntimeConfigError, ScannerPlugin,
-                   apply_template, lint_sql, string_to_actioncode)
+                   apply_template, iter_mime_parameters, lint_sql, string_to_actioncode)
 
 try:  # optional: libmagic bindings (python-magic or file-magic)
     import magic as _magic_module
@@ -292,8 +292,6 @@ BLANK_LINE = 'blank line'
 # After this many lines starting with "--" that end nothing, a region is searched with
 # one compiled expression instead of line by line.
 CANDIDATES_BEFORE_REGEX = 64
-# the tokens email.message._parseparam counts: unescaped quotes and semicolons
-PARAMETER_TOKEN_RE = re.compile(r'(?<!\\)"|;')
 UU_ENCODINGS = ('x-uuencode', 'uuencode', 'uue', 'x-uue')
 MIME_FIELDS = ('content-type', 'content-disposition', 'content-transfer-encoding')
 # codecs whose decoder needs quadratic time: only short texts are decoded with them
@@ -325,29 +323,14 @@ def _text_forms(raw, exact_bytes=False):
 
 
 def _split_parameters(text):
-    """email.message._parseparam in linear time: the same pieces. A ';' ends a piece
-    unless an odd number of unescaped quotes precedes it in the piece."""
-    pieces = []
-    start, odd = 0, False
-    for match in PARAMETER_TOKEN_RE.finditer(text):
-        if match.group() == '"':
-            odd = not odd
-            continue
-        position = match.start()
-        if position == start or not odd:
-            pieces.append(text[start:position])
-            start, odd = position + 1, False
-            if len(pieces) > MIME_MAX_PARAMETERS:
-                raise MimeLimitExceeded('more than %d parameters in one header field'
-                                        % MIME_MAX_PARAMETERS)
-    pieces.append(text[start:])
+    """The pieces of email.message._parseparam (in linear time), at most
+    MIME_MAX_PARAMETERS parameters after the type."""
     params = []
-    for piece in pieces:
-        if '=' in piece:
-            index = piece.index('=')
-            piece = piece[:index].strip().lower() + '=' + piece[index + 1:].strip()
-        name, separator, value = piece.strip().partition('=')
-        params.append((name.strip(), value.strip()) if separator else (name.strip(), ''))
+    for param in iter_mime_parameters(text):
+        params.append(param)
+        if len(params) > MIME_MAX_PARAMETERS + 1:
+            raise MimeLimitExceeded('more than %d parameters in one header field'
+                                    % MIME_MAX_PARAMETERS)
     return params
 
 

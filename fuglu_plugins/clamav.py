@@ -156,9 +156,10 @@ class ClamavPlugin(ScannerPlugin):
             return DUNNO
 
         # A Return-Path line makes clamd recognise the stream as a mail. The message
-        # goes as parts: a spooled one is streamed from its file.
-        content = [b'Return-Path: <%s>\r\n' % suspect.from_address.encode('utf-8')] + \
-            suspect.source_parts()
+        # goes as parts: a spooled one is streamed from its file. The sender goes as the
+        # bytes it came as (8-bit ones included).
+        sender = suspect.from_address.encode('utf-8', 'surrogateescape')
+        content = [b'Return-Path: <%s>\r\n' % sender] + suspect.source_parts()
         try:
             viruses = self.scan_with_retries(content, suspect.id)
         except (ClamdError, OSError) as error:

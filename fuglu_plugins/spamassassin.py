@@ -421,7 +421,7 @@ class SAPlugin(ScannerPlugin):
             lines.append(b'Content-length: %d' % sum(len(part) for part in parts))
         user = self._user(suspect)
         if user:
-            lines.append(b'User: ' + user.encode('utf-8'))
+            lines.append(b'User: ' + user.encode('utf-8', 'surrogateescape'))
         deadline = time.monotonic() + self.config.getfloat(self.section, 'timeout')
         with self._connect() as connection:
             send_parts(connection, [b'\r\n'.join(lines) + b'\r\n\r\n'] + parts)

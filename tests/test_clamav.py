@@ -152,6 +152,15 @@ def test_clean_message_is_streamed_in_chunks_with_return_path(fake_clamd):
     assert len(sizes) > 1 and max(sizes) <= 20480 and sum(sizes) == len(server.payloads[0])
 
 
+def test_8bit_sender_goes_to_clamd_as_it_came_and_the_virus_is_found(fake_clamd):
+    # MAIL FROM:<\xff@example.org> (kept as a surrogate) once crashed the plugin: unscanned
+    server = fake_clamd(reply_with(b'stream: Eicar-Test-Signature FOUND\0'))
+    source = b'Subject: test\r\n\r\n' + EICAR + b'\r\n'
+    suspect = fuglu.Suspect('\udcff\u00e4@example.org', ['rcpt@example.net'], inbuffer=source)
+    assert make_plugin(server.address).examine(suspect)[0] == fuglu.DELETE
+    assert server.payloads == [b'Return-Path: <\xff\xc3\xa4@example.org>\r\n' + source]
+
+
 def test_virus_gets_virusaction_template_and_tags(fake_clamd):
     server = fake_clamd(reply_with(b'stream: Eicar-Test-Signature FOUND\0'))
     plugin = make_plugin(server.address, rejectmessage='${virusname} for ${to_domain} in '

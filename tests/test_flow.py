@@ -153,12 +153,16 @@ def test_a_commitback_that_did_not_deliver_is_finished_as_deferred(controller):
     assert finished_as(controller, suspect.id) == ({'DEFER': 1}, 0, [], 0)
 
 
-def test_a_plugin_that_fails_is_skipped_not_fatal(controller):
+def test_a_plugin_that_fails_defers_the_message_never_passes_it_unscanned(controller):
+    # FuGlu fails open here (its bug 23): a scanner that crashes lets the message through
     Verdict.verdict = ValueError
     protocol = RecordingProtocol()
     suspect, action = handle(controller, protocol)
-    assert action == fuglu.DUNNO and protocol.answers == [('commitback', None, None)]
+    assert action == fuglu.DEFER
+    assert protocol.answers == [('defer', 'message could not be checked (ValueError) (%s)'
+                                 % suspect.id, '4.7.1')]
     assert any('plugin trouble' in error for error in suspect.tags['processingerrors'])
+    assert finished_as(controller, suspect.id)[:2] == ({'DEFER': 1}, 0)
 
 
 def test_an_answer_that_raises_still_finishes_the_message(controller):

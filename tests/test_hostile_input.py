@@ -192,17 +192,33 @@ def test_xforward_values_are_utf8_xtext(session, sink):
 
 # -- undecodable bytes in the log ------------------------------------------------------
 
-def test_an_undecodable_sender_still_gets_its_log_lines(session, sink, strict_log):
-    session.send(b'MAIL FROM:<a\xffb@example.org>\r\n')
-    assert session.reply().startswith(b'250')
-    assert session.cmd('RCPT TO:<b@example.org>').startswith(b'250')
-    assert session.cmd('DATA').startswith(b'354')
-    session.send(stuff(MESSAGE))
-    assert session.reply().startswith(b'250')
+def send_from_an_undecodable_sender(client, sink):
+    client.send(b'MAIL FROM:<a\xffb@example.org>\r\n')
+    assert client.reply().startswith(b'250')
+    assert client.cmd('RCPT TO:<b@example.org>').startswith(b'250')
+    assert client.cmd('DATA').startswith(b'354')
+    client.send(stuff(MESSAGE))
+    assert client.reply().startswith(b'250')
     assert wait_for(lambda: sink.messages)
+
+
+def test_an_undecodable_sender_still_gets_its_log_lines(session, sink, strict_log):
+    send_from_an_undecodable_sender(session, sink)
     assert sink.messages[0]['mail'] == 'MAIL FROM:<a\ufffdb@example.org>'   # the sink shows U+FFFD
     assert wait_for(lambda: 'from=a\\xffb@example.org' in strict_log.text()), strict_log.text()
     assert strict_log.failures == []
+
+
+@pytest.mark.parametrize('protocol', ['smtp', 'esmtp'])
+def test_an_undecodable_sender_in_a_header_is_delivered(sink, make_fuglu, clients, protocol):
+    # debuginfoheader writes the envelope into a header: its 0xff byte made every
+    # delivery a 451 (the header encoder refused the surrogate that stands for it)
+    server = make_fuglu(sink.port, protocol=protocol, extra_main='debuginfoheader = True\n')
+    client = clients(server.port)
+    assert client.cmd('EHLO client.example').startswith(b'250')
+    send_from_an_undecodable_sender(client, sink)
+    assert b'X-Fuglu-Debuginfo: =?utf-8?' in sink.messages[0]['data']
+    assert server.controller.exceptions == []
 
 
 # -- netcat envelope block -------------------------------------------------------------

@@ -569,6 +569,18 @@ def test_auto_mode_writes_back_sender_recipients_headers_and_body(start_fuglu):
     client.quit()
 
 
+def test_8bit_envelope_is_written_back_as_it_came(start_fuglu):
+    # Postfix passes 8-bit addresses as bytes (smtputf8_enable = no): decoded with
+    # 'replace', the sender came back as U+FFFD and a removed recipient was not found
+    instance = start_fuglu(mode='manual', options='from,to',
+                           sections='[ChangingPlugin]\nremove_rcpt=\udcfe@example.net\n')
+    client = MilterClient(instance.port).start()
+    packets = client.message(sender='\udcff@example.org',
+                             recipients=('\udcfe@example.net', 'kept@example.net'))
+    assert packets[:2] == [(b'e', b'<\xff@example.org>\0'), (b'-', b'<\xfe@example.net>\0')]
+    client.quit()
+
+
 def test_replaced_body_comes_in_chunks_of_at_most_65535_bytes(start_fuglu):
     long_body = 'y' * 150000
     instance = start_fuglu(mode='manual', options='body',

@@ -384,18 +384,21 @@ def test_override_without_message_keeps_the_plugin_message():
     assert (action, message) == (fuglu.DEFER, 'rejected for ${from_address}')
 
 
-def test_an_exception_is_recorded_and_the_next_plugin_runs():
-    controller = controller_with(plugins=[(Crasher, None), (Rejecter, 'after')],
+def test_an_exception_is_recorded_and_gives_the_plugins_problemaction():
+    # never a clean result (FuGlu goes on to the next plugin: its bug 23, a scanner bypass)
+    controller = controller_with('[crasher]\nproblemaction = REJECT\n',
+                                 plugins=[(Crasher, 'crasher'), (Rejecter, 'after')],
                                  prependers=[(ListPrepender, 'pre')],
                                  appenders=[(RecordingAppender, 'app')])
-    suspect, action, _, _ = run_session(controller)
-    assert suspect.tags['trace'] == ['prepender:pre', 'scanner:crasher', 'scanner:after',
-                                     'appender:app:REJECT']
-    assert action == fuglu.REJECT
+    suspect, action, message, _ = run_session(controller)
+    assert suspect.tags['trace'] == ['prepender:pre', 'scanner:crasher', 'appender:app:REJECT']
+    assert (action, message) == (fuglu.REJECT, 'message could not be checked (RuntimeError)')
     errors = suspect.tags['processingerrors']
     assert len(errors) == 1 and 'RuntimeError' in errors[0] and 'plugin bug' in errors[0]
-    assert suspect.tags['decisions'] == [('after', fuglu.REJECT)]
+    assert suspect.tags['decisions'] == [('crasher', fuglu.REJECT)]
     assert len(controller.exceptions) == 1 and 'plugin bug' in controller.exceptions[0][2]
+    controller = controller_with(plugins=[(Crasher, None), (Rejecter, 'after')])
+    assert run_session(controller)[1] == fuglu.DEFER   # problemaction's default
 
 
 def test_prepender_and_appender_exceptions_are_recorded_too():

@@ -51,7 +51,7 @@ class FakeSpamd(FakeDaemon):
             lines = head.split(b'\r\n')
             headers = {}
             for line in lines[1:]:
-                name, _, value = line.decode().partition(':')
+                name, _, value = line.decode('utf-8', 'surrogateescape').partition(':')
                 headers[name.strip().lower()] = value.strip()
             request = SpamdRequest(lines[0], headers, body)
             self.requests.append(request)
@@ -212,6 +212,15 @@ def test_user_keeps_case_without_lowercase_user(fake_spamd):
     assert server.requests[0].headers['user'] == 'Rcpt@Example.net'
 
 
+def test_8bit_recipient_goes_to_spamd_as_it_came(fake_spamd):
+    # RCPT TO:<\xfe@example.net> (kept as a surrogate) once crashed the plugin
+    server = fake_spamd(processing_spamd(9.0))
+    suspect = make_suspect(recipient='\udcfe@example.net')
+    assert make_plugin(server.address).examine(suspect) == fuglu.DUNNO
+    assert server.requests[0].headers['user'] == '\udcfe@example.net'   # the byte 0xfe
+    assert suspect.is_spam()
+
+
 def test_forwardoriginal_uses_report_and_keeps_the_message(fake_spamd):
     server = fake_spamd(reporting_spamd(7.5))
     plugin = make_plugin(server.address, forwardoriginal='True')
@@ -337,6 +346,16 @@ def test_spamd_down_is_a_problem():
         probe.bind(('127.0.0.1', 0))
         port = probe.getsockname()[1]
     assert make_plugin(port, retries='2').examine(make_suspect())[0] == fuglu.DEFER
+
+
+def test_oversize_message_too_complex_to_strip_is_a_problem(fake_spamd):
+    # 10 MB of empty parts took 640 MB and 12 s to strip; a hit bound is a problem
+    server = fake_spamd(processing_spamd(20.0))
+    source = (b'Subject: parts\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n'
+              + b'--b\r\n\r\n' * 20000)
+    with pytest.raises(fuglu.LimitExceeded):   # the scan session's problemaction
+        make_plugin(server.address, maxsize='100000').examine(make_suspect(source))
+    assert server.connections == 0
 
 
 def test_oversize_without_stripping_is_skipped(fake_spamd):

@@ -14,29 +14,37 @@ import socket
 import subprocess
 import uuid
 
+import sys
+
 import pytest
 
 import peers
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # helpers
+from helpers import RawClient  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PLUGIN_DIR = os.path.join(HERE, 'plugins')
 LUA_SCRIPT = os.path.join(HERE, 'milter_whole_message.lua')
 
 
-def fuglu_config(port, mode='auto'):
+def fuglu_config(port, mode='auto', options=''):
     return ('[main]\nincomingport=milter:127.0.0.1:%d\nplugindir=%s\n'
             'plugins=milter_test_plugins.HeaderDriven\nprependers=\nappenders=\ncontrolport=\n'
             '[performance]\nminthreads=2\nmaxthreads=20\n'
-            '[milter]\nmilter_mode=%s\n' % (port, PLUGIN_DIR, mode))
+            '[milter]\nmilter_mode=%s\nmilter_mode_options=%s\n'
+            % (port, PLUGIN_DIR, mode, options))
 
 
 @pytest.fixture
 def milter_pair(postfix_factory, fuglu_factory):
-    """Call with (mode) -> (postfix, fuglu) wired together."""
-    def create(mode='auto'):
+    """Call with (mode, milter_mode_options, Postfix main.cf overrides) -> (postfix,
+    fuglu) wired together."""
+    def create(mode='auto', options='', main_cf=None):
         port = peers.free_port()
-        fuglu = fuglu_factory(fuglu_config(port, mode))
-        postfix = postfix_factory('milter', milter_port=port, milter_default_action='tempfail')
+        fuglu = fuglu_factory(fuglu_config(port, mode, options))
+        postfix = postfix_factory('milter', milter_port=port, milter_default_action='tempfail',
+                                  main_cf=main_cf)
         return postfix, fuglu
     return create
 
@@ -122,6 +130,24 @@ def test_auto_mode_body_sender_and_recipient_changes_arrive(milter_pair):
         assert 'X-Fuglu-Suspect:' in headers_of(delivered)
     postfix.wait_log(r'to=<%s>.*status=sent' % re.escape(added))
     assert postfix.delivered(removed) == []
+
+
+def test_manual_mode_writes_an_8bit_sender_back_as_it_came(milter_pair):
+    # Postfix passes 8-bit addresses as bytes when SMTPUTF8 is off; decoded with
+    # 'replace', fuglu wrote the sender back as U+FFFD (CHGFROM in manual and tags modes)
+    postfix, fuglu = milter_pair('manual', 'from', {'smtputf8_enable': 'no'})
+    recipient = unique('eightbit')
+    client = RawClient(postfix.smtp_port, timeout=30)   # smtplib refuses such an address
+    assert client.cmd('EHLO client.example').startswith(b'250')
+    client.send(b'MAIL FROM:<\xff\xc3\xa4@example.org>\r\n')
+    assert client.reply().startswith(b'250')
+    assert client.cmd('RCPT TO:<%s>' % recipient).startswith(b'250')
+    assert client.cmd('DATA').startswith(b'354')
+    client.send(message('eight bit sender') + b'.\r\n')
+    assert client.reply().startswith(b'250')
+    client.close()
+    delivered = postfix.wait_delivered(recipient)
+    assert delivered.startswith(b'Return-Path: <\xff\xc3\xa4@example.org>\n'), delivered[:100]
 
 
 def test_two_messages_on_one_smtp_connection_keep_their_own_ids(milter_pair):

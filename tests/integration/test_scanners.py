@@ -206,6 +206,19 @@ def test_gtube_delivered_with_spam_headers_and_no_pseudo_headers(spamd):
     assert b'Return-Path' not in delivered
 
 
+def test_gtube_to_an_8bit_recipient_is_spam(spamd):
+    # RCPT TO:<\xfe...> (kept as a surrogate) once crashed the plugin on its User header
+    suspect = fuglu.Suspect('sender@example.org', ['\udcfe\u00e4@example.net'],
+                            inbuffer=mail(GTUBE))
+    assert sa_plugin(spamd.port).examine(suspect) == fuglu.DUNNO
+    assert suspect.is_spam() and suspect.tags['SpamAssassin.score'] >= 999
+
+
+def test_eicar_from_an_8bit_sender_is_found(clamd):
+    suspect = fuglu.Suspect('\udcff@example.org', ['rcpt@example.net'], inbuffer=mail(EICAR))
+    assert clamav_plugin(clamd.tcp_port).examine(suspect)[0] == fuglu.DELETE
+
+
 def test_clean_mail_is_ham(spamd):
     suspect = suspect_of(mail(CLEAN_TEXT))
     assert sa_plugin(spamd.port).examine(suspect) == fuglu.DUNNO

@@ -13,8 +13,10 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))   # tests/: helpers
 
 import peers  # noqa: E402
+from helpers import RawClient  # noqa: E402
 from peers import EICAR, GTUBE  # noqa: E402
 
 
@@ -32,9 +34,20 @@ def header_values(raw, name):
 
 
 @pytest.fixture
-def scanning_chain(postfix_factory, fuglu_factory, clamd, spamd, tmp_world_dir):
+def scanning_chain(chain_factory):
     """A started after-queue Postfix with fuglu (clamav, spamassassin) as its filter."""
-    postfix = postfix_factory('afterqueue')
+    return chain_factory()
+
+
+@pytest.fixture
+def chain_factory(postfix_factory, fuglu_factory, clamd, spamd, tmp_world_dir):
+    """Call with main.cf overrides for a scanning chain on such a Postfix."""
+    return lambda **main_cf: start_chain(postfix_factory, fuglu_factory, clamd, spamd,
+                                         tmp_world_dir, main_cf)
+
+
+def start_chain(postfix_factory, fuglu_factory, clamd, spamd, tmp_world_dir, main_cf):
+    postfix = postfix_factory('afterqueue', main_cf=main_cf)
     config = ('[main]\n'
               'incomingport = smtp:127.0.0.1:%d\n'
               'outgoinghost = 127.0.0.1\n'
@@ -60,12 +73,17 @@ def test_eicar_is_deleted_not_delivered(scanning_chain):
     # Postfix handed it to fuglu and fuglu said 250 (DELETE = accept and drop) ...
     postfix.wait_log(r'to=<virus@example\.net>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:%d.*status=sent'
                      % postfix.filter_port, timeout=30)
-    fuglu_process.wait_log(r'Eicar-Test-Signature', timeout=10)
-    # ... so a later message arrives while the virus never does.
-    postfix.send('sender@example.org', ['after-virus@example.net'],
-                 mail('after-virus@example.net', b'plain text', 'after'))
-    postfix.wait_delivered('after-virus@example.net', timeout=30)
-    assert postfix.delivered('virus@example.net') == []
+    assert_virus_dropped(postfix, fuglu_process, 'virus@example.net')
+
+
+def assert_virus_dropped(postfix, fuglu_process, recipient):
+    """fuglu found the virus for ``recipient`` and dropped it: a later message
+    arrives while the virus never does, and nothing waits in Postfix's queue."""
+    fuglu_process.wait_log(r'Eicar-Test-Signature', timeout=30)
+    postfix.send('sender@example.org', ['after-' + recipient],
+                 mail('after-' + recipient, b'plain text', 'after'))
+    postfix.wait_delivered('after-' + recipient, timeout=30)
+    assert postfix.delivered(recipient) == []
     assert postfix.queue_size() == 0
 
 
@@ -96,3 +114,19 @@ def test_clean_mail_is_delivered_as_ham(scanning_chain):
     assert status and status[0].startswith('No, score=')
     assert body.replace(b'\r\n', b'\n') in delivered  # the Maildir stores LF line ends
     assert b'X-Fuglu-Incomingport' not in delivered
+
+
+def test_eicar_from_an_8bit_sender_is_deleted_not_delivered(chain_factory):
+    # MAIL FROM:<\xff...> once crashed the clamav plugin, which fuglu skipped: a 250
+    # and the virus delivered unscanned. Postfix takes such bytes from anyone when
+    # SMTPUTF8 is off (compatibility_level < 1, or set so), and from local senders.
+    postfix, fuglu_process = chain_factory(smtputf8_enable='no')
+    client = RawClient(postfix.smtp_port, timeout=30)   # smtplib refuses such an address
+    replies = [client.cmd('EHLO client.example')]
+    client.send(b'MAIL FROM:<\xff\xfe@example.org>\r\n')
+    replies += [client.reply(), client.cmd('RCPT TO:<virus8@example.net>'), client.cmd('DATA')]
+    client.send(mail('virus8@example.net', b'attached: ' + EICAR, 'virus') + b'.\r\n')
+    replies.append(client.reply())
+    client.close()
+    assert [reply[:1] for reply in replies] == [b'2', b'2', b'2', b'3', b'2'], replies
+    assert_virus_dropped(postfix, fuglu_process, 'virus8@example.net')
