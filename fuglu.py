@@ -251,6 +251,19 @@ def try_encoding(u_inputstring, encoding='utf-8'):
     return u_inputstring.encode(encoding or 'utf-8', 'strict')
 
 
+def _module_available(name):
+    """True when ``name`` can be imported (found without importing it: start-up stays
+    small)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+CHARDET_AVAILABLE = _module_available('chardet')   # FuGlu's flag: try_decoding asks chardet
+
+
 def try_decoding(b_inputstring, encoding_guess='utf-8', errors='strict'):
     """bytes -> str. ``errors`` as for bytes.decode, or 'strict+replace' /
     'strict+ignore' (strict first, the second mode on a broken UTF-8 sequence). When the
@@ -3669,6 +3682,8 @@ def _sql_extension_attribute(name):
         return sqlalchemy is not None
     if name == 'STATUS':
         return 'available' if sqlalchemy is not None else 'sqlalchemy not installed'
+    if name == 'YAML_AVAILABLE':   # FuGlu's YAML source of runtime config is not built in
+        return False
     if name == 'text':
         return sqlalchemy.text if sqlalchemy is not None else (lambda string: string)
     if name == 'DeclarativeBase':
@@ -11203,12 +11218,18 @@ def _bounce_module_getattr(name):
     raise AttributeError("module 'fuglu.bounce' has no attribute %r" % name)
 
 
+# FuGlu's flags for optional libraries it may use. fuglu does not use them (HTML is
+# stripped by HTMLStripper, bounces are sent with smtplib), so a plugin that checks a
+# flag takes its fallback path here.
+HAVE_BEAUTIFULSOUP = HAVE_LXML = HAVE_AIOFILES = HAVE_AIOSMTP = False
+
 # module name -> the names it holds (taken from this module), or a module getattr hook
 COMPAT_MODULES = {
     'fuglu.stringencode': None, 'fuglu.shared': None,   # this very module
     'fuglu.mixins': ['SimpleTimeoutMixin', 'ReturnOverrideMixin'],
     'fuglu.addrcheck': ['Addrcheck'],
-    'fuglu.bounce': ['Bounce', 'queueid_from_postfixreply', 'QUEUE_ID_RE', _bounce_module_getattr],
+    'fuglu.bounce': ['Bounce', 'queueid_from_postfixreply', 'QUEUE_ID_RE', 'HAVE_AIOSMTP',
+                     _bounce_module_getattr],
     'fuglu.extensions': [],
     'fuglu.connectors': [],
     'fuglu.connectors.milterconnector': [],

@@ -469,6 +469,19 @@ def test_extensions_this_build_lacks_import_with_their_flags_off():
         assert Model.metadata is None
 
 
+def test_optional_library_flags_say_what_fuglu_uses():
+    # FuGlu 1.7 sets these in try/except ImportError; plugins import them to pick a path
+    import importlib.util
+    from fuglu.stringencode import CHARDET_AVAILABLE
+    from fuglu.shared import HAVE_AIOFILES, HAVE_BEAUTIFULSOUP, HAVE_LXML
+    from fuglu.bounce import HAVE_AIOSMTP
+    from fuglu.extensions.sql import YAML_AVAILABLE
+    assert CHARDET_AVAILABLE is (importlib.util.find_spec('chardet') is not None)
+    # fuglu strips HTML with the standard library and sends bounces with smtplib
+    assert (HAVE_BEAUTIFULSOUP, HAVE_LXML, HAVE_AIOFILES, HAVE_AIOSMTP) == (False,) * 4
+    assert YAML_AVAILABLE is False   # the YAML runtime-config source is not built in
+
+
 def test_funkyconsole_and_class_level_requiredvars_updated_in_init():
     from fuglu.funkyconsole import FunkyConsole
     assert FunkyConsole().strcolor('ERROR', 'red') == '\x1b[31mERROR\x1b[0m'
