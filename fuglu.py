@@ -2266,6 +2266,20 @@ class Suspect(SimpleTimeoutMixin):
         self._header_cache = None
         self._from_header_cache = {}
 
+    @property
+    def source(self):
+        """FuGlu's attribute: the source a plugin set (bytes), None while the message is
+        as received. Assigning it is set_source(); assigning None restores the original."""
+        return self.get_source() if self._modified else None
+
+    @source.setter
+    def source(self, source):
+        if source is None:
+            self.set_source(b'')   # drops what was parsed from the replaced source
+            self._source, self._modified = self._original_source, False
+        else:
+            self.set_source(source)
+
     def set_source(self, source, encoding='utf-8', att_mgr_reset=True):
         self._source = force_bString(source, encoding)
         self._modified = True
@@ -4374,6 +4388,18 @@ class RequiredVars(dict):
         self._plugin._register_defaults(self)
 
 
+class PluginLogger(object):
+    """``plugin.logger`` when the plugin set none: its _logger(). A non-data
+    descriptor, because FuGlu's BasicPlugin sets no logger: a plugin may assign
+    self.logger or define a ``logger`` property of its own (without a setter)."""
+
+    def __get__(self, plugin, owner=None):
+        if plugin is None:
+            return self
+        logger = plugin.__dict__['logger'] = plugin._logger()   # asked once per plugin
+        return logger
+
+
 class BasicPlugin(object):
     """Base of every plugin. One instance per configured entry, shared by all worker
     threads: keep per-message state in the Suspect (tags, see SUSPECT_TAGS), not in
@@ -4411,6 +4437,7 @@ class BasicPlugin(object):
 
     friendly_name = None
     ignored_options = ()   # regexes: FuGlu options of this plugin accepted without effect
+    logger = PluginLogger()
 
     def _get_requiredvars(self):
         table = self.__dict__.get('_requiredvars')
@@ -4437,7 +4464,6 @@ class BasicPlugin(object):
     def __init__(self, config, section=None):
         self.config = config
         self.section = section or getattr(self, 'default_section', None) or self.__class__.__name__
-        self.logger = self._logger()
         self._custom_section = section is not None
         table = self.requiredvars
         if isinstance(table, dict) and not isinstance(table, RequiredVars):

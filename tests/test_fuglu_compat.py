@@ -469,6 +469,36 @@ def test_extensions_this_build_lacks_import_with_their_flags_off():
         assert Model.metadata is None
 
 
+def test_a_plugin_may_define_its_own_logger_property_or_assign_one():
+    # FuGlu's BasicPlugin sets no self.logger: published plugins define a read-only
+    # `logger` property (returning _logger) or assign their own logger in __init__
+    class PropertyLogger(fuglu.ScannerPlugin):
+        @property
+        def logger(self):
+            return self._logger
+
+    class AssignsLogger(fuglu.ScannerPlugin):
+        def __init__(self, config, section=None):
+            fuglu.ScannerPlugin.__init__(self, config, section)
+            self.logger = logging.getLogger('fuglu.plugin.DomainAction')
+
+    config = make_config('[main]\n')
+    assert PropertyLogger(config).logger().name == 'fuglu.plugin.PropertyLogger'
+    assert AssignsLogger(config).logger.name == 'fuglu.plugin.DomainAction'
+    assert fuglu.ScannerPlugin(config, 'X').logger.name == 'fuglu.plugin.ScannerPlugin'
+
+
+def test_suspect_source_is_none_until_a_plugin_sets_it():
+    suspect = make_suspect()
+    assert suspect.source is None                     # as received (FuGlu: source=None)
+    suspect.source = b'Subject: new\r\n\r\nbody\r\n'
+    assert suspect.get_source() == suspect.source == b'Subject: new\r\n\r\nbody\r\n'
+    assert suspect.get_message_rep()['Subject'] == 'new' and suspect.is_modified()
+    suspect.source = None
+    assert suspect.source is None and suspect.get_source() == MESSAGE
+    assert suspect.get_message_rep()['Subject'] != 'new'
+
+
 def test_optional_library_flags_say_what_fuglu_uses():
     # FuGlu 1.7 sets these in try/except ImportError; plugins import them to pick a path
     import importlib.util
