@@ -11311,7 +11311,48 @@ UNAVAILABLE_EXTENSIONS = {
                                                     'ExpiringCounter')),
     'fuglu.extensions.dnsquery': (('ENABLED', 'DNSQUERY_EXTENSION_ENABLED', 'HAVE_DNSPYTHON',
                                    'HAVE_PYDNS'), ()),
+    'fuglu.extensions.aiodnsquery': (('ENABLED', 'AIODNSQUERY_EXTENSION_ENABLED'), ()),
 }
+
+# FuGlu's DNS extensions without a DNS library (dnspython, pydns): the names plugins
+# import are there, and every lookup answers None (FuGlu's "lookup failed") without
+# asking DNS, as FuGlu's do when neither library is installed. Plugins check
+# DNSQUERY_EXTENSION_ENABLED first; those that do not get None and carry on.
+DNS_QTYPES = ('A', 'AAAA', 'CAA', 'CDS', 'CNAME', 'DNSKEY', 'DS', 'MX', 'NS', 'NSEC', 'NSEC3',
+              'NSEC3PARAM', 'PTR', 'RRSIG', 'SOA', 'SPF', 'SRV', 'SSHFP', 'TLSA', 'TXT')
+DNS_ERRORS = ('FuNXDOMAIN', 'FuTIMEOUT', 'FuSERVFAIL', 'FuNoNameserver', 'FuNoAnswer',
+              'FuNoDNSSec')
+DNS_LOOKUPS = ('lookup', 'mxlookup', 'revlookup', 'fcrdnslookup')
+
+
+def dns_lookup_unavailable(*args, **kwargs):
+    """FuGlu's lookup(), mxlookup() ... in a build without a DNS library: None."""
+    return None
+
+
+async def dns_lookup_unavailable_async(*args, **kwargs):
+    return None
+
+
+def add_dns_standins(module, asynchronous):
+    lookup = dns_lookup_unavailable_async if asynchronous else dns_lookup_unavailable
+    for qtype in DNS_QTYPES:
+        setattr(module, 'QTYPE_' + qtype, qtype)
+    for name in DNS_ERRORS:
+        setattr(module, name, type(name, (Exception,), {'__module__': module.__name__}))
+    for name in DNS_LOOKUPS:
+        setattr(module, name, lookup)
+    module.DNS_TIMEOUT = TimeoutError
+
+
+# FuGlu's packages: below them a missing name is a module; below any other a name
+FUGLU_PACKAGES = ('fuglu', 'fuglu.extensions', 'fuglu.plugins', 'fuglu.plugins.ratelimit',
+                  'fuglu.mplugins', 'fuglu.connectors', 'fuglu.lib', 'fuglu.utils')
+FUGLU_MODULES = (   # FuGlu 1.7's top-level modules (fuglu.<name>)
+    'addrcheck', 'asyncprocpool', 'bounce', 'caching', 'connectors', 'core', 'daemon', 'debug',
+    'extensions', 'funkyconsole', 'lib', 'loghandlers', 'logtools', 'mailattach', 'mixins',
+    'mplugins', 'mshared', 'plugins', 'procpool', 'protocolbase', 'scansession', 'shared',
+    'stats', 'stringencode', 'threadpool', 'utils')
 
 
 class NotInThisBuild(FugluError, ImportError):
@@ -11334,6 +11375,13 @@ class FugluModuleFinder(object):
             names = ', '.join('fuglu.plugins.' + n for n in sorted(bundled))
             raise NotInThisBuild('%s is a plugin of FuGlu 1.7 that is not part of this build '
                                  '(fuglu bundles %s)' % (fullname, names), name=fullname)
+        parent = fullname.rpartition('.')[0]
+        # `from fuglu.shared import X` (fuglu.shared is this module, named fuglu) or
+        # `from fuglu.extensions.sql import X`, and X is not here: a name, not a module
+        if parent not in FUGLU_PACKAGES or (parent == 'fuglu' and name not in FUGLU_MODULES):
+            where = 'fuglu.shared / fuglu.stringencode' if parent == 'fuglu' else parent
+            raise NotInThisBuild('cannot import name %r from %s: not part of this build (see '
+                                 'README, FuGlu compatibility)' % (name, where), name=fullname)
         raise NotInThisBuild('%s is a module of FuGlu that is not part of this build (see README, '
                              'FuGlu compatibility)' % fullname, name=fullname)
 
@@ -11383,6 +11431,8 @@ def register_compat_modules():
     for fullname, (flags, classes) in UNAVAILABLE_EXTENSIONS.items():
         if fullname not in sys.modules:
             sys.modules[fullname] = unavailable_extension(fullname, flags, classes)
+            if fullname.endswith('dnsquery'):
+                add_dns_standins(sys.modules[fullname], fullname.endswith('aiodnsquery'))
         setattr(sys.modules['fuglu.extensions'], fullname.rpartition('.')[2], sys.modules[fullname])
     if not any(isinstance(finder, FugluModuleFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, FugluModuleFinder())

@@ -456,6 +456,26 @@ def test_importing_a_missing_fuglu_module_says_so():
         from fuglu.mailattach import MailattachmentMgr  # noqa: F401
 
 
+def test_a_missing_name_is_reported_as_a_name_not_as_a_module():
+    with pytest.raises(ImportError, match="cannot import name 'NoSuchHelper' from fuglu.shared"):
+        from fuglu.shared import NoSuchHelper  # noqa: F401
+    with pytest.raises(ImportError, match="cannot import name 'nothing' from fuglu.bounce"):
+        from fuglu.bounce import nothing  # noqa: F401
+
+
+def test_dns_extensions_without_a_dns_library_answer_none():
+    # FuGlu's dnsquery without dnspython/pydns: the names are there, lookups give None
+    import asyncio
+    from fuglu.extensions.dnsquery import (DNSQUERY_EXTENSION_ENABLED, FuNXDOMAIN, QTYPE_TXT,
+                                           lookup, mxlookup, revlookup)
+    from fuglu.extensions import aiodnsquery
+    assert DNSQUERY_EXTENSION_ENABLED is False and aiodnsquery.ENABLED is False
+    assert QTYPE_TXT == 'TXT' and issubclass(FuNXDOMAIN, Exception)
+    assert lookup('example.org', QTYPE_TXT) is None and mxlookup('example.org') is None
+    assert revlookup('192.0.2.1', reraise=True) is None
+    assert asyncio.run(aiodnsquery.lookup('example.org', aiodnsquery.QTYPE_A)) is None
+
+
 def test_extensions_this_build_lacks_import_with_their_flags_off():
     from fuglu.extensions.redisext import ENABLED as REDIS_AVAILABLE, RedisPooledConn
     from fuglu.extensions.dnsquery import DNSQUERY_EXTENSION_ENABLED
