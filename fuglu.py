@@ -88,6 +88,7 @@ import re
 import signal
 import socket
 import stat
+import string
 import struct
 import sys
 import threading
@@ -1533,7 +1534,8 @@ def dump_defaults(plugin_classes=()):
 # and the result is cut at ``limit`` characters, so a template naming ${body:full} many
 # times costs one copy of the body, not many.
 
-TEMPLATE_RE = re.compile(r'\$(?:(\$)|\{(@?[a-z][_a-z0-9.:]*)\}|(@?[a-z][_a-z0-9.:]*))',
+TEMPLATE_NAME = r'@?[a-z][_a-z0-9.:]*'   # name, @tag, header:Name (as in FuGlu)
+TEMPLATE_RE = re.compile(r'\$(?:(\$)|\{(%s)\}|(%s))' % (TEMPLATE_NAME, TEMPLATE_NAME),
                          re.IGNORECASE)
 # characters of a filled template at most (log lines, bounce texts, paths, replies)
 TEMPLATE_MAX_CHARS = 1000000
@@ -1605,6 +1607,15 @@ def apply_template(templatecontent, suspect=None, values=None, valuesfunction=No
             return ''.join(pieces)
     pieces.append(template[last:last + room])
     return ''.join(pieces)
+
+
+class _SuspectTemplate(string.Template):
+    """FuGlu's template class: private there, but its plugins (and plugins copied from
+    them) fill templates with ``_SuspectTemplate(text).safe_substitute(values)``. The
+    variable names of apply_template (``${@tag}``, ``${header:name}``); values are
+    inserted as given, so apply_template remains the way for text from a message."""
+    delimiter = '$'
+    idpattern = TEMPLATE_NAME
 
 
 def default_template_values(suspect, values=None):

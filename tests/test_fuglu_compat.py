@@ -309,6 +309,14 @@ def test_valuesfunction_sees_every_value_headers_and_tags_included():
     assert sorted(seen) == ['@note', 'from_address', 'given', 'subject']
 
 
+def test_suspect_template_of_fuglus_plugins():
+    # FuGlu's plugins fill their configured texts with _SuspectTemplate.safe_substitute
+    from fuglu.shared import _SuspectTemplate
+    template = _SuspectTemplate('${@tag.x} $from_address ${header:Subject} $$ $unknown')
+    values = {'@tag.x': 1, 'from_address': 'a@example.org', 'header:Subject': '$x'}
+    assert template.safe_substitute(values) == '1 a@example.org $x $ $unknown'
+
+
 def test_valuesfunction_may_drop_a_value():
     assert fuglu.apply_template('[${subject}]', make_suspect(),
                                 valuesfunction=lambda values: {}) == '[]'

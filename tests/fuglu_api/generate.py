@@ -25,6 +25,7 @@ PROTECTED = {
     '_get_enginename', '_skip_on_previous_virus', '_close_socket', '__init_socket__',
     '_check_apply_override', '_parse_rcvd_header', '_short_tag_rep', '_parse_lines',
     '_reload_if_necessary', '_apply_linefilters', '_filter_lines', '_add_required_headers',
+    '_SuspectTemplate',   # module-level, private, but FuGlu's own plugins import it
 }
 
 
@@ -113,7 +114,7 @@ def main(srcdir):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 if not node.name.startswith('_') and not is_overload(node):
                     lines.append((module, node.name, 'function', parameters(node)))
-            elif isinstance(node, ast.ClassDef) and not node.name.startswith('_'):
+            elif isinstance(node, ast.ClassDef) and wanted(node.name):
                 members = class_members(node, mixins)
                 init = members.pop('__init__', (None, None))[1]
                 for base in node.bases:
