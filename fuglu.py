@@ -11318,12 +11318,34 @@ def unavailable_extension(fullname, flags, classes):
 # FuGlu extensions plugins guard with a flag: importable, flags False, classes refuse
 UNAVAILABLE_EXTENSIONS = {
     'fuglu.extensions.redisext': (('ENABLED',), ('RedisPooledConn', 'RedisKeepAlive')),
-    'fuglu.extensions.aioredisext': (('ENABLED',), ('AIORedisMixin', 'AIORedisBaseBackend',
-                                                    'ExpiringCounter')),
+    'fuglu.extensions.aioredisext': (('ENABLED',), ('AIORedisBaseBackend', 'ExpiringCounter')),
     'fuglu.extensions.dnsquery': (('ENABLED', 'DNSQUERY_EXTENSION_ENABLED', 'HAVE_DNSPYTHON',
                                    'HAVE_PYDNS'), ()),
     'fuglu.extensions.aiodnsquery': (('ENABLED', 'AIODNSQUERY_EXTENSION_ENABLED'), ()),
 }
+
+class AIORedisMixin(object):
+    """FuGlu's redis mixin for plugins, in a build without redis: as FuGlu's without
+    the redis module, it adds option ``redis_conn`` and the plugin loads (FuGlu's own
+    plugins then check ENABLED and do nothing); asking for ``aioredisbackend`` raises."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.requiredvars.update({'redis_conn': {
+            'default': '', 'description': 'redis backend database connection: '
+            'redis://host:port/dbid (redis is not part of this build)'}})
+        self._aioredisbackend = None
+
+    @property
+    def aioredisbackend(self):
+        return sys.modules['fuglu.extensions.aioredisext'].AIORedisBaseBackend()
+
+    async def ashutdown(self):
+        parent_ashutdown = getattr(super(), 'ashutdown', None)
+        result = parent_ashutdown() if parent_ashutdown is not None else None
+        if hasattr(result, '__await__'):
+            await result
+
 
 # FuGlu's DNS extensions without a DNS library (dnspython, pydns): the names plugins
 # import are there, and every lookup answers None (FuGlu's "lookup failed") without
@@ -11444,6 +11466,8 @@ def register_compat_modules():
             sys.modules[fullname] = unavailable_extension(fullname, flags, classes)
             if fullname.endswith('dnsquery'):
                 add_dns_standins(sys.modules[fullname], fullname.endswith('aiodnsquery'))
+            if fullname.endswith('aioredisext'):
+                sys.modules[fullname].AIORedisMixin = AIORedisMixin
         setattr(sys.modules['fuglu.extensions'], fullname.rpartition('.')[2], sys.modules[fullname])
     if not any(isinstance(finder, FugluModuleFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, FugluModuleFinder())

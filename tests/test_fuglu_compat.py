@@ -484,6 +484,34 @@ def test_dns_extensions_without_a_dns_library_answer_none():
     assert asyncio.run(aiodnsquery.lookup('example.org', aiodnsquery.QTYPE_A)) is None
 
 
+def test_a_plugin_with_fuglus_redis_mixin_loads_and_does_nothing_without_redis():
+    # FuGlu's own plugins (knownsubject, fuzor, btc) mix AIORedisMixin in and check ENABLED
+    import asyncio
+    from fuglu.extensions.aioredisext import AIORedisMixin, ENABLED as REDIS_AVAILABLE
+    shut = []
+
+    class KnownThing(AIORedisMixin, fuglu.ScannerPlugin):
+        def __init__(self, config, section=None):
+            super().__init__(config, section)
+            self.requiredvars.update({'ttl': {'default': '3'}})
+
+        def examine(self, suspect):
+            return fuglu.DUNNO if not REDIS_AVAILABLE else self.aioredisbackend
+
+        async def ashutdown(self):
+            shut.append(1)
+            await super().ashutdown()
+
+    plugin = KnownThing(make_config('[main]\n'))
+    assert plugin.config.get('KnownThing', 'redis_conn') == ''
+    assert plugin.config.getint('KnownThing', 'ttl') == 3
+    assert plugin.examine(make_suspect()) == fuglu.DUNNO
+    with pytest.raises(ImportError, match='not in this build'):
+        plugin.aioredisbackend
+    asyncio.run(plugin.ashutdown())
+    assert shut == [1]
+
+
 def test_extensions_this_build_lacks_import_with_their_flags_off():
     from fuglu.extensions.redisext import ENABLED as REDIS_AVAILABLE, RedisPooledConn
     from fuglu.extensions.dnsquery import DNSQUERY_EXTENSION_ENABLED
