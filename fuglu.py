@@ -3887,6 +3887,10 @@ class FileList(object):
 
     RELOAD_CHECK_INTERVAL = 5
 
+    def __class_getitem__(cls, content_type):
+        # FuGlu's FileList is typing.Generic: its plugins subclass FileList[list[str]]
+        return cls
+
     def __init__(self, filename=None, strip=True, skip_empty=True, skip_comments=True,
                  lowercase=False, additional_filters=None,
                  minimum_time_between_reloads=RELOAD_CHECK_INTERVAL):

@@ -223,6 +223,19 @@ def test_extended_results_carry_field_value_argument_and_pattern(tmp_path):
     assert matched and first == results[0]
 
 
+def test_filelist_subclassed_with_a_content_type(tmp_path):
+    # FuGlu 1.7's FileList is generic; its plugins write class X(FileList[list[str]])
+    path = tmp_path / 'list.txt'
+    path.write_text('a b\n# comment\nc d\n')
+
+    class PairList(fuglu.FileList[list]):
+        def _parse_lines(self, lines):
+            return [line.split() for line in self._filter_lines(lines)]
+
+    assert issubclass(PairList, fuglu.FileList)
+    assert PairList(str(path)).get_list() == [['a', 'b'], ['c', 'd']]
+
+
 def test_filelist_follows_the_file(tmp_path):
     path = tmp_path / 'list'
     path.write_text('# comment\nOne # inline\n\nTwo\n')
