@@ -4204,20 +4204,33 @@ class SuspectFilter(FileList):
         all parts, True = only parts with Content-Disposition attachment / inline,
         False = only parts without it."""
         texts = []
-        for part in suspect.get_message_rep().walk():
-            if part.get_content_maintype() != 'text' or part.is_multipart():
-                continue
-            disposition = (part.get('Content-Disposition') or '').split(';')[0].strip().lower()
+        for disposition, text in self._decoded_textparts(suspect.get_message_rep()):
             if attachment is not None and attachment != (disposition == 'attachment'):
                 continue
             if inline is not None and inline != (disposition == 'inline'):
                 continue
-            payload = part.get_payload(decode=True)
-            if payload is None:
-                continue
-            texts.append(force_uString(payload, part.get_content_charset() or 'utf-8',
-                                       'strict+replace'))
+            texts.append(text)
         return texts
+
+    @staticmethod
+    def _decoded_textparts(msgrep):
+        """(disposition, decoded text) of each text part, decoded once per parsed message
+        and kept with it (as FuGlu keeps them: rules and plugins asking again get the
+        same strings; a replaced message is parsed, and decoded, anew)."""
+        parts = getattr(msgrep, '_fuglu_decoded_textparts', None)
+        if parts is not None:
+            return parts
+        parts = []
+        for part in msgrep.walk():
+            if part.get_content_maintype() != 'text' or part.is_multipart():
+                continue
+            disposition = (part.get('Content-Disposition') or '').split(';')[0].strip().lower()
+            payload = part.get_payload(decode=True)
+            if payload is not None:
+                parts.append((disposition, force_uString(
+                    payload, part.get_content_charset() or 'utf-8', 'strict+replace')))
+        msgrep._fuglu_decoded_textparts = parts
+        return parts
 
     @deprecated
     def get_decoded_textparts_deprecated(self, messagerep):

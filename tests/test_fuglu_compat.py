@@ -210,6 +210,16 @@ def test_strip_text_and_decoded_textparts():
         '<p>Hello <b>there</b></p><script>x()</script>']
 
 
+def test_decoded_textparts_are_decoded_once_per_parsed_message():
+    suspect = make_suspect(HTML)
+    rules = fuglu.SuspectFilter(None)
+    first, second = rules.get_decoded_textparts(suspect), rules.get_decoded_textparts(suspect)
+    assert first == second and first[0] is second[0]   # FuGlu caches them as well
+    assert rules.get_decoded_textparts(suspect, attachment=True) == ['caf\xe9']
+    suspect.set_source(HTML.replace(b'caf\xe9', b'tea'))   # a new message: decoded anew
+    assert rules.get_decoded_textparts(suspect, attachment=True) == ['tea']
+
+
 def test_extended_results_carry_field_value_argument_and_pattern(tmp_path):
     path = tmp_path / 'rules'
     path.write_text('to_domain example\\.com to-example\n@score >5 high\n')
