@@ -88,6 +88,7 @@ import re
 import signal
 import socket
 import stat
+import string
 import struct
 import sys
 import threading
@@ -249,6 +250,19 @@ def try_encoding(u_inputstring, encoding='utf-8'):
     if u_inputstring is None:
         return None
     return u_inputstring.encode(encoding or 'utf-8', 'strict')
+
+
+def _module_available(name):
+    """True when ``name`` can be imported (found without importing it: start-up stays
+    small)."""
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+CHARDET_AVAILABLE = _module_available('chardet')   # FuGlu's flag: try_decoding asks chardet
 
 
 def try_decoding(b_inputstring, encoding_guess='utf-8', errors='strict'):
@@ -1533,7 +1547,8 @@ def dump_defaults(plugin_classes=()):
 # and the result is cut at ``limit`` characters, so a template naming ${body:full} many
 # times costs one copy of the body, not many.
 
-TEMPLATE_RE = re.compile(r'\$(?:(\$)|\{(@?[a-z][_a-z0-9.:]*)\}|(@?[a-z][_a-z0-9.:]*))',
+TEMPLATE_NAME = r'@?[a-z][_a-z0-9.:]*'   # name, @tag, header:Name (as in FuGlu)
+TEMPLATE_RE = re.compile(r'\$(?:(\$)|\{(%s)\}|(%s))' % (TEMPLATE_NAME, TEMPLATE_NAME),
                          re.IGNORECASE)
 # characters of a filled template at most (log lines, bounce texts, paths, replies)
 TEMPLATE_MAX_CHARS = 1000000
@@ -1605,6 +1620,15 @@ def apply_template(templatecontent, suspect=None, values=None, valuesfunction=No
             return ''.join(pieces)
     pieces.append(template[last:last + room])
     return ''.join(pieces)
+
+
+class _SuspectTemplate(string.Template):
+    """FuGlu's template class: private there, but its plugins (and plugins copied from
+    them) fill templates with ``_SuspectTemplate(text).safe_substitute(values)``. The
+    variable names of apply_template (``${@tag}``, ``${header:name}``); values are
+    inserted as given, so apply_template remains the way for text from a message."""
+    delimiter = '$'
+    idpattern = TEMPLATE_NAME
 
 
 def default_template_values(suspect, values=None):
@@ -2344,6 +2368,20 @@ class Suspect(SimpleTimeoutMixin):
         self._message_rep = None
         self._header_cache = None
         self._from_header_cache = {}
+
+    @property
+    def source(self):
+        """FuGlu's attribute: the source a plugin set (bytes), None while the message is
+        as received. Assigning it is set_source(); assigning None restores the original."""
+        return self.get_source() if self._modified else None
+
+    @source.setter
+    def source(self, source):
+        if source is None:
+            self.set_source(b'')   # drops what was parsed from the replaced source
+            self._source, self._modified = self._original_source, False
+        else:
+            self.set_source(source)
 
     def set_source(self, source, encoding='utf-8', att_mgr_reset=True):
         self._source = force_bString(source, encoding)
@@ -3757,6 +3795,8 @@ def _sql_extension_attribute(name):
         return sqlalchemy is not None
     if name == 'STATUS':
         return 'available' if sqlalchemy is not None else 'sqlalchemy not installed'
+    if name == 'YAML_AVAILABLE':   # FuGlu's YAML source of runtime config is not built in
+        return False
     if name == 'text':
         return sqlalchemy.text if sqlalchemy is not None else (lambda string: string)
     if name == 'DeclarativeBase':
@@ -3934,6 +3974,10 @@ class FileList(object):
     Methods: get_list(); file_changed(). Subclasses override _parse_lines(lines)."""
 
     RELOAD_CHECK_INTERVAL = 5
+
+    def __class_getitem__(cls, content_type):
+        # FuGlu's FileList is typing.Generic: its plugins subclass FileList[list[str]]
+        return cls
 
     def __init__(self, filename=None, strip=True, skip_empty=True, skip_comments=True,
                  lowercase=False, additional_filters=None,
@@ -4248,20 +4292,33 @@ class SuspectFilter(FileList):
         all parts, True = only parts with Content-Disposition attachment / inline,
         False = only parts without it."""
         texts = []
-        for part in suspect.get_message_rep().walk():
-            if part.get_content_maintype() != 'text' or part.is_multipart():
-                continue
-            disposition = (part.get('Content-Disposition') or '').split(';')[0].strip().lower()
+        for disposition, text in self._decoded_textparts(suspect.get_message_rep()):
             if attachment is not None and attachment != (disposition == 'attachment'):
                 continue
             if inline is not None and inline != (disposition == 'inline'):
                 continue
-            payload = part.get_payload(decode=True)
-            if payload is None:
-                continue
-            texts.append(force_uString(payload, part.get_content_charset() or 'utf-8',
-                                       'strict+replace'))
+            texts.append(text)
         return texts
+
+    @staticmethod
+    def _decoded_textparts(msgrep):
+        """(disposition, decoded text) of each text part, decoded once per parsed message
+        and kept with it (as FuGlu keeps them: rules and plugins asking again get the
+        same strings; a replaced message is parsed, and decoded, anew)."""
+        parts = getattr(msgrep, '_fuglu_decoded_textparts', None)
+        if parts is not None:
+            return parts
+        parts = []
+        for part in msgrep.walk():
+            if part.get_content_maintype() != 'text' or part.is_multipart():
+                continue
+            disposition = (part.get('Content-Disposition') or '').split(';')[0].strip().lower()
+            payload = part.get_payload(decode=True)
+            if payload is not None:
+                parts.append((disposition, force_uString(
+                    payload, part.get_content_charset() or 'utf-8', 'strict+replace')))
+        msgrep._fuglu_decoded_textparts = parts
+        return parts
 
     @deprecated
     def get_decoded_textparts_deprecated(self, messagerep):
@@ -4447,6 +4504,18 @@ class RequiredVars(dict):
         self._plugin._register_defaults(self)
 
 
+class PluginLogger(object):
+    """``plugin.logger`` when the plugin set none: its _logger(). A non-data
+    descriptor, because FuGlu's BasicPlugin sets no logger: a plugin may assign
+    self.logger or define a ``logger`` property of its own (without a setter)."""
+
+    def __get__(self, plugin, owner=None):
+        if plugin is None:
+            return self
+        logger = plugin.__dict__['logger'] = plugin._logger()   # asked once per plugin
+        return logger
+
+
 class BasicPlugin(object):
     """Base of every plugin. One instance per configured entry, shared by all worker
     threads: keep per-message state in the Suspect (tags, see SUSPECT_TAGS), not in
@@ -4484,6 +4553,7 @@ class BasicPlugin(object):
 
     friendly_name = None
     ignored_options = ()   # regexes: FuGlu options of this plugin accepted without effect
+    logger = PluginLogger()
 
     def _get_requiredvars(self):
         table = self.__dict__.get('_requiredvars')
@@ -4510,7 +4580,6 @@ class BasicPlugin(object):
     def __init__(self, config, section=None):
         self.config = config
         self.section = section or getattr(self, 'default_section', None) or self.__class__.__name__
-        self.logger = self._logger()
         self._custom_section = section is not None
         table = self.requiredvars
         if isinstance(table, dict) and not isinstance(table, RequiredVars):
@@ -12413,12 +12482,18 @@ def _bounce_module_getattr(name):
     raise AttributeError("module 'fuglu.bounce' has no attribute %r" % name)
 
 
+# FuGlu's flags for optional libraries it may use. fuglu does not use them (HTML is
+# stripped by HTMLStripper, bounces are sent with smtplib), so a plugin that checks a
+# flag takes its fallback path here.
+HAVE_BEAUTIFULSOUP = HAVE_LXML = HAVE_AIOFILES = HAVE_AIOSMTP = False
+
 # module name -> the names it holds (taken from this module), or a module getattr hook
 COMPAT_MODULES = {
     'fuglu.stringencode': None, 'fuglu.shared': None,   # this very module
     'fuglu.mixins': ['SimpleTimeoutMixin', 'ReturnOverrideMixin'],
     'fuglu.addrcheck': ['Addrcheck'],
-    'fuglu.bounce': ['Bounce', 'queueid_from_postfixreply', 'QUEUE_ID_RE', _bounce_module_getattr],
+    'fuglu.bounce': ['Bounce', 'queueid_from_postfixreply', 'QUEUE_ID_RE', 'HAVE_AIOSMTP',
+                     _bounce_module_getattr],
     'fuglu.extensions': [],
     'fuglu.connectors': [],
     'fuglu.connectors.milterconnector': [],
@@ -12470,11 +12545,74 @@ def unavailable_extension(fullname, flags, classes):
 # FuGlu extensions plugins guard with a flag: importable, flags False, classes refuse
 UNAVAILABLE_EXTENSIONS = {
     'fuglu.extensions.redisext': (('ENABLED',), ('RedisPooledConn', 'RedisKeepAlive')),
-    'fuglu.extensions.aioredisext': (('ENABLED',), ('AIORedisMixin', 'AIORedisBaseBackend',
-                                                    'ExpiringCounter')),
+    'fuglu.extensions.aioredisext': (('ENABLED',), ('AIORedisBaseBackend', 'ExpiringCounter')),
     'fuglu.extensions.dnsquery': (('ENABLED', 'DNSQUERY_EXTENSION_ENABLED', 'HAVE_DNSPYTHON',
                                    'HAVE_PYDNS'), ()),
+    'fuglu.extensions.aiodnsquery': (('ENABLED', 'AIODNSQUERY_EXTENSION_ENABLED'), ()),
 }
+
+class AIORedisMixin(object):
+    """FuGlu's redis mixin for plugins, in a build without redis: as FuGlu's without
+    the redis module, it adds option ``redis_conn`` and the plugin loads (FuGlu's own
+    plugins then check ENABLED and do nothing); asking for ``aioredisbackend`` raises."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.requiredvars.update({'redis_conn': {
+            'default': '', 'description': 'redis backend database connection: '
+            'redis://host:port/dbid (redis is not part of this build)'}})
+        self._aioredisbackend = None
+
+    @property
+    def aioredisbackend(self):
+        return sys.modules['fuglu.extensions.aioredisext'].AIORedisBaseBackend()
+
+    async def ashutdown(self):
+        parent_ashutdown = getattr(super(), 'ashutdown', None)
+        result = parent_ashutdown() if parent_ashutdown is not None else None
+        if hasattr(result, '__await__'):
+            await result
+
+
+# FuGlu's DNS extensions without a DNS library (dnspython, pydns): the names plugins
+# import are there, and every lookup answers None (FuGlu's "lookup failed") without
+# asking DNS, as FuGlu's do when neither library is installed. Plugins check
+# DNSQUERY_EXTENSION_ENABLED first; those that do not get None and carry on.
+DNS_QTYPES = ('A', 'AAAA', 'CAA', 'CDS', 'CNAME', 'DNSKEY', 'DS', 'MX', 'NS', 'NSEC', 'NSEC3',
+              'NSEC3PARAM', 'PTR', 'RRSIG', 'SOA', 'SPF', 'SRV', 'SSHFP', 'TLSA', 'TXT')
+DNS_ERRORS = ('FuNXDOMAIN', 'FuTIMEOUT', 'FuSERVFAIL', 'FuNoNameserver', 'FuNoAnswer',
+              'FuNoDNSSec')
+DNS_LOOKUPS = ('lookup', 'mxlookup', 'revlookup', 'fcrdnslookup')
+
+
+def dns_lookup_unavailable(*args, **kwargs):
+    """FuGlu's lookup(), mxlookup() ... in a build without a DNS library: None."""
+    return None
+
+
+async def dns_lookup_unavailable_async(*args, **kwargs):
+    return None
+
+
+def add_dns_standins(module, asynchronous):
+    lookup = dns_lookup_unavailable_async if asynchronous else dns_lookup_unavailable
+    for qtype in DNS_QTYPES:
+        setattr(module, 'QTYPE_' + qtype, qtype)
+    for name in DNS_ERRORS:
+        setattr(module, name, type(name, (Exception,), {'__module__': module.__name__}))
+    for name in DNS_LOOKUPS:
+        setattr(module, name, lookup)
+    module.DNS_TIMEOUT = TimeoutError
+
+
+# FuGlu's packages: below them a missing name is a module; below any other a name
+FUGLU_PACKAGES = ('fuglu', 'fuglu.extensions', 'fuglu.plugins', 'fuglu.plugins.ratelimit',
+                  'fuglu.mplugins', 'fuglu.connectors', 'fuglu.lib', 'fuglu.utils')
+FUGLU_MODULES = (   # FuGlu 1.7's top-level modules (fuglu.<name>)
+    'addrcheck', 'asyncprocpool', 'bounce', 'caching', 'connectors', 'core', 'daemon', 'debug',
+    'extensions', 'funkyconsole', 'lib', 'loghandlers', 'logtools', 'mailattach', 'mixins',
+    'mplugins', 'mshared', 'plugins', 'procpool', 'protocolbase', 'scansession', 'shared',
+    'stats', 'stringencode', 'threadpool', 'utils')
 
 
 class NotInThisBuild(FugluError, ImportError):
@@ -12497,6 +12635,13 @@ class FugluModuleFinder(object):
             names = ', '.join('fuglu.plugins.' + n for n in sorted(bundled))
             raise NotInThisBuild('%s is a plugin of FuGlu 1.7 that is not part of this build '
                                  '(fuglu bundles %s)' % (fullname, names), name=fullname)
+        parent = fullname.rpartition('.')[0]
+        # `from fuglu.shared import X` (fuglu.shared is this module, named fuglu) or
+        # `from fuglu.extensions.sql import X`, and X is not here: a name, not a module
+        if parent not in FUGLU_PACKAGES or (parent == 'fuglu' and name not in FUGLU_MODULES):
+            where = 'fuglu.shared / fuglu.stringencode' if parent == 'fuglu' else parent
+            raise NotInThisBuild('cannot import name %r from %s: not part of this build (see '
+                                 'README, FuGlu compatibility)' % (name, where), name=fullname)
         raise NotInThisBuild('%s is a module of FuGlu that is not part of this build (see README, '
                              'FuGlu compatibility)' % fullname, name=fullname)
 
@@ -12546,6 +12691,10 @@ def register_compat_modules():
     for fullname, (flags, classes) in UNAVAILABLE_EXTENSIONS.items():
         if fullname not in sys.modules:
             sys.modules[fullname] = unavailable_extension(fullname, flags, classes)
+            if fullname.endswith('dnsquery'):
+                add_dns_standins(sys.modules[fullname], fullname.endswith('aiodnsquery'))
+            if fullname.endswith('aioredisext'):
+                sys.modules[fullname].AIORedisMixin = AIORedisMixin
         setattr(sys.modules['fuglu.extensions'], fullname.rpartition('.')[2], sys.modules[fullname])
     if not any(isinstance(finder, FugluModuleFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, FugluModuleFinder())

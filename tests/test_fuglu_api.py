@@ -19,6 +19,8 @@ API_LIST = os.path.join(HERE, 'fuglu_api', 'fuglu_1.7.0.txt')
 
 NOT_COVERED = {
     'fuglu.bounce.FugluAioSMTPClient': 'an aiosmtplib client; fuglu sends with its own SMTP client',
+    'fuglu.bounce.AIOSMTP': "FuGlu's aiosmtplib client or its stand-in; HAVE_AIOSMTP is False",
+    'fuglu.bounce.SMTPException': "aiosmtplib's exception or its stand-in (see AIOSMTP)",
     'fuglu.shared.sess2suspect': "builds a Suspect from FuGlu's own milter session object",
     'fuglu.shared.Suspect.att_mgr': "FuGlu's attachment manager (fuglu.mailattach) is not part "
                                     'of this build',

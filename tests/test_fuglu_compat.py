@@ -210,6 +210,16 @@ def test_strip_text_and_decoded_textparts():
         '<p>Hello <b>there</b></p><script>x()</script>']
 
 
+def test_decoded_textparts_are_decoded_once_per_parsed_message():
+    suspect = make_suspect(HTML)
+    rules = fuglu.SuspectFilter(None)
+    first, second = rules.get_decoded_textparts(suspect), rules.get_decoded_textparts(suspect)
+    assert first == second and first[0] is second[0]   # FuGlu caches them as well
+    assert rules.get_decoded_textparts(suspect, attachment=True) == ['caf\xe9']
+    suspect.set_source(HTML.replace(b'caf\xe9', b'tea'))   # a new message: decoded anew
+    assert rules.get_decoded_textparts(suspect, attachment=True) == ['tea']
+
+
 def test_extended_results_carry_field_value_argument_and_pattern(tmp_path):
     path = tmp_path / 'rules'
     path.write_text('to_domain example\\.com to-example\n@score >5 high\n')
@@ -221,6 +231,19 @@ def test_extended_results_carry_field_value_argument_and_pattern(tmp_path):
         ('to_domain', 'example.com', 'to-example', r'example\.com'), ('@score', '7', 'high', '>5')]
     matched, first = rules.matches(suspect, extended=True)
     assert matched and first == results[0]
+
+
+def test_filelist_subclassed_with_a_content_type(tmp_path):
+    # FuGlu 1.7's FileList is generic; its plugins write class X(FileList[list[str]])
+    path = tmp_path / 'list.txt'
+    path.write_text('a b\n# comment\nc d\n')
+
+    class PairList(fuglu.FileList[list]):
+        def _parse_lines(self, lines):
+            return [line.split() for line in self._filter_lines(lines)]
+
+    assert issubclass(PairList, fuglu.FileList)
+    assert PairList(str(path)).get_list() == [['a', 'b'], ['c', 'd']]
 
 
 def test_filelist_follows_the_file(tmp_path):
@@ -307,6 +330,14 @@ def test_valuesfunction_sees_every_value_headers_and_tags_included():
                                  {'given': "o'k"}, valuesfunction=escape)
     assert query == "INSERT 'x''; DROP TABLE mail; --', 'it''s', 'a@example.org', 'o''k'"
     assert sorted(seen) == ['@note', 'from_address', 'given', 'subject']
+
+
+def test_suspect_template_of_fuglus_plugins():
+    # FuGlu's plugins fill their configured texts with _SuspectTemplate.safe_substitute
+    from fuglu.shared import _SuspectTemplate
+    template = _SuspectTemplate('${@tag.x} $from_address ${header:Subject} $$ $unknown')
+    values = {'@tag.x': 1, 'from_address': 'a@example.org', 'header:Subject': '$x'}
+    assert template.safe_substitute(values) == '1 a@example.org $x $ $unknown'
 
 
 def test_valuesfunction_may_drop_a_value():
@@ -456,6 +487,54 @@ def test_importing_a_missing_fuglu_module_says_so():
         from fuglu.mailattach import MailattachmentMgr  # noqa: F401
 
 
+def test_a_missing_name_is_reported_as_a_name_not_as_a_module():
+    with pytest.raises(ImportError, match="cannot import name 'NoSuchHelper' from fuglu.shared"):
+        from fuglu.shared import NoSuchHelper  # noqa: F401
+    with pytest.raises(ImportError, match="cannot import name 'nothing' from fuglu.bounce"):
+        from fuglu.bounce import nothing  # noqa: F401
+
+
+def test_dns_extensions_without_a_dns_library_answer_none():
+    # FuGlu's dnsquery without dnspython/pydns: the names are there, lookups give None
+    import asyncio
+    from fuglu.extensions.dnsquery import (DNSQUERY_EXTENSION_ENABLED, FuNXDOMAIN, QTYPE_TXT,
+                                           lookup, mxlookup, revlookup)
+    from fuglu.extensions import aiodnsquery
+    assert DNSQUERY_EXTENSION_ENABLED is False and aiodnsquery.ENABLED is False
+    assert QTYPE_TXT == 'TXT' and issubclass(FuNXDOMAIN, Exception)
+    assert lookup('example.org', QTYPE_TXT) is None and mxlookup('example.org') is None
+    assert revlookup('192.0.2.1', reraise=True) is None
+    assert asyncio.run(aiodnsquery.lookup('example.org', aiodnsquery.QTYPE_A)) is None
+
+
+def test_a_plugin_with_fuglus_redis_mixin_loads_and_does_nothing_without_redis():
+    # FuGlu's own plugins (knownsubject, fuzor, btc) mix AIORedisMixin in and check ENABLED
+    import asyncio
+    from fuglu.extensions.aioredisext import AIORedisMixin, ENABLED as REDIS_AVAILABLE
+    shut = []
+
+    class KnownThing(AIORedisMixin, fuglu.ScannerPlugin):
+        def __init__(self, config, section=None):
+            super().__init__(config, section)
+            self.requiredvars.update({'ttl': {'default': '3'}})
+
+        def examine(self, suspect):
+            return fuglu.DUNNO if not REDIS_AVAILABLE else self.aioredisbackend
+
+        async def ashutdown(self):
+            shut.append(1)
+            await super().ashutdown()
+
+    plugin = KnownThing(make_config('[main]\n'))
+    assert plugin.config.get('KnownThing', 'redis_conn') == ''
+    assert plugin.config.getint('KnownThing', 'ttl') == 3
+    assert plugin.examine(make_suspect()) == fuglu.DUNNO
+    with pytest.raises(ImportError, match='not in this build'):
+        plugin.aioredisbackend
+    asyncio.run(plugin.ashutdown())
+    assert shut == [1]
+
+
 def test_extensions_this_build_lacks_import_with_their_flags_off():
     from fuglu.extensions.redisext import ENABLED as REDIS_AVAILABLE, RedisPooledConn
     from fuglu.extensions.dnsquery import DNSQUERY_EXTENSION_ENABLED
@@ -467,6 +546,49 @@ def test_extensions_this_build_lacks_import_with_their_flags_off():
         class Model(DeclarativeBase):   # FuGlu plugins define their tables at import time
             pass
         assert Model.metadata is None
+
+
+def test_a_plugin_may_define_its_own_logger_property_or_assign_one():
+    # FuGlu's BasicPlugin sets no self.logger: published plugins define a read-only
+    # `logger` property (returning _logger) or assign their own logger in __init__
+    class PropertyLogger(fuglu.ScannerPlugin):
+        @property
+        def logger(self):
+            return self._logger
+
+    class AssignsLogger(fuglu.ScannerPlugin):
+        def __init__(self, config, section=None):
+            fuglu.ScannerPlugin.__init__(self, config, section)
+            self.logger = logging.getLogger('fuglu.plugin.DomainAction')
+
+    config = make_config('[main]\n')
+    assert PropertyLogger(config).logger().name == 'fuglu.plugin.PropertyLogger'
+    assert AssignsLogger(config).logger.name == 'fuglu.plugin.DomainAction'
+    assert fuglu.ScannerPlugin(config, 'X').logger.name == 'fuglu.plugin.ScannerPlugin'
+
+
+def test_suspect_source_is_none_until_a_plugin_sets_it():
+    suspect = make_suspect()
+    assert suspect.source is None                     # as received (FuGlu: source=None)
+    suspect.source = b'Subject: new\r\n\r\nbody\r\n'
+    assert suspect.get_source() == suspect.source == b'Subject: new\r\n\r\nbody\r\n'
+    assert suspect.get_message_rep()['Subject'] == 'new' and suspect.is_modified()
+    suspect.source = None
+    assert suspect.source is None and suspect.get_source() == MESSAGE
+    assert suspect.get_message_rep()['Subject'] != 'new'
+
+
+def test_optional_library_flags_say_what_fuglu_uses():
+    # FuGlu 1.7 sets these in try/except ImportError; plugins import them to pick a path
+    import importlib.util
+    from fuglu.stringencode import CHARDET_AVAILABLE
+    from fuglu.shared import HAVE_AIOFILES, HAVE_BEAUTIFULSOUP, HAVE_LXML
+    from fuglu.bounce import HAVE_AIOSMTP
+    from fuglu.extensions.sql import YAML_AVAILABLE
+    assert CHARDET_AVAILABLE is (importlib.util.find_spec('chardet') is not None)
+    # fuglu strips HTML with the standard library and sends bounces with smtplib
+    assert (HAVE_BEAUTIFULSOUP, HAVE_LXML, HAVE_AIOFILES, HAVE_AIOSMTP) == (False,) * 4
+    assert YAML_AVAILABLE is False   # the YAML runtime-config source is not built in
 
 
 def test_funkyconsole_and_class_level_requiredvars_updated_in_init():

@@ -25,6 +25,7 @@ PROTECTED = {
     '_get_enginename', '_skip_on_previous_virus', '_close_socket', '__init_socket__',
     '_check_apply_override', '_parse_rcvd_header', '_short_tag_rep', '_parse_lines',
     '_reload_if_necessary', '_apply_linefilters', '_filter_lines', '_add_required_headers',
+    '_SuspectTemplate',   # module-level, private, but FuGlu's own plugins import it
 }
 
 
@@ -80,6 +81,22 @@ def class_members(node, mixins):
     return members
 
 
+def top_level(body, guarded=False):
+    """The statements of a module body, those under a top-level try/if included: FuGlu
+    sets its optional-library flags (CHARDET_AVAILABLE ...) there. Under try/if only
+    definitions and upper-case flags count; the rest are module placeholders (bs4 = None)."""
+    for node in body:
+        if isinstance(node, (ast.Try, ast.If)):
+            handlers = [line for handler in getattr(node, 'handlers', []) for line in handler.body]
+            yield from top_level(node.body + handlers + node.orelse
+                                 + getattr(node, 'finalbody', []), guarded=True)
+        elif not guarded or not isinstance(node, (ast.Assign, ast.AnnAssign)):
+            yield node
+        elif all(isinstance(target, ast.Name) and target.id.isupper()
+                 for target in getattr(node, 'targets', [getattr(node, 'target', None)])):
+            yield node
+
+
 def main(srcdir):
     with open(os.path.join(srcdir, 'mixins.py')) as handle:
         mixin_tree = ast.parse(handle.read())
@@ -93,11 +110,11 @@ def main(srcdir):
         with open(os.path.join(srcdir, relative + '.py')) as handle:
             tree = ast.parse(handle.read())
         inits = {}   # class -> parameters of the __init__ it has (own or inherited here)
-        for node in tree.body:
+        for node in top_level(tree.body):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 if not node.name.startswith('_') and not is_overload(node):
                     lines.append((module, node.name, 'function', parameters(node)))
-            elif isinstance(node, ast.ClassDef) and not node.name.startswith('_'):
+            elif isinstance(node, ast.ClassDef) and wanted(node.name):
                 members = class_members(node, mixins)
                 init = members.pop('__init__', (None, None))[1]
                 for base in node.bases:

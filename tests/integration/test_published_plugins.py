@@ -3,7 +3,8 @@ a plugindir, run by fuglu.pyz under CPython 3.8 and 3.13 behind every connector:
 smtp (after-queue), esmtp (before-queue) and milter connectors with a real private
 Postfix, and netcat driven directly.
 
-What each message shows: headers added by a sync scanner (templates, tags), the size
+What each message shows: headers added by sync scanners (templates, tags; one using
+FuGlu's redis mixin and DNS extension, which this build lacks), the size
 an external command read from suspect.tempfile (and that file gone afterwards), a body
 rewritten with set_message_rep(), an async scanner's rejection with its template, a
 prepender skipping that scanner, and an appender logging the tags the scanners left."""
@@ -48,7 +49,8 @@ def fuglu_config(connector, port, outgoing_port, workdir):
             'outgoingport = %d\n'
             'plugindir = %s\n'
             'plugins = envelope_tagger.EnvelopeTagger, async_subject_check.AsyncSubjectCheck, '
-            'external_command.ExternalCommand, body_rewriter.BodyRewriter\n'
+            'external_command.ExternalCommand, body_rewriter.BodyRewriter, '
+            'reputation_check.ReputationCheck\n'
             'prependers = skip_prepender.SkipPrepender\n'
             'appenders = tag_logger.TagLogger\n'
             'controlport =\n'
@@ -57,8 +59,10 @@ def fuglu_config(connector, port, outgoing_port, workdir):
             '[performance]\nminthreads = 2\nmaxthreads = 10\n'
             '[milter]\nmilter_mode = auto\n'
             '[TagLogger]\nlogfile = %s\n'
+            '[ReputationCheck]\nscorefile = %s\n'
             % (connector, port, outgoing_port, PLUGIN_DIR, os.path.join(workdir, 'tmp'),
-               os.path.join(workdir, 'tags.log')))
+               os.path.join(workdir, 'tags.log'),
+               os.path.join(PLUGIN_DIR, 'reputation_scores.txt')))
 
 
 def message(recipient, subject, extra=b''):
@@ -157,6 +161,8 @@ def test_published_style_plugins_behind_every_connector(version, connector, pyz,
                                                                                           1)[0])
         assert size > 100
         assert b'X-Footer-Added: yes' in delivered and b'scanned by fuglu' in delivered
+        # FuGlu's redis mixin and DNS extension without redis / a DNS library
+        assert b'X-Reputation: domain=example.org score=5 dns=unknown redis=off' in delivered
 
         rejected = unique('rejected')
         code, text, delivered = deployment.send(rejected, message(rejected, 'please reject-me now'))
