@@ -17,7 +17,9 @@ A message travels like this::
     Postfix --SMTP/milter--> Listener (one accept thread per incomingport entry)
                                  |  hands the accepted socket to
                                  v
-                             Backend (thread pool; a process pool slots in the same way)
+                             Backend: a thread pool, or (backend=process) worker
+                             processes forked by a fork server, each with its own
+                             thread pool; the parent passes them the socket
                                  |  runs
                                  v
                              Connector session (smtp / esmtp / netcat / milter):
