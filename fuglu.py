@@ -1897,7 +1897,10 @@ class MessageWriter(object):
                 self.memory.write(data)
                 return
             self.spool = MessageSpool(self.tempdir)
-            self.spool.write(self.memory.getvalue())
+            # in chunks: getvalue() would copy the whole buffer, at its biggest
+            with self.memory.getbuffer() as held:
+                for start in range(0, len(held), SPOOL_CHUNK_SIZE):
+                    self.spool.write(bytes(held[start:start + SPOOL_CHUNK_SIZE]))
             self.memory = None
         self.spool.write(data)
 

@@ -65,6 +65,8 @@ tempdir={run_dir}
 backend={backend}
 minthreads={threads}
 maxthreads={max_threads}
+# the load generator is one client address, like Postfix: no per-client cap
+max_sessions_per_client=0
 
 [milter]
 milter_mode={mode}
@@ -412,9 +414,7 @@ def main(argv=None):
     text = report(results, args, notes)
     print(text)
     if args.write:
-        # write_section replaces only the section it is told
-        afterqueue.SECTION_TITLE = SECTION_TITLE
-        afterqueue.write_section(text)
+        afterqueue.write_section(text, SECTION_TITLE)   # only that section is replaced
     return status
 
 

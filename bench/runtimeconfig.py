@@ -315,8 +315,7 @@ def main():
     report = build_report(args, results, versions)
     print(report)
     if args.write if args.write is not None else not args.quick:
-        afterqueue.SECTION_TITLE = SECTION_TITLE   # write_section replaces only that section
-        afterqueue.write_section(report)
+        afterqueue.write_section(report, SECTION_TITLE)   # only that section is replaced
         print('written to %s' % afterqueue.RESULTS_FILE)
     return 0
 

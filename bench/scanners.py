@@ -34,7 +34,9 @@ TARGET_CPU_MS = 1.0
 
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.join(REPO_ROOT, 'tests', 'integration'))
+sys.path.insert(0, BENCH_DIR)
 
+import afterqueue  # noqa: E402  (bench/: write_section)
 import fuglu  # noqa: E402
 import peers  # noqa: E402
 from fuglu_plugins.clamav import ClamavPlugin  # noqa: E402
@@ -156,28 +158,6 @@ def build_report(args, size, results, scanner_cpu):
     return '\n'.join(out)
 
 
-def write_section(report):
-    """Replace our section of RESULTS.md (or append it); other sections stay as they are."""
-    try:
-        with open(RESULTS_FILE) as results_file:
-            lines = results_file.read().splitlines()
-    except FileNotFoundError:
-        lines = ['# Benchmark results', '']
-    start = next((index for index, line in enumerate(lines) if line.strip() == SECTION_TITLE), None)
-    if start is None:
-        kept_before, kept_after = lines, []
-        if kept_before and kept_before[-1].strip():
-            kept_before.append('')
-    else:
-        end = next((index for index in range(start + 1, len(lines))
-                    if lines[index].startswith('## ')), len(lines))
-        kept_before, kept_after = lines[:start], lines[end:]
-    text = '\n'.join(kept_before + report.rstrip('\n').splitlines() + [''] + kept_after)
-    text = text.rstrip('\n') + '\n'
-    with open(RESULTS_FILE, 'w') as results_file:
-        results_file.write(text)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('-n', '--count', type=int, default=300, help='measured messages')
@@ -218,7 +198,7 @@ def main():
     report = build_report(args, len(source), results, scanner_cpu)
     print(report)
     if args.write:
-        write_section(report)
+        afterqueue.write_section(report, SECTION_TITLE)
         print('written to %s' % RESULTS_FILE)
 
 
