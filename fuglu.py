@@ -1004,7 +1004,7 @@ CORE_DEFAULTS = {
                                 'directory anybody may write to (/tmp) fuglu uses its private '
                                 'fuglu-USER/spool there (USER: the user fuglu runs as)',
                         path='writedir', home='spool'),
-        'spool_threshold': _opt('1048576', 'messages larger than this many bytes are kept in a '
+        'spool_threshold': _opt('524288', 'messages larger than this many bytes are kept in a '
                                            'spool file in tempdir while fuglu handles them, not '
                                            'in memory (and are sent on, to clamd and spamd from '
                                            'there); 0 = every message in memory',
