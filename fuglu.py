@@ -284,13 +284,14 @@ def try_decoding(b_inputstring, encoding_guess='utf-8', errors='strict'):
                 return b_inputstring.decode(encoding_guess, second)
             except (UnicodeDecodeError, LookupError):
                 pass
-    try:
-        import chardet   # optional, as in FuGlu
-        detected = chardet.detect(b_inputstring[:10000])['encoding']
-        if detected:
-            return b_inputstring.decode(detected, first)
-    except Exception:  # not installed, or its guess does not decode either
-        pass
+    if CHARDET_AVAILABLE:   # optional, as in FuGlu
+        try:
+            import chardet
+            detected = chardet.detect(b_inputstring[:10000])['encoding']
+            if detected:
+                return b_inputstring.decode(detected, first)
+        except Exception:  # its guess does not decode either
+            pass
     for encoding in EncodingTrialError.test_all(b_inputstring, returnimmediately=True):
         return b_inputstring.decode(encoding, first)
     raise UnicodeDecodeError(encoding_guess, b_inputstring, 0, len(b_inputstring),
@@ -2054,7 +2055,7 @@ def _mime_parameter(piece):
 # empty parts made 2 million objects, 640 MB and 12 s of CPU.
 EMAIL_MAX_PARTS = 10000
 EMAIL_MAX_HEADER_FIELDS = 100000   # of all its parts together
-_email_classes = {}
+_bounded_message_class = None       # made on first use: importing email.message costs start-up
 _email_budget = threading.local()   # what the parse running on this thread may still build
 
 
@@ -2065,12 +2066,13 @@ def parse_message(source, text=False):
     iter_mime_parameters: the package's own splitter is quadratic in the semicolons
     inside quotes, a crafted header of a few hundred KB kept a worker busy for minutes
     (Suspect.get_message_rep, the stripped copy spamd sees, rule fields)."""
+    global _bounded_message_class
     import email
     import email.message
     import email.utils
     from email import policy
-    if not _email_classes:
-        class Message(email.message.Message):
+    if _bounded_message_class is None:
+        class BoundedMessage(email.message.Message):
             def __init__(self, *args, **kwargs):
                 _spend_email_budget('parts')
                 email.message.Message.__init__(self, *args, **kwargs)
@@ -2080,15 +2082,15 @@ def parse_message(source, text=False):
                 email.message.Message.set_raw(self, name, value)
 
             def _get_params_preserve(self, failobj, header):
-                value = self.get(header, _email_classes)
-                if value is _email_classes:
+                value = self.get(header)
+                if value is None:
                     return failobj
                 return email.utils.decode_params(list(iter_mime_parameters(str(value))))
-        _email_classes['message'] = Message
+        _bounded_message_class = BoundedMessage
     parse = email.message_from_string if text else email.message_from_bytes
     _email_budget.left = {'parts': EMAIL_MAX_PARTS, 'header fields': EMAIL_MAX_HEADER_FIELDS}
     try:
-        return parse(source, _email_classes['message'], policy=policy.compat32)
+        return parse(source, _bounded_message_class, policy=policy.compat32)
     finally:
         _email_budget.left = None
 
